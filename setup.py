@@ -1,0 +1,73 @@
+"""Builds vae_ext._C against the torch already installed in this environment.
+
+CPU kernels always; CUDA kernels too when that torch has CUDA and a toolkit is found (CUDA_HOME).
+Works under pip's build isolation (which hides the environment's torch: we add the interpreter's
+own site-packages back) and with ``pip install --no-build-isolation .``.
+"""
+import glob
+import os
+import sys
+import sysconfig
+
+
+def _import_torch():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        # pip's isolated build environment: fall back to the environment's own site-packages.
+        for key in ("purelib", "platlib"):
+            path = sysconfig.get_paths()[key]
+            if path not in sys.path:
+                sys.path.append(path)
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            sys.exit(
+                "vae_ext: PyTorch is not installed in this environment. Install it first "
+                "(for a CPU build: pip install torch), then pip install ."
+            )
+    import torch
+
+    return torch
+
+
+torch = _import_torch()
+from setuptools import setup  # noqa: E402
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+here = os.path.dirname(os.path.abspath(__file__))
+rel = lambda p: os.path.relpath(p, here)  # noqa: E731
+
+# Default-target sources first: the linker keeps the first copy of an inline function that several
+# objects emit, and that copy must be the one every CPU can run (see csrc/cpu/kernels_avx2.cpp).
+cpp_sources = [rel(p) for p in sorted(glob.glob(os.path.join(here, "csrc", "*.cpp")))]
+cpp_sources += [rel(os.path.join(here, "csrc", "cpu", f)) for f in
+                ("kernels_default.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp")]
+
+cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno"]
+use_cuda = bool(torch.version.cuda) and CUDA_HOME is not None and os.environ.get("VAE_EXT_NO_CUDA") != "1"
+
+if use_cuda:
+    cuda_sources = [rel(p) for p in sorted(glob.glob(os.path.join(here, "csrc", "cuda", "*.cu")))]
+    cuda_sources += [rel(p) for p in sorted(glob.glob(os.path.join(here, "csrc", "cuda", "*.cpp")))]
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    ext = CUDAExtension(
+        "vae_ext._C",
+        cpp_sources + cuda_sources,
+        define_macros=[("VAE_EXT_WITH_CUDA", None)],
+        extra_compile_args={
+            "cxx": cxx_flags,
+            "nvcc": ["-O3", "-std=c++17", "-lineinfo"],
+        },
+    )
+    print(f"vae_ext: building CPU and CUDA kernels (CUDA {torch.version.cuda}, "
+          f"TORCH_CUDA_ARCH_LIST={arch or 'auto'})")
+else:
+    ext = CppExtension("vae_ext._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+    why = "this torch has no CUDA" if not torch.version.cuda else "no CUDA toolkit found (CUDA_HOME)"
+    print(f"vae_ext: building CPU kernels only ({why})")
+
+setup(
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,32 @@
+"""vae_ext: fused C++/CUDA kernels for Variational Autoencoders, as PyTorch custom ops.
+
+    import vae_ext
+    loss_fn = vae_ext.FusedELBOLoss()              # drop-in for the classic loss_function
+    z = vae_ext.reparameterize(mu, logvar)         # fused sampling, eps drawn in the kernel
+"""
+from __future__ import annotations
+
+from . import reference
+from ._build import build_info, cpu_capability
+from .functional import elbo_loss, reparameterize
+from .losses import FusedELBOLoss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FusedELBOLoss",
+    "elbo_loss",
+    "reparameterize",
+    "reference",
+    "build_info",
+    "cpu_capability",
+    "__version__",
+]
+
+
+def __getattr__(name):  # lazy: the model and CLI pull in more than the ops do
+    if name in ("VAE", "MLPVAE", "ConvVAE"):
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'vae_ext' has no attribute {name!r}")

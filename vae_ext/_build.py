@@ -1,0 +1,24 @@
+"""What the compiled extension was built with and which CPU kernels it runs."""
+from __future__ import annotations
+
+import torch
+
+from . import _C
+
+
+def cpu_capability() -> str:
+    """The CPU kernel variant in use: 'AVX512', 'AVX2' or 'DEFAULT' (scalar-width vectors).
+
+    Chosen at run time from the CPU's features, as ATen chooses its own; the environment variable
+    ``ATEN_CPU_CAPABILITY`` (default, avx2, avx512) lowers the choice, as it does for ATen.
+    """
+    return _C.cpu_capability()
+
+
+def build_info() -> dict:
+    """The build: which backends have kernels and the CPU variant chosen at run time."""
+    return {
+        "cuda_kernels": bool(_C.has_cuda()),
+        "cpu_capability": cpu_capability(),
+        "torch": torch.__version__,
+    }

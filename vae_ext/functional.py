@@ -1,0 +1,178 @@
+"""The functional API: argument checks, then one call into the fused custom ops.
+
+Every check raises a ``TypeError`` (wrong kind of object or dtype) or a ``ValueError`` (wrong
+value or shape) whose message names the argument and what was expected, before any kernel runs.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from . import _ops  # noqa: F401  (registers fake kernels and autograd)
+
+__all__ = ["elbo_loss", "reparameterize", "RECON_MODES", "REDUCTIONS"]
+
+RECON_MODES = ("bce", "bce_logits", "mse")
+REDUCTIONS = ("sum", "mean", "none")
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(
+            f"{name}: expected a float32, float64, float16 or bfloat16 tensor, got dtype {t.dtype}"
+        )
+
+
+def _check_same(names_tensors, what: str) -> None:
+    (n0, t0), *rest = names_tensors
+    for n, t in rest:
+        a, b = (t0.dtype, t.dtype) if what == "dtype" else (t0.device, t.device)
+        if a != b:
+            err = TypeError if what == "dtype" else ValueError
+            raise err(f"{n}: expected the same {what} as {n0} ({a}), got {b}")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def _check_beta(beta) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+        raise TypeError(f"beta: expected a Python float >= 0, got {type(beta).__name__}")
+    beta = float(beta)
+    if not (math.isfinite(beta) and beta >= 0.0):
+        raise ValueError(f"beta: expected a finite float >= 0, got {beta}")
+    return beta
+
+
+def elbo_loss(
+    recon_x: torch.Tensor,
+    x: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    *,
+    recon: str = "bce",
+    beta: float = 1.0,
+    reduction: str = "sum",
+    return_terms: bool = False,
+    validate: bool = False,
+):
+    """Negative ELBO ``recon_loss(recon_x, x) + beta * KL(N(mu, exp(logvar)) || N(0, I))``, fused.
+
+    Args:
+        recon_x: decoder output, shape (N, ...): probabilities for ``recon="bce"``, logits for
+            ``"bce_logits"``, values for ``"mse"``.
+        x: target, the shape of ``recon_x`` (or any shape with the same batch size and the same
+            number of elements per sample, as the classic example's ``x.view(-1, 784)``).
+            It is treated as a constant: it must not require grad.
+        mu, logvar: encoder outputs, shape (N, L).
+        recon: ``"bce"`` (PyTorch's ``binary_cross_entropy``, with its log clamp at -100),
+            ``"bce_logits"`` (stable BCE on logits) or ``"mse"`` (sum of squared errors).
+        beta: weight of the KL term, a float >= 0; changing it needs no rebuild.
+        reduction: ``"sum"`` over everything, ``"mean"`` (per-sample sums averaged over the
+            batch) or ``"none"`` (one value per sample, shape (N,)).
+        return_terms: also return the reconstruction and KL terms (same reduction).
+        validate: on CUDA, check that ``"bce"`` probabilities lie in [0, 1] (one device sync).
+            On CPU this check always runs and costs nothing. Without it, CUDA gives a NaN loss
+            for a probability outside [0, 1].
+
+    Returns:
+        ``loss`` or ``(loss, recon_term, kl_term)``. The dtype is the inputs' dtype for
+        float32/float64 and float32 for float16/bfloat16 (computed and summed in float32);
+        the gradients have the dtype of the tensors they belong to.
+    """
+    for name, t in (("recon_x", recon_x), ("x", x), ("mu", mu), ("logvar", logvar)):
+        _check_tensor(name, t)
+    _check_same((("recon_x", recon_x), ("x", x), ("mu", mu), ("logvar", logvar)), "device")
+    _check_same((("recon_x", recon_x), ("x", x), ("mu", mu), ("logvar", logvar)), "dtype")
+    _check_choice("recon", recon, RECON_MODES)
+    _check_choice("reduction", reduction, REDUCTIONS)
+    _check_beta(beta)
+    if recon_x.dim() < 1:
+        raise ValueError("recon_x: expected a tensor of shape (N, ...), got a 0-d tensor")
+    n = recon_x.shape[0]
+    if mu.dim() != 2:
+        raise ValueError(f"mu: expected shape (N, L), got {tuple(mu.shape)}")
+    if logvar.shape != mu.shape:
+        raise ValueError(f"logvar: expected the shape of mu {tuple(mu.shape)}, got {tuple(logvar.shape)}")
+    if mu.shape[0] != n:
+        raise ValueError(f"mu: expected batch size {n} (recon_x.shape[0]), got {mu.shape[0]}")
+    if x.shape != recon_x.shape:
+        if x.dim() < 1 or x.shape[0] != n or x.numel() != recon_x.numel():
+            raise ValueError(
+                f"x: expected the shape of recon_x {tuple(recon_x.shape)} (or the same batch size "
+                f"and number of elements per sample), got {tuple(x.shape)}"
+            )
+        x = x.reshape(recon_x.shape)
+    grad_on = torch.is_grad_enabled()
+    if grad_on and x.requires_grad:
+        raise ValueError(
+            "x: the target must not require grad (the fused loss treats it as a constant); "
+            "pass x.detach()"
+        )
+    grad_recon = grad_on and recon_x.requires_grad
+    grad_latent = grad_on and (mu.requires_grad or logvar.requires_grad)
+    rec, kl, _, _, _ = torch.ops.vae_ext.elbo_loss(
+        recon_x, x, mu, logvar, recon, reduction, grad_recon, grad_latent, bool(validate)
+    )
+    # beta stays out of the kernel: a new value needs no rebuild and (after the first change)
+    # no torch.compile recompilation; autograd carries it to the KL gradient.
+    loss = rec + kl if beta == 1.0 else rec + beta * kl
+    if return_terms:
+        return loss, rec, kl
+    return loss
+
+
+def reparameterize(
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    *,
+    num_samples: int | None = None,
+    generator: torch.Generator | None = None,
+    return_eps: bool = False,
+):
+    """``z = mu + exp(0.5 * logvar) * eps``, ``eps ~ N(0, I)`` drawn inside the fused kernel.
+
+    Args:
+        mu, logvar: tensors of one shape, dtype (float32, float64, float16, bfloat16) and device.
+        num_samples: ``K`` draws per element in one launch: z has shape (K, *mu.shape).
+        generator: a ``torch.Generator`` on mu's device; default: PyTorch's default generator
+            for that device, so ``torch.manual_seed`` makes runs reproducible.
+        return_eps: also return the standard-normal draws ``eps`` (same shape as z).
+
+    ``eps`` is drawn from a Philox4x32-10 stream keyed by (seed, offset, element index) and
+    computed in float32 (Box-Muller), the same on CPU and CUDA; z is computed in float32
+    (float64 for float64 inputs). The backward recomputes eps from the stream; no eps is kept.
+    """
+    _check_tensor("mu", mu)
+    _check_tensor("logvar", logvar)
+    _check_same((("mu", mu), ("logvar", logvar)), "device")
+    _check_same((("mu", mu), ("logvar", logvar)), "dtype")
+    if logvar.shape != mu.shape:
+        raise ValueError(f"logvar: expected the shape of mu {tuple(mu.shape)}, got {tuple(logvar.shape)}")
+    if num_samples is None:
+        k = 0
+    else:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
+            raise TypeError(f"num_samples: expected None or an int >= 1, got {type(num_samples).__name__}")
+        if num_samples < 1:
+            raise ValueError(f"num_samples: expected None or an int >= 1, got {num_samples}")
+        k = int(num_samples)
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+        if generator.device.type != mu.device.type:
+            raise ValueError(
+                f"generator: expected a generator on {mu.device.type} (mu's device), "
+                f"got one on {generator.device.type}"
+            )
+    z, eps, _ = torch.ops.vae_ext.reparameterize(mu, logvar, k, bool(return_eps), generator)
+    if return_eps:
+        return z, eps
+    return z
