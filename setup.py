@@ -4,8 +4,10 @@ CPU kernels always; CUDA kernels too when that torch has CUDA and a toolkit is f
 Works under pip's build isolation (which hides the environment's torch: we add the interpreter's
 own site-packages back) and with ``pip install --no-build-isolation .``.
 """
+import concurrent.futures
 import glob
 import os
+import platform
 import sys
 import sysconfig
 
@@ -38,11 +40,43 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 here = os.path.dirname(os.path.abspath(__file__))
 rel = lambda p: os.path.relpath(p, here)  # noqa: E731
 
-# Default-target sources first: the linker keeps the first copy of an inline function that several
-# objects emit, and that copy must be the one every CPU can run (see csrc/cpu/kernels_avx2.cpp).
 cpp_sources = [rel(p) for p in sorted(glob.glob(os.path.join(here, "csrc", "*.cpp")))]
-cpp_sources += [rel(os.path.join(here, "csrc", "cpu", f)) for f in
-                ("kernels_default.cpp", "kernels_avx2.cpp", "kernels_avx512.cpp")]
+cpp_sources.append(os.path.join("csrc", "cpu", "kernels_default.cpp"))
+
+# The CPU kernels are compiled once more per x86 capability, each file with its own ISA flags, and
+# chosen at run time from the CPU's features (csrc/cpu/kernels.h). Never -march=native: that
+# builds a library that crashes on an older CPU.
+CAPABILITY_SOURCES = {}
+if platform.machine().lower() in ("x86_64", "amd64", "i686", "i386"):
+    CAPABILITY_SOURCES = {
+        os.path.join("csrc", "cpu", "kernels_avx2.cpp"): ["-mavx2", "-mfma", "-mf16c"],
+        os.path.join("csrc", "cpu", "kernels_avx512.cpp"): [
+            "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"],
+    }
+
+
+class BuildExt(BuildExtension):
+    """BuildExtension, plus the per-capability CPU objects, each compiled with its own flags.
+
+    They are linked after the default-target objects, so where several objects emit the same
+    inline function the linker keeps the copy that runs on every CPU.
+    """
+
+    def build_extension(self, ext):
+        cxx = list(ext.extra_compile_args["cxx"]) if isinstance(ext.extra_compile_args, dict) else []
+
+        def compile_one(item):
+            src, flags = item
+            out = os.path.join(self.build_temp, "cap_" + os.path.basename(src)[:-4])
+            return self.compiler.compile(
+                [src], output_dir=out, macros=ext.define_macros, include_dirs=ext.include_dirs,
+                debug=self.debug, extra_postargs={"cxx": cxx + flags, "nvcc": []}, depends=ext.depends)
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(CAPABILITY_SOURCES) or 1) as pool:
+            for objs in pool.map(compile_one, CAPABILITY_SOURCES.items()):
+                ext.extra_objects = list(ext.extra_objects or []) + list(objs)
+        super().build_extension(ext)
+
 
 cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno"]
 use_cuda = bool(torch.version.cuda) and CUDA_HOME is not None and os.environ.get("VAE_EXT_NO_CUDA") != "1"
@@ -69,5 +103,5 @@ else:
 
 setup(
     ext_modules=[ext],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
 )

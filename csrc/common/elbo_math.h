@@ -1,0 +1,98 @@
+// The per-element ELBO formulas and their gradients: one definition, used by the CPU kernels
+// (with M = a SIMD vector policy, csrc/cpu) and the CUDA kernels (with M = ScalarMath<float|double>).
+//
+// Each formula is written once over a "math policy" M, which supplies the type T and the
+// primitives (log, log1p, exp, abs, select, ...). NaN must propagate: every clamp is written as
+// select(a < lo, lo, a), which keeps a NaN `a` (std::max/fmaxf would replace it by `lo`).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "macros.h"
+
+namespace vae_ext {
+
+enum class Recon : int { BCE = 0, BCELogits = 1, MSE = 2 };
+enum class Reduction : int { Sum = 0, Mean = 1, None = 2 };
+
+// Scalar policy (host and device), T = float or double.
+template <typename T_>
+struct ScalarMath {
+  using T = T_;
+  using Mask = bool;
+  static VAE_HD T log(T v) { return std::log(v); }
+  static VAE_HD T log1p(T v) { return std::log1p(v); }
+  static VAE_HD T exp(T v) { return std::exp(v); }
+  static VAE_HD T abs(T v) { return std::fabs(v); }
+  static VAE_HD T select(Mask m, T a, T b) { return m ? a : b; }
+  static VAE_HD T fill(double v) { return static_cast<T>(v); }
+};
+
+// PyTorch's binary_cross_entropy, element-wise: log clamped at -100, backward denominator
+// floored at 1e-12. Returns the loss; writes d loss / d p to *grad.
+template <class M>
+VAE_HD typename M::T bce_elem(typename M::T p, typename M::T x, typename M::T* grad) {
+  using T = typename M::T;
+  const T one = M::fill(1.0), lo = M::fill(-100.0), eps = M::fill(1e-12);
+  T lp = M::log(p);
+  T l1p = M::log1p(M::fill(0.0) - p);
+  lp = M::select(lp < lo, lo, lp);
+  l1p = M::select(l1p < lo, lo, l1p);
+  T den = (one - p) * p;
+  den = M::select(den < eps, eps, den);
+  *grad = (p - x) / den;
+  return (x - one) * l1p - x * lp;
+}
+
+// BCE on logits l: max(l, 0) - l*x + log1p(exp(-|l|)); gradient sigmoid(l) - x.
+// Both share e = exp(-|l|), which never overflows.
+template <class M>
+VAE_HD typename M::T bce_logits_elem(typename M::T l, typename M::T x, typename M::T* grad) {
+  using T = typename M::T;
+  const T zero = M::fill(0.0), one = M::fill(1.0);
+  const T e = M::exp(zero - M::abs(l));
+  const T inv = one / (one + e);
+  const auto pos = l >= zero;
+  *grad = M::select(pos, inv, e * inv) - x;
+  return M::select(pos, l, zero) - l * x + M::log1p(e);
+}
+
+// Squared error (r - x)^2; gradient 2 (r - x).
+template <class M>
+VAE_HD typename M::T mse_elem(typename M::T r, typename M::T x, typename M::T* grad) {
+  const typename M::T d = r - x;
+  *grad = d + d;
+  return d * d;
+}
+
+template <Recon mode, class M>
+VAE_HD typename M::T recon_elem(typename M::T r, typename M::T x, typename M::T* grad) {
+  if constexpr (mode == Recon::BCE) {
+    return bce_elem<M>(r, x, grad);
+  } else if constexpr (mode == Recon::BCELogits) {
+    return bce_logits_elem<M>(r, x, grad);
+  } else {
+    return mse_elem<M>(r, x, grad);
+  }
+}
+
+// KL(N(mu, exp(lv)) || N(0, 1)) per latent unit: 0.5 (mu^2 + exp(lv) - 1 - lv);
+// gradients mu and 0.5 (exp(lv) - 1).
+template <class M>
+VAE_HD typename M::T kl_elem(typename M::T mu, typename M::T lv, typename M::T* g_mu, typename M::T* g_lv) {
+  using T = typename M::T;
+  const T half = M::fill(0.5), one = M::fill(1.0);
+  const T e = M::exp(lv);
+  *g_mu = mu;
+  *g_lv = half * (e - one);
+  return half * (mu * mu + e - one - lv);
+}
+
+// "bce" needs probabilities: true where p lies outside [0, 1] (NaN is not flagged: it gives NaN).
+template <class M>
+VAE_HD auto prob_out_of_range(typename M::T p) {
+  return (p < M::fill(0.0)) | (p > M::fill(1.0));
+}
+
+}  // namespace vae_ext

@@ -1,0 +1,73 @@
+// The CPU kernels' interface: raw pointers and sizes, no tensors. csrc/ops.cpp fills these
+// structs; kernels_impl.h is compiled once per CPU capability (DEFAULT, AVX2, AVX512) and the
+// table for the CPU's best capability is chosen at run time (see kernels_dispatch.cpp).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+
+#include "../common/elbo_math.h"
+
+namespace vae_ext {
+namespace cpu {
+
+enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
+
+// Elements per partial sum. The summation order of every reduction is fixed by this constant
+// and the shapes alone, so results are bitwise the same for any number of threads.
+constexpr int64_t kChunk = 4096;
+
+struct ElboArgs {
+  DType dtype;
+  Recon mode;
+  const void* recon;  // (n, d) contiguous
+  const void* x;      // (n, d) contiguous
+  void* grad_recon;   // (n, d) or nullptr: d(recon term)/d(recon) * grad_scale
+  const void* mu;     // (n, l) contiguous
+  const void* logvar;
+  void* grad_mu;      // (n, l) or nullptr (then grad_logvar is nullptr too)
+  void* grad_logvar;
+  int64_t n, d, l;
+  double grad_scale;  // 1 for sum/none, 1/n for mean
+  double* row_rec;    // out: [n] per-sample reconstruction sums
+  double* row_kl;     // out: [n] per-sample KL sums
+  std::atomic<bool>* bad_prob;  // out: set when "bce" sees a probability outside [0, 1]
+};
+
+struct ReparamArgs {
+  DType dtype;
+  const void* mu;      // [numel] contiguous
+  const void* logvar;  // [numel] contiguous
+  void* z;             // [k * numel]
+  void* eps;           // [k * numel] or nullptr
+  int64_t numel, k;
+  uint64_t seed, offset;
+};
+
+struct ReparamBackwardArgs {
+  DType dtype;
+  const void* grad_z;  // [k * numel] contiguous
+  const void* logvar;  // [numel]
+  void* grad_mu;       // [numel]
+  void* grad_logvar;   // [numel]
+  int64_t numel, k;
+  uint64_t seed, offset;
+};
+
+struct KernelTable {
+  const char* name;
+  void (*elbo)(const ElboArgs&);
+  void (*reparam)(const ReparamArgs&);
+  void (*reparam_backward)(const ReparamBackwardArgs&);
+  void (*normal)(float* out, int64_t n, uint64_t seed, uint64_t offset);
+};
+
+namespace DEFAULT { const KernelTable& kernel_table(); }
+namespace AVX2 { const KernelTable& kernel_table(); }
+namespace AVX512 { const KernelTable& kernel_table(); }
+
+// The table for this CPU (honours ATEN_CPU_CAPABILITY, as ATen does).
+const KernelTable& kernels();
+
+}  // namespace cpu
+}  // namespace vae_ext

@@ -1,0 +1,8 @@
+// AVX2 + FMA build, chosen at run time on CPUs that have them.
+//
+// setup.py compiles this file alone with the ISA flags of its capability (CPU_CAPABILITY_FLAGS)
+// and links it after the default-target objects, so the linker keeps the default copy of any
+// inline function that both emit; the vector code itself lives in namespaces named by CPU_CAPABILITY.
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#include "kernels_impl.h"

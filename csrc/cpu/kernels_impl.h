@@ -1,0 +1,424 @@
+// CPU kernels, written once over at::vec::Vectorized and compiled once per CPU capability:
+// kernels_{default,avx2,avx512}.cpp define CPU_CAPABILITY (and the matching target) and include
+// this file, which puts everything in vae_ext::cpu::CPU_CAPABILITY.
+//
+// Every element goes through the same vector code (tails are padded, never a scalar path), and
+// every sum is split into fixed kChunk-element partials added in a fixed order, so a result
+// depends only on the inputs, never on the thread count or on where a parallel range starts.
+#ifndef CPU_CAPABILITY
+#error "define CPU_CAPABILITY before including kernels_impl.h"
+#endif
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "../common/elbo_math.h"
+#include "../common/philox.h"
+#include "kernels.h"
+
+namespace vae_ext {
+namespace cpu {
+namespace CPU_CAPABILITY {
+
+using at::vec::Vectorized;
+
+// ---------------------------------------------------------------------------------- helpers
+
+// Math policy for elbo_math.h over a SIMD vector.
+template <class V>
+struct VecMath {
+  using T = V;
+  using Mask = V;
+  static T log(const T& v) { return v.log(); }
+  static T log1p(const T& v) { return v.log1p(); }
+  static T exp(const T& v) { return v.exp(); }
+  static T abs(const T& v) { return v.abs(); }
+  static T select(const Mask& m, const T& a, const T& b) { return V::blendv(b, a, m); }
+  static T fill(double v) { return T(static_cast<typename V::value_type>(v)); }
+};
+
+// Loads/stores one vector of the accumulation type (float for float/half types, double for
+// double) from/to a tensor of scalar_t; the `n` overloads touch only the first n lanes.
+template <typename scalar_t>
+struct VecIO {
+  using acc_t = scalar_t;
+  using V = Vectorized<acc_t>;
+  static V load(const scalar_t* p) { return V::loadu(p); }
+  static V load(const scalar_t* p, int64_t n) { return V::loadu(p, n); }
+  static void store(scalar_t* p, const V& v) { v.store(p); }
+  static void store(scalar_t* p, const V& v, int64_t n) { v.store(p, n); }
+};
+
+template <typename half_t>
+struct HalfVecIO {
+  using acc_t = float;
+  using V = Vectorized<float>;
+  static V load(const half_t* p) {
+    V out;
+    at::vec::load_to_float<half_t>(p, out);
+    return out;
+  }
+  static V load(const half_t* p, int64_t n) {
+    float buf[V::size()] = {};
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i]);
+    return V::loadu(buf);
+  }
+  static void store(half_t* p, const V& v) {
+    at::vec::convert_from_float<half_t>(v, v).store(p, V::size());
+  }
+  static void store(half_t* p, const V& v, int64_t n) {
+    at::vec::convert_from_float<half_t>(v, v).store(p, n);
+  }
+};
+template <>
+struct VecIO<c10::BFloat16> : HalfVecIO<c10::BFloat16> {};
+template <>
+struct VecIO<c10::Half> : HalfVecIO<c10::Half> {};
+
+template <class V>
+double hsum(const V& v) {  // horizontal sum in lane order, in double
+  typename V::value_type buf[V::size()];
+  v.store(buf);
+  double s = 0.0;
+  for (int64_t i = 0; i < V::size(); ++i) s += static_cast<double>(buf[i]);
+  return s;
+}
+
+template <class V>
+bool any_lane_set(const V& mask) {
+  unsigned char buf[sizeof(typename V::value_type) * V::size()];
+  mask.store(buf);
+  for (unsigned char c : buf)
+    if (c) return true;
+  return false;
+}
+
+// Calls fn(dtype tag) with a null pointer of the tensor's C++ type.
+template <class F>
+void dispatch_dtype(DType dt, F&& fn) {
+  switch (dt) {
+    case DType::Float32: fn(static_cast<float*>(nullptr)); break;
+    case DType::Float64: fn(static_cast<double*>(nullptr)); break;
+    case DType::Float16: fn(static_cast<c10::Half*>(nullptr)); break;
+    case DType::BFloat16: fn(static_cast<c10::BFloat16*>(nullptr)); break;
+  }
+}
+
+constexpr int64_t kGrainElems = 32768;  // elements per task below which parallel_for stays serial
+
+// row_out[r] = sum over the row's elements, as seg(r, begin, end) partial sums over kChunk-sized
+// pieces added in order. seg must be a pure function of its arguments (plus the data).
+template <class Seg>
+void reduce_rows(int64_t n, int64_t d, double* row_out, const Seg& seg) {
+  if (n == 0) return;
+  if (d == 0) {
+    std::fill(row_out, row_out + n, 0.0);
+    return;
+  }
+  const int64_t cpr = (d + kChunk - 1) / kChunk;  // chunks per row
+  if (cpr == 1) {
+    at::parallel_for(0, n, std::max<int64_t>(1, kGrainElems / d), [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) row_out[r] = seg(r, 0, d);
+    });
+    return;
+  }
+  std::vector<double> part(static_cast<size_t>(n * cpr));
+  at::parallel_for(0, n * cpr, std::max<int64_t>(1, kGrainElems / kChunk), [&](int64_t b, int64_t e) {
+    for (int64_t u = b; u < e; ++u) {
+      const int64_t r = u / cpr, c = u % cpr;
+      part[u] = seg(r, c * kChunk, std::min(d, (c + 1) * kChunk));
+    }
+  });
+  for (int64_t r = 0; r < n; ++r) {
+    double s = 0.0;
+    for (int64_t c = 0; c < cpr; ++c) s += part[r * cpr + c];
+    row_out[r] = s;
+  }
+}
+
+// ---------------------------------------------------------------------------------- ELBO loss
+
+// One pass over a row segment of recon/x: returns the segment's loss sum and writes the scaled
+// gradient when g is not null. Checks "bce" probabilities on the fly.
+template <typename scalar_t, Recon mode>
+double recon_segment(const scalar_t* r, const scalar_t* x, scalar_t* g, int64_t len, double scale,
+                     std::atomic<bool>* bad_prob) {
+  using IO = VecIO<scalar_t>;
+  using V = typename IO::V;
+  using M = VecMath<V>;
+  constexpr int64_t W = V::size();
+  const V vscale(static_cast<typename IO::acc_t>(scale));
+  V acc0(0), acc1(0), bad(0);
+  auto step = [&](int64_t i, int64_t cnt, V& acc) {
+    const bool full = cnt == W;
+    const V rv = full ? IO::load(r + i) : IO::load(r + i, cnt);
+    const V xv = full ? IO::load(x + i) : IO::load(x + i, cnt);
+    V gv;
+    V lv = recon_elem<mode, M>(rv, xv, &gv);
+    if (!full) lv = V::set(V(0), lv, cnt);  // padded lanes add nothing
+    acc = acc + lv;
+    if constexpr (mode == Recon::BCE) bad = bad | prob_out_of_range<M>(rv);
+    if (g != nullptr) {
+      if (full) IO::store(g + i, gv * vscale);
+      else IO::store(g + i, gv * vscale, cnt);
+    }
+  };
+  int64_t i = 0;
+  for (; i + 2 * W <= len; i += 2 * W) {
+    step(i, W, acc0);
+    step(i + W, W, acc1);
+  }
+  for (; i + W <= len; i += W) step(i, W, acc0);
+  if (i < len) step(i, len - i, acc1);
+  if constexpr (mode == Recon::BCE) {
+    if (any_lane_set(bad)) bad_prob->store(true, std::memory_order_relaxed);
+  }
+  return hsum(acc0) + hsum(acc1);
+}
+
+template <typename scalar_t>
+double kl_segment(const scalar_t* mu, const scalar_t* lv, scalar_t* gmu, scalar_t* glv, int64_t len,
+                  double scale) {
+  using IO = VecIO<scalar_t>;
+  using V = typename IO::V;
+  using M = VecMath<V>;
+  constexpr int64_t W = V::size();
+  const V vscale(static_cast<typename IO::acc_t>(scale));
+  V acc(0);
+  for (int64_t i = 0; i < len; i += W) {
+    const int64_t cnt = std::min(W, len - i);
+    const bool full = cnt == W;
+    const V m = full ? IO::load(mu + i) : IO::load(mu + i, cnt);
+    const V l = full ? IO::load(lv + i) : IO::load(lv + i, cnt);
+    V gm, gl;
+    V k = kl_elem<M>(m, l, &gm, &gl);
+    acc = acc + (full ? k : V::set(V(0), k, cnt));
+    if (gmu != nullptr) {
+      if (full) {
+        IO::store(gmu + i, gm * vscale);
+        IO::store(glv + i, gl * vscale);
+      } else {
+        IO::store(gmu + i, gm * vscale, cnt);
+        IO::store(glv + i, gl * vscale, cnt);
+      }
+    }
+  }
+  return hsum(acc);
+}
+
+template <typename scalar_t, Recon mode>
+void elbo_typed(const ElboArgs& a) {
+  const auto* r = static_cast<const scalar_t*>(a.recon);
+  const auto* x = static_cast<const scalar_t*>(a.x);
+  auto* g = static_cast<scalar_t*>(a.grad_recon);
+  const int64_t d = a.d;
+  reduce_rows(a.n, d, a.row_rec, [&](int64_t row, int64_t b, int64_t e) {
+    const int64_t off = row * d + b;
+    return recon_segment<scalar_t, mode>(r + off, x + off, g ? g + off : nullptr, e - b, a.grad_scale,
+                                         a.bad_prob);
+  });
+  const auto* mu = static_cast<const scalar_t*>(a.mu);
+  const auto* lv = static_cast<const scalar_t*>(a.logvar);
+  auto* gmu = static_cast<scalar_t*>(a.grad_mu);
+  auto* glv = static_cast<scalar_t*>(a.grad_logvar);
+  const int64_t l = a.l;
+  reduce_rows(a.n, l, a.row_kl, [&](int64_t row, int64_t b, int64_t e) {
+    const int64_t off = row * l + b;
+    return kl_segment<scalar_t>(mu + off, lv + off, gmu ? gmu + off : nullptr, glv ? glv + off : nullptr,
+                                e - b, a.grad_scale);
+  });
+}
+
+void elbo_kernel(const ElboArgs& a) {
+  dispatch_dtype(a.dtype, [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    switch (a.mode) {
+      case Recon::BCE: elbo_typed<scalar_t, Recon::BCE>(a); break;
+      case Recon::BCELogits: elbo_typed<scalar_t, Recon::BCELogits>(a); break;
+      case Recon::MSE: elbo_typed<scalar_t, Recon::MSE>(a); break;
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------- normals
+
+// Normals of elements [e0, e0 + count) of the (seed, offset) stream, in float. The Philox words
+// are computed for kGroups groups at a time with plain loops the compiler vectorizes, and Box-
+// Muller runs on Vectorized<float>: the same steps as vae_ext::box_muller (csrc/common/philox.h),
+// exact in the integer part and within float rounding in the transcendental part.
+constexpr int64_t kGroups = 8;  // Philox groups per batch: 32 normals
+constexpr int64_t kBatch = 4 * kGroups;
+
+inline void normal_batch(uint64_t seed, uint64_t offset, uint64_t g0, float out[kBatch]) {
+  using V = Vectorized<float>;
+  constexpr int64_t kPairs = 2 * kGroups;
+  float u1[kPairs], u2[kPairs];
+  for (int64_t j = 0; j < kGroups; ++j) {
+    const U32x4 w = philox_group(seed, offset, g0 + static_cast<uint64_t>(j));
+    u1[2 * j] = u32_to_open_unit(w.v[0]);
+    u2[2 * j] = u32_to_unit(w.v[1]);
+    u1[2 * j + 1] = u32_to_open_unit(w.v[2]);
+    u2[2 * j + 1] = u32_to_unit(w.v[3]);
+  }
+  float c[kPairs], s[kPairs];
+  static_assert(kPairs % V::size() == 0 || V::size() > kPairs, "batch must fill whole vectors");
+  for (int64_t p = 0; p < kPairs; p += V::size()) {
+    const int64_t cnt = std::min<int64_t>(V::size(), kPairs - p);
+    const V r = (V::loadu(u1 + p, cnt).log() * V(-2.0f)).sqrt();
+    const V t = V::loadu(u2 + p, cnt) * V(kTwoPi);
+    (r * t.cos()).store(c + p, cnt);
+    (r * t.sin()).store(s + p, cnt);
+  }
+  for (int64_t p = 0; p < kPairs; ++p) {  // pair p = 2j + h gives elements 4j + 2h and 4j + 2h + 1
+    out[2 * p] = c[p];
+    out[2 * p + 1] = s[p];
+  }
+}
+
+void fill_normals(uint64_t seed, uint64_t offset, int64_t e0, int64_t count, float* out) {
+  float buf[kBatch];
+  int64_t e = e0;
+  const int64_t end = e0 + count;
+  while (e < end) {
+    const int64_t g0 = e / 4;
+    normal_batch(seed, offset, static_cast<uint64_t>(g0), buf);
+    const int64_t first = e - 4 * g0;
+    const int64_t take = std::min<int64_t>(kBatch - first, end - e);
+    std::memcpy(out + (e - e0), buf + first, sizeof(float) * take);
+    e += take;
+  }
+}
+
+void normal_kernel(float* out, int64_t n, uint64_t seed, uint64_t offset) {
+  at::parallel_for(0, n, kGrainElems, [&](int64_t b, int64_t e) { fill_normals(seed, offset, b, e - b, out + b); });
+}
+
+// ---------------------------------------------------------------------------------- reparameterize
+
+constexpr int64_t kTile = 512;  // elements of eps generated per step (stays in L1)
+
+template <typename acc_t>
+void eps_tile(uint64_t seed, uint64_t offset, int64_t e0, int64_t count, acc_t* out) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    fill_normals(seed, offset, e0, count, out);
+  } else {
+    float tmp[kTile];
+    fill_normals(seed, offset, e0, count, tmp);
+    for (int64_t i = 0; i < count; ++i) out[i] = static_cast<acc_t>(tmp[i]);
+  }
+}
+
+template <typename scalar_t>
+void reparam_typed(const ReparamArgs& a) {
+  using IO = VecIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  constexpr int64_t W = V::size();
+  const auto* mu = static_cast<const scalar_t*>(a.mu);
+  const auto* lv = static_cast<const scalar_t*>(a.logvar);
+  auto* z = static_cast<scalar_t*>(a.z);
+  auto* eps_out = static_cast<scalar_t*>(a.eps);
+  const int64_t numel = a.numel, total = a.k * a.numel;
+  at::parallel_for(0, total, kGrainElems, [&](int64_t b, int64_t e) {
+    acc_t eps[kTile];
+    for (int64_t t0 = b; t0 < e; t0 += kTile) {
+      const int64_t tlen = std::min(kTile, e - t0);
+      eps_tile<acc_t>(a.seed, a.offset, t0, tlen, eps);
+      // Runs of the tile that stay inside one sample, so mu/logvar are contiguous too.
+      for (int64_t pos = t0; pos < t0 + tlen;) {
+        const int64_t i0 = pos % numel;
+        const int64_t run = std::min(t0 + tlen - pos, numel - i0);
+        const acc_t* ep = eps + (pos - t0);
+        for (int64_t j = 0; j < run; j += W) {
+          const int64_t cnt = std::min(W, run - j);
+          const bool full = cnt == W;
+          const V m = full ? IO::load(mu + i0 + j) : IO::load(mu + i0 + j, cnt);
+          const V l = full ? IO::load(lv + i0 + j) : IO::load(lv + i0 + j, cnt);
+          const V ev = V::loadu(ep + j, cnt);
+          const V zv = m + (l * V(acc_t(0.5))).exp() * ev;
+          if (full) IO::store(z + pos + j, zv);
+          else IO::store(z + pos + j, zv, cnt);
+          if (eps_out != nullptr) {
+            if (full) IO::store(eps_out + pos + j, ev);
+            else IO::store(eps_out + pos + j, ev, cnt);
+          }
+        }
+        pos += run;
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void reparam_backward_typed(const ReparamBackwardArgs& a) {
+  using IO = VecIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  constexpr int64_t W = V::size();
+  const auto* gz = static_cast<const scalar_t*>(a.grad_z);
+  const auto* lv = static_cast<const scalar_t*>(a.logvar);
+  auto* gmu = static_cast<scalar_t*>(a.grad_mu);
+  auto* glv = static_cast<scalar_t*>(a.grad_logvar);
+  const int64_t numel = a.numel;
+  at::parallel_for(0, numel, std::max<int64_t>(1, kGrainElems / a.k), [&](int64_t b, int64_t e) {
+    acc_t eps[kTile], sum_g[kTile], sum_ge[kTile];
+    for (int64_t t0 = b; t0 < e; t0 += kTile) {
+      const int64_t tlen = std::min(kTile, e - t0);
+      std::fill(sum_g, sum_g + tlen, acc_t(0));
+      std::fill(sum_ge, sum_ge + tlen, acc_t(0));
+      for (int64_t s = 0; s < a.k; ++s) {  // samples in order: a fixed summation order
+        eps_tile<acc_t>(a.seed, a.offset, s * numel + t0, tlen, eps);
+        const scalar_t* g = gz + s * numel + t0;
+        for (int64_t j = 0; j < tlen; j += W) {
+          const int64_t cnt = std::min(W, tlen - j);
+          const V gv = cnt == W ? IO::load(g + j) : IO::load(g + j, cnt);
+          (V::loadu(sum_g + j, cnt) + gv).store(sum_g + j, cnt);
+          (V::loadu(sum_ge + j, cnt) + gv * V::loadu(eps + j, cnt)).store(sum_ge + j, cnt);
+        }
+      }
+      for (int64_t j = 0; j < tlen; j += W) {
+        const int64_t cnt = std::min(W, tlen - j);
+        const int64_t i = t0 + j;
+        const V l = cnt == W ? IO::load(lv + i) : IO::load(lv + i, cnt);
+        const V half(acc_t(0.5));
+        const V gl = half * (l * half).exp() * V::loadu(sum_ge + j, cnt);
+        const V gm = V::loadu(sum_g + j, cnt);
+        if (cnt == W) {
+          IO::store(gmu + i, gm);
+          IO::store(glv + i, gl);
+        } else {
+          IO::store(gmu + i, gm, cnt);
+          IO::store(glv + i, gl, cnt);
+        }
+      }
+    }
+  });
+}
+
+void reparam_kernel(const ReparamArgs& a) {
+  dispatch_dtype(a.dtype, [&](auto* tag) { reparam_typed<std::remove_pointer_t<decltype(tag)>>(a); });
+}
+
+void reparam_backward_kernel(const ReparamBackwardArgs& a) {
+  dispatch_dtype(a.dtype, [&](auto* tag) { reparam_backward_typed<std::remove_pointer_t<decltype(tag)>>(a); });
+}
+
+#define VAE_EXT_STR2(x) #x
+#define VAE_EXT_STR(x) VAE_EXT_STR2(x)
+
+const KernelTable& kernel_table() {
+  static const KernelTable table{VAE_EXT_STR(CPU_CAPABILITY), &elbo_kernel, &reparam_kernel,
+                                 &reparam_backward_kernel, &normal_kernel};
+  return table;
+}
+
+}  // namespace CPU_CAPABILITY
+}  // namespace cpu
+}  // namespace vae_ext
