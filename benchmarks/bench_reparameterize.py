@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""The `reparam` benchmark alone: `python benchmarks/run.py --only reparam` (same options, see --help)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vae_ext.bench import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["--only", "reparam", *sys.argv[1:]], prog="python benchmarks/run.py"))

@@ -1,0 +1,198 @@
+"""The benchmark harness: the --quick path of every benchmark at tiny sizes, the JSON it writes,
+the chart, and the README table script. No timing thresholds: speed is the benchmarks' business."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE_SCRIPT = ROOT / "benchmarks" / "make_readme_table.py"
+
+# Tiny sizes, one timing round of a few milliseconds: this checks the plumbing, not the speed.
+FAST = ["--quick", "--device", "cpu", "--rounds", "1", "--min-run-time", "0.002", "--warmup", "0",
+        "--no-progress"]
+SIZES = {
+    "loss": ["--sizes", "loss=8x64:4,4x33:3"],
+    "reparam": ["--sizes", "reparam=16x8,3x5"],
+    "step": ["--sizes", "step=mlp:4,conv:2"],
+}
+
+
+def _load_table_script():
+    spec = importlib.util.spec_from_file_location("_make_readme_table", TABLE_SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _vae_ext():
+    try:
+        import vae_ext  # noqa: F401
+    except ImportError as e:  # the extension is not built (python setup.py build_ext --inplace)
+        pytest.skip(f"vae_ext is not importable: {e}")
+    return vae_ext
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """One in-process run of every benchmark at tiny sizes (the --quick path with --sizes)."""
+    _vae_ext()
+    from vae_ext.bench import main
+
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    argv = [*FAST, *SIZES["loss"], *SIZES["reparam"], *SIZES["step"], "--models", "mlp,conv", "--out", str(out)]
+    rc = main(argv)
+    data = json.loads(out.read_text())
+    assert rc == 0, data.get("errors")
+    return out, data
+
+
+def _is_time(t) -> bool:
+    return isinstance(t, dict) and t["median_ms"] > 0 and math.isfinite(t["median_ms"]) and t["blocks"] >= 1
+
+
+def test_machine_and_settings(results):
+    _, r = results
+    assert r["schema"] == "vae_ext.bench/1"
+    assert r["command"].startswith("vae-ext bench") and "--quick" in r["command"]
+    m = r["machine"]
+    for key in ("cpu_model", "cpu_count", "threads", "torch", "device", "python"):
+        assert m[key], key
+    assert m["device"] == "cpu" and m["threads"] >= 1
+    assert r["build_info"]["cpu_capability"]
+    assert r["date"][:4].isdigit()
+    assert r["settings"]["quick"] is True and r["settings"]["dtypes"] == ["float32"]
+    assert r["copy_bandwidth"]["GBps_peak"] > 0
+    assert r["memory_method"]
+    assert r["errors"] == {}
+    assert set(r["benchmarks"]) == {"loss", "reparam", "step"}
+    assert len(r["targets"]) >= 7 and all("met" in t for t in r["targets"])
+
+
+def test_loss_records(results):
+    _, r = results
+    recs = r["benchmarks"]["loss"]["results"]
+    # --sizes replaces the default sizes; both default recon modes run
+    assert {(x["recon"], x["N"], x["D"], x["L"]) for x in recs} == {
+        (m, n, d, lat) for m in ("bce", "bce_logits") for n, d, lat in ((8, 64, 4), (4, 33, 3))
+    }
+    for x in recs:
+        for impl in ("fused", "eager", "compile", "floor", "floor_alloc"):
+            assert _is_time(x["times"][impl]), impl
+        assert x["bytes_fused"] == (5 * x["N"] * x["D"] + 8 * x["N"] * x["L"]) * 4
+        assert x["speedup"]["eager"] == pytest.approx(x["times"]["eager"]["median_ms"] / x["times"]["fused"]["median_ms"])
+        assert set(x["speedup"]) == {"eager", "compile"}
+        assert set(x["pct_floor"]) == {"fused", "eager", "compile"}
+        assert all(isinstance(v, int) and v >= 0 for v in x["peak_mem_bytes"].values())
+        assert set(x["peak_mem_bytes"]) == {"fused", "eager", "compile"}
+        assert set(x["mem_fused_le"]) == {"eager", "compile"}
+        assert x["check"]["loss_rel_err"] < 1e-4 and x["check"]["grad_rel_err"] < 1e-3
+
+
+def test_reparam_records(results):
+    _, r = results
+    recs = r["benchmarks"]["reparam"]["results"]
+    assert [(x["N"], x["L"]) for x in recs] == [(16, 8), (3, 5)]
+    for x in recs:
+        for impl in ("fused", "eager", "compile", "floor"):
+            assert _is_time(x["times"][impl]), impl
+        assert x["bytes_fused"] == 7 * x["N"] * x["L"] * 4
+        assert set(x["speedup"]) == {"eager", "compile"}
+        assert set(x["peak_mem_bytes"]) == {"fused", "eager", "compile"}
+        assert x["check"]["grad_mu_rel_err"] < 1e-6 and x["check"]["grad_logvar_rel_err"] < 1e-4
+
+
+def test_step_records(results):
+    _, r = results
+    recs = r["benchmarks"]["step"]["results"]
+    assert [(x["model"], x["batch"]) for x in recs] == [("mlp", 4), ("conv", 2)]
+    impls = {"ref_eager", "fused_eager", "ref_compile", "fused_compile"}
+    for x in recs:
+        assert set(x["times"]) == impls and all(_is_time(t) for t in x["times"].values())
+        assert set(x["peak_mem_bytes"]) == impls and set(x["peak_mem_step_bytes"]) == impls
+        assert x["speedup"]["eager"] > 0 and x["speedup"]["compile"] > 0
+        assert x["parameters"] > 0
+
+
+def test_chart_written(results):
+    path, r = results
+    chart = Path(r["chart"])
+    assert chart == path.with_suffix(".png")
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_readme_table(results, tmp_path):
+    path, r = results
+    script = _load_table_script()
+    readme = tmp_path / "README.md"
+    readme.write_text("# vae_ext\n\n## Performance\n\n<!-- bench:begin -->\nold\n<!-- bench:end -->\n\n## License\n")
+    assert script.main(["--json", str(path), "--write", str(readme)]) == 0
+    text = readme.read_text()
+    section = text.split("<!-- bench:begin -->")[1].split("<!-- bench:end -->")[0]
+    assert "old" not in section and text.endswith("## License\n")
+    assert r["machine"]["cpu_model"] in section and r["command"] in section
+    for title in ("ELBO loss", "Reparameterize", "Training step", "Targets"):
+        assert title in section
+    assert section.count("| bce |") == 2 and section.count("| bce_logits |") == 2
+    # idempotent
+    assert script.main(["--json", str(path), "--write", str(readme)]) == 0
+    assert readme.read_text() == text
+
+
+def test_readme_table_cli_without_markers(results, tmp_path):
+    path, _ = results
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    p = subprocess.run([sys.executable, str(TABLE_SCRIPT), "--json", str(path), "--write", str(readme)],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "markers" in p.stderr
+    p = subprocess.run([sys.executable, str(TABLE_SCRIPT), "--json", str(path)], capture_output=True, text=True)
+    assert p.returncode == 0 and "#### ELBO loss" in p.stdout
+
+
+def test_only_and_sizes_parsing(tmp_path):
+    _vae_ext()
+    from vae_ext.bench import build_parser, main
+
+    with pytest.raises(SystemExit):
+        main(["--only", "nope", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit):
+        main(["--sizes", "loss=8x64", "--out", str(tmp_path / "x.json")])
+    args = build_parser().parse_args(["--only", "loss,reparam", "--quick"])
+    assert args.only == ["loss,reparam"] and args.quick
+
+
+@pytest.mark.parametrize("script", ["run.py", "bench_elbo_loss.py", "bench_reparameterize.py", "bench_step.py"])
+def test_entry_scripts_help(script):
+    _vae_ext()
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True, text=True,
+                       cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert "--only" in p.stdout and "--quick" in p.stdout
+
+
+def test_report_without_torch_results():
+    """The renderer works on a minimal hand-written results dict (no extension needed)."""
+    report = _load_table_script()._load_report()
+    t = {"median_ms": 2.0, "iqr_ms": 0.1, "min_ms": 1.9, "blocks": 3}
+    rec = {"recon": "bce", "dtype": "float32", "N": 1024, "D": 784, "L": 32, "elements": 802816,
+           "times": {"fused": t, "eager": {**t, "median_ms": 30.0}, "compile": {**t, "median_ms": 5.0},
+                     "floor": {**t, "median_ms": 1.0}},
+           "speedup": {"eager": 15.0, "compile": 2.5}, "pct_floor": {"fused": 50.0},
+           "peak_mem_bytes": {"fused": 3 << 20, "eager": 6 << 20, "compile": 3 << 20},
+           "mem_fused_le": {"eager": True, "compile": True}}
+    res = {"machine": {"device": "cpu", "cpu_model": "Test CPU", "cpu_count": 2, "threads": 2, "torch": "x"},
+           "command": "vae-ext bench", "benchmarks": {"loss": {"title": "ELBO loss", "results": [rec]}}}
+    md = report.markdown_section(res)
+    assert "Test CPU" in md and "15.0x" in md and "2.50x" in md and "50%" in md
+    targets = {t["target"]: t for t in report.check_targets(res)}
+    met = [t for t in targets.values() if t["met"]]
+    assert len(met) == 2  # >= 10x eager and >= 2x compile at >= 0.8M elements
+    assert report.update_markers("a <!-- bench:begin -->x<!-- bench:end --> b", "NEW") == \
+        "a <!-- bench:begin -->\nNEW\n<!-- bench:end --> b"

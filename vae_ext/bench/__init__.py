@@ -1,0 +1,236 @@
+"""``vae-ext bench``: benchmarks of the fused ops against eager PyTorch, torch.compile and the copy floor.
+
+    vae-ext bench                      # every benchmark, full sizes, on CUDA if there is one
+    vae-ext bench --quick              # smoke run (small sizes, short timings)
+    vae-ext bench --only loss --device cpu --out results.json
+    python benchmarks/run.py --only reparam --sizes reparam=4096x256,16384x1024
+
+Prints one table per benchmark, writes every figure and the machine to a JSON file and a PNG chart
+of speedup against size. ``benchmarks/make_readme_table.py`` renders the JSON for the README.
+See docs/benchmarks.md for what is measured and how.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import List, Optional
+
+BENCHMARKS = ("loss", "reparam", "step")
+
+__all__ = ["main", "run", "BENCHMARKS"]
+
+
+def _csv(text: str) -> List[str]:
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def build_parser(prog: str = "vae-ext bench") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="Benchmark the fused vae_ext ops (forward + backward) against the eager reference, "
+        "torch.compile of the reference and a copy of the bytes they must move.",
+    )
+    p.add_argument("--only", action="append", default=None, metavar="NAME",
+                   help=f"benchmark(s) to run: {', '.join(BENCHMARKS)} (repeat or comma-separate; default: all)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", action="append", default=None, metavar="DTYPE",
+                   help="float32 (default), bfloat16, float16, float64; repeatable. On CUDA the loss "
+                   "benchmark adds bfloat16 to a full run")
+    p.add_argument("--quick", action="store_true", help="smoke run: small sizes, short timings")
+    p.add_argument("--sizes", action="append", default=[], metavar="BENCH=LIST",
+                   help="override sizes: loss=NxD:L,...  reparam=NxL,...  step=BATCH,... (repeatable)")
+    p.add_argument("--recon", default="bce,bce_logits", help="loss modes (comma list; default: bce,bce_logits)")
+    p.add_argument("--models", default="mlp,conv", help="step benchmark models (comma list; default: mlp,conv)")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5; 2 with --quick)")
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help="seconds per implementation per round (default 0.2; 0.03 with --quick)")
+    p.add_argument("--warmup", type=float, default=None, help="seconds of warm-up calls (default 0.3; 0.05 with --quick)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
+    p.add_argument("--compile-mode", default=None, help="torch.compile mode for the compiled baselines (default: default)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON results path (default: runs/bench/<device>-<time>.json)")
+    p.add_argument("--chart", default=None, help="PNG chart path (default: the JSON path with .png)")
+    p.add_argument("--no-chart", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _parse_sizes(specs: List[str]) -> dict:
+    from . import loss, reparam, step
+
+    parsers = {"loss": loss.parse_size, "reparam": reparam.parse_size, "step": step.parse_size}
+    out = {}
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        name = name.strip()
+        if not sep or name not in parsers:
+            raise SystemExit(f"--sizes: expected BENCH=LIST with BENCH one of {', '.join(parsers)}, got {spec!r}")
+        try:
+            out.setdefault(name, []).extend(parsers[name](s) for s in _csv(rest))
+        except ValueError as e:
+            raise SystemExit(f"--sizes: {e}") from None
+    return out
+
+
+def _command(prog: str, argv: List[str]) -> str:
+    import shlex
+
+    return " ".join([prog, *(shlex.quote(a) for a in argv)])
+
+
+def run(args: argparse.Namespace, prog: str = "vae-ext bench", argv: Optional[List[str]] = None) -> dict:
+    """Run the selected benchmarks; return the results dict (also written to ``args.out``)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    import vae_ext
+
+    from . import common, report
+
+    only = []
+    for item in args.only or list(BENCHMARKS):
+        for name in _csv(item):
+            if name not in BENCHMARKS:
+                raise SystemExit(f"--only: expected one of {', '.join(BENCHMARKS)}, got {name!r}")
+            if name not in only:
+                only.append(name)
+
+    dev = args.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(dev)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: this torch has no CUDA device")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise SystemExit(f"--device: expected cpu or cuda, got {args.device!r}")
+
+    dtypes = []
+    for d in args.dtype or ["float32"]:
+        for name in _csv(d):
+            if name not in common.DTYPES:
+                raise SystemExit(f"--dtype: expected one of {', '.join(common.DTYPES)}, got {name!r}")
+            dtypes.append(common.DTYPES[name])
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
+    quick = args.quick
+    ctx = common.Context(
+        device=device,
+        dtypes=dtypes,
+        quick=quick,
+        rounds=args.rounds or (2 if quick else 5),
+        min_run_time=args.min_run_time if args.min_run_time is not None else (0.03 if quick else 0.2),
+        warmup_time=args.warmup if args.warmup is not None else (0.05 if quick else 0.3),
+        threads=threads,
+        compile_mode=args.compile_mode,
+        measure_memory=not args.no_memory,
+        sizes=_parse_sizes(args.sizes),
+        recon_modes=_csv(args.recon),
+        models=_csv(args.models),
+        seed=args.seed,
+    )
+    common.configure_dynamo()
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else Path("runs") / "bench" / f"{device.type}-{stamp}.json"
+    chart = None if args.no_chart else Path(args.chart) if args.chart else out.with_suffix(".png")
+
+    machine = common.machine_info(device, threads)
+    notes = []
+    load = machine.get("load_avg_start")
+    if device.type == "cpu" and load and load[0] > 0.5 * (os.cpu_count() or 1):
+        notes.append(f"the machine was busy at the start (1-min load average {load[0]:.2f} on "
+                     f"{os.cpu_count()} CPUs): timings are noisy")
+    results = {
+        "schema": common.SCHEMA,
+        "command": _command(prog, list(argv if argv is not None else sys.argv[1:])),
+        "date": common.now_iso(),
+        "machine": machine,
+        "build_info": vae_ext.build_info(),
+        "vae_ext_version": getattr(vae_ext, "__version__", None),
+        "git": common._git_commit(),
+        "settings": {
+            "quick": quick,
+            "device": str(device),
+            "dtypes": [common.dtype_name(d) for d in dtypes],
+            "threads": threads,
+            "rounds": ctx.rounds,
+            "min_run_time_s": ctx.min_run_time,
+            "warmup_s": ctx.warmup_time,
+            "compile_mode": ctx.compile_mode or "default",
+            "compile_dynamic": False,
+            "seed": ctx.seed,
+            "timer": "torch.utils.benchmark.Timer.blocked_autorange, interleaved rounds; median over all blocks",
+        },
+        "memory_method": common.MEMORY_METHOD[device.type] if ctx.measure_memory else None,
+        "copy_bandwidth": None,
+        "benchmarks": {},
+        "errors": {},
+        "notes": notes,
+    }
+
+    show = not args.no_progress
+
+    def progress(cases, name, label):
+        bar = tqdm(cases, desc=name, unit="case", disable=not show, dynamic_ncols=True, leave=True)
+        ctx.status = lambda s: bar.set_postfix_str(s, refresh=False)
+        try:
+            for c in bar:
+                bar.set_description(f"{name} {label(c)}")
+                yield c
+        finally:
+            ctx.status = lambda s: None
+            bar.close()
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(out.suffix + ".tmp")
+        tmp.write_text(json.dumps(results, indent=1, default=str))
+        tmp.replace(out)
+
+    results["copy_bandwidth"] = common.measure_copy_bandwidth(device, ctx)
+    t_start = time.perf_counter()
+    for name in only:
+        try:
+            mod = importlib.import_module(f".{name}", __name__)
+            results["benchmarks"][name] = mod.run(ctx, progress)
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # keep the other benchmarks' figures; report the failure
+            results["errors"][name] = "".join(traceback.format_exception_only(type(e), e)).strip()
+            print(f"\n{name} benchmark failed:\n{traceback.format_exc()}", file=sys.stderr)
+        save()
+    results["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    if hasattr(os, "getloadavg"):
+        results["machine"]["load_avg_end"] = list(os.getloadavg())
+    results["targets"] = report.check_targets(results)
+    save()
+    if chart is not None:
+        try:
+            results["chart"] = report.write_chart(results, chart)
+        except Exception as e:  # a chart is not worth losing the results over
+            notes.append(f"chart not written: {e}")
+        save()
+    print()
+    print(report.render_console(results))
+    print(f"\nresults: {out}" + (f"\nchart:   {results.get('chart')}" if results.get("chart") else ""))
+    return results
+
+
+def main(argv: Optional[List[str]] = None, prog: str = "vae-ext bench") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(prog).parse_args(argv)
+    results = run(args, prog=prog, argv=argv)
+    return 1 if results["errors"] else 0

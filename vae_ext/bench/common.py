@@ -1,0 +1,450 @@
+"""Shared benchmark machinery: timing, the copy floor, peak memory, machine description, inputs.
+
+Everything here measures; nothing estimates. Timing uses ``torch.utils.benchmark.Timer``
+(``blocked_autorange``; it synchronizes CUDA around each block), run in interleaved rounds so that
+a change of load on a shared machine hits every implementation of a case alike. Peak memory is
+``torch.cuda.max_memory_allocated`` on CUDA and, on CPU, the allocation events that PyTorch's CPU
+allocator reports to ``torch.profiler`` (``profile_memory=True``), replayed in time order.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import sys
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+from torch.utils import benchmark as tbench
+
+SCHEMA = "vae_ext.bench/1"
+
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float64": torch.float64,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# --------------------------------------------------------------------------- run settings
+
+
+@dataclass
+class Context:
+    """What every benchmark needs to know about this run."""
+
+    device: torch.device
+    dtypes: List[torch.dtype]
+    quick: bool = False
+    rounds: int = 5
+    min_run_time: float = 0.2  # seconds per implementation per round
+    warmup_time: float = 0.3  # seconds of warm-up calls after the first call
+    threads: int = 1
+    compile_mode: Optional[str] = None  # torch.compile(mode=...); None = the default mode
+    measure_memory: bool = True
+    sizes: Dict[str, list] = field(default_factory=dict)  # --sizes overrides, parsed per benchmark
+    recon_modes: List[str] = field(default_factory=lambda: ["bce", "bce_logits"])
+    models: List[str] = field(default_factory=lambda: ["mlp", "conv"])
+    seed: int = 0
+    status: Callable[[str], None] = lambda s: None  # progress-bar postfix
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+# --------------------------------------------------------------------------- compile
+
+
+def configure_dynamo() -> None:
+    """One compiled graph per (case, implementation): allow many static-shape recompiles."""
+    import torch._dynamo.config as cfg
+
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 256))
+
+
+def compile_fn(fn: Callable, ctx: Context) -> Callable:
+    """``torch.compile`` with static shapes (each case is one shape) and the run's mode."""
+    kwargs = {"dynamic": False}
+    if ctx.compile_mode:
+        kwargs["mode"] = ctx.compile_mode
+    return torch.compile(fn, **kwargs)
+
+
+def reset_compiled() -> None:
+    """Drop compiled graphs of earlier cases (their guards would be checked on every call)."""
+    torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def mnist_like(shape, *, device, dtype, generator: torch.Generator) -> torch.Tensor:
+    """Targets in [0, 1] shaped like MNIST pixels: about 80% exact zeros, the rest in (0, 1], skewed to 1."""
+    u = torch.rand(shape, generator=generator)
+    v = torch.rand(shape, generator=generator).sqrt()  # ink: mostly near 1
+    x = torch.where(u < 0.8, torch.zeros_like(v), v)
+    return x.to(device=device, dtype=dtype)
+
+
+def randn(shape, *, device, dtype, generator: torch.Generator, scale=1.0, shift=0.0) -> torch.Tensor:
+    return (torch.randn(shape, generator=generator) * scale + shift).to(device=device, dtype=dtype)
+
+
+def leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_(True)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _percentile(sorted_vals: List[float], q: float) -> float:
+    if not sorted_vals:
+        return float("nan")
+    k = (len(sorted_vals) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(sorted_vals) - 1)
+    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (k - lo)
+
+
+def summarize(times_s: Iterable[float]) -> dict:
+    """Median and spread of per-call times (seconds in, milliseconds out)."""
+    ts = sorted(float(t) for t in times_s)
+    q25, med, q75 = (_percentile(ts, q) for q in (0.25, 0.5, 0.75))
+    return {
+        "median_ms": med * 1e3,
+        "iqr_ms": (q75 - q25) * 1e3,
+        "min_ms": ts[0] * 1e3 if ts else float("nan"),
+        "blocks": len(ts),
+    }
+
+
+def warm_up(fn: Callable, ctx: Context) -> float:
+    """Call ``fn`` until warm; return the seconds the first call took (compilation, for compiled fns)."""
+    t0 = time.perf_counter()
+    fn()
+    sync(ctx.device)
+    first = time.perf_counter() - t0
+    t0, n = time.perf_counter(), 0
+    while n < 3 or (time.perf_counter() - t0 < ctx.warmup_time and n < 1000):
+        fn()
+        n += 1
+    sync(ctx.device)
+    return first
+
+
+def time_interleaved(fns: Dict[str, Callable], ctx: Context, label: str = "") -> Dict[str, dict]:
+    """Median per-call time of each fn, measured in ``ctx.rounds`` interleaved rounds.
+
+    Each round runs ``Timer.blocked_autorange(min_run_time)`` once per fn, alternating the order
+    every round; the medians are over all the blocks of all rounds. Call ``warm_up`` first.
+    """
+    names = list(fns)
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    for r in range(ctx.rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            ctx.status(f"{label} {name} {r + 1}/{ctx.rounds}")
+            timer = tbench.Timer(
+                stmt="fn()",
+                globals={"fn": fns[name]},
+                num_threads=ctx.threads,
+                label=label,
+                description=name,
+            )
+            m = timer.blocked_autorange(min_run_time=ctx.min_run_time)
+            times[name].extend(m.times)
+    return {n: summarize(times[n]) for n in names}
+
+
+# --------------------------------------------------------------------------- the copy floor
+
+
+class CopyFloor:
+    """Two buffers whose copy moves ``nbytes`` (half read, half written): ``dst.copy_(src)``.
+
+    ``alloc()`` is the same copy into a freshly allocated buffer (``src.clone()``): the floor for an
+    op that must also allocate its outputs (on CPU, large blocks come from mmap and page-fault in).
+    """
+
+    def __init__(self, nbytes: int, device: torch.device, generator: torch.Generator):
+        n = max(1, int(nbytes) // 8)  # float32 elements per buffer: 2 buffers * 4 bytes
+        self.nbytes = 8 * n
+        self.src = torch.rand(n, generator=generator).to(device)
+        self.dst = torch.empty_like(self.src)
+
+    def copy(self) -> None:
+        self.dst.copy_(self.src)
+
+    def alloc(self) -> None:
+        self.src.clone()
+
+
+def measure_copy_bandwidth(device: torch.device, ctx: Context, nbytes: Optional[int] = None) -> dict:
+    """Peak copy bandwidth (bytes read + written per second) of ``dst.copy_(src)`` on a large buffer.
+
+    On CUDA this is the device-to-device copy bandwidth; on CPU, memory bandwidth with the run's
+    thread count (buffers far larger than the last-level cache).
+    """
+    if nbytes is None:
+        nbytes = (512 << 20) if device.type == "cuda" else (256 << 20)
+        if ctx.quick:
+            nbytes //= 4
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            nbytes = min(nbytes, free // 4)
+    g = torch.Generator().manual_seed(1234)
+    floor = CopyFloor(nbytes, device, g)
+    warm_up(floor.copy, ctx)
+    t = tbench.Timer(stmt="fn()", globals={"fn": floor.copy}, num_threads=ctx.threads)
+    m = t.blocked_autorange(min_run_time=max(0.2, ctx.min_run_time))
+    best = min(m.times)
+    out = {
+        "bytes": floor.nbytes,
+        "median_ms": m.median * 1e3,
+        "GBps_median": floor.nbytes / m.median / 1e9,
+        "GBps_peak": floor.nbytes / best / 1e9,
+        "method": "dst.copy_(src), bytes = read + written",
+    }
+    del floor
+    return out
+
+
+# --------------------------------------------------------------------------- peak memory
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (C++ logging) for the duration; Python errors still propagate."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _cpu_peak_bytes(fn: Callable) -> int:
+    """Peak of (bytes allocated - bytes freed) during ``fn``, from the CPU allocator's profiler events.
+
+    PyTorch's CPU allocator reports every allocation and free to the profiler when
+    ``profile_memory=True`` (this includes temporaries inside ATen kernels, inductor buffers and the
+    extension's outputs: everything allocated through c10's CPU allocator). We replay the events in
+    time order. Frees of blocks allocated before the profiler started are not reported, so callers
+    drop such blocks (e.g. old ``.grad``) before calling.
+    """
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr():  # kineto logs a line per profiler start/stop on the C++ side
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+            fn()
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.tag == _EventType.Allocation:
+            ef = node.extra_fields
+            if ef.device.type == "cpu":
+                events.append((node.start_time_ns, int(ef.alloc_size)))
+    events.sort()
+    cur = peak = 0
+    for _, size in events:
+        cur += size
+        peak = max(peak, cur)
+    return peak
+
+
+def peak_memory_bytes(fn: Callable, device: torch.device) -> int:
+    """Peak memory that one call of ``fn`` allocates above what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - base)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _cpu_peak_bytes(fn)
+
+
+MEMORY_METHOD = {
+    "cuda": "torch.cuda.max_memory_allocated() - memory_allocated() before the call (after reset_peak_memory_stats)",
+    "cpu": "torch.profiler(profile_memory=True): the CPU allocator's alloc/free events replayed in time order; "
+    "peak of the running sum during one call",
+}
+
+
+# --------------------------------------------------------------------------- machine
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> Optional[dict]:
+    root = Path(__file__).resolve().parents[2]
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=5
+        )
+        return {"commit": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def machine_info(device: torch.device, threads: int) -> dict:
+    info = {
+        "device": device.type,
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": threads,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "load_avg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "gpu_name": None,
+    }
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(
+            gpu_name=p.name,
+            gpu_capability=f"{p.major}.{p.minor}",
+            gpu_memory_GiB=round(p.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+        )
+    return info
+
+
+def machine_name(m: dict) -> str:
+    """One line naming the machine, for tables and the README."""
+    if m.get("device") == "cuda" and m.get("gpu_name"):
+        return f"{m['gpu_name']} (CUDA {m.get('cuda')}), torch {m.get('torch')}"
+    return (
+        f"{m.get('cpu_model')} ({m.get('cpu_count')} cores, {m.get('threads')} threads, "
+        f"{m.get('torch_cpu_capability')}), torch {m.get('torch')}"
+    )
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+
+
+def ratio(base: Optional[dict], new: Optional[dict]) -> Optional[float]:
+    """base time / new time (> 1: new is faster)."""
+    if not base or not new:
+        return None
+    b, n = base.get("median_ms"), new.get("median_ms")
+    if not b or not n:
+        return None
+    return b / n
+
+
+def mib(nbytes: Optional[int]) -> Optional[float]:
+    return None if nbytes is None else nbytes / 2**20
+
+
+# --------------------------------------------------------------------------- one case, every implementation
+
+
+def backward_step(loss_fn: Callable, inputs: tuple, leaves: tuple, grad: Optional[torch.Tensor] = None) -> Callable:
+    """``loss_fn(*inputs)`` then ``.backward()``; the leaves' ``.grad`` is dropped first (no accumulation)."""
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        out = loss_fn(*inputs)
+        if grad is None:
+            out.backward()
+        else:
+            out.backward(grad)
+
+    return step
+
+
+def measure_impls(
+    ctx: Context,
+    label: str,
+    fns: Dict[str, Callable],
+    *,
+    reset: Callable[[], None],
+    floor_bytes: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
+    mem_fns: Optional[Dict[str, Dict[str, Callable]]] = None,
+) -> dict:
+    """Warm up, time (interleaved with the copy floor when ``floor_bytes``) and measure peak memory.
+
+    ``reset`` drops whatever one call leaves behind (the ``.grad`` of the leaves) so that the memory
+    measurement starts from the inputs alone. Peak memory is measured for ``fns`` (key
+    ``peak_mem_bytes``) and for each extra set in ``mem_fns`` (``{result key: {impl: fn}}``).
+    """
+    first_call = {}
+    for name, fn in fns.items():
+        ctx.status(f"{label} {name} warm-up")
+        first_call[name] = warm_up(fn, ctx)
+    timed = dict(fns)
+    floor = None
+    if floor_bytes:
+        floor = CopyFloor(floor_bytes, ctx.device, generator or torch.Generator().manual_seed(0))
+        timed["floor"] = floor.copy
+        timed["floor_alloc"] = floor.alloc
+        for name in ("floor", "floor_alloc"):
+            warm_up(timed[name], ctx)
+    times = time_interleaved(timed, ctx, label)
+    del floor
+    out = {"times": times, "first_call_s": first_call}
+    for key, group in {"peak_mem_bytes": fns, **(mem_fns or {})}.items():
+        peak = {}
+        if ctx.measure_memory:
+            for name, fn in group.items():
+                ctx.status(f"{label} {name} memory")
+                reset()
+                peak[name] = peak_memory_bytes(fn, ctx.device)
+        out[key] = peak
+    reset()
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b| / max |b| (0 when both are 0)."""
+    a, b = a.detach().double(), b.detach().double()
+    den = b.abs().max().item()
+    num = (a - b).abs().max().item()
+    return num / den if den > 0 else num

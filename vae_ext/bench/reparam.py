@@ -1,0 +1,127 @@
+"""Reparameterization, forward + backward: fused ``vae_ext.reparameterize`` vs eager reference vs compiled.
+
+Per case (N, L): ``mu`` = randn, ``logvar`` = 0.5 * randn - 1, both requiring grad; one call =
+``z = op(mu, logvar)`` then ``z.backward(grad_z)`` with a fixed random ``grad_z``.
+
+The floor is a copy of the bytes the fused pass moves: the forward reads ``mu`` and ``logvar`` and
+writes ``z``; the backward reads ``grad_z`` and ``logvar`` and writes the two gradients (``eps`` is
+recomputed from the Philox stream, never stored): 7 tensors of N x L.
+"""
+from __future__ import annotations
+
+import re
+from typing import List, Tuple
+
+import torch
+
+import vae_ext
+from vae_ext import reference
+
+from . import common
+
+NAME = "reparam"
+TITLE = "Reparameterize, forward + backward"
+IMPLS = ("fused", "eager", "compile")
+BASELINES = ("eager", "compile")
+
+SIZES: List[Tuple[int, int]] = [(128, 20), (1024, 64), (4096, 256), (16384, 1024)]
+QUICK_SIZES: List[Tuple[int, int]] = [(128, 20), (1024, 64)]
+
+BYTES_FORMULA = "7 * N * L * element_size"
+
+
+def parse_size(text: str) -> Tuple[int, int]:
+    """``"NxL"`` (e.g. ``1024x64``)."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX*]\s*(\d+)\s*", text)
+    if not m:
+        raise ValueError(f"reparam size: expected NxL (e.g. 1024x64), got {text!r}")
+    return tuple(int(v) for v in m.groups())  # type: ignore[return-value]
+
+
+def fused_bytes(n: int, lat: int, element_size: int) -> int:
+    return 7 * n * lat * element_size
+
+
+def _ref(mu, logvar):
+    return reference.reparameterize(mu, logvar)
+
+
+def _fused(mu, logvar):
+    return vae_ext.reparameterize(mu, logvar)
+
+
+def cases(ctx: common.Context) -> list:
+    sizes = ctx.sizes.get(NAME) or (QUICK_SIZES if ctx.quick else SIZES)
+    return [{"dtype": dtype, "N": n, "L": lat} for dtype in ctx.dtypes for n, lat in sizes]
+
+
+def case_label(c: dict) -> str:
+    return f"{common.dtype_name(c['dtype'])} {c['N']}x{c['L']}"
+
+
+def run_case(c: dict, ctx: common.Context) -> dict:
+    common.reset_compiled()
+    g = torch.Generator().manual_seed(ctx.seed)
+    n, lat, dtype, dev = c["N"], c["L"], c["dtype"], ctx.device
+    mu = common.leaf(common.randn((n, lat), device=dev, dtype=dtype, generator=g))
+    logvar = common.leaf(common.randn((n, lat), device=dev, dtype=dtype, generator=g, scale=0.5, shift=-1.0))
+    grad_z = common.randn((n, lat), device=dev, dtype=dtype, generator=g)
+    inputs = leaves = (mu, logvar)
+    fns = {
+        "fused": common.backward_step(_fused, inputs, leaves, grad_z),
+        "eager": common.backward_step(_ref, inputs, leaves, grad_z),
+        "compile": common.backward_step(common.compile_fn(_ref, ctx), inputs, leaves, grad_z),
+    }
+
+    # Sanity: d/dmu = grad_z and d/dlogvar = 0.5 * grad_z * (z - mu) for the z the fused op drew.
+    z = _fused(mu, logvar)
+    gmu, glv = torch.autograd.grad(z, leaves, grad_z)
+    with torch.no_grad():
+        zf, muf, gzf = z.float(), mu.float(), grad_z.float()
+        check = {
+            "grad_mu_rel_err": common.rel_err(gmu, grad_z),
+            "grad_logvar_rel_err": common.rel_err(glv.float(), 0.5 * gzf * (zf - muf)),
+            "eps_mean": ((zf - muf) * torch.exp(-0.5 * logvar.float())).mean().item(),
+            "eps_std": ((zf - muf) * torch.exp(-0.5 * logvar.float())).std().item(),
+        }
+    del z, gmu, glv
+
+    def reset():
+        for t in leaves:
+            t.grad = None
+
+    nbytes = fused_bytes(n, lat, mu.element_size())
+    m = common.measure_impls(ctx, case_label(c), fns, reset=reset, floor_bytes=nbytes, generator=g)
+    times, peak = m["times"], m["peak_mem_bytes"]
+    floor = times.get("floor")
+    rec = {
+        "dtype": common.dtype_name(dtype),
+        "N": n,
+        "L": lat,
+        "elements": n * lat,
+        "bytes_fused": nbytes,
+        "times": times,
+        "first_call_s": m["first_call_s"],
+        "speedup": {b: common.ratio(times.get(b), times["fused"]) for b in BASELINES},
+        "pct_floor": {k: 100.0 * common.ratio(floor, times[k]) for k in IMPLS} if floor else {},
+        "GBps": {k: nbytes / (times[k]["median_ms"] * 1e-3) / 1e9 for k in (*IMPLS, "floor")},
+        "peak_mem_bytes": peak,
+        "check": check,
+    }
+    if peak:
+        rec["mem_fused_le"] = {b: peak["fused"] <= peak[b] for b in BASELINES}
+    return rec
+
+
+def run(ctx: common.Context, progress=None) -> dict:
+    cs = cases(ctx)
+    results = [run_case(c, ctx) for c in (cs if progress is None else progress(cs, NAME, case_label))]
+    return {
+        "name": NAME,
+        "title": TITLE,
+        "impls": list(IMPLS),
+        "baselines": list(BASELINES),
+        "bytes_formula": BYTES_FORMULA,
+        "call": "z = op(mu, logvar); z.backward(grad_z)",
+        "results": results,
+    }

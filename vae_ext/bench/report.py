@@ -1,0 +1,371 @@
+"""Tables (console and markdown), target checks, the README section and the chart, from a results dict.
+
+Pure Python on purpose (matplotlib is imported only to draw the chart): it renders a results JSON
+on any machine, without torch or the compiled extension (``benchmarks/make_readme_table.py`` loads
+this file directly).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple
+
+BEGIN = "<!-- bench:begin -->"
+END = "<!-- bench:end -->"
+
+Table = Tuple[str, List[str], List[List[str]]]  # title, headers, rows
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def fmt_ms(v: Optional[float]) -> str:
+    if v is None:
+        return "-"
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    if v >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def fmt_x(v: Optional[float]) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1f}x" if v >= 10 else f"{v:.2f}x"
+
+
+def fmt_pct(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.0f}%"
+
+
+def fmt_mib(v: Optional[int]) -> str:
+    if v is None:
+        return "-"
+    m = v / 2**20
+    return f"{m:.0f}" if m >= 100 else (f"{m:.1f}" if m >= 1 else f"{m:.2f}")
+
+
+def fmt_count(n: int) -> str:
+    for div, suffix in ((1 << 20, "Mi"), (1 << 10, "Ki")):
+        if n >= div and n % (div // 16) == 0:
+            return f"{n / div:g}{suffix}"
+    if n >= 1_000_000:
+        return f"{n / 1e6:.2f}M"
+    if n >= 1000:
+        return f"{n / 1e3:.0f}K"
+    return str(n)
+
+
+def _ms(rec: dict, impl: str) -> Optional[float]:
+    t = rec.get("times", {}).get(impl)
+    return t.get("median_ms") if t else None
+
+
+def _yes_no(v) -> str:
+    return "-" if v is None else ("yes" if v else "NO")
+
+
+def _mem_cols(rec: dict, impls: Sequence[str]) -> str:
+    peak = rec.get("peak_mem_bytes") or {}
+    if not peak:
+        return "-"
+    return " / ".join(fmt_mib(peak.get(i)) for i in impls)
+
+
+def _mem_ok(rec: dict) -> str:
+    ok = rec.get("mem_fused_le")
+    if not ok:
+        return "-"
+    return " / ".join(_yes_no(v) for v in ok.values())
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _op_table(bench: dict, size_cols: Callable[[dict], List[str]], size_headers: List[str]) -> Table:
+    rows = []
+    dtypes = {r.get("dtype") for r in bench["results"]}
+    show_dtype = len(dtypes) > 1
+    for r in bench["results"]:
+        row = size_cols(r)
+        if show_dtype:
+            row.insert(1 if "recon" in r else 0, r.get("dtype", ""))
+        pct = r.get("pct_floor") or {}
+        row += [
+            fmt_ms(_ms(r, "fused")),
+            fmt_ms(_ms(r, "eager")),
+            fmt_ms(_ms(r, "compile")),
+            fmt_ms(_ms(r, "floor")),
+            fmt_x(r["speedup"].get("eager")),
+            fmt_x(r["speedup"].get("compile")),
+            fmt_pct(pct.get("fused")),
+            _mem_cols(r, ("fused", "eager", "compile")),
+            _mem_ok(r),
+        ]
+        rows.append(row)
+    headers = list(size_headers)
+    if show_dtype:
+        headers.insert(1 if size_headers[0] == "recon" else 0, "dtype")
+    headers += [
+        "fused ms",
+        "eager ms",
+        "compile ms",
+        "floor ms",
+        "vs eager",
+        "vs compile",
+        "fused % of floor",
+        "peak MiB fused / eager / compile",
+        "fused mem <= eager / compile",
+    ]
+    dt = "" if show_dtype else f", {next(iter(dtypes))}"
+    return (f"{bench['title']}{dt}", headers, rows)
+
+
+def loss_table(bench: dict) -> Table:
+    return _op_table(
+        bench,
+        lambda r: [r["recon"], f"{r['N']}x{r['D']}, {r['L']}", fmt_count(r["elements"])],
+        ["recon", "N x D, L", "elements"],
+    )
+
+
+def reparam_table(bench: dict) -> Table:
+    return _op_table(bench, lambda r: [f"{r['N']}x{r['L']}", fmt_count(r["elements"])], ["N x L", "elements"])
+
+
+def step_table(bench: dict) -> Table:
+    rows = []
+    for r in bench["results"]:
+        sp = r.get("speedup", {})
+        rows.append(
+            [
+                r["model"],
+                str(r["batch"]),
+                fmt_ms(_ms(r, "ref_eager")),
+                fmt_ms(_ms(r, "fused_eager")),
+                fmt_x(sp.get("eager")),
+                fmt_ms(_ms(r, "ref_compile")),
+                fmt_ms(_ms(r, "fused_compile")),
+                fmt_x(sp.get("compile")),
+                fmt_x(sp.get("fused_eager_vs_ref_compile")),
+                _mem_cols(r, ("ref_eager", "fused_eager", "ref_compile", "fused_compile")),
+                _mem_ok(r),
+            ]
+        )
+    headers = [
+        "model",
+        "batch",
+        "reference ms",
+        "fused ms",
+        "fused vs reference",
+        "compiled reference ms",
+        "compiled fused ms",
+        "compiled fused vs compiled reference",
+        "fused (eager) vs compiled reference",
+        "peak MiB fwd+bwd: ref / fused / compiled ref / compiled fused",
+        "fused mem <= ref (eager / compiled)",
+    ]
+    dtypes = {r.get("dtype") for r in bench["results"]}
+    return (f"{bench['title']}, {', '.join(sorted(d for d in dtypes if d))}", headers, rows)
+
+
+TABLES = {"loss": loss_table, "reparam": reparam_table, "step": step_table}
+
+
+def tables(results: dict) -> List[Table]:
+    out = []
+    for name, bench in results.get("benchmarks", {}).items():
+        if bench.get("results") and name in TABLES:
+            out.append(TABLES[name](bench))
+    return out
+
+
+def render_text(table: Table) -> str:
+    title, headers, rows = table
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    sep = "-" * (sum(widths) + 2 * (len(widths) - 1))
+    return "\n".join([title, sep, line(headers), sep, *(line(r) for r in rows), sep])
+
+
+def render_markdown(table: Table, heading: str = "####") -> str:
+    title, headers, rows = table
+    out = [f"{heading} {title}", "", "| " + " | ".join(headers) + " |", "|" + "|".join(
+        " --- " if i == 0 else " ---: " for i in range(len(headers))) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- targets
+
+# (description, benchmark, case filter, baseline key in "speedup", minimum). The figures the project
+# set for the 2-core CPU; checked on whatever machine produced the results, and labelled with it.
+TARGETS = [
+    ("loss bce: fused >= 10x eager reference at >= 0.8M elements", "loss",
+     lambda r: r["recon"] == "bce" and r["elements"] >= 800_000, "eager", 10.0),
+    ("loss bce: fused >= 2x torch.compile(reference) at >= 0.8M elements", "loss",
+     lambda r: r["recon"] == "bce" and r["elements"] >= 800_000, "compile", 2.0),
+    ("loss bce: fused >= 3x torch.compile(reference) at 128x784", "loss",
+     lambda r: r["recon"] == "bce" and r["N"] == 128 and r["D"] == 784, "compile", 3.0),
+    ("reparameterize: fused >= 3x eager reference at >= 64K elements", "reparam",
+     lambda r: r["elements"] >= 65536, "eager", 3.0),
+    ("reparameterize: fused >= 5x torch.compile(reference) at >= 64K elements", "reparam",
+     lambda r: r["elements"] >= 65536, "compile", 5.0),
+    ("MLP train step: fused >= 1.3x eager reference at batch 128", "step",
+     lambda r: r["model"] == "mlp" and r["batch"] == 128, "eager", 1.3),
+    ("MLP train step: fused >= 1.2x eager reference at batch 1024", "step",
+     lambda r: r["model"] == "mlp" and r["batch"] == 1024, "eager", 1.2),
+]
+
+
+def check_targets(results: dict) -> List[dict]:
+    out = []
+    for desc, bench, keep, base, minimum in TARGETS:
+        recs = [r for r in results.get("benchmarks", {}).get(bench, {}).get("results", [])
+                if r.get("dtype", "float32") == "float32" and keep(r)]
+        vals = [r["speedup"].get(base) for r in recs if r["speedup"].get(base) is not None]
+        worst = min(vals) if vals else None
+        out.append({
+            "target": desc,
+            "minimum": minimum,
+            "measured_worst": worst,
+            "cases": len(vals),
+            "met": None if worst is None else worst >= minimum,
+        })
+    return out
+
+
+def targets_table(results: dict) -> Table:
+    rows = []
+    for t in results.get("targets") or check_targets(results):
+        met = "not measured" if t["met"] is None else ("met" if t["met"] else "NOT MET")
+        rows.append([t["target"], fmt_x(t["measured_worst"]), str(t["cases"]), met])
+    return ("Targets (worst case among the matching sizes)", ["target", "measured", "cases", "status"], rows)
+
+
+# --------------------------------------------------------------------------- whole reports
+
+
+def machine_line(results: dict) -> str:
+    m = results.get("machine", {})
+    if m.get("device") == "cuda" and m.get("gpu_name"):
+        return f"{m['gpu_name']} (CUDA {m.get('cuda')}), torch {m.get('torch')}"
+    return (f"{m.get('cpu_model')} ({m.get('cpu_count')} cores, {m.get('threads')} threads, "
+            f"{m.get('torch_cpu_capability')}), torch {m.get('torch')}")
+
+
+def _bandwidth_line(results: dict) -> str:
+    bw = results.get("copy_bandwidth")
+    if not bw:
+        return ""
+    what = "device-to-device" if results.get("machine", {}).get("device") == "cuda" else "memory"
+    return (f"Peak {what} copy bandwidth, measured: {bw['GBps_peak']:.0f} GB/s "
+            f"(median {bw['GBps_median']:.0f} GB/s, `dst.copy_(src)` of {bw['bytes'] / 2**20:.0f} MiB read + written).")
+
+
+def render_console(results: dict) -> str:
+    parts = [f"Machine: {machine_line(results)}", f"vae_ext build: {results.get('build_info')}"]
+    bw = _bandwidth_line(results)
+    if bw:
+        parts.append(bw)
+    for t in tables(results):
+        parts += ["", render_text(t)]
+    parts += ["", render_text(targets_table(results))]
+    notes = results.get("notes") or []
+    if notes:
+        parts += ["", *(f"note: {n}" for n in notes)]
+    return "\n".join(parts)
+
+
+def markdown_section(results: dict) -> str:
+    """The README's performance section (without the markers)."""
+    date = str(results.get("date", ""))[:10]
+    bi = results.get("build_info") or {}
+    cmd = results.get("command", "vae-ext bench")
+    lines = [
+        f"Measured on **{machine_line(results)}**, {date}; vae_ext {results.get('vae_ext_version', '?')} "
+        f"(CPU kernels: {bi.get('cpu_capability', '?')}, CUDA kernels: {'yes' if bi.get('cuda_kernels') else 'no'}).",
+        "",
+        f"Command: `{cmd}`",
+        "",
+        "Medians of forward + backward (`torch.utils.benchmark`, interleaved rounds after warm-up). "
+        "*vs eager* / *vs compile*: time of the eager `vae_ext.reference` op / of `torch.compile` of it, "
+        "divided by the fused time (> 1: fused is faster). *floor*: a `copy_` of as many bytes as the fused "
+        "pass reads and writes; *% of floor*: floor time / fused time. Peak memory: "
+        f"{results.get('memory_method', '-')}.",
+    ]
+    bw = _bandwidth_line(results)
+    if bw:
+        lines += ["", bw]
+    for t in tables(results):
+        lines += ["", render_markdown(t)]
+    lines += ["", render_markdown(targets_table(results))]
+    return "\n".join(lines)
+
+
+def update_markers(text: str, section: str) -> str:
+    """Replace what lies between the bench markers of ``text`` by ``section``."""
+    pat = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    if not pat.search(text):
+        raise ValueError(f"no {BEGIN} ... {END} markers found")
+    return pat.sub(lambda _: f"{BEGIN}\n{section.rstrip()}\n{END}", text, count=1)
+
+
+def load(path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------------------- chart
+
+
+def write_chart(results: dict, path) -> Optional[str]:
+    """PNG of speedup (baseline time / fused time) against size, one panel per benchmark."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benches = results.get("benchmarks", {})
+    panels = [n for n in ("loss", "reparam", "step") if benches.get(n, {}).get("results")]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], panels):
+        recs = benches[name]["results"]
+        series = {}
+        if name in ("loss", "reparam"):
+            for r in recs:
+                tag = (f"{r['recon']} " if name == "loss" else "") + (r["dtype"] if r["dtype"] != "float32" else "")
+                for base in ("eager", "compile"):
+                    v = r["speedup"].get(base)
+                    if v:
+                        series.setdefault(f"{tag.strip()} vs {base}".strip(), []).append((r["elements"], v))
+            ax.set_xlabel("elements (N x D)" if name == "loss" else "elements (N x L)")
+        else:
+            for r in recs:
+                for key, label in (("eager", "vs reference"), ("compile", "compiled vs compiled ref")):
+                    v = r["speedup"].get(key)
+                    if v:
+                        series.setdefault(f"{r['model']} {label}", []).append((r["batch"], v))
+            ax.set_xlabel("batch size")
+        for label, pts in series.items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_ylabel("speedup of fused (x)")
+        ax.set_title(benches[name].get("title", name), fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"vae_ext fused kernels - {machine_line(results)}", fontsize=9)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,150 @@
+"""One training step (Adam) of a VAE: fused (``vae_ext`` kernels) vs reference (plain PyTorch), eager and compiled.
+
+Models (``vae_ext.VAE``, decoder outputs logits, ``recon="bce_logits"``):
+
+- ``mlp``: 784-400-20 (pytorch/examples), inputs (N, 1, 28, 28) MNIST-like (80% zeros, ink near 1);
+- ``conv``: ``ConvVAE`` on (N, 3, 64, 64) inputs uniform in [0, 1], latent 128, default channels/hidden.
+
+One call = ``opt.zero_grad(set_to_none=True); loss = model.loss(x); loss.backward(); opt.step()`` with
+``torch.optim.Adam(lr=1e-3)`` (PyTorch's default implementation for the device). ``fused=True`` draws z
+with ``vae_ext.reparameterize`` and scores with ``FusedELBOLoss``; ``fused=False`` uses
+``vae_ext.reference``. The compiled variants wrap ``model.loss`` (forward + loss; the backward through
+AOTAutograd) in ``torch.compile``; the optimizer step stays eager in all four, so they differ only in
+the model and loss. All four models start from the same weights.
+"""
+from __future__ import annotations
+
+import re
+from typing import List
+
+import torch
+
+import vae_ext
+
+from . import common
+
+NAME = "step"
+TITLE = "Training step (forward + loss + backward + Adam)"
+IMPLS = ("ref_eager", "fused_eager", "ref_compile", "fused_compile")
+
+BATCHES = {"mlp": [128, 1024], "conv": [128, 1024]}
+QUICK_BATCHES = {"mlp": [128], "conv": [16]}
+
+MODELS = {
+    "mlp": {"arch": "mlp", "input_shape": (1, 28, 28), "latent_size": 20, "hidden_sizes": (400,)},
+    "conv": {"arch": "conv", "input_shape": (3, 64, 64), "latent_size": 128},
+}
+
+
+def parse_size(text: str) -> int:
+    """A batch size; ``mlp:128`` or ``conv:16`` restricts it to one model."""
+    m = re.fullmatch(r"\s*(?:(mlp|conv)\s*:)?\s*(\d+)\s*", text)
+    if not m:
+        raise ValueError(f"step size: expected BATCH or MODEL:BATCH (e.g. 128 or conv:16), got {text!r}")
+    return (m.group(1), int(m.group(2)))  # type: ignore[return-value]
+
+
+def cases(ctx: common.Context) -> list:
+    override = ctx.sizes.get(NAME)
+    out = []
+    for dtype in ctx.dtypes:
+        for model in ctx.models:
+            if model not in MODELS:
+                raise ValueError(f"--models: expected mlp or conv, got {model!r}")
+            if override:
+                batches = [b for (m, b) in override if m in (None, model)]
+            else:
+                batches = (QUICK_BATCHES if ctx.quick else BATCHES)[model]
+            out += [{"model": model, "batch": b, "dtype": dtype} for b in batches]
+    return out
+
+
+def case_label(c: dict) -> str:
+    return f"{c['model']} batch {c['batch']}"
+
+
+def _inputs(c: dict, ctx: common.Context, g: torch.Generator) -> torch.Tensor:
+    shape = (c["batch"], *MODELS[c["model"]]["input_shape"])
+    if c["model"] == "mlp":
+        return common.mnist_like(shape, device=ctx.device, dtype=c["dtype"], generator=g)
+    return torch.rand(shape, generator=g).to(device=ctx.device, dtype=c["dtype"])
+
+
+def run_case(c: dict, ctx: common.Context) -> dict:
+    common.reset_compiled()
+    g = torch.Generator().manual_seed(ctx.seed)
+    torch.manual_seed(ctx.seed)
+    cfg = dict(MODELS[c["model"]])
+    x = _inputs(c, ctx, g)
+
+    base = vae_ext.VAE(**cfg, recon="bce_logits", fused=False)
+    state = base.state_dict()
+    models, opts, fns, fwd_bwd = {}, {}, {}, {}
+    for impl in IMPLS:
+        model = vae_ext.VAE(**cfg, recon="bce_logits", fused=impl.startswith("fused"))
+        model.load_state_dict(state)
+        model.to(device=ctx.device, dtype=c["dtype"]).train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        loss_fn = common.compile_fn(model.loss, ctx) if impl.endswith("compile") else model.loss
+
+        def step(opt=opt, loss_fn=loss_fn):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(x)
+            loss.backward()
+            opt.step()
+
+        def forward_backward(loss_fn=loss_fn):
+            loss_fn(x).backward()
+
+        models[impl], opts[impl], fns[impl], fwd_bwd[impl] = model, opt, step, forward_backward
+
+    def reset():
+        for opt in opts.values():
+            opt.zero_grad(set_to_none=True)
+
+    # Peak memory of forward + backward (where fused and reference differ: activations, loss
+    # temporaries), and of the whole step (usually Adam's temporaries on the largest weight).
+    m = common.measure_impls(ctx, case_label(c), fns, reset=reset,
+                             mem_fns={"peak_mem_bytes": fwd_bwd, "peak_mem_step_bytes": fns})
+    times, peak = m["times"], m["peak_mem_bytes"]
+    rec = {
+        "model": c["model"],
+        "batch": c["batch"],
+        "dtype": common.dtype_name(c["dtype"]),
+        "model_config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+        "parameters": sum(p.numel() for p in base.parameters()),
+        "times": times,
+        "first_call_s": m["first_call_s"],
+        "speedup": {
+            "eager": common.ratio(times["ref_eager"], times["fused_eager"]),
+            "compile": common.ratio(times["ref_compile"], times["fused_compile"]),
+            "fused_eager_vs_ref_compile": common.ratio(times["ref_compile"], times["fused_eager"]),
+        },
+        "peak_mem_bytes": peak,
+        "peak_mem_step_bytes": m["peak_mem_step_bytes"],
+    }
+    if peak:
+        step_peak = m["peak_mem_step_bytes"]
+        rec["mem_fused_le_step"] = {
+            "eager": step_peak["fused_eager"] <= step_peak["ref_eager"],
+            "compile": step_peak["fused_compile"] <= step_peak["ref_compile"],
+        }
+        rec["mem_fused_le"] = {
+            "eager": peak["fused_eager"] <= peak["ref_eager"],
+            "compile": peak["fused_compile"] <= peak["ref_compile"],
+        }
+    return rec
+
+
+def run(ctx: common.Context, progress=None) -> dict:
+    cs = cases(ctx)
+    results = [run_case(c, ctx) for c in (cs if progress is None else progress(cs, NAME, case_label))]
+    return {
+        "name": NAME,
+        "title": TITLE,
+        "impls": list(IMPLS),
+        "baselines": ["ref_eager", "ref_compile"],
+        "optimizer": "torch.optim.Adam(lr=1e-3), default implementation, eager in every variant",
+        "call": "opt.zero_grad(set_to_none=True); model.loss(x).backward(); opt.step()",
+        "results": results,
+    }
