@@ -1,0 +1,367 @@
+"""VAE modules on the fused functional API: an MLP VAE and a convolutional VAE.
+
+``VAE`` is the shared base class and, called directly, the factory::
+
+    model = vae_ext.VAE()                                   # MLPVAE, 784-400-20 (pytorch/examples)
+    model = vae_ext.VAE(arch="conv", input_shape=(1, 28, 28))  # ConvVAE
+    model = vae_ext.MLPVAE(input_shape=(1, 8, 8), hidden_sizes=(128,), latent_size=8)
+
+    recon, mu, logvar = model(x)                            # what model.criterion expects
+    loss = model.criterion(recon, x, mu, logvar)            # summed negative ELBO (FusedELBOLoss)
+
+The decoder outputs logits (``decode``); ``forward`` hands the loss what its ``recon`` mode wants:
+the logits for ``"bce_logits"`` (the default), ``sigmoid(logits)`` for ``"bce"`` and the raw output
+(the Gaussian mean) for ``"mse"``. Training draws z with :func:`vae_ext.reparameterize` and scores it
+with :class:`vae_ext.FusedELBOLoss`; ``fused=False`` uses :mod:`vae_ext.reference` for both, for
+comparison. All log densities are in nats.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import functional, reference
+from .functional import RECON_MODES, REDUCTIONS, _check_beta, _check_choice
+from .losses import FusedELBOLoss
+
+__all__ = ["VAE", "MLPVAE", "ConvVAE", "ReferenceELBOLoss", "ARCHS"]
+
+_LOG_2PI = math.log(2.0 * math.pi)
+
+
+class ReferenceELBOLoss(nn.Module):
+    """:class:`~vae_ext.FusedELBOLoss` on :func:`vae_ext.reference.elbo_loss` (plain PyTorch)."""
+
+    def __init__(self, recon: str = "bce", beta: float = 1.0, reduction: str = "sum"):
+        super().__init__()
+        _check_choice("recon", recon, RECON_MODES)
+        _check_choice("reduction", reduction, REDUCTIONS)
+        self.recon, self.beta, self.reduction = recon, _check_beta(beta), reduction
+
+    def forward(self, recon_x, x, mu, logvar, return_terms: bool = False):
+        return reference.elbo_loss(recon_x, x, mu, logvar, recon=self.recon, beta=self.beta,
+                                   reduction=self.reduction, return_terms=return_terms)
+
+    def extra_repr(self) -> str:
+        return f"recon={self.recon!r}, beta={self.beta}, reduction={self.reduction!r}"
+
+
+def _mlp(sizes, last_activation: bool) -> nn.Sequential:
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if last_activation or i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def _positive_ints(name: str, values) -> tuple:
+    values = tuple(int(v) for v in values)
+    if any(v < 1 for v in values):
+        raise ValueError(f"{name}: expected positive sizes, got {values}")
+    return values
+
+
+class VAE(nn.Module):
+    """Base class of the VAE modules; ``VAE(arch="mlp"|"conv", **kwargs)`` builds one.
+
+    Subclasses define ``encoder`` (x -> features), ``fc_mu``, ``fc_logvar`` and ``_decode`` (z -> raw
+    output of shape (M, *input_shape)); everything else lives here.
+
+    Attributes:
+        criterion: the loss module, ``FusedELBOLoss`` (or ``ReferenceELBOLoss`` when ``fused=False``)
+            with ``reduction="sum"``; set ``model.criterion.beta`` for a KL warm-up.
+        generator: the ``torch.Generator`` that ``forward`` draws eps from (default None: PyTorch's
+            default generator for the device, so ``torch.manual_seed`` makes runs reproducible).
+        eps_sampler: None, or a callable ``(mu, num_samples) -> eps`` that supplies the standard-normal
+            draws instead; z is then ``mu + exp(0.5 * logvar) * eps`` in plain PyTorch. A test hook: it
+            gives a fused and a reference model the same noise so their training can be compared.
+    """
+
+    arch: str = ""
+
+    def __new__(cls, *args, arch: str | None = None, **kwargs):
+        if cls is VAE:
+            arch = "mlp" if arch is None else arch
+            if arch not in ARCHS:
+                raise ValueError(f"arch: expected one of {', '.join(map(repr, ARCHS))}, got {arch!r}")
+            cls = ARCHS[arch]
+        return super().__new__(cls)
+
+    def __init__(self, input_shape, latent_size: int, recon: str, fused: bool, arch: str | None):
+        super().__init__()
+        if arch is not None and arch != self.arch:
+            raise ValueError(f"arch: {type(self).__name__} is arch {self.arch!r}, got {arch!r}")
+        _check_choice("recon", recon, RECON_MODES)
+        self.input_shape = (input_shape,) if isinstance(input_shape, int) else tuple(int(s) for s in input_shape)
+        if not self.input_shape or any(s < 1 for s in self.input_shape):
+            raise ValueError(f"input_shape: expected positive sizes, got {input_shape!r}")
+        (self.latent_size,) = _positive_ints("latent_size", (latent_size,))
+        self.in_features = math.prod(self.input_shape)
+        self.recon = recon
+        self.fused = bool(fused)
+        self.criterion = (FusedELBOLoss if self.fused else ReferenceELBOLoss)(recon=recon, reduction="sum")
+        self.generator: torch.Generator | None = None
+        self.eps_sampler = None
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def config(self) -> dict:
+        """The constructor arguments that rebuild this architecture (``VAE.from_config``)."""
+        return {"arch": self.arch, "input_shape": list(self.input_shape), "latent_size": self.latent_size,
+                "recon": self.recon}
+
+    @classmethod
+    def from_config(cls, config: dict, **overrides) -> "VAE":
+        kwargs = {**config, **overrides}
+        return VAE(**kwargs)
+
+    def num_parameters(self, part: str = "all") -> int:
+        """Parameter count: ``"all"``, ``"decoder"`` (the generative model p(x|z)) or ``"encoder"``."""
+        if part == "all":
+            params = self.parameters()
+        elif part in ("encoder", "decoder"):
+            params = self.encoder_parameters() if part == "encoder" else self.decoder_parameters()
+        else:
+            raise ValueError(f"part: expected 'all', 'encoder' or 'decoder', got {part!r}")
+        return sum(p.numel() for p in params)
+
+    def encoder_parameters(self):
+        for m in (self.encoder, self.fc_mu, self.fc_logvar):
+            yield from m.parameters()
+
+    def decoder_parameters(self):
+        enc = {id(p) for p in self.encoder_parameters()}
+        return (p for p in self.parameters() if id(p) not in enc)
+
+    @property
+    def log_norm_const(self) -> float:
+        """What the summed loss leaves out of -log p(x|z): D/2 * log(pi) for ``"mse"`` (a Gaussian
+        with variance 1/2, whose -log density is sum (x - r)^2 + D/2 log pi), 0 for Bernoulli."""
+        return 0.5 * self.in_features * math.log(math.pi) if self.recon == "mse" else 0.0
+
+    # ------------------------------------------------------------------ the model
+
+    def _as_images(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 1 or x[0].numel() != self.in_features:
+            shape = "x".join(map(str, self.input_shape))
+            raise ValueError(f"x: expected a batch of {shape} images ({self.in_features} values each), "
+                             f"got shape {tuple(x.shape)}")
+        return x.reshape(x.shape[0], *self.input_shape)
+
+    def encode(self, x: torch.Tensor):
+        """q(z|x) = N(mu, exp(logvar)): returns ``(mu, logvar)``, each (N, latent_size)."""
+        h = self.encoder(self._as_images(x))
+        return self.fc_mu(h), self.fc_logvar(h)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Decoder output (logits for the Bernoulli modes) of shape (*z.shape[:-1], *input_shape)."""
+        lead = z.shape[:-1]
+        out = self._decode(z.reshape(-1, self.latent_size))
+        return out.reshape(*lead, *self.input_shape)
+
+    def loss_input(self, out: torch.Tensor) -> torch.Tensor:
+        """Decoder output -> what the loss's ``recon`` mode takes (probabilities for ``"bce"``)."""
+        return torch.sigmoid(out) if self.recon == "bce" else out
+
+    def mean(self, out: torch.Tensor) -> torch.Tensor:
+        """Decoder output -> the mean of p(x|z): pixel probabilities, or the Gaussian mean."""
+        return out if self.recon == "mse" else torch.sigmoid(out)
+
+    def reparameterize(self, mu, logvar, *, num_samples=None, generator=None, return_eps=False):
+        """z ~ q(z|x): fused kernel, or vae_ext.reference when ``fused=False``, or ``eps_sampler``."""
+        if self.eps_sampler is not None:
+            eps = self.eps_sampler(mu, num_samples).detach().to(mu.dtype)
+            z = reference.reparameterize_with_eps(mu, logvar, eps)
+            return (z, eps) if return_eps else z
+        fn = functional.reparameterize if self.fused else reference.reparameterize
+        return fn(mu, logvar, num_samples=num_samples, generator=generator, return_eps=return_eps)
+
+    def forward(self, x: torch.Tensor):
+        """``(recon, mu, logvar)``: recon is what ``self.criterion`` takes (see ``loss_input``)."""
+        mu, logvar = self.encode(x)
+        z = self.reparameterize(mu, logvar, generator=self.generator)
+        return self.loss_input(self.decode(z)), mu, logvar
+
+    def loss(self, x: torch.Tensor, beta: float | None = None, return_terms: bool = False):
+        """Summed negative ELBO of a batch (one z per image): ``criterion(*self(x))``.
+
+        Under DistributedDataParallel call the wrapper's forward and then ``criterion`` instead.
+        """
+        if beta is not None:
+            self.criterion.beta = _check_beta(beta)
+        recon, mu, logvar = self(x)
+        return self.criterion(recon, x, mu, logvar, return_terms=return_terms)
+
+    # ------------------------------------------------------------------ using it
+
+    def _elbo_fn(self):
+        return functional.elbo_loss if self.fused else reference.elbo_loss
+
+    def recon_log_prob(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log p(x|z) per sample, shape (M,), from decoder outputs ``out`` (M, ...) and targets x (M, ...).
+
+        Uses the loss kernel with ``reduction="none"`` (its reconstruction term; mu and logvar are
+        dummies), plus the Gaussian's normalizing constant for ``"mse"``.
+        """
+        m = out.shape[0]
+        dummy = out.new_zeros(m, 1)
+        _, rec, _ = self._elbo_fn()(self.loss_input(out), x.reshape(out.shape), dummy, dummy,
+                                    recon=self.recon, reduction="none", return_terms=True)
+        return -(rec + self.log_norm_const)
+
+    @torch.no_grad()
+    def elbo(self, x: torch.Tensor, generator: torch.Generator | None = None, return_terms: bool = False):
+        """The ELBO per image, shape (N,), in nats (a one-sample estimate): log p(x|z) - KL(q(z|x) || p(z)).
+
+        With ``return_terms``: ``(elbo, recon_log_prob, kl)``.
+        """
+        x = self._as_images(x)
+        mu, logvar = self.encode(x)
+        z = self.reparameterize(mu, logvar, generator=generator)
+        out = self.decode(z)
+        _, rec, kl = self._elbo_fn()(self.loss_input(out), x, mu, logvar, recon=self.recon,
+                                     reduction="none", return_terms=True)
+        log_px_z = -(rec + self.log_norm_const)
+        elbo = log_px_z - kl
+        return (elbo, log_px_z, kl) if return_terms else elbo
+
+    @torch.no_grad()
+    def log_likelihood(self, x: torch.Tensor, k: int = 5000, *, generator: torch.Generator | None = None,
+                       max_elements: int = 1 << 23) -> torch.Tensor:
+        """Importance-weighted estimate of log p(x) per image, shape (N,), in nats (the IWAE bound).
+
+        ``log (1/k) sum_i p(x|z_i) p(z_i) / q(z_i|x)`` with z_1..z_k ~ q(z|x), drawn with
+        ``reparameterize(num_samples=...)`` and combined with logsumexp. A lower bound on log p(x)
+        that tightens as k grows (k=1 is the ELBO). The k samples are drawn in chunks so that no
+        decoder output holds more than ``max_elements`` values.
+        """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k: expected an int >= 1, got {k!r}")
+        x = self._as_images(x)
+        n = x.shape[0]
+        mu, logvar = self.encode(x)
+        chunk = max(1, min(k, max_elements // max(1, n * self.in_features)))
+        acc = torch.full((n,), -math.inf, dtype=mu.dtype, device=mu.device)
+        done = 0
+        while done < k:
+            kc = min(chunk, k - done)
+            z, eps = self.reparameterize(mu, logvar, num_samples=kc, generator=generator, return_eps=True)
+            out = self.decode(z)  # (kc, n, *input_shape)
+            x_rep = x.unsqueeze(0).expand(kc, *x.shape).reshape(kc * n, *self.input_shape)
+            log_px_z = self.recon_log_prob(out.reshape(kc * n, *self.input_shape), x_rep).view(kc, n)
+            log_pz = -0.5 * (z.pow(2) + _LOG_2PI).sum(-1)
+            log_qz = -0.5 * (eps.pow(2) + logvar + _LOG_2PI).sum(-1)
+            acc = torch.logaddexp(acc, torch.logsumexp(log_px_z + log_pz - log_qz, dim=0))
+            done += kc
+        return acc - math.log(k)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n images from the model: z ~ N(0, I), then the mean of p(x|z); shape (n, *input_shape)."""
+        p = next(self.parameters())
+        z = torch.randn(n, self.latent_size, generator=generator, device=p.device, dtype=p.dtype)
+        return self.mean(self.decode(z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean of p(x|z) at z = the posterior mean mu(x): deterministic; shape (N, *input_shape)."""
+        mu, _ = self.encode(x)
+        return self.mean(self.decode(mu))
+
+
+class MLPVAE(VAE):
+    """Fully connected VAE (pytorch/examples: 784-400-20-400-784 with ReLU).
+
+    Args:
+        input_shape: image shape, e.g. (1, 28, 28), or the number of features.
+        latent_size: dimension of z.
+        hidden_sizes: encoder hidden layers; the decoder mirrors them.
+        recon: the loss's reconstruction mode (``"bce_logits"``, ``"bce"``, ``"mse"``).
+        fused: True for the vae_ext kernels, False for vae_ext.reference.
+    """
+
+    arch = "mlp"
+
+    def __init__(self, input_shape=(1, 28, 28), latent_size: int = 20, hidden_sizes=(400,),
+                 recon: str = "bce_logits", fused: bool = True, arch: str | None = None):
+        super().__init__(input_shape, latent_size, recon, fused, arch)
+        self.hidden_sizes = _positive_ints("hidden_sizes", hidden_sizes)
+        if not self.hidden_sizes:
+            raise ValueError("hidden_sizes: expected at least one hidden layer")
+        h = self.hidden_sizes
+        self.encoder = nn.Sequential(nn.Flatten(), _mlp((self.in_features, *h), last_activation=True))
+        self.fc_mu = nn.Linear(h[-1], self.latent_size)
+        self.fc_logvar = nn.Linear(h[-1], self.latent_size)
+        self.decoder = _mlp((self.latent_size, *reversed(h), self.in_features), last_activation=False)
+
+    @property
+    def config(self) -> dict:
+        return {**super().config, "hidden_sizes": list(self.hidden_sizes)}
+
+    def _decode(self, z):
+        return self.decoder(z)
+
+
+class ConvVAE(VAE):
+    """Convolutional VAE for (N, C, H, W) images of any size >= 2**len(channels).
+
+    Encoder: one 4x4 stride-2 convolution (ReLU) per entry of ``channels``, halving H and W each time,
+    then the fully connected ``hidden_sizes`` layers. The decoder mirrors it with transposed
+    convolutions (their ``output_padding`` restores odd sizes), ending in C channels of logits.
+    """
+
+    arch = "conv"
+
+    def __init__(self, input_shape=(1, 28, 28), latent_size: int = 20, hidden_sizes=(256,),
+                 channels=(32, 64), recon: str = "bce_logits", fused: bool = True, arch: str | None = None):
+        super().__init__(input_shape, latent_size, recon, fused, arch)
+        if len(self.input_shape) != 3:
+            raise ValueError(f"input_shape: ConvVAE expects (C, H, W), got {self.input_shape}")
+        self.hidden_sizes = _positive_ints("hidden_sizes", hidden_sizes)
+        self.channels = _positive_ints("channels", channels)
+        if not self.channels:
+            raise ValueError("channels: expected at least one convolution")
+        c, h, w = self.input_shape
+        sizes = [(h, w)]
+        for _ in self.channels:
+            sh, sw = sizes[-1]
+            if sh < 2 or sw < 2:
+                raise ValueError(f"input_shape: {h}x{w} images are too small for {len(self.channels)} "
+                                 f"stride-2 convolutions")
+            sizes.append((sh // 2, sw // 2))
+        chans = (c, *self.channels)
+        enc = []
+        for a, b in zip(chans[:-1], chans[1:]):
+            enc += [nn.Conv2d(a, b, 4, stride=2, padding=1), nn.ReLU()]
+        self._bottom = (self.channels[-1], *sizes[-1])
+        flat = math.prod(self._bottom)
+        enc.append(nn.Flatten())
+        if self.hidden_sizes:
+            enc.append(_mlp((flat, *self.hidden_sizes), last_activation=True))
+        self.encoder = nn.Sequential(*enc)
+        top = self.hidden_sizes[-1] if self.hidden_sizes else flat
+        self.fc_mu = nn.Linear(top, self.latent_size)
+        self.fc_logvar = nn.Linear(top, self.latent_size)
+        self.decoder_fc = _mlp((self.latent_size, *reversed(self.hidden_sizes), flat), last_activation=True)
+        dec = []
+        for i in range(len(self.channels), 0, -1):  # sizes[i] -> sizes[i-1]
+            (oh, ow), (ih, iw) = sizes[i - 1], sizes[i]
+            dec.append(nn.ConvTranspose2d(chans[i], chans[i - 1], 4, stride=2, padding=1,
+                                          output_padding=(oh - 2 * ih, ow - 2 * iw)))
+            if i > 1:
+                dec.append(nn.ReLU())
+        self.decoder_conv = nn.Sequential(*dec)
+
+    @property
+    def config(self) -> dict:
+        return {**super().config, "hidden_sizes": list(self.hidden_sizes), "channels": list(self.channels)}
+
+    def _decode(self, z):
+        return self.decoder_conv(self.decoder_fc(z).view(-1, *self._bottom))
+
+
+ARCHS = {"mlp": MLPVAE, "conv": ConvVAE}
