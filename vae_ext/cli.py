@@ -1,0 +1,265 @@
+"""The ``vae-ext`` command (also ``python -m vae_ext``): train | eval | sweep | bench.
+
+See docs/cli.md. Mistakes in the input (options, data files, checkpoints, devices) end the command
+with one line on stderr naming the problem and a non-zero exit status: 2 for an unusable option
+(argparse), 1 for everything else, 130 when interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+from .errors import VaeExtError
+
+__all__ = ["main", "build_parser"]
+
+PROG = "vae-ext"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (no usage block)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int_list(text: str, allow_empty: bool = False) -> list:
+    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+    if (not values and not allow_empty) or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def _hidden(text: str) -> list:
+    return _int_list(text, allow_empty=True)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _nonneg_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def _float(lo: float, strict: bool):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = float("nan")
+        if not (v > lo if strict else v >= lo) or v == float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a number {'>' if strict else '>='} {lo:g}, got {text!r}")
+        return v
+
+    return parse
+
+
+def _device(text: str) -> str:
+    if text in ("cpu", "cuda", "auto") or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or auto, got {text!r}")
+
+
+def _train_options(p: argparse.ArgumentParser, latent: bool = True) -> None:
+    """The options of `train` (and `sweep`). Defaults are None here: TrainConfig fills them in, and
+    on --resume only the options given explicitly override the checkpoint's."""
+    from .data import BINARIZE_MODES
+    from .functional import RECON_MODES
+    from .models import ARCHS
+
+    d = p.add_argument_group("data")
+    d.add_argument("--data", metavar="SPEC", help="digits (default: scikit-learn's 8x8 digits), mnist:DIR "
+                   "(IDX files, gzipped or raw) or FILE.npz")
+    d.add_argument("--train-split", metavar="N|FRAC", help="for a source with a single pool of images (digits, "
+                   "a folder with only the t10k files, a one-array .npz): the first N images (or this fraction) "
+                   "train, the rest test; default 0.8")
+    d.add_argument("--binarize", choices=BINARIZE_MODES, help="dynamic (default): a fresh Bernoulli draw of "
+                   "every training batch; static: drawn once; none: grey levels")
+    m = p.add_argument_group("model")
+    m.add_argument("--arch", choices=tuple(ARCHS), help="mlp (default) or conv")
+    if latent:
+        m.add_argument("--latent", type=_positive_int, metavar="L", help="latent size (default 20)")
+    m.add_argument("--hidden", type=_hidden, metavar="H1,H2", help="hidden layer sizes (default 400 for mlp, 256 for conv)")
+    m.add_argument("--channels", type=_int_list, metavar="C1,C2", help="conv channels (default 32,64)")
+    m.add_argument("--recon", choices=RECON_MODES, help="reconstruction loss (default bce_logits)")
+    t = p.add_argument_group("training")
+    t.add_argument("--epochs", type=_nonneg_int, help="total epochs (default 50; on --resume, the new total)")
+    t.add_argument("--batch-size", type=_positive_int, help="images per step and process (default 128)")
+    t.add_argument("--lr", type=_float(0, strict=True), help="Adam learning rate (default 1e-3)")
+    t.add_argument("--beta", type=_float(0, strict=False), help="KL weight (default 1)")
+    t.add_argument("--warmup", type=_float(0, strict=False), metavar="EPOCHS",
+                   help="KL warm-up: beta rises linearly from 0 over this many epochs (default 0: none)")
+    t.add_argument("--device", type=_device, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
+    t.add_argument("--seed", type=_nonneg_int, help="random seed (default 0)")
+    t.add_argument("--reference", action="store_true", default=None,
+                   help="use vae_ext.reference (plain PyTorch) instead of the fused kernels")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", metavar="DIR", help="run folder (default runs/vae-DATE-TIME)")
+    o.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
+    o.add_argument("--plot-every", type=_nonneg_int, metavar="N", help="also write the PNGs every N epochs")
+
+
+def _explicit(args, names) -> dict:
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+
+
+def _config_names():
+    from dataclasses import fields
+
+    from .train import TrainConfig
+
+    return [f.name for f in fields(TrainConfig)]
+
+
+def _cmd_train(args) -> int:
+    from pathlib import Path
+
+    from .errors import ConfigError
+    from .train import TrainConfig, load_checkpoint, resume_config, train
+
+    opts = _explicit(args, _config_names())
+    if args.resume is not None:
+        if args.resume is True:
+            if "out" not in opts:
+                raise ConfigError("--resume without a RUN needs --out DIR (the run folder to continue)")
+            where = opts["out"]
+        else:
+            where = args.resume
+        ckpt = load_checkpoint(where)
+        opts.setdefault("out", str(Path(ckpt["path"]).parent))
+        cfg = resume_config(ckpt, opts)
+    else:
+        ckpt = None
+        cfg = TrainConfig(**opts)
+    train(cfg, ckpt)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .train import evaluate_checkpoint
+
+    r = evaluate_checkpoint(args.checkpoint, k=args.k, data=args.data, train_split=args.train_split,
+                            split=args.split, device=args.device, reference=args.reference, seed=args.seed,
+                            batch_size=args.batch_size, progress=args.progress)
+    if args.json:
+        print(json.dumps(r))
+    else:
+        print(f"{r['checkpoint']} (epoch {r['epoch']}), {r['split']} set of {r['data']}: {r['n']} images, "
+              f"{r['kernels']} kernels on {r['device']}")
+        print(f"{r['split']} negative ELBO:  {r['nelbo']:.3f} nats/image  ({r['seconds_elbo']:.1f} s)")
+        print(f"{r['split']} NLL, k={r['k']}:  {r['nll']:.3f} +- {r['nll_sem']:.3f} nats/image "
+              f"(importance-weighted estimate +- standard error over images; {r['seconds_nll']:.1f} s)")
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from .train import TrainConfig, sweep
+
+    opts = _explicit(args, [n for n in _config_names() if n != "latent"])
+    base = TrainConfig(**opts)
+    sweep(args.latent, base, k=args.k, overrides=opts)
+    return 0
+
+
+def _cmd_bench(argv) -> int:
+    try:
+        from . import bench
+    except ImportError as e:
+        raise VaeExtError(f"the benchmarks (vae_ext.bench) are not available: {e}") from None
+    if not hasattr(bench, "main"):
+        raise VaeExtError("vae_ext.bench has no main(argv)")
+    return bench.main(argv) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = _Parser(prog=PROG, description="Train and evaluate VAEs on the fused vae_ext kernels.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sweep,bench}")
+
+    p = sub.add_parser("train", help="train a VAE (default: 8x8 digits, under a minute on a CPU)",
+                       description="Train a VAE; writes checkpoint.pt, metrics.csv and PNGs into --out. "
+                       "Under torchrun --nproc_per_node=N it trains data-parallel (DDP).")
+    _train_options(p)
+    p.add_argument("--resume", nargs="?", const=True, metavar="RUN",
+                   help="continue the run in RUN (a run folder or checkpoint file; default --out); "
+                   "options given again must match the ones that define the model and data")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("eval", help="test negative ELBO and importance-weighted NLL of a checkpoint",
+                       description="Score a checkpoint: the negative ELBO (one z per image) and the "
+                       "importance-weighted NLL estimate with --k samples (IWAE bound), in nats per image.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint.pt or its run folder")
+    p.add_argument("--k", type=_positive_int, default=5000, help="importance samples per image (default 5000)")
+    p.add_argument("--data", metavar="SPEC", help="score other data (default: the checkpoint's)")
+    p.add_argument("--train-split", metavar="N|FRAC", help="with --data: split of a single pool of images")
+    p.add_argument("--split", choices=("test", "train"), default="test", help="which set to score (default test)")
+    p.add_argument("--batch-size", type=_positive_int, default=100, help="images per batch (default 100)")
+    p.add_argument("--device", type=_device, default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the importance samples (default 0)")
+    p.add_argument("--reference", action="store_true", help="score with vae_ext.reference")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("sweep", help="one model per latent size: ELBO and BIC curves",
+                       description="Train one model per latent size into OUT/latent-L and draw the ELBO "
+                       "and BIC curves (OUT/sweep.png, OUT/sweep.csv). Takes the train options.")
+    p.add_argument("--latent", type=_int_list, default=[2, 5, 10, 20, 50], metavar="L1,L2,...",
+                   help="latent sizes (default 2,5,10,20,50)")
+    p.add_argument("--k", type=_positive_int, default=1000, help="importance samples for the NLL and BIC (default 1000)")
+    _train_options(p, latent=False)
+    p.set_defaults(func=_cmd_sweep)
+
+    sub.add_parser("bench", help="benchmarks of the fused kernels (vae_ext.bench; see vae-ext bench --help)",
+                   add_help=False)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run the command; returns the exit status (the console script exits with it)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv[0] if argv else None
+    try:
+        if command == "bench":
+            return _cmd_bench(argv[1:])
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return args.func(args)
+    except VaeExtError as e:
+        print(f"{PROG} {command}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # writing into --out: permission denied, disk full ...
+        print(f"{PROG} {command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG} {command}: interrupted (files already written are complete: they are replaced atomically)",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
