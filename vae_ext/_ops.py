@@ -43,16 +43,25 @@ def _elbo_loss_setup_context(ctx, inputs, output):
     ctx.has_grad_latent = grad_latent
     ctx.save_for_backward(g_recon, g_mu, g_logvar)
     ctx.mark_non_differentiable(g_recon, g_mu, g_logvar)
+    # The gradient buffers are outputs nobody differentiates: don't materialize zero gradients
+    # for them (a zero tensor the size of recon_x on every backward).
+    ctx.set_materialize_grads(False)
 
 
 def _scale(g: torch.Tensor, d: torch.Tensor | None, reduction: str) -> torch.Tensor | None:
-    """g * d, with d a 0-d tensor (sum, mean) or one value per sample (none)."""
+    """g * d in place, with d a 0-d tensor (sum, mean) or one value per sample (none).
+
+    In place because g is this op's own gradient buffer, used by this backward alone: a fresh
+    tensor the size of recon_x would cost an allocation (and, on CPU, its page faults) per step.
+    A second backward through the same graph (retain_graph=True) is refused by autograd's
+    saved-tensor version check, never silently wrong.
+    """
     if d is None:
         return None
     d = d.to(g.dtype)
     if reduction == "none":
         d = d.reshape((-1,) + (1,) * (g.dim() - 1))
-    return g * d
+    return g.mul_(d)
 
 
 def _elbo_loss_backward(ctx, d_rec, d_kl, _g1, _g2, _g3):
@@ -109,6 +118,7 @@ def _reparameterize_setup_context(ctx, inputs, output):
     ctx.num_samples = num_samples
     ctx.save_for_backward(logvar, state)
     ctx.mark_non_differentiable(output[1], state)
+    ctx.set_materialize_grads(False)
 
 
 def _reparameterize_backward(ctx, grad_z, _grad_eps, _grad_state):

@@ -76,4 +76,16 @@ VAE_HD void box_muller(uint32_t a, uint32_t b, float* n0, float* n1) {
   *n1 = r * std::sin(t);
 }
 
+// The normal of one element e: the same value the batched versions give (pair (w0, w1) feeds
+// elements 4g and 4g+1 through cos and sin, (w2, w3) elements 4g+2 and 4g+3).
+VAE_HD float philox_normal_at(uint64_t seed, uint64_t offset, uint64_t e) {
+  const U32x4 w = philox_group(seed, offset, e / 4);
+  const unsigned j = static_cast<unsigned>(e % 4);
+  const uint32_t a = j < 2 ? w.v[0] : w.v[2];
+  const uint32_t b = j < 2 ? w.v[1] : w.v[3];
+  const float r = std::sqrt(-2.0f * std::log(u32_to_open_unit(a)));
+  const float t = kTwoPi * u32_to_unit(b);
+  return (j & 1u) ? r * std::sin(t) : r * std::cos(t);
+}
+
 }  // namespace vae_ext

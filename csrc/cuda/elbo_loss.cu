@@ -1,0 +1,187 @@
+// Fused ELBO loss on CUDA: one pass over recon/x writes the reconstruction gradient and a
+// partial sum per (row, chunk); the KL rows ride in the same launch; a one-block second stage adds
+// the partials in a fixed order (no floating-point atomics: run-to-run deterministic).
+#include "../common/elbo_math.h"
+#include "device_utils.cuh"
+#include "launchers.h"
+
+namespace vae_ext {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kFinalizeThreads = 1024;
+constexpr int64_t kChunk = 16384;  // elements of one row per block
+
+struct Layout {
+  int64_t rec_cpr, kl_cpr, rec_units, kl_units;  // chunks per row and units of each part
+};
+
+inline Layout layout(int64_t n, int64_t d, int64_t l) {
+  Layout u;
+  u.rec_cpr = d > 0 ? (d + kChunk - 1) / kChunk : 1;
+  u.kl_cpr = l > 0 ? (l + kChunk - 1) / kChunk : 1;
+  u.rec_units = n * u.rec_cpr;
+  u.kl_units = n * u.kl_cpr;
+  return u;
+}
+
+template <typename T, int VEC, Recon mode, bool CHECK>
+__global__ void __launch_bounds__(kThreads) elbo_partials(ElboLaunch a, Layout u, double* part_rec, double* part_kl) {
+  using A = typename Acc<T>::type;
+  using M = ScalarMath<A>;
+  const A scale = static_cast<A>(a.grad_scale);
+  const int64_t total = u.rec_units + u.kl_units;
+  for (int64_t unit = blockIdx.x; unit < total; unit += gridDim.x) {
+    A acc = A(0);
+    bool bad = false;
+    if (unit < u.rec_units) {
+      const int64_t row = unit / u.rec_cpr, begin = (unit % u.rec_cpr) * kChunk;
+      const int64_t len = (a.d - begin) < kChunk ? (a.d - begin) : kChunk;
+      const int64_t base = row * a.d + begin;
+      const T* r = static_cast<const T*>(a.recon) + base;
+      const T* x = static_cast<const T*>(a.x) + base;
+      T* g = a.grad_recon ? static_cast<T*>(a.grad_recon) + base : nullptr;
+      auto one = [&](A rv, A xv) -> A {  // loss of one element; the gradient goes to *gv
+        A gv;
+        const A lv = recon_elem<mode, M>(rv, xv, &gv);
+        if (CHECK) bad |= (rv < A(0)) || (rv > A(1));
+        acc += lv;
+        return gv * scale;
+      };
+      int64_t head = 0;
+      if (VEC > 1) {  // scalar elements up to the first 16-byte boundary (x and g share r's alignment)
+        const uintptr_t addr = reinterpret_cast<uintptr_t>(r);
+        head = static_cast<int64_t>(((16 - addr % 16) % 16) / sizeof(T));
+        if (head > len) head = len;
+      }
+      for (int64_t i = threadIdx.x; i < head; i += blockDim.x) {
+        const A gv = one(to_acc(r[i]), to_acc(x[i]));
+        if (g) g[i] = from_acc<T>(gv);
+      }
+      const int64_t nvec = (len - head) / VEC;
+      const auto* rv = reinterpret_cast<const Vec<T, VEC>*>(r + head);
+      const auto* xv = reinterpret_cast<const Vec<T, VEC>*>(x + head);
+      auto* gvec = g ? reinterpret_cast<Vec<T, VEC>*>(g + head) : nullptr;
+      for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
+        const Vec<T, VEC> rr = rv[v], xx = xv[v];
+        Vec<T, VEC> gg;
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) gg.v[j] = from_acc<T>(one(to_acc(rr.v[j]), to_acc(xx.v[j])));
+        if (gvec) gvec[v] = gg;
+      }
+      for (int64_t i = head + nvec * VEC + threadIdx.x; i < len; i += blockDim.x) {
+        const A gv = one(to_acc(r[i]), to_acc(x[i]));
+        if (g) g[i] = from_acc<T>(gv);
+      }
+    } else {
+      const int64_t k = unit - u.rec_units;
+      const int64_t row = k / u.kl_cpr, begin = (k % u.kl_cpr) * kChunk;
+      const int64_t len = (a.l - begin) < kChunk ? (a.l - begin) : kChunk;
+      const int64_t base = row * a.l + begin;
+      const T* mu = static_cast<const T*>(a.mu) + base;
+      const T* lv = static_cast<const T*>(a.logvar) + base;
+      T* gmu = a.grad_mu ? static_cast<T*>(a.grad_mu) + base : nullptr;
+      T* glv = a.grad_logvar ? static_cast<T*>(a.grad_logvar) + base : nullptr;
+      for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+        A gm, gl;
+        acc += kl_elem<M>(to_acc(mu[i]), to_acc(lv[i]), &gm, &gl);
+        if (gmu) {
+          gmu[i] = from_acc<T>(gm * scale);
+          glv[i] = from_acc<T>(gl * scale);
+        }
+      }
+    }
+    const A sum = block_sum(acc);
+    if (CHECK && __syncthreads_or(bad) && threadIdx.x == 0) atomicOr(a.bad_flag, 1);
+    if (threadIdx.x == 0) {
+      if (unit < u.rec_units) part_rec[unit] = static_cast<double>(sum);
+      else part_kl[unit - u.rec_units] = static_cast<double>(sum);
+    }
+    __syncthreads();  // block_sum's shared memory is reused by the next unit
+  }
+}
+
+template <typename OutT>
+__global__ void __launch_bounds__(kFinalizeThreads)
+    elbo_finalize(const double* part_rec, const double* part_kl, int64_t n, Layout u, Reduction red, OutT* rec_out,
+                  OutT* kl_out) {
+  double sr = 0.0, sk = 0.0;
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    double r = 0.0, k = 0.0;
+    for (int64_t c = 0; c < u.rec_cpr; ++c) r += part_rec[i * u.rec_cpr + c];
+    for (int64_t c = 0; c < u.kl_cpr; ++c) k += part_kl[i * u.kl_cpr + c];
+    if (red == Reduction::None) {
+      rec_out[i] = static_cast<OutT>(r);
+      kl_out[i] = static_cast<OutT>(k);
+    }
+    sr += r;
+    sk += k;
+  }
+  if (red == Reduction::None) return;
+  sr = block_sum(sr);
+  __syncthreads();
+  sk = block_sum(sk);
+  if (threadIdx.x == 0) {
+    if (red == Reduction::Mean) {  // 0 / 0 = NaN for an empty batch, as Tensor.mean()
+      sr /= static_cast<double>(n);
+      sk /= static_cast<double>(n);
+    }
+    rec_out[0] = static_cast<OutT>(sr);
+    kl_out[0] = static_cast<OutT>(sk);
+  }
+}
+
+template <typename T, int VEC, Recon mode>
+void launch_partials(const ElboLaunch& a, const Layout& u, double* part_rec, double* part_kl, cudaStream_t s) {
+  const int64_t total = u.rec_units + u.kl_units;
+  const unsigned grid = static_cast<unsigned>(total < (1LL << 31) - 1 ? total : (1LL << 31) - 1);
+  if (mode == Recon::BCE && a.bad_flag != nullptr)
+    elbo_partials<T, VEC, mode, true><<<grid, kThreads, 0, s>>>(a, u, part_rec, part_kl);
+  else
+    elbo_partials<T, VEC, mode, false><<<grid, kThreads, 0, s>>>(a, u, part_rec, part_kl);
+}
+
+template <typename T, Recon mode>
+void launch_partials_aligned(const ElboLaunch& a, const Layout& u, double* pr, double* pk, cudaStream_t s) {
+  constexpr int kVec = 16 / sizeof(T);
+  const auto mis = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16; };
+  const bool same = mis(a.recon) == mis(a.x) && (a.grad_recon == nullptr || mis(a.grad_recon) == mis(a.recon));
+  if (same && mis(a.recon) % sizeof(T) == 0)
+    launch_partials<T, kVec, mode>(a, u, pr, pk, s);
+  else
+    launch_partials<T, 1, mode>(a, u, pr, pk, s);
+}
+
+}  // namespace
+
+size_t elbo_workspace_bytes(int64_t n, int64_t d, int64_t l) {
+  const Layout u = layout(n, d, l);
+  return static_cast<size_t>(u.rec_units + u.kl_units) * sizeof(double);
+}
+
+cudaError_t launch_elbo(const ElboLaunch& a, cudaStream_t s) {
+  const Layout u = layout(a.n, a.d, a.l);
+  double* part_rec = static_cast<double*>(a.workspace);
+  double* part_kl = part_rec + u.rec_units;
+  if (u.rec_units + u.kl_units > 0) {
+    dispatch_dtype(a.dtype, [&](auto* tag) {
+      using T = std::remove_pointer_t<decltype(tag)>;
+      switch (a.mode) {
+        case Recon::BCE: launch_partials_aligned<T, Recon::BCE>(a, u, part_rec, part_kl, s); break;
+        case Recon::BCELogits: launch_partials_aligned<T, Recon::BCELogits>(a, u, part_rec, part_kl, s); break;
+        case Recon::MSE: launch_partials_aligned<T, Recon::MSE>(a, u, part_rec, part_kl, s); break;
+      }
+    });
+  }
+  if (a.dtype == DType::Float64)
+    elbo_finalize<double><<<1, kFinalizeThreads, 0, s>>>(part_rec, part_kl, a.n, u, a.reduction,
+                                                        static_cast<double*>(a.rec_out), static_cast<double*>(a.kl_out));
+  else
+    elbo_finalize<float><<<1, kFinalizeThreads, 0, s>>>(part_rec, part_kl, a.n, u, a.reduction,
+                                                       static_cast<float*>(a.rec_out), static_cast<float*>(a.kl_out));
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace vae_ext

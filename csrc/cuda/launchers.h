@@ -1,0 +1,77 @@
+// The CUDA kernels' interface: raw pointers, sizes and a stream. No torch header here or in the
+// .cu files, so `nvcc -c csrc/cuda/*.cu` checks them on a machine without a CUDA build of PyTorch;
+// ops_cuda.cpp (compiled only in CUDA builds) unpacks tensors and calls these.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "../common/elbo_math.h"
+
+namespace vae_ext {
+namespace cuda {
+
+enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
+
+struct ElboLaunch {
+  DType dtype;
+  Recon mode;
+  Reduction reduction;
+  const void* recon;  // (n, d) contiguous
+  const void* x;
+  void* grad_recon;   // (n, d) or nullptr
+  const void* mu;     // (n, l) contiguous
+  const void* logvar;
+  void* grad_mu;      // (n, l) or nullptr (then grad_logvar too)
+  void* grad_logvar;
+  int64_t n, d, l;
+  double grad_scale;  // 1, or 1/n for mean
+  void* rec_out;      // float (f32/f16/bf16 inputs) or double (f64): shape () or (n,)
+  void* kl_out;
+  void* workspace;    // elbo_workspace_bytes() bytes
+  int* bad_flag;      // zeroed int, set when "bce" sees p outside [0, 1]; nullptr: no check
+};
+
+size_t elbo_workspace_bytes(int64_t n, int64_t d, int64_t l);
+cudaError_t launch_elbo(const ElboLaunch& a, cudaStream_t stream);
+
+// Mirrors at::PhiloxCudaState: under CUDA graph capture, seed and offset are read on the device
+// (from seed_ptr, and offset_ptr + offset_intragraph) when the graph replays.
+struct PhiloxArgs {
+  uint64_t seed;
+  uint64_t offset;
+  const int64_t* seed_ptr;
+  const int64_t* offset_ptr;
+  uint64_t offset_intragraph;
+  bool captured;
+};
+
+struct ReparamLaunch {
+  DType dtype;
+  const void* mu;      // [numel] contiguous
+  const void* logvar;
+  void* z;             // [k * numel]
+  void* eps;           // [k * numel] or nullptr
+  int64_t numel, k;
+  PhiloxArgs rng;
+  int64_t* state_out;  // [2] on the device: the (seed, offset) used
+};
+cudaError_t launch_reparam(const ReparamLaunch& a, cudaStream_t stream);
+
+struct ReparamBackwardLaunch {
+  DType dtype;
+  const void* grad_z;  // [k * numel] contiguous
+  const void* logvar;  // [numel]
+  void* grad_mu;
+  void* grad_logvar;
+  int64_t numel, k;
+  const int64_t* state;  // [2] on the device, from the forward
+};
+cudaError_t launch_reparam_backward(const ReparamBackwardLaunch& a, cudaStream_t stream);
+
+cudaError_t launch_philox_normal(float* out, int64_t n, uint64_t seed, uint64_t offset, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace vae_ext

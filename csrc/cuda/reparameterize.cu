@@ -1,0 +1,114 @@
+// Fused reparameterization on CUDA: z = mu + exp(0.5 logvar) * eps, with eps drawn in the kernel
+// from the Philox stream of csrc/common/philox.h (the same numbers as the CPU kernels), and the
+// backward, which recomputes eps from (seed, offset) instead of reading a stored copy.
+#include "../common/philox.h"
+#include "device_utils.cuh"
+#include "launchers.h"
+
+namespace vae_ext {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+__device__ __forceinline__ void unpack(const PhiloxArgs& r, uint64_t* seed, uint64_t* offset) {
+  if (r.captured) {  // CUDA graph: read when the graph replays, as at::cuda::philox::unpack does
+    *seed = static_cast<uint64_t>(*r.seed_ptr);
+    *offset = static_cast<uint64_t>(*r.offset_ptr) + r.offset_intragraph;
+  } else {
+    *seed = r.seed;
+    *offset = r.offset;
+  }
+}
+
+// One thread per Philox group: elements 4g .. 4g+3 of z (flattened over the samples).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) reparam_kernel(ReparamLaunch a) {
+  using A = typename Acc<T>::type;
+  uint64_t seed, offset;
+  unpack(a.rng, &seed, &offset);
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    a.state_out[0] = static_cast<int64_t>(seed);
+    a.state_out[1] = static_cast<int64_t>(offset);
+  }
+  const T* mu = static_cast<const T*>(a.mu);
+  const T* lv = static_cast<const T*>(a.logvar);
+  T* z = static_cast<T*>(a.z);
+  T* eps = static_cast<T*>(a.eps);
+  const int64_t total = a.k * a.numel, groups = (total + 3) / 4;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const U32x4 w = philox_group(seed, offset, static_cast<uint64_t>(g));
+    float n[4];
+    box_muller(w.v[0], w.v[1], &n[0], &n[1]);
+    box_muller(w.v[2], w.v[3], &n[2], &n[3]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t e = 4 * g + j;
+      if (e < total) {
+        const int64_t i = e % a.numel;
+        const A sigma = exp(A(0.5) * to_acc(lv[i]));
+        z[e] = from_acc<T>(to_acc(mu[i]) + sigma * static_cast<A>(n[j]));
+        if (eps) eps[e] = from_acc<T>(static_cast<A>(n[j]));
+      }
+    }
+  }
+}
+
+// One thread per element of mu: sums over the samples in order (deterministic).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) reparam_backward_kernel(ReparamBackwardLaunch a) {
+  using A = typename Acc<T>::type;
+  const uint64_t seed = static_cast<uint64_t>(a.state[0]), offset = static_cast<uint64_t>(a.state[1]);
+  const T* gz = static_cast<const T*>(a.grad_z);
+  const T* lv = static_cast<const T*>(a.logvar);
+  T* gmu = static_cast<T*>(a.grad_mu);
+  T* glv = static_cast<T*>(a.grad_logvar);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < a.numel;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    A sg = A(0), sge = A(0);
+    for (int64_t s = 0; s < a.k; ++s) {
+      const int64_t e = s * a.numel + i;
+      const A g = to_acc(gz[e]);
+      sg += g;
+      sge += g * static_cast<A>(philox_normal_at(seed, offset, static_cast<uint64_t>(e)));
+    }
+    gmu[i] = from_acc<T>(sg);
+    glv[i] = from_acc<T>(A(0.5) * exp(A(0.5) * to_acc(lv[i])) * sge);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) philox_normal_kernel(float* out, int64_t n, uint64_t seed, uint64_t offset) {
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[e] = philox_normal_at(seed, offset, static_cast<uint64_t>(e));
+}
+
+}  // namespace
+
+cudaError_t launch_reparam(const ReparamLaunch& a, cudaStream_t s) {
+  const int64_t groups = (a.k * a.numel + 3) / 4;
+  dispatch_dtype(a.dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    reparam_kernel<T><<<blocks_for(groups, kThreads), kThreads, 0, s>>>(a);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_reparam_backward(const ReparamBackwardLaunch& a, cudaStream_t s) {
+  if (a.numel == 0) return cudaSuccess;
+  dispatch_dtype(a.dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    reparam_backward_kernel<T><<<blocks_for(a.numel, kThreads), kThreads, 0, s>>>(a);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_philox_normal(float* out, int64_t n, uint64_t seed, uint64_t offset, cudaStream_t s) {
+  if (n == 0) return cudaSuccess;
+  philox_normal_kernel<<<blocks_for(n, kThreads), kThreads, 0, s>>>(out, n, seed, offset);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace vae_ext
