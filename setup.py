@@ -79,6 +79,12 @@ class BuildExt(BuildExtension):
 
 
 cxx_flags = ["-O3", "-std=c++17", "-fno-math-errno"]
+link_flags = []
+# at::parallel_for is inline: with an OpenMP build of torch it only runs in parallel when this
+# extension is compiled with OpenMP too. The runtime (libgomp.so.1) is the one torch already loaded.
+if torch._C.has_openmp:
+    cxx_flags.append("-fopenmp")
+    link_flags.append("-fopenmp")
 use_cuda = bool(torch.version.cuda) and CUDA_HOME is not None and os.environ.get("VAE_EXT_NO_CUDA") != "1"
 
 if use_cuda:
@@ -93,11 +99,12 @@ if use_cuda:
             "cxx": cxx_flags,
             "nvcc": ["-O3", "-std=c++17", "-lineinfo"],
         },
+        extra_link_args=link_flags,
     )
     print(f"vae_ext: building CPU and CUDA kernels (CUDA {torch.version.cuda}, "
           f"TORCH_CUDA_ARCH_LIST={arch or 'auto'})")
 else:
-    ext = CppExtension("vae_ext._C", cpp_sources, extra_compile_args={"cxx": cxx_flags})
+    ext = CppExtension("vae_ext._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
     why = "this torch has no CUDA" if not torch.version.cuda else "no CUDA toolkit found (CUDA_HOME)"
     print(f"vae_ext: building CPU kernels only ({why})")
 
