@@ -1,0 +1,166 @@
+"""Shared helpers for the vae_ext tests: devices, per-dtype tolerances, input makers, comparisons.
+
+The helpers are plain functions; test modules import them with ``from conftest import ...``
+(``tests/`` has no ``__init__.py``, so pytest puts it on ``sys.path``).
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
+DTYPES = (F32, F64, F16, BF16)
+HALF = (F16, BF16)
+RECON_MODES = ("bce", "bce_logits", "mse")
+REDUCTIONS = ("sum", "mean", "none")
+
+
+def _cuda_kernels_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import vae_ext
+
+        return bool(vae_ext.build_info()["cuda_kernels"])
+    except Exception:  # the extension is missing: the tests that import it report that
+        return False
+
+
+CUDA_OK = _cuda_kernels_available()
+requires_cuda = pytest.mark.skipif(
+    not CUDA_OK, reason="needs a CUDA device and vae_ext built with CUDA kernels"
+)
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, requires_cuda]),
+]
+
+
+def dtype_id(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+# --------------------------------------------------------------------------- tolerances
+@dataclass(frozen=True)
+class Tol:
+    loss: float  # relative tolerance of the loss (and terms); they are sums of non-negative values
+    grad: float  # relative tolerance of each gradient element
+    grad_atol_rel: float  # absolute tolerance of a gradient, as a fraction of max |reference gradient|
+
+
+# The fused op computes half types in float32 (loss returned in float32) and rounds gradients to the
+# half type (plus one more rounding when autograd scales them by grad_output): a few half ulps.
+TOLS = {
+    F64: Tol(loss=1e-10, grad=1e-10, grad_atol_rel=1e-12),
+    F32: Tol(loss=1e-5, grad=1e-5, grad_atol_rel=1e-6),
+    F16: Tol(loss=1e-5, grad=2e-3, grad_atol_rel=2e-4),
+    BF16: Tol(loss=1e-5, grad=1.6e-2, grad_atol_rel=2e-3),
+}
+
+
+def out_dtype(dt: torch.dtype) -> torch.dtype:
+    return F32 if dt in HALF else dt
+
+
+def assert_close(got, ref, *, rtol, atol=0.0, atol_rel=0.0, what=""):
+    """Compare in float64: |got - ref| <= atol + atol_rel * max|ref| + rtol * |ref| (NaN == NaN)."""
+    assert isinstance(got, torch.Tensor), f"{what}: expected a tensor, got {type(got).__name__}"
+    assert tuple(got.shape) == tuple(ref.shape), f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    g = got.detach().to("cpu", F64)
+    r = ref.detach().to("cpu", F64)
+    finite = torch.isfinite(r)
+    scale = r[finite].abs().max().item() if finite.any() else 0.0
+    torch.testing.assert_close(
+        g, r, rtol=rtol, atol=atol + atol_rel * scale, equal_nan=True,
+        msg=lambda m: f"{what}: {m}",
+    )
+
+
+def arg_re(name: str) -> str:
+    """A pytest.raises(match=...) pattern that finds the argument name as a whole word."""
+    return rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])"
+
+
+# --------------------------------------------------------------------------- inputs
+def make_elbo_inputs(mode, shape, latent, dtype=F32, device="cpu", seed=0):
+    """(recon_x, x, mu, logvar) drawn in float64 then cast, so a half input is exactly its f64 copy."""
+    g = torch.Generator().manual_seed(seed)
+    n = shape[0]
+    if mode == "bce":
+        r = torch.rand(shape, generator=g, dtype=F64) * 0.96 + 0.02
+        x = torch.rand(shape, generator=g, dtype=F64)
+    elif mode == "bce_logits":
+        r = torch.randn(shape, generator=g, dtype=F64) * 3.0
+        x = torch.rand(shape, generator=g, dtype=F64)
+    elif mode == "mse":
+        r = torch.randn(shape, generator=g, dtype=F64)
+        x = torch.randn(shape, generator=g, dtype=F64)
+    else:
+        raise ValueError(mode)
+    mu = torch.randn(n, latent, generator=g, dtype=F64)
+    lv = torch.randn(n, latent, generator=g, dtype=F64) * 0.7
+    return tuple(t.to(dtype).to(device) for t in (r, x, mu, lv))
+
+
+def upstream_for(reduction, n, seed=1, device="cpu"):
+    """A grad_output != 1: 3.7 for scalar losses, a random vector (with a negative entry) for 'none'."""
+    if reduction == "none":
+        g = torch.Generator().manual_seed(seed)
+        w = torch.rand(n, generator=g, dtype=F64) * 2.0 + 0.25
+        if n > 1:
+            w[1] = -w[1]
+        return w.to(device)
+    return torch.tensor(3.7, dtype=F64, device=device)
+
+
+def loss_and_grads(fn, recon_x, x, mu, logvar, *, upstream=None, combo=None, requires=(True, True, True), **kw):
+    """Run fn(recon_x, x, mu, logvar, **kw) on leaf copies and backward with `upstream`.
+
+    The leaves are ``t.detach()`` (same storage, same strides): a non-contiguous input stays one.
+    ``combo`` maps the outputs of fn (return_terms=True) to the tensor whose weighted sum is
+    differentiated. Returns (outputs detached, [grad recon_x, grad mu, grad logvar]).
+    """
+    leaves = []
+    for t, req in zip((recon_x, mu, logvar), requires):
+        leaf = t.detach()
+        if req:
+            leaf.requires_grad_(True)
+        leaves.append(leaf)
+    r, m, lv = leaves
+    out = fn(r, x.detach(), m, lv, **kw)
+    target = combo(out) if combo is not None else out
+    if upstream is None:
+        upstream = torch.ones((), dtype=F64)
+    if any(requires):
+        (target * upstream.to(target.device, target.dtype)).sum().backward()
+    outs = tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
+    return outs, [leaf.grad for leaf in leaves]
+
+
+def f64_copies(*ts):
+    """Float64 copies on the CPU (same strides), for the float64 reference."""
+    return tuple(t.detach().to("cpu", F64) for t in ts)
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
+def rng_state_kept():
+    """Leave the default CPU generator as it was (tests that seed it don't leak into others)."""
+    state = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
