@@ -15,12 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 TABLE_SCRIPT = ROOT / "benchmarks" / "make_readme_table.py"
 
 # Tiny sizes, one timing round of a few milliseconds: this checks the plumbing, not the speed.
+# The compiled baselines use the aot_eager backend here (no C++ code generation: seconds saved per
+# graph); test_inductor_baseline runs the real torch.compile baseline once.
 FAST = ["--quick", "--device", "cpu", "--rounds", "1", "--min-run-time", "0.002", "--warmup", "0",
         "--no-progress"]
+AOT_EAGER = ["--compile-backend", "aot_eager"]
 SIZES = {
     "loss": ["--sizes", "loss=8x64:4,4x33:3"],
     "reparam": ["--sizes", "reparam=16x8,3x5"],
-    "step": ["--sizes", "step=mlp:4,conv:2"],
+    "step": ["--sizes", "step=mlp:4"],
 }
 
 
@@ -46,7 +49,7 @@ def results(tmp_path_factory):
     from vae_ext.bench import main
 
     out = tmp_path_factory.mktemp("bench") / "results.json"
-    argv = [*FAST, *SIZES["loss"], *SIZES["reparam"], *SIZES["step"], "--models", "mlp,conv", "--out", str(out)]
+    argv = [*FAST, *AOT_EAGER, *SIZES["loss"], *SIZES["reparam"], *SIZES["step"], "--out", str(out)]
     rc = main(argv)
     data = json.loads(out.read_text())
     assert rc == 0, data.get("errors")
@@ -68,6 +71,7 @@ def test_machine_and_settings(results):
     assert r["build_info"]["cpu_capability"]
     assert r["date"][:4].isdigit()
     assert r["settings"]["quick"] is True and r["settings"]["dtypes"] == ["float32"]
+    assert r["settings"]["compile_backend"] == "aot_eager" and any("aot_eager" in n for n in r["notes"])
     assert r["copy_bandwidth"]["GBps_peak"] > 0
     assert r["memory_method"]
     assert r["errors"] == {}
@@ -111,13 +115,46 @@ def test_reparam_records(results):
 def test_step_records(results):
     _, r = results
     recs = r["benchmarks"]["step"]["results"]
-    assert [(x["model"], x["batch"]) for x in recs] == [("mlp", 4), ("conv", 2)]
+    assert [(x["model"], x["batch"]) for x in recs] == [("mlp", 4)]  # --quick: the MLP only
     impls = {"ref_eager", "fused_eager", "ref_compile", "fused_compile"}
     for x in recs:
         assert set(x["times"]) == impls and all(_is_time(t) for t in x["times"].values())
         assert set(x["peak_mem_bytes"]) == impls and set(x["peak_mem_step_bytes"]) == impls
         assert x["speedup"]["eager"] > 0 and x["speedup"]["compile"] > 0
         assert x["parameters"] > 0
+
+
+@pytest.mark.slow
+def test_step_conv(tmp_path, request):
+    """The conv VAE (64x64x3) step; slow on a small CPU (Adam over its 8M parameters): runs with -m slow."""
+    if "slow" not in (request.config.getoption("-m") or ""):
+        pytest.skip("slow: select with -m slow")
+    _vae_ext()
+    from vae_ext.bench import main
+
+    out = tmp_path / "r.json"
+    assert main([*FAST, *AOT_EAGER, "--only", "step", "--models", "conv", "--sizes", "step=2", "--adam", "fused",
+                 "--no-chart", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    (rec,) = r["benchmarks"]["step"]["results"]
+    assert (rec["model"], rec["batch"]) == ("conv", 2) and rec["model_config"]["input_shape"] == [3, 64, 64]
+    assert "fused=True" in r["benchmarks"]["step"]["optimizer"]
+    assert all(_is_time(t) for t in rec["times"].values())
+
+
+def test_inductor_baseline(tmp_path):
+    """The default torch.compile (inductor) baseline, one tiny loss case."""
+    _vae_ext()
+    from vae_ext.bench import main
+
+    out = tmp_path / "r.json"
+    assert main([*FAST, "--only", "loss", "--recon", "bce", "--sizes", "loss=8x64:4", "--no-chart",
+                 "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["settings"]["compile_backend"] == "inductor" and not r["notes"] or "busy" in " ".join(r["notes"])
+    (rec,) = r["benchmarks"]["loss"]["results"]
+    assert _is_time(rec["times"]["compile"]) and rec["first_call_s"]["compile"] > 0
+    assert "chart" not in r and not out.with_suffix(".png").exists()
 
 
 def test_chart_written(results):

@@ -46,13 +46,19 @@ def build_parser(prog: str = "vae-ext bench") -> argparse.ArgumentParser:
     p.add_argument("--sizes", action="append", default=[], metavar="BENCH=LIST",
                    help="override sizes: loss=NxD:L,...  reparam=NxL,...  step=BATCH,... (repeatable)")
     p.add_argument("--recon", default="bce,bce_logits", help="loss modes (comma list; default: bce,bce_logits)")
-    p.add_argument("--models", default="mlp,conv", help="step benchmark models (comma list; default: mlp,conv)")
+    p.add_argument("--models", default=None,
+                   help="step benchmark models, comma list (default: mlp,conv; mlp with --quick)")
+    p.add_argument("--adam", default="default", choices=("default", "foreach", "fused"),
+                   help="step benchmark: Adam implementation (default: PyTorch's default for the device)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5; 2 with --quick)")
     p.add_argument("--min-run-time", type=float, default=None,
                    help="seconds per implementation per round (default 0.2; 0.03 with --quick)")
     p.add_argument("--warmup", type=float, default=None, help="seconds of warm-up calls (default 0.3; 0.05 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for the compiled baselines (default: default)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend for the compiled baselines (default: inductor; "
+                   "aot_eager compiles fast but is no baseline, for smoke tests)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON results path (default: runs/bench/<device>-<time>.json)")
@@ -135,10 +141,12 @@ def run(args: argparse.Namespace, prog: str = "vae-ext bench", argv: Optional[Li
         warmup_time=args.warmup if args.warmup is not None else (0.05 if quick else 0.3),
         threads=threads,
         compile_mode=args.compile_mode,
+        compile_backend=args.compile_backend,
         measure_memory=not args.no_memory,
         sizes=_parse_sizes(args.sizes),
         recon_modes=_csv(args.recon),
-        models=_csv(args.models),
+        models=_csv(args.models) if args.models else (["mlp"] if quick else ["mlp", "conv"]),
+        adam=args.adam,
         seed=args.seed,
     )
     common.configure_dynamo()
@@ -149,6 +157,9 @@ def run(args: argparse.Namespace, prog: str = "vae-ext bench", argv: Optional[Li
 
     machine = common.machine_info(device, threads)
     notes = []
+    if args.compile_backend != "inductor":
+        notes.append(f"compiled baselines use torch.compile(backend={args.compile_backend!r}), not inductor: "
+                     "their times are not the torch.compile baseline")
     load = machine.get("load_avg_start")
     if device.type == "cpu" and load and load[0] > 0.5 * (os.cpu_count() or 1):
         notes.append(f"the machine was busy at the start (1-min load average {load[0]:.2f} on "
@@ -170,8 +181,12 @@ def run(args: argparse.Namespace, prog: str = "vae-ext bench", argv: Optional[Li
             "min_run_time_s": ctx.min_run_time,
             "warmup_s": ctx.warmup_time,
             "compile_mode": ctx.compile_mode or "default",
+            "compile_backend": ctx.compile_backend,
             "compile_dynamic": False,
             "seed": ctx.seed,
+            "recon_modes": ctx.recon_modes,
+            "models": ctx.models,
+            "adam": ctx.adam,
             "timer": "torch.utils.benchmark.Timer.blocked_autorange, interleaved rounds; median over all blocks",
         },
         "memory_method": common.MEMORY_METHOD[device.type] if ctx.measure_memory else None,

@@ -51,10 +51,12 @@ class Context:
     warmup_time: float = 0.3  # seconds of warm-up calls after the first call
     threads: int = 1
     compile_mode: Optional[str] = None  # torch.compile(mode=...); None = the default mode
+    compile_backend: str = "inductor"  # torch.compile(backend=...)
     measure_memory: bool = True
     sizes: Dict[str, list] = field(default_factory=dict)  # --sizes overrides, parsed per benchmark
     recon_modes: List[str] = field(default_factory=lambda: ["bce", "bce_logits"])
     models: List[str] = field(default_factory=lambda: ["mlp", "conv"])
+    adam: str = "default"  # step benchmark: "default", "foreach" or "fused"
     seed: int = 0
     status: Callable[[str], None] = lambda s: None  # progress-bar postfix
 
@@ -77,7 +79,7 @@ def configure_dynamo() -> None:
 
 def compile_fn(fn: Callable, ctx: Context) -> Callable:
     """``torch.compile`` with static shapes (each case is one shape) and the run's mode."""
-    kwargs = {"dynamic": False}
+    kwargs = {"dynamic": False, "backend": ctx.compile_backend}
     if ctx.compile_mode:
         kwargs["mode"] = ctx.compile_mode
     return torch.compile(fn, **kwargs)
@@ -415,6 +417,7 @@ def measure_impls(
     measurement starts from the inputs alone. Peak memory is measured for ``fns`` (key
     ``peak_mem_bytes``) and for each extra set in ``mem_fns`` (``{result key: {impl: fn}}``).
     """
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     first_call = {}
     for name, fn in fns.items():
         ctx.status(f"{label} {name} warm-up")
@@ -429,7 +432,7 @@ def measure_impls(
             warm_up(timed[name], ctx)
     times = time_interleaved(timed, ctx, label)
     del floor
-    out = {"times": times, "first_call_s": first_call}
+    out = {"times": times, "first_call_s": first_call, "load_avg_1m": load}
     for key, group in {"peak_mem_bytes": fns, **(mem_fns or {})}.items():
         peak = {}
         if ctx.measure_memory:

@@ -170,7 +170,9 @@ def step_table(bench: dict) -> Table:
         "fused mem <= ref (eager / compiled)",
     ]
     dtypes = {r.get("dtype") for r in bench["results"]}
-    return (f"{bench['title']}, {', '.join(sorted(d for d in dtypes if d))}", headers, rows)
+    adam = bench.get("adam", "default")
+    adam = "Adam" if adam == "default" else f"Adam({adam}=True)"
+    return (f"{bench['title']}, {', '.join(sorted(d for d in dtypes if d))}, {adam}", headers, rows)
 
 
 TABLES = {"loss": loss_table, "reparam": reparam_table, "step": step_table}
@@ -263,12 +265,24 @@ def _bandwidth_line(results: dict) -> str:
     if not bw:
         return ""
     what = "device-to-device" if results.get("machine", {}).get("device") == "cuda" else "memory"
-    return (f"Peak {what} copy bandwidth, measured: {bw['GBps_peak']:.0f} GB/s "
-            f"(median {bw['GBps_median']:.0f} GB/s, `dst.copy_(src)` of {bw['bytes'] / 2**20:.0f} MiB read + written).")
+    return (f"Measured {what} copy bandwidth: {bw['GBps_peak']:.0f} GB/s peak, {bw['GBps_median']:.0f} GB/s median "
+            f"(`dst.copy_(src)`, {bw['bytes'] / 2**20:.0f} MiB read + written per copy).")
+
+
+def settings_line(results: dict) -> str:
+    st = results.get("settings") or {}
+    if not st:
+        return ""
+    mode = st.get("compile_mode", "default")
+    backend = st.get("compile_backend", "inductor")
+    return (f"{st.get('threads')} threads; torch.compile(mode={mode!r}, backend={backend!r}, dynamic=False); "
+            f"{st.get('rounds')} interleaved rounds of {st.get('min_run_time_s')} s per implementation"
+            + ("; --quick" if st.get("quick") else "") + ".")
 
 
 def render_console(results: dict) -> str:
-    parts = [f"Machine: {machine_line(results)}", f"vae_ext build: {results.get('build_info')}"]
+    parts = [f"Machine: {machine_line(results)}", f"vae_ext build: {results.get('build_info')}",
+             f"Settings: {settings_line(results)}"]
     bw = _bandwidth_line(results)
     if bw:
         parts.append(bw)
@@ -297,6 +311,8 @@ def markdown_section(results: dict) -> str:
         "divided by the fused time (> 1: fused is faster). *floor*: a `copy_` of as many bytes as the fused "
         "pass reads and writes; *% of floor*: floor time / fused time. Peak memory: "
         f"{results.get('memory_method', '-')}.",
+        "",
+        f"Settings: {settings_line(results)}",
     ]
     bw = _bandwidth_line(results)
     if bw:
@@ -304,6 +320,9 @@ def markdown_section(results: dict) -> str:
     for t in tables(results):
         lines += ["", render_markdown(t)]
     lines += ["", render_markdown(targets_table(results))]
+    notes = results.get("notes") or []
+    if notes:
+        lines += ["", *(f"Note: {n}." for n in notes)]
     return "\n".join(lines)
 
 
@@ -330,6 +349,8 @@ def write_chart(results: dict, path) -> Optional[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
     benches = results.get("benchmarks", {})
     panels = [n for n in ("loss", "reparam", "step") if benches.get(n, {}).get("results")]
     if not panels:
@@ -337,7 +358,7 @@ def write_chart(results: dict, path) -> Optional[str]:
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     for ax, name in zip(axes[0], panels):
         recs = benches[name]["results"]
-        series = {}
+        series, ticks = {}, {}
         if name in ("loss", "reparam"):
             for r in recs:
                 tag = (f"{r['recon']} " if name == "loss" else "") + (r["dtype"] if r["dtype"] != "float32" else "")
@@ -345,13 +366,15 @@ def write_chart(results: dict, path) -> Optional[str]:
                     v = r["speedup"].get(base)
                     if v:
                         series.setdefault(f"{tag.strip()} vs {base}".strip(), []).append((r["elements"], v))
-            ax.set_xlabel("elements (N x D)" if name == "loss" else "elements (N x L)")
+                ticks[r["elements"]] = f"{r['N']}x{r['D']}" if name == "loss" else f"{r['N']}x{r['L']}"
+            ax.set_xlabel("size, N x D (log of elements)" if name == "loss" else "size, N x L (log of elements)")
         else:
             for r in recs:
                 for key, label in (("eager", "vs reference"), ("compile", "compiled vs compiled ref")):
                     v = r["speedup"].get(key)
                     if v:
                         series.setdefault(f"{r['model']} {label}", []).append((r["batch"], v))
+                ticks[r["batch"]] = str(r["batch"])
             ax.set_xlabel("batch size")
         for label, pts in series.items():
             pts.sort()
@@ -359,7 +382,15 @@ def write_chart(results: dict, path) -> Optional[str]:
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_ylabel("speedup of fused (x)")
+        ax.set_ylabel("speedup: baseline time / fused time")
+        ax.set_xticks(sorted(ticks), [ticks[k] for k in sorted(ticks)], fontsize=7, rotation=20)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        vals = [v for pts in series.values() for _, v in pts] + [1.0]
+        lo, hi = min(vals), max(vals)
+        yt = [m * 10.0**e for e in range(-3, 5) for m in (1, 2, 5) if lo / 1.5 <= m * 10.0**e <= hi * 1.5]
+        ax.set_yticks(yt)
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_title(benches[name].get("title", name), fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)

@@ -6,7 +6,8 @@ Models (``vae_ext.VAE``, decoder outputs logits, ``recon="bce_logits"``):
 - ``conv``: ``ConvVAE`` on (N, 3, 64, 64) inputs uniform in [0, 1], latent 128, default channels/hidden.
 
 One call = ``opt.zero_grad(set_to_none=True); loss = model.loss(x); loss.backward(); opt.step()`` with
-``torch.optim.Adam(lr=1e-3)`` (PyTorch's default implementation for the device). ``fused=True`` draws z
+``torch.optim.Adam(lr=1e-3)`` (PyTorch's default implementation for the device; ``--adam fused`` or
+``foreach`` to choose). ``fused=True`` draws z
 with ``vae_ext.reparameterize`` and scores with ``FusedELBOLoss``; ``fused=False`` uses
 ``vae_ext.reference``. The compiled variants wrap ``model.loss`` (forward + loss; the backward through
 AOTAutograd) in ``torch.compile``; the optimizer step stays eager in all four, so they differ only in
@@ -28,12 +29,15 @@ TITLE = "Training step (forward + loss + backward + Adam)"
 IMPLS = ("ref_eager", "fused_eager", "ref_compile", "fused_compile")
 
 BATCHES = {"mlp": [128, 1024], "conv": [128, 1024]}
-QUICK_BATCHES = {"mlp": [128], "conv": [16]}
+QUICK_BATCHES = {"mlp": [128], "conv": [8]}  # --quick runs the MLP only unless --models says otherwise
 
 MODELS = {
     "mlp": {"arch": "mlp", "input_shape": (1, 28, 28), "latent_size": 20, "hidden_sizes": (400,)},
     "conv": {"arch": "conv", "input_shape": (3, 64, 64), "latent_size": 128},
 }
+
+
+_ADAM = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 
 
 def parse_size(text: str) -> int:
@@ -84,7 +88,7 @@ def run_case(c: dict, ctx: common.Context) -> dict:
         model = vae_ext.VAE(**cfg, recon="bce_logits", fused=impl.startswith("fused"))
         model.load_state_dict(state)
         model.to(device=ctx.device, dtype=c["dtype"]).train()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, **_ADAM[ctx.adam])
         loss_fn = common.compile_fn(model.loss, ctx) if impl.endswith("compile") else model.loss
 
         def step(opt=opt, loss_fn=loss_fn):
@@ -115,6 +119,7 @@ def run_case(c: dict, ctx: common.Context) -> dict:
         "parameters": sum(p.numel() for p in base.parameters()),
         "times": times,
         "first_call_s": m["first_call_s"],
+        "load_avg_1m": m["load_avg_1m"],
         "speedup": {
             "eager": common.ratio(times["ref_eager"], times["fused_eager"]),
             "compile": common.ratio(times["ref_compile"], times["fused_compile"]),
@@ -144,7 +149,9 @@ def run(ctx: common.Context, progress=None) -> dict:
         "title": TITLE,
         "impls": list(IMPLS),
         "baselines": ["ref_eager", "ref_compile"],
-        "optimizer": "torch.optim.Adam(lr=1e-3), default implementation, eager in every variant",
+        "adam": ctx.adam,
+        "optimizer": f"torch.optim.Adam(lr=1e-3{''.join(f', {k}={v}' for k, v in _ADAM[ctx.adam].items())}), "
+        "eager in every variant",
         "call": "opt.zero_grad(set_to_none=True); model.loss(x).backward(); opt.step()",
         "results": results,
     }
