@@ -110,6 +110,8 @@ def _train_options(p: argparse.ArgumentParser, latent: bool = True) -> None:
                    help="KL warm-up: beta rises linearly from 0 over this many epochs (default 0: none)")
     t.add_argument("--device", type=_device, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     t.add_argument("--seed", type=_nonneg_int, help="random seed (default 0)")
+    t.add_argument("--threads", type=_positive_int, help="CPU threads (default: PyTorch's choice; tiny models on "
+                   "a busy machine run faster with 1)")
     t.add_argument("--reference", action="store_true", default=None,
                    help="use vae_ext.reference (plain PyTorch) instead of the fused kernels")
     o = p.add_argument_group("output")
@@ -217,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=100, help="images per batch (default 100)")
     p.add_argument("--device", type=_device, default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the importance samples (default 0)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--reference", action="store_true", help="score with vae_ext.reference")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
@@ -244,10 +247,17 @@ def main(argv=None) -> int:
         if command == "bench":
             return _cmd_bench(argv[1:])
         parser = build_parser()
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help, --version, or a usage error already printed on one line
+            return e.code if isinstance(e.code, int) else 0
         if args.command is None:
             parser.print_help(sys.stderr)
             return 2
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
         return args.func(args)
     except VaeExtError as e:
         print(f"{PROG} {command}: error: {e}", file=sys.stderr)

@@ -17,6 +17,7 @@ import math
 import os
 import pickle
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -206,7 +207,9 @@ def load_checkpoint(path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the one-line error says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, random bytes ...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights only load failed" in msg.lower() or isinstance(e, pickle.UnpicklingError):
