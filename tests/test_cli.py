@@ -1,0 +1,257 @@
+"""The vae-ext command: train / resume / eval / sweep on tiny digits models, and every error path.
+
+Most tests call ``vae_ext.cli.main(argv)`` in-process (fast, output via capsys); one runs
+``python -m vae_ext`` in a subprocess to check the real entry point.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vae_ext import cli
+from vae_ext.train import atomic_write, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--hidden", "16", "--latent", "2", "--batch-size", "256", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models; the machine is shared
+    yield
+    torch.set_num_threads(old)
+
+
+def run(capsys, *argv):
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny 1-epoch digits run shared by the eval and error tests."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    assert cli.main(["train", "--epochs", "1", "--out", str(out), *TINY]) == 0
+    torch.set_num_threads(old)
+    return out
+
+
+def assert_one_line_error(rc, err, match):
+    assert rc != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and lines[0].startswith("vae-ext")
+    assert match in lines[0], lines[0]
+
+
+# --------------------------------------------------------------------------- train, resume
+
+
+def test_train_one_epoch_writes_everything(capsys, tmp_path):
+    out = tmp_path / "run"
+    rc, stdout, _ = run(capsys, "train", "--epochs", "1", "--out", out, *TINY)
+    assert rc == 0
+    assert "epoch   1/1" in stdout and "test -ELBO" in stdout and "nats/image" in stdout
+    for name in ("checkpoint.pt", "metrics.csv", "reconstructions.png", "samples.png", "loss_curves.png"):
+        assert (out / name).stat().st_size > 0, name
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    rows = read_csv(out / "metrics.csv")
+    assert len(rows) == 1 and rows[0]["epoch"] == "1"
+    assert float(rows[0]["test_nelbo"]) > 0 and math.isfinite(float(rows[0]["train_nelbo"]))
+    ck = load_checkpoint(out)
+    assert ck["epoch"] == 1 and ck["config"]["latent"] == 2 and ck["model_config"]["hidden_sizes"] == [16]
+    assert set(ck) >= {"model_state", "optimizer_state", "config", "epoch", "history"}
+
+
+def test_resume_continues_exactly(capsys, tmp_path):
+    """1 epoch + resume to 2 gives the same weights as 2 epochs straight: each epoch's randomness
+    depends on (seed, epoch) only, and the checkpoint holds the optimizer state."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run(capsys, "train", "--epochs", "2", "--out", a, "--warmup", "1.5", *TINY)[0] == 0
+    assert run(capsys, "train", "--epochs", "1", "--out", b, "--warmup", "1.5", *TINY)[0] == 0
+    rc, stdout, _ = run(capsys, "train", "--resume", b, "--epochs", "2", "--no-progress")
+    assert rc == 0 and "resuming after epoch 1" in stdout and "epoch   2/2" in stdout
+    sa, sb = load_checkpoint(a)["model_state"], load_checkpoint(b)["model_state"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    ra, rb = read_csv(a / "metrics.csv"), read_csv(b / "metrics.csv")
+    assert len(rb) == 2 and [r["test_nelbo"] for r in ra] == [r["test_nelbo"] for r in rb]
+    assert float(ra[0]["beta"]) < 1.0 and float(ra[1]["beta"]) == 1.0  # the KL warm-up
+    # --resume with --out: the folder is found from --out
+    rc, stdout, _ = run(capsys, "train", "--resume", "--out", b, "--epochs", "2", "--no-progress")
+    assert rc == 0 and "nothing to do" in stdout
+
+
+def test_interrupted_training_keeps_the_last_complete_checkpoint(capsys, tmp_path, monkeypatch):
+    import vae_ext.train as T
+
+    calls = {"n": 0}
+    real = T.train_step
+
+    def step(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 8:  # in epoch 2 (6 steps per epoch at batch 256)
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "train_step", step)
+    out = tmp_path / "run"
+    rc, _, err = run(capsys, "train", "--epochs", "3", "--out", out, *TINY)
+    assert_one_line_error(rc, err, "interrupted")
+    assert rc == 130
+    assert load_checkpoint(out)["epoch"] == 1 and len(read_csv(out / "metrics.csv")) == 1
+    monkeypatch.setattr(T, "train_step", real)
+    assert run(capsys, "train", "--resume", out, "--no-progress")[0] == 0
+    assert load_checkpoint(out)["epoch"] == 3
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    p = tmp_path / "metrics.csv"
+    p.write_text("old, complete\n")
+
+    def half(f):
+        f.write("new, but only ha")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(p, half, mode="w")
+    assert p.read_text() == "old, complete\n"
+    assert list(tmp_path.iterdir()) == [p]  # no temporary left behind
+    atomic_write(p, lambda f: f.write("new\n"), mode="w")
+    assert p.read_text() == "new\n"
+
+
+# --------------------------------------------------------------------------- eval, sweep, bench
+
+
+def test_eval(capsys, trained):
+    rc, stdout, _ = run(capsys, "eval", trained, "--k", "20", "--no-progress")
+    assert rc == 0 and "test negative ELBO" in stdout and "NLL, k=20" in stdout
+    rc, stdout, _ = run(capsys, "eval", trained / "checkpoint.pt", "--k", "50", "--json", "--no-progress")
+    r = json.loads(stdout)
+    assert r["k"] == 50 and r["n"] == 359 and r["split"] == "test" and r["kernels"] == "fused"
+    assert 0 < r["nll"] < r["nelbo"] + 1.0  # the IW bound is at least as tight as the ELBO, up to noise
+    rows = read_csv(trained / "metrics.csv")
+    assert r["nelbo"] == pytest.approx(float(rows[-1]["test_nelbo"]), rel=1e-5)  # same fixed eval eps
+    rc, stdout, _ = run(capsys, "eval", trained, "--k", "5", "--json", "--reference", "--split", "train", "--no-progress")
+    r = json.loads(stdout)
+    assert rc == 0 and r["kernels"] == "reference" and r["n"] == 1438
+
+
+def test_sweep_two_latents(capsys, tmp_path):
+    out = tmp_path / "sweep"
+    rc, stdout, _ = run(capsys, "sweep", "--latent", "1,2", "--epochs", "1", "--k", "4", "--out", out,
+                        "--hidden", "8", "--batch-size", "256", "--no-progress")
+    assert rc == 0 and "latent 2:" in stdout
+    rows = read_csv(out / "sweep.csv")
+    assert [r["latent"] for r in rows] == ["1", "2"] and (out / "sweep.png").stat().st_size > 0
+    for r in rows:
+        n, p = int(r["n_train"]), int(r["params_decoder"])
+        total_ll = -float(r["train_nll"]) * n
+        assert float(r["bic"]) == pytest.approx(-2 * total_ll + p * math.log(n), rel=1e-5)
+        assert int(r["params_total"]) > p
+        assert (out / f"latent-{r['latent']}" / "checkpoint.pt").is_file()
+    assert int(rows[1]["params_decoder"]) - int(rows[0]["params_decoder"]) == 8  # one more latent unit: 8 weights
+    # a second sweep into the same folder resumes (nothing to train) and rewrites the same table
+    rc, stdout, _ = run(capsys, "sweep", "--latent", "1,2", "--epochs", "1", "--k", "4", "--out", out, "--no-progress")
+    assert rc == 0 and stdout.count("nothing to do") == 2
+    assert [r["test_nelbo"] for r in read_csv(out / "sweep.csv")] == [r["test_nelbo"] for r in rows]
+
+
+def test_bench_is_delegated(capsys, monkeypatch):
+    import types
+
+    import vae_ext
+
+    seen = []
+    fake = types.ModuleType("vae_ext.bench")
+    fake.main = lambda argv: seen.append(argv) or 3
+    monkeypatch.setitem(sys.modules, "vae_ext.bench", fake)
+    monkeypatch.setattr(vae_ext, "bench", fake, raising=False)
+    assert cli.main(["bench", "--quick", "--only", "loss"]) == 3
+    assert seen == [["--quick", "--only", "loss"]]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _bad_mnist(tmp_path, kind):
+    d = tmp_path / f"mnist-{kind}"
+    d.mkdir()
+    head = bytes([0, 0, 8, 3]) + (5).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    raw = {"magic": b"\x00\x00\x10\x03" + bytes(100), "truncated": head + bytes(100),
+           "28x28": head + bytes(5 * 28 * 28)}[kind]
+    (d / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(raw))
+    return d
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["train", "--data", "mnist:{tmp}/missing"], "missing: no such directory"),
+    (["train", "--data", "mnist:{magic}"], "not an IDX file (magic number 0x00001003)"),
+    (["train", "--data", "mnist:{truncated}"], "truncated IDX file"),
+    (["train", "--data", "{tmp}/missing.npz"], "missing.npz: no such file"),
+    (["train", "--data", "imagenet"], "--data: expected"),
+    (["train", "--binarize", "sometimes"], "argument --binarize: invalid choice: 'sometimes'"),
+    (["train", "--recon", "l1"], "argument --recon: invalid choice"),
+    (["train", "--latent", "0"], "argument --latent: expected a positive integer"),
+    (["train", "--hidden", "400,x"], "argument --hidden"),
+    (["train", "--lr", "-1"], "argument --lr"),
+    (["train", "--device", "tpu"], "argument --device"),
+    (["train", "--train-split", "abc", "--out", "{tmp}/r"], "--train-split"),
+    (["train", "--arch", "mlp", "--channels", "8", "--out", "{tmp}/r"], "--channels"),
+    (["train", "--resume"], "--resume without a RUN needs --out"),
+    (["train", "--frobnicate"], "unrecognized arguments: --frobnicate"),
+    (["fly"], "invalid choice: 'fly'"),
+    (["eval", "{tmp}/nope.pt"], "nope.pt: no such checkpoint"),
+    (["eval", "{tmp}/garbage.pt"], "garbage.pt: not a readable vae-ext checkpoint"),
+    (["eval", "{tmp}/foreign.pt"], "foreign.pt: not a vae-ext checkpoint"),
+    (["eval", "{run}", "--data", "mnist:{28x28}"], "images are 1x28x28 but the model in"),
+    (["eval", "{run}", "--k", "0"], "argument --k"),
+    (["train", "--out", "{run}"], "already holds a run"),
+    (["train", "--resume", "{run}", "--latent", "7"], "from another configuration: it was trained with --latent 2, not 7"),
+    (["train", "--resume", "{run}", "--data", "mnist:{28x28}"], "from another configuration: it was trained with --data digits"),
+    (["sweep", "--latent", "2,zero"], "argument --latent"),
+])
+def test_bad_input_is_one_line_and_nonzero(capsys, tmp_path, trained, argv, match):
+    (tmp_path / "garbage.pt").write_bytes(b"\x80\x04 this is not a checkpoint")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    paths = {"tmp": tmp_path, "run": trained}
+    for kind in ("magic", "truncated", "28x28"):
+        if "{" + kind + "}" in " ".join(argv):
+            paths[kind] = _bad_mnist(tmp_path, kind)
+    before = {p: p.stat().st_mtime_ns for p in trained.iterdir()}
+    rc, _, err = run(capsys, *[a.format(**paths) for a in argv])
+    assert_one_line_error(rc, err, match)
+    assert {p: p.stat().st_mtime_ns for p in trained.iterdir()} == before  # nothing already written was touched
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda(capsys, tmp_path):
+    rc, _, err = run(capsys, "train", "--device", "cuda", "--out", tmp_path / "r")
+    assert_one_line_error(rc, err, "--device cuda: CUDA is not available")
+    assert not (tmp_path / "r").exists()
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-m", "vae_ext", "train", "--data", f"mnist:{tmp_path}/none"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert_one_line_error(p.returncode, p.stderr, "no such directory")
+    assert p.returncode == 1 and p.stdout == ""
