@@ -3,7 +3,9 @@
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+_ROOT = Path(__file__).resolve().parents[1]
+if any((_ROOT / "vae_ext").glob("_C*")):  # built in place: prefer this checkout (see run.py)
+    sys.path.insert(0, str(_ROOT))
 
 from vae_ext.bench import main  # noqa: E402
 

@@ -7,8 +7,11 @@
 import sys
 from pathlib import Path
 
-# Prefer this checkout (built in place with `python setup.py build_ext --inplace`) over an installed copy.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+_ROOT = Path(__file__).resolve().parents[1]
+# Prefer this checkout when it is built in place (python setup.py build_ext --inplace); otherwise
+# use the installed vae_ext (pip install .), since the checkout's sources alone cannot import.
+if any((_ROOT / "vae_ext").glob("_C*")):
+    sys.path.insert(0, str(_ROOT))
 
 from vae_ext.bench import main  # noqa: E402
 

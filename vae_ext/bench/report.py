@@ -76,11 +76,23 @@ def _mem_cols(rec: dict, impls: Sequence[str]) -> str:
     return " / ".join(fmt_mib(peak.get(i)) for i in impls)
 
 
+_STEP_PAIRS = {"eager": ("fused_eager", "ref_eager"), "compile": ("fused_compile", "ref_compile")}
+
+
 def _mem_ok(rec: dict) -> str:
+    """'yes' where the fused peak is <= the baseline's, else 'NO +x%' (how much more)."""
     ok = rec.get("mem_fused_le")
+    peak = rec.get("peak_mem_bytes") or {}
     if not ok:
         return "-"
-    return " / ".join(_yes_no(v) for v in ok.values())
+    cells = []
+    for base, v in ok.items():
+        f, b = _STEP_PAIRS[base] if "fused_eager" in peak else ("fused", base)
+        if v or not peak.get(b):
+            cells.append(_yes_no(v))
+        else:
+            cells.append(f"NO +{100.0 * (peak[f] - peak[b]) / peak[b]:.2g}%")
+    return " / ".join(cells)
 
 
 # --------------------------------------------------------------------------- tables
