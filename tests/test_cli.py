@@ -242,6 +242,16 @@ def test_bad_input_is_one_line_and_nonzero(capsys, tmp_path, trained, argv, matc
     assert {p: p.stat().st_mtime_ns for p in trained.iterdir()} == before  # nothing already written was touched
 
 
+def test_resume_into_a_folder_holding_another_run_is_refused(capsys, tmp_path, trained):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "checkpoint.pt").write_bytes((trained / "checkpoint.pt").read_bytes())
+    before = (other / "checkpoint.pt").stat().st_mtime_ns
+    rc, _, err = run(capsys, "train", "--resume", trained, "--out", other, "--epochs", "2")
+    assert_one_line_error(rc, err, "already holds a run")
+    assert (other / "checkpoint.pt").stat().st_mtime_ns == before
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_cuda(capsys, tmp_path):
     rc, _, err = run(capsys, "train", "--device", "cuda", "--out", tmp_path / "r")

@@ -252,6 +252,8 @@ def resume_config(ckpt: dict, overrides: dict) -> TrainConfig:
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "(default)"
     return ",".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
@@ -346,11 +348,11 @@ def save_plots(out: Path, model: VAE, data: ImageData, history) -> None:
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
-    x = data.test[:32].to(dev)
+    ncol = min(8, len(data.test))
+    x = data.test[:min(32, len(data.test)) // ncol * ncol].to(dev)
     rec = model.reconstruct(x)
-    pairs = torch.stack([x.reshape(-1, 8, *x.shape[1:]), rec.reshape(-1, 8, *x.shape[1:])], 1) \
-        if len(x) % 8 == 0 else torch.stack([x, rec], 1)
-    save_image_grid(out / "reconstructions.png", pairs.reshape(-1, *x.shape[1:]), ncol=8,
+    rows = torch.stack([x.reshape(-1, ncol, *x.shape[1:]), rec.reshape(-1, ncol, *x.shape[1:])], 1)
+    save_image_grid(out / "reconstructions.png", rows.reshape(-1, *x.shape[1:]), ncol=ncol,
                     title="test images (odd rows) and reconstructions (even rows)")
     g = torch.Generator(device=dev).manual_seed(EVAL_SEED)
     save_image_grid(out / "samples.png", model.sample(64, generator=g), ncol=8, title="samples")
@@ -433,9 +435,9 @@ def _train(cfg: TrainConfig, checkpoint, ctx: Context, log) -> TrainResult:
         cfg = replace(cfg, out=ctx.broadcast_object(os.path.join("runs", time.strftime("vae-%Y%m%d-%H%M%S"))))
     out = Path(cfg.out)
     ckpt_path = out / CHECKPOINT_NAME
-    if checkpoint is None and ckpt_path.exists():
-        raise ConfigError(f"{out} already holds a run ({CHECKPOINT_NAME}); pass --resume to continue it, "
-                          f"or choose another --out")
+    if ckpt_path.exists() and (checkpoint is None or not ckpt_path.samefile(checkpoint["path"])):
+        what = "pass --resume to continue it" if checkpoint is None else "resume into that folder or an empty one"
+        raise ConfigError(f"{out} already holds a run ({CHECKPOINT_NAME}); {what}, or choose another --out")
     data = load_data(cfg.data, train_split=cfg.train_split, binarize_mode=cfg.binarize)
     if checkpoint is not None:
         _check_image_shape(data, checkpoint["model_config"]["input_shape"], f"the model in {checkpoint['path']}")
