@@ -577,6 +577,122 @@ def test_bce_probabilities_exactly_0_and_1(device, dtype, reduction):
     assert_close(lvf.grad, lvr.grad, rtol=rtol, what="grad logvar")
 
 
+BINARY_PATTERNS = ("all_binary", "mixed_in_vectors", "binary_rows", "soft_zero_one_rows")
+
+
+@pytest.mark.parametrize("pattern", BINARY_PATTERNS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bce_binary_targets(device, dtype, pattern):
+    """Targets exactly 0/1 (the MNIST case, which may take a one-log path) against soft targets, mixed
+    inside a vector, by row, and rows of 0/1 targets with one soft value at the very end."""
+    n, d = 7, 83
+    g = torch.Generator().manual_seed(91)
+    r = torch.rand(n, d, generator=g, dtype=F64) * 0.96 + 0.02
+    hard = (torch.rand(n, d, generator=g, dtype=F64) > 0.5).to(F64)
+    soft = torch.rand(n, d, generator=g, dtype=F64)
+    if pattern == "all_binary":
+        x = hard
+    elif pattern == "mixed_in_vectors":
+        x = hard.clone()
+        x.view(-1)[::37] = soft.view(-1)[::37]
+    elif pattern == "binary_rows":
+        x = torch.where(torch.arange(n).view(-1, 1) % 2 == 0, hard, soft)
+    else:
+        x = hard.clone()
+        x[:, -1] = 0.5
+    mu = torch.randn(n, 4, generator=g, dtype=F64)
+    lv = torch.randn(n, 4, generator=g, dtype=F64) * 0.5
+    inputs = [t.to(dtype).to(device) for t in (r, x, mu, lv)]
+    for mode in ("bce", "bce_logits"):
+        rr = inputs[0] if mode == "bce" else (torch.logit(r) * 1.5).to(dtype).to(device)
+        for reduction in REDUCTIONS:
+            check_against_reference(mode, reduction, dtype, rr, *inputs[1:], beta=0.9,
+                                    upstream=upstream_for(reduction, n, device=device),
+                                    what=f"{mode}/{reduction}/{pattern}")
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=dtype_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bce_edges_with_binary_target_vectors(device, dtype):
+    """p exactly 0/1 in rows whose targets are all 0/1 (whole vectors of binary targets): same clamp
+    and floor as F.binary_cross_entropy."""
+    d = 64
+    pat_p = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.5, 0.25, 1e-30 if dtype == F64 else 1e-38, 1.0 - 2 ** -24],
+                         dtype=F64)
+    pat_x = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0], dtype=F64)
+    p = torch.stack([pat_p.repeat(d // 8), pat_p.flip(0).repeat(d // 8)]).to(dtype).to(device)
+    x = torch.stack([pat_x.repeat(d // 8), pat_x.repeat(d // 8)]).to(dtype).to(device)
+    mu = torch.zeros(2, 2, dtype=dtype, device=device)
+    lv = torch.zeros(2, 2, dtype=dtype, device=device)
+    for reduction in REDUCTIONS:
+        w = upstream_for(reduction, 2, device=device).to(dtype)
+        pf = p.clone().requires_grad_(True)
+        out = vae_ext.elbo_loss(pf, x, mu, lv, recon="bce", reduction=reduction)
+        (out * w).sum().backward()
+        pr = p.clone().requires_grad_(True)
+        per_sample = F.binary_cross_entropy(pr, x, reduction="none").sum(1)
+        ref = {"sum": per_sample.sum(), "mean": per_sample.mean(), "none": per_sample}[reduction]
+        (ref * w).sum().backward()
+        assert torch.isfinite(out).all() and torch.isfinite(pf.grad).all()
+        rtol = 1e-6 if dtype == F32 else 1e-12
+        assert_close(out, ref, rtol=rtol, what=f"{reduction} loss")
+        assert_close(pf.grad, pr.grad, rtol=rtol, what=f"{reduction} grad recon_x")
+
+
+def _prob_regimes(dtype):
+    """Rows of probabilities spanning the range the dtype can hold (grads must fit the dtype too)."""
+    g = torch.Generator().manual_seed(92)
+    lo = {F32: -30.0, F64: -30.0, BF16: -30.0, F16: -4.0}[dtype]
+    hi_gap = {F32: -7.0, F64: -12.0, BF16: -2.0, F16: -3.0}[dtype]
+    u = torch.rand(3, 160, generator=g, dtype=F64)
+    rows = [
+        10.0 ** (lo + (-1.0 - lo) * u[0]),            # near 0
+        1.0 - 10.0 ** (hi_gap + (-1.0 - hi_gap) * u[1]),  # near 1
+        0.05 + 0.9 * u[2],                            # middle
+    ]
+    if dtype in (F32, F64, BF16):
+        tiny = torch.tensor([1e-39, 1e-41, 1e-44, 1.4e-45, 3e-38, 1.2e-38, 5e-39, 2e-40], dtype=F64)
+        rows.append(torch.cat([tiny.repeat(20)]))    # float32 denormals (log clamped below ~1e-44)
+    p = torch.stack(rows).to(dtype)
+    p = torch.where(p >= 1.0, torch.nextafter(torch.ones((), dtype=dtype), torch.zeros((), dtype=dtype)), p)
+    return p
+
+
+@pytest.mark.parametrize("target", ["ones", "zeros", "soft", "mixed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_bce_accuracy_across_probability_range(dtype, target):
+    """Per-sample loss and gradients accurate for p near 0, near 1, in the middle and (float32)
+    denormal: the logarithms must keep their relative accuracy everywhere (e.g. log p for p -> 1
+    with target 1, where the loss is tiny)."""
+    p = _prob_regimes(dtype)
+    n, d = p.shape
+    g = torch.Generator().manual_seed(93)
+    x = {"ones": torch.ones(n, d, dtype=F64), "zeros": torch.zeros(n, d, dtype=F64),
+         "soft": torch.rand(n, d, generator=g, dtype=F64),
+         "mixed": (torch.rand(n, d, generator=g, dtype=F64) > 0.5).to(F64)}[target].to(dtype)
+    mu = torch.zeros(n, 1, dtype=dtype)
+    lv = torch.zeros(n, 1, dtype=dtype)
+    check_against_reference("bce", "none", dtype, p, x, mu, lv, upstream=upstream_for("none", n),
+                            what=f"targets {target}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_bce_logits_accuracy_across_logit_range(dtype):
+    """Logits from -100 to 100 with targets 1 (tiny losses for large positive logits), 0 and soft."""
+    g = torch.Generator().manual_seed(94)
+    lmax = 100.0
+    l = torch.linspace(-lmax, lmax, 257, dtype=F64)
+    r = torch.stack([l, l, l, torch.randn(257, generator=g, dtype=F64) * 30]).to(dtype)
+    x = torch.stack([torch.ones(257, dtype=F64), torch.zeros(257, dtype=F64),
+                     torch.rand(257, generator=g, dtype=F64), torch.ones(257, dtype=F64)]).to(dtype)
+    mu = torch.zeros(4, 1, dtype=dtype)
+    lv = torch.zeros(4, 1, dtype=dtype)
+    for reduction in REDUCTIONS:
+        check_against_reference("bce_logits", reduction, dtype, r, x, mu, lv,
+                                upstream=upstream_for(reduction, 4), what=reduction)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("device", DEVICES)
 def test_bce_logits_huge_logits(device, dtype):
