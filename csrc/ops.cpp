@@ -286,4 +286,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         return std::make_tuple(w.v[0], w.v[1], w.v[2], w.v[3]);
       },
       "Raw Philox4x32-10 block for (key, counter): for known-answer tests");
+  m.def(
+      "_philox_normal_scalar",
+      [](uint64_t seed, uint64_t offset, uint64_t e) {
+        return vae_ext::philox_normal_at<vae_ext::ScalarMath<float>>(seed, offset, e);
+      },
+      "eps of element e by the scalar code the CUDA kernels run (host build): for tests");
 }

@@ -304,23 +304,27 @@ def test_forward_and_gradients_match_reference(device, dtype, shape_id, k):
 
 
 @pytest.mark.parametrize("dtype", [F16, BF16], ids=dtype_id)
-def test_half_gradients_use_float32_eps(dtype):
-    """For half types the backward uses the exact float32 eps (philox_normal), not the rounded one."""
+def test_half_types_use_the_returned_eps(dtype):
+    """For half types eps is the float32 draw (philox_normal) rounded to the dtype, and both z and the
+    backward use exactly that returned eps, so z - mu and the gradients agree with it."""
     g = torch.Generator().manual_seed(4)
     mu = torch.randn(513, generator=g).to(dtype)
     lv = (torch.randn(513, generator=g) * 0.8).to(dtype)
     up = torch.randn(2, 513, generator=g).to(dtype)
     m, l = mu.clone().requires_grad_(True), lv.clone().requires_grad_(True)
     z, eps, (seed, offset) = draw(m, l, 2)
+    assert torch.equal(eps, PHILOX(eps, seed, offset).to(dtype))
     (z * up).sum().backward()
-    eps32 = PHILOX(eps, seed, offset).double()
-    terms = 0.5 * up.double() * torch.exp(0.5 * lv.double()) * eps32
+    terms = 0.5 * up.double() * torch.exp(0.5 * lv.double()) * eps.double()
     ref = terms.sum(0)
     # one rounding to the half type of a float32 result
     ulp = 2.0 ** (-11 if dtype == F16 else -8)
     err = (l.grad.double() - ref).abs()
     bound = ulp * ref.abs() + 1e-6 * terms.abs().sum(0) + 2.0 ** -24
     assert (err <= bound).all(), f"worst element error {err.max():.3g} (bound {bound[err.argmax()]:.3g})"
+    zr = mu.double() + torch.exp(0.5 * lv.double()) * eps.double()
+    zerr = (z.detach().double() - zr).abs()
+    assert (zerr <= ulp * zr.abs() + 2.0 ** -24).all(), f"z worst error {zerr.max():.3g}"
 
 
 @pytest.mark.parametrize("k", [None, 4])

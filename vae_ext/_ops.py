@@ -49,19 +49,17 @@ def _elbo_loss_setup_context(ctx, inputs, output):
 
 
 def _scale(g: torch.Tensor, d: torch.Tensor | None, reduction: str) -> torch.Tensor | None:
-    """g * d in place, with d a 0-d tensor (sum, mean) or one value per sample (none).
+    """g * d, with d a 0-d tensor (sum, mean) or one value per sample (none).
 
-    In place because g is this op's own gradient buffer, used by this backward alone: a fresh
-    tensor the size of recon_x would cost an allocation (and, on CPU, its page faults) per step.
-    A second backward through the same graph (retain_graph=True) is refused by autograd's
-    saved-tensor version check, never silently wrong.
+    Out of place: the saved buffer must survive for a second backward through the same graph
+    (retain_graph=True, gradcheck).
     """
     if d is None:
         return None
     d = d.to(g.dtype)
     if reduction == "none":
         d = d.reshape((-1,) + (1,) * (g.dim() - 1))
-    return g.mul_(d)
+    return g * d
 
 
 def _elbo_loss_backward(ctx, d_rec, d_kl, _g1, _g2, _g3):

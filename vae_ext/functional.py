@@ -45,8 +45,8 @@ def _check_choice(name: str, value, choices) -> None:
 def _check_beta(beta) -> float:
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
         raise TypeError(f"beta: expected a Python float >= 0, got {type(beta).__name__}")
-    beta = float(beta)
-    if not (math.isfinite(beta) and beta >= 0.0):
+    # Comparisons only (no math.isfinite): under torch.compile beta may be a symbolic float.
+    if not (beta >= 0.0 and beta < math.inf):
         raise ValueError(f"beta: expected a finite float >= 0, got {beta}")
     return beta
 
@@ -123,7 +123,7 @@ def elbo_loss(
     )
     # beta stays out of the kernel: a new value needs no rebuild and (after the first change)
     # no torch.compile recompilation; autograd carries it to the KL gradient.
-    loss = rec + kl if beta == 1.0 else rec + beta * kl
+    loss = rec + beta * kl
     if return_terms:
         return loss, rec, kl
     return loss
@@ -146,9 +146,13 @@ def reparameterize(
             for that device, so ``torch.manual_seed`` makes runs reproducible.
         return_eps: also return the standard-normal draws ``eps`` (same shape as z).
 
-    ``eps`` is drawn from a Philox4x32-10 stream keyed by (seed, offset, element index) and
-    computed in float32 (Box-Muller), the same on CPU and CUDA; z is computed in float32
-    (float64 for float64 inputs). The backward recomputes eps from the stream; no eps is kept.
+    ``eps`` is drawn from a Philox4x32-10 stream keyed by (seed, offset, element index),
+    computed in float32 (Box-Muller), the same on CPU and CUDA, and rounded to mu's dtype; z is
+    computed from that eps in float32 (float64 for float64 inputs). The backward recomputes eps
+    from the stream; no eps is kept between forward and backward.
+
+    Where ``exp(0.5 * logvar)`` overflows (logvar > 177 in float32, > 1419 in float64, > 22 in
+    float16), z is +-inf (NaN where mu is infinite with the opposite sign), as in the reference.
     """
     _check_tensor("mu", mu)
     _check_tensor("logvar", logvar)

@@ -30,7 +30,7 @@ class FusedELBOLoss(nn.Module):
         _check_choice("recon", recon, RECON_MODES)
         _check_choice("reduction", reduction, REDUCTIONS)
         self.recon = recon
-        self.beta = _check_beta(beta)
+        self.beta = float(_check_beta(beta))
         self.reduction = reduction
         self.validate = validate
 

@@ -93,8 +93,14 @@ def reparameterize(
     :func:`vae_ext.reparameterize`, but the draws come from PyTorch's own generator stream,
     so the values differ from the fused op's (the distribution is the same).
     """
-    shape = mu.shape if num_samples is None else (num_samples, *mu.shape)
-    eps = torch.randn(shape, dtype=mu.dtype, device=mu.device, generator=generator)
+    if num_samples is None and generator is None:
+        eps = torch.randn_like(mu)
+    else:
+        shape = mu.shape if num_samples is None else (num_samples, *mu.shape)
+        # generator only when given: randn's generator overload has no symbolic-shape support,
+        # which torch.compile(dynamic) needs.
+        kw = {} if generator is None else {"generator": generator}
+        eps = torch.randn(shape, dtype=mu.dtype, device=mu.device, **kw)
     z = mu + torch.exp(0.5 * logvar) * eps
     if return_eps:
         return z, eps

@@ -20,21 +20,24 @@ enum class Reduction : int { Sum = 0, Mean = 1, None = 2 };
 template <typename T_>
 struct ScalarMath {
   using T = T_;
-  using Mask = bool;
+  using Mask = bool;  // masks combine with |, as the SIMD policies' do
   static VAE_HD T log(T v) { return std::log(v); }
   static VAE_HD T log1p(T v) { return std::log1p(v); }
   static VAE_HD T exp(T v) { return std::exp(v); }
   static VAE_HD T abs(T v) { return std::fabs(v); }
+  static VAE_HD T sqrt(T v) { return std::sqrt(v); }
+  static VAE_HD T round(T v) { return std::rint(v); }
   static VAE_HD T select(Mask m, T a, T b) { return m ? a : b; }
   static VAE_HD T fill(double v) { return static_cast<T>(v); }
 };
 
 // PyTorch's binary_cross_entropy, element-wise: log clamped at -100, backward denominator
-// floored at 1e-12. Returns the loss; writes d loss / d p to *grad.
+// floored at 1e-12 (PyTorch uses the float constant 1e-12f, for double too). Returns the loss;
+// writes d loss / d p to *grad.
 template <class M>
 VAE_HD typename M::T bce_elem(typename M::T p, typename M::T x, typename M::T* grad) {
   using T = typename M::T;
-  const T one = M::fill(1.0), lo = M::fill(-100.0), eps = M::fill(1e-12);
+  const T one = M::fill(1.0), lo = M::fill(-100.0), eps = M::fill(static_cast<double>(1e-12f));
   T lp = M::log(p);
   T l1p = M::log1p(M::fill(0.0) - p);
   lp = M::select(lp < lo, lo, lp);
@@ -52,7 +55,7 @@ VAE_HD typename M::T bce_elem(typename M::T p, typename M::T x, typename M::T* g
 template <class M>
 VAE_HD typename M::T bce_binary_elem(typename M::T p, typename M::T x, typename M::T* grad) {
   using T = typename M::T;
-  const T one = M::fill(1.0), two = M::fill(2.0), lo = M::fill(-100.0), eps = M::fill(1e-12);
+  const T one = M::fill(1.0), two = M::fill(2.0), lo = M::fill(-100.0), eps = M::fill(static_cast<double>(1e-12f));
   const auto is_one = x > M::fill(0.5);
   const T u = one - p;
   const T q = M::select(is_one, p, u);

@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "elbo_math.h"  // ScalarMath
 #include "macros.h"
 
 namespace vae_ext {
@@ -27,9 +28,22 @@ VAE_HD uint32_t mulhilo32(uint32_t a, uint32_t b, uint32_t* hi) {
   return static_cast<uint32_t>(p);
 }
 
-VAE_HD U32x4 philox4x32_10(uint64_t seed, uint64_t ctr_lo, uint64_t ctr_hi) {
+// One Philox4x32 round on counter words c0..c3 with key (k0, k1).
+VAE_HD void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0, uint32_t k1) {
   constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
-  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+  const uint64_t p0 = static_cast<uint64_t>(kM0) * c0;
+  const uint64_t p1 = static_cast<uint64_t>(kM1) * c2;
+  const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
+  const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
+  c0 = n0;
+  c1 = static_cast<uint32_t>(p1);
+  c2 = n2;
+  c3 = static_cast<uint32_t>(p0);
+}
+
+constexpr uint32_t kPhiloxW0 = 0x9E3779B9u, kPhiloxW1 = 0xBB67AE85u;  // key schedule
+
+VAE_HD U32x4 philox4x32_10(uint64_t seed, uint64_t ctr_lo, uint64_t ctr_hi) {
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   uint32_t c0 = static_cast<uint32_t>(ctr_lo), c1 = static_cast<uint32_t>(ctr_lo >> 32);
   uint32_t c2 = static_cast<uint32_t>(ctr_hi), c3 = static_cast<uint32_t>(ctr_hi >> 32);
@@ -37,12 +51,9 @@ VAE_HD U32x4 philox4x32_10(uint64_t seed, uint64_t ctr_lo, uint64_t ctr_hi) {
 #pragma unroll
 #endif
   for (int round = 0; round < 10; ++round) {
-    uint32_t hi0, hi1;
-    const uint32_t lo0 = mulhilo32(kM0, c0, &hi0);
-    const uint32_t lo1 = mulhilo32(kM1, c2, &hi1);
-    const uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
-    c0 = n0; c1 = lo1; c2 = n2; c3 = lo0;
-    k0 += kW0; k1 += kW1;
+    philox_round(c0, c1, c2, c3, k0, k1);
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
   }
   return U32x4{{c0, c1, c2, c3}};
 }
@@ -54,10 +65,6 @@ VAE_HD U32x4 philox_group(uint64_t seed, uint64_t offset, uint64_t g) {
 
 // Box-Muller on two 32-bit words: u1 in (0, 1] (never 0, so the log is finite), u2 in [0, 1).
 // Tail: |n| <= sqrt(-2 ln(2^-33)) = 6.76, reached with probability ~1e-11 per draw.
-struct Radius {
-  float r, theta;
-};
-constexpr float kTwoPi = 6.283185307179586f;
 constexpr float kInv2p32 = 2.3283064365386963e-10f;  // 2^-32
 
 VAE_HD float u32_to_open_unit(uint32_t a) {  // (0, 1]
@@ -67,25 +74,44 @@ VAE_HD float u32_to_unit(uint32_t a) {  // [0, 1): top 24 bits, exactly represen
   return static_cast<float>(a >> 8) * (1.0f / 16777216.0f);
 }
 
-// Scalar Box-Muller, the definition of the transform (the CPU kernels run a SIMD version of the
-// same steps; CUDA runs this one).
-VAE_HD void box_muller(uint32_t a, uint32_t b, float* n0, float* n1) {
-  const float r = std::sqrt(-2.0f * std::log(u32_to_open_unit(a)));
-  const float t = kTwoPi * u32_to_unit(b);
-  *n0 = r * std::cos(t);
-  *n1 = r * std::sin(t);
+// Box-Muller, written once over a math policy M (ScalarMath<float> on CUDA, SIMD vectors on the
+// CPU): n0 = r cos(2 pi u2), n1 = r sin(2 pi u2) with r = sqrt(-2 ln u1). The angle is split as
+// 2 pi u2 = q pi/2 + a, q = round(4 u2), |a| <= pi/4, where Cephes' sinf/cosf polynomials are
+// accurate to about an ulp, then rotated by the quadrant q: no range reduction of a large angle.
+template <class M>
+VAE_HD void box_muller(typename M::T u1, typename M::T u2, typename M::T* n0, typename M::T* n1) {
+  using T = typename M::T;
+  const T r = M::sqrt(M::fill(-2.0) * M::log(u1));
+  const T q4 = u2 * M::fill(4.0);
+  const T q = M::round(q4);                           // 0..4; 4 is quadrant 0 again
+  const T a = (q4 - q) * M::fill(1.5707963267948966);  // [-pi/4, pi/4]
+  const T a2 = a * a;
+  T s = M::fill(-1.9515295891e-4);
+  s = s * a2 + M::fill(8.3321608736e-3);
+  s = s * a2 + M::fill(-1.6666654611e-1);
+  s = s * a2 * a + a;
+  T c = M::fill(2.443315711809948e-5);
+  c = c * a2 + M::fill(-1.388731625493765e-3);
+  c = c * a2 + M::fill(4.166664568298827e-2);
+  c = c * a2 * a2 - M::fill(0.5) * a2 + M::fill(1.0);
+  // (cos, sin) of q pi/2 + a: q=1 -> (-s, c), q=2 -> (-c, -s), q=3 -> (s, -c)
+  const auto odd = (q == M::fill(1.0)) | (q == M::fill(3.0));
+  const auto neg_cos = (q == M::fill(1.0)) | (q == M::fill(2.0));
+  const auto neg_sin = (q == M::fill(2.0)) | (q == M::fill(3.0));
+  const T cs = M::select(odd, s, c), sn = M::select(odd, c, s);
+  *n0 = r * M::select(neg_cos, M::fill(0.0) - cs, cs);
+  *n1 = r * M::select(neg_sin, M::fill(0.0) - sn, sn);
 }
 
 // The normal of one element e: the same value the batched versions give (pair (w0, w1) feeds
 // elements 4g and 4g+1 through cos and sin, (w2, w3) elements 4g+2 and 4g+3).
+template <class M>
 VAE_HD float philox_normal_at(uint64_t seed, uint64_t offset, uint64_t e) {
   const U32x4 w = philox_group(seed, offset, e / 4);
   const unsigned j = static_cast<unsigned>(e % 4);
-  const uint32_t a = j < 2 ? w.v[0] : w.v[2];
-  const uint32_t b = j < 2 ? w.v[1] : w.v[3];
-  const float r = std::sqrt(-2.0f * std::log(u32_to_open_unit(a)));
-  const float t = kTwoPi * u32_to_unit(b);
-  return (j & 1u) ? r * std::sin(t) : r * std::cos(t);
+  float n0, n1;
+  box_muller<M>(u32_to_open_unit(j < 2 ? w.v[0] : w.v[2]), u32_to_unit(j < 2 ? w.v[1] : w.v[3]), &n0, &n1);
+  return (j & 1u) ? n1 : n0;
 }
 
 }  // namespace vae_ext

@@ -41,6 +41,8 @@ struct VecMath {
   static T log1p(const T& v) { return v.log1p(); }
   static T exp(const T& v) { return v.exp(); }
   static T abs(const T& v) { return v.abs(); }
+  static T sqrt(const T& v) { return v.sqrt(); }
+  static T round(const T& v) { return v.round(); }
   static T select(const Mask& m, const T& a, const T& b) { return V::blendv(b, a, m); }
   static T fill(double v) { return T(static_cast<typename V::value_type>(v)); }
 };
@@ -309,36 +311,49 @@ void elbo_kernel(const ElboArgs& a) {
 
 // ---------------------------------------------------------------------------------- normals
 
-// Normals of elements [e0, e0 + count) of the (seed, offset) stream, in float. The Philox words
-// are computed for kGroups groups at a time with plain loops the compiler vectorizes, and Box-
-// Muller runs on Vectorized<float>: the same steps as vae_ext::box_muller (csrc/common/philox.h),
-// exact in the integer part and within float rounding in the transcendental part.
-constexpr int64_t kGroups = 8;  // Philox groups per batch: 32 normals
+// Normals of elements [e0, e0 + count) of the (seed, offset) stream, in float: the same numbers
+// as vae_ext::philox_normal_at (csrc/common/philox.h). Philox runs on kGroups groups at a time in
+// plain loops over lanes that the compiler vectorizes (exact integer arithmetic), Box-Muller on
+// Vectorized<float> through the shared box_muller<M>.
+constexpr int64_t kGroups = 16;  // Philox groups per batch: 64 normals
 constexpr int64_t kBatch = 4 * kGroups;
 
 inline void normal_batch(uint64_t seed, uint64_t offset, uint64_t g0, float out[kBatch]) {
   using V = Vectorized<float>;
-  constexpr int64_t kPairs = 2 * kGroups;
-  float u1[kPairs], u2[kPairs];
+  uint32_t c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
+  const uint64_t lo = offset / 4;  // counter = (offset / 4, group), as philox_group
   for (int64_t j = 0; j < kGroups; ++j) {
-    const U32x4 w = philox_group(seed, offset, g0 + static_cast<uint64_t>(j));
-    u1[2 * j] = u32_to_open_unit(w.v[0]);
-    u2[2 * j] = u32_to_unit(w.v[1]);
-    u1[2 * j + 1] = u32_to_open_unit(w.v[2]);
-    u2[2 * j + 1] = u32_to_unit(w.v[3]);
+    const uint64_t g = g0 + static_cast<uint64_t>(j);
+    c0[j] = static_cast<uint32_t>(lo);
+    c1[j] = static_cast<uint32_t>(lo >> 32);
+    c2[j] = static_cast<uint32_t>(g);
+    c3[j] = static_cast<uint32_t>(g >> 32);
   }
-  float c[kPairs], s[kPairs];
-  static_assert(kPairs % V::size() == 0 || V::size() > kPairs, "batch must fill whole vectors");
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    for (int64_t j = 0; j < kGroups; ++j) philox_round(c0[j], c1[j], c2[j], c3[j], k0, k1);
+    k0 += kPhiloxW0;
+    k1 += kPhiloxW1;
+  }
+  // Pair p = 2j + h feeds elements 4j + 2h (cos) and 4j + 2h + 1 (sin).
+  constexpr int64_t kPairs = 2 * kGroups;
+  float u1[kPairs], u2[kPairs], n0[kPairs], n1[kPairs];
+  for (int64_t j = 0; j < kGroups; ++j) {
+    u1[2 * j] = u32_to_open_unit(c0[j]);
+    u2[2 * j] = u32_to_unit(c1[j]);
+    u1[2 * j + 1] = u32_to_open_unit(c2[j]);
+    u2[2 * j + 1] = u32_to_unit(c3[j]);
+  }
+  static_assert(kPairs % V::size() == 0, "a batch fills whole vectors");
   for (int64_t p = 0; p < kPairs; p += V::size()) {
-    const int64_t cnt = std::min<int64_t>(V::size(), kPairs - p);
-    const V r = (V::loadu(u1 + p, cnt).log() * V(-2.0f)).sqrt();
-    const V t = V::loadu(u2 + p, cnt) * V(kTwoPi);
-    (r * t.cos()).store(c + p, cnt);
-    (r * t.sin()).store(s + p, cnt);
+    V a, b;
+    box_muller<VecMath<V>>(V::loadu(u1 + p), V::loadu(u2 + p), &a, &b);
+    a.store(n0 + p);
+    b.store(n1 + p);
   }
-  for (int64_t p = 0; p < kPairs; ++p) {  // pair p = 2j + h gives elements 4j + 2h and 4j + 2h + 1
-    out[2 * p] = c[p];
-    out[2 * p + 1] = s[p];
+  for (int64_t p = 0; p < kPairs; ++p) {
+    out[2 * p] = n0[p];
+    out[2 * p + 1] = n1[p];
   }
 }
 
@@ -364,15 +379,19 @@ void normal_kernel(float* out, int64_t n, uint64_t seed, uint64_t offset) {
 
 constexpr int64_t kTile = 512;  // elements of eps generated per step (stays in L1)
 
-template <typename acc_t>
+// eps of elements [e0, e0 + count) in the accumulation type, rounded to scalar_t first: z is
+// computed from exactly the eps that return_eps hands back (a no-op for float and double).
+template <typename scalar_t, typename acc_t>
 void eps_tile(uint64_t seed, uint64_t offset, int64_t e0, int64_t count, acc_t* out) {
-  if constexpr (std::is_same_v<acc_t, float>) {
-    fill_normals(seed, offset, e0, count, out);
-  } else {
-    float tmp[kTile];
-    fill_normals(seed, offset, e0, count, tmp);
-    for (int64_t i = 0; i < count; ++i) out[i] = static_cast<acc_t>(tmp[i]);
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if constexpr (std::is_same_v<acc_t, float>) {
+      fill_normals(seed, offset, e0, count, out);
+      return;
+    }
   }
+  float tmp[kTile];
+  fill_normals(seed, offset, e0, count, tmp);
+  for (int64_t i = 0; i < count; ++i) out[i] = static_cast<acc_t>(static_cast<scalar_t>(tmp[i]));
 }
 
 template <typename scalar_t>
@@ -390,7 +409,7 @@ void reparam_typed(const ReparamArgs& a) {
     acc_t eps[kTile];
     for (int64_t t0 = b; t0 < e; t0 += kTile) {
       const int64_t tlen = std::min(kTile, e - t0);
-      eps_tile<acc_t>(a.seed, a.offset, t0, tlen, eps);
+      eps_tile<scalar_t, acc_t>(a.seed, a.offset, t0, tlen, eps);
       // Runs of the tile that stay inside one sample, so mu/logvar are contiguous too.
       for (int64_t pos = t0; pos < t0 + tlen;) {
         const int64_t i0 = pos % numel;
@@ -434,7 +453,7 @@ void reparam_backward_typed(const ReparamBackwardArgs& a) {
       std::fill(sum_g, sum_g + tlen, acc_t(0));
       std::fill(sum_ge, sum_ge + tlen, acc_t(0));
       for (int64_t s = 0; s < a.k; ++s) {  // samples in order: a fixed summation order
-        eps_tile<acc_t>(a.seed, a.offset, s * numel + t0, tlen, eps);
+        eps_tile<scalar_t, acc_t>(a.seed, a.offset, s * numel + t0, tlen, eps);
         const scalar_t* g = gz + s * numel + t0;
         for (int64_t j = 0; j < tlen; j += W) {
           const int64_t cnt = std::min(W, tlen - j);

@@ -40,16 +40,17 @@ __global__ void __launch_bounds__(kThreads) reparam_kernel(ReparamLaunch a) {
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const U32x4 w = philox_group(seed, offset, static_cast<uint64_t>(g));
     float n[4];
-    box_muller(w.v[0], w.v[1], &n[0], &n[1]);
-    box_muller(w.v[2], w.v[3], &n[2], &n[3]);
+    box_muller<ScalarMath<float>>(u32_to_open_unit(w.v[0]), u32_to_unit(w.v[1]), &n[0], &n[1]);
+    box_muller<ScalarMath<float>>(u32_to_open_unit(w.v[2]), u32_to_unit(w.v[3]), &n[2], &n[3]);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t e = 4 * g + j;
       if (e < total) {
         const int64_t i = e % a.numel;
+        const T ev = from_acc<T>(static_cast<A>(n[j]));  // z uses exactly the eps returned
         const A sigma = exp(A(0.5) * to_acc(lv[i]));
-        z[e] = from_acc<T>(to_acc(mu[i]) + sigma * static_cast<A>(n[j]));
-        if (eps) eps[e] = from_acc<T>(static_cast<A>(n[j]));
+        z[e] = from_acc<T>(to_acc(mu[i]) + sigma * to_acc(ev));
+        if (eps) eps[e] = ev;
       }
     }
   }
@@ -71,7 +72,8 @@ __global__ void __launch_bounds__(kThreads) reparam_backward_kernel(ReparamBackw
       const int64_t e = s * a.numel + i;
       const A g = to_acc(gz[e]);
       sg += g;
-      sge += g * static_cast<A>(philox_normal_at(seed, offset, static_cast<uint64_t>(e)));
+      const T ev = from_acc<T>(static_cast<A>(philox_normal_at<ScalarMath<float>>(seed, offset, static_cast<uint64_t>(e))));
+      sge += g * to_acc(ev);
     }
     gmu[i] = from_acc<T>(sg);
     glv[i] = from_acc<T>(A(0.5) * exp(A(0.5) * to_acc(lv[i])) * sge);
@@ -81,7 +83,7 @@ __global__ void __launch_bounds__(kThreads) reparam_backward_kernel(ReparamBackw
 __global__ void __launch_bounds__(kThreads) philox_normal_kernel(float* out, int64_t n, uint64_t seed, uint64_t offset) {
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    out[e] = philox_normal_at(seed, offset, static_cast<uint64_t>(e));
+    out[e] = philox_normal_at<ScalarMath<float>>(seed, offset, static_cast<uint64_t>(e));
 }
 
 }  // namespace
