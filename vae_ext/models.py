@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from . import functional, reference
-from .functional import RECON_MODES, REDUCTIONS, _check_beta, _check_choice
+from .functional import RECON_MODES, _check_beta, _check_choice
 from .losses import FusedELBOLoss
 
 __all__ = ["VAE", "MLPVAE", "ConvVAE", "ReferenceELBOLoss", "ARCHS"]
@@ -31,21 +31,12 @@ __all__ = ["VAE", "MLPVAE", "ConvVAE", "ReferenceELBOLoss", "ARCHS"]
 _LOG_2PI = math.log(2.0 * math.pi)
 
 
-class ReferenceELBOLoss(nn.Module):
-    """:class:`~vae_ext.FusedELBOLoss` on :func:`vae_ext.reference.elbo_loss` (plain PyTorch)."""
-
-    def __init__(self, recon: str = "bce", beta: float = 1.0, reduction: str = "sum"):
-        super().__init__()
-        _check_choice("recon", recon, RECON_MODES)
-        _check_choice("reduction", reduction, REDUCTIONS)
-        self.recon, self.beta, self.reduction = recon, _check_beta(beta), reduction
+class ReferenceELBOLoss(FusedELBOLoss):
+    """:class:`~vae_ext.FusedELBOLoss` computed by :func:`vae_ext.reference.elbo_loss` (plain PyTorch)."""
 
     def forward(self, recon_x, x, mu, logvar, return_terms: bool = False):
         return reference.elbo_loss(recon_x, x, mu, logvar, recon=self.recon, beta=self.beta,
                                    reduction=self.reduction, return_terms=return_terms)
-
-    def extra_repr(self) -> str:
-        return f"recon={self.recon!r}, beta={self.beta}, reduction={self.reduction!r}"
 
 
 def _mlp(sizes, last_activation: bool) -> nn.Sequential:

@@ -174,11 +174,12 @@ def atomic_write(path, write, mode: str = "wb") -> None:
             tmp.unlink()
 
 
-def write_metrics(path, history) -> None:
+def write_csv(path, columns, rows) -> None:
+    """Rows of dicts as CSV (floats to 6 significant digits), written atomically."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
-    for row in history:
+    for row in rows:
         w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     atomic_write(path, lambda f: f.write(buf.getvalue()), mode="w")
 
@@ -298,9 +299,17 @@ def _grid(images: torch.Tensor, ncol: int):
     return grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
 
 
-def _save_figure(fig, path) -> None:
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_figure(fig, path) -> None:
+    plt = _pyplot()
     try:
         atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     finally:
@@ -308,11 +317,7 @@ def _save_figure(fig, path) -> None:
 
 
 def save_image_grid(path, images: torch.Tensor, ncol: int = 8, title: str | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     g = _grid(images.reshape(images.shape[0], -1, *images.shape[-2:]) if images.dim() != 4 else images, ncol)
     h, w = g.shape[:2]
     scale = 4.0 / max(h, w)
@@ -326,11 +331,7 @@ def save_image_grid(path, images: torch.Tensor, ncol: int = 8, title: str | None
 
 
 def save_loss_curves(path, history) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ep = [r["epoch"] for r in history]
     ax.plot(ep, [r["train_nelbo"] for r in history], "o-", ms=3, label="train")
@@ -516,7 +517,7 @@ def _train(cfg: TrainConfig, checkpoint, ctx: Context, log) -> TrainResult:
         history.append(row)
         if ctx.is_main:
             _save_checkpoint(ckpt_path, model, optimizer, cfg, epoch, history, data)
-            write_metrics(out / METRICS_NAME, history)
+            write_csv(out / METRICS_NAME, METRIC_COLUMNS, history)
             if cfg.plot_every and epoch % cfg.plot_every == 0 and epoch != cfg.epochs:
                 save_plots(out, model, data, history)
         log(f"epoch {epoch:3d}/{cfg.epochs}  train -ELBO {row['train_nelbo']:8.3f}  test -ELBO "
@@ -525,7 +526,7 @@ def _train(cfg: TrainConfig, checkpoint, ctx: Context, log) -> TrainResult:
     if ctx.is_main:
         if not ckpt_path.exists():  # resumed past the end, or --epochs 0: still leave a checkpoint
             _save_checkpoint(ckpt_path, model, optimizer, cfg, start, history, data)
-            write_metrics(out / METRICS_NAME, history)
+            write_csv(out / METRICS_NAME, METRIC_COLUMNS, history)
         save_plots(out, model, data, history)
         log(f"wrote {ckpt_path}, {out / METRICS_NAME}, reconstructions.png, samples.png"
             + (", loss_curves.png" if history else ""))
@@ -593,11 +594,7 @@ SWEEP_COLUMNS = ("latent", "params_total", "params_decoder", "n_train", "n_test"
 
 
 def _save_sweep_plot(path, rows) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     lat = [r["latent"] for r in rows]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
     a.plot(lat, [r["train_nelbo"] for r in rows], "o-", label="train -ELBO")
@@ -665,12 +662,7 @@ def sweep(latents, base: TrainConfig, *, k: int = 1000, overrides: dict | None =
         rows.append(row)
         log(f"latent {lat}: test -ELBO {row['test_nelbo']:.3f}, test NLL {row['test_nll']:.3f} (k={k}), "
             f"BIC {row['bic']:.6g}")
-        buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=SWEEP_COLUMNS, lineterminator="\n")
-        w.writeheader()
-        for r in rows:
-            w.writerow({c: (f"{v:.6g}" if isinstance(v, float) else v) for c, v in r.items()})
-        atomic_write(out / "sweep.csv", lambda f: f.write(buf.getvalue()), mode="w")
+        write_csv(out / "sweep.csv", SWEEP_COLUMNS, rows)
         _save_sweep_plot(out / "sweep.png", rows)
     log(f"wrote {out / 'sweep.csv'} and {out / 'sweep.png'}")
     return rows
