@@ -10,8 +10,10 @@ import gzip
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -265,3 +267,25 @@ def test_python_dash_m_entry_point(tmp_path):
                        capture_output=True, text=True, env=env, timeout=120)
     assert_one_line_error(p.returncode, p.stderr, "no such directory")
     assert p.returncode == 1 and p.stdout == ""
+
+
+def test_sigterm_ends_training_cleanly(tmp_path):
+    """kill (SIGTERM) mid-run: one line, status 143, and the last complete checkpoint and metrics."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "vae_ext", "train", "--epochs", "1000", "--out", str(out), *TINY],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.csv").exists() and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.1)
+        time.sleep(0.3)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert_one_line_error(p.returncode, err, "terminated")
+    assert p.returncode == 143
+    ck = load_checkpoint(out)
+    assert 1 <= ck["epoch"] < 1000 and len(read_csv(out / "metrics.csv")) >= ck["epoch"] - 1
+    assert not [q for q in out.iterdir() if q.name.endswith(".tmp")]

@@ -2,13 +2,14 @@
 
 See docs/cli.md. Mistakes in the input (options, data files, checkpoints, devices) end the command
 with one line on stderr naming the problem and a non-zero exit status: 2 for an unusable option
-(argparse), 1 for everything else, 130 when interrupted.
+(argparse), 1 for everything else, 130 when interrupted (Ctrl-C), 143 on SIGTERM.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import re
+import signal
 import sys
 
 from .errors import VaeExtError
@@ -239,10 +240,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a scheduler's preemption), handled like Ctrl-C so cleanup code runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv=None) -> int:
     """Run the command; returns the exit status (the console script exits with it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
+    try:
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        return _main(argv, command)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv, command) -> int:
     try:
         if command == "bench":
             return _cmd_bench(argv[1:])
@@ -265,10 +286,11 @@ def main(argv=None) -> int:
     except OSError as e:  # writing into --out: permission denied, disk full ...
         print(f"{PROG} {command}: error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"{PROG} {command}: interrupted (files already written are complete: they are replaced atomically)",
+    except KeyboardInterrupt as e:
+        what = "terminated" if isinstance(e, _Terminated) else "interrupted"
+        print(f"{PROG} {command}: {what} (files already written are complete: they are replaced atomically)",
               file=sys.stderr)
-        return 130
+        return 143 if isinstance(e, _Terminated) else 130
 
 
 if __name__ == "__main__":  # pragma: no cover
