@@ -19,10 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import vae_ext
 from vae_ext import cli
 from vae_ext.train import atomic_write, load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+# Subprocesses import the vae_ext this process imported (the repo with an in-place build, or the
+# installed package when the tests run against `pip install .`), and run outside the repo so that
+# its unbuilt source tree cannot shadow the installed one.
+PKG_ROOT = Path(vae_ext.__file__).resolve().parents[1]
 TINY = ["--hidden", "16", "--latent", "2", "--batch-size", "256", "--no-progress"]
 
 
@@ -262,19 +266,19 @@ def test_cuda_without_cuda(capsys, tmp_path):
 
 
 def test_python_dash_m_entry_point(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(PKG_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "vae_ext", "train", "--data", f"mnist:{tmp_path}/none"],
-                       capture_output=True, text=True, env=env, timeout=120)
+                       capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert_one_line_error(p.returncode, p.stderr, "no such directory")
     assert p.returncode == 1 and p.stdout == ""
 
 
 def test_sigterm_ends_training_cleanly(tmp_path):
     """kill (SIGTERM) mid-run: one line, status 143, and the last complete checkpoint and metrics."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(PKG_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "vae_ext", "train", "--epochs", "1000", "--out", str(out), *TINY],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     try:
         deadline = time.monotonic() + 120
         while not (out / "metrics.csv").exists() and time.monotonic() < deadline and p.poll() is None:

@@ -13,7 +13,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
-REPO = Path(__file__).resolve().parents[1]
+import vae_ext
+
+# The workers import the vae_ext this process imported (in-place build or installed package).
+PKG_ROOT = Path(vae_ext.__file__).resolve().parents[1]
 
 # Each rank runs the trainer exactly as `torchrun -m vae_ext train` does (vae_ext.train.train reads
 # RANK/WORLD_SIZE from the environment and wraps the model in DDP), then saves its own final weights.
@@ -42,7 +45,7 @@ def test_two_gloo_processes_end_with_identical_weights_and_lower_loss(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+           "PYTHONPATH": str(PKG_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc-per-node=2",
            "--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(script), str(tmp_path)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
