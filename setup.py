@@ -68,6 +68,7 @@ class BuildExt(BuildExtension):
         def compile_one(item):
             src, flags = item
             out = os.path.join(self.build_temp, "cap_" + os.path.basename(src)[:-4])
+            os.makedirs(os.path.join(out, os.path.dirname(src)), exist_ok=True)  # ninja won't
             return self.compiler.compile(
                 [src], output_dir=out, macros=ext.define_macros, include_dirs=ext.include_dirs,
                 debug=self.debug, extra_postargs={"cxx": cxx + flags, "nvcc": []}, depends=ext.depends)
