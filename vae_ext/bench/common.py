@@ -331,6 +331,13 @@ def _git_commit() -> Optional[dict]:
         return None
 
 
+_ENV_KEYS = (
+    "OMP_NUM_THREADS", "MKL_NUM_THREADS", "ATEN_CPU_CAPABILITY", "THP_MEM_ALLOC_ENABLE", "LD_PRELOAD",
+    "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "CUDA_VISIBLE_DEVICES",
+    "PYTORCH_CUDA_ALLOC_CONF", "TORCHINDUCTOR_FREEZING", "TORCHINDUCTOR_MAX_AUTOTUNE",
+)
+
+
 def machine_info(device: torch.device, threads: int) -> dict:
     info = {
         "device": device.type,
@@ -343,6 +350,8 @@ def machine_info(device: torch.device, threads: int) -> dict:
         "platform": platform.platform(),
         "load_avg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "gpu_name": None,
+        # what changes CPU timings without changing the code: threads, allocator, kernel choice
+        "env": {k: os.environ[k] for k in _ENV_KEYS if k in os.environ},
     }
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)

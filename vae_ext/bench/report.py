@@ -287,9 +287,11 @@ def settings_line(results: dict) -> str:
         return ""
     mode = st.get("compile_mode", "default")
     backend = st.get("compile_backend", "inductor")
+    env = (results.get("machine") or {}).get("env") or {}
     return (f"{st.get('threads')} threads; torch.compile(mode={mode!r}, backend={backend!r}, dynamic=False); "
             f"{st.get('rounds')} interleaved rounds of {st.get('min_run_time_s')} s per implementation"
-            + ("; --quick" if st.get("quick") else "") + ".")
+            + ("; --quick" if st.get("quick") else "")
+            + ("; environment: " + ", ".join(f"{k}={v}" for k, v in env.items()) if env else "") + ".")
 
 
 def render_console(results: dict) -> str:
