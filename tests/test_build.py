@@ -94,9 +94,11 @@ def _run_variant(tmp_path_factory, env_value):
     env.pop("ATEN_CPU_CAPABILITY", None)
     if env_value is not None:
         env["ATEN_CPU_CAPABILITY"] = env_value
+    # REPO_ROOT: where this process found vae_ext (site-packages in CI); cwd elsewhere, since
+    # `python -c` puts the working folder first on sys.path and a checkout's sources would win
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(path)], env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, cwd=path.parent)
     assert proc.returncode == 0, f"ATEN_CPU_CAPABILITY={env_value}: subprocess failed\n{proc.stderr[-3000:]}"
     return torch.load(path, weights_only=False)
 

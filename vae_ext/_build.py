@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from . import _C
+try:
+    from . import _C
+except ImportError as e:  # a checkout without the build, or a build for another torch
+    raise ImportError(
+        f"vae_ext: the compiled kernels (vae_ext._C) could not be loaded: {e}. Build them against the "
+        "installed torch with `pip install .` (in a checkout: `python setup.py build_ext --inplace`)."
+    ) from e
 
 
 def cpu_capability() -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (loads the library: registers torch.ops.vae_ext.*)
+from ._build import _C  # noqa: F401  (loads the library: registers torch.ops.vae_ext.*)
 
 _HALF = (torch.float16, torch.bfloat16)
 
