@@ -17,6 +17,15 @@ struct Layout {
   int64_t rec_cpr, kl_cpr, rec_units, kl_units;  // chunks per row and units of each part
 };
 
+// The piece of a row that unit k covers, for rows of `width` elements cut in `cpr` chunks.
+struct Segment {
+  int64_t base, len;  // first element (flat index) and element count
+};
+__device__ __forceinline__ Segment segment(int64_t k, int64_t cpr, int64_t width) {
+  const int64_t row = k / cpr, begin = (k % cpr) * kChunk;
+  return {row * width + begin, (width - begin) < kChunk ? (width - begin) : kChunk};
+}
+
 inline Layout layout(int64_t n, int64_t d, int64_t l) {
   Layout u;
   u.rec_cpr = d > 0 ? (d + kChunk - 1) / kChunk : 1;
@@ -36,9 +45,7 @@ __global__ void __launch_bounds__(kThreads) elbo_partials(ElboLaunch a, Layout u
     A acc = A(0);
     bool bad = false;
     if (unit < u.rec_units) {
-      const int64_t row = unit / u.rec_cpr, begin = (unit % u.rec_cpr) * kChunk;
-      const int64_t len = (a.d - begin) < kChunk ? (a.d - begin) : kChunk;
-      const int64_t base = row * a.d + begin;
+      const auto [base, len] = segment(unit, u.rec_cpr, a.d);
       const T* r = static_cast<const T*>(a.recon) + base;
       const T* x = static_cast<const T*>(a.x) + base;
       T* g = a.grad_recon ? static_cast<T*>(a.grad_recon) + base : nullptr;
@@ -75,10 +82,7 @@ __global__ void __launch_bounds__(kThreads) elbo_partials(ElboLaunch a, Layout u
         if (g) g[i] = from_acc<T>(gv);
       }
     } else {
-      const int64_t k = unit - u.rec_units;
-      const int64_t row = k / u.kl_cpr, begin = (k % u.kl_cpr) * kChunk;
-      const int64_t len = (a.l - begin) < kChunk ? (a.l - begin) : kChunk;
-      const int64_t base = row * a.l + begin;
+      const auto [base, len] = segment(unit - u.rec_units, u.kl_cpr, a.l);
       const T* mu = static_cast<const T*>(a.mu) + base;
       const T* lv = static_cast<const T*>(a.logvar) + base;
       T* gmu = a.grad_mu ? static_cast<T*>(a.grad_mu) + base : nullptr;
