@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(kThreads) elbo_partials(ElboLaunch a, Layout u
       auto one = [&](A rv, A xv) -> A {  // loss of one element; the gradient goes to *gv
         A gv;
         const A lv = recon_elem<mode, M>(rv, xv, &gv);
-        if (CHECK) bad |= (rv < A(0)) || (rv > A(1));
+        if (CHECK) bad |= static_cast<bool>(prob_out_of_range<M>(rv));
         acc += lv;
         return gv * scale;
       };
