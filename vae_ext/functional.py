@@ -10,7 +10,7 @@ import numbers
 
 import torch
 
-from . import _ops  # noqa: F401  (registers fake kernels and autograd)
+from . import _ops  # noqa: F401  (loads the kernels, registers their fake kernels)
 
 __all__ = ["elbo_loss", "reparameterize", "RECON_MODES", "REDUCTIONS"]
 
