@@ -115,6 +115,9 @@ def run(args: argparse.Namespace, prog: str = "vae-ext bench", argv: Optional[Li
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: this torch has no CUDA device")
+        if not vae_ext.build_info().get("cuda_kernels"):
+            raise SystemExit("--device cuda: this vae_ext was built without CUDA kernels "
+                             "(build it where torch.version.cuda and CUDA_HOME are set)")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)

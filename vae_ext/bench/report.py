@@ -91,7 +91,8 @@ def _mem_ok(rec: dict) -> str:
         if v or not peak.get(b):
             cells.append(_yes_no(v))
         else:
-            cells.append(f"NO +{100.0 * (peak[f] - peak[b]) / peak[b]:.2g}%")
+            pct = 100.0 * (peak[f] - peak[b]) / peak[b]
+            cells.append(f"NO +{pct:.0f}%" if pct >= 10 else f"NO +{pct:.2g}%")
     return " / ".join(cells)
 
 
