@@ -231,6 +231,12 @@ def run(args: argparse.Namespace, prog: str = "vae-ext bench", argv: Optional[Li
             print(f"\n{name} benchmark failed:\n{traceback.format_exc()}", file=sys.stderr)
         save()
     results["elapsed_s"] = round(time.perf_counter() - t_start, 1)
+    busy = [(name, r) for name, b in results["benchmarks"].items() for r in b.get("results", [])
+            if (r.get("other_cpu_load") or 0) > 0.25]
+    if busy:
+        worst = max(r["other_cpu_load"] for _, r in busy)
+        notes.append(f"other processes kept up to {worst:.1f} of {os.cpu_count()} CPUs busy while {len(busy)} "
+                     "case(s) were timed (other_cpu_load in the JSON): those timings are noisy")
     if hasattr(os, "getloadavg"):
         results["machine"]["load_avg_end"] = list(os.getloadavg())
     results["targets"] = report.check_targets(results)

@@ -137,6 +137,28 @@ def summarize(times_s: Iterable[float]) -> dict:
     }
 
 
+def _cpu_snapshot() -> Optional[tuple]:
+    """(CPU-seconds busy on the whole machine, CPU-seconds of this process, wall seconds); Linux only."""
+    try:
+        import resource
+
+        with open("/proc/stat") as f:
+            vals = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        busy = (sum(vals) - vals[3] - vals[4]) / os.sysconf("SC_CLK_TCK")
+        r = resource.getrusage(resource.RUSAGE_SELF)  # every thread of this process, no children
+        return busy, r.ru_utime + r.ru_stime, time.monotonic()
+    except (OSError, ValueError, ImportError, IndexError):
+        return None
+
+
+def other_load(before: Optional[tuple], after: Optional[tuple]) -> Optional[float]:
+    """Cores kept busy by other processes between two snapshots (the load average would count our own)."""
+    if not before or not after or after[2] <= before[2]:
+        return None
+    others = (after[0] - before[0]) - (after[1] - before[1])
+    return max(0.0, others / (after[2] - before[2]))
+
+
 def warm_up(fn: Callable, ctx: Context) -> float:
     """Call ``fn`` until warm; return the seconds the first call took (compilation, for compiled fns)."""
     t0 = time.perf_counter()
@@ -439,9 +461,11 @@ def measure_impls(
         timed["floor_alloc"] = floor.alloc
         for name in ("floor", "floor_alloc"):
             warm_up(timed[name], ctx)
+    snap = _cpu_snapshot()
     times = time_interleaved(timed, ctx, label)
+    others = other_load(snap, _cpu_snapshot())
     del floor
-    out = {"times": times, "first_call_s": first_call, "load_avg_1m": load}
+    out = {"times": times, "first_call_s": first_call, "load_avg_1m": load, "other_cpu_load": others}
     for key, group in {"peak_mem_bytes": fns, **(mem_fns or {})}.items():
         peak = {}
         if ctx.measure_memory:

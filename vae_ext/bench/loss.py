@@ -141,6 +141,7 @@ def _record(c: dict, nbytes: int, m: dict, check: dict) -> dict:
         "times": times,
         "first_call_s": m["first_call_s"],
         "load_avg_1m": m["load_avg_1m"],
+        "other_cpu_load": m["other_cpu_load"],
         "speedup": {b: common.ratio(times.get(b), times["fused"]) for b in BASELINES},
         "pct_floor": {k: 100.0 * common.ratio(floor, times[k]) for k in IMPLS} if floor else {},
         "GBps": {k: nbytes / (times[k]["median_ms"] * 1e-3) / 1e9 for k in (*IMPLS, "floor")},

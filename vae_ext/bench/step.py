@@ -120,6 +120,7 @@ def run_case(c: dict, ctx: common.Context) -> dict:
         "times": times,
         "first_call_s": m["first_call_s"],
         "load_avg_1m": m["load_avg_1m"],
+        "other_cpu_load": m["other_cpu_load"],
         "speedup": {
             "eager": common.ratio(times["ref_eager"], times["fused_eager"]),
             "compile": common.ratio(times["ref_compile"], times["fused_compile"]),
