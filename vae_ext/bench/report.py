@@ -174,12 +174,12 @@ def step_table(bench: dict) -> Table:
         "batch",
         "reference ms",
         "fused ms",
-        "fused vs reference",
-        "compiled reference ms",
+        "vs reference",
+        "compiled ref ms",
         "compiled fused ms",
-        "compiled fused vs compiled reference",
-        "fused (eager) vs compiled reference",
-        "peak MiB fwd+bwd: ref / fused / compiled ref / compiled fused",
+        "vs compiled ref",
+        "fused vs compiled ref",
+        "peak MiB fwd+bwd: ref / fused / c. ref / c. fused",
         "fused mem <= ref (eager / compiled)",
     ]
     dtypes = {r.get("dtype") for r in bench["results"]}
