@@ -3,6 +3,7 @@
 // redispatches to the CPU/CUDA kernel; the backward scales the gradients the forward wrote
 // (elbo_loss) or calls reparameterize_backward, which recomputes eps (reparameterize).
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
 #include "ops.h"
@@ -13,8 +14,11 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// g * d: d is a 0-d tensor (sum, mean) or one value per sample (none). Out of place, so a second
-// backward through the same graph (retain_graph=True, gradcheck) finds the saved buffer intact.
+// g * d: d is a 0-d tensor (sum, mean) or one value per sample (none). g is the buffer the forward
+// wrote. When the graph is not kept (no retain_graph, the usual case) it is freed right after this
+// backward, so it is scaled in place and handed on: no second tensor the size of recon_x (on CPU a
+// fresh one costs its page faults, as much as the pass itself), and AccumulateGrad can take it as
+// .grad without a copy. With retain_graph=True (gradcheck, a second backward) it stays intact.
 Tensor scale_grad(const Tensor& g, const Tensor& d, bool per_sample) {
   Tensor s = d.to(g.scalar_type());
   if (per_sample) {
@@ -22,7 +26,15 @@ Tensor scale_grad(const Tensor& g, const Tensor& d, bool per_sample) {
     shape[0] = -1;
     s = s.reshape(shape);
   }
-  return g * s;
+  // Tracing (torch.compile, opcheck) sees wrapped tensors and wants no mutation of a saved output.
+  const auto plain = [](const Tensor& t) {
+    return !t.key_set().has(c10::DispatchKey::Python) && !t.key_set().has(c10::DispatchKey::Functionalize);
+  };
+  if (torch::autograd::get_current_graph_task_keep_graph() || !plain(g) || !plain(s)) return g * s;
+  // loss.backward() on a sum or mean sends exactly 1: nothing to scale (read only from a CPU
+  // scalar, which costs no device sync).
+  if (s.numel() == 1 && s.device().is_cpu() && s.item<double>() == 1.0) return g;
+  return g.mul_(s);
 }
 
 struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
