@@ -605,3 +605,38 @@ def test_cuda_graph_capture_draws_fresh_samples():
         assert torch.isfinite(d).all() and abs(d.std().item() - 1) < 0.1
     assert (draws[0] != draws[1]).float().mean() > 0.99, "graph replay reuses the captured eps"
     assert (draws[1] != draws[2]).float().mean() > 0.99
+
+
+def test_philox4x32_10_known_answers():
+    """Random123's known-answer vectors for Philox4x32-10 (the scalar code the CUDA kernels run)."""
+    assert vae_ext._C._philox4x32_10(0, 0, 0) == (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)
+    ones = 0xFFFFFFFFFFFFFFFF
+    assert vae_ext._C._philox4x32_10(ones, ones, ones) == (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)
+    # key (a4093822, 299f31d0), counter (243f6a88, 85a308d3, 13198a2e, 03707344): the digits of pi
+    got = vae_ext._C._philox4x32_10(0x299F31D0A4093822, 0x85A308D3243F6A88, 0x0370734413198A2E)
+    assert got == (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_cpu_vector_normals_match_the_scalar_definition(capability, tmp_path):
+    """The CPU kernels' SIMD Philox + Box-Muller give, element by element, the numbers of the scalar
+    philox_normal_at that the CUDA kernels run (to float rounding: both use the same polynomials)."""
+    import os
+    import subprocess
+    import sys
+    script = (
+        "import numpy as np, torch, vae_ext\n"
+        "e = torch.ops.vae_ext.philox_normal(torch.empty(70001), 987654321987, 40).numpy()\n"
+        "idx = list(range(130)) + list(range(69870, 70001)) + [4097, 33333]\n"
+        "s = np.array([vae_ext._C._philox_normal_scalar(987654321987, 40, i) for i in idx], dtype=np.float32)\n"
+        "d = np.abs(e[idx] - s)\n"
+        "assert (d <= 2.5e-7 * np.maximum(1, np.abs(s))).all(), d.max()\n"
+        "print(vae_ext.cpu_capability())\n"
+    )
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    repo_parent = os.path.dirname(os.path.dirname(os.path.abspath(vae_ext.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_parent, env.get("PYTHONPATH")) if p)
+    # cwd outside the checkout: `python -c` puts it first on sys.path
+    p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
