@@ -17,8 +17,10 @@ TABLE_SCRIPT = ROOT / "benchmarks" / "make_readme_table.py"
 # Tiny sizes, one timing round of a few milliseconds: this checks the plumbing, not the speed.
 # The compiled baselines use the aot_eager backend here (no C++ code generation: seconds saved per
 # graph); test_inductor_baseline runs the real torch.compile baseline once.
+# In-process runs leave glibc's malloc settings alone (--cpu-allocator glibc: mallopt is process-wide);
+# test_cpu_allocator_modes checks the other modes in subprocesses.
 FAST = ["--quick", "--device", "cpu", "--rounds", "1", "--min-run-time", "0.002", "--warmup", "0",
-        "--no-progress"]
+        "--no-progress", "--cpu-allocator", "glibc"]
 AOT_EAGER = ["--compile-backend", "aot_eager"]
 SIZES = {
     "loss": ["--sizes", "loss=8x64:4,4x33:3"],
@@ -203,6 +205,22 @@ def test_only_and_sizes_parsing(tmp_path):
         main(["--sizes", "loss=8x64", "--out", str(tmp_path / "x.json")])
     args = build_parser().parse_args(["--only", "loss,reparam", "--quick"])
     assert args.only == ["loss,reparam"] and args.quick
+
+
+@pytest.mark.parametrize("mode", ["retain", "fresh"])
+def test_cpu_allocator_modes(mode, tmp_path):
+    _vae_ext()
+    out = tmp_path / "r.json"
+    argv = [a for a in FAST if a not in ("--cpu-allocator", "glibc")]
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), *argv, *AOT_EAGER, "--only", "reparam",
+                        "--sizes", "reparam=16x8", "--no-chart", "--no-memory", "--cpu-allocator", mode,
+                        "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())
+    alloc = r["settings"]["cpu_allocator"]
+    assert alloc["mode"] == mode and alloc["applied"] is True
+    assert r["benchmarks"]["reparam"]["results"][0]["peak_mem_bytes"] == {}
+    assert "CPU allocator" in _load_table_script()._load_report().markdown_section(r)
 
 
 @pytest.mark.parametrize("script", ["run.py", "bench_elbo_loss.py", "bench_reparameterize.py", "bench_step.py"])

@@ -59,6 +59,10 @@ def build_parser(prog: str = "vae-ext bench") -> argparse.ArgumentParser:
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend for the compiled baselines (default: inductor; "
                    "aot_eager compiles fast but is no baseline, for smoke tests)")
+    p.add_argument("--cpu-allocator", default="retain", choices=("retain", "fresh", "glibc"),
+                   help="CPU: how freed memory is reused (glibc mallopt), the same for every implementation: "
+                   "retain (default; no page faults after warm-up), fresh (large blocks are new pages "
+                   "every time), glibc (untouched defaults; large-size timings then depend on heap history)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON results path (default: runs/bench/<device>-<time>.json)")
@@ -153,6 +157,7 @@ def run(args: argparse.Namespace, prog: str = "vae-ext bench", argv: Optional[Li
         seed=args.seed,
     )
     common.configure_dynamo()
+    allocator = common.configure_cpu_allocator(args.cpu_allocator)
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("runs") / "bench" / f"{device.type}-{stamp}.json"
@@ -160,6 +165,9 @@ def run(args: argparse.Namespace, prog: str = "vae-ext bench", argv: Optional[Li
 
     machine = common.machine_info(device, threads)
     notes = []
+    if args.cpu_allocator != "glibc" and not allocator["applied"]:
+        notes.append(f"--cpu-allocator {args.cpu_allocator} could not be applied ({allocator.get('why_not', '?')}): "
+                     "large CPU tensors may page-fault on every allocation")
     if args.compile_backend != "inductor":
         notes.append(f"compiled baselines use torch.compile(backend={args.compile_backend!r}), not inductor: "
                      "their times are not the torch.compile baseline")
@@ -191,6 +199,7 @@ def run(args: argparse.Namespace, prog: str = "vae-ext bench", argv: Optional[Li
             "models": ctx.models,
             "adam": ctx.adam,
             "timer": "torch.utils.benchmark.Timer.blocked_autorange, interleaved rounds; median over all blocks",
+            "cpu_allocator": allocator,
         },
         "memory_method": common.MEMORY_METHOD[device.type] if ctx.measure_memory else None,
         "copy_bandwidth": None,

@@ -282,6 +282,20 @@ def _bandwidth_line(results: dict) -> str:
             f"(`dst.copy_(src)`, {bw['bytes'] / 2**20:.0f} MiB read + written per copy).")
 
 
+def _allocator_text(results: dict) -> str:
+    st = results.get("settings") or {}
+    a = st.get("cpu_allocator")
+    if not a or (results.get("machine") or {}).get("device") != "cpu":
+        return ""
+    if a.get("mode") == "glibc":
+        return "; CPU allocator: glibc defaults (large blocks may page-fault on every allocation)"
+    if not a.get("applied"):
+        return f"; CPU allocator: {a.get('mode')} requested but not applied"
+    return {"retain": "; CPU allocator: freed memory retained for reuse (no page faults after warm-up)",
+            "fresh": "; CPU allocator: every block >= 256 KiB is fresh pages (page faults on every allocation)",
+            }.get(a.get("mode"), f"; CPU allocator: {a.get('mode')}")
+
+
 def settings_line(results: dict) -> str:
     st = results.get("settings") or {}
     if not st:
@@ -292,6 +306,7 @@ def settings_line(results: dict) -> str:
     return (f"{st.get('threads')} threads; torch.compile(mode={mode!r}, backend={backend!r}, dynamic=False); "
             f"{st.get('rounds')} interleaved rounds of {st.get('min_run_time_s')} s per implementation"
             + ("; --quick" if st.get("quick") else "")
+            + _allocator_text(results)
             + ("; environment: " + ", ".join(f"{k}={v}" for k, v in env.items()) if env else "") + ".")
 
 
