@@ -171,10 +171,14 @@ def run(args: argparse.Namespace, prog: str = "vae-ext bench", argv: Optional[Li
     if args.compile_backend != "inductor":
         notes.append(f"compiled baselines use torch.compile(backend={args.compile_backend!r}), not inductor: "
                      "their times are not the torch.compile baseline")
-    load = machine.get("load_avg_start")
-    if device.type == "cpu" and load and load[0] > 0.5 * (os.cpu_count() or 1):
-        notes.append(f"the machine was busy at the start (1-min load average {load[0]:.2f} on "
-                     f"{os.cpu_count()} CPUs): timings are noisy")
+    # Other processes' CPU use over half a second (the load average would still count our own last run).
+    snap = common._cpu_snapshot()
+    time.sleep(0.5)
+    others = common.other_load(snap, common._cpu_snapshot())
+    machine["other_cpu_load_start"] = others
+    if device.type == "cpu" and others is not None and others > 0.25:
+        notes.append(f"other processes kept {others:.1f} of {os.cpu_count()} CPUs busy at the start: "
+                     "timings may be noisy")
     results = {
         "schema": common.SCHEMA,
         "command": _command(prog, list(argv if argv is not None else sys.argv[1:])),
