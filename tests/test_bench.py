@@ -91,7 +91,7 @@ def test_loss_records(results):
     for x in recs:
         for impl in ("fused", "eager", "compile", "floor", "floor_alloc"):
             assert _is_time(x["times"][impl]), impl
-        assert x["bytes_fused"] == (5 * x["N"] * x["D"] + 8 * x["N"] * x["L"]) * 4
+        assert x["bytes_fused"] == (3 * x["N"] * x["D"] + 4 * x["N"] * x["L"]) * 4
         assert x["speedup"]["eager"] == pytest.approx(x["times"]["eager"]["median_ms"] / x["times"]["fused"]["median_ms"])
         assert set(x["speedup"]) == {"eager", "compile"}
         assert set(x["pct_floor"]) == {"fused", "eager", "compile"}
@@ -108,7 +108,7 @@ def test_reparam_records(results):
     for x in recs:
         for impl in ("fused", "eager", "compile", "floor"):
             assert _is_time(x["times"][impl]), impl
-        assert x["bytes_fused"] == 7 * x["N"] * x["L"] * 4
+        assert x["bytes_fused"] == 6 * x["N"] * x["L"] * 4
         assert set(x["speedup"]) == {"eager", "compile"}
         assert set(x["peak_mem_bytes"]) == {"fused", "eager", "compile"}
         assert x["check"]["grad_mu_rel_err"] < 1e-6 and x["check"]["grad_logvar_rel_err"] < 1e-4

@@ -338,8 +338,9 @@ def markdown_section(results: dict) -> str:
         "",
         "Medians of forward + backward (`torch.utils.benchmark`, interleaved rounds after warm-up). "
         "*vs eager* / *vs compile*: time of the eager `vae_ext.reference` op / of `torch.compile` of it, "
-        "divided by the fused time (> 1: fused is faster). *floor*: a `copy_` of as many bytes as the fused "
-        "pass reads and writes; *% of floor*: floor time / fused time. Peak memory: "
+        "divided by the fused time (> 1: fused is faster). *floor*: a `copy_` of as many bytes as any forward + "
+        "backward must read and write (loss: recon, x and the gradient, 3 x N x D; reparameterize: 6 x N x L); "
+        "*% of floor*: floor time / fused time. Peak memory: "
         f"{results.get('memory_method', '-')}.",
         "",
         f"Settings: {settings_line(results)}",
