@@ -418,13 +418,18 @@ def write_chart(results: dict, path) -> Optional[str]:
         ax.xaxis.set_minor_formatter(NullFormatter())
         vals = [v for pts in series.values() for _, v in pts] + [1.0]
         lo, hi = min(vals), max(vals)
-        yt = [m * 10.0**e for e in range(-3, 5) for m in (1, 2, 5) if lo / 1.5 <= m * 10.0**e <= hi * 1.5]
+        yt = []
+        for subs in ((1, 2, 5), (1, 1.5, 2, 3, 5, 7), (1, 1.1, 1.2, 1.3, 1.5, 1.7, 2, 3, 5, 7, 8, 9)):
+            yt = [m * 10.0**e for e in range(-3, 5) for m in subs if lo / 1.15 <= m * 10.0**e <= hi * 1.15]
+            if len(yt) >= 3:
+                break
+        ax.set_ylim(min(yt + [lo]) / 1.1, max(yt + [hi]) * 1.1)
         ax.set_yticks(yt)
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_title(benches[name].get("title", name), fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="best")
     fig.suptitle(f"vae_ext fused kernels - {machine_line(results)}", fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
