@@ -104,11 +104,14 @@ struct ReparameterizeFunction : public torch::autograd::Function<ReparameterizeF
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("vae_ext::reparameterize_backward", "")
-                         .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t)>();
+                         .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t, bool)>();
     const Tensor& grad_z = grads[0];
     if (!grad_z.defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     const auto saved = ctx->get_saved_variables();
-    auto [g_mu, g_logvar] = op.call(grad_z, saved[0], saved[1], ctx->saved_data["num_samples"].toInt());
+    const int64_t k = ctx->saved_data["num_samples"].toInt();
+    // Without a samples dimension d z / d mu is the identity: grad_mu is grad_z itself.
+    auto [g_mu, g_logvar] = op.call(grad_z, saved[0], saved[1], k, /*grad_mu=*/k > 0);
+    if (k == 0) g_mu = grad_z;
     return {ctx->needs_input_grad(0) ? g_mu : Tensor(), ctx->needs_input_grad(1) ? g_logvar : Tensor(), Tensor(),
             Tensor(), Tensor()};
   }

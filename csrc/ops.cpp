@@ -200,17 +200,18 @@ ReparamOutputs reparameterize_cpu(const Tensor& mu, const Tensor& logvar, int64_
 }
 
 std::tuple<Tensor, Tensor> reparameterize_backward_cpu(const Tensor& grad_z, const Tensor& logvar,
-                                                       const Tensor& rng_state, int64_t num_samples) {
+                                                       const Tensor& rng_state, int64_t num_samples,
+                                                       bool grad_mu) {
   check_reparam_backward_inputs(grad_z, logvar, rng_state, num_samples);
   const Tensor gc = grad_z.contiguous(), lc = logvar.contiguous();
-  Tensor g_mu = at::empty_like(lc), g_lv = at::empty_like(lc);
+  Tensor g_mu = grad_mu ? at::empty_like(lc) : at::empty({0}, lc.options()), g_lv = at::empty_like(lc);
   const Tensor st = rng_state.cpu();
   if (logvar.numel() > 0) {
     cpu::ReparamBackwardArgs a{};
     a.dtype = cpu_dtype(logvar.scalar_type());
     a.grad_z = gc.const_data_ptr();
     a.logvar = lc.const_data_ptr();
-    a.grad_mu = g_mu.data_ptr();
+    a.grad_mu = grad_mu ? g_mu.data_ptr() : nullptr;
     a.grad_logvar = g_lv.data_ptr();
     a.numel = logvar.numel();
     a.k = std::max<int64_t>(num_samples, 1);
@@ -261,7 +262,10 @@ TORCH_LIBRARY(vae_ext, m) {
       "reparameterize(Tensor mu, Tensor logvar, int num_samples, bool return_eps, Generator? generator=None) "
       "-> (Tensor, Tensor, Tensor)",
       {at::Tag::nondeterministic_seeded});
-  m.def("reparameterize_backward(Tensor grad_z, Tensor logvar, Tensor rng_state, int num_samples) -> (Tensor, Tensor)");
+  // grad_mu=False: the first output is empty (with no samples dimension, grad_mu is grad_z itself)
+  m.def(
+      "reparameterize_backward(Tensor grad_z, Tensor logvar, Tensor rng_state, int num_samples, "
+      "bool grad_mu=True) -> (Tensor, Tensor)");
   m.def("philox_normal(Tensor like, int seed, int offset) -> Tensor");
 }
 

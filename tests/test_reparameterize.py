@@ -640,3 +640,17 @@ def test_cpu_vector_normals_match_the_scalar_definition(capability, tmp_path):
     p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120,
                        cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_backward_op_grad_mu_flag():
+    """reparameterize_backward(grad_mu=False) skips d/dmu (the identity without samples) and gives the
+    same d/dlogvar; the op passes opcheck both ways."""
+    mu, lv = torch.randn(7, 5), torch.randn(7, 5)
+    z, eps, state = torch.ops.vae_ext.reparameterize(mu, lv, 3, True, None)
+    g = torch.randn_like(z)
+    gm, gl = torch.ops.vae_ext.reparameterize_backward(g, lv, state, 3)
+    gm0, gl0 = torch.ops.vae_ext.reparameterize_backward(g, lv, state, 3, False)
+    assert gm0.numel() == 0 and torch.equal(gl, gl0)
+    torch.testing.assert_close(gm, g.sum(0))
+    for flag in (True, False):
+        torch.library.opcheck(torch.ops.vae_ext.reparameterize_backward.default, (g, lv, state, 3, flag))

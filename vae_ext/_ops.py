@@ -53,10 +53,9 @@ def _reparameterize_fake(mu, logvar, num_samples, return_eps, generator=None):
 
 
 @torch.library.register_fake("vae_ext::reparameterize_backward")
-def _reparameterize_backward_fake(grad_z, logvar, rng_state, num_samples):
-    return torch.empty_like(logvar, memory_format=torch.contiguous_format), torch.empty_like(
-        logvar, memory_format=torch.contiguous_format
-    )
+def _reparameterize_backward_fake(grad_z, logvar, rng_state, num_samples, grad_mu=True):
+    g_mu = torch.empty_like(logvar, memory_format=torch.contiguous_format) if grad_mu else logvar.new_empty(0)
+    return g_mu, torch.empty_like(logvar, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("vae_ext::philox_normal")

@@ -48,7 +48,7 @@ struct ReparamBackwardArgs {
   DType dtype;
   const void* grad_z;  // [k * numel] contiguous
   const void* logvar;  // [numel]
-  void* grad_mu;       // [numel]
+  void* grad_mu;       // [numel], or nullptr: not wanted
   void* grad_logvar;   // [numel]
   int64_t numel, k;
   uint64_t seed, offset;

@@ -508,10 +508,10 @@ void reparam_backward_typed(const ReparamBackwardArgs& a) {
         const V gl = half * (l * half).exp() * V::loadu(sum_ge + j, cnt);
         const V gm = V::loadu(sum_g + j, cnt);
         if (cnt == W) {
-          IO::store(gmu + i, gm);
+          if (gmu) IO::store(gmu + i, gm);
           IO::store(glv + i, gl);
         } else {
-          IO::store(gmu + i, gm, cnt);
+          if (gmu) IO::store(gmu + i, gm, cnt);
           IO::store(glv + i, gl, cnt);
         }
       }

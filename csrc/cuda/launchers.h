@@ -64,7 +64,7 @@ struct ReparamBackwardLaunch {
   DType dtype;
   const void* grad_z;  // [k * numel] contiguous
   const void* logvar;  // [numel]
-  void* grad_mu;
+  void* grad_mu;       // or nullptr: not wanted
   void* grad_logvar;
   int64_t numel, k;
   const int64_t* state;  // [2] on the device, from the forward

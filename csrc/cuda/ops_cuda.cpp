@@ -110,17 +110,18 @@ ReparamOutputs reparameterize_cuda(const Tensor& mu, const Tensor& logvar, int64
 }
 
 std::tuple<Tensor, Tensor> reparameterize_backward_cuda(const Tensor& grad_z, const Tensor& logvar,
-                                                        const Tensor& rng_state, int64_t num_samples) {
+                                                        const Tensor& rng_state, int64_t num_samples,
+                                                        bool grad_mu) {
   check_reparam_backward_inputs(grad_z, logvar, rng_state, num_samples);
   TORCH_CHECK_VALUE(rng_state.device() == logvar.device(), "rng_state: expected a tensor on ", logvar.device());
   const c10::cuda::CUDAGuard guard(logvar.device());
   const Tensor gc = grad_z.contiguous(), lc = logvar.contiguous(), st = rng_state.contiguous();
-  Tensor g_mu = at::empty_like(lc), g_lv = at::empty_like(lc);
+  Tensor g_mu = grad_mu ? at::empty_like(lc) : at::empty({0}, lc.options()), g_lv = at::empty_like(lc);
   cuda::ReparamBackwardLaunch a{};
   a.dtype = cuda_dtype(logvar.scalar_type());
   a.grad_z = gc.const_data_ptr();
   a.logvar = lc.const_data_ptr();
-  a.grad_mu = g_mu.numel() ? g_mu.data_ptr() : nullptr;
+  a.grad_mu = (grad_mu && g_mu.numel()) ? g_mu.data_ptr() : nullptr;
   a.grad_logvar = g_lv.numel() ? g_lv.data_ptr() : nullptr;
   a.numel = logvar.numel();
   a.k = std::max<int64_t>(num_samples, 1);

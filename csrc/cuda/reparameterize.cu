@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(kThreads) reparam_backward_kernel(ReparamBackw
       const T ev = from_acc<T>(static_cast<A>(philox_normal_at<ScalarMath<float>>(seed, offset, static_cast<uint64_t>(e))));
       sge += g * to_acc(ev);
     }
-    gmu[i] = from_acc<T>(sg);
+    if (gmu) gmu[i] = from_acc<T>(sg);
     glv[i] = from_acc<T>(A(0.5) * exp(A(0.5) * to_acc(lv[i])) * sge);
   }
 }
