@@ -123,7 +123,7 @@ def elbo_loss(
     )
     # beta stays out of the kernel: a new value needs no rebuild and (after the first change)
     # no torch.compile recompilation; autograd carries it to the KL gradient.
-    if beta == 1.0 and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and beta == 1.0:  # (beta unread when compiling)
         loss = rec + kl  # eager: one op and one autograd node fewer (most calls have beta = 1)
     else:
         loss = rec + beta * kl  # compiled: one graph for every beta (no specialization on 1.0)
