@@ -2,8 +2,8 @@
 // (with M = a SIMD vector policy, csrc/cpu) and the CUDA kernels (with M = ScalarMath<float|double>).
 //
 // Each formula is written once over a "math policy" M, which supplies the type T and the
-// primitives (log, log1p, exp, abs, select, ...). NaN must propagate: every clamp is written as
-// select(a < lo, lo, a), which keeps a NaN `a` (std::max/fmaxf would replace it by `lo`).
+// primitives (log, log1p, exp, abs, select, clamp_min, ...). NaN must propagate: M::clamp_min(a, lo)
+// keeps a NaN `a` (std::max/fmaxf would replace it by `lo`).
 #pragma once
 
 #include <cmath>
@@ -28,6 +28,7 @@ struct ScalarMath {
   static VAE_HD T sqrt(T v) { return std::sqrt(v); }
   static VAE_HD T round(T v) { return std::rint(v); }
   static VAE_HD T select(Mask m, T a, T b) { return m ? a : b; }
+  static VAE_HD T clamp_min(T v, T lo) { return v < lo ? lo : v; }  // keeps a NaN v
   static VAE_HD T fill(double v) { return static_cast<T>(v); }
 };
 
@@ -40,10 +41,10 @@ VAE_HD typename M::T bce_elem(typename M::T p, typename M::T x, typename M::T* g
   const T one = M::fill(1.0), lo = M::fill(-100.0), eps = M::fill(static_cast<double>(1e-12f));
   T lp = M::log(p);
   T l1p = M::log1p(M::fill(0.0) - p);
-  lp = M::select(lp < lo, lo, lp);
-  l1p = M::select(l1p < lo, lo, l1p);
+  lp = M::clamp_min(lp, lo);
+  l1p = M::clamp_min(l1p, lo);
   T den = (one - p) * p;
-  den = M::select(den < eps, eps, den);
+  den = M::clamp_min(den, eps);
   *grad = (p - x) / den;
   return (x - one) * l1p - x * lp;
 }
@@ -61,9 +62,9 @@ VAE_HD typename M::T bce_binary_elem(typename M::T p, typename M::T x, typename 
   const T q = M::select(is_one, p, u);
   const T delta = M::select(is_one, M::fill(0.0), (u - one) + p);  // 1 - p's rounding error
   T lq = M::log(q) - delta * (two - q);
-  lq = M::select(lq < lo, lo, lq);
+  lq = M::clamp_min(lq, lo);
   T den = u * p;
-  den = M::select(den < eps, eps, den);
+  den = M::clamp_min(den, eps);
   *grad = (p - x) / den;
   return M::fill(0.0) - lq;
 }

@@ -44,6 +44,13 @@ struct VecMath {
   static T sqrt(const T& v) { return v.sqrt(); }
   static T round(const T& v) { return v.round(); }
   static T select(const Mask& m, const T& a, const T& b) { return V::blendv(b, a, m); }
+  static T clamp_min(const T& v, const T& lo) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    return at::vec::clamp_min(v, lo);  // max(lo, v): one instruction, and x86 max keeps a NaN v
+#else
+    return V::blendv(v, lo, v < lo);  // the generic clamp_min would drop a NaN
+#endif
+  }
   static T fill(double v) { return T(static_cast<typename V::value_type>(v)); }
 };
 
