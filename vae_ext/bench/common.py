@@ -536,3 +536,26 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     den = b.abs().max().item()
     num = (a - b).abs().max().item()
     return num / den if den > 0 else num
+
+
+def op_record(fields: dict, *, times: dict, measured: dict, floor, nbytes: int, peak, check,
+              impls, baselines) -> dict:
+    """One op benchmark case as stored in the JSON: ``fields`` (the case's sizes) plus the timings,
+    speedups, percent of the floor, achieved bandwidth, peak memory and correctness check."""
+    rec = dict(fields)
+    rec.update({
+        "bytes_fused": nbytes,
+        "times": times,
+        "first_call_s": measured["first_call_s"],
+        "load_avg_1m": measured["load_avg_1m"],
+        "other_cpu_load": measured["other_cpu_load"],
+        "speedup": {b: ratio(times.get(b), times["fused"]) for b in baselines},
+        "pct_floor": {k: 100.0 * ratio(floor, times[k]) for k in impls} if floor else {},
+        "GBps": {k: nbytes / (times[k]["median_ms"] * 1e-3) / 1e9 for k in (*impls, "floor")},
+        "peak_mem_bytes": peak,
+        "check": check,
+    })
+    if peak:
+        rec["mem_fused_le"] = {b: peak["fused"] <= peak[b] for b in baselines}
+    return rec
+

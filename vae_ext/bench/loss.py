@@ -132,27 +132,10 @@ def run_case(c: dict, ctx: common.Context) -> dict:
 def _record(c: dict, nbytes: int, m: dict, check: dict) -> dict:
     times, peak = m["times"], m["peak_mem_bytes"]
     floor = times.get("floor")
-    rec = {
-        "recon": c["recon"],
-        "dtype": common.dtype_name(c["dtype"]),
-        "N": c["N"],
-        "D": c["D"],
-        "L": c["L"],
-        "elements": c["N"] * c["D"],
-        "bytes_fused": nbytes,
-        "times": times,
-        "first_call_s": m["first_call_s"],
-        "load_avg_1m": m["load_avg_1m"],
-        "other_cpu_load": m["other_cpu_load"],
-        "speedup": {b: common.ratio(times.get(b), times["fused"]) for b in BASELINES},
-        "pct_floor": {k: 100.0 * common.ratio(floor, times[k]) for k in IMPLS} if floor else {},
-        "GBps": {k: nbytes / (times[k]["median_ms"] * 1e-3) / 1e9 for k in (*IMPLS, "floor")},
-        "peak_mem_bytes": peak,
-        "check": check,
-    }
-    if peak:
-        rec["mem_fused_le"] = {b: peak["fused"] <= peak[b] for b in BASELINES}
-    return rec
+    fields = {"recon": c["recon"], "dtype": common.dtype_name(c["dtype"]), "N": c["N"], "D": c["D"],
+              "L": c["L"], "elements": c["N"] * c["D"]}
+    return common.op_record(fields, times=times, measured=m, floor=floor, nbytes=nbytes, peak=peak,
+                            check=check, impls=IMPLS, baselines=BASELINES)
 
 
 def run(ctx: common.Context, progress=None) -> dict:
