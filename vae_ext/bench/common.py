@@ -559,3 +559,8 @@ def op_record(fields: dict, *, times: dict, measured: dict, floor, nbytes: int, 
         rec["mem_fused_le"] = {b: peak["fused"] <= peak[b] for b in baselines}
     return rec
 
+
+def run_cases(ctx: Context, progress, cases: list, run_case: Callable, name: str, case_label: Callable) -> list:
+    """run_case(c, ctx) for every case, through the progress wrapper when there is one."""
+    return [run_case(c, ctx) for c in (cases if progress is None else progress(cases, name, case_label))]
+

@@ -139,10 +139,7 @@ def _record(c: dict, nbytes: int, m: dict, check: dict) -> dict:
 
 
 def run(ctx: common.Context, progress=None) -> dict:
-    results = []
-    cs = cases(ctx)
-    for c in cs if progress is None else progress(cs, NAME, case_label):
-        results.append(run_case(c, ctx))
+    results = common.run_cases(ctx, progress, cases(ctx), run_case, NAME, case_label)
     return {
         "name": NAME,
         "title": TITLE,

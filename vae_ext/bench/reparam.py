@@ -101,8 +101,7 @@ def run_case(c: dict, ctx: common.Context) -> dict:
 
 
 def run(ctx: common.Context, progress=None) -> dict:
-    cs = cases(ctx)
-    results = [run_case(c, ctx) for c in (cs if progress is None else progress(cs, NAME, case_label))]
+    results = common.run_cases(ctx, progress, cases(ctx), run_case, NAME, case_label)
     return {
         "name": NAME,
         "title": TITLE,
