@@ -40,18 +40,19 @@ Tensor scale_grad(const Tensor& g, const Tensor& d, bool per_sample) {
 struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& recon, const Tensor& x, const Tensor& mu,
                                const Tensor& logvar, const std::string& recon_mode, const std::string& reduction,
-                               bool grad_recon, bool grad_latent, bool validate) {
+                               bool grad_recon, bool grad_latent, bool validate, bool total) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("vae_ext::elbo_loss", "")
                          .typed<ElboOutputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                            c10::string_view, c10::string_view, bool, bool, bool)>();
+                                            c10::string_view, c10::string_view, bool, bool, bool, bool)>();
     at::AutoDispatchBelowADInplaceOrView below;
     auto [rec, kl, g_recon, g_mu, g_logvar] =
-        op.call(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent, validate);
+        op.call(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent, validate, total);
     ctx->save_for_backward({g_recon, g_mu, g_logvar});
     ctx->saved_data["per_sample"] = reduction == "none";
     ctx->saved_data["grad_recon"] = grad_recon;
     ctx->saved_data["grad_latent"] = grad_latent;
+    ctx->saved_data["total"] = total;
     ctx->mark_non_differentiable({g_recon, g_mu, g_logvar});
     ctx->set_materialize_grads(false);  // no zero tensors for the outputs nobody differentiates
     return {rec, kl, g_recon, g_mu, g_logvar};
@@ -66,22 +67,24 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
                     (!need_latent || ctx->saved_data["grad_latent"].toBool()),
                 "vae_ext::elbo_loss: backward needs the gradient buffers, but the op was called with "
                 "grad_recon/grad_latent=False; call it through vae_ext.elbo_loss");
-    const Tensor &d_rec = grads[0], &d_kl = grads[1];
+    // total: the first output is rec + kl, the second is empty (both terms get its gradient).
+    const bool total = ctx->saved_data["total"].toBool();
+    const Tensor &d_rec = grads[0], &d_kl = total ? grads[0] : grads[1];
     Tensor g_recon, g_mu, g_logvar;
     if (need_recon && d_rec.defined()) g_recon = scale_grad(saved[0], d_rec, per_sample);
     if (d_kl.defined()) {
       if (ctx->needs_input_grad(2)) g_mu = scale_grad(saved[1], d_kl, per_sample);
       if (ctx->needs_input_grad(3)) g_logvar = scale_grad(saved[2], d_kl, per_sample);
     }
-    return {g_recon, Tensor(), g_mu, g_logvar, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return {g_recon, Tensor(), g_mu, g_logvar, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
 ElboOutputs elbo_loss_autograd(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar,
                                c10::string_view recon_mode, c10::string_view reduction, bool grad_recon,
-                               bool grad_latent, bool validate) {
+                               bool grad_latent, bool validate, bool total) {
   auto out = ElboLossFunction::apply(recon, x, mu, logvar, std::string(recon_mode), std::string(reduction),
-                                     grad_recon, grad_latent, validate);
+                                     grad_recon, grad_latent, validate, total);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 

@@ -107,29 +107,22 @@ cpu::DType cpu_dtype(at::ScalarType st) {
 
 void* ptr_or_null(const Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
 
-// rec/kl outputs from per-sample sums (double, CPU), reduced in a fixed order.
-std::tuple<Tensor, Tensor> reduce_terms(const Tensor& row_rec, const Tensor& row_kl, Reduction red,
+// The two outputs from the kernel's sums over the batch (sum and mean): (rec, kl), or with
+// total (rec + kl, empty).
+std::tuple<Tensor, Tensor> reduce_terms(double sr, double sk, int64_t n, Reduction red, bool total,
                                         at::ScalarType out) {
-  if (red == Reduction::None) return {row_rec.to(out), row_kl.to(out)};
-  const double* r = row_rec.const_data_ptr<double>();
-  const double* k = row_kl.const_data_ptr<double>();
-  const int64_t n = row_rec.numel();
-  double sr = 0.0, sk = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    sr += r[i];
-    sk += k[i];
-  }
   if (red == Reduction::Mean) {
     sr /= static_cast<double>(n);  // 0 / 0 = NaN for an empty batch, as Tensor.mean()
     sk /= static_cast<double>(n);
   }
   const auto opts = at::TensorOptions().dtype(out);
+  if (total) return {at::scalar_tensor(sr + sk, opts), at::empty({0}, opts)};
   return {at::scalar_tensor(sr, opts), at::scalar_tensor(sk, opts)};
 }
 
 ElboOutputs elbo_loss_cpu(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar,
                           c10::string_view recon_mode, c10::string_view reduction, bool grad_recon,
-                          bool grad_latent, bool validate) {
+                          bool grad_latent, bool validate, bool total) {
   (void)validate;  // the CPU kernel always checks "bce" probabilities (it is free here)
   const Recon mode = parse_recon(recon_mode);
   const Reduction red = parse_reduction(reduction);
@@ -138,7 +131,11 @@ ElboOutputs elbo_loss_cpu(const Tensor& recon, const Tensor& x, const Tensor& mu
   Tensor g_r = grad_recon ? at::empty_like(rc) : at::empty({0}, rc.options());
   Tensor g_mu = grad_latent ? at::empty_like(mc) : at::empty({0}, mc.options());
   Tensor g_lv = grad_latent ? at::empty_like(lc) : at::empty({0}, lc.options());
-  Tensor row_rec = at::empty({n}, at::kDouble), row_kl = at::empty({n}, at::kDouble);
+  // Per-sample sums only for reduction="none"; sum and mean take one total each (no buffer of n).
+  const bool per_sample = red == Reduction::None;
+  Tensor row_rec = per_sample ? at::empty({n}, at::kDouble) : Tensor();
+  Tensor row_kl = per_sample ? at::empty({n}, at::kDouble) : Tensor();
+  double total_rec = 0.0, total_kl = 0.0;
   std::atomic<bool> bad{false};
   cpu::ElboArgs args{};
   args.dtype = cpu_dtype(recon.scalar_type());
@@ -154,12 +151,17 @@ ElboOutputs elbo_loss_cpu(const Tensor& recon, const Tensor& x, const Tensor& mu
   args.d = d;
   args.l = l;
   args.grad_scale = (red == Reduction::Mean && n > 0) ? 1.0 / static_cast<double>(n) : 1.0;
-  args.row_rec = row_rec.data_ptr<double>();
-  args.row_kl = row_kl.data_ptr<double>();
+  args.row_rec = per_sample ? row_rec.data_ptr<double>() : nullptr;
+  args.row_kl = per_sample ? row_kl.data_ptr<double>() : nullptr;
+  args.total_rec = &total_rec;
+  args.total_kl = &total_kl;
   args.bad_prob = &bad;
   cpu::kernels().elbo(args);
   if (bad.load()) throw_bce_out_of_range();
-  auto [rec, kl] = reduce_terms(row_rec, row_kl, red, loss_dtype(recon.scalar_type()));
+  const at::ScalarType out = loss_dtype(recon.scalar_type());
+  if (per_sample && total) return {row_rec.add_(row_kl).to(out), at::empty({0}, row_rec.options().dtype(out)), g_r, g_mu, g_lv};
+  if (per_sample) return {row_rec.to(out), row_kl.to(out), g_r, g_mu, g_lv};
+  auto [rec, kl] = reduce_terms(total_rec, total_kl, n, red, total, out);
   return {rec, kl, g_r, g_mu, g_lv};
 }
 
@@ -257,7 +259,8 @@ constexpr bool kHasCuda = false;
 TORCH_LIBRARY(vae_ext, m) {
   m.def(
       "elbo_loss(Tensor recon, Tensor x, Tensor mu, Tensor logvar, str recon_mode, str reduction, "
-      "bool grad_recon, bool grad_latent, bool validate) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool grad_recon, bool grad_latent, bool validate, bool total=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "reparameterize(Tensor mu, Tensor logvar, int num_samples, bool return_eps, Generator? generator=None) "
       "-> (Tensor, Tensor, Tensor)",

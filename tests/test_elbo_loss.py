@@ -459,21 +459,47 @@ def test_gradcheck(mode, reduction):
     assert torch.autograd.gradcheck(
         lambda a, b, c: vae_ext.elbo_loss(a, x, b, c, recon=mode, reduction=reduction, beta=0.6,
                                           return_terms=True), leaves)
+    # beta = 1 without terms: the kernel returns rec + kl itself (the op's total=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: vae_ext.elbo_loss(a, x, b, c, recon=mode, reduction=reduction), leaves)
 
 
-def _opcheck_args(mode, reduction, dtype, grads=True, transpose=False):
+def _opcheck_args(mode, reduction, dtype, grads=True, transpose=False, total=False):
     r, x, mu, lv = make_elbo_inputs(mode, (5, 21), 3, dtype, seed=60)
     if transpose:
         r = r.t().contiguous().t()
     if grads:
         r, mu, lv = (t.requires_grad_(True) for t in (r, mu, lv))
-    return (r, x, mu, lv, mode, reduction, grads, grads, False)
+    return (r, x, mu, lv, mode, reduction, grads, grads, False, total)
+
+
+@pytest.mark.parametrize("total", [False, True], ids=["terms", "total"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("mode", RECON_MODES)
+def test_opcheck(mode, reduction, total):
+    torch.library.opcheck(ELBO_OP, _opcheck_args(mode, reduction, F32, total=total))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("mode", RECON_MODES)
-def test_opcheck(mode, reduction):
-    torch.library.opcheck(ELBO_OP, _opcheck_args(mode, reduction, F32))
+def test_op_total_is_rec_plus_kl(reduction):
+    """total=True: the first output is rec + kl (summed in double before rounding), the second is
+    empty, and backward gives both terms the loss's gradient (grad_output != 1)."""
+    r, x, mu, lv = make_elbo_inputs("bce", (37, 1271), 7, F32, seed=61)
+    leaves = [t.clone().requires_grad_(True) for t in (r, mu, lv)]
+    rec, kl, *_ = ELBO_OP(*_args_with(leaves, x, reduction, total=False))
+    tot, empty, *_ = ELBO_OP(*_args_with(leaves, x, reduction, total=True))
+    assert empty.numel() == 0
+    torch.testing.assert_close(tot, rec + kl, rtol=1e-6, atol=0)
+    go = torch.rand_like(tot) + 0.5
+    g_tot = torch.autograd.grad(tot, leaves, go)
+    g_ref = torch.autograd.grad(rec + kl, leaves, go)
+    for a, b in zip(g_tot, g_ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _args_with(leaves, x, reduction, total):
+    r, mu, lv = leaves
+    return (r, x, mu, lv, "bce", reduction, True, True, False, total)
 
 
 @pytest.mark.parametrize("case", ["f64", "f16", "bf16", "no_grad_flags", "transposed_recon"])

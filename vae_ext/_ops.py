@@ -19,18 +19,20 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # --------------------------------------------------------------------------- elbo_loss
-# vae_ext::elbo_loss(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent, validate)
-#   -> (rec, kl, g_recon, g_mu, g_logvar)
+# vae_ext::elbo_loss(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent, validate,
+#                    total=False) -> (rec, kl, g_recon, g_mu, g_logvar)
 # rec and kl are the reduced reconstruction and KL terms; g_* are d(term)/d(input), written in the
 # same pass (empty when their flag is False); the backward only scales them by grad_output.
+# total=True: the first output is the loss rec + kl (beta = 1) and the second is empty, which
+# saves an add, its autograd node and a tensor in eager mode.
 
 
 @torch.library.register_fake("vae_ext::elbo_loss")
-def _elbo_loss_fake(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent, validate):
+def _elbo_loss_fake(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent, validate, total=False):
     out_dtype = _out_dtype(recon.dtype)
     shape = (recon.shape[0],) if reduction == "none" else ()
     rec = recon.new_empty(shape, dtype=out_dtype)
-    kl = recon.new_empty(shape, dtype=out_dtype)
+    kl = recon.new_empty(0 if total else shape, dtype=out_dtype)
     g_recon = torch.empty_like(recon, memory_format=torch.contiguous_format) if grad_recon else recon.new_empty(0)
     g_mu = torch.empty_like(mu, memory_format=torch.contiguous_format) if grad_latent else mu.new_empty(0)
     g_logvar = torch.empty_like(logvar, memory_format=torch.contiguous_format) if grad_latent else mu.new_empty(0)

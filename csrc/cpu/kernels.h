@@ -29,8 +29,10 @@ struct ElboArgs {
   void* grad_logvar;
   int64_t n, d, l;
   double grad_scale;  // 1 for sum/none, 1/n for mean
-  double* row_rec;    // out: [n] per-sample reconstruction sums
-  double* row_kl;     // out: [n] per-sample KL sums
+  double* row_rec;    // out: [n] per-sample reconstruction sums, or nullptr: then
+  double* row_kl;     //      [n] per-sample KL sums              (both nullptr)
+  double* total_rec;  // out when row_rec is nullptr: the sums over the whole batch
+  double* total_kl;
   std::atomic<bool>* bad_prob;  // out: set when "bce" sees a probability outside [0, 1]
 };
 

@@ -182,6 +182,22 @@ void reduce_rows(int64_t n, int64_t d, double* row_out, const Seg& seg) {
   }
 }
 
+// The sum over [0, total) as seg(begin, end) partial sums over kChunk-sized pieces added in order
+// (a reduction over everything, where the rows need no sums of their own). Scratch: one double
+// per kChunk elements.
+template <class Seg>
+double reduce_flat(int64_t total, const Seg& seg) {
+  if (total <= kChunk) return total > 0 ? seg(0, total) : 0.0;
+  const int64_t chunks = (total + kChunk - 1) / kChunk;
+  std::vector<double> part(static_cast<size_t>(chunks));
+  at::parallel_for(0, chunks, std::max<int64_t>(1, kGrainElems / kChunk), [&](int64_t b, int64_t e) {
+    for (int64_t c = b; c < e; ++c) part[c] = seg(c * kChunk, std::min(total, (c + 1) * kChunk));
+  });
+  double s = 0.0;
+  for (double v : part) s += v;
+  return s;
+}
+
 // ---------------------------------------------------------------------------------- ELBO loss
 
 // One pass over a row segment of recon/x: returns the segment's loss sum and writes the scaled
@@ -264,21 +280,25 @@ void elbo_typed(const ElboArgs& a) {
   const auto* x = static_cast<const scalar_t*>(a.x);
   auto* g = static_cast<scalar_t*>(a.grad_recon);
   const int64_t d = a.d;
-  reduce_rows(a.n, d, a.row_rec, [&](int64_t row, int64_t b, int64_t e) {
-    const int64_t off = row * d + b;
-    return recon_segment<scalar_t, mode>(r + off, x + off, g ? g + off : nullptr, e - b, a.grad_scale,
-                                         a.bad_prob);
-  });
+  const auto rec_seg = [&](int64_t off, int64_t len) {
+    return recon_segment<scalar_t, mode>(r + off, x + off, g ? g + off : nullptr, len, a.grad_scale, a.bad_prob);
+  };
   const auto* mu = static_cast<const scalar_t*>(a.mu);
   const auto* lv = static_cast<const scalar_t*>(a.logvar);
   auto* gmu = static_cast<scalar_t*>(a.grad_mu);
   auto* glv = static_cast<scalar_t*>(a.grad_logvar);
   const int64_t l = a.l;
-  reduce_rows(a.n, l, a.row_kl, [&](int64_t row, int64_t b, int64_t e) {
-    const int64_t off = row * l + b;
-    return kl_segment<scalar_t>(mu + off, lv + off, gmu ? gmu + off : nullptr, glv ? glv + off : nullptr,
-                                e - b, a.grad_scale);
-  });
+  const auto kl_seg = [&](int64_t off, int64_t len) {
+    return kl_segment<scalar_t>(mu + off, lv + off, gmu ? gmu + off : nullptr, glv ? glv + off : nullptr, len,
+                                a.grad_scale);
+  };
+  if (a.row_rec == nullptr) {  // one sum over everything: no per-row sums needed
+    *a.total_rec = reduce_flat(a.n * d, [&](int64_t b, int64_t e) { return rec_seg(b, e - b); });
+    *a.total_kl = reduce_flat(a.n * l, [&](int64_t b, int64_t e) { return kl_seg(b, e - b); });
+    return;
+  }
+  reduce_rows(a.n, d, a.row_rec, [&](int64_t row, int64_t b, int64_t e) { return rec_seg(row * d + b, e - b); });
+  reduce_rows(a.n, l, a.row_kl, [&](int64_t row, int64_t b, int64_t e) { return kl_seg(row * l + b, e - b); });
 }
 
 void elbo_kernel(const ElboArgs& a) {
