@@ -273,7 +273,7 @@ def test_bitwise_same_for_1_and_2_threads(dtype):
 REP_SHAPES = {"37x13": (37, 13), "2x3x5": (2, 3, 5), "scalar": (), "1": (1,), "empty": (0, 4), "odd": (1031,)}
 
 
-@pytest.mark.parametrize("k", [None, 3])
+@pytest.mark.parametrize("k", [None, 1, 3])
 @pytest.mark.parametrize("shape_id", list(REP_SHAPES))
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("device", DEVICES)
@@ -391,7 +391,7 @@ def test_backward_uses_the_forward_eps_after_generator_moved_on():
     assert_close(l.grad, ref, rtol=1e-5, atol_rel=1e-6, what="grad logvar (explicit generator)")
 
 
-@pytest.mark.parametrize("k", [None, 2])
+@pytest.mark.parametrize("k", [None, 1, 2])
 def test_gradcheck_with_fixed_generator(k):
     g = torch.Generator().manual_seed(0)
     mu = torch.randn(4, 3, generator=g, dtype=F64, requires_grad=True)

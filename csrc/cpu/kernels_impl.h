@@ -318,7 +318,7 @@ void elbo_kernel(const ElboArgs& a) {
 // as vae_ext::philox_normal_at (csrc/common/philox.h). Philox runs on kGroups groups at a time in
 // plain loops over lanes that the compiler vectorizes (exact integer arithmetic), Box-Muller on
 // Vectorized<float> through the shared box_muller<M>.
-constexpr int64_t kGroups = 16;  // Philox groups per batch: 64 normals
+constexpr int64_t kGroups = 64;  // Philox groups per batch: 256 normals
 constexpr int64_t kBatch = 4 * kGroups;
 
 // Ten Philox rounds on kGroups counters at once: philox_round's arithmetic, lane by lane. On x86
@@ -358,26 +358,40 @@ struct PhiloxLanes {
 inline void philox10_lanes(uint32_t* c0, uint32_t* c1, uint32_t* c2, uint32_t* c3, uint32_t k0, uint32_t k1) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   using L = PhiloxLanes;
-  static_assert(kGroups % L::kWidth == 0, "whole registers");
-  const typename L::R m0 = L::splat(kPhiloxM0), m1 = L::splat(kPhiloxM1);
-  for (int64_t j = 0; j < kGroups; j += L::kWidth) {
-    typename L::R x0 = L::load(c0 + j), x1 = L::load(c1 + j), x2 = L::load(c2 + j), x3 = L::load(c3 + j);
+  using R = typename L::R;
+  // Two independent sets of registers per pass: each round is a chain of dependent multiplies
+  // and shuffles, and two chains in flight keep the vector units busy.
+  constexpr int64_t kSets = L::kWidth == 16 ? 4 : 2;
+  static_assert(kGroups % (kSets * L::kWidth) == 0, "whole registers");
+  const R m0 = L::splat(kPhiloxM0), m1 = L::splat(kPhiloxM1);
+  for (int64_t j = 0; j < kGroups; j += kSets * L::kWidth) {
+    R x0[kSets], x1[kSets], x2[kSets], x3[kSets];
+    for (int64_t s = 0; s < kSets; ++s) {
+      const int64_t o = j + s * L::kWidth;
+      x0[s] = L::load(c0 + o), x1[s] = L::load(c1 + o), x2[s] = L::load(c2 + o), x3[s] = L::load(c3 + o);
+    }
     uint32_t a = k0, b = k1;
     for (int round = 0; round < 10; ++round) {  // as philox_round (csrc/common/philox.h)
-      typename L::R lo0, hi0, lo1, hi1;
-      L::mulhilo(x0, m0, &lo0, &hi0);
-      L::mulhilo(x2, m1, &lo1, &hi1);
-      x0 = L::xor3(hi1, x1, L::splat(a));
-      x2 = L::xor3(hi0, x3, L::splat(b));
-      x1 = lo1;
-      x3 = lo0;
+      const R ka = L::splat(a), kb = L::splat(b);
+      for (int64_t s = 0; s < kSets; ++s) {
+        R lo0, hi0, lo1, hi1;
+        L::mulhilo(x0[s], m0, &lo0, &hi0);
+        L::mulhilo(x2[s], m1, &lo1, &hi1);
+        x0[s] = L::xor3(hi1, x1[s], ka);
+        x2[s] = L::xor3(hi0, x3[s], kb);
+        x1[s] = lo1;
+        x3[s] = lo0;
+      }
       a += kPhiloxW0;
       b += kPhiloxW1;
     }
-    L::store(c0 + j, x0);
-    L::store(c1 + j, x1);
-    L::store(c2 + j, x2);
-    L::store(c3 + j, x3);
+    for (int64_t s = 0; s < kSets; ++s) {
+      const int64_t o = j + s * L::kWidth;
+      L::store(c0 + o, x0[s]);
+      L::store(c1 + o, x1[s]);
+      L::store(c2 + o, x2[s]);
+      L::store(c3 + o, x3[s]);
+    }
   }
 #else
   for (int round = 0; round < 10; ++round) {
@@ -513,8 +527,28 @@ void reparam_backward_typed(const ReparamBackwardArgs& a) {
   const int64_t numel = a.numel;
   at::parallel_for(0, numel, std::max<int64_t>(1, kGrainElems / a.k), [&](int64_t b, int64_t e) {
     acc_t eps[kTile], sum_g[kTile], sum_ge[kTile];
+    const V half(acc_t(0.5));
     for (int64_t t0 = b; t0 < e; t0 += kTile) {
       const int64_t tlen = std::min(kTile, e - t0);
+      if (a.k == 1) {  // one sample: straight from grad_z and eps, no per-sample sums
+        eps_tile<scalar_t, acc_t>(a.seed, a.offset, t0, tlen, eps);
+        for (int64_t j = 0; j < tlen; j += W) {
+          const int64_t cnt = std::min(W, tlen - j), i = t0 + j;
+          const bool full = cnt == W;
+          const V gv = full ? IO::load(gz + i) : IO::load(gz + i, cnt);
+          const V l = full ? IO::load(lv + i) : IO::load(lv + i, cnt);
+          const V ev = full ? V::loadu(eps + j) : V::loadu(eps + j, cnt);
+          const V gl = half * (l * half).exp() * (gv * ev);
+          if (full) {
+            if (gmu) IO::store(gmu + i, gv);
+            IO::store(glv + i, gl);
+          } else {
+            if (gmu) IO::store(gmu + i, gv, cnt);
+            IO::store(glv + i, gl, cnt);
+          }
+        }
+        continue;
+      }
       std::fill(sum_g, sum_g + tlen, acc_t(0));
       std::fill(sum_ge, sum_ge + tlen, acc_t(0));
       for (int64_t s = 0; s < a.k; ++s) {  // samples in order: a fixed summation order
@@ -531,7 +565,6 @@ void reparam_backward_typed(const ReparamBackwardArgs& a) {
         const int64_t cnt = std::min(W, tlen - j);
         const int64_t i = t0 + j;
         const V l = cnt == W ? IO::load(lv + i) : IO::load(lv + i, cnt);
-        const V half(acc_t(0.5));
         const V gl = half * (l * half).exp() * V::loadu(sum_ge + j, cnt);
         const V gm = V::loadu(sum_g + j, cnt);
         if (cnt == W) {
