@@ -117,7 +117,7 @@ def test_reparam_records(results):
 def test_step_records(results):
     _, r = results
     recs = r["benchmarks"]["step"]["results"]
-    assert [(x["model"], x["batch"]) for x in recs] == [("mlp", 4)]  # --quick: the MLP only
+    assert [(x["model"], x["recon"], x["batch"]) for x in recs] == [("mlp", "bce", 4), ("mlp", "bce_logits", 4)]  # --quick: MLP only
     impls = {"ref_eager", "fused_eager", "ref_compile", "fused_compile"}
     for x in recs:
         assert set(x["times"]) == impls and all(_is_time(t) for t in x["times"].values())
@@ -178,7 +178,8 @@ def test_readme_table(results, tmp_path):
     assert r["machine"]["cpu_model"] in section and r["command"] in section
     for title in ("ELBO loss", "Reparameterize", "Training step", "Targets"):
         assert title in section
-    assert section.count("| bce |") == 2 and section.count("| bce_logits |") == 2
+    # two loss rows (--quick sizes) and one MLP step row per recon mode
+    assert section.count("| bce |") == 3 and section.count("| bce_logits |") == 3
     # idempotent
     assert script.main(["--json", str(path), "--write", str(readme)]) == 0
     assert readme.read_text() == text

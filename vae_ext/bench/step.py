@@ -1,9 +1,13 @@
 """One training step (Adam) of a VAE: fused (``vae_ext`` kernels) vs reference (plain PyTorch), eager and compiled.
 
-Models (``vae_ext.VAE``, decoder outputs logits, ``recon="bce_logits"``):
+Models (``vae_ext.VAE``):
 
-- ``mlp``: 784-400-20 (pytorch/examples), inputs (N, 1, 28, 28) MNIST-like (80% zeros, ink near 1);
-- ``conv``: ``ConvVAE`` on (N, 3, 64, 64) inputs uniform in [0, 1], latent 128, default channels/hidden.
+- ``mlp``: 784-400-20 (pytorch/examples), inputs (N, 1, 28, 28) MNIST-like (80% zeros, ink near 1),
+  once with ``recon="bce"`` (pytorch/examples: a sigmoid on the decoder, then binary cross-entropy on
+  probabilities, the loss ``FusedELBOLoss`` replaces as a drop-in) and once with ``"bce_logits"``
+  (the decoder's logits, PyTorch's fused ``binary_cross_entropy_with_logits`` in the reference);
+- ``conv``: ``ConvVAE`` on (N, 3, 64, 64) inputs uniform in [0, 1], latent 128, default channels/hidden,
+  ``recon="bce_logits"``.
 
 One call = ``opt.zero_grad(set_to_none=True); loss = model.loss(x); loss.backward(); opt.step()`` with
 ``torch.optim.Adam(lr=1e-3)`` (PyTorch's default implementation for the device; ``--adam fused`` or
@@ -30,6 +34,9 @@ IMPLS = ("ref_eager", "fused_eager", "ref_compile", "fused_compile")
 
 BATCHES = {"mlp": [128, 1024], "conv": [128, 1024]}
 QUICK_BATCHES = {"mlp": [128], "conv": [8]}  # --quick runs the MLP only unless --models says otherwise
+
+# recon modes per model (those of --recon-modes that the model runs)
+RECONS = {"mlp": ("bce", "bce_logits"), "conv": ("bce_logits",)}
 
 MODELS = {
     "mlp": {"arch": "mlp", "input_shape": (1, 28, 28), "latent_size": 20, "hidden_sizes": (400,)},
@@ -59,12 +66,13 @@ def cases(ctx: common.Context) -> list:
                 batches = [b for (m, b) in override if m in (None, model)]
             else:
                 batches = (QUICK_BATCHES if ctx.quick else BATCHES)[model]
-            out += [{"model": model, "batch": b, "dtype": dtype} for b in batches]
+            recons = [r for r in RECONS[model] if r in ctx.recon_modes] or [RECONS[model][-1]]
+            out += [{"model": model, "recon": r, "batch": b, "dtype": dtype} for r in recons for b in batches]
     return out
 
 
 def case_label(c: dict) -> str:
-    return f"{c['model']} batch {c['batch']}"
+    return f"{c['model']} {c['recon']} batch {c['batch']}"
 
 
 def _inputs(c: dict, ctx: common.Context, g: torch.Generator) -> torch.Tensor:
@@ -81,11 +89,11 @@ def run_case(c: dict, ctx: common.Context) -> dict:
     cfg = dict(MODELS[c["model"]])
     x = _inputs(c, ctx, g)
 
-    base = vae_ext.VAE(**cfg, recon="bce_logits", fused=False)
+    base = vae_ext.VAE(**cfg, recon=c["recon"], fused=False)
     state = base.state_dict()
     models, opts, fns, fwd_bwd = {}, {}, {}, {}
     for impl in IMPLS:
-        model = vae_ext.VAE(**cfg, recon="bce_logits", fused=impl.startswith("fused"))
+        model = vae_ext.VAE(**cfg, recon=c["recon"], fused=impl.startswith("fused"))
         model.load_state_dict(state)
         model.to(device=ctx.device, dtype=c["dtype"]).train()
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, **_ADAM[ctx.adam])
@@ -113,6 +121,7 @@ def run_case(c: dict, ctx: common.Context) -> dict:
     times, peak = m["times"], m["peak_mem_bytes"]
     rec = {
         "model": c["model"],
+        "recon": c["recon"],
         "batch": c["batch"],
         "dtype": common.dtype_name(c["dtype"]),
         "model_config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
