@@ -159,8 +159,10 @@ ElboOutputs elbo_loss_cpu(const Tensor& recon, const Tensor& x, const Tensor& mu
   cpu::kernels().elbo(args);
   if (bad.load()) throw_bce_out_of_range();
   const at::ScalarType out = loss_dtype(recon.scalar_type());
-  if (per_sample && total) return {row_rec.add_(row_kl).to(out), at::empty({0}, row_rec.options().dtype(out)), g_r, g_mu, g_lv};
-  if (per_sample) return {row_rec.to(out), row_kl.to(out), g_r, g_mu, g_lv};
+  if (per_sample) {
+    if (total) return {row_rec.add_(row_kl).to(out), at::empty({0}, row_rec.options().dtype(out)), g_r, g_mu, g_lv};
+    return {row_rec.to(out), row_kl.to(out), g_r, g_mu, g_lv};
+  }
   auto [rec, kl] = reduce_terms(total_rec, total_kl, n, red, total, out);
   return {rec, kl, g_r, g_mu, g_lv};
 }
