@@ -113,6 +113,19 @@ VAE_HD typename M::T kl_elem(typename M::T mu, typename M::T lv, typename M::T* 
   return half * (mu * mu + e - one - lv);
 }
 
+// Reparameterization per element: z = mu + exp(logvar / 2) * eps; and the gradient of logvar,
+// exp(logvar / 2) / 2 * sum_s g_s eps_s, from the samples' sum of grad_z * eps (that of mu is sum_s g_s).
+template <class M>
+VAE_HD typename M::T reparam_z(typename M::T mu, typename M::T lv, typename M::T eps) {
+  return mu + M::exp(M::fill(0.5) * lv) * eps;
+}
+
+template <class M>
+VAE_HD typename M::T reparam_grad_logvar(typename M::T lv, typename M::T sum_g_eps) {
+  const typename M::T half = M::fill(0.5);
+  return half * M::exp(half * lv) * sum_g_eps;
+}
+
 // "bce" needs probabilities: true where p lies outside [0, 1] (NaN is not flagged: it gives NaN).
 template <class M>
 VAE_HD auto prob_out_of_range(typename M::T p) {

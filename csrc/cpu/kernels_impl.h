@@ -500,7 +500,7 @@ void reparam_typed(const ReparamArgs& a) {
           const V m = full ? IO::load(mu + i0 + j) : IO::load(mu + i0 + j, cnt);
           const V l = full ? IO::load(lv + i0 + j) : IO::load(lv + i0 + j, cnt);
           const V ev = V::loadu(ep + j, cnt);
-          const V zv = m + (l * V(acc_t(0.5))).exp() * ev;
+          const V zv = reparam_z<VecMath<V>>(m, l, ev);
           if (full) IO::store(z + pos + j, zv);
           else IO::store(z + pos + j, zv, cnt);
           if (eps_out != nullptr) {
@@ -525,27 +525,28 @@ void reparam_backward_typed(const ReparamBackwardArgs& a) {
   auto* gmu = static_cast<scalar_t*>(a.grad_mu);
   auto* glv = static_cast<scalar_t*>(a.grad_logvar);
   const int64_t numel = a.numel;
+  // Writes elements [i, i + cnt): grad_mu = gm (sum_s g_s) and grad_logvar from sum_s g_s eps_s.
+  const auto write = [&](int64_t i, int64_t cnt, const V& gm, const V& sum_ge) {
+    const V l = cnt == W ? IO::load(lv + i) : IO::load(lv + i, cnt);
+    const V gl = reparam_grad_logvar<VecMath<V>>(l, sum_ge);
+    if (cnt == W) {
+      if (gmu) IO::store(gmu + i, gm);
+      IO::store(glv + i, gl);
+    } else {
+      if (gmu) IO::store(gmu + i, gm, cnt);
+      IO::store(glv + i, gl, cnt);
+    }
+  };
   at::parallel_for(0, numel, std::max<int64_t>(1, kGrainElems / a.k), [&](int64_t b, int64_t e) {
     acc_t eps[kTile], sum_g[kTile], sum_ge[kTile];
-    const V half(acc_t(0.5));
     for (int64_t t0 = b; t0 < e; t0 += kTile) {
       const int64_t tlen = std::min(kTile, e - t0);
       if (a.k == 1) {  // one sample: straight from grad_z and eps, no per-sample sums
         eps_tile<scalar_t, acc_t>(a.seed, a.offset, t0, tlen, eps);
         for (int64_t j = 0; j < tlen; j += W) {
           const int64_t cnt = std::min(W, tlen - j), i = t0 + j;
-          const bool full = cnt == W;
-          const V gv = full ? IO::load(gz + i) : IO::load(gz + i, cnt);
-          const V l = full ? IO::load(lv + i) : IO::load(lv + i, cnt);
-          const V ev = full ? V::loadu(eps + j) : V::loadu(eps + j, cnt);
-          const V gl = half * (l * half).exp() * (gv * ev);
-          if (full) {
-            if (gmu) IO::store(gmu + i, gv);
-            IO::store(glv + i, gl);
-          } else {
-            if (gmu) IO::store(gmu + i, gv, cnt);
-            IO::store(glv + i, gl, cnt);
-          }
+          const V gv = cnt == W ? IO::load(gz + i) : IO::load(gz + i, cnt);
+          write(i, cnt, gv, gv * V::loadu(eps + j, cnt));
         }
         continue;
       }
@@ -563,17 +564,7 @@ void reparam_backward_typed(const ReparamBackwardArgs& a) {
       }
       for (int64_t j = 0; j < tlen; j += W) {
         const int64_t cnt = std::min(W, tlen - j);
-        const int64_t i = t0 + j;
-        const V l = cnt == W ? IO::load(lv + i) : IO::load(lv + i, cnt);
-        const V gl = half * (l * half).exp() * V::loadu(sum_ge + j, cnt);
-        const V gm = V::loadu(sum_g + j, cnt);
-        if (cnt == W) {
-          if (gmu) IO::store(gmu + i, gm);
-          IO::store(glv + i, gl);
-        } else {
-          if (gmu) IO::store(gmu + i, gm, cnt);
-          IO::store(glv + i, gl, cnt);
-        }
+        write(t0 + j, cnt, V::loadu(sum_g + j, cnt), V::loadu(sum_ge + j, cnt));
       }
     }
   });

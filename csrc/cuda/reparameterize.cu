@@ -48,8 +48,7 @@ __global__ void __launch_bounds__(kThreads) reparam_kernel(ReparamLaunch a) {
       if (e < total) {
         const int64_t i = e % a.numel;
         const T ev = from_acc<T>(static_cast<A>(n[j]));  // z uses exactly the eps returned
-        const A sigma = exp(A(0.5) * to_acc(lv[i]));
-        z[e] = from_acc<T>(to_acc(mu[i]) + sigma * to_acc(ev));
+        z[e] = from_acc<T>(reparam_z<ScalarMath<A>>(to_acc(mu[i]), to_acc(lv[i]), to_acc(ev)));
         if (eps) eps[e] = ev;
       }
     }
@@ -76,7 +75,7 @@ __global__ void __launch_bounds__(kThreads) reparam_backward_kernel(ReparamBackw
       sge += g * to_acc(ev);
     }
     if (gmu) gmu[i] = from_acc<T>(sg);
-    glv[i] = from_acc<T>(A(0.5) * exp(A(0.5) * to_acc(lv[i])) * sge);
+    glv[i] = from_acc<T>(reparam_grad_logvar<ScalarMath<A>>(to_acc(lv[i]), sge));
   }
 }
 
