@@ -560,7 +560,12 @@ def op_record(fields: dict, *, times: dict, measured: dict, floor, nbytes: int, 
     return rec
 
 
-def run_cases(ctx: Context, progress, cases: list, run_case: Callable, name: str, case_label: Callable) -> list:
-    """run_case(c, ctx) for every case, through the progress wrapper when there is one."""
-    return [run_case(c, ctx) for c in (cases if progress is None else progress(cases, name, case_label))]
-
+def run_benchmark(ctx: Context, progress, bench, **fields) -> dict:
+    """Runs every case of a benchmark module (``bench``: NAME, TITLE, IMPLS, BASELINES, cases,
+    run_case, case_label), through the progress wrapper when there is one, and returns its JSON
+    section: the module's names, then ``fields`` (what the call and the bytes are), then the results."""
+    cases = bench.cases(ctx)
+    todo = cases if progress is None else progress(cases, bench.NAME, bench.case_label)
+    results = [bench.run_case(c, ctx) for c in todo]
+    return {"name": bench.NAME, "title": bench.TITLE, "impls": list(bench.IMPLS),
+            "baselines": list(bench.BASELINES), **fields, "results": results}

@@ -13,6 +13,7 @@ it is not part of the floor.)
 from __future__ import annotations
 
 import re
+import sys
 from typing import List, Tuple
 
 import torch
@@ -139,13 +140,6 @@ def _record(c: dict, nbytes: int, m: dict, check: dict) -> dict:
 
 
 def run(ctx: common.Context, progress=None) -> dict:
-    results = common.run_cases(ctx, progress, cases(ctx), run_case, NAME, case_label)
-    return {
-        "name": NAME,
-        "title": TITLE,
-        "impls": list(IMPLS),
-        "baselines": list(BASELINES),
-        "bytes_formula": BYTES_FORMULA,
-        "call": "loss = op(recon, x, mu, logvar, recon=mode, reduction='sum'); loss.backward()",
-        "results": results,
-    }
+    return common.run_benchmark(
+        ctx, progress, sys.modules[__name__], bytes_formula=BYTES_FORMULA,
+        call="loss = op(recon, x, mu, logvar, recon=mode, reduction='sum'); loss.backward()")

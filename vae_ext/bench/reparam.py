@@ -11,6 +11,7 @@ The floor is a copy of the bytes any forward + backward must move: the forward r
 from __future__ import annotations
 
 import re
+import sys
 from typing import List, Tuple
 
 import torch
@@ -101,13 +102,5 @@ def run_case(c: dict, ctx: common.Context) -> dict:
 
 
 def run(ctx: common.Context, progress=None) -> dict:
-    results = common.run_cases(ctx, progress, cases(ctx), run_case, NAME, case_label)
-    return {
-        "name": NAME,
-        "title": TITLE,
-        "impls": list(IMPLS),
-        "baselines": list(BASELINES),
-        "bytes_formula": BYTES_FORMULA,
-        "call": "z = op(mu, logvar); z.backward(grad_z)",
-        "results": results,
-    }
+    return common.run_benchmark(ctx, progress, sys.modules[__name__], bytes_formula=BYTES_FORMULA,
+                                call="z = op(mu, logvar); z.backward(grad_z)")

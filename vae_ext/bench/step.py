@@ -20,6 +20,7 @@ the model and loss. All four models start from the same weights.
 from __future__ import annotations
 
 import re
+import sys
 from typing import List
 
 import torch
@@ -31,6 +32,7 @@ from . import common
 NAME = "step"
 TITLE = "Training step (forward + loss + backward + Adam)"
 IMPLS = ("ref_eager", "fused_eager", "ref_compile", "fused_compile")
+BASELINES = ("ref_eager", "ref_compile")
 
 BATCHES = {"mlp": [128, 1024], "conv": [128, 1024]}
 QUICK_BATCHES = {"mlp": [128], "conv": [8]}  # --quick runs the MLP only unless --models says otherwise
@@ -152,15 +154,8 @@ def run_case(c: dict, ctx: common.Context) -> dict:
 
 
 def run(ctx: common.Context, progress=None) -> dict:
-    results = common.run_cases(ctx, progress, cases(ctx), run_case, NAME, case_label)
-    return {
-        "name": NAME,
-        "title": TITLE,
-        "impls": list(IMPLS),
-        "baselines": ["ref_eager", "ref_compile"],
-        "adam": ctx.adam,
-        "optimizer": f"torch.optim.Adam(lr=1e-3{''.join(f', {k}={v}' for k, v in _ADAM[ctx.adam].items())}), "
-        "eager in every variant",
-        "call": "opt.zero_grad(set_to_none=True); model.loss(x).backward(); opt.step()",
-        "results": results,
-    }
+    adam = "".join(f", {k}={v}" for k, v in _ADAM[ctx.adam].items())
+    return common.run_benchmark(
+        ctx, progress, sys.modules[__name__], adam=ctx.adam,
+        optimizer=f"torch.optim.Adam(lr=1e-3{adam}), eager in every variant",
+        call="opt.zero_grad(set_to_none=True); model.loss(x).backward(); opt.step()")
