@@ -204,8 +204,10 @@ def test_only_and_sizes_parsing(tmp_path):
         main(["--only", "nope", "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit):
         main(["--sizes", "loss=8x64", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="--cuda-graph: needs --device cuda"):
+        main(["--device", "cpu", "--cuda-graph", "--out", str(tmp_path / "x.json")])
     args = build_parser().parse_args(["--only", "loss,reparam", "--quick"])
-    assert args.only == ["loss,reparam"] and args.quick
+    assert args.only == ["loss,reparam"] and args.quick and not args.cuda_graph
 
 
 @pytest.mark.parametrize("mode", ["retain", "fresh"])
@@ -250,5 +252,18 @@ def test_report_without_torch_results():
     targets = {t["target"]: t for t in report.check_targets(res)}
     met = [t for t in targets.values() if t["met"]]
     assert len(met) == 2  # >= 10x eager and >= 2x compile at >= 0.8M elements
+    assert all("16M" not in t for t in targets), "a CPU run is held to the CPU targets only"
+    # A CUDA run is held to the H100 targets: percent of the copy floor and speed-up at >= 16M elements.
+    big = {**rec, "N": 4096, "D": 4096, "elements": 4096 * 4096, "pct_floor": {"fused": 90.0},
+           "speedup": {"eager": 3.0, "compile": 1.4}}
+    res_gpu = {**res, "machine": {"device": "cuda", "gpu_name": "Test GPU", "cuda": "13.0", "torch": "x"},
+               "benchmarks": {"loss": {"title": "ELBO loss", "results": [rec, big]}}}
+    gpu = {t["target"]: t for t in report.check_targets(res_gpu)}
+    assert all("16M" in t for t in gpu) and len(gpu) == 3
+    floor_t = next(t for k, t in gpu.items() if k.startswith("loss") and "floor" in k)
+    comp_t = next(t for k, t in gpu.items() if k.startswith("loss") and "compile" in k)
+    assert floor_t["met"] and floor_t["measured_worst"] == 90.0 and floor_t["cases"] == 1
+    assert comp_t["met"] is False and comp_t["measured_worst"] == 1.4
+    assert "90%" in report.markdown_section(res_gpu)
     assert report.update_markers("a <!-- bench:begin -->x<!-- bench:end --> b", "NEW") == \
         "a <!-- bench:begin -->\nNEW\n<!-- bench:end --> b"

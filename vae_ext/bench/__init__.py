@@ -64,6 +64,10 @@ def build_parser(prog: str = "vae-ext bench") -> argparse.ArgumentParser:
                    "retain (default; no page faults after warm-up), fresh (large blocks are new pages "
                    "every time), glibc (untouched defaults; large-size timings then depend on heap history)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA, loss and reparam benchmarks: capture one call of each implementation (and the "
+                        "floor's copy) in a CUDA graph and time its replays: device time, without the host's "
+                        "per-call Python, dispatch and launch cost (the step benchmark is timed as usual)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON results path (default: runs/bench/<device>-<time>.json)")
     p.add_argument("--chart", default=None, help="PNG chart path (default: the JSON path with .png)")
@@ -127,6 +131,8 @@ def run(args: argparse.Namespace, prog: str = "vae-ext bench", argv: Optional[Li
         torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise SystemExit(f"--device: expected cpu or cuda, got {args.device!r}")
+    if args.cuda_graph and device.type != "cuda":
+        raise SystemExit("--cuda-graph: needs --device cuda")
 
     dtypes = []
     for d in args.dtype or ["float32"]:
@@ -154,6 +160,7 @@ def run(args: argparse.Namespace, prog: str = "vae-ext bench", argv: Optional[Li
         recon_modes=_csv(args.recon),
         models=_csv(args.models) if args.models else (["mlp"] if quick else ["mlp", "conv"]),
         adam=args.adam,
+        cuda_graph=args.cuda_graph,
         seed=args.seed,
     )
     common.configure_dynamo()
@@ -202,6 +209,7 @@ def run(args: argparse.Namespace, prog: str = "vae-ext bench", argv: Optional[Li
             "recon_modes": ctx.recon_modes,
             "models": ctx.models,
             "adam": ctx.adam,
+            "cuda_graph": ctx.cuda_graph,
             "timer": "torch.utils.benchmark.Timer.blocked_autorange, interleaved rounds; median over all blocks",
             "cpu_allocator": allocator,
         },

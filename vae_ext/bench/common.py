@@ -57,6 +57,7 @@ class Context:
     recon_modes: List[str] = field(default_factory=lambda: ["bce", "bce_logits"])
     models: List[str] = field(default_factory=lambda: ["mlp", "conv"])
     adam: str = "default"  # step benchmark: "default", "foreach" or "fused"
+    cuda_graph: bool = False  # op benchmarks on CUDA: time replays of one captured call (device time)
     seed: int = 0
     status: Callable[[str], None] = lambda s: None  # progress-bar postfix
 
@@ -246,6 +247,25 @@ def time_interleaved(fns: Dict[str, Callable], ctx: Context, label: str = "") ->
             m = timer.blocked_autorange(min_run_time=ctx.min_run_time)
             times[name].extend(m.times)
     return {n: summarize(times[n]) for n in names}
+
+
+def cuda_graph_replay(fn: Callable) -> Callable:
+    """Capture one call of ``fn`` (already warm) in a CUDA graph; return the graph's ``replay``.
+
+    Replays run the same kernels on the same buffers with no Python, dispatcher or launch cost, so
+    their time is the device time of one call. ``fn`` must be capturable: no host sync.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # capture needs a few calls on a side stream first
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph.replay
 
 
 # --------------------------------------------------------------------------- the copy floor
@@ -493,12 +513,15 @@ def measure_impls(
     floor_bytes: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     mem_fns: Optional[Dict[str, Dict[str, Callable]]] = None,
+    graphable: bool = True,
 ) -> dict:
     """Warm up, time (interleaved with the copy floor when ``floor_bytes``) and measure peak memory.
 
     ``reset`` drops whatever one call leaves behind (the ``.grad`` of the leaves) so that the memory
     measurement starts from the inputs alone. Peak memory is measured for ``fns`` (key
     ``peak_mem_bytes``) and for each extra set in ``mem_fns`` (``{result key: {impl: fn}}``).
+    With ``ctx.cuda_graph`` (and ``graphable``) the timed calls are CUDA-graph replays; peak memory
+    is still measured on plain calls.
     """
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     first_call = {}
@@ -512,6 +535,11 @@ def measure_impls(
         timed["floor"] = floor.copy
         timed["floor_alloc"] = floor.alloc
         for name in ("floor", "floor_alloc"):
+            warm_up(timed[name], ctx)
+    if ctx.cuda_graph and graphable and ctx.is_cuda:
+        for name in list(timed):
+            ctx.status(f"{label} {name} graph capture")
+            timed[name] = cuda_graph_replay(timed[name])
             warm_up(timed[name], ctx)
     snap = _cpu_snapshot()
     times = time_interleaved(timed, ctx, label)

@@ -118,7 +118,7 @@ def run_case(c: dict, ctx: common.Context) -> dict:
 
     # Peak memory of forward + backward (where fused and reference differ: activations, loss
     # temporaries), and of the whole step (usually Adam's temporaries on the largest weight).
-    m = common.measure_impls(ctx, case_label(c), fns, reset=reset,
+    m = common.measure_impls(ctx, case_label(c), fns, reset=reset, graphable=False,
                              mem_fns={"peak_mem_bytes": fwd_bwd, "peak_mem_step_bytes": fns})
     times, peak = m["times"], m["peak_mem_bytes"]
     rec = {
