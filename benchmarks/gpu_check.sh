@@ -4,43 +4,84 @@
 # CUDA kernel under compute-sanitizer (memcheck, racecheck), and benchmark loss, reparameterize and
 # the training step on the GPU (float32 and bfloat16). Results go to $OUT (default runs/gpu-check).
 #
-#   bash benchmarks/gpu_check.sh            # from the repository root
+#   bash benchmarks/gpu_check.sh                      # every phase, from the repository root
+#   PHASES="build test" bash benchmarks/gpu_check.sh  # some phases: build test sanitize bench
+#   TESTS="-m cuda" PHASES="build test" ...           # pytest selection for the test phase
+#   BENCH_RUNS="graph step" ...                       # benchmark runs: plain graph step
+#   GRAPH_ONLY=loss PLAIN_ONLY=loss,reparam ...       # which benchmarks the graph / plain runs take
+#
+# The build phase installs the package the README's way (pip install --no-build-isolation .) and
+# copies the built extension to $OUT/; a later run may put that file in vae_ext/ and skip the build
+# (PHASES without "build" imports vae_ext from the repository root).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT="$PWD"
 OUT="${OUT:-runs/gpu-check}"
 mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+PHASES="${PHASES:-build test sanitize bench}"
 export PYTHONUNBUFFERED=1
 status=0
-step() { echo; echo "=== $*"; }
+step() { echo; echo "=== $* ($(date +%T))"; }
+has() { [[ " $PHASES " == *" $1 "* ]]; }
 
 step "machine"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 
-step "build (pip install --no-build-isolation --no-deps .)"
-TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" python3 -m pip install -q --no-build-isolation --no-deps . \
-  2>&1 | tee "$OUT/build.log" || { echo "build failed"; exit 1; }
+if has build; then
+  step "build (pip install --no-build-isolation --no-deps .)"
+  TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
+    timeout 480 python3 -m pip install -v --no-build-isolation --no-deps . > "$OUT/build.log" 2>&1
+  rc=$?; grep -E "error|warning: .*(spill|stack)|vae_ext:" "$OUT/build.log" | head -60
+  [ $rc -eq 0 ] || { echo "build failed ($rc)"; tail -40 "$OUT/build.log"; exit 1; }
+  so=$(cd / && python3 -c "import vae_ext._C as c; print(c.__file__)")
+  gzip -c "$so" > "$OUT/_C.so.gz" && echo "built: $so (gzipped copy in \$OUT/_C.so.gz)"
+  cd "$OUT"  # import the installed package, not the source tree
+elif [ -f .gpu/_C.so.gz ]; then
+  # no build: the extension gzipped by an earlier build phase, carried to the machine in .gpu/
+  gunzip -c .gpu/_C.so.gz > "vae_ext/_C.$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("SOABI"))').so"
+  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+else
+  cd "$OUT"  # no build: the package an earlier build phase installed on this machine
+fi
 python3 -c "import vae_ext; i = vae_ext.build_info(); print(i); assert i['cuda_kernels'], 'no CUDA kernels built'" || exit 1
 
-step "tests (CUDA tests must run, not skip)"
-(cd "$OUT" && python3 -m pytest -q -rs "$OLDPWD/tests" -p no:cacheprovider 2>&1) | tee "$OUT/pytest.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-
-step "compute-sanitizer"
-if command -v compute-sanitizer >/dev/null 2>&1; then
-  for tool in memcheck racecheck; do
-    (cd "$OUT" && compute-sanitizer --tool "$tool" --error-exitcode 3 python3 "$OLDPWD/benchmarks/sanitize_kernels.py") \
-      2>&1 | tee "$OUT/sanitizer-$tool.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-  done
-else
-  echo "compute-sanitizer not found" | tee "$OUT/sanitizer.log"; status=1
+if has test; then
+  step "tests ${TESTS:-(all)}"
+  timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -rs --maxfail=20 -p no:cacheprovider ${TESTS:-} "$ROOT/tests" \
+    > "$OUT/pytest.log" 2>&1
+  rc=$?; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | tail -40
+  [ $rc -eq 0 ] || { status=1; grep -B5 -A40 -m3 "^____" "$OUT/pytest.log" | head -150; }
 fi
 
-step "benchmarks"
-(cd "$OUT" && python3 "$OLDPWD/benchmarks/run.py" --device cuda --dtype float32 --dtype bfloat16 \
-  --out gpu.json --chart gpu.png --no-progress) 2>&1 | tee "$OUT/bench.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if has sanitize; then
+  step "compute-sanitizer"
+  for tool in ${SANITIZERS:-memcheck racecheck}; do
+    timeout "${SAN_TIMEOUT:-300}" compute-sanitizer --tool "$tool" --error-exitcode 3 python3 "$ROOT/benchmarks/sanitize_kernels.py" \
+      > "$OUT/sanitizer-$tool.log" 2>&1
+    rc=$?; echo "$tool: exit $rc"; tail -5 "$OUT/sanitizer-$tool.log"
+    [ $rc -eq 0 ] || status=1
+  done
+fi
+
+if has bench; then
+  # plain: every benchmark as a user calls it (host overhead included); graph: loss and reparam as
+  # CUDA-graph replays (device time); step: the training step alone.
+  for run in ${BENCH_RUNS:-plain graph}; do
+    case "$run" in
+      plain) extra=(--dtype float32 --dtype bfloat16 --only "${PLAIN_ONLY:-loss,reparam,step}") ;;
+      graph) extra=(--dtype float32 --dtype bfloat16 --only "${GRAPH_ONLY:-loss,reparam}" --cuda-graph) ;;
+      step) extra=(--dtype float32 --only step) ;;
+      *) echo "BENCH_RUNS: unknown run $run"; status=1; continue ;;
+    esac
+    step "benchmarks: $run ${extra[*]} ${BENCH_ARGS:-}"
+    timeout "${BENCH_TIMEOUT:-540}" python3 "$ROOT/benchmarks/run.py" --device cuda "${extra[@]}" \
+      --out "$OUT/gpu-$run.json" --chart "$OUT/gpu-$run.png" --no-progress ${BENCH_ARGS:-} > "$OUT/bench-$run.log" 2>&1
+    rc=$?; sed -n '/^Machine/,$p' "$OUT/bench-$run.log" | grep -v "^-----"
+    [ $rc -eq 0 ] || { echo "benchmark $run: exit $rc"; tail -20 "$OUT/bench-$run.log"; status=1; }
+  done
+fi
 
 echo; echo "gpu_check: $([ $status -eq 0 ] && echo OK || echo FAILED); results in $OUT"
 exit $status
