@@ -34,6 +34,14 @@ Tensor scale_grad(const Tensor& g, const Tensor& d, bool per_sample) {
   // loss.backward() on a sum or mean sends exactly 1: nothing to scale (read only from a CPU
   // scalar, which costs no device sync).
   if (s.numel() == 1 && s.device().is_cpu() && s.item<double>() == 1.0) return g;
+#if defined(VAE_EXT_WITH_CUDA)
+  // On CUDA the 1 is on the device: a kernel reads it and skips the pass over g when it is 1 (a
+  // read and a write of the whole gradient saved, with no sync).
+  if (g.is_cuda() && g.is_contiguous() && s.numel() == 1 && s.device() == g.device()) {
+    scale_unless_one_cuda(g, s);
+    return g;
+  }
+#endif
   return g.mul_(s);
 }
 

@@ -12,6 +12,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kFinalizeThreads = 1024;
 constexpr int64_t kChunk = 16384;  // elements of one row per block
+constexpr int kUnroll = 4;          // 16-byte vectors of each input loaded per thread before use
 
 struct Layout {
   int64_t rec_cpr, kl_cpr, rec_units, kl_units;  // chunks per row and units of each part
@@ -70,13 +71,28 @@ __global__ void __launch_bounds__(kThreads) elbo_partials(ElboLaunch a, Layout u
       const auto* rv = reinterpret_cast<const Vec<T, VEC>*>(r + head);
       const auto* xv = reinterpret_cast<const Vec<T, VEC>*>(x + head);
       auto* gvec = g ? reinterpret_cast<Vec<T, VEC>*>(g + head) : nullptr;
-      for (int64_t v = threadIdx.x; v < nvec; v += blockDim.x) {
-        const Vec<T, VEC> rr = rv[v], xx = xv[v];
+      // kUnroll vectors of r and of x per thread are loaded before the first is used, so that
+      // enough bytes are in flight to keep HBM busy; the elements are still summed in the order of
+      // the plain loop (v, v + blockDim.x, ...).
+      auto body = [&](const Vec<T, VEC>& rr, const Vec<T, VEC>& xx, int64_t v) {
         Vec<T, VEC> gg;
 #pragma unroll
         for (int j = 0; j < VEC; ++j) gg.v[j] = from_acc<T>(one(to_acc(rr.v[j]), to_acc(xx.v[j])));
         if (gvec) gvec[v] = gg;
+      };
+      const int64_t stride = blockDim.x;
+      int64_t v = threadIdx.x;
+      for (; v + (kUnroll - 1) * stride < nvec; v += kUnroll * stride) {
+        Vec<T, VEC> rr[kUnroll], xx[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          rr[u] = rv[v + u * stride];
+          xx[u] = xv[v + u * stride];
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) body(rr[u], xx[u], v + u * stride);
       }
+      for (; v < nvec; v += stride) body(rv[v], xv[v], v);
       for (int64_t i = head + nvec * VEC + threadIdx.x; i < len; i += blockDim.x) {
         const A gv = one(to_acc(r[i]), to_acc(x[i]));
         if (g) g[i] = from_acc<T>(gv);
@@ -157,7 +173,27 @@ void launch_partials_aligned(const ElboLaunch& a, const Layout& u, double* pr, d
     launch_partials<T, 1, mode>(a, u, pr, pk, s);
 }
 
+template <typename T>
+__global__ void __launch_bounds__(kThreads) scale_unless_one(T* g, const T* s, int64_t n) {
+  using A = typename Acc<T>::type;
+  const A sv = to_acc(*s);
+  if (sv == A(1)) return;  // loss.backward(): grad_output is exactly 1, nothing to do
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    g[i] = from_acc<T>(to_acc(g[i]) * sv);
+}
+
 }  // namespace
+
+cudaError_t launch_scale_unless_one(DType dtype, void* g, const void* s, int64_t n, cudaStream_t stream) {
+  if (n == 0) return cudaSuccess;
+  dispatch_dtype(dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    scale_unless_one<T><<<blocks_for(n, kThreads, 132LL * 16), kThreads, 0, stream>>>(
+        static_cast<T*>(g), static_cast<const T*>(s), n);
+  });
+  return cudaGetLastError();
+}
 
 size_t elbo_workspace_bytes(int64_t n, int64_t d, int64_t l) {
   const Layout u = layout(n, d, l);

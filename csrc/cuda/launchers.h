@@ -37,6 +37,10 @@ struct ElboLaunch {
 size_t elbo_workspace_bytes(int64_t n, int64_t d, int64_t l);
 cudaError_t launch_elbo(const ElboLaunch& a, cudaStream_t stream);
 
+// g *= *s in place over n elements of g's dtype, s one element on the device; when *s == 1 the
+// kernel returns at once (the backward of loss.backward(): no pass, no host sync, graph-safe).
+cudaError_t launch_scale_unless_one(DType dtype, void* g, const void* s, int64_t n, cudaStream_t stream);
+
 // Mirrors at::PhiloxCudaState: under CUDA graph capture, seed and offset are read on the device
 // (from seed_ptr, and offset_ptr + offset_intragraph) when the graph replays.
 struct PhiloxArgs {

@@ -142,6 +142,15 @@ Tensor philox_normal_cuda(const Tensor& like, int64_t seed, int64_t offset) {
 
 }  // namespace
 
+void scale_unless_one_cuda(const Tensor& g, const Tensor& s) {
+  TORCH_CHECK(g.is_cuda() && g.is_contiguous() && s.numel() == 1 && s.device() == g.device() &&
+                  s.scalar_type() == g.scalar_type(),
+              "scale_unless_one_cuda: expected a contiguous CUDA g and a one-element s of its device and dtype");
+  const c10::cuda::CUDAGuard guard(g.device());
+  C10_CUDA_CHECK(cuda::launch_scale_unless_one(cuda_dtype(g.scalar_type()), g.data_ptr(), s.const_data_ptr(),
+                                               g.numel(), at::cuda::getCurrentCUDAStream()));
+}
+
 TORCH_LIBRARY_IMPL(vae_ext, CUDA, m) {
   m.impl("elbo_loss", &elbo_loss_cuda);
   m.impl("reparameterize", &reparameterize_cuda);
