@@ -5,7 +5,8 @@
     python benchmarks/make_readme_table.py --json benchmarks/results/cpu.json --write README.md
 
 With ``--write`` the text between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` in that file is
-replaced (the markers stay). Needs neither torch nor the compiled extension: it loads
+replaced (the markers stay); with ``--section NAME`` the text between ``<!-- bench:NAME:begin -->``
+and ``<!-- bench:NAME:end -->`` (the README has one section per machine). Needs neither torch nor the compiled extension: it loads
 vae_ext/bench/report.py directly.
 """
 import argparse
@@ -27,6 +28,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--json", required=True, help="results JSON written by vae-ext bench / benchmarks/run.py")
     p.add_argument("--write", metavar="FILE", help="update the section between the bench markers in FILE")
+    p.add_argument("--section", default="", metavar="NAME",
+                   help="write between <!-- bench:NAME:begin/end --> instead of <!-- bench:begin/end -->")
     args = p.parse_args(argv)
     report = _load_report()
     try:
@@ -41,7 +44,7 @@ def main(argv=None) -> int:
     path = Path(args.write)
     try:
         text = path.read_text()
-        new = report.update_markers(text, section)
+        new = report.update_markers(text, section, args.section)
     except (OSError, ValueError) as e:
         print(f"make_readme_table: {path}: {e}", file=sys.stderr)
         return 2

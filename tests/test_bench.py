@@ -267,3 +267,6 @@ def test_report_without_torch_results():
     assert "90%" in report.markdown_section(res_gpu)
     assert report.update_markers("a <!-- bench:begin -->x<!-- bench:end --> b", "NEW") == \
         "a <!-- bench:begin -->\nNEW\n<!-- bench:end --> b"
+    two = "<!-- bench:begin -->x<!-- bench:end --> <!-- bench:h100:begin -->y<!-- bench:h100:end -->"
+    assert report.update_markers(two, "G", "h100") == \
+        "<!-- bench:begin -->x<!-- bench:end --> <!-- bench:h100:begin -->\nG\n<!-- bench:h100:end -->"

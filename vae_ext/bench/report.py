@@ -11,8 +11,6 @@ import re
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple
 
-BEGIN = "<!-- bench:begin -->"
-END = "<!-- bench:end -->"
 
 Table = Tuple[str, List[str], List[List[str]]]  # title, headers, rows
 
@@ -381,12 +379,19 @@ def markdown_section(results: dict) -> str:
     return "\n".join(lines)
 
 
-def update_markers(text: str, section: str) -> str:
-    """Replace what lies between the bench markers of ``text`` by ``section``."""
-    pat = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+def markers(name: str = "") -> tuple:
+    """The begin and end markers of a generated section: ``bench`` or ``bench:NAME``."""
+    tag = f"bench:{name}" if name else "bench"
+    return f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+
+
+def update_markers(text: str, section: str, name: str = "") -> str:
+    """Replace what lies between the bench markers (``markers(name)``) of ``text`` by ``section``."""
+    begin, end = markers(name)
+    pat = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     if not pat.search(text):
-        raise ValueError(f"no {BEGIN} ... {END} markers found")
-    return pat.sub(lambda _: f"{BEGIN}\n{section.rstrip()}\n{END}", text, count=1)
+        raise ValueError(f"no {begin} ... {end} markers found")
+    return pat.sub(lambda _: f"{begin}\n{section.rstrip()}\n{end}", text, count=1)
 
 
 def load(path) -> dict:
