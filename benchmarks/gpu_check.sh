@@ -11,7 +11,7 @@
 #   GRAPH_ONLY=loss PLAIN_ONLY=loss,reparam ...       # which benchmarks the graph / plain runs take
 #
 # On the H100 machine (2026-11-24) the build took 70-90 s, the CUDA tests 10 s, memcheck 10 s,
-# racecheck 40 s, the plain loss+reparam benchmarks 4.5 min and the graph loss benchmark about 3.5 min:
+# racecheck 40 s, the plain loss+reparam benchmarks 4.5 min and the graph loss benchmark about 4 min:
 # a whole run does not fit one 10-minute device call, so split it by PHASES / BENCH_RUNS.
 #
 # The build phase installs the package the README's way (pip install --no-build-isolation .) and
