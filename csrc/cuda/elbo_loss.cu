@@ -13,6 +13,7 @@ constexpr int kThreads = 256;
 constexpr int kFinalizeThreads = 1024;
 constexpr int64_t kChunk = 16384;  // elements of one row per block
 constexpr int kUnroll = 4;          // 16-byte vectors of each input loaded per thread before use
+constexpr int64_t kScaleBlocks = 2048;  // 16 blocks per SM of a 128-SM GPU
 
 struct Layout {
   int64_t rec_cpr, kl_cpr, rec_units, kl_units;  // chunks per row and units of each part
@@ -189,7 +190,9 @@ cudaError_t launch_scale_unless_one(DType dtype, void* g, const void* s, int64_t
   if (n == 0) return cudaSuccess;
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    scale_unless_one<T><<<blocks_for(n, kThreads, 132LL * 16), kThreads, 0, stream>>>(
+    // Grid-stride over at most kScaleBlocks blocks: when *s == 1 every block only reads s and
+    // exits, and a grid of n / 256 blocks (65536 at 16M elements) would cost microseconds for that.
+    scale_unless_one<T><<<blocks_for(n, kThreads, kScaleBlocks), kThreads, 0, stream>>>(
         static_cast<T*>(g), static_cast<const T*>(s), n);
   });
   return cudaGetLastError();
