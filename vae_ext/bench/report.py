@@ -217,8 +217,6 @@ def render_markdown(table: Table, heading: str = "####") -> str:
 
 # --------------------------------------------------------------------------- targets
 
-# (description, benchmark, case filter, baseline key in "speedup", minimum). The figures the project
-# set for the 2-core CPU; checked on whatever machine produced the results, and labelled with it.
 # (device, description, benchmark, which records, metric, minimum). metric: a baseline name (speedup of
 # the fused path over it) or "floor" (percent of the copy floor the fused path reaches). The CPU
 # targets are the issues' figures for the 2-core CPU, the CUDA ones those for an H100.
