@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import vae_ext
+from vae_ext.bench.common import capture_cuda_graph
 from vae_ext import reference
 
 from conftest import (
@@ -876,15 +877,7 @@ def test_cuda_graph_capture_of_forward_and_backward(mode):
         loss.backward()
         return loss
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        loss = step()
+    graph, loss = capture_cuda_graph(step, warmups=2)
     grads = [t.grad for t in leaves]
     new = [t.cuda() for t in make_elbo_inputs(mode, (37, 1271), 13, F32, seed=84)]
     with torch.no_grad():

@@ -14,6 +14,7 @@ import torch
 from scipy import stats
 
 import vae_ext
+from vae_ext.bench.common import capture_cuda_graph
 from vae_ext import reference
 
 from conftest import (
@@ -587,15 +588,7 @@ def test_cuda_eps_equals_cpu_eps(seed, offset):
 @requires_cuda
 def test_cuda_graph_capture_draws_fresh_samples():
     mu, lv = standard(4096, F32, "cuda")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            vae_ext.reparameterize(mu, lv)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        z = vae_ext.reparameterize(mu, lv)
+    graph, z = capture_cuda_graph(lambda: vae_ext.reparameterize(mu, lv), warmups=2)
     draws = []
     for _ in range(3):
         graph.replay()
@@ -620,15 +613,7 @@ def test_cuda_graph_capture_of_forward_and_backward():
         z.backward(grad_z)
         return z
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        z = step()
+    graph, z = capture_cuda_graph(step, warmups=2)
     previous = None
     for _ in range(2):
         lv.grad.fill_(float("nan"))

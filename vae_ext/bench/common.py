@@ -249,23 +249,32 @@ def time_interleaved(fns: Dict[str, Callable], ctx: Context, label: str = "") ->
     return {n: summarize(times[n]) for n in names}
 
 
-def cuda_graph_replay(fn: Callable) -> Callable:
-    """Capture one call of ``fn`` (already warm) in a CUDA graph; return the graph's ``replay``.
+def capture_cuda_graph(fn: Callable, warmups: int = 3):
+    """Call ``fn`` ``warmups`` times on a side stream, then capture one call in a CUDA graph.
 
-    Replays run the same kernels on the same buffers with no Python, dispatcher or launch cost, so
-    their time is the device time of one call. ``fn`` must be capturable: no host sync.
+    Returns ``(graph, out)``: ``out`` is what the captured call returned, and ``graph.replay()``
+    rewrites it in place. ``fn`` must be capturable: no host sync.
     """
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # capture needs a few calls on a side stream first
-        for _ in range(3):
+        for _ in range(warmups):
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
+        out = fn()
     torch.cuda.synchronize()
-    return graph.replay
+    return graph, out
+
+
+def cuda_graph_replay(fn: Callable) -> Callable:
+    """The ``replay`` of a CUDA graph of one call of ``fn`` (already warm).
+
+    Replays run the same kernels on the same buffers with no Python, dispatcher or launch cost, so
+    their time is the device time of one call.
+    """
+    return capture_cuda_graph(fn)[0].replay
 
 
 # --------------------------------------------------------------------------- the copy floor
