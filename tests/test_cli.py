@@ -21,6 +21,7 @@ import torch
 
 import vae_ext
 from vae_ext import cli
+from vae_ext._interrupts import raise_interrupt
 from vae_ext.train import atomic_write, load_checkpoint
 
 # Subprocesses import the vae_ext this process imported (the repo with an in-place build, or the
@@ -126,6 +127,25 @@ def test_interrupted_training_keeps_the_last_complete_checkpoint(capsys, tmp_pat
     monkeypatch.setattr(T, "train_step", real)
     assert run(capsys, "train", "--resume", out, "--no-progress")[0] == 0
     assert load_checkpoint(out)["epoch"] == 3
+
+
+def test_interrupt_during_atomic_write_waits_for_the_file(tmp_path):
+    """A signal mid-write (the CLI's handlers call raise_interrupt) is raised once the file is in place."""
+    p = tmp_path / "f.txt"
+
+    def write(f):
+        f.write("first ")
+        raise_interrupt(KeyboardInterrupt())  # what the SIGINT / SIGTERM handler does
+        f.write("second\n")
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(p, write, mode="w")
+    assert p.read_text() == "first second\n"
+    assert not [q for q in tmp_path.iterdir() if q.name.endswith(".tmp")]
+    with pytest.raises(KeyboardInterrupt):  # outside a write it is raised at once
+        raise_interrupt(KeyboardInterrupt())
+    atomic_write(p, lambda f: f.write("x"), mode="w")  # nothing left pending
+    assert p.read_text() == "x"
 
 
 def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):

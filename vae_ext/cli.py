@@ -12,6 +12,7 @@ import re
 import signal
 import sys
 
+from ._interrupts import raise_interrupt
 from .errors import VaeExtError
 
 __all__ = ["main", "build_parser"]
@@ -244,23 +245,25 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM (kill, a scheduler's preemption), handled like Ctrl-C so cleanup code runs."""
 
 
-def _on_sigterm(signum, frame):
-    raise _Terminated()
+def _on_signal(signum, frame):
+    raise_interrupt(_Terminated() if signum == signal.SIGTERM else KeyboardInterrupt())
 
 
 def main(argv=None) -> int:
     """Run the command; returns the exit status (the console script exits with it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv[0] if argv else None
+    previous = {}
     try:
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, _on_signal)
     except ValueError:  # not the main thread: leave signals alone
-        previous = None
+        pass
     try:
         return _main(argv, command)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _main(argv, command) -> int:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from .data import BINARIZE_MODES, TEST_BINARIZE_SEED, ImageData, binarize, load_data, parse_split
 from .distributed import Context, resolve_device, setup
+from ._interrupts import deferred as _interrupts_deferred
 from .errors import CheckpointError, ConfigError, DataError, VaeExtError
 from .functional import RECON_MODES
 from .models import ARCHS, VAE
@@ -160,15 +161,19 @@ def build_model(cfg: TrainConfig, image_shape) -> VAE:
 
 
 def atomic_write(path, write, mode: str = "wb") -> None:
-    """Write a file through ``write(f)`` into a temporary sibling, then rename it into place."""
+    """Write a file through ``write(f)`` into a temporary sibling, then rename it into place.
+
+    A signal that arrives meanwhile (``vae_ext._interrupts``) is raised once the file is in place.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with _interrupts_deferred():
+            with open(tmp, mode) as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
