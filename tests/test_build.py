@@ -71,27 +71,31 @@ _SCRIPT = textwrap.dedent(
                 (loss * w.to(loss.dtype)).sum().backward()
                 out["elbo"][(str(dtype), mode, reduction)] = dict(
                     inputs=(r, x, mu, lv), w=w, loss=loss.detach(), grads=[t.grad for t in leaves])
-    # "bce" at the edges of each variant's logarithm: p = 0 and 1, float32 subnormals, the
-    # smallest normals, p next to 1; targets 0, 1 and soft. Row 3 also gets a NaN.
-    edges = torch.tensor([0.0, 1.0, 1.4e-45, 1e-40, 1.1754942e-38, 1.2e-38, 1e-30, 1e-7, 0.5, 0.75, 1.5 / 2,
-                          1 - 2 ** -24, 2 ** -24, 0.3], dtype=F64)
+    # Each variant's log and exp at their edges. "bce": p = 0 and 1, float32 subnormals, the
+    # smallest normals, p next to 1. "bce_logits": exp(-|l|) from 1 down to subnormal and 0.
+    # Targets 0, 1 and soft; a NaN in row 3 of a second call.
+    edges = {"bce": [0.0, 1.0, 1.4e-45, 1e-40, 1.1754942e-38, 1.2e-38, 1e-30, 1e-7, 0.5, 0.75, 1.5 / 2,
+                     1 - 2 ** -24, 2 ** -24, 0.3],
+             "bce_logits": [0.0, 1e-3, -1e-3, 0.3466, -0.3467, 20.0, -20.0, 87.0, -87.5, 88.8, -88.8, 100.0,
+                            -100.0, 103.9, -104.1, 110.0, -110.0, 200.0, -200.0, 1e4, -1e4]}
     targets = torch.tensor([0.0, 1.0, 0.3, 1.0, 0.0, 0.7, 1.0], dtype=F64)
     n, d = 4, 97
-    r = edges.repeat(n * d // len(edges) + 1)[: n * d].reshape(n, d)
     x = targets.repeat(n * d // len(targets) + 1)[: n * d].reshape(n, d)
     out["edges"] = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        rr, xx = r.to(dtype), x.to(dtype)
-        leaf = rr.clone().requires_grad_(True)
-        mu0 = torch.zeros(n, 1, dtype=dtype)
-        loss = vae_ext.elbo_loss(leaf, xx, mu0, mu0, recon="bce", reduction="none")
-        w = torch.linspace(-1.0, 2.0, n)
-        (loss * w.to(loss.dtype)).sum().backward()
-        rn = rr.clone()
-        rn[3, 50] = float("nan")
-        nan_loss = vae_ext.elbo_loss(rn, xx, mu0, mu0, recon="bce", reduction="none")
-        out["edges"][str(dtype)] = dict(inputs=(rr, xx, mu0, mu0), w=w, loss=loss.detach(), grads=[leaf.grad],
-                                        nan_loss=nan_loss)
+    for mode, vals in edges.items():
+        r = torch.tensor(vals, dtype=F64).repeat(n * d // len(vals) + 1)[: n * d].reshape(n, d)
+        for dtype in (torch.float32, torch.bfloat16):
+            rr, xx = r.to(dtype), x.to(dtype)
+            leaf = rr.clone().requires_grad_(True)
+            mu0 = torch.zeros(n, 1, dtype=dtype)
+            loss = vae_ext.elbo_loss(leaf, xx, mu0, mu0, recon=mode, reduction="none")
+            w = torch.linspace(-1.0, 2.0, n)
+            (loss * w.to(loss.dtype)).sum().backward()
+            rn = rr.clone()
+            rn[3, 50] = float("nan")
+            nan_loss = vae_ext.elbo_loss(rn, xx, mu0, mu0, recon=mode, reduction="none")
+            out["edges"][(str(dtype), mode)] = dict(inputs=(rr, xx, mu0, mu0), w=w, loss=loss.detach(),
+                                                    grads=[leaf.grad], nan_loss=nan_loss)
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         torch.manual_seed(123)
         mu = torch.randn(1003).to(dtype)
@@ -174,12 +178,12 @@ def test_every_variant_matches_reference(variants):
                     assert_close(gt, lf.grad, rtol=tol.grad, atol_rel=tol.grad_atol_rel, what=f"grad {name}")
             except AssertionError as e:
                 failures.append(f"[{out['cap']}] {key}: {str(e)[:400]}")
-        for dtype_s, rec in out["edges"].items():
+        for (dtype_s, mode), rec in out["edges"].items():
             dtype = getattr(torch, dtype_s.replace("torch.", ""))
             tol = TOLS[dtype]
             r, x, mu, lv = rec["inputs"]
             leaf = r.detach().to(torch.float64, copy=True).requires_grad_(True)
-            ref = reference.elbo_loss(leaf, x.double(), mu.double(), lv.double(), recon="bce", reduction="none")
+            ref = reference.elbo_loss(leaf, x.double(), mu.double(), lv.double(), recon=mode, reduction="none")
             (ref * rec["w"].double()).sum().backward()
             try:
                 assert_close(rec["loss"], ref, rtol=tol.loss, what="loss")
@@ -187,7 +191,7 @@ def test_every_variant_matches_reference(variants):
                 nan_rows = torch.isnan(rec["nan_loss"]).tolist()
                 assert nan_rows == [False, False, False, True], f"NaN in row 3 only: got {nan_rows}"
             except AssertionError as e:
-                failures.append(f"[{out['cap']}] bce edges {dtype_s}: {str(e)[:400]}")
+                failures.append(f"[{out['cap']}] {mode} edges {dtype_s}: {str(e)[:400]}")
         for dtype_s, rec in out["rep"].items():
             dtype = getattr(torch, dtype_s.replace("torch.", ""))
             tol = TOLS[dtype]
