@@ -60,58 +60,26 @@ struct VecMath {
 //   x = m 2^e with m in [0.75, 1.5), s = (m - 1) / (m + 1) in [-1/7, 1/5],
 //   log x = e ln2 + 2 atanh(s) = e ln2 + 2s (1 + s^2/3 + s^4/5 + s^6/7 + s^8/9 + ...),
 // the series cut after s^8/9 (relative truncation error < 2e-9). Measured against double log
-// over every 7th positive float (AVX-512; every 13th for AVX2): at most 2.14 ulp (Sleef's u35: 3.5). 0 -> -inf, x < 0 -> NaN,
-// +inf and NaN -> themselves, subnormals exact. Inline, the "bce" pass took 41 instead of 53 us
-// (128x784 float32, one thread, AVX-512).
+// over every 7th positive float (AVX-512; every 13th for AVX2): at most 2.14 ulp (Sleef's u35:
+// 3.5). 0 -> -inf, x < 0 -> NaN, +inf and NaN -> themselves, subnormals exact. Inline, the "bce"
+// pass took 41 instead of 53 us (128x784 float32, one thread, AVX-512).
 // log1p(v) is computed as log(u) - ((u - 1) - v) / u with u = 1 + v, the second term being
 // 1 + v's rounding error; it is used for v in [-1, 1] only (log1p(-p), log1p(exp(-|l|))), where
 // 1/u is replaced by 2 - u: wherever the rounding error is non-zero, u lies in [0.5, 2] and the
 // correction (at most an ulp of the result) keeps > 75% of its digits. No division.
 using VecF = Vectorized<float>;
 
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// e ln2 + 2 atanh(s) from s = (m - 1) / (m + 1) and e, for either register width
-template <class R, class Ops>
-inline R log_from_parts(R m, R e) {
-  const R one = Ops::splat(1.0f);
-  const R s = Ops::div(Ops::sub(m, one), Ops::add(m, one));
-  const R s2 = Ops::mul(s, s);
-  R t = Ops::fma(Ops::splat(1.0f / 9), s2, Ops::splat(1.0f / 7));
-  t = Ops::fma(t, s2, Ops::splat(1.0f / 5));
-  t = Ops::fma(t, s2, Ops::splat(1.0f / 3));
-  const R two_s = Ops::add(s, s);
-  const R r = Ops::fma(e, Ops::splat(0.693147180559945f), two_s);
-  return Ops::fma(Ops::mul(two_s, s2), t, r);
+// e ln2 + 2 atanh(s) from s = (m - 1) / (m + 1) and e (at::vec's float operators are inline)
+inline VecF log_from_parts(const VecF& m, const VecF& e) {
+  const VecF one(1.0f);
+  const VecF s = (m - one) / (m + one);
+  const VecF s2 = s * s;
+  VecF t = at::vec::fmadd(VecF(1.0f / 9), s2, VecF(1.0f / 7));
+  t = at::vec::fmadd(t, s2, VecF(1.0f / 5));
+  t = at::vec::fmadd(t, s2, VecF(1.0f / 3));
+  const VecF two_s = s + s;
+  return at::vec::fmadd(two_s * s2, t, at::vec::fmadd(e, VecF(0.693147180559945f), two_s));
 }
-#endif
-
-#if defined(CPU_CAPABILITY_AVX512)
-struct Ops512 {
-  static __m512 splat(float v) { return _mm512_set1_ps(v); }
-  static __m512 add(__m512 a, __m512 b) { return _mm512_add_ps(a, b); }
-  static __m512 sub(__m512 a, __m512 b) { return _mm512_sub_ps(a, b); }
-  static __m512 mul(__m512 a, __m512 b) { return _mm512_mul_ps(a, b); }
-  static __m512 div(__m512 a, __m512 b) { return _mm512_div_ps(a, b); }
-  static __m512 fma(__m512 a, __m512 b, __m512 c) { return _mm512_fmadd_ps(a, b, c); }
-  static __m512 fnma(__m512 a, __m512 b, __m512 c) { return _mm512_fnmadd_ps(a, b, c); }
-  static __m512 min(__m512 a, __m512 b) { return _mm512_min_ps(a, b); }
-  static __m512 max(__m512 a, __m512 b) { return _mm512_max_ps(a, b); }
-  static __m512 round(__m512 a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-};
-#elif defined(CPU_CAPABILITY_AVX2)
-struct Ops256 {
-  static __m256 splat(float v) { return _mm256_set1_ps(v); }
-  static __m256 add(__m256 a, __m256 b) { return _mm256_add_ps(a, b); }
-  static __m256 sub(__m256 a, __m256 b) { return _mm256_sub_ps(a, b); }
-  static __m256 mul(__m256 a, __m256 b) { return _mm256_mul_ps(a, b); }
-  static __m256 div(__m256 a, __m256 b) { return _mm256_div_ps(a, b); }
-  static __m256 fma(__m256 a, __m256 b, __m256 c) { return _mm256_fmadd_ps(a, b, c); }
-  static __m256 fnma(__m256 a, __m256 b, __m256 c) { return _mm256_fnmadd_ps(a, b, c); }
-  static __m256 min(__m256 a, __m256 b) { return _mm256_min_ps(a, b); }
-  static __m256 max(__m256 a, __m256 b) { return _mm256_max_ps(a, b); }
-  static __m256 round(__m256 a) { return _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-};
-#endif
 
 #if defined(CPU_CAPABILITY_AVX2)
 // fast_log for any lanes: subnormals are scaled by 2^23 first; 0 -> -inf, x < 0 -> NaN, and
@@ -123,7 +91,7 @@ inline __m256 log_avx2_any(__m256 x) {
   const __m256i k = _mm256_srai_epi32(_mm256_sub_epi32(bits, _mm256_set1_epi32(0x3f400000)), 23);
   const __m256 m = _mm256_castsi256_ps(_mm256_sub_epi32(bits, _mm256_slli_epi32(k, 23)));
   const __m256 e = _mm256_sub_ps(_mm256_cvtepi32_ps(k), _mm256_and_ps(sub, _mm256_set1_ps(23.0f)));
-  __m256 r = log_from_parts<__m256, Ops256>(m, e);
+  __m256 r = log_from_parts(VecF(m), VecF(e));
   r = _mm256_blendv_ps(r, _mm256_set1_ps(-std::numeric_limits<float>::infinity()), _mm256_cmp_ps(x, zero, _CMP_EQ_OQ));
   r = _mm256_blendv_ps(r, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), _mm256_cmp_ps(x, zero, _CMP_LT_OQ));
   const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
@@ -139,7 +107,7 @@ VAE_HD VecF fast_log(const VecF& v) {
   const __m512 m = _mm512_getmant_ps(x, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_nan);
   __m512 e = _mm512_getexp_ps(x);
   e = _mm512_mask_add_ps(e, _mm512_cmp_ps_mask(m, one, _CMP_LT_OQ), e, one);
-  return VecF(log_from_parts<__m512, Ops512>(m, e));
+  return log_from_parts(VecF(m), VecF(e));
 #elif defined(CPU_CAPABILITY_AVX2)
   // The split from the bits: (bits - bits(0.75)) >> 23 is the e that puts m in [0.75, 1.5).
   // That holds for normal positive x; a vector with any other lane (0, subnormal, negative, inf,
@@ -151,7 +119,7 @@ VAE_HD VecF fast_log(const VecF& v) {
   if (C10_UNLIKELY(!_mm256_testz_si256(special, special))) return VecF(log_avx2_any(v));
   const __m256i k = _mm256_srai_epi32(_mm256_sub_epi32(bits, _mm256_set1_epi32(0x3f400000)), 23);
   const __m256 m = _mm256_castsi256_ps(_mm256_sub_epi32(bits, _mm256_slli_epi32(k, 23)));
-  return VecF(log_from_parts<__m256, Ops256>(m, _mm256_cvtepi32_ps(k)));
+  return log_from_parts(VecF(m), VecF(_mm256_cvtepi32_ps(k)));
 #else
   return v.log();
 #endif
@@ -163,28 +131,27 @@ VAE_HD VecF fast_log(const VecF& v) {
 // x is clamped to [-104, 89] first (exp(-104) rounds to 0, exp(89) overflows; NaN passes).
 // Measured against double exp over every 5th float in (-110, 110): at most 0.93 ulp; subnormal
 // results within one subnormal step, and 0, inf and NaN where std::exp gives them.
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-template <class R, class Ops>
-inline R exp_reduced(R x, R* n) {
-  // max(lo, x), min(hi, .): x86 min/max return the second operand for a NaN, which keeps it
-  x = Ops::min(Ops::splat(89.0f), Ops::max(Ops::splat(-104.0f), x));
-  *n = Ops::round(Ops::mul(x, Ops::splat(1.44269504088896341f)));
-  R r = Ops::fnma(*n, Ops::splat(0.693359375f), x);  // 0.693359375: few bits, n * it is exact
-  r = Ops::fnma(*n, Ops::splat(-2.12194440e-4f), r);  // ln2 - 0.693359375
-  R p = Ops::splat(1.0f / 5040);
-  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = Ops::fma(p, r, Ops::splat(c));
+
+// exp(r) (the series) and n, for x = n ln2 + r
+inline VecF exp_reduced(VecF x, VecF* n) {
+  // clamp_min/max are max(lo, x) and min(hi, x): x86 returns the second operand for a NaN
+  x = at::vec::clamp_max(at::vec::clamp_min(x, VecF(-104.0f)), VecF(89.0f));
+  *n = (x * VecF(1.44269504088896341f)).round();
+  VecF r = at::vec::fmadd(*n, VecF(-0.693359375f), x);  // 0.693359375: few bits, n * it is exact
+  r = at::vec::fmadd(*n, VecF(2.12194440e-4f), r);      // -(ln2 - 0.693359375)
+  VecF p(1.0f / 5040);
+  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = at::vec::fmadd(p, r, VecF(c));
   return p;
 }
-#endif
 
 VAE_HD VecF fast_exp(const VecF& v) {
 #if defined(CPU_CAPABILITY_AVX512)
-  __m512 n;
-  const __m512 p = exp_reduced<__m512, Ops512>(v, &n);
+  VecF n;
+  const VecF p = exp_reduced(v, &n);
   return VecF(_mm512_scalef_ps(p, n));  // p 2^n, rounded once: overflow and subnormals included
 #elif defined(CPU_CAPABILITY_AVX2)
-  __m256 n;
-  const __m256 p = exp_reduced<__m256, Ops256>(v, &n);
+  VecF n;
+  const VecF p = exp_reduced(v, &n);
   // 2^n as two factors 2^(n/2) 2^(n - n/2), each a normal float for n in [-150, 128]; p times
   // the first is exact, so the result is rounded once (subnormals too)
   const __m256i ni = _mm256_cvtps_epi32(n), bias = _mm256_set1_epi32(127);
@@ -360,31 +327,16 @@ inline bool all_binary(const VecF& x) {
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-// The running min and max instead: x86 min/max return their second operand when the first is
-// NaN, so min(p, lo) and max(p, hi) skip a NaN p.
+// The running min and max instead: clamp_max(lo, p) is x86's min(p, lo), which returns lo for a
+// NaN p (the second operand), as max(p, hi) returns hi.
 template <>
 struct ProbRange<VecF> {
-#if defined(CPU_CAPABILITY_AVX512)
-  __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+  VecF lo = VecF(0.0f), hi = VecF(0.0f);
   void add(const VecF& p) {
-    lo = _mm512_min_ps(p, lo);
-    hi = _mm512_max_ps(p, hi);
+    lo = at::vec::clamp_max(lo, p);
+    hi = at::vec::clamp_min(hi, p);
   }
-  bool out_of_range() const {
-    return (_mm512_cmp_ps_mask(lo, _mm512_setzero_ps(), _CMP_LT_OQ) |
-            _mm512_cmp_ps_mask(hi, _mm512_set1_ps(1.0f), _CMP_GT_OQ)) != 0;
-  }
-#else
-  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-  void add(const VecF& p) {
-    lo = _mm256_min_ps(p, lo);
-    hi = _mm256_max_ps(p, hi);
-  }
-  bool out_of_range() const {
-    return _mm256_movemask_ps(_mm256_or_ps(_mm256_cmp_ps(lo, _mm256_setzero_ps(), _CMP_LT_OQ),
-                                           _mm256_cmp_ps(hi, _mm256_set1_ps(1.0f), _CMP_GT_OQ))) != 0;
-  }
-#endif
+  bool out_of_range() const { return any_lane_set((lo < VecF(0.0f)) | (hi > VecF(1.0f))); }
 };
 #endif
 
