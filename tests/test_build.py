@@ -18,10 +18,11 @@ import torch
 import vae_ext
 from vae_ext import reference
 
-from conftest import BF16, TOLS, assert_close
+from conftest import BF16, FLOAT32_MATH_ULP_BOUNDS, TOLS, assert_close
 
 CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(vae_ext.__file__)))
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))  # conftest's helpers, for the subprocess
 
 
 def test_build_info_keys_and_values():
@@ -108,6 +109,8 @@ _SCRIPT = textwrap.dedent(
         out["rep"][str(dtype)] = dict(mu=mu, lv=lv, up=up, z=z.detach(), eps=eps, state=state,
                                       grads=[m.grad, l.grad])
     out["philox"] = torch.ops.vae_ext.philox_normal(torch.empty(4099), 987654321, 12)
+    from conftest import float32_math_ulps
+    out["ulps"] = float32_math_ulps()
     torch.save(out, sys.argv[1])
     """
 )
@@ -121,7 +124,7 @@ def _run_variant(tmp_path_factory, env_value):
         env["ATEN_CPU_CAPABILITY"] = env_value
     # REPO_ROOT: where this process found vae_ext (site-packages in CI); cwd elsewhere, since
     # `python -c` puts the working folder first on sys.path and a checkout's sources would win
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, TESTS_DIR, env.get("PYTHONPATH")) if p)
     proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(path)], env=env, capture_output=True, text=True,
                           timeout=300, cwd=path.parent)
     assert proc.returncode == 0, f"ATEN_CPU_CAPABILITY={env_value}: subprocess failed\n{proc.stderr[-3000:]}"
@@ -210,6 +213,15 @@ def test_every_variant_matches_reference(variants):
             except AssertionError as e:
                 failures.append(f"[{out['cap']}] reparameterize {dtype_s}: {str(e)[:400]}")
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.slow
+def test_every_variant_float32_log_and_exp_in_ulps(variants):
+    """Each variant's float log, log1p and exp within a few float32 ulps of float64 (the loss
+    tolerances elsewhere, 1e-5 relative, would let a wrong coefficient of 100 ulps through)."""
+    for env_value, out in variants.items():
+        for name, bound in FLOAT32_MATH_ULP_BOUNDS.items():
+            assert out["ulps"][name] <= bound, f"[{out['cap']}] {name}: {out['ulps'][name]:.2f} ulp > {bound}"
 
 
 @pytest.mark.slow
