@@ -82,15 +82,22 @@ inline VecF log_from_parts(const VecF& m, const VecF& e) {
 }
 
 #if defined(CPU_CAPABILITY_AVX2)
+// x = m 2^e with m in [0.75, 1.5), from the bits of a normal positive x: (bits - bits(0.75)) >> 23
+// is that e.
+inline void split_avx2(__m256i bits, __m256* m, __m256* e) {
+  const __m256i k = _mm256_srai_epi32(_mm256_sub_epi32(bits, _mm256_set1_epi32(0x3f400000)), 23);
+  *m = _mm256_castsi256_ps(_mm256_sub_epi32(bits, _mm256_slli_epi32(k, 23)));
+  *e = _mm256_cvtepi32_ps(k);
+}
+
 // fast_log for any lanes: subnormals are scaled by 2^23 first; 0 -> -inf, x < 0 -> NaN, and
 // +inf and NaN are their own log.
 inline __m256 log_avx2_any(__m256 x) {
   const __m256 zero = _mm256_setzero_ps();
   const __m256 sub = _mm256_cmp_ps(x, _mm256_set1_ps(std::numeric_limits<float>::min()), _CMP_LT_OQ);
-  const __m256i bits = _mm256_castps_si256(_mm256_blendv_ps(x, _mm256_mul_ps(x, _mm256_set1_ps(8388608.0f)), sub));
-  const __m256i k = _mm256_srai_epi32(_mm256_sub_epi32(bits, _mm256_set1_epi32(0x3f400000)), 23);
-  const __m256 m = _mm256_castsi256_ps(_mm256_sub_epi32(bits, _mm256_slli_epi32(k, 23)));
-  const __m256 e = _mm256_sub_ps(_mm256_cvtepi32_ps(k), _mm256_and_ps(sub, _mm256_set1_ps(23.0f)));
+  __m256 m, e;
+  split_avx2(_mm256_castps_si256(_mm256_blendv_ps(x, _mm256_mul_ps(x, _mm256_set1_ps(8388608.0f)), sub)), &m, &e);
+  e = _mm256_sub_ps(e, _mm256_and_ps(sub, _mm256_set1_ps(23.0f)));
   __m256 r = log_from_parts(VecF(m), VecF(e));
   r = _mm256_blendv_ps(r, _mm256_set1_ps(-std::numeric_limits<float>::infinity()), _mm256_cmp_ps(x, zero, _CMP_EQ_OQ));
   r = _mm256_blendv_ps(r, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), _mm256_cmp_ps(x, zero, _CMP_LT_OQ));
@@ -109,17 +116,17 @@ VAE_HD VecF fast_log(const VecF& v) {
   e = _mm512_mask_add_ps(e, _mm512_cmp_ps_mask(m, one, _CMP_LT_OQ), e, one);
   return log_from_parts(VecF(m), VecF(e));
 #elif defined(CPU_CAPABILITY_AVX2)
-  // The split from the bits: (bits - bits(0.75)) >> 23 is the e that puts m in [0.75, 1.5).
-  // That holds for normal positive x; a vector with any other lane (0, subnormal, negative, inf,
-  // NaN: bits - bits(FLT_MIN) outside [0, bits(inf) - bits(FLT_MIN)) as unsigned) takes log_avx2_any.
+  // split_avx2 holds for normal positive x; a vector with any other lane (0, subnormal, negative,
+  // inf, NaN: bits - bits(FLT_MIN) outside [0, bits(inf) - bits(FLT_MIN)) as unsigned) takes
+  // log_avx2_any.
   const __m256i bits = _mm256_castps_si256(v);
   const __m256i off = _mm256_xor_si256(_mm256_sub_epi32(bits, _mm256_set1_epi32(0x00800000)),
                                        _mm256_set1_epi32(static_cast<int>(0x80000000u)));
   const __m256i special = _mm256_cmpgt_epi32(off, _mm256_set1_epi32(static_cast<int>(0xfeffffffu)));
   if (C10_UNLIKELY(!_mm256_testz_si256(special, special))) return VecF(log_avx2_any(v));
-  const __m256i k = _mm256_srai_epi32(_mm256_sub_epi32(bits, _mm256_set1_epi32(0x3f400000)), 23);
-  const __m256 m = _mm256_castsi256_ps(_mm256_sub_epi32(bits, _mm256_slli_epi32(k, 23)));
-  return log_from_parts(VecF(m), VecF(_mm256_cvtepi32_ps(k)));
+  __m256 m, e;
+  split_avx2(bits, &m, &e);
+  return log_from_parts(VecF(m), VecF(e));
 #else
   return v.log();
 #endif
@@ -336,7 +343,10 @@ struct ProbRange<VecF> {
     lo = at::vec::clamp_max(lo, p);
     hi = at::vec::clamp_min(hi, p);
   }
-  bool out_of_range() const { return any_lane_set((lo < VecF(0.0f)) | (hi > VecF(1.0f))); }
+  bool out_of_range() const {
+    using M = VecMath<VecF>;
+    return any_lane_set(prob_out_of_range<M>(lo) | prob_out_of_range<M>(hi));
+  }
 };
 #endif
 
