@@ -2,7 +2,7 @@
 // device guard, the current stream and the generator's graph-safe Philox state, then call the
 // launchers of the .cu files.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -63,7 +63,7 @@ ElboOutputs elbo_loss_cuda(const Tensor& recon, const Tensor& x, const Tensor& m
   a.kl_out = kl.data_ptr();
   a.workspace = ws.data_ptr();
   a.bad_flag = bad.defined() ? bad.data_ptr<int>() : nullptr;
-  C10_CUDA_CHECK(cuda::launch_elbo(a, at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(cuda::launch_elbo(a, c10::cuda::getCurrentCUDAStream()));
   if (bad.defined() && bad.item<int>() != 0) throw_bce_out_of_range();  // validate=True: one sync
   if (total) return {rec.add_(kl), at::empty({0}, out_opts), g_r, g_mu, g_lv};  // one small kernel
   return {rec, kl, g_r, g_mu, g_lv};
@@ -106,7 +106,7 @@ ReparamOutputs reparameterize_cuda(const Tensor& mu, const Tensor& logvar, int64
     a.rng.offset = philox.offset_.val;
   }
   a.state_out = state.data_ptr<int64_t>();
-  C10_CUDA_CHECK(cuda::launch_reparam(a, at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(cuda::launch_reparam(a, c10::cuda::getCurrentCUDAStream()));
   return {z, eps, state};
 }
 
@@ -127,7 +127,7 @@ std::tuple<Tensor, Tensor> reparameterize_backward_cuda(const Tensor& grad_z, co
   a.numel = logvar.numel();
   a.k = std::max<int64_t>(num_samples, 1);
   a.state = st.const_data_ptr<int64_t>();
-  C10_CUDA_CHECK(cuda::launch_reparam_backward(a, at::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(cuda::launch_reparam_backward(a, c10::cuda::getCurrentCUDAStream()));
   return {g_mu, g_lv};
 }
 
@@ -136,7 +136,7 @@ Tensor philox_normal_cuda(const Tensor& like, int64_t seed, int64_t offset) {
   Tensor out = at::empty(like.sizes(), like.options().dtype(at::kFloat));
   C10_CUDA_CHECK(cuda::launch_philox_normal(out.numel() ? out.data_ptr<float>() : nullptr, out.numel(),
                                             static_cast<uint64_t>(seed), static_cast<uint64_t>(offset),
-                                            at::cuda::getCurrentCUDAStream()));
+                                            c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
@@ -148,7 +148,7 @@ void scale_unless_one_cuda(const Tensor& g, const Tensor& s) {
               "scale_unless_one_cuda: expected a contiguous CUDA g and a one-element s of its device and dtype");
   const c10::cuda::CUDAGuard guard(g.device());
   C10_CUDA_CHECK(cuda::launch_scale_unless_one(cuda_dtype(g.scalar_type()), g.data_ptr(), s.const_data_ptr(),
-                                               g.numel(), at::cuda::getCurrentCUDAStream()));
+                                               g.numel(), c10::cuda::getCurrentCUDAStream()));
 }
 
 TORCH_LIBRARY_IMPL(vae_ext, CUDA, m) {
