@@ -481,19 +481,25 @@ def test_opcheck(mode, reduction, total):
     torch.library.opcheck(ELBO_OP, _opcheck_args(mode, reduction, F32, total=total))
 
 
+@pytest.mark.parametrize("unit_grad", [False, True], ids=["grad_output", "ones"])
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=dtype_id)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_op_total_is_rec_plus_kl(reduction):
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_total_is_rec_plus_kl(device, reduction, dtype, unit_grad):
     """total=True: the first output is rec + kl (summed in double before rounding), the second is
-    empty, and backward gives both terms the loss's gradient (grad_output != 1)."""
-    r, x, mu, lv = make_elbo_inputs("bce", (37, 1271), 7, F32, seed=61)
+    empty, and backward gives both terms the loss's gradient (grad_output != 1, and == 1 on the
+    loss's device: the CUDA backward's skip of its scaling pass)."""
+    r, x, mu, lv = make_elbo_inputs("bce", (37, 1271), 7, dtype, device, seed=61)
     leaves = [t.clone().requires_grad_(True) for t in (r, mu, lv)]
     rec, kl, *_ = ELBO_OP(*_args_with(leaves, x, reduction, total=False))
     tot, empty, *_ = ELBO_OP(*_args_with(leaves, x, reduction, total=True))
-    assert empty.numel() == 0
+    assert empty.numel() == 0 and tot.shape == rec.shape and tot.device == rec.device
     torch.testing.assert_close(tot, rec + kl, rtol=1e-6, atol=0)
-    go = torch.rand_like(tot) + 0.5
+    go = torch.ones_like(tot) if unit_grad else torch.rand_like(tot) + 0.5
+    # retain_graph: the reference takes the plain out-of-place `g * grad_output`; without it the
+    # backward scales in place (on CUDA: one kernel for the three buffers, which skips a 1).
+    g_ref = torch.autograd.grad(rec + kl, leaves, go, retain_graph=True)
     g_tot = torch.autograd.grad(tot, leaves, go)
-    g_ref = torch.autograd.grad(rec + kl, leaves, go)
     for a, b in zip(g_tot, g_ref):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
