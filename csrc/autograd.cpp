@@ -3,6 +3,9 @@
 // redispatches to the CPU/CUDA kernel; the backward scales the gradients the forward wrote
 // (elbo_loss) or calls reparameterize_backward, which recomputes eps (reparameterize).
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
@@ -45,6 +48,33 @@ Tensor scale_grad(const Tensor& g, const Tensor& d, bool per_sample) {
   return g.mul_(s);
 }
 
+// A node, held the way this torch holds nodes (std::shared_ptr before torch 2.13, intrusive_ptr after).
+template <class Ptr, class T, class... Args>
+Ptr make_node(Args&&... args) {
+  if constexpr (std::is_same_v<Ptr, std::shared_ptr<torch::autograd::Node>>)
+    return std::make_shared<T>(std::forward<Args>(args)...);
+  else
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+}
+
+// A backward under create_graph=True whose gradients have no derivative of their own: they get a
+// grad_fn that raises `msg` when a higher-order backward reaches it, with this node's edges, so
+// that differentiating them with respect to the op's inputs raises `msg` (not "does not require
+// grad" or "appears to not have been used in the graph", and never a silent zero).
+variable_list first_order_only(variable_list grads, const char* msg) {
+  if (!at::GradMode::is_enabled()) return grads;
+  const auto node = torch::autograd::get_current_node();  // the node whose backward is running
+  TORCH_INTERNAL_ASSERT(node, "first_order_only: called outside a backward");
+  auto err = make_node<std::decay_t<decltype(node)>, torch::autograd::Error>(
+      msg, torch::autograd::edge_list(node->next_edges()));
+  for (auto& g : grads) {
+    if (!g.defined()) continue;
+    g = g.detach();
+    torch::autograd::set_history(g, err);
+  }
+  return grads;
+}
+
 struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& recon, const Tensor& x, const Tensor& mu,
                                const Tensor& logvar, const std::string& recon_mode, const std::string& reduction,
@@ -84,7 +114,11 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
       if (ctx->needs_input_grad(2)) g_mu = scale_grad(saved[1], d_kl, per_sample);
       if (ctx->needs_input_grad(3)) g_logvar = scale_grad(saved[2], d_kl, per_sample);
     }
-    return {g_recon, Tensor(), g_mu, g_logvar, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    // The gradients are the buffers the forward wrote, scaled: no graph back to the inputs.
+    return first_order_only(
+        {g_recon, Tensor(), g_mu, g_logvar, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+        "vae_ext.elbo_loss supports first derivatives only: its backward scales the gradients its "
+        "forward wrote. For higher-order gradients (create_graph=True) use vae_ext.reference.elbo_loss.");
   }
 };
 
@@ -120,9 +154,32 @@ struct ReparameterizeFunction : public torch::autograd::Function<ReparameterizeF
     if (!grad_z.defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     const auto saved = ctx->get_saved_variables();
     const int64_t k = ctx->saved_data["num_samples"].toInt();
+    if (at::GradMode::is_enabled()) return differentiable_backward(ctx, grad_z, saved[0], saved[1], k);
     // Without a samples dimension d z / d mu is the identity: grad_mu is grad_z itself.
     auto [g_mu, g_logvar] = op.call(grad_z, saved[0], saved[1], k, /*grad_mu=*/k > 0);
     if (k == 0) g_mu = grad_z;
+    return {ctx->needs_input_grad(0) ? g_mu : Tensor(), ctx->needs_input_grad(1) ? g_logvar : Tensor(), Tensor(),
+            Tensor(), Tensor()};
+  }
+
+  // create_graph=True: the same gradients from differentiable ATen ops, eps redrawn (a constant)
+  // by philox_normal from the forward's (seed, offset), so higher-order gradients are right:
+  // grad_mu = sum_s g_s, grad_logvar = 0.5 exp(0.5 logvar) sum_s g_s eps_s. Reads the two state
+  // values on the host (a device sync on CUDA), which this rare path can afford.
+  static variable_list differentiable_backward(AutogradContext* ctx, const Tensor& grad_z, const Tensor& logvar,
+                                               const Tensor& state, int64_t k) {
+    static auto normal = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("vae_ext::philox_normal", "")
+                             .typed<Tensor(const Tensor&, int64_t, int64_t)>();
+    const Tensor st = state.cpu();
+    const Tensor eps = normal.call(grad_z, st.const_data_ptr<int64_t>()[0], st.const_data_ptr<int64_t>()[1])
+                           .to(logvar.scalar_type());  // the kernels' eps: float32, then the input dtype
+    Tensor g_eps = grad_z * eps, g_mu = grad_z;
+    if (k > 0) {
+      g_eps = g_eps.sum(0);
+      g_mu = grad_z.sum(0);
+    }
+    const Tensor g_logvar = 0.5 * at::exp(0.5 * logvar) * g_eps;
     return {ctx->needs_input_grad(0) ? g_mu : Tensor(), ctx->needs_input_grad(1) ? g_logvar : Tensor(), Tensor(),
             Tensor(), Tensor()};
   }
@@ -139,6 +196,8 @@ ReparamOutputs reparameterize_autograd(const Tensor& mu, const Tensor& logvar, i
 TORCH_LIBRARY_IMPL(vae_ext, Autograd, m) {
   m.impl("elbo_loss", &elbo_loss_autograd);
   m.impl("reparameterize", &reparameterize_autograd);
+  // The normals depend on (seed, offset) alone: `like` gives only the shape and device.
+  m.impl("philox_normal", torch::CppFunction::makeFallthrough());
 }
 
 }  // namespace vae_ext

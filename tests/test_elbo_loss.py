@@ -465,6 +465,31 @@ def test_gradcheck(mode, reduction):
         lambda a, b, c: vae_ext.elbo_loss(a, x, b, c, recon=mode, reduction=reduction), leaves)
 
 
+@pytest.mark.parametrize("use", ["grad", "backward", "penalty"])
+@pytest.mark.parametrize("beta", [1.0, 0.6], ids=["total", "terms"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_higher_order_gradients_raise_a_clear_error(device, beta, use):
+    """create_graph=True gives the right first derivatives; differentiating them again (with
+    autograd.grad, backward, or a gradient penalty added to the loss) raises an error that says
+    why and what to use, instead of a silent zero or autograd's "does not require grad"."""
+    r, x, mu, lv = make_elbo_inputs("bce_logits", (6, 11), 3, F64, device, seed=70)
+    leaves = [t.clone().requires_grad_(True) for t in (r, mu, lv)]
+    loss = vae_ext.elbo_loss(leaves[0], x, leaves[1], leaves[2], recon="bce_logits", beta=beta)
+    grads = torch.autograd.grad(loss, leaves, create_graph=True)
+    ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    ref = reference.elbo_loss(ref_leaves[0], x, ref_leaves[1], ref_leaves[2], recon="bce_logits", beta=beta)
+    for a, b in zip(grads, torch.autograd.grad(ref, ref_leaves)):
+        torch.testing.assert_close(a, b)
+    assert all(g.requires_grad for g in grads)
+    with pytest.raises(RuntimeError, match=r"first derivatives only.*vae_ext\.reference\.elbo_loss"):
+        if use == "grad":
+            torch.autograd.grad(grads[0].sum(), leaves[0])
+        elif use == "backward":
+            grads[2].sum().backward()
+        else:
+            (loss + grads[0].square().sum()).backward()
+
+
 def _opcheck_args(mode, reduction, dtype, grads=True, transpose=False, total=False):
     r, x, mu, lv = make_elbo_inputs(mode, (5, 21), 3, dtype, seed=60)
     if transpose:

@@ -405,6 +405,29 @@ def test_gradcheck_with_fixed_generator(k):
     assert torch.autograd.gradcheck(f, (mu, lv))
 
 
+@pytest.mark.parametrize("k", [None, 1, 3])
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradgradcheck_with_fixed_generator(device, k):
+    """Second derivatives (create_graph=True: the backward in differentiable ops, eps redrawn from
+    the forward's rng_state), e.g. d2z/dlogvar2 = 0.25 sigma eps; and the first derivatives it
+    gives equal the kernel backward's."""
+    g = torch.Generator().manual_seed(2)
+    mu = torch.randn(4, 3, generator=g, dtype=F64).to(device).requires_grad_(True)
+    lv = torch.randn(4, 3, generator=g, dtype=F64).to(device).requires_grad_(True)
+
+    def f(m, l):
+        gen = torch.Generator(device=device).manual_seed(1234)  # every evaluation draws the same eps
+        return vae_ext.reparameterize(m, l, num_samples=k, generator=gen)
+
+    assert torch.autograd.gradgradcheck(f, (mu, lv))
+    up = torch.randn(f(mu, lv).shape, generator=g, dtype=F64).to(device)
+    first = torch.autograd.grad(f(mu, lv), (mu, lv), up)
+    again = torch.autograd.grad(f(mu, lv), (mu, lv), up, create_graph=True)
+    assert again[1].requires_grad  # d grad_logvar / d logvar != 0 (grad_mu = sum of up: a constant)
+    for a, b in zip(again, first):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
 def test_reparameterize_backward_op_directly():
     with rng_state_kept():
         torch.manual_seed(31)
