@@ -465,6 +465,33 @@ def test_gradcheck(mode, reduction):
         lambda a, b, c: vae_ext.elbo_loss(a, x, b, c, recon=mode, reduction=reduction), leaves)
 
 
+@pytest.mark.parametrize("x_dtype", [F32, BF16], ids=["x_float32", "x_bfloat16"])
+@pytest.mark.parametrize("mode", RECON_MODES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_mixed_dtypes(device, mode, x_dtype):
+    """Under torch.autocast a bfloat16 decoder output meets a float32 batch x: the inputs are
+    promoted to float32, as autocast's float32 policy for PyTorch's losses does (all-bfloat16 inputs
+    stay bfloat16: the kernel computes in float32 either way). Loss and gradients (each in its
+    leaf's dtype) match a float64 reference; outside autocast the mismatch is still an error."""
+    r, x, mu, lv = make_elbo_inputs(mode, (6, 50), 4, BF16, device, seed=80)
+    leaves = [t.clone().requires_grad_(True) for t in (r, mu, lv)]
+    xx = x.to(x_dtype)
+    with torch.autocast(device, dtype=BF16):
+        loss = vae_ext.elbo_loss(leaves[0], xx, leaves[1], leaves[2], recon=mode, beta=0.5)
+    loss.backward()
+    ref_leaves = [t.detach().cpu().double().requires_grad_(True) for t in leaves]
+    ref = reference.elbo_loss(ref_leaves[0], xx.cpu().double(), ref_leaves[1], ref_leaves[2], recon=mode, beta=0.5)
+    ref.backward()
+    assert loss.dtype == F32
+    assert_close(loss, ref, rtol=TOLS[F32].loss, what="loss")
+    for name, a, b in zip(NAMES, leaves, ref_leaves):
+        assert a.grad.dtype == BF16, name
+        assert_close(a.grad, b.grad, rtol=TOLS[BF16].grad, atol_rel=TOLS[BF16].grad_atol_rel, what=f"grad {name}")
+    if x_dtype != BF16:
+        with pytest.raises(TypeError, match="x: expected the same dtype as recon_x"):
+            vae_ext.elbo_loss(leaves[0], xx, leaves[1], leaves[2], recon=mode)
+
+
 @pytest.mark.parametrize("use", ["grad", "backward", "penalty"])
 @pytest.mark.parametrize("beta", [1.0, 0.6], ids=["total", "terms"])
 @pytest.mark.parametrize("device", DEVICES)

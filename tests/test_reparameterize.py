@@ -428,6 +428,25 @@ def test_gradgradcheck_with_fixed_generator(device, k):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_mixed_dtypes(device):
+    """Under torch.autocast, mu and logvar of different float dtypes are promoted (as autocast's
+    promote ops do); each gradient comes back in its own leaf's dtype. Outside autocast: an error."""
+    g = torch.Generator().manual_seed(3)
+    mu = torch.randn(5, 4, generator=g).to(device, BF16).requires_grad_(True)
+    lv = torch.randn(5, 4, generator=g).to(device).requires_grad_(True)
+    gen = torch.Generator(device=device).manual_seed(9)
+    with torch.autocast(device, dtype=BF16):
+        z, eps = vae_ext.reparameterize(mu, lv, generator=gen, return_eps=True)
+    assert z.dtype == F32
+    z.backward(torch.ones_like(z))
+    assert mu.grad.dtype == BF16 and lv.grad.dtype == F32
+    torch.testing.assert_close(z, mu.detach().float() + torch.exp(0.5 * lv.detach()) * eps)
+    torch.testing.assert_close(lv.grad, 0.5 * torch.exp(0.5 * lv.detach()) * eps)
+    with pytest.raises(TypeError, match="logvar: expected the same dtype as mu"):
+        vae_ext.reparameterize(mu, lv)
+
+
 def test_reparameterize_backward_op_directly():
     with rng_state_kept():
         torch.manual_seed(31)

@@ -37,6 +37,26 @@ def _check_same(names_tensors, what: str) -> None:
             raise err(f"{n}: expected the same {what} as {n0} ({a}), got {b}")
 
 
+def _autocast_common_dtype(tensors):
+    """Under ``torch.autocast`` for their device, float tensors of mixed dtypes (a bfloat16 decoder
+    output beside a float32 batch x) are brought to their promoted dtype, as autocast's "promote"
+    ops do; otherwise they are returned as they are (and a mismatch is an error below).
+
+    The kernels compute in float32 for half inputs whatever happens, and widening a half tensor is
+    exact, so this gives what autocast's float32 policy for losses gives, without widening inputs
+    that all share a half dtype.
+    """
+    dev = tensors[0].device if isinstance(tensors[0], torch.Tensor) else None
+    if (dev is None or not all(isinstance(t, torch.Tensor) and t.device == dev and t.dtype in _FLOAT_DTYPES
+                               for t in tensors)
+            or not torch.amp.is_autocast_available(dev.type) or not torch.is_autocast_enabled(dev.type)):
+        return tensors
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return tuple(t.to(dtype) for t in tensors)
+
+
 def _check_choice(name: str, value, choices) -> None:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
@@ -104,6 +124,7 @@ def elbo_loss(
         the gradients have the dtype of the tensors they belong to.
     """
     if not _elbo_args_ok(recon_x, x, mu, logvar, recon, reduction, beta):
+        recon_x, x, mu, logvar = _autocast_common_dtype((recon_x, x, mu, logvar))
         for name, t in (("recon_x", recon_x), ("x", x), ("mu", mu), ("logvar", logvar)):
             _check_tensor(name, t)
         _check_same((("recon_x", recon_x), ("x", x), ("mu", mu), ("logvar", logvar)), "device")
@@ -176,6 +197,8 @@ def reparameterize(
     Where ``exp(0.5 * logvar)`` overflows (logvar > 177 in float32, > 1419 in float64, > 22 in
     float16), z is +-inf (NaN where mu is infinite with the opposite sign), as in the reference.
     """
+    if isinstance(mu, torch.Tensor) and isinstance(logvar, torch.Tensor) and mu.dtype != logvar.dtype:
+        mu, logvar = _autocast_common_dtype((mu, logvar))
     _check_tensor("mu", mu)
     _check_tensor("logvar", logvar)
     _check_same((("mu", mu), ("logvar", logvar)), "device")
