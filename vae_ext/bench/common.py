@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import gc
 import os
 import sys
 import platform
@@ -255,6 +256,11 @@ def capture_cuda_graph(fn: Callable, warmups: int = 3):
     Returns ``(graph, out)``: ``out`` is what the captured call returned, and ``graph.replay()``
     rewrites it in place. ``fn`` must be capturable: no host sync.
     """
+    # A leaf's AccumulateGrad node is cached while any autograd graph holds it, and it keeps the
+    # stream that was current when it was made. One made on the default stream (a plain call
+    # earlier) and kept alive by a graph nobody frees (a reference cycle) would make the capture
+    # wait on the legacy stream: cudaErrorStreamCaptureImplicit. Collect such cycles first.
+    gc.collect()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # capture needs a few calls on a side stream first
