@@ -19,7 +19,7 @@ from vae_ext import reference
 from conftest import (
     BF16, CUDA_OK, DEVICES, DTYPES, F16, F32, F64, HALF, RECON_MODES, REDUCTIONS, TOLS,
     arg_re, assert_close, dtype_id, f64_copies, loss_and_grads, make_elbo_inputs, num_threads,
-    out_dtype, upstream_for,
+    out_dtype, skip_unless_cuda_free, upstream_for,
 )
 
 ELBO_OP = torch.ops.vae_ext.elbo_loss.default
@@ -988,3 +988,28 @@ def test_fused_elbo_loss_module(mode, reduction):
 def test_fused_elbo_loss_module_bad_args(kwargs, exc, name):
     with pytest.raises(exc, match=arg_re(name)):
         vae_ext.FusedELBOLoss(**kwargs)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA device and vae_ext built with CUDA kernels")
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_cuda_more_than_2_31_elements(reduction):
+    """64-bit indexing: recon_x and x of 2^31 + 3072 bfloat16 elements (4 GiB each), equal everywhere
+    but in the last three elements (past 2^31), so the loss is exactly 12 and the gradient 4 there
+    and 0 elsewhere: an index that wrapped at 32 bits would read or write the wrong elements."""
+    per_row = 2**30 + 1536
+    skip_unless_cuda_free(3 * 2 * per_row * 2 + 4 * 2**30)
+    r = torch.ones(2, per_row, dtype=BF16, device="cuda")
+    r[1, -3:] = 3.0  # (3 - 1)^2 = 4 each
+    x = torch.ones_like(r)
+    mu = torch.zeros(2, 1, dtype=BF16, device="cuda", requires_grad=True)
+    lv = torch.zeros(2, 1, dtype=BF16, device="cuda", requires_grad=True)  # KL = 0
+    r.requires_grad_(True)
+    loss = vae_ext.elbo_loss(r, x, mu, lv, recon="mse", reduction=reduction)
+    want = torch.tensor(12.0) if reduction == "sum" else torch.tensor([0.0, 12.0])
+    assert torch.equal(loss.cpu(), want), loss
+    loss.sum().backward()
+    g = r.grad
+    del r, x
+    assert torch.equal(g[1, -3:].float().cpu(), torch.full((3,), 4.0))
+    assert g.count_nonzero().item() == 3

@@ -19,7 +19,7 @@ from vae_ext import reference
 
 from conftest import (
     BF16, CUDA_OK, DEVICES, DTYPES, F16, F32, F64, HALF, TOLS, arg_re, assert_close, dtype_id, num_threads,
-    rng_state_kept,
+    rng_state_kept, skip_unless_cuda_free,
 )
 
 REP_OP = torch.ops.vae_ext.reparameterize.default
@@ -624,6 +624,28 @@ def test_cuda_eps_equals_cpu_eps(seed, offset):
     z, eps, (s, o) = draw(*standard(4099, F32, "cuda"), 3, generator=gen)
     assert torch.equal(eps.flatten(), PHILOX(eps, s, o).flatten())
     assert_close(eps.cpu(), PHILOX(torch.empty(3, 4099), s, o), rtol=1e-5, atol=1e-6, what="reparameterize eps")
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_more_than_2_31_elements():
+    """64-bit indexing: 2^31 + 8 bfloat16 elements (4 GiB a tensor). The last eps (past 2^31) are
+    the Philox stream's values for their own indices, z is built from them, and the backward
+    (which redraws them) gives d/dlogvar = 0.5 * eps there."""
+    n = 2**31 + 8
+    skip_unless_cuda_free(6 * n * 2 + 4 * 2**30)
+    mu = torch.zeros(n, dtype=BF16, device="cuda", requires_grad=True)
+    lv = torch.zeros(n, dtype=BF16, device="cuda", requires_grad=True)  # sigma = 1: z = eps
+    z, eps, (s, o) = draw(mu, lv, generator=torch.Generator(device="cuda").manual_seed(11))
+    tail = range(n - 8, n)
+    want = torch.tensor([vae_ext._C._philox_normal_scalar(s, o, e) for e in tail])  # host float math
+    got = eps[-8:].cpu()
+    torch.testing.assert_close(got.float(), want, rtol=8e-3, atol=1e-3)  # a wrong index: unrelated values
+    assert torch.equal(z[-8:].cpu(), got)
+    z.backward(torch.ones_like(z))
+    del z
+    assert torch.equal(lv.grad[-8:].cpu(), (0.5 * got.float()).to(BF16))
+    assert torch.equal(mu.grad[-8:].cpu(), torch.ones(8, dtype=BF16))
 
 
 @pytest.mark.cuda
