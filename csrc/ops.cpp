@@ -31,6 +31,13 @@ Reduction parse_reduction(c10::string_view s) {
   TORCH_CHECK_VALUE(false, "reduction: expected 'sum', 'mean' or 'none', got '", s, "'");
 }
 
+at::MemoryFormat flat_format(const Tensor& recon) {
+  if (recon.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (recon.dim() == 4 && recon.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  if (recon.dim() == 5 && recon.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return at::MemoryFormat::ChannelsLast3d;
+  return at::MemoryFormat::Contiguous;
+}
+
 at::ScalarType loss_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
@@ -127,8 +134,9 @@ ElboOutputs elbo_loss_cpu(const Tensor& recon, const Tensor& x, const Tensor& mu
   const Recon mode = parse_recon(recon_mode);
   const Reduction red = parse_reduction(reduction);
   const auto [n, d, l] = check_elbo_inputs(recon, x, mu, logvar);
-  const Tensor rc = recon.contiguous(), xc = x.contiguous(), mc = mu.contiguous(), lc = logvar.contiguous();
-  Tensor g_r = grad_recon ? at::empty_like(rc) : at::empty({0}, rc.options());
+  const auto fmt = flat_format(recon);
+  const Tensor rc = recon.contiguous(fmt), xc = x.contiguous(fmt), mc = mu.contiguous(), lc = logvar.contiguous();
+  Tensor g_r = grad_recon ? at::empty_like(rc, fmt) : at::empty({0}, rc.options());
   Tensor g_mu = grad_latent ? at::empty_like(mc) : at::empty({0}, mc.options());
   Tensor g_lv = grad_latent ? at::empty_like(lc) : at::empty({0}, lc.options());
   // Per-sample sums only for reduction="none"; sum and mean take one total each (no buffer of n).

@@ -25,6 +25,12 @@ void check_reparam_inputs(const Tensor& mu, const Tensor& logvar, int64_t num_sa
 void check_reparam_backward_inputs(const Tensor& grad_z, const Tensor& logvar, const Tensor& rng_state,
                                    int64_t num_samples);
 
+// The memory format the kernels read recon_x and x in (their flat (N, D) view): channels_last
+// (or channels_last_3d) when recon_x already has it, so a conv decoder's output is not copied and
+// its gradient comes back in the same layout; contiguous otherwise. Each sample is one block of
+// memory in both.
+at::MemoryFormat flat_format(const Tensor& recon);
+
 // float32 for half types, the input dtype otherwise.
 at::ScalarType loss_dtype(at::ScalarType t);
 

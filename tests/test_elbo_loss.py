@@ -154,15 +154,27 @@ def test_expanded_recon_leaf_accumulates(mode):
     assert_close(leaf.grad, ref_leaf.grad, rtol=1e-10, atol_rel=1e-12, what="grad of the expanded leaf")
 
 
+@pytest.mark.parametrize("x_layout", ["x_contiguous", "x_same"])
+@pytest.mark.parametrize("shape,fmt", [((3, 4, 5, 7), torch.channels_last), ((3, 2, 3, 4, 5), torch.channels_last_3d)],
+                         ids=["channels_last", "channels_last_3d"])
 @pytest.mark.parametrize("mode", RECON_MODES)
-def test_channels_last_recon(mode):
-    """A channels_last recon_x against a contiguous x: elements pair up by logical index."""
-    r, x, mu, lv = make_elbo_inputs(mode, (3, 4, 5, 7), 4, F32, seed=9)
-    r = r.contiguous(memory_format=torch.channels_last)
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_recon(device, mode, shape, fmt, x_layout):
+    """A channels_last recon_x (a conv decoder's output) against a contiguous or channels_last x:
+    elements pair up by logical index, and the recon gradient comes back channels_last (the
+    kernels read that layout as it is: no copy of recon_x, none of its gradient later)."""
+    r, x, mu, lv = make_elbo_inputs(mode, shape, 4, F32, device, seed=9)
+    r = r.contiguous(memory_format=fmt)
+    if x_layout == "x_same":
+        x = x.contiguous(memory_format=fmt)
     assert not r.is_contiguous()
     for reduction in REDUCTIONS:
-        check_against_reference(mode, reduction, F32, r, x, mu, lv, upstream=upstream_for(reduction, 3),
-                                what=reduction)
+        check_against_reference(mode, reduction, F32, r, x, mu, lv,
+                                upstream=upstream_for(reduction, 3, device=device), what=reduction)
+    # autograd.grad hands over the op's own gradient (.grad would be re-laid out by AccumulateGrad)
+    leaf = r.detach().requires_grad_(True)
+    g, = torch.autograd.grad(vae_ext.elbo_loss(leaf, x, mu, lv, recon=mode), leaf)
+    assert g.is_contiguous(memory_format=fmt), g.stride()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -567,6 +579,16 @@ def test_opcheck_variants(case):
     args = _opcheck_args("bce_logits", "none", dtype, grads=case != "no_grad_flags",
                          transpose=case == "transposed_recon")
     torch.library.opcheck(ELBO_OP, args)
+
+
+@pytest.mark.parametrize("x_same", [False, True], ids=["x_contiguous", "x_channels_last"])
+def test_opcheck_channels_last(x_same):
+    """The fake kernel gives the recon gradient the layout the real one does (channels_last)."""
+    r, x, mu, lv = make_elbo_inputs("bce_logits", (3, 4, 5, 2), 3, F32, seed=62)
+    r = r.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    x = x.contiguous(memory_format=torch.channels_last) if x_same else x
+    mu, lv = mu.requires_grad_(True), lv.requires_grad_(True)
+    torch.library.opcheck(ELBO_OP, (r, x, mu, lv, "bce_logits", "sum", True, True, False, False))
 
 
 COMPILE_CASES = [("bce", "sum"), ("bce_logits", "none"), ("mse", "mean")]

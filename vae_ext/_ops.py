@@ -27,13 +27,24 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 # saves an add, its autograd node and a tensor in eager mode.
 
 
+def _flat_format(recon: torch.Tensor) -> torch.memory_format:
+    """The layout of the recon gradient: as csrc/ops.cpp flat_format (channels_last kept)."""
+    if recon.is_contiguous():
+        return torch.contiguous_format
+    if recon.dim() == 4 and recon.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if recon.dim() == 5 and recon.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 @torch.library.register_fake("vae_ext::elbo_loss")
 def _elbo_loss_fake(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent, validate, total=False):
     out_dtype = _out_dtype(recon.dtype)
     shape = (recon.shape[0],) if reduction == "none" else ()
     rec = recon.new_empty(shape, dtype=out_dtype)
     kl = recon.new_empty(0 if total else shape, dtype=out_dtype)
-    g_recon = torch.empty_like(recon, memory_format=torch.contiguous_format) if grad_recon else recon.new_empty(0)
+    g_recon = torch.empty_like(recon, memory_format=_flat_format(recon)) if grad_recon else recon.new_empty(0)
     g_mu = torch.empty_like(mu, memory_format=torch.contiguous_format) if grad_latent else mu.new_empty(0)
     g_logvar = torch.empty_like(logvar, memory_format=torch.contiguous_format) if grad_latent else mu.new_empty(0)
     return rec, kl, g_recon, g_mu, g_logvar

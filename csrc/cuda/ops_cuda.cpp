@@ -33,8 +33,9 @@ ElboOutputs elbo_loss_cuda(const Tensor& recon, const Tensor& x, const Tensor& m
   const Reduction red = parse_reduction(reduction);
   const auto [n, d, l] = check_elbo_inputs(recon, x, mu, logvar);
   const c10::cuda::CUDAGuard guard(recon.device());
-  const Tensor rc = recon.contiguous(), xc = x.contiguous(), mc = mu.contiguous(), lc = logvar.contiguous();
-  Tensor g_r = grad_recon ? at::empty_like(rc) : at::empty({0}, rc.options());
+  const auto fmt = flat_format(recon);
+  const Tensor rc = recon.contiguous(fmt), xc = x.contiguous(fmt), mc = mu.contiguous(), lc = logvar.contiguous();
+  Tensor g_r = grad_recon ? at::empty_like(rc, fmt) : at::empty({0}, rc.options());
   Tensor g_mu = grad_latent ? at::empty_like(mc) : at::empty({0}, mc.options());
   Tensor g_lv = grad_latent ? at::empty_like(lc) : at::empty({0}, lc.options());
   const auto out_opts = rc.options().dtype(loss_dtype(recon.scalar_type()));
