@@ -31,12 +31,6 @@ Reduction parse_reduction(c10::string_view s) {
   TORCH_CHECK_VALUE(false, "reduction: expected 'sum', 'mean' or 'none', got '", s, "'");
 }
 
-at::MemoryFormat flat_format(const Tensor& recon) {
-  if (recon.is_contiguous()) return at::MemoryFormat::Contiguous;
-  if (recon.dim() == 4 && recon.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
-  if (recon.dim() == 5 && recon.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return at::MemoryFormat::ChannelsLast3d;
-  return at::MemoryFormat::Contiguous;
-}
 
 at::ScalarType loss_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
@@ -55,8 +49,9 @@ static void check_like(const char* name, const Tensor& t, const char* ref_name, 
                     "), got ", t.device());
 }
 
-std::tuple<int64_t, int64_t, int64_t> check_elbo_inputs(const Tensor& recon, const Tensor& x, const Tensor& mu,
-                                                       const Tensor& logvar) {
+// Shapes, dtypes and devices of the elbo_loss inputs; returns {n, d, l}.
+static std::tuple<int64_t, int64_t, int64_t> check_elbo_inputs(const Tensor& recon, const Tensor& x,
+                                                              const Tensor& mu, const Tensor& logvar) {
   check_float("recon_x", recon);
   check_like("x", x, "recon_x", recon);
   check_like("mu", mu, "recon_x", recon);
@@ -72,6 +67,27 @@ std::tuple<int64_t, int64_t, int64_t> check_elbo_inputs(const Tensor& recon, con
   int64_t d = 1;
   for (int64_t i = 1; i < recon.dim(); ++i) d *= recon.size(i);
   return {n, d, mu.size(1)};
+}
+
+// The layout recon_x and x are read in: channels_last (or channels_last_3d) when recon_x already
+// has it, so a conv decoder's output is not copied and its gradient comes back in that layout;
+// contiguous otherwise. vae_ext/_ops.py's fake kernel mirrors it.
+static at::MemoryFormat flat_format(const Tensor& recon) {
+  if (recon.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (recon.dim() == 4 && recon.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  if (recon.dim() == 5 && recon.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return at::MemoryFormat::ChannelsLast3d;
+  return at::MemoryFormat::Contiguous;
+}
+
+ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar,
+                         bool grad_recon, bool grad_latent) {
+  const auto [n, d, l] = check_elbo_inputs(recon, x, mu, logvar);
+  const auto fmt = flat_format(recon);
+  ElboBuffers b{recon.contiguous(fmt), x.contiguous(fmt), mu.contiguous(), logvar.contiguous(), {}, {}, {}, n, d, l};
+  b.g_recon = grad_recon ? at::empty_like(b.recon, fmt) : at::empty({0}, b.recon.options());
+  b.g_mu = grad_latent ? at::empty_like(b.mu) : at::empty({0}, b.mu.options());
+  b.g_logvar = grad_latent ? at::empty_like(b.logvar) : at::empty({0}, b.logvar.options());
+  return b;
 }
 
 void check_reparam_inputs(const Tensor& mu, const Tensor& logvar, int64_t num_samples) {
@@ -133,12 +149,10 @@ ElboOutputs elbo_loss_cpu(const Tensor& recon, const Tensor& x, const Tensor& mu
   (void)validate;  // the CPU kernel always checks "bce" probabilities (it is free here)
   const Recon mode = parse_recon(recon_mode);
   const Reduction red = parse_reduction(reduction);
-  const auto [n, d, l] = check_elbo_inputs(recon, x, mu, logvar);
-  const auto fmt = flat_format(recon);
-  const Tensor rc = recon.contiguous(fmt), xc = x.contiguous(fmt), mc = mu.contiguous(), lc = logvar.contiguous();
-  Tensor g_r = grad_recon ? at::empty_like(rc, fmt) : at::empty({0}, rc.options());
-  Tensor g_mu = grad_latent ? at::empty_like(mc) : at::empty({0}, mc.options());
-  Tensor g_lv = grad_latent ? at::empty_like(lc) : at::empty({0}, lc.options());
+  const ElboBuffers b = prepare_elbo(recon, x, mu, logvar, grad_recon, grad_latent);
+  const int64_t n = b.n, d = b.d, l = b.l;
+  const Tensor &rc = b.recon, &xc = b.x, &mc = b.mu, &lc = b.logvar, &g_r = b.g_recon, &g_mu = b.g_mu,
+               &g_lv = b.g_logvar;
   // Per-sample sums only for reduction="none"; sum and mean take one total each (no buffer of n).
   const bool per_sample = red == Reduction::None;
   Tensor row_rec = per_sample ? at::empty({n}, at::kDouble) : Tensor();

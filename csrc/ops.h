@@ -17,19 +17,21 @@ using ReparamOutputs = std::tuple<Tensor, Tensor, Tensor>;
 Recon parse_recon(c10::string_view s);
 Reduction parse_reduction(c10::string_view s);
 
-// Checks shapes, dtypes and devices of the elbo_loss inputs (ValueError/TypeError naming the
-// argument); returns {n, d, l}.
-std::tuple<int64_t, int64_t, int64_t> check_elbo_inputs(const Tensor& recon, const Tensor& x, const Tensor& mu,
-                                                       const Tensor& logvar);
 void check_reparam_inputs(const Tensor& mu, const Tensor& logvar, int64_t num_samples);
 void check_reparam_backward_inputs(const Tensor& grad_z, const Tensor& logvar, const Tensor& rng_state,
                                    int64_t num_samples);
 
-// The memory format the kernels read recon_x and x in (their flat (N, D) view): channels_last
-// (or channels_last_3d) when recon_x already has it, so a conv decoder's output is not copied and
-// its gradient comes back in the same layout; contiguous otherwise. Each sample is one block of
-// memory in both.
-at::MemoryFormat flat_format(const Tensor& recon);
+// The elbo_loss inputs, checked (shapes, dtypes, devices: ValueError/TypeError naming the
+// argument) and laid out as the kernels read them (a flat (N, D) view of recon_x and x, each
+// sample one block of memory), with the gradient buffers the kernels write (empty when not
+// wanted). Shared by the CPU and CUDA ops.
+struct ElboBuffers {
+  Tensor recon, x, mu, logvar;
+  Tensor g_recon, g_mu, g_logvar;
+  int64_t n, d, l;
+};
+ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar,
+                         bool grad_recon, bool grad_latent);
 
 // float32 for half types, the input dtype otherwise.
 at::ScalarType loss_dtype(at::ScalarType t);

@@ -31,13 +31,11 @@ ElboOutputs elbo_loss_cuda(const Tensor& recon, const Tensor& x, const Tensor& m
                            bool grad_latent, bool validate, bool total) {
   const Recon mode = parse_recon(recon_mode);
   const Reduction red = parse_reduction(reduction);
-  const auto [n, d, l] = check_elbo_inputs(recon, x, mu, logvar);
   const c10::cuda::CUDAGuard guard(recon.device());
-  const auto fmt = flat_format(recon);
-  const Tensor rc = recon.contiguous(fmt), xc = x.contiguous(fmt), mc = mu.contiguous(), lc = logvar.contiguous();
-  Tensor g_r = grad_recon ? at::empty_like(rc, fmt) : at::empty({0}, rc.options());
-  Tensor g_mu = grad_latent ? at::empty_like(mc) : at::empty({0}, mc.options());
-  Tensor g_lv = grad_latent ? at::empty_like(lc) : at::empty({0}, lc.options());
+  const ElboBuffers b = prepare_elbo(recon, x, mu, logvar, grad_recon, grad_latent);
+  const int64_t n = b.n, d = b.d, l = b.l;
+  const Tensor &rc = b.recon, &xc = b.x, &mc = b.mu, &lc = b.logvar, &g_r = b.g_recon, &g_mu = b.g_mu,
+               &g_lv = b.g_logvar;
   const auto out_opts = rc.options().dtype(loss_dtype(recon.scalar_type()));
   Tensor rec = red == Reduction::None ? at::empty({n}, out_opts) : at::empty({}, out_opts);
   Tensor kl = red == Reduction::None ? at::empty({n}, out_opts) : at::empty({}, out_opts);
