@@ -37,7 +37,7 @@ if has build; then
   step "build (pip install --no-build-isolation --no-deps .)"
   TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" \
     timeout 480 python3 -m pip install -v --no-build-isolation --no-deps . > "$OUT/build.log" 2>&1
-  rc=$?; grep -E "error|warning: .*(spill|stack)|vae_ext:" "$OUT/build.log" | head -60
+  rc=$?; grep -E "error:|warning: .*(spill|stack)|vae_ext: building" "$OUT/build.log" | head -60
   [ $rc -eq 0 ] || { echo "build failed ($rc)"; tail -40 "$OUT/build.log"; exit 1; }
   so=$(cd / && python3 -c "import vae_ext._C as c; print(c.__file__)")
   gzip -c "$so" > "$OUT/_C.so.gz" && echo "built: $so (gzipped copy in \$OUT/_C.so.gz)"
