@@ -32,6 +32,11 @@ has() { [[ " $PHASES " == *" $1 "* ]]; }
 step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+# Without a usable GPU every CUDA test skips and the run would look fine: stop instead.
+# (REQUIRE_GPU=0 rehearses the build and the carried-extension path on a machine without one.)
+if [ "${REQUIRE_GPU:-1}" = 1 ] && ! python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  echo "torch.cuda.is_available() is False: no GPU to check"; exit 1
+fi
 
 if has build; then
   step "build (pip install --no-build-isolation --no-deps .)"
@@ -55,7 +60,7 @@ if has test; then
   step "tests ${TESTS:-(all)}"
   timeout "${TEST_TIMEOUT:-420}" python3 -m pytest -q -rs --maxfail=20 -p no:cacheprovider ${TESTS:-} "$ROOT/tests" \
     > "$OUT/pytest.log" 2>&1
-  rc=$?; grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest.log" | tail -40
+  rc=$?; grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | tail -40; tail -1 "$OUT/pytest.log"
   [ $rc -eq 0 ] || { status=1; grep -B5 -A40 -m3 "^____" "$OUT/pytest.log" | head -150; }
 fi
 
