@@ -9,6 +9,7 @@
 #   TESTS="-m cuda" PHASES="build test" ...           # pytest selection for the test phase
 #   BENCH_RUNS="graph step" ...                       # benchmark runs: plain graph step
 #   GRAPH_ONLY=loss PLAIN_ONLY=loss,reparam ...       # which benchmarks the graph / plain runs take
+#   REQUIRE_GPU=0 PHASES=build ...                    # rehearse without a GPU (a CUDA torch on PATH)
 #
 # On the H100 machine (2026-11-24) the build took 70-90 s, the CUDA tests 10 s, memcheck 10 s,
 # racecheck 40 s, the plain loss+reparam benchmarks 4.5 min and the graph loss benchmark about 4 min:
