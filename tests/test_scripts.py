@@ -9,6 +9,7 @@ import os
 import py_compile
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -33,3 +34,16 @@ def test_python_script_compiles(script, tmp_path):
     if not os.path.exists(path):
         pytest.skip(f"{script} is not in this checkout")
     py_compile.compile(path, cfile=str(tmp_path / "out.pyc"), doraise=True)
+
+
+def test_sanitize_workload_runs_on_cpu():
+    """The compute-sanitizer workload makes the same calls on CPU without error."""
+    import vae_ext  # the subprocess imports the same vae_ext (installed, or the built checkout)
+
+    env = dict(os.environ)
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(vae_ext.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_parent, env.get("PYTHONPATH")) if p)
+    res = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "benchmarks", "sanitize_kernels.py"),
+                          "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "every kernel ran" in res.stdout and "on cpu" in res.stdout, res.stdout
