@@ -81,7 +81,7 @@ def _device(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected cpu, cuda, cuda:N or auto, got {text!r}")
 
 
-def _train_options(p: argparse.ArgumentParser, latent: bool = True) -> None:
+def _train_options(p: argparse.ArgumentParser, latent: bool = True, sweep: bool = False) -> None:
     """The options of `train` (and `sweep`). Defaults are None here: TrainConfig fills them in, and
     on --resume only the options given explicitly override the checkpoint's."""
     from .data import BINARIZE_MODES
@@ -104,7 +104,8 @@ def _train_options(p: argparse.ArgumentParser, latent: bool = True) -> None:
     m.add_argument("--channels", type=_int_list, metavar="C1,C2", help="conv channels (default 32,64)")
     m.add_argument("--recon", choices=RECON_MODES, help="reconstruction loss (default bce_logits)")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=_nonneg_int, help="total epochs (default 50; on --resume, the new total)")
+    t.add_argument("--epochs", type=_nonneg_int, help="total epochs (default 50" + (
+        ", for each model)" if sweep else "; on --resume, the new total)"))
     t.add_argument("--batch-size", type=_positive_int, help="images per step and process (default 128)")
     t.add_argument("--lr", type=_float(0, strict=True), help="Adam learning rate (default 1e-3)")
     t.add_argument("--beta", type=_float(0, strict=False), help="KL weight (default 1)")
@@ -117,7 +118,8 @@ def _train_options(p: argparse.ArgumentParser, latent: bool = True) -> None:
     t.add_argument("--reference", action="store_true", default=None,
                    help="use vae_ext.reference (plain PyTorch) instead of the fused kernels")
     o = p.add_argument_group("output")
-    o.add_argument("--out", metavar="DIR", help="run folder (default runs/vae-DATE-TIME)")
+    o.add_argument("--out", metavar="DIR", help="sweep folder (default runs/sweep-DATE-TIME)" if sweep
+                   else "run folder (default runs/vae-DATE-TIME)")
     o.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bar")
     o.add_argument("--plot-every", type=_nonneg_int, metavar="N", help="also write the PNGs every N epochs")
 
@@ -233,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent", type=_int_list, default=[2, 5, 10, 20, 50], metavar="L1,L2,...",
                    help="latent sizes (default 2,5,10,20,50)")
     p.add_argument("--k", type=_positive_int, default=1000, help="importance samples for the NLL and BIC (default 1000)")
-    _train_options(p, latent=False)
+    _train_options(p, latent=False, sweep=True)
     p.set_defaults(func=_cmd_sweep)
 
     sub.add_parser("bench", help="benchmarks of the fused kernels (vae_ext.bench; see vae-ext bench --help)",
