@@ -16,8 +16,9 @@
 # a whole run does not fit one 10-minute device call, so split it by PHASES / BENCH_RUNS.
 #
 # The build phase installs the package the README's way (pip install --no-build-isolation .) and
-# copies the built extension to $OUT/; a later run may put that file in vae_ext/ and skip the build
-# (PHASES without "build" imports vae_ext from the repository root).
+# writes the built extension, gzipped, to $OUT/_C.so.gz. Without "build" in PHASES the script uses
+# .gpu/_C.so.gz when the checkout has it (that file, carried to a fresh machine: it is unpacked into
+# vae_ext/ and the checkout imported), else the package an earlier build installed on this machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT="$PWD"
