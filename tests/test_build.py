@@ -95,8 +95,12 @@ _SCRIPT = textwrap.dedent(
             rn = rr.clone()
             rn[3, 50] = float("nan")
             nan_loss = vae_ext.elbo_loss(rn, xx, mu0, mu0, recon=mode, reduction="none")
+            # float64 copies made here: a parent process whose MXCSR has DAZ set (torch 2.4's
+            # inductor loads code built with -ffast-math, which sets it) would read the float32
+            # subnormals as 0 when it converts them itself
             out["edges"][(str(dtype), mode)] = dict(inputs=(rr, xx, mu0, mu0), w=w, loss=loss.detach(),
-                                                    grads=[leaf.grad], nan_loss=nan_loss)
+                                                    grads=[leaf.grad], nan_loss=nan_loss,
+                                                    inputs64=(rr.double(), xx.double()))
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         torch.manual_seed(123)
         mu = torch.randn(1003).to(dtype)
@@ -184,9 +188,10 @@ def test_every_variant_matches_reference(variants):
         for (dtype_s, mode), rec in out["edges"].items():
             dtype = getattr(torch, dtype_s.replace("torch.", ""))
             tol = TOLS[dtype]
-            r, x, mu, lv = rec["inputs"]
-            leaf = r.detach().to(torch.float64, copy=True).requires_grad_(True)
-            ref = reference.elbo_loss(leaf, x.double(), mu.double(), lv.double(), recon=mode, reduction="none")
+            _, _, mu, lv = rec["inputs"]
+            r64, x64 = rec["inputs64"]
+            leaf = r64.clone().requires_grad_(True)
+            ref = reference.elbo_loss(leaf, x64, mu.double(), lv.double(), recon=mode, reduction="none")
             (ref * rec["w"].double()).sum().backward()
             try:
                 assert_close(rec["loss"], ref, rtol=tol.loss, what="loss")

@@ -448,11 +448,19 @@ def _compile_count_for_betas(betas):
     return cnt.frame_count
 
 
+# Before torch 2.6 dynamo specializes every Python float argument (a guard on its value), so each
+# new beta recompiles whatever the op does; from 2.6 a float that changes becomes a symbolic input.
+_SYMBOLIC_FLOATS = pytest.mark.skipif(torch.torch_version.TorchVersion(torch.__version__) < "2.6",
+                                      reason="torch < 2.6 recompiles for every new Python float")
+
+
+@_SYMBOLIC_FLOATS
 def test_beta_changes_compile_at_most_twice():
     count = _compile_count_for_betas([0.1, 0.5, 2.0, 4.0])
     assert count <= 2, f"4 betas (0.1, 0.5, 2.0, 4.0) compiled {count} times"
 
 
+@_SYMBOLIC_FLOATS
 def test_beta_warmup_schedule_compiles_at_most_twice():
     """The KL warm-up use case: beta goes 0 -> 1 (1.0 and 0.0 included)."""
     count = _compile_count_for_betas([0.0, 0.25, 0.5, 1.0])
