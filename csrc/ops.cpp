@@ -31,7 +31,6 @@ Reduction parse_reduction(c10::string_view s) {
   TORCH_CHECK_VALUE(false, "reduction: expected 'sum', 'mean' or 'none', got '", s, "'");
 }
 
-
 at::ScalarType loss_dtype(at::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }

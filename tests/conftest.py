@@ -34,6 +34,8 @@ CUDA_OK = _cuda_kernels_available()
 requires_cuda = pytest.mark.skipif(
     not CUDA_OK, reason="needs a CUDA device and vae_ext built with CUDA kernels"
 )
+
+
 def skip_unless_cuda_free(nbytes: int) -> None:
     """Skip a CUDA test that needs nbytes of free device memory (the >2^31-element tests)."""
     free, _ = torch.cuda.mem_get_info()

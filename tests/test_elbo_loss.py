@@ -17,9 +17,9 @@ from vae_ext.bench.common import capture_cuda_graph
 from vae_ext import reference
 
 from conftest import (
-    BF16, CUDA_OK, DEVICES, DTYPES, F16, F32, F64, HALF, RECON_MODES, REDUCTIONS, TOLS,
+    BF16, DEVICES, DTYPES, F16, F32, F64, HALF, RECON_MODES, REDUCTIONS, TOLS,
     arg_re, assert_close, dtype_id, f64_copies, loss_and_grads, make_elbo_inputs, num_threads,
-    out_dtype, skip_unless_cuda_free, upstream_for,
+    out_dtype, requires_cuda, skip_unless_cuda_free, upstream_for,
 )
 
 ELBO_OP = torch.ops.vae_ext.elbo_loss.default
@@ -895,7 +895,7 @@ def test_x_requiring_grad_raises():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA device and vae_ext built with CUDA kernels")
+@requires_cuda
 @pytest.mark.parametrize("which", ["x", "mu", "logvar"])
 def test_cuda_cpu_mix_raises(which):
     r, x, mu, lv = (t.cuda() for t in _good())
@@ -938,7 +938,7 @@ def test_no_range_check_outside_bce(mode):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA device and vae_ext built with CUDA kernels")
+@requires_cuda
 def test_bce_validate_on_cuda():
     r, x, mu, lv = (t.cuda() for t in make_elbo_inputs("bce", (5, 37), 3, F32, seed=81))
     r = r.clone()
@@ -951,7 +951,7 @@ def test_bce_validate_on_cuda():
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA device and vae_ext built with CUDA kernels")
+@requires_cuda
 @pytest.mark.parametrize("mode", RECON_MODES)
 def test_cuda_graph_capture_of_forward_and_backward(mode):
     """Loss + backward captured in a CUDA graph: replays on new input values give the eager results."""
@@ -1021,7 +1021,7 @@ def test_fused_elbo_loss_module_bad_args(kwargs, exc, name):
 
 
 @pytest.mark.cuda
-@pytest.mark.skipif(not CUDA_OK, reason="needs a CUDA device and vae_ext built with CUDA kernels")
+@requires_cuda
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_cuda_more_than_2_31_elements(reduction):
     """64-bit indexing: recon_x and x of 2^31 + 3072 bfloat16 elements (4 GiB each), equal everywhere
