@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import vae_ext
-from vae_ext.bench.common import capture_cuda_graph
+from conftest import capture_cuda_graph
 from vae_ext import reference
 
 from conftest import (

@@ -14,7 +14,7 @@ import torch
 from scipy import stats
 
 import vae_ext
-from vae_ext.bench.common import capture_cuda_graph
+from conftest import capture_cuda_graph
 from vae_ext import reference
 
 from conftest import (

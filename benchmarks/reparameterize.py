@@ -19,7 +19,9 @@ import torch
 import vae_ext
 from vae_ext import reference
 
-from . import common
+import measure
+from inputs import leaf, randn
+from settings import Settings, dtype_name
 
 NAME = "reparam"
 TITLE = "Reparameterize, forward + backward"
@@ -52,27 +54,27 @@ def _fused(mu, logvar):
     return vae_ext.reparameterize(mu, logvar)
 
 
-def cases(ctx: common.Context) -> list:
-    sizes = ctx.sizes.get(NAME) or (QUICK_SIZES if ctx.quick else SIZES)
-    return [{"dtype": dtype, "N": n, "L": lat} for dtype in ctx.dtypes for n, lat in sizes]
+def cases(settings: Settings) -> list:
+    sizes = settings.sizes.get(NAME) or (QUICK_SIZES if settings.quick else SIZES)
+    return [{"dtype": dtype, "N": n, "L": lat} for dtype in settings.dtypes for n, lat in sizes]
 
 
 def case_label(c: dict) -> str:
-    return f"{common.dtype_name(c['dtype'])} {c['N']}x{c['L']}"
+    return f"{dtype_name(c['dtype'])} {c['N']}x{c['L']}"
 
 
-def run_case(c: dict, ctx: common.Context) -> dict:
-    common.reset_compiled()
-    g = torch.Generator().manual_seed(ctx.seed)
-    n, lat, dtype, dev = c["N"], c["L"], c["dtype"], ctx.device
-    mu = common.leaf(common.randn((n, lat), device=dev, dtype=dtype, generator=g))
-    logvar = common.leaf(common.randn((n, lat), device=dev, dtype=dtype, generator=g, scale=0.5, shift=-1.0))
-    grad_z = common.randn((n, lat), device=dev, dtype=dtype, generator=g)
+def run_case(c: dict, settings: Settings) -> dict:
+    measure.reset_compiled()
+    g = torch.Generator().manual_seed(settings.seed)
+    n, lat, dtype, dev = c["N"], c["L"], c["dtype"], settings.device
+    mu = leaf(randn((n, lat), device=dev, dtype=dtype, generator=g))
+    logvar = leaf(randn((n, lat), device=dev, dtype=dtype, generator=g, scale=0.5, shift=-1.0))
+    grad_z = randn((n, lat), device=dev, dtype=dtype, generator=g)
     inputs = leaves = (mu, logvar)
     fns = {
-        "fused": common.backward_step(_fused, inputs, leaves, grad_z),
-        "eager": common.backward_step(_ref, inputs, leaves, grad_z),
-        "compile": common.backward_step(common.compile_fn(_ref, ctx), inputs, leaves, grad_z),
+        "fused": measure.backward_step(_fused, inputs, leaves, grad_z),
+        "eager": measure.backward_step(_ref, inputs, leaves, grad_z),
+        "compile": measure.backward_step(measure.compile_fn(_ref, settings), inputs, leaves, grad_z),
     }
 
     # Sanity: d/dmu = grad_z and d/dlogvar = 0.5 * grad_z * (z - mu) for the z the fused op drew.
@@ -81,8 +83,8 @@ def run_case(c: dict, ctx: common.Context) -> dict:
     with torch.no_grad():
         zf, muf, gzf = z.float(), mu.float(), grad_z.float()
         check = {
-            "grad_mu_rel_err": common.rel_err(gmu, grad_z),
-            "grad_logvar_rel_err": common.rel_err(glv.float(), 0.5 * gzf * (zf - muf)),
+            "grad_mu_rel_err": measure.rel_err(gmu, grad_z),
+            "grad_logvar_rel_err": measure.rel_err(glv.float(), 0.5 * gzf * (zf - muf)),
             "eps_mean": ((zf - muf) * torch.exp(-0.5 * logvar.float())).mean().item(),
             "eps_std": ((zf - muf) * torch.exp(-0.5 * logvar.float())).std().item(),
         }
@@ -93,14 +95,11 @@ def run_case(c: dict, ctx: common.Context) -> dict:
             t.grad = None
 
     nbytes = fused_bytes(n, lat, mu.element_size())
-    m = common.measure_impls(ctx, case_label(c), fns, reset=reset, floor_bytes=nbytes, generator=g)
-    times, peak = m["times"], m["peak_mem_bytes"]
-    floor = times.get("floor")
-    fields = {"dtype": common.dtype_name(dtype), "N": n, "L": lat, "elements": n * lat}
-    return common.op_record(fields, times=times, measured=m, floor=floor, nbytes=nbytes, peak=peak,
-                            check=check, impls=IMPLS, baselines=BASELINES)
+    m = measure.measure_impls(settings, case_label(c), fns, reset=reset, floor_bytes=nbytes, generator=g)
+    fields = {"dtype": dtype_name(dtype), "N": n, "L": lat, "elements": n * lat}
+    return measure.op_record(fields, m, nbytes=nbytes, check=check, impls=IMPLS, baselines=BASELINES)
 
 
-def run(ctx: common.Context, progress=None) -> dict:
-    return common.run_benchmark(ctx, progress, sys.modules[__name__], bytes_formula=BYTES_FORMULA,
+def run(settings: Settings, progress=None) -> dict:
+    return measure.run_benchmark(settings, progress, sys.modules[__name__], bytes_formula=BYTES_FORMULA,
                                 call="z = op(mu, logvar); z.backward(grad_z)")
