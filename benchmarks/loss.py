@@ -27,8 +27,7 @@ from settings import Settings, dtype_name
 
 NAME = "loss"
 TITLE = "ELBO loss, forward + backward"
-IMPLS = ("fused", "eager", "compile")
-BASELINES = ("eager", "compile")
+IMPLS, BASELINES = measure.OP_IMPLS, measure.OP_BASELINES
 
 # (N, D, L)
 SIZES: List[Tuple[int, int, int]] = [(128, 784, 20), (1024, 784, 32), (256, 12288, 128), (4096, 4096, 256)]
@@ -94,15 +93,9 @@ def make_inputs(c: dict, settings: Settings):
 
 
 def run_case(c: dict, settings: Settings) -> dict:
-    measure.reset_compiled()
     recon, x, mu, logvar, g = make_inputs(c, settings)
     inputs, leaves = (recon, x, mu, logvar), (recon, mu, logvar)
     fused_fn, ref_fn = _fused(c["recon"]), _ref(c["recon"])
-    fns = {
-        "fused": measure.backward_step(fused_fn, inputs, leaves),
-        "eager": measure.backward_step(ref_fn, inputs, leaves),
-        "compile": measure.backward_step(measure.compile_fn(ref_fn, settings), inputs, leaves),
-    }
 
     # Sanity: the fused op computes what the reference computes (value and gradients).
     lf = fused_fn(*inputs)
@@ -115,15 +108,10 @@ def run_case(c: dict, settings: Settings) -> dict:
     }
     del lf, gf, lr, gr
 
-    def reset():
-        for t in leaves:
-            t.grad = None
-
-    nbytes = fused_bytes(c["N"], c["D"], c["L"], recon.element_size())
-    m = measure.measure_impls(settings, case_label(c), fns, reset=reset, floor_bytes=nbytes, generator=g)
     fields = {"recon": c["recon"], "dtype": dtype_name(c["dtype"]), "N": c["N"], "D": c["D"],
               "L": c["L"], "elements": c["N"] * c["D"]}
-    return measure.op_record(fields, m, nbytes=nbytes, check=check, impls=IMPLS, baselines=BASELINES)
+    return measure.op_case(settings, case_label(c), fused_fn, ref_fn, inputs, leaves, generator=g, fields=fields,
+                           nbytes=fused_bytes(c["N"], c["D"], c["L"], recon.element_size()), check=check)
 
 
 def run(settings: Settings, progress=None) -> dict:

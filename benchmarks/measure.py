@@ -72,33 +72,27 @@ def measure_impls(
     (``{result key: {impl: fn}}``). With ``settings.cuda_graph`` (and ``graphable``) the timed calls
     are CUDA-graph replays; peak memory is still measured on plain calls.
     """
-    first_call = {}
-    for name, fn in fns.items():
-        settings.status(f"{label} {name} warm-up")
-        first_call[name] = warm_up(fn, settings)
+    first_call = {name: warm_up(fn, settings) for name, fn in fns.items()}
     timed = dict(fns)
     floor = None
     if floor_bytes:
         floor = CopyFloor(floor_bytes, settings.device, generator or torch.Generator().manual_seed(0))
-        timed["floor"] = floor.copy
-        timed["floor_alloc"] = floor.alloc
-        for name in ("floor", "floor_alloc"):
-            warm_up(timed[name], settings)
+        timed.update(floor=floor.copy, floor_alloc=floor.alloc)
+        warm_up(floor.copy, settings)
+        warm_up(floor.alloc, settings)
     if settings.cuda_graph and graphable and settings.is_cuda:
         for name in list(timed):
-            settings.status(f"{label} {name} graph capture")
             timed[name] = capture_cuda_graph(timed[name])[0].replay
             warm_up(timed[name], settings)
     snap = cpu_snapshot()
     times = time_interleaved(timed, settings, label)
     others = other_load(snap, cpu_snapshot())
-    del floor
+    del timed, floor  # the floor's buffers (and graphs) are not part of any implementation's memory
     out = {"times": times, "first_call_s": first_call, "other_cpu_load": others}
     for key, group in (mem_fns or {"peak_mem_bytes": fns}).items():
         peak = {}
         if settings.measure_memory:
             for name, fn in group.items():
-                settings.status(f"{label} {name} memory")
                 reset()
                 peak[name] = peak_memory_bytes(fn, settings.device)
         out[key] = peak
@@ -124,24 +118,40 @@ def ratio(base: Optional[dict], new: Optional[dict]) -> Optional[float]:
     return b / n
 
 
-def op_record(fields: dict, measured: dict, *, nbytes: int, check: dict, impls, baselines) -> dict:
-    """One op benchmark case as stored in the JSON: ``fields`` (the case's sizes) plus the timings,
-    speedups, percent of the floor, achieved bandwidth, peak memory and correctness check."""
-    times, peak, floor = measured["times"], measured["peak_mem_bytes"], measured["times"].get("floor")
+OP_IMPLS = ("fused", "eager", "compile")
+OP_BASELINES = ("eager", "compile")
+
+
+def op_case(settings: Settings, label: str, fused: Callable, ref: Callable, inputs: tuple, leaves: tuple, *,
+            grad: Optional[torch.Tensor] = None, nbytes: int, generator: torch.Generator, fields: dict,
+            check: dict) -> dict:
+    """One case of an op benchmark: the fused op, the eager reference and ``torch.compile`` of it, each
+    called on ``inputs`` then backward, timed beside the copy floor of ``nbytes``. Returns the case as
+    the JSON keeps it: ``fields`` (its sizes), the timings, speedups, percent of the floor, achieved
+    bandwidth, peak memory and the correctness ``check``."""
+    fns = {"fused": backward_step(fused, inputs, leaves, grad), "eager": backward_step(ref, inputs, leaves, grad),
+           "compile": backward_step(compile_fn(ref, settings), inputs, leaves, grad)}
+
+    def reset():
+        for t in leaves:
+            t.grad = None
+
+    m = measure_impls(settings, label, fns, reset=reset, floor_bytes=nbytes, generator=generator)
+    times, peak, floor = m["times"], m["peak_mem_bytes"], m["times"].get("floor")
     rec = dict(fields)
     rec.update({
         "bytes_fused": nbytes,
         "times": times,
-        "first_call_s": measured["first_call_s"],
-        "other_cpu_load": measured["other_cpu_load"],
-        "speedup": {b: ratio(times.get(b), times["fused"]) for b in baselines},
-        "pct_floor": {k: 100.0 * ratio(floor, times[k]) for k in impls} if floor else {},
-        "GBps": {k: nbytes / (times[k]["median_ms"] * 1e-3) / 1e9 for k in (*impls, "floor")},
+        "first_call_s": m["first_call_s"],
+        "other_cpu_load": m["other_cpu_load"],
+        "speedup": {b: ratio(times.get(b), times["fused"]) for b in OP_BASELINES},
+        "pct_floor": {k: 100.0 * ratio(floor, times[k]) for k in OP_IMPLS} if floor else {},
+        "GBps": {k: nbytes / (times[k]["median_ms"] * 1e-3) / 1e9 for k in (*OP_IMPLS, "floor")},
         "peak_mem_bytes": peak,
         "check": check,
     })
     if peak:
-        rec["mem_fused_le"] = {b: peak["fused"] <= peak[b] for b in baselines}
+        rec["mem_fused_le"] = {b: peak["fused"] <= peak[b] for b in OP_BASELINES}
     return rec
 
 
@@ -150,7 +160,9 @@ def run_benchmark(settings: Settings, progress, bench, **fields) -> dict:
     run_case, case_label), through the progress wrapper when there is one, and returns its JSON
     section: the module's names, then ``fields`` (what the call and the bytes are), then the results."""
     cases = bench.cases(settings)
-    todo = cases if progress is None else progress(cases, bench.NAME, bench.case_label)
-    results = [bench.run_case(c, settings) for c in todo]
+    results = []
+    for c in cases if progress is None else progress(cases, bench.NAME, bench.case_label):
+        reset_compiled()
+        results.append(bench.run_case(c, settings))
     return {"name": bench.NAME, "title": bench.TITLE, "impls": list(bench.IMPLS),
             "baselines": list(bench.BASELINES), **fields, "results": results}

@@ -25,8 +25,7 @@ from settings import Settings, dtype_name
 
 NAME = "reparam"
 TITLE = "Reparameterize, forward + backward"
-IMPLS = ("fused", "eager", "compile")
-BASELINES = ("eager", "compile")
+IMPLS, BASELINES = measure.OP_IMPLS, measure.OP_BASELINES
 
 SIZES: List[Tuple[int, int]] = [(128, 20), (1024, 64), (4096, 256), (16384, 1024)]
 QUICK_SIZES: List[Tuple[int, int]] = [(128, 20), (1024, 64)]
@@ -64,40 +63,29 @@ def case_label(c: dict) -> str:
 
 
 def run_case(c: dict, settings: Settings) -> dict:
-    measure.reset_compiled()
     g = torch.Generator().manual_seed(settings.seed)
     n, lat, dtype, dev = c["N"], c["L"], c["dtype"], settings.device
     mu = leaf(randn((n, lat), device=dev, dtype=dtype, generator=g))
     logvar = leaf(randn((n, lat), device=dev, dtype=dtype, generator=g, scale=0.5, shift=-1.0))
     grad_z = randn((n, lat), device=dev, dtype=dtype, generator=g)
-    inputs = leaves = (mu, logvar)
-    fns = {
-        "fused": measure.backward_step(_fused, inputs, leaves, grad_z),
-        "eager": measure.backward_step(_ref, inputs, leaves, grad_z),
-        "compile": measure.backward_step(measure.compile_fn(_ref, settings), inputs, leaves, grad_z),
-    }
 
     # Sanity: d/dmu = grad_z and d/dlogvar = 0.5 * grad_z * (z - mu) for the z the fused op drew.
     z = _fused(mu, logvar)
-    gmu, glv = torch.autograd.grad(z, leaves, grad_z)
+    gmu, glv = torch.autograd.grad(z, (mu, logvar), grad_z)
     with torch.no_grad():
         zf, muf, gzf = z.float(), mu.float(), grad_z.float()
+        eps = (zf - muf) * torch.exp(-0.5 * logvar.float())
         check = {
             "grad_mu_rel_err": measure.rel_err(gmu, grad_z),
             "grad_logvar_rel_err": measure.rel_err(glv.float(), 0.5 * gzf * (zf - muf)),
-            "eps_mean": ((zf - muf) * torch.exp(-0.5 * logvar.float())).mean().item(),
-            "eps_std": ((zf - muf) * torch.exp(-0.5 * logvar.float())).std().item(),
+            "eps_mean": eps.mean().item(),
+            "eps_std": eps.std().item(),
         }
-    del z, gmu, glv
+    del z, gmu, glv, eps
 
-    def reset():
-        for t in leaves:
-            t.grad = None
-
-    nbytes = fused_bytes(n, lat, mu.element_size())
-    m = measure.measure_impls(settings, case_label(c), fns, reset=reset, floor_bytes=nbytes, generator=g)
     fields = {"dtype": dtype_name(dtype), "N": n, "L": lat, "elements": n * lat}
-    return measure.op_record(fields, m, nbytes=nbytes, check=check, impls=IMPLS, baselines=BASELINES)
+    return measure.op_case(settings, case_label(c), _fused, _ref, (mu, logvar), (mu, logvar), grad=grad_z,
+                           nbytes=fused_bytes(n, lat, mu.element_size()), generator=g, fields=fields, check=check)
 
 
 def run(settings: Settings, progress=None) -> dict:

@@ -5,7 +5,7 @@ extension (make_readme_table.py). Every table is printed through table.render.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from table import Table, fmt_count, fmt_mib, fmt_ms, fmt_pct, fmt_x, render
 from targets import targets_table
@@ -49,107 +49,77 @@ def _mem_ok(rec: dict) -> str:
 
 # --------------------------------------------------------------------------- tables
 
+Column = Tuple[str, Callable[[dict], str]]  # header, the cell of a record
 
-def _op_table(bench: dict, size_cols: Callable[[dict], List[str]], size_headers: List[str]) -> Table:
-    rows = []
+
+def _table(title: str, columns: List[Column], records: List[dict]) -> Table:
+    return (title, [h for h, _ in columns], [[cell(r) for _, cell in columns] for r in records])
+
+
+def _ms_col(header: str, impl: str) -> Column:
+    return header, lambda r: fmt_ms(_ms(r, impl))
+
+
+def _x_col(header: str, key: str) -> Column:
+    return header, lambda r: fmt_x((r.get("speedup") or {}).get(key))
+
+
+_OP_COLUMNS: List[Column] = [
+    _ms_col("fused ms", "fused"), _ms_col("eager ms", "eager"), _ms_col("compile ms", "compile"),
+    _ms_col("floor ms", "floor"), _x_col("vs eager", "eager"), _x_col("vs compile", "compile"),
+    ("fused % of floor", lambda r: fmt_pct((r.get("pct_floor") or {}).get("fused"))),
+    ("peak MiB fused / eager / compile", lambda r: _mem_cols(r, ("fused", "eager", "compile"))),
+    ("fused mem <= eager / compile", _mem_ok),
+]
+
+
+def _op_table(bench: dict, size_columns: List[Column]) -> Table:
+    """Sizes, then the op columns; a dtype column after the first size column when the dtypes differ."""
     dtypes = {r.get("dtype") for r in bench["results"]}
-    show_dtype = len(dtypes) > 1
-    for r in bench["results"]:
-        row = size_cols(r)
-        if show_dtype:
-            row.insert(1 if "recon" in r else 0, r.get("dtype", ""))
-        pct = r.get("pct_floor") or {}
-        row += [
-            fmt_ms(_ms(r, "fused")),
-            fmt_ms(_ms(r, "eager")),
-            fmt_ms(_ms(r, "compile")),
-            fmt_ms(_ms(r, "floor")),
-            fmt_x(r["speedup"].get("eager")),
-            fmt_x(r["speedup"].get("compile")),
-            fmt_pct(pct.get("fused")),
-            _mem_cols(r, ("fused", "eager", "compile")),
-            _mem_ok(r),
-        ]
-        rows.append(row)
-    headers = list(size_headers)
-    if show_dtype:
-        headers.insert(1 if size_headers[0] == "recon" else 0, "dtype")
-    headers += [
-        "fused ms",
-        "eager ms",
-        "compile ms",
-        "floor ms",
-        "vs eager",
-        "vs compile",
-        "fused % of floor",
-        "peak MiB fused / eager / compile",
-        "fused mem <= eager / compile",
-    ]
-    dt = "" if show_dtype else f", {next(iter(dtypes))}"
-    return (f"{bench['title']}{dt}", headers, rows)
+    if len(dtypes) > 1:
+        at = 1 if size_columns[0][0] == "recon" else 0
+        size_columns = [*size_columns[:at], ("dtype", lambda r: r.get("dtype", "")), *size_columns[at:]]
+        title = bench["title"]
+    else:
+        title = f"{bench['title']}, {next(iter(dtypes))}"
+    return _table(title, size_columns + _OP_COLUMNS, bench["results"])
 
 
 def loss_table(bench: dict) -> Table:
-    return _op_table(
-        bench,
-        lambda r: [r["recon"], f"{r['N']}x{r['D']}, {r['L']}", fmt_count(r["elements"])],
-        ["recon", "N x D, L", "elements"],
-    )
+    return _op_table(bench, [("recon", lambda r: r["recon"]), ("N x D, L", lambda r: f"{r['N']}x{r['D']}, {r['L']}"),
+                             ("elements", lambda r: fmt_count(r["elements"]))])
 
 
 def reparam_table(bench: dict) -> Table:
-    return _op_table(bench, lambda r: [f"{r['N']}x{r['L']}", fmt_count(r["elements"])], ["N x L", "elements"])
+    return _op_table(bench, [("N x L", lambda r: f"{r['N']}x{r['L']}"), ("elements", lambda r: fmt_count(r["elements"]))])
+
+
+_STEP_COLUMNS: List[Column] = [
+    ("model", lambda r: r["model"]), ("loss", lambda r: r.get("recon", "bce_logits")),
+    ("batch", lambda r: str(r["batch"])),
+    _ms_col("reference ms", "ref_eager"), _ms_col("fused ms", "fused_eager"), _x_col("vs reference", "eager"),
+    _ms_col("compiled ref ms", "ref_compile"), _ms_col("compiled fused ms", "fused_compile"),
+    _x_col("vs compiled ref", "compile"), _x_col("fused vs compiled ref", "fused_eager_vs_ref_compile"),
+    ("peak MiB fwd+bwd: ref / fused / c. ref / c. fused",
+     lambda r: _mem_cols(r, ("ref_eager", "fused_eager", "ref_compile", "fused_compile"))),
+    ("fused mem <= ref (eager / compiled)", _mem_ok),
+]
 
 
 def step_table(bench: dict) -> Table:
-    rows = []
-    for r in bench["results"]:
-        sp = r.get("speedup", {})
-        rows.append(
-            [
-                r["model"],
-                r.get("recon", "bce_logits"),
-                str(r["batch"]),
-                fmt_ms(_ms(r, "ref_eager")),
-                fmt_ms(_ms(r, "fused_eager")),
-                fmt_x(sp.get("eager")),
-                fmt_ms(_ms(r, "ref_compile")),
-                fmt_ms(_ms(r, "fused_compile")),
-                fmt_x(sp.get("compile")),
-                fmt_x(sp.get("fused_eager_vs_ref_compile")),
-                _mem_cols(r, ("ref_eager", "fused_eager", "ref_compile", "fused_compile")),
-                _mem_ok(r),
-            ]
-        )
-    headers = [
-        "model",
-        "loss",
-        "batch",
-        "reference ms",
-        "fused ms",
-        "vs reference",
-        "compiled ref ms",
-        "compiled fused ms",
-        "vs compiled ref",
-        "fused vs compiled ref",
-        "peak MiB fwd+bwd: ref / fused / c. ref / c. fused",
-        "fused mem <= ref (eager / compiled)",
-    ]
     dtypes = {r.get("dtype") for r in bench["results"]}
     adam = bench.get("adam", "default")
     adam = "Adam" if adam == "default" else f"Adam({adam}=True)"
-    return (f"{bench['title']}, {', '.join(sorted(d for d in dtypes if d))}, {adam}", headers, rows)
+    title = f"{bench['title']}, {', '.join(sorted(d for d in dtypes if d))}, {adam}"
+    return _table(title, _STEP_COLUMNS, bench["results"])
 
 
 TABLES = {"loss": loss_table, "reparam": reparam_table, "step": step_table}
 
 
 def tables(results: dict) -> List[Table]:
-    out = []
-    for name, bench in results.get("benchmarks", {}).items():
-        if bench.get("results") and name in TABLES:
-            out.append(TABLES[name](bench))
-    return out
+    return [TABLES[name](bench) for name, bench in results.get("benchmarks", {}).items()
+            if bench.get("results") and name in TABLES]
 
 
 # --------------------------------------------------------------------------- whole reports

@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="JSON results path (default: runs/bench/<device>-<time>.json)")
     p.add_argument("--chart", default=None, help="PNG chart path (default: the JSON path with .png)")
     p.add_argument("--no-chart", action="store_true")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="do not name each case on stderr as it starts")
     return p
 
 
@@ -148,33 +148,11 @@ def _device(args: argparse.Namespace) -> torch.device:
     return device
 
 
-def _progress(settings, show: bool):
-    """A wrapper that shows each case of a benchmark as it runs: tqdm's bar, or a line without tqdm."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        tqdm = None
-
-    def progress(cases, name, label):
-        if not show:
-            yield from cases
-            return
-        if tqdm is None:
-            for i, c in enumerate(cases):
-                print(f"{name} {i + 1}/{len(cases)}: {label(c)}", file=sys.stderr, flush=True)
-                yield c
-            return
-        bar = tqdm(cases, desc=name, unit="case", dynamic_ncols=True, leave=True)
-        settings.status = lambda s: bar.set_postfix_str(s, refresh=False)
-        try:
-            for c in bar:
-                bar.set_description(f"{name} {label(c)}")
-                yield c
-        finally:
-            settings.status = lambda s: None
-            bar.close()
-
-    return progress
+def _progress(cases, name, label):
+    """Names each case of a benchmark on stderr as it starts (the run's only progress report)."""
+    for i, c in enumerate(cases):
+        print(f"{name} {i + 1}/{len(cases)}: {label(c)}", file=sys.stderr, flush=True)
+        yield c
 
 
 def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
@@ -225,7 +203,7 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
         tmp.write_text(json.dumps(results, indent=1, default=str))
         tmp.replace(out)
 
-    progress = _progress(settings, show=not args.no_progress)
+    progress = None if args.no_progress else _progress
     results["copy_bandwidth"] = measure_copy_bandwidth(settings)
     t_start = time.perf_counter()
     for name in only:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -43,7 +43,6 @@ class Settings:
     adam: str = "default"  # step benchmark: "default", "foreach" or "fused"
     cuda_graph: bool = False  # op benchmarks on CUDA: time replays of one captured call (device time)
     seed: int = 0
-    status: Callable[[str], None] = lambda s: None  # progress-bar postfix
 
     @property
     def is_cuda(self) -> bool:

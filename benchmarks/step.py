@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import List
 
 import torch
 
@@ -89,7 +88,6 @@ def _inputs(c: dict, settings: Settings, g: torch.Generator) -> torch.Tensor:
 
 
 def run_case(c: dict, settings: Settings) -> dict:
-    measure.reset_compiled()
     g = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)
     cfg = dict(MODELS[c["model"]])

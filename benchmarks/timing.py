@@ -52,7 +52,6 @@ def time_interleaved(fns: Dict[str, Callable], settings, label: str = "") -> Dic
     times: Dict[str, List[float]] = {n: [] for n in names}
     for r in range(settings.rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            settings.status(f"{label} {name} {r + 1}/{settings.rounds}")
             timer = tbench.Timer(stmt="fn()", globals={"fn": fns[name]}, num_threads=settings.threads,
                                  label=label, description=name)
             times[name].extend(timer.blocked_autorange(min_run_time=settings.min_run_time).times)

@@ -219,7 +219,7 @@ def test_not_part_of_the_package():
 
 
 def test_runs_without_matplotlib_and_tqdm(tmp_path, monkeypatch, capsys):
-    """matplotlib draws the chart and tqdm the progress bars; without them the run still completes."""
+    """matplotlib draws the chart and nothing else; tqdm is not used: without either the run completes."""
     main = _harness().main
     for name in ("matplotlib", "tqdm", "tqdm.auto"):
         monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
@@ -229,7 +229,7 @@ def test_runs_without_matplotlib_and_tqdm(tmp_path, monkeypatch, capsys):
                  "--out", str(out)]) == 0
     stdout, stderr = capsys.readouterr()
     assert stdout.count("chart skipped") == 1 and "chart skipped: matplotlib is not installed" in stdout
-    assert "reparam 1/1: float32 16x8" in stderr  # one line per case instead of a bar
+    assert "reparam 1/1: float32 16x8" in stderr  # progress: one line per case
     r = json.loads(out.read_text())
     assert "chart" not in r and not out.with_suffix(".png").exists()
     assert r["benchmarks"]["reparam"]["results"] and not any("chart" in n for n in r["notes"])
