@@ -22,12 +22,9 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-_ROOT = Path(__file__).resolve().parents[1]
-# Prefer this checkout when it is built in place (python setup.py build_ext --inplace); otherwise
-# use the installed vae_ext (pip install .), since the checkout's sources alone cannot import.
-# It goes after this folder, which holds the harness's modules.
-if any((_ROOT / "vae_ext").glob("_C*")) and str(_ROOT) not in sys.path:
-    sys.path.insert(1, str(_ROOT))
+from checkout import prefer_built_checkout
+
+prefer_built_checkout()
 
 import torch  # noqa: E402
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -216,6 +217,22 @@ def test_not_part_of_the_package():
     _harness()
     assert importlib.util.find_spec("vae_ext.bench") is None
     assert Path(sys.modules["run"].__file__).resolve().parent == BENCH_DIR
+
+
+@pytest.mark.parametrize("script", ["run.py", "sanitize_kernels.py"])
+def test_scripts_import_the_built_checkout(script, tmp_path):
+    """Run from a checkout built in place, the scripts import its vae_ext, not an installed one."""
+    if not any((ROOT / "vae_ext").glob("_C*")):
+        pytest.skip("this checkout is not built in place")
+    code = ("import runpy, sys; sys.path.insert(0, sys.argv[1]); sys.argv = [sys.argv[2], '--help']\n"
+            "try: runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit: pass\n"
+            "print(sys.modules['vae_ext'].__file__)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-c", code, str(BENCH_DIR), str(BENCH_DIR / script)], capture_output=True,
+                       text=True, cwd=tmp_path, env=env)
+    assert p.returncode == 0, p.stderr
+    assert Path(p.stdout.splitlines()[-1]).resolve() == ROOT / "vae_ext" / "__init__.py", p.stdout
 
 
 def test_runs_without_matplotlib_and_tqdm(tmp_path, monkeypatch, capsys):
