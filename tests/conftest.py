@@ -1,0 +1,13 @@
+"""pytest's hooks for the vae_ext tests (the shared helpers are in helpers.py).
+
+The tests check the installed package (`pip install .`). `python -m pytest` puts the current folder
+first on sys.path, so run from the repository root it would import the source tree, whose `vae_ext`
+has no compiled `_C` unless it was built in place (`pip install -e .`). Where the checkout has no
+in-place build, its root is taken off sys.path before anything imports vae_ext.
+"""
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parents[1]
+if not any((_ROOT / "vae_ext").glob("_C*")):
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
