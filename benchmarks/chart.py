@@ -16,7 +16,6 @@ def write_chart(results: dict, path) -> Optional[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     benches = results.get("benchmarks", {})

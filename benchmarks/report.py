@@ -91,7 +91,8 @@ def loss_table(bench: dict) -> Table:
 
 
 def reparam_table(bench: dict) -> Table:
-    return _op_table(bench, [("N x L", lambda r: f"{r['N']}x{r['L']}"), ("elements", lambda r: fmt_count(r["elements"]))])
+    return _op_table(bench, [("N x L", lambda r: f"{r['N']}x{r['L']}"),
+                             ("elements", lambda r: fmt_count(r["elements"]))])
 
 
 _STEP_COLUMNS: List[Column] = [

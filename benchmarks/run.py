@@ -37,8 +37,8 @@ except ImportError as e:
 import cpu_allocator  # noqa: E402
 import loss  # noqa: E402
 import machine  # noqa: E402
-import report  # noqa: E402
 import reparameterize  # noqa: E402
+import report  # noqa: E402
 import step  # noqa: E402
 from floor import measure_copy_bandwidth  # noqa: E402
 from measure import configure_dynamo  # noqa: E402
@@ -73,9 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5; 2 with --quick)")
     p.add_argument("--min-run-time", type=float, default=None,
                    help="seconds per implementation per round (default 0.2; 0.03 with --quick)")
-    p.add_argument("--warmup", type=float, default=None, help="seconds of warm-up calls (default 0.3; 0.05 with --quick)")
+    p.add_argument("--warmup", type=float, default=None,
+                   help="seconds of warm-up calls (default 0.3; 0.05 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
-    p.add_argument("--compile-mode", default=None, help="torch.compile mode for the compiled baselines (default: default)")
+    p.add_argument("--compile-mode", default=None,
+                   help="torch.compile mode for the compiled baselines (default: default)")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend for the compiled baselines (default: inductor; "
                    "aot_eager compiles fast but is no baseline, for smoke tests)")

@@ -96,7 +96,8 @@ def test_loss_records(results):
         for impl in ("fused", "eager", "compile", "floor", "floor_alloc"):
             assert _is_time(x["times"][impl]), impl
         assert x["bytes_fused"] == (3 * x["N"] * x["D"] + 4 * x["N"] * x["L"]) * 4
-        assert x["speedup"]["eager"] == pytest.approx(x["times"]["eager"]["median_ms"] / x["times"]["fused"]["median_ms"])
+        t = x["times"]
+        assert x["speedup"]["eager"] == pytest.approx(t["eager"]["median_ms"] / t["fused"]["median_ms"])
         assert set(x["speedup"]) == {"eager", "compile"}
         assert set(x["pct_floor"]) == {"fused", "eager", "compile"}
         assert all(isinstance(v, int) and v >= 0 for v in x["peak_mem_bytes"].values())
@@ -121,7 +122,8 @@ def test_reparam_records(results):
 def test_step_records(results):
     _, r = results
     recs = r["benchmarks"]["step"]["results"]
-    assert [(x["model"], x["recon"], x["batch"]) for x in recs] == [("mlp", "bce", 4), ("mlp", "bce_logits", 4)]  # --quick: MLP only
+    # --quick: the MLP only
+    assert [(x["model"], x["recon"], x["batch"]) for x in recs] == [("mlp", "bce", 4), ("mlp", "bce_logits", 4)]
     impls = {"ref_eager", "fused_eager", "ref_compile", "fused_compile"}
     for x in recs:
         assert set(x["times"]) == impls and all(_is_time(t) for t in x["times"].values())
@@ -205,7 +207,8 @@ def test_readme_table_cli_without_markers(results, tmp_path):
 def test_readme_table_needs_no_torch(results):
     """make_readme_table.py renders a results JSON where torch cannot be imported."""
     path, _ = results
-    code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['make_readme_table.py', '--json', sys.argv[1]]; "
+    code = ("import runpy, sys; sys.modules['torch'] = None; "
+            "sys.argv = ['make_readme_table.py', '--json', sys.argv[1]]; "
             "runpy.run_path(%r, run_name='__main__')" % str(TABLE_SCRIPT))
     p = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
