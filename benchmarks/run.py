@@ -163,6 +163,8 @@ def run(args: argparse.Namespace, argv: Optional[List[str]] = None) -> dict:
     settings = Settings.from_args(args, device, _sizes(args.sizes))
     configure_dynamo()
     allocator = cpu_allocator.configure(args.cpu_allocator)
+    if not allocator["applied"]:
+        settings.cpu_allocator = "glibc"
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("runs") / "bench" / f"{device.type}-{stamp}.json"

@@ -37,6 +37,7 @@ class Settings:
     compile_mode: Optional[str] = None  # torch.compile(mode=...); None = the default mode
     compile_backend: str = "inductor"  # torch.compile(backend=...)
     measure_memory: bool = True
+    cpu_allocator: str = "retain"  # the --cpu-allocator mode in effect ("glibc" where it could not be applied)
     sizes: Dict[str, list] = field(default_factory=dict)  # --sizes overrides, parsed per benchmark
     recon_modes: List[str] = field(default_factory=lambda: ["bce", "bce_logits"])
     models: List[str] = field(default_factory=lambda: ["mlp", "conv"])
@@ -69,6 +70,7 @@ class Settings:
             compile_mode=args.compile_mode,
             compile_backend=args.compile_backend,
             measure_memory=not args.no_memory,
+            cpu_allocator=args.cpu_allocator,
             sizes=sizes,
             recon_modes=csv(args.recon),
             models=csv(args.models) if args.models else (["mlp"] if quick else ["mlp", "conv"]),
