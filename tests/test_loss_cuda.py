@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import vae_ext
-from vae_ext.bench.common import capture_cuda_graph
 
 from helpers import (
     BF16,
     F32,
     RECON_MODES,
     assert_close,
+    capture_cuda_graph,
     make_elbo_inputs,
     requires_cuda,
     skip_unless_cuda_free,

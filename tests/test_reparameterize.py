@@ -14,12 +14,11 @@ import torch
 from scipy import stats
 
 import vae_ext
-from vae_ext.bench.common import capture_cuda_graph
 from vae_ext import reference
 
 from helpers import (
-    BF16, CUDA_OK, DEVICES, DTYPES, F16, F32, F64, HALF, TOLS, arg_re, assert_close, dtype_id, num_threads,
-    rng_state_kept, skip_unless_cuda_free,
+    BF16, CUDA_OK, DEVICES, DTYPES, F16, F32, F64, HALF, TOLS, arg_re, assert_close, capture_cuda_graph, dtype_id,
+    num_threads, rng_state_kept, skip_unless_cuda_free,
 )
 
 REP_OP = torch.ops.vae_ext.reparameterize.default
