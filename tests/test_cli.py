@@ -164,7 +164,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert p.read_text() == "new\n"
 
 
-# --------------------------------------------------------------------------- eval, sweep, bench
+# --------------------------------------------------------------------------- eval, sweep
 
 
 def test_eval(capsys, trained):
@@ -199,20 +199,6 @@ def test_sweep_two_latents(capsys, tmp_path):
     rc, stdout, _ = run(capsys, "sweep", "--latent", "1,2", "--epochs", "1", "--k", "4", "--out", out, "--no-progress")
     assert rc == 0 and stdout.count("nothing to do") == 2
     assert [r["test_nelbo"] for r in read_csv(out / "sweep.csv")] == [r["test_nelbo"] for r in rows]
-
-
-def test_bench_is_delegated(capsys, monkeypatch):
-    import types
-
-    import vae_ext
-
-    seen = []
-    fake = types.ModuleType("vae_ext.bench")
-    fake.main = lambda argv: seen.append(argv) or 3
-    monkeypatch.setitem(sys.modules, "vae_ext.bench", fake)
-    monkeypatch.setattr(vae_ext, "bench", fake, raising=False)
-    assert cli.main(["bench", "--quick", "--only", "loss"]) == 3
-    assert seen == [["--quick", "--only", "loss"]]
 
 
 # --------------------------------------------------------------------------- bad input

@@ -1,12 +1,16 @@
-"""The ``vae-ext`` command (also ``python -m vae_ext``): train | eval | sweep | bench.
+"""The ``vae-ext`` command (also ``python -m vae_ext``): train | eval | sweep.
 
 See docs/cli.md. Mistakes in the input (options, data files, checkpoints, devices) end the command
 with one line on stderr naming the problem and a non-zero exit status: 2 for an unusable option
 (argparse), 1 for everything else, 130 when interrupted (Ctrl-C), 143 on SIGTERM.
+
+The library needs torch alone; the command also needs the ``cli`` extra (:data:`CLI_REQUIREMENTS`).
+Without it the command says what to install, on one line, and exits with status 1.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import signal
@@ -15,9 +19,29 @@ import sys
 from ._interrupts import raise_interrupt
 from .errors import VaeExtError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "CLI_REQUIREMENTS"]
 
 PROG = "vae-ext"
+# What the command imports beyond torch (module -> the pip distribution that provides it): the
+# ``cli`` extra of pyproject.toml.
+CLI_REQUIREMENTS = {"numpy": "numpy", "tqdm": "tqdm", "matplotlib": "matplotlib", "sklearn": "scikit-learn"}
+
+
+def _missing_requirements() -> list:
+    """The distributions of CLI_REQUIREMENTS that cannot be imported (found without importing them)."""
+    missing = []
+    for module, dist in CLI_REQUIREMENTS.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(dist)
+    return missing
+
+
+def _requirements_error(missing) -> str:
+    return f'{PROG}: the command needs the cli extra: pip install "vae_ext[cli]" (missing: {", ".join(missing)})'
 
 
 class _Parser(argparse.ArgumentParser):
@@ -186,22 +210,12 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
-def _cmd_bench(argv) -> int:
-    try:
-        from . import bench
-    except ImportError as e:
-        raise VaeExtError(f"the benchmarks (vae_ext.bench) are not available: {e}") from None
-    if not hasattr(bench, "main"):
-        raise VaeExtError("vae_ext.bench has no main(argv)")
-    return bench.main(argv) or 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = _Parser(prog=PROG, description="Train and evaluate VAEs on the fused vae_ext kernels.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sweep,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sweep}")
 
     p = sub.add_parser("train", help="train a VAE (default: 8x8 digits, under a minute on a CPU)",
                        description="Train a VAE; writes checkpoint.pt, metrics.csv and PNGs into --out. "
@@ -237,9 +251,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=_positive_int, default=1000, help="importance samples for the NLL and BIC (default 1000)")
     _train_options(p, latent=False, sweep=True)
     p.set_defaults(func=_cmd_sweep)
-
-    sub.add_parser("bench", help="benchmarks of the fused kernels (vae_ext.bench; see vae-ext bench --help)",
-                   add_help=False)
     return parser
 
 
@@ -269,9 +280,11 @@ def main(argv=None) -> int:
 
 
 def _main(argv, command) -> int:
+    missing = _missing_requirements()
+    if missing:
+        print(_requirements_error(missing), file=sys.stderr)
+        return 1
     try:
-        if command == "bench":
-            return _cmd_bench(argv[1:])
         parser = build_parser()
         try:
             args = parser.parse_args(argv)
@@ -287,6 +300,12 @@ def _main(argv, command) -> int:
         return args.func(args)
     except VaeExtError as e:
         print(f"{PROG} {command}: error: {e}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as e:  # found by find_spec above but broken: still one line, not a traceback
+        root = (e.name or "").partition(".")[0]
+        if root not in CLI_REQUIREMENTS:
+            raise
+        print(_requirements_error([CLI_REQUIREMENTS[root]]), file=sys.stderr)
         return 1
     except OSError as e:  # writing into --out: permission denied, disk full ...
         print(f"{PROG} {command}: error: {e}", file=sys.stderr)
