@@ -22,7 +22,8 @@ import torch
 import vae_ext
 from vae_ext import cli
 from vae_ext._interrupts import raise_interrupt
-from vae_ext.train import atomic_write, load_checkpoint
+from vae_ext.checkpoint import load_checkpoint
+from vae_ext.runfiles import atomic_write
 
 # Subprocesses import the vae_ext this process imported (the repo with an in-place build, or the
 # installed package when the tests run against `pip install .`), and run outside the repo so that

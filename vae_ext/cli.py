@@ -155,7 +155,7 @@ def _explicit(args, names) -> dict:
 def _config_names():
     from dataclasses import fields
 
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     return [f.name for f in fields(TrainConfig)]
 
@@ -163,8 +163,10 @@ def _config_names():
 def _cmd_train(args) -> int:
     from pathlib import Path
 
+    from .checkpoint import load_checkpoint, resume_config
+    from .config import TrainConfig
     from .errors import ConfigError
-    from .train import TrainConfig, load_checkpoint, resume_config, train
+    from .train import train
 
     opts = _explicit(args, _config_names())
     if args.resume is not None:
@@ -185,7 +187,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .train import evaluate_checkpoint
+    from .evaluate import evaluate_checkpoint
 
     r = evaluate_checkpoint(args.checkpoint, k=args.k, data=args.data, train_split=args.train_split,
                             split=args.split, device=args.device, reference=args.reference, seed=args.seed,
@@ -202,7 +204,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from .train import TrainConfig, sweep
+    from .config import TrainConfig
+    from .sweep import sweep
 
     opts = _explicit(args, [n for n in _config_names() if n != "latent"])
     base = TrainConfig(**opts)
