@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from vae_ext.data import load_data, load_mnist, parse_idx, parse_split, read_idx
+from vae_ext.data import load_data, load_mnist, parse_split
+from vae_ext.idx import parse_idx, read_idx
 from vae_ext.errors import ConfigError, DataError
 
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"  # <repo>/../shared/data/mnist

@@ -12,6 +12,7 @@ import torch
 from .config import FIXED_ON_RESUME, TrainConfig
 from .data import ImageData
 from .errors import CheckpointError, ConfigError, DataError
+from .memory import check_fits
 from .models import VAE
 from .runfiles import atomic_write
 
@@ -29,6 +30,10 @@ __all__ = [
 CHECKPOINT_NAME = "checkpoint.pt"
 CHECKPOINT_FORMAT = "vae_ext.checkpoint"
 CHECKPOINT_VERSION = 1
+# The history columns that resuming, the CSV and the loss curves rely on (other columns may be absent).
+HISTORY_REQUIRED = ("epoch", "step", "train_nelbo", "test_nelbo")
+# Memory per parameter the command may take: the weights, their gradients and Adam's two moments.
+BYTES_PER_PARAMETER = 16
 
 
 def save_checkpoint(path, model, optimizer, cfg: TrainConfig, epoch: int, history, data: ImageData) -> None:
@@ -67,11 +72,96 @@ def load_checkpoint(path) -> dict:
         raise CheckpointError(f"{path}: not a readable vae-ext checkpoint ({msg[:160]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not a vae-ext checkpoint")
-    if ckpt.get("version", 0) > CHECKPOINT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {ckpt['version']} is newer than this vae_ext reads "
-                              f"({CHECKPOINT_VERSION})")
+    _check_structure(ckpt, str(path))
     ckpt["path"] = str(path)
     return ckpt
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_structure(ckpt: dict, path: str) -> None:
+    """Every field that eval and resume use, checked once on load, so that a malformed checkpoint is
+    one line naming the field, before any data is read, any model allocated or any work done."""
+
+    def bad(field, problem):
+        raise CheckpointError(f"{path}: malformed checkpoint: {field!r} {problem}")
+
+    def need(field, kind, what):
+        if field not in ckpt:
+            bad(field, "is missing")
+        if not isinstance(ckpt[field], kind) or isinstance(ckpt[field], bool):
+            bad(field, f"should be {what}, got {type(ckpt[field]).__name__}")
+        return ckpt[field]
+
+    version = need("version", int, "an integer")
+    if version < 1:
+        bad("version", f"should be >= 1, got {version}")
+    if version > CHECKPOINT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {version} is newer than this vae_ext reads "
+                              f"({CHECKPOINT_VERSION})")
+    need("config", dict, "a dict")
+    model_config = need("model_config", dict, "a dict")
+    model_state = need("model_state", dict, "a dict of tensors")
+    optimizer_state = need("optimizer_state", dict, "a dict")
+    epoch = need("epoch", int, "an integer")
+    history = need("history", list, "a list")
+    if epoch < 0:
+        bad("epoch", f"should be >= 0, got {epoch}")
+    config_of({**ckpt, "path": path})  # the training configuration is a valid one
+
+    # The model, built on the meta device: its size and parameter shapes without allocating them.
+    try:
+        with torch.device("meta"):
+            meta = VAE.from_config(model_config, fused=False)
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
+        bad("model_config", f"does not describe a model ({e})")
+    n_params = meta.num_parameters()
+    check_fits(n_params * BYTES_PER_PARAMETER, f"{path}: its model ({n_params:,} parameters)", CheckpointError)
+    expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in model_state.items()):
+        bad("model_state", "should map parameter names to tensors")
+    missing, unexpected = sorted(expected.keys() - model_state.keys()), sorted(model_state.keys() - expected.keys())
+    if missing or unexpected:
+        bad("model_state", f"does not fit model_config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, shape in expected.items():
+        if tuple(model_state[k].shape) != shape:
+            bad("model_state", f"does not fit model_config: {k} has shape {tuple(model_state[k].shape)}, "
+                f"expected {shape}")
+
+    # Adam's state: one entry per parameter, in the order of model.parameters().
+    shapes = [tuple(p.shape) for p in meta.parameters()]
+    groups, state = optimizer_state.get("param_groups"), optimizer_state.get("state")
+    if not isinstance(groups, list) or not isinstance(state, dict) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        bad("optimizer_state", "is not an optimizer state (param_groups and state)")
+    ids = [i for g in groups for i in g["params"]]
+    if len(ids) != len(shapes) or len(set(ids)) != len(ids):
+        bad("optimizer_state", f"lists {len(ids)} parameters, the model has {len(shapes)}")
+    for pos, i in enumerate(ids):
+        entry = state.get(i, {})
+        if not isinstance(entry, dict):
+            bad("optimizer_state", f"has a malformed state for parameter {pos}")
+        for name, v in entry.items():
+            if name != "step" and not (isinstance(v, torch.Tensor) and tuple(v.shape) == shapes[pos]):
+                bad("optimizer_state", f"does not fit the model: {name} of parameter {pos}")
+
+    if len(history) != epoch:
+        bad("history", f"has {len(history)} rows for {epoch} epochs")
+    for i, row in enumerate(history):
+        if not isinstance(row, dict):
+            bad("history", f"row {i + 1} should be a dict, got {type(row).__name__}")
+        for col in HISTORY_REQUIRED:
+            v = row.get(col)
+            if not (_is_int(v) if col in ("epoch", "step") else _is_number(v)):
+                bad("history", f"row {i + 1} has no valid {col!r}")
+        if row["epoch"] != i + 1:
+            bad("history", f"row {i + 1} is for epoch {row['epoch']}")
 
 
 def config_of(ckpt: dict) -> TrainConfig:

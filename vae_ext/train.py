@@ -118,7 +118,7 @@ def _train(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log) -> TrainR
     if checkpoint is not None:
         try:
             optimizer.load_state_dict(checkpoint["optimizer_state"])
-        except (KeyError, ValueError) as e:
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as e:
             raise CheckpointError(f"{checkpoint['path']}: optimizer state does not fit the model ({e})") from None
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr
