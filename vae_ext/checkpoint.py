@@ -119,8 +119,8 @@ def _check_structure(ckpt: dict, path: str) -> None:
     try:
         with torch.device("meta"):
             meta = VAE.from_config(model_config, fused=False)
-    except (KeyError, TypeError, ValueError, OverflowError) as e:
-        bad("model_config", f"does not describe a model ({e})")
+    except (KeyError, TypeError, ValueError, OverflowError, RuntimeError) as e:  # RuntimeError: sizes overflow
+        bad("model_config", f"does not describe a model ({str(e).strip().splitlines()[0][:160]})")
     n_params = meta.num_parameters()
     check_fits(n_params * BYTES_PER_PARAMETER, f"{path}: its model ({n_params:,} parameters)", CheckpointError)
     expected = {k: tuple(v.shape) for k, v in meta.state_dict().items()}

@@ -171,32 +171,37 @@ def _npz_pick(path: Path, keys) -> tuple:
     )
 
 
+# What reading a zip member can raise on a corrupt file: zipfile's own errors, zlib's, a truncated
+# stream (EOFError), an unknown compression method (NotImplementedError), encryption (RuntimeError).
+_ZIP_ERRORS = (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError)
+
+
 def _npz_array(zf: zipfile.ZipFile, path: Path, key: str) -> np.ndarray:
     """One array of an .npz, refused before it is inflated if its header (or the zip directory)
     promises more than the memory limit allows."""
     info = zf.getinfo(key + ".npy")
     what = f"{path}: array {key!r}"
-    with zf.open(info) as fp:
-        try:
+    try:
+        with zf.open(info) as fp:
             version = np.lib.format.read_magic(fp)
             read_header = {(1, 0): np.lib.format.read_array_header_1_0,
                            (2, 0): np.lib.format.read_array_header_2_0}.get(version)
             if read_header is None:
                 raise DataError(f"{what}: .npy format version {version[0]}.{version[1]} is not supported")
             shape, _, dtype = read_header(fp)
-        except (ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-            raise DataError(f"{what}: not a readable .npy array ({e})") from None
+    except _ZIP_ERRORS as e:
+        raise DataError(f"{what}: not a readable .npy array ({type(e).__name__}: {e})") from None
     if dtype.hasobject:
         raise DataError(f"{what}: holds Python objects (pickled); only numeric arrays are read")
     count = math.prod(shape)
     need = max(count * dtype.itemsize, info.file_size) + count * EXTRA_BYTES_PER_VALUE
     shape_text = "x".join(map(str, shape)) or "scalar"
     check_fits(need, f"{what} (shape {shape_text}, {dtype.name})")
-    with zf.open(info) as fp:
-        try:
+    try:
+        with zf.open(info) as fp:
             return np.lib.format.read_array(fp, allow_pickle=False)
-        except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error) as e:
-            raise DataError(f"{what}: truncated or corrupt ({type(e).__name__}: {e})") from None
+    except _ZIP_ERRORS as e:
+        raise DataError(f"{what}: truncated or corrupt ({type(e).__name__}: {e})") from None
 
 
 def _load_npz(path: Path) -> tuple:
@@ -204,7 +209,7 @@ def _load_npz(path: Path) -> tuple:
         raise DataError(f"{path}: no such file")
     try:
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+    except _ZIP_ERRORS as e:
         raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
     with zf:
         keys = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]

@@ -26,6 +26,9 @@ __all__ = ["read_idx", "parse_idx", "MAX_DIMS"]
 # IDX type codes: big-endian data after a big-endian header.
 _IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 MAX_DIMS = 32  # numpy 1.x's limit (2.x allows 64); an image file has 3
+# Deflate inflates at most 1032-fold, so a gzip file of n bytes holds at most this many times n:
+# a header that promises more is truncated, known before anything is allocated.
+_GZIP_MAX_RATIO = 1032
 _CHUNK = 1 << 22
 
 
@@ -40,8 +43,10 @@ def _read_exactly(f, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _read_idx_stream(f, name: str, size: int | None, extra_bytes_per_value: int) -> np.ndarray:
-    """Read an IDX file from the binary stream ``f`` (``size``: its length, when known)."""
+def _read_idx_stream(f, name: str, size: int | None, extra_bytes_per_value: int,
+                     max_size: int | None = None) -> np.ndarray:
+    """Read an IDX file from the binary stream ``f`` (``size``: its length, when known; ``max_size``:
+    the most it can be, when only that is known)."""
     head = _read_exactly(f, 4)
     if len(head) < 4 or head[:2] != b"\0\0" or head[2] not in _IDX_DTYPES or head[3] == 0:
         magic = int.from_bytes(head.ljust(4, b"\0"), "big")
@@ -61,6 +66,9 @@ def _read_idx_stream(f, name: str, size: int | None, extra_bytes_per_value: int)
     if size is not None and size - header != need:
         what = "truncated IDX file" if size - header < need else "IDX file with trailing bytes"
         raise DataError(f"{name}: {what}: shape {shape} needs {need} bytes of data, found {size - header}")
+    if max_size is not None and header + need > max_size:
+        raise DataError(f"{name}: truncated IDX file: shape {shape} needs {need} bytes of data, more than "
+                        f"the compressed file can hold")
     check_fits(need + count * extra_bytes_per_value, f"{name}: its IDX header (shape {shape}, {dtype.name})")
     arr = np.empty(count, dtype=dtype)
     view = memoryview(arr).cast("B")
@@ -102,8 +110,9 @@ def read_idx(path, *, extra_bytes_per_value: int = 0) -> np.ndarray:
         try:
             if f.read(2) == b"\x1f\x8b":
                 f.seek(0)
+                most = _GZIP_MAX_RATIO * os.fstat(f.fileno()).st_size + 1024
                 with gzip.GzipFile(fileobj=f, mode="rb") as g:
-                    return _read_idx_stream(g, str(path), None, extra_bytes_per_value)
+                    return _read_idx_stream(g, str(path), None, extra_bytes_per_value, most)
             f.seek(0)
             return _read_idx_stream(f, str(path), os.fstat(f.fileno()).st_size, extra_bytes_per_value)
         except (EOFError, zlib.error, gzip.BadGzipFile) as e:
