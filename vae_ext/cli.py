@@ -139,6 +139,9 @@ def _train_options(p: argparse.ArgumentParser, latent: bool = True, sweep: bool 
     t.add_argument("--seed", type=_nonneg_int, help="random seed (default 0)")
     t.add_argument("--threads", type=_positive_int, help="CPU threads (default: PyTorch's choice; tiny models on "
                    "a busy machine run faster with 1)")
+    t.add_argument("--skip-nonfinite", type=_nonneg_int, metavar="N",
+                   help="skip a step whose loss or gradient norm is not finite (no optimizer step; counted in "
+                   "metrics.csv) and stop after N such steps in a row (default 0: stop on a non-finite loss)")
     t.add_argument("--reference", action="store_true", default=None,
                    help="use vae_ext.reference (plain PyTorch) instead of the fused kernels")
     o = p.add_argument_group("output")

@@ -53,6 +53,7 @@ class TrainConfig:
     reference: bool = False  # vae_ext.reference (plain PyTorch) instead of the fused kernels
     progress: bool = True
     plot_every: int = 0  # also write the PNGs every N epochs (0: only at the end)
+    skip_nonfinite: int = 0  # skip steps with a non-finite loss or gradient; stop after this many in a row (0: off)
 
     def __post_init__(self):
         def choice(name, options):
@@ -80,6 +81,7 @@ class TrainConfig:
         number("warmup", float, 0.0)
         number("seed", int, 0)
         number("plot_every", int, 0)
+        number("skip_nonfinite", int, 0)
         self.train_split = parse_split(self.train_split)
         if not isinstance(self.data, str) or not self.data:
             raise ConfigError(f"--data: expected 'digits', 'mnist:DIR' or FILE.npz, got {self.data!r}")

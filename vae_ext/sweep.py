@@ -13,6 +13,7 @@ from .errors import ConfigError
 from .evaluate import eval_images, evaluate, importance_weighted_nll
 from .plots import save_sweep_plot
 from .runfiles import write_csv
+from .runlock import RunLock
 from .train import train
 
 __all__ = ["sweep", "SWEEP_COLUMNS"]
@@ -38,7 +39,11 @@ def sweep(latents, base: TrainConfig, *, k: int = 1000, overrides: dict | None =
     if not latents:
         raise ConfigError("--latent: expected at least one latent size")
     out = Path(base.out or os.path.join("runs", time.strftime("sweep-%Y%m%d-%H%M%S")))
-    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):  # one sweep per folder (each model's folder is locked by train)
+        return _sweep(latents, base, out, k, overrides, log)
+
+
+def _sweep(latents, base: TrainConfig, out: Path, k: int, overrides, log) -> list:
     overrides = dict(overrides if overrides is not None else asdict(base))
     rows = []
     for lat in latents:

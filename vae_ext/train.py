@@ -28,12 +28,13 @@ from .evaluate import evaluate
 from .models import VAE
 from .plots import save_plots
 from .runfiles import write_csv
+from .runlock import RunLock
 
-__all__ = ["TrainResult", "train", "train_step", "build_model", "METRICS_NAME", "METRIC_COLUMNS"]
+__all__ = ["TrainResult", "train", "train_step", "guarded_train_step", "build_model", "METRICS_NAME", "METRIC_COLUMNS"]
 
 METRICS_NAME = "metrics.csv"
 METRIC_COLUMNS = ("epoch", "step", "beta", "train_loss", "train_nelbo", "train_rec", "train_kl",
-                  "test_nelbo", "test_rec", "test_kl", "lr", "seconds")
+                  "test_nelbo", "test_rec", "test_kl", "skipped", "lr", "seconds")
 
 
 def build_model(cfg: TrainConfig, image_shape) -> VAE:
@@ -59,18 +60,40 @@ class TrainResult:
     data: ImageData
 
 
-def train_step(net, model: VAE, optimizer, x: torch.Tensor, beta: float):
-    """One optimizer step on the summed negative ELBO; returns the detached (loss, rec, kl) sums.
-
-    ``net`` is the module to call (``model`` itself, or its DistributedDataParallel wrapper).
-    """
+def _loss_and_gradients(net, model: VAE, optimizer, x: torch.Tensor, beta: float):
     model.criterion.beta = beta
     optimizer.zero_grad(set_to_none=True)
     recon, mu, logvar = net(x)
     loss, rec, kl = model.criterion(recon, x, mu, logvar, return_terms=True)
     loss.backward()
-    optimizer.step()
     return loss.detach(), rec.detach(), kl.detach()
+
+
+def train_step(net, model: VAE, optimizer, x: torch.Tensor, beta: float):
+    """One optimizer step on the summed negative ELBO; returns the detached (loss, rec, kl) sums.
+
+    ``net`` is the module to call (``model`` itself, or its DistributedDataParallel wrapper).
+    """
+    terms = _loss_and_gradients(net, model, optimizer, x, beta)
+    optimizer.step()
+    return terms
+
+
+def guarded_train_step(net, model: VAE, optimizer, x: torch.Tensor, beta: float, ctx: DistributedContext):
+    """:func:`train_step`, skipped (no optimizer step) when the loss or the gradient norm is not
+    finite on any rank; returns (loss, rec, kl, skipped)."""
+    loss, rec, kl = _loss_and_gradients(net, model, optimizer, x, beta)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    bad = (~torch.isfinite(loss) | ~torch.isfinite(norm)).to(torch.float32)
+    if ctx.all_reduce_sum(bad).item() > 0:  # every rank skips together (DDP's gradients are shared)
+        optimizer.zero_grad(set_to_none=True)
+        return loss, rec, kl, True
+    optimizer.step()
+    return loss, rec, kl, False
+
+
+def _weights_finite(model: VAE) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -92,14 +115,48 @@ def train(cfg: TrainConfig, checkpoint: dict | None = None, *, log=print) -> Tra
         ctx.close()
 
 
+def _on_main(ctx: DistributedContext, fn):
+    """Run ``fn`` on rank 0 only; a VaeExtError it raises is raised on every rank (none waits forever)."""
+    error = None
+    if ctx.is_main:
+        try:
+            fn()
+        except VaeExtError as e:
+            error = e
+    error = ctx.broadcast_object(None if error is None else (type(error), str(error)))
+    if error is not None:
+        raise error[0](error[1])
+
+
 def _train(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log) -> TrainResult:
     if cfg.out is None:
         cfg = replace(cfg, out=ctx.broadcast_object(os.path.join("runs", time.strftime("vae-%Y%m%d-%H%M%S"))))
     out = Path(cfg.out)
+    lock = RunLock(out)  # rank 0 alone writes, so rank 0 alone takes it
+    try:
+        return _train_locked(cfg, checkpoint, ctx, log, out, lock)
+    finally:
+        lock.release()
+
+
+def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, out: Path, lock: RunLock) -> TrainResult:
     ckpt_path = out / CHECKPOINT_NAME
-    if ckpt_path.exists() and (checkpoint is None or not ckpt_path.samefile(checkpoint["path"])):
-        what = "pass --resume to continue it" if checkpoint is None else "resume into that folder or an empty one"
-        raise ConfigError(f"{out} already holds a run ({CHECKPOINT_NAME}); {what}, or choose another --out")
+
+    def refuse_another_run():
+        if ckpt_path.exists() and (checkpoint is None or not ckpt_path.samefile(checkpoint["path"])):
+            what = "pass --resume to continue it" if checkpoint is None else "resume into that folder or an empty one"
+            raise ConfigError(f"{out} already holds a run ({CHECKPOINT_NAME}); {what}, or choose another --out")
+
+    def claim_folder(early: bool = False):
+        # Early, before the data is read: a run still writing an existing folder is refused at once.
+        # Later, once the data and the model are known to work: the folder is made and locked.
+        refuse_another_run()
+        if early and not out.is_dir():
+            return
+        lock.acquire()
+        refuse_another_run()  # again: another run may have finished here while this one waited
+
+    _on_main(ctx, lambda: claim_folder(early=True))
     data = load_data(cfg.data, train_split=cfg.train_split, binarize_mode=cfg.binarize)
     if checkpoint is not None:
         check_image_shape(data, checkpoint["model_config"]["input_shape"], f"the model in {checkpoint['path']}")
@@ -130,6 +187,7 @@ def _train(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log) -> TrainR
     steps = math.ceil(len(sampler) / cfg.batch_size)
     warmup_steps = cfg.warmup * steps
     step = int(history[-1]["step"]) if history else 0
+    in_a_row = 0  # consecutive skipped steps (--skip-nonfinite)
 
     kernels = "vae_ext.reference (plain PyTorch)" if cfg.reference else "fused vae_ext kernels"
     log(f"data: {data.describe()}, binarize {cfg.binarize}")
@@ -137,8 +195,7 @@ def _train(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log) -> TrainR
         f"latent {cfg.latent} ({model.num_parameters():,} parameters), recon {cfg.recon}, {kernels}")
     where = f"{ctx.world_size} processes (DDP), " if ctx.distributed else ""
     log(f"training on {where}{dev}; writing {out}" + (f"; resuming after epoch {start}" if checkpoint else ""))
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    _on_main(ctx, claim_folder)
     if start >= cfg.epochs:
         log(f"already trained for {start} epochs (--epochs {cfg.epochs}); nothing to do")
 
@@ -147,7 +204,8 @@ def _train(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log) -> TrainR
         sampler.set_epoch(epoch)
         torch.manual_seed(_epoch_seed(cfg.seed, epoch, ctx.rank))
         model.train()
-        sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, rec, kl, images
+        sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, rec, kl, images (of steps taken)
+        skipped = 0
         beta = cfg.beta
         bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
                    disable=not (ctx.is_main and cfg.progress), dynamic_ncols=True)
@@ -157,23 +215,38 @@ def _train(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log) -> TrainR
                 if cfg.binarize == "dynamic":
                     x = binarize(x)
                 beta = cfg.beta * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else cfg.beta
-                loss, rec, kl = train_step(net, model, optimizer, x, beta)
+                if cfg.skip_nonfinite:
+                    loss, rec, kl, skip = guarded_train_step(net, model, optimizer, x, beta, ctx)
+                else:
+                    (loss, rec, kl), skip = train_step(net, model, optimizer, x, beta), False
                 step += 1
-                sums += torch.stack([loss, rec, kl, loss.new_tensor(len(idx))]).double()
                 bar.update()
-                if i % 10 == 9 or i == steps - 1:
+                if skip:
+                    skipped += 1
+                    in_a_row += 1
+                    if in_a_row >= cfg.skip_nonfinite:
+                        raise VaeExtError(f"training diverged: {in_a_row} steps in a row with a non-finite loss or "
+                                          f"gradient (--skip-nonfinite {cfg.skip_nonfinite}), the last in epoch "
+                                          f"{epoch}; try a lower --lr or a KL --warmup")
+                    continue
+                in_a_row = 0
+                sums += torch.stack([loss, rec, kl, loss.new_tensor(len(idx))]).double()
+                if (i % 10 == 9 or i == steps - 1) and sums[3] > 0:
                     running = (sums[0] / sums[3]).item()
                     if not math.isfinite(running):
                         raise VaeExtError(f"training diverged: the loss is {running} in epoch {epoch}; "
                                           f"try a lower --lr or a KL --warmup")
                     bar.set_postfix(loss=f"{running:.2f}")
+        if not _weights_finite(model):  # never checkpoint a non-finite weight
+            raise VaeExtError(f"training diverged: a weight became non-finite in epoch {epoch} (the checkpoint "
+                              f"keeps epoch {epoch - 1}); try a lower --lr, a KL --warmup or --skip-nonfinite")
         ctx.all_reduce_sum(sums)
-        s = sums.tolist()
+        s = [v if sums[3] > 0 else math.nan for v in sums.tolist()]
         c = model.log_norm_const
         test = evaluate(model, data.test, ctx)
         row = {"epoch": epoch, "step": step, "beta": beta, "train_loss": s[0] / s[3],
                "train_nelbo": (s[1] + s[2]) / s[3] + c, "train_rec": s[1] / s[3] + c, "train_kl": s[2] / s[3],
-               "test_nelbo": test["nelbo"], "test_rec": test["rec"], "test_kl": test["kl"], "lr": cfg.lr,
+               "test_nelbo": test["nelbo"], "test_rec": test["rec"], "test_kl": test["kl"], "skipped": skipped, "lr": cfg.lr,
                "seconds": time.perf_counter() - t0}
         history.append(row)
         if ctx.is_main:
