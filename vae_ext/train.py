@@ -238,8 +238,8 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
                                           f"try a lower --lr or a KL --warmup")
                     bar.set_postfix(loss=f"{running:.2f}")
         if not _weights_finite(model):  # never checkpoint a non-finite weight
-            raise VaeExtError(f"training diverged: a weight became non-finite in epoch {epoch} (the checkpoint "
-                              f"keeps epoch {epoch - 1}); try a lower --lr, a KL --warmup or --skip-nonfinite")
+            raise VaeExtError(f"training diverged: a weight became non-finite in epoch {epoch}, which was not "
+                              f"saved; try a lower --lr, a KL --warmup or --skip-nonfinite")
         ctx.all_reduce_sum(sums)
         s = [v if sums[3] > 0 else math.nan for v in sums.tolist()]
         c = model.log_norm_const
