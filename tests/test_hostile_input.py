@@ -187,6 +187,18 @@ def test_overflowing_float_pixels_give_no_numpy_warning(capsys, tmp_path):
     assert not [w for w in seen if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in seen]
 
 
+def test_out_of_memory_is_one_line(capsys, tmp_path, monkeypatch):
+    """What the limit does not foresee (another process took the memory meanwhile) is one line too."""
+    import vae_ext.train as T
+
+    def no_memory(*a, **k):
+        raise MemoryError("Unable to allocate 2.9 GiB for an array with shape (1000000, 784)")
+
+    monkeypatch.setattr(T, "load_data", no_memory)
+    rc, _, err = run(capsys, "train", "--out", tmp_path / "r", *TINY)
+    assert_one_line_error(rc, err, "out of memory (Unable to allocate 2.9 GiB")
+
+
 # --------------------------------------------------------------------------- 8: malformed checkpoints
 
 

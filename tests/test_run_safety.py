@@ -6,7 +6,6 @@ import csv
 import math
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
