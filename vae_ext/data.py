@@ -20,6 +20,10 @@ for training and the rest for testing, ``train_split=0.8`` the first 80 % (the d
 So ``--data mnist:DIR --train-split 8000`` on the 10,000 t10k images trains on the first 8,000
 and tests on the last 2,000. ``train_split`` on a source that has its own test set is an error.
 
+**Size.** A file is refused before its data is read or inflated when it would need more memory
+than :mod:`vae_ext.memory` allows: its data plus :data:`EXTRA_BYTES_PER_VALUE` per pixel (IDX files
+are read by :mod:`vae_ext.idx`; of an ``.npz``, only the arrays used are read).
+
 **Binarization** (``binarize``): ``"dynamic"`` keeps the training images in [0, 1] and the trainer
 draws x ~ Bernoulli(image) afresh for every batch; ``"static"`` draws the training set once;
 ``"none"`` keeps grey levels. With ``dynamic`` and ``static`` the test set is drawn once from a
