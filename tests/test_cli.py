@@ -177,7 +177,8 @@ def test_eval(capsys, trained):
     assert 0 < r["nll"] < r["nelbo"] + 1.0  # the IW bound is at least as tight as the ELBO, up to noise
     rows = read_csv(trained / "metrics.csv")
     assert r["nelbo"] == pytest.approx(float(rows[-1]["test_nelbo"]), rel=1e-5)  # same fixed eval eps
-    rc, stdout, _ = run(capsys, "eval", trained, "--k", "5", "--json", "--reference", "--split", "train", "--no-progress")
+    rc, stdout, _ = run(capsys, "eval", trained, "--k", "5", "--json", "--reference", "--split", "train",
+                        "--no-progress")
     r = json.loads(stdout)
     assert rc == 0 and r["kernels"] == "reference" and r["n"] == 1438
 
@@ -238,8 +239,10 @@ def _bad_mnist(tmp_path, kind):
     (["eval", "{run}", "--data", "mnist:{28x28}"], "images are 1x28x28 but the model in"),
     (["eval", "{run}", "--k", "0"], "argument --k"),
     (["train", "--out", "{run}"], "already holds a run"),
-    (["train", "--resume", "{run}", "--latent", "7"], "from another configuration: it was trained with --latent 2, not 7"),
-    (["train", "--resume", "{run}", "--data", "mnist:{28x28}"], "from another configuration: it was trained with --data digits"),
+    (["train", "--resume", "{run}", "--latent", "7"],
+     "from another configuration: it was trained with --latent 2, not 7"),
+    (["train", "--resume", "{run}", "--data", "mnist:{28x28}"],
+     "from another configuration: it was trained with --data digits"),
     (["sweep", "--latent", "2,zero"], "argument --latent"),
 ])
 def test_bad_input_is_one_line_and_nonzero(capsys, tmp_path, trained, argv, match):
@@ -273,7 +276,8 @@ def test_cuda_without_cuda(capsys, tmp_path):
 
 
 def test_python_dash_m_entry_point(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(PKG_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(PKG_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "vae_ext", "train", "--data", f"mnist:{tmp_path}/none"],
                        capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert_one_line_error(p.returncode, p.stderr, "no such directory")
@@ -282,7 +286,8 @@ def test_python_dash_m_entry_point(tmp_path):
 
 def test_sigterm_ends_training_cleanly(tmp_path):
     """kill (SIGTERM) mid-run: one line, status 143, and the last complete checkpoint and metrics."""
-    env = {**os.environ, "PYTHONPATH": str(PKG_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(PKG_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
     out = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "vae_ext", "train", "--epochs", "1000", "--out", str(out), *TINY],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)

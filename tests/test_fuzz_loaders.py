@@ -114,8 +114,9 @@ def test_idx_loader_fuzz(tmp_path, peak, gz):
         folder = tmp_path / f"case{i}"
         folder.mkdir()
         (folder / name).write_bytes(data)
-        _try(lambda: load_data(f"mnist:{folder}", binarize_mode="none"), str(folder), outcomes)
-    print(f"IDX ({'gzip' if gz else 'raw'}): {outcomes.tried} cases, {outcomes.refused} refused, {outcomes.loaded} loaded")
+        _try(lambda folder=folder: load_data(f"mnist:{folder}", binarize_mode="none"), str(folder), outcomes)
+    print(f"IDX ({'gzip' if gz else 'raw'}): {outcomes.tried} cases, {outcomes.refused} refused, "
+          f"{outcomes.loaded} loaded")
     assert outcomes.tried > (700 if gz else 350) and outcomes.refused > outcomes.tried // 2
 
 
@@ -147,7 +148,7 @@ def test_npz_loader_fuzz(tmp_path, peak):
     for i, data in enumerate(_npz_cases(rng)):
         path = tmp_path / f"case{i}.npz"
         path.write_bytes(data)
-        _try(lambda: load_data(str(path), binarize_mode="none"), str(path), outcomes)
+        _try(lambda path=path: load_data(str(path), binarize_mode="none"), str(path), outcomes)
     print(f"npz: {outcomes.tried} cases, {outcomes.refused} refused, {outcomes.loaded} loaded")
     assert outcomes.tried > 500 and outcomes.refused > outcomes.tried // 2
 
@@ -197,7 +198,7 @@ def test_checkpoint_loader_fuzz(tmp_path, checkpoint_bytes, capsys, peak):
     for i, data in enumerate(_checkpoint_cases(checkpoint_bytes, rng)):
         path = tmp_path / f"case{i}.pt"
         path.write_bytes(data)
-        _try(lambda: load_checkpoint(path), str(path), outcomes)
+        _try(lambda path=path: load_checkpoint(path), str(path), outcomes)
     assert "this must not run" not in capsys.readouterr().out
     print(f"checkpoint: {outcomes.tried} cases, {outcomes.refused} refused, {outcomes.loaded} loaded")
     assert outcomes.tried > 300 and outcomes.refused > outcomes.tried // 2
@@ -215,6 +216,8 @@ def test_the_command_reports_a_hostile_file_in_one_line(tmp_path, capsys, kind, 
     else:
         (tmp_path / "c.pt").write_bytes(checkpoint_bytes[: len(checkpoint_bytes) // 2])
         argv, name = ["eval", str(tmp_path / "c.pt")], "c.pt"
-    rc = cli.main(argv + ["--no-progress"] if kind == "checkpoint" else argv + ["--out", str(tmp_path / "r"), "--no-progress"])
+    if kind != "checkpoint":
+        argv += ["--out", str(tmp_path / "r")]
+    rc = cli.main(argv + ["--no-progress"])
     err = capsys.readouterr().err
     assert rc == 1 and len(err.strip().splitlines()) == 1 and name in err and "Traceback" not in err, err

@@ -114,7 +114,8 @@ def test_gzip_bomb_is_refused_before_it_is_inflated(capsys, tmp_path, monkeypatc
     assert (tmp_path / "t10k-images-idx3-ubyte.gz").stat().st_size < 100_000
     tracemalloc.start()
     try:
-        rc, _, err = run(capsys, "train", "--data", f"mnist:{tmp_path}", "--out", tmp_path / "r", "--epochs", "0", *TINY)
+        rc, _, err = run(capsys, "train", "--data", f"mnist:{tmp_path}", "--out", tmp_path / "r", "--epochs", "0",
+                         *TINY)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -152,7 +153,8 @@ def test_compressed_npz_bomb_is_refused_before_it_is_inflated(capsys, tmp_path, 
     assert (tmp_path / "bomb.npz").stat().st_size < 100_000
     tracemalloc.start()
     try:
-        rc, _, err = run(capsys, "train", "--data", tmp_path / "bomb.npz", "--out", tmp_path / "r", "--epochs", "0", *TINY)
+        rc, _, err = run(capsys, "train", "--data", tmp_path / "bomb.npz", "--out", tmp_path / "r", "--epochs", "0",
+                         *TINY)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()

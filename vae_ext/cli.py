@@ -124,7 +124,8 @@ def _train_options(p: argparse.ArgumentParser, latent: bool = True, sweep: bool 
     m.add_argument("--arch", choices=tuple(ARCHS), help="mlp (default) or conv")
     if latent:
         m.add_argument("--latent", type=_positive_int, metavar="L", help="latent size (default 20)")
-    m.add_argument("--hidden", type=_hidden, metavar="H1,H2", help="hidden layer sizes (default 400 for mlp, 256 for conv)")
+    m.add_argument("--hidden", type=_hidden, metavar="H1,H2",
+                   help="hidden layer sizes (default 400 for mlp, 256 for conv)")
     m.add_argument("--channels", type=_int_list, metavar="C1,C2", help="conv channels (default 32,64)")
     m.add_argument("--recon", choices=RECON_MODES, help="reconstruction loss (default bce_logits)")
     t = p.add_argument_group("training")
@@ -254,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "and BIC curves (OUT/sweep.png, OUT/sweep.csv). Takes the train options.")
     p.add_argument("--latent", type=_int_list, default=[2, 5, 10, 20, 50], metavar="L1,L2,...",
                    help="latent sizes (default 2,5,10,20,50)")
-    p.add_argument("--k", type=_positive_int, default=1000, help="importance samples for the NLL and BIC (default 1000)")
+    p.add_argument("--k", type=_positive_int, default=1000,
+                   help="importance samples for the NLL and BIC (default 1000)")
     _train_options(p, latent=False, sweep=True)
     p.set_defaults(func=_cmd_sweep)
     return parser

@@ -64,7 +64,8 @@ class TrainConfig:
         def number(name, kind, lo, lo_ok=True):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
-                raise ConfigError(f"--{name.replace('_', '-')}: expected {'a number' if kind is float else 'an integer'}, got {v!r}")
+                what = "a number" if kind is float else "an integer"
+                raise ConfigError(f"--{name.replace('_', '-')}: expected {what}, got {v!r}")
             if not math.isfinite(v) or v < lo or (v == lo and not lo_ok):
                 rel = ">=" if lo_ok else ">"
                 raise ConfigError(f"--{name.replace('_', '-')}: expected a value {rel} {lo}, got {v!r}")

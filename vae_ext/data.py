@@ -298,7 +298,8 @@ def load_data(spec: str = "digits", *, train_split=None, binarize_mode: str = "d
         train = _to_images(tr, f"{path}")
         test = None if te is None else _to_images(te, f"{path}")
         if test is not None and train.shape[1:] != test.shape[1:]:
-            raise DataError(f"{path}: train images are {tuple(train.shape[1:])} but test images are {tuple(test.shape[1:])}")
+            raise DataError(f"{path}: train images are {tuple(train.shape[1:])} but test images are "
+                            f"{tuple(test.shape[1:])}")
     else:
         raise ConfigError(f"--data: expected 'digits', 'mnist:DIR' or FILE.npz, got {spec!r}")
 

@@ -61,7 +61,8 @@ def _sweep(latents, base: TrainConfig, out: Path, k: int, overrides, log) -> lis
         p_dec, p_all = model.num_parameters("decoder"), model.num_parameters()
         total_ll = -train_nll.sum().item()
         row = {"latent": lat, "params_total": p_all, "params_decoder": p_dec, "n_train": n, "n_test": len(test_imgs),
-               "k": k, "train_nelbo": evaluate(model, train_imgs)["nelbo"], "test_nelbo": evaluate(model, test_imgs)["nelbo"],
+               "k": k, "train_nelbo": evaluate(model, train_imgs)["nelbo"],
+               "test_nelbo": evaluate(model, test_imgs)["nelbo"],
                "train_nll": train_nll.mean().item(), "test_nll": test_nll.mean().item(),
                "bic": -2 * total_ll + p_dec * math.log(n), "bic_all_params": -2 * total_ll + p_all * math.log(n)}
         rows.append(row)

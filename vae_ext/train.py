@@ -246,7 +246,8 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
         test = evaluate(model, data.test, ctx)
         row = {"epoch": epoch, "step": step, "beta": beta, "train_loss": s[0] / s[3],
                "train_nelbo": (s[1] + s[2]) / s[3] + c, "train_rec": s[1] / s[3] + c, "train_kl": s[2] / s[3],
-               "test_nelbo": test["nelbo"], "test_rec": test["rec"], "test_kl": test["kl"], "skipped": skipped, "lr": cfg.lr,
+               "test_nelbo": test["nelbo"], "test_rec": test["rec"], "test_kl": test["kl"], "skipped": skipped,
+               "lr": cfg.lr,
                "seconds": time.perf_counter() - t0}
         history.append(row)
         if ctx.is_main:
