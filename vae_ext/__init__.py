@@ -17,7 +17,7 @@ with warnings.catch_warnings():
 
 from . import reference
 from ._build import build_info, cpu_capability
-from .functional import elbo_loss, reparameterize
+from .functional import elbo_loss, gaussian_kl, reparameterize
 from .losses import FusedELBOLoss
 
 __version__ = "0.1.0"
@@ -25,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FusedELBOLoss",
     "elbo_loss",
+    "gaussian_kl",
     "reparameterize",
     "reference",
     "build_info",

@@ -12,7 +12,7 @@ import torch
 
 from . import _ops  # noqa: F401  (loads the kernels, registers their fake kernels)
 
-__all__ = ["elbo_loss", "reparameterize", "RECON_MODES", "REDUCTIONS"]
+__all__ = ["elbo_loss", "gaussian_kl", "reparameterize", "RECON_MODES", "REDUCTIONS"]
 
 RECON_MODES = ("bce", "bce_logits", "mse")
 REDUCTIONS = ("sum", "mean", "none")
@@ -170,6 +170,39 @@ def elbo_loss(
     if return_terms:
         return loss, rec, kl
     return loss
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str = "sum"):
+    """``KL(N(mu, exp(logvar)) || N(0, I))`` alone, fused: for a hierarchical VAE's KL per layer, or
+    a loss whose reconstruction term is computed elsewhere (diffusers' ``AutoencoderKL``).
+
+    Args:
+        mu, logvar: the posterior's mean and log-variance, shape (N, ...): latents of any shape,
+            conv latents (N, C, H, W) as they are. Summed per sample over every non-batch dimension.
+        reduction: ``"sum"`` over everything, ``"mean"`` (per-sample sums averaged over the batch)
+            or ``"none"`` (one value per sample, shape (N,)).
+
+    Per element ``0.5 * (mu^2 + exp(logvar) - 1 - logvar)``, the KL term of :func:`elbo_loss`,
+    computed by the same kernel (with an empty reconstruction). Returns a tensor of mu's dtype
+    (float32 for float16/bfloat16); gradients flow to mu and logvar.
+    """
+    if isinstance(mu, torch.Tensor) and isinstance(logvar, torch.Tensor) and mu.dtype != logvar.dtype:
+        mu, logvar = _autocast_common_dtype((mu, logvar))
+    _check_tensor("mu", mu)
+    _check_tensor("logvar", logvar)
+    _check_same((("mu", mu), ("logvar", logvar)), "device")
+    _check_same((("mu", mu), ("logvar", logvar)), "dtype")
+    _check_choice("reduction", reduction, REDUCTIONS)
+    if mu.dim() < 1:
+        raise ValueError("mu: expected a tensor of shape (N, ...), got a 0-d tensor")
+    if logvar.shape != mu.shape:
+        raise ValueError(f"logvar: expected the shape of mu {tuple(mu.shape)}, got {tuple(logvar.shape)}")
+    n, per_sample = mu.shape[0], math.prod(mu.shape[1:])  # (not reshape(n, -1): n may be 0)
+    empty = mu.new_empty(n, 0)  # no reconstruction term: the kernel's KL part alone
+    grad_latent = torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad)
+    kl, _, _, _, _ = torch.ops.vae_ext.elbo_loss(empty, empty, mu.reshape(n, per_sample), logvar.reshape(n, per_sample),
+                                                 "mse", reduction, False, grad_latent, False, True)
+    return kl
 
 
 def reparameterize(

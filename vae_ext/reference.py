@@ -6,10 +6,12 @@ Nothing here is fast on purpose; everything here is obviously right.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["elbo_loss", "kl_divergence", "reconstruction_loss", "reparameterize"]
+__all__ = ["elbo_loss", "gaussian_kl", "kl_divergence", "reconstruction_loss", "reparameterize"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -77,6 +79,12 @@ def elbo_loss(
     if return_terms:
         return loss, rec, kl
     return loss
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str = "sum") -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed per sample over every non-batch dimension, reduced."""
+    shape = (mu.shape[0], math.prod(mu.shape[1:]))  # (not reshape(n, -1): n may be 0)
+    return _reduce(kl_divergence(mu.reshape(shape), logvar.reshape(shape)), reduction)
 
 
 def reparameterize(
