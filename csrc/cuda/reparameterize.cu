@@ -46,7 +46,7 @@ __global__ void __launch_bounds__(kThreads) reparam_kernel(ReparamLaunch a) {
     for (int j = 0; j < 4; ++j) {
       const int64_t e = 4 * g + j;
       if (e < total) {
-        const int64_t i = e % a.numel;
+        const int64_t i = a.k == 1 ? e : e % a.numel;  // a 64-bit modulo costs dozens of instructions
         const T ev = from_acc<T>(static_cast<A>(n[j]));  // z uses exactly the eps returned
         z[e] = from_acc<T>(reparam_z<ScalarMath<A>>(to_acc(mu[i]), to_acc(lv[i]), to_acc(ev)));
         if (eps) eps[e] = ev;
@@ -79,6 +79,36 @@ __global__ void __launch_bounds__(kThreads) reparam_backward_kernel(ReparamBackw
   }
 }
 
+// One sample (k == 1): one thread per Philox group, as in the forward, so each group's four normals
+// are drawn once instead of once per element. The same values as reparam_backward_kernel gives.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) reparam_backward_one_sample_kernel(ReparamBackwardLaunch a) {
+  using A = typename Acc<T>::type;
+  const uint64_t seed = static_cast<uint64_t>(a.state[0]), offset = static_cast<uint64_t>(a.state[1]);
+  const T* gz = static_cast<const T*>(a.grad_z);
+  const T* lv = static_cast<const T*>(a.logvar);
+  T* gmu = static_cast<T*>(a.grad_mu);
+  T* glv = static_cast<T*>(a.grad_logvar);
+  const int64_t groups = (a.numel + 3) / 4;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const U32x4 w = philox_group(seed, offset, static_cast<uint64_t>(g));
+    float n[4];
+    box_muller<ScalarMath<float>>(u32_to_open_unit(w.v[0]), u32_to_unit(w.v[1]), &n[0], &n[1]);
+    box_muller<ScalarMath<float>>(u32_to_open_unit(w.v[2]), u32_to_unit(w.v[3]), &n[2], &n[3]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t i = 4 * g + j;
+      if (i < a.numel) {
+        const A gv = to_acc(gz[i]);
+        const T ev = from_acc<T>(static_cast<A>(n[j]));  // the eps the forward used
+        if (gmu) gmu[i] = from_acc<T>(gv);
+        glv[i] = from_acc<T>(reparam_grad_logvar<ScalarMath<A>>(to_acc(lv[i]), gv * to_acc(ev)));
+      }
+    }
+  }
+}
+
 __global__ void __launch_bounds__(kThreads) philox_normal_kernel(float* out, int64_t n, uint64_t seed, uint64_t offset) {
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x)
@@ -100,7 +130,10 @@ cudaError_t launch_reparam_backward(const ReparamBackwardLaunch& a, cudaStream_t
   if (a.numel == 0) return cudaSuccess;
   dispatch_dtype(a.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    reparam_backward_kernel<T><<<blocks_for(a.numel, kThreads), kThreads, 0, s>>>(a);
+    if (a.k == 1)
+      reparam_backward_one_sample_kernel<T><<<blocks_for((a.numel + 3) / 4, kThreads), kThreads, 0, s>>>(a);
+    else
+      reparam_backward_kernel<T><<<blocks_for(a.numel, kThreads), kThreads, 0, s>>>(a);
   });
   return cudaGetLastError();
 }
