@@ -39,9 +39,10 @@ at::ScalarType loss_dtype(at::ScalarType t);
 [[noreturn]] void throw_bce_out_of_range();
 
 #if defined(VAE_EXT_WITH_CUDA)
-// g *= s in place, g contiguous on a CUDA device and s one element on the same device; a kernel
-// reads s and leaves g untouched when it is 1 (no host sync, so it can be captured in a CUDA graph).
-void scale_unless_one_cuda(const Tensor& g, const Tensor& s);
+// g[i] *= s[i] in place for each pair, in one launch: each g contiguous on one CUDA device, all of
+// one dtype, each s one element of that dtype on that device; a kernel reads s[i] and leaves g[i]
+// untouched when it is 1 (no host sync, so it can be captured in a CUDA graph). At most 3 pairs.
+void scale_unless_one_cuda(const std::vector<Tensor>& g, const std::vector<Tensor>& s);
 #endif
 
 }  // namespace vae_ext

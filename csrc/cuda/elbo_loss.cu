@@ -123,6 +123,7 @@ __global__ void __launch_bounds__(kThreads) elbo_partials(ElboLaunch a, Layout u
   }
 }
 
+// kl_out == nullptr: the caller wants the total, rec_out gets rec + kl (ElboLaunch::kl_out).
 template <typename OutT>
 __global__ void __launch_bounds__(kFinalizeThreads)
     elbo_finalize(const double* part_rec, const double* part_kl, int64_t n, Layout u, Reduction red, OutT* rec_out,
@@ -133,8 +134,12 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     for (int64_t c = 0; c < u.rec_cpr; ++c) r += part_rec[i * u.rec_cpr + c];
     for (int64_t c = 0; c < u.kl_cpr; ++c) k += part_kl[i * u.kl_cpr + c];
     if (red == Reduction::None) {
-      rec_out[i] = static_cast<OutT>(r);
-      kl_out[i] = static_cast<OutT>(k);
+      if (kl_out) {
+        rec_out[i] = static_cast<OutT>(r);
+        kl_out[i] = static_cast<OutT>(k);
+      } else {
+        rec_out[i] = static_cast<OutT>(r + k);
+      }
     }
     sr += r;
     sk += k;
@@ -148,8 +153,12 @@ __global__ void __launch_bounds__(kFinalizeThreads)
       sr /= static_cast<double>(n);
       sk /= static_cast<double>(n);
     }
-    rec_out[0] = static_cast<OutT>(sr);
-    kl_out[0] = static_cast<OutT>(sk);
+    if (kl_out) {
+      rec_out[0] = static_cast<OutT>(sr);
+      kl_out[0] = static_cast<OutT>(sk);
+    } else {
+      rec_out[0] = static_cast<OutT>(sr + sk);
+    }
   }
 }
 
@@ -174,26 +183,41 @@ void launch_partials_aligned(const ElboLaunch& a, const Layout& u, double* pr, d
     launch_partials<T, 1, mode>(a, u, pr, pk, s);
 }
 
+struct ScaleJobs {
+  ScaleJob job[kMaxScaleJobs];
+  int count;
+};
+
 template <typename T>
-__global__ void __launch_bounds__(kThreads) scale_unless_one(T* g, const T* s, int64_t n) {
+__global__ void __launch_bounds__(kThreads) scale_unless_one(ScaleJobs jobs) {
   using A = typename Acc<T>::type;
-  const A sv = to_acc(*s);
-  if (sv == A(1)) return;  // loss.backward(): grad_output is exactly 1, nothing to do
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    g[i] = from_acc<T>(to_acc(g[i]) * sv);
+  for (int k = 0; k < jobs.count; ++k) {
+    const A sv = to_acc(*static_cast<const T*>(jobs.job[k].s));
+    if (sv == A(1)) continue;  // loss.backward(): grad_output is exactly 1, nothing to do
+    T* g = static_cast<T*>(jobs.job[k].g);
+    const int64_t n = jobs.job[k].n;
+    for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+      g[i] = from_acc<T>(to_acc(g[i]) * sv);
+  }
 }
 
 }  // namespace
 
-cudaError_t launch_scale_unless_one(DType dtype, void* g, const void* s, int64_t n, cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
+cudaError_t launch_scale_unless_one(DType dtype, const ScaleJob* jobs, int count, cudaStream_t stream) {
+  ScaleJobs all{};
+  int64_t most = 0;
+  for (int k = 0; k < count && k < kMaxScaleJobs; ++k) {
+    if (jobs[k].n == 0) continue;
+    all.job[all.count++] = jobs[k];
+    most = jobs[k].n > most ? jobs[k].n : most;
+  }
+  if (all.count == 0) return cudaSuccess;
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    // Grid-stride over at most kScaleBlocks blocks: when *s == 1 every block only reads s and
-    // exits, and a grid of n / 256 blocks (65536 at 16M elements) would cost microseconds for that.
-    scale_unless_one<T><<<blocks_for(n, kThreads, kScaleBlocks), kThreads, 0, stream>>>(
-        static_cast<T*>(g), static_cast<const T*>(s), n);
+    // Grid-stride over at most kScaleBlocks blocks: when every *s == 1 each block only reads them
+    // and exits, and a grid of n / 256 blocks (65536 at 16M elements) would cost microseconds for that.
+    scale_unless_one<T><<<blocks_for(most, kThreads, kScaleBlocks), kThreads, 0, stream>>>(all);
   });
   return cudaGetLastError();
 }

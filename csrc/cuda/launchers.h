@@ -29,7 +29,7 @@ struct ElboLaunch {
   int64_t n, d, l;
   double grad_scale;  // 1, or 1/n for mean
   void* rec_out;      // float (f32/f16/bf16 inputs) or double (f64): shape () or (n,)
-  void* kl_out;
+  void* kl_out;       // or nullptr: rec_out gets the total rec + kl
   void* workspace;    // elbo_workspace_bytes() bytes
   int* bad_flag;      // zeroed int, set when "bce" sees p outside [0, 1]; nullptr: no check
 };
@@ -37,9 +37,16 @@ struct ElboLaunch {
 size_t elbo_workspace_bytes(int64_t n, int64_t d, int64_t l);
 cudaError_t launch_elbo(const ElboLaunch& a, cudaStream_t stream);
 
-// g *= *s in place over n elements of g's dtype, s one element on the device; when *s == 1 the
-// kernel returns at once (the backward of loss.backward(): no pass, no host sync, graph-safe).
-cudaError_t launch_scale_unless_one(DType dtype, void* g, const void* s, int64_t n, cudaStream_t stream);
+// g *= *s in place over the n elements of a buffer of `dtype`, s one element on the device; when
+// *s == 1 the buffer is left alone (the backward of loss.backward(): no pass, no host sync,
+// graph-safe). Up to kMaxScaleJobs buffers (the gradients of recon, mu and logvar) in one launch.
+struct ScaleJob {
+  void* g;
+  const void* s;
+  int64_t n;
+};
+constexpr int kMaxScaleJobs = 3;
+cudaError_t launch_scale_unless_one(DType dtype, const ScaleJob* jobs, int count, cudaStream_t stream);
 
 // Mirrors at::PhiloxCudaState: under CUDA graph capture, seed and offset are read on the device
 // (from seed_ptr, and offset_ptr + offset_intragraph) when the graph replays.
