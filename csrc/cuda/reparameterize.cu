@@ -22,6 +22,13 @@ __device__ __forceinline__ void unpack(const PhiloxArgs& r, uint64_t* seed, uint
 }
 
 // One thread per Philox group: elements 4g .. 4g+3 of z (flattened over the samples).
+// The four normals of Philox group g: elements 4g .. 4g+3, as philox_normal_at gives them one by one.
+__device__ __forceinline__ void group_normals(uint64_t seed, uint64_t offset, uint64_t g, float n[4]) {
+  const U32x4 w = philox_group(seed, offset, g);
+  box_muller<ScalarMath<float>>(u32_to_open_unit(w.v[0]), u32_to_unit(w.v[1]), &n[0], &n[1]);
+  box_muller<ScalarMath<float>>(u32_to_open_unit(w.v[2]), u32_to_unit(w.v[3]), &n[2], &n[3]);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) reparam_kernel(ReparamLaunch a) {
   using A = typename Acc<T>::type;
@@ -38,10 +45,8 @@ __global__ void __launch_bounds__(kThreads) reparam_kernel(ReparamLaunch a) {
   const int64_t total = a.k * a.numel, groups = (total + 3) / 4;
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const U32x4 w = philox_group(seed, offset, static_cast<uint64_t>(g));
     float n[4];
-    box_muller<ScalarMath<float>>(u32_to_open_unit(w.v[0]), u32_to_unit(w.v[1]), &n[0], &n[1]);
-    box_muller<ScalarMath<float>>(u32_to_open_unit(w.v[2]), u32_to_unit(w.v[3]), &n[2], &n[3]);
+    group_normals(seed, offset, static_cast<uint64_t>(g), n);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t e = 4 * g + j;
@@ -92,10 +97,8 @@ __global__ void __launch_bounds__(kThreads) reparam_backward_one_sample_kernel(R
   const int64_t groups = (a.numel + 3) / 4;
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const U32x4 w = philox_group(seed, offset, static_cast<uint64_t>(g));
     float n[4];
-    box_muller<ScalarMath<float>>(u32_to_open_unit(w.v[0]), u32_to_unit(w.v[1]), &n[0], &n[1]);
-    box_muller<ScalarMath<float>>(u32_to_open_unit(w.v[2]), u32_to_unit(w.v[3]), &n[2], &n[3]);
+    group_normals(seed, offset, static_cast<uint64_t>(g), n);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t i = 4 * g + j;
