@@ -191,7 +191,11 @@ struct ScaleJobs {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) scale_unless_one(ScaleJobs jobs) {
   using A = typename Acc<T>::type;
-  for (int k = 0; k < jobs.count; ++k) {
+  // Unrolled over the fixed capacity: constant indices keep jobs in parameter space (a loop to
+  // jobs.count indexes it at run time, which copies the struct to a local-memory stack frame).
+#pragma unroll
+  for (int k = 0; k < kMaxScaleJobs; ++k) {
+    if (k >= jobs.count) break;
     const A sv = to_acc(*static_cast<const T*>(jobs.job[k].s));
     if (sv == A(1)) continue;  // loss.backward(): grad_output is exactly 1, nothing to do
     T* g = static_cast<T*>(jobs.job[k].g);
