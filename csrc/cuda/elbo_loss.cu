@@ -9,6 +9,32 @@ namespace vae_ext {
 namespace cuda {
 namespace {
 
+// The math policy of the loss kernels: ScalarMath (libdevice's logf/log1pf, IEEE division).
+// EXPERIMENT (branch gpu-pending, never run): the forward looked compute-bound on the H100 (f32 and
+// bf16 took the same ~0.11 ms at 16M elements, though bf16 moves half the bytes), and the "bce"
+// element costs ~88 SASS instructions, ~46 of them in logf/log1pf. Building with
+//   NVCC_APPEND_FLAGS="-DVAE_EXT_FAST_LOG --prec-div=false"
+// takes float logarithms from the SFU (__logf: abs. error ~1e-7 in [0.5, 2], 3 ulp elsewhere;
+// log1p(v) as log(u) corrected by u's rounding error, u = 1 + v, as the CPU kernels do) and divides
+// approximately (2 ulp). Keep it only if the CUDA tests pass with it and the graph benchmark is faster.
+template <typename A>
+struct LossMath {
+  using type = ScalarMath<A>;
+};
+#ifdef VAE_EXT_FAST_LOG
+struct FastLogMath : ScalarMath<float> {
+  static __device__ float log(float v) { return __logf(v); }
+  static __device__ float log1p(float v) {
+    const float u = 1.0f + v;
+    return __logf(u) - ((u - 1.0f) - v) * (2.0f - u);
+  }
+};
+template <>
+struct LossMath<float> {
+  using type = FastLogMath;
+};
+#endif
+
 constexpr int kThreads = 256;
 constexpr int kFinalizeThreads = 1024;
 constexpr int64_t kChunk = 16384;  // elements of one row per block
@@ -40,7 +66,7 @@ inline Layout layout(int64_t n, int64_t d, int64_t l) {
 template <typename T, int VEC, Recon mode, bool CHECK>
 __global__ void __launch_bounds__(kThreads) elbo_partials(ElboLaunch a, Layout u, double* part_rec, double* part_kl) {
   using A = typename Acc<T>::type;
-  using M = ScalarMath<A>;
+  using M = typename LossMath<A>::type;
   const A scale = static_cast<A>(a.grad_scale);
   const int64_t total = u.rec_units + u.kl_units;
   for (int64_t unit = blockIdx.x; unit < total; unit += gridDim.x) {
