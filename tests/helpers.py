@@ -1,7 +1,7 @@
 """Shared helpers for the vae_ext tests: devices, per-dtype tolerances, input makers, comparisons.
 
-The helpers are plain functions; test modules import them with ``from conftest import ...``
-(``tests/`` has no ``__init__.py``, so pytest puts it on ``sys.path``).
+Test modules import them with ``from helpers import ...`` (``tests/`` has no ``__init__.py``, so
+pytest puts it on ``sys.path``; conftest.py holds only pytest's own hooks).
 """
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+import vae_ext
+from vae_ext import reference
+
 F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
 DTYPES = (F32, F64, F16, BF16)
 HALF = (F16, BF16)
@@ -19,18 +22,7 @@ RECON_MODES = ("bce", "bce_logits", "mse")
 REDUCTIONS = ("sum", "mean", "none")
 
 
-def _cuda_kernels_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import vae_ext
-
-        return bool(vae_ext.build_info()["cuda_kernels"])
-    except Exception:  # the extension is missing: the tests that import it report that
-        return False
-
-
-CUDA_OK = _cuda_kernels_available()
+CUDA_OK = torch.cuda.is_available() and bool(vae_ext.build_info()["cuda_kernels"])
 requires_cuda = pytest.mark.skipif(
     not CUDA_OK, reason="needs a CUDA device and vae_ext built with CUDA kernels"
 )
@@ -87,8 +79,6 @@ def float32_math_ulps() -> dict:
     the ops on the CPU variant this process runs. "bce" with one element per sample: target 1 gives
     -log p exactly, target 0 gives -log1p(-p); reparameterize with mu = 0 gives exp(logvar / 2) * eps
     with one rounding of the product. p spans [1e-43, 1) (no clamp at -100), logvar / 2 [-80, 80]."""
-    import vae_ext
-
     g = torch.Generator().manual_seed(7)
     p = torch.cat([10 ** (-torch.rand(20000, generator=g, dtype=F64) * 43),
                    1 - torch.rand(2000, generator=g, dtype=F64) * 1e-3,
@@ -210,3 +200,35 @@ def rng_state_kept():
         yield
     finally:
         torch.set_rng_state(state)
+
+
+# --------------------------------------------------------------------------- elbo_loss vs the reference
+NAMES = ("recon_x", "mu", "logvar")
+
+
+def check_against_reference(mode, reduction, dtype, recon_x, x, mu, logvar, *, beta=1.0, upstream=None,
+                            requires=(True, True, True), what=""):
+    """Fused loss and gradients vs the float64 reference on the same values (every gradient checked
+    for dtype, shape and value, grad_output `upstream`)."""
+    tol = TOLS[dtype]
+    kw = dict(recon=mode, reduction=reduction, beta=beta)
+    out, grads = loss_and_grads(vae_ext.elbo_loss, recon_x, x, mu, logvar, upstream=upstream,
+                                requires=requires, **kw)
+    ref_out, ref_grads = loss_and_grads(reference.elbo_loss, *f64_copies(recon_x, x, mu, logvar),
+                                        upstream=None if upstream is None else upstream.cpu(),
+                                        requires=requires, **kw)
+    n = recon_x.shape[0]
+    assert out.dtype == out_dtype(dtype), f"{what}: loss dtype {out.dtype}"
+    assert out.device == recon_x.device
+    assert tuple(out.shape) == ((n,) if reduction == "none" else ()), f"{what}: loss shape {tuple(out.shape)}"
+    assert_close(out, ref_out, rtol=tol.loss, what=f"{what} loss")
+    for name, g, rg, t in zip(NAMES, grads, ref_grads, (recon_x, mu, logvar)):
+        if rg is None:
+            assert g is None, f"{what}: unexpected gradient for {name}"
+            continue
+        assert g is not None, f"{what}: no gradient for {name}"
+        assert g.dtype == t.dtype and tuple(g.shape) == tuple(t.shape), (
+            f"{what}: grad {name} is {g.dtype}{tuple(g.shape)}, expected {t.dtype}{tuple(t.shape)}")
+        assert_close(g, rg, rtol=tol.grad, atol_rel=tol.grad_atol_rel, what=f"{what} grad {name}")
+    return out, grads
+
