@@ -138,8 +138,13 @@ std::tuple<Tensor, Tensor> reduce_terms(double sr, double sk, int64_t n, Reducti
     sk /= static_cast<double>(n);
   }
   const auto opts = at::TensorOptions().dtype(out);
-  if (total) return {at::scalar_tensor(sr + sk, opts), at::empty({0}, opts)};
-  return {at::scalar_tensor(sr, opts), at::scalar_tensor(sk, opts)};
+  // A float32 loss whose double sum exceeds float's range is inf, as the reference's float32 sum
+  // (and Tensor.to) give: at::scalar_tensor would check the conversion and raise instead.
+  const auto scalar = [&](double v) {
+    return at::scalar_tensor(out == at::kFloat ? static_cast<double>(static_cast<float>(v)) : v, opts);
+  };
+  if (total) return {scalar(sr + sk), at::empty({0}, opts)};
+  return {scalar(sr), scalar(sk)};
 }
 
 ElboOutputs elbo_loss_cpu(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar,

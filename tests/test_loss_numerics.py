@@ -303,3 +303,31 @@ def test_bce_logits_huge_logits(device, dtype):
                                              upstream=upstream_for(reduction, 2, device=device), what=reduction)
         assert torch.isfinite(out).all(), f"{reduction}: {out}"
         assert torch.isfinite(grads[0]).all(), f"{reduction}: grad {grads[0]}"
+
+# --------------------------------------------------------------------------- float32 overflow
+# A float32 loss whose sum leaves float's range is inf, as the reference's (issue 19, item 1: the
+# double accumulator's conversion raised "value cannot be converted to type float without overflow").
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["mse_f32", "mse_f32_batch", "bce_logits_bf16"])
+def test_float32_loss_overflow_is_inf(device, case, reduction):
+    if case == "mse_f32":
+        mode, r = "mse", torch.full((1, 2), 1.4e19)
+    elif case == "mse_f32_batch":  # its mean (a per-sample sum of 7e37) is finite
+        mode, r = "mse", torch.full((64, 784), 3e17)
+    else:  # bfloat16 inputs, float32 loss
+        mode, r = "bce_logits", torch.full((4, 8), 2e38, dtype=BF16)
+    r = r.to(device)
+    x = torch.zeros_like(r)
+    mu = torch.zeros(r.shape[0], 1, dtype=r.dtype, device=device)
+    lv = torch.zeros_like(mu)
+    want = reference.elbo_loss(*(t.double() for t in (r, x, mu, lv)), recon=mode, reduction=reduction).float()
+    if not (case == "mse_f32_batch" and reduction == "mean"):
+        assert want.item() == math.inf
+    for terms in (False, True):
+        out = vae_ext.elbo_loss(r, x, mu, lv, recon=mode, reduction=reduction, return_terms=terms)
+        for got in out if terms else (out,):
+            assert got.dtype == F32
+        loss = out[0] if terms else out
+        torch.testing.assert_close(loss, want.to(device), rtol=1e-6, atol=0)
+
