@@ -304,6 +304,7 @@ def test_bce_logits_huge_logits(device, dtype):
         assert torch.isfinite(out).all(), f"{reduction}: {out}"
         assert torch.isfinite(grads[0]).all(), f"{reduction}: grad {grads[0]}"
 
+
 # --------------------------------------------------------------------------- float32 overflow
 # A float32 loss whose sum leaves float's range is inf, as the reference's (issue 19, item 1: the
 # double accumulator's conversion raised "value cannot be converted to type float without overflow").
@@ -331,3 +332,17 @@ def test_float32_loss_overflow_is_inf(device, case, reduction):
         loss = out[0] if terms else out
         torch.testing.assert_close(loss, want.to(device), rtol=1e-6, atol=0)
 
+
+@pytest.mark.parametrize("mode", RECON_MODES)
+@pytest.mark.parametrize("shape", [(0, 784), (0, 1, 28, 28)], ids=["flat", "image"])
+def test_reference_empty_batch_agrees(mode, shape):
+    # The oracle gives the documented empty-batch results too: 0, NaN and an empty tensor (issue
+    # 19, item 3: its reshape(0, -1) raised).
+    r, x = torch.empty(shape), torch.empty(shape)
+    mu, lv = torch.empty(0, 20), torch.empty(0, 20)
+    for reduction in REDUCTIONS:
+        want = vae_ext.elbo_loss(r, x, mu, lv, recon=mode, reduction=reduction)
+        got = reference.elbo_loss(r, x, mu, lv, recon=mode, reduction=reduction)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got, want, equal_nan=True)
+    assert reference.reconstruction_loss(r, x, mode).shape == (0,)
