@@ -29,24 +29,34 @@ struct DeviceScales {
   }
 };
 
-// g * d: d is a 0-d tensor (sum, mean) or one value per sample (none). g is the buffer the forward
-// wrote. When the graph is not kept (no retain_graph, the usual case) it is freed right after this
+// g * d, rounded once to `out` (the dtype of the input g is the gradient of): d is a 0-d tensor
+// (sum, mean) or one value per sample (none), in the loss dtype (float32 for half inputs), and is
+// never rounded to a half dtype first (grad_output = 65536 or 1e-10 would become inf or 0). g is
+// the buffer the forward wrote: the input's dtype for the recon gradient, the loss dtype for the
+// latent ones (small, N x L: a local gradient beyond float16's range stays finite until scaled).
+// When the graph is not kept (no retain_graph, the usual case) g is freed right after this
 // backward, so it is scaled in place and handed on: no second tensor the size of recon_x (on CPU a
 // fresh one costs its page faults, as much as the pass itself), and AccumulateGrad can take it as
 // .grad without a copy. With retain_graph=True (gradcheck, a second backward) it stays intact.
 // A CUDA scaling by a one-element d is queued in `device` (DeviceScales::launch does it).
-Tensor scale_grad(const Tensor& g, const Tensor& d, bool per_sample, DeviceScales& device) {
-  Tensor s = d.to(g.scalar_type());
+Tensor scale_grad(const Tensor& g, const Tensor& d, bool per_sample, at::ScalarType out, DeviceScales& device) {
+  Tensor s = d;
   if (per_sample) {
     std::vector<int64_t> shape(static_cast<size_t>(g.dim()), 1);
     shape[0] = -1;
     s = s.reshape(shape);
+  } else if (!s.device().is_cpu()) {
+    // A 0-d device tensor takes no part in type promotion, so a half g would get it rounded to
+    // its dtype; one dimension makes the multiplication run in float32. (A 0-d CPU tensor is a
+    // CPU scalar, which TensorIterator reads in float32 for a half g without a copy of g.)
+    s = s.reshape({1});
   }
   // Tracing (torch.compile, opcheck) sees wrapped tensors and wants no mutation of a saved output.
   const auto plain = [](const Tensor& t) {
     return !t.key_set().has(c10::DispatchKey::Python) && !t.key_set().has(c10::DispatchKey::Functionalize);
   };
-  if (torch::autograd::get_current_graph_task_keep_graph() || !plain(g) || !plain(s)) return g * s;
+  if (g.scalar_type() != out) return at::mul(g, s).to(out);  // the float32 latent gradients of half inputs
+  if (torch::autograd::get_current_graph_task_keep_graph() || !plain(g) || !plain(s)) return at::mul(g, s).to(out);
   // loss.backward() on a sum or mean sends exactly 1: nothing to scale (read only from a CPU
   // scalar, which costs no device sync).
   if (s.numel() == 1 && s.device().is_cpu() && s.item<double>() == 1.0) return g;
@@ -59,6 +69,12 @@ Tensor scale_grad(const Tensor& g, const Tensor& d, bool per_sample, DeviceScale
     return g;
   }
 #endif
+  // A half g scaled per sample on CPU: TensorIterator would compute in float32 through float32
+  // copies of g; the kernel converts in registers.
+  if (per_sample && g.is_cpu() && (out == at::kHalf || out == at::kBFloat16)) {
+    scale_rows_cpu(g, s.reshape({-1}));
+    return g;
+  }
   return g.mul_(s);
 }
 
@@ -101,6 +117,7 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
     auto [rec, kl, g_recon, g_mu, g_logvar] =
         op.call(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent, validate, total);
     ctx->save_for_backward({g_recon, g_mu, g_logvar});
+    ctx->saved_data["dtype"] = static_cast<int64_t>(recon.scalar_type());
     ctx->saved_data["per_sample"] = reduction == "none";
     ctx->saved_data["grad_recon"] = grad_recon;
     ctx->saved_data["grad_latent"] = grad_latent;
@@ -122,12 +139,13 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
     // total: the first output is rec + kl, the second is empty (both terms get its gradient).
     const bool total = ctx->saved_data["total"].toBool();
     const Tensor &d_rec = grads[0], &d_kl = total ? grads[0] : grads[1];
+    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
     Tensor g_recon, g_mu, g_logvar;
     DeviceScales device;
-    if (need_recon && d_rec.defined()) g_recon = scale_grad(saved[0], d_rec, per_sample, device);
+    if (need_recon && d_rec.defined()) g_recon = scale_grad(saved[0], d_rec, per_sample, dtype, device);
     if (d_kl.defined()) {
-      if (ctx->needs_input_grad(2)) g_mu = scale_grad(saved[1], d_kl, per_sample, device);
-      if (ctx->needs_input_grad(3)) g_logvar = scale_grad(saved[2], d_kl, per_sample, device);
+      if (ctx->needs_input_grad(2)) g_mu = scale_grad(saved[1], d_kl, per_sample, dtype, device);
+      if (ctx->needs_input_grad(3)) g_logvar = scale_grad(saved[2], d_kl, per_sample, dtype, device);
     }
     device.launch();
     // The gradients are the buffers the forward wrote, scaled: no graph back to the inputs.

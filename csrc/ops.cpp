@@ -84,8 +84,12 @@ ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu,
   const auto fmt = flat_format(recon);
   ElboBuffers b{recon.contiguous(fmt), x.contiguous(fmt), mu.contiguous(), logvar.contiguous(), {}, {}, {}, n, d, l};
   b.g_recon = grad_recon ? at::empty_like(b.recon, fmt) : at::empty({0}, b.recon.options());
-  b.g_mu = grad_latent ? at::empty_like(b.mu) : at::empty({0}, b.mu.options());
-  b.g_logvar = grad_latent ? at::empty_like(b.logvar) : at::empty({0}, b.logvar.options());
+  // The latent gradients in the loss dtype (float32 for half inputs) until the backward has scaled
+  // them (csrc/autograd.cpp): 0.5 (exp(logvar) - 1) leaves float16's range at logvar > 11.8, and
+  // beta = 0 must still give 0. They are N x L, small beside recon's.
+  const auto lopts = b.mu.options().dtype(loss_dtype(mu.scalar_type()));
+  b.g_mu = grad_latent ? at::empty(b.mu.sizes(), lopts) : at::empty({0}, lopts);
+  b.g_logvar = grad_latent ? at::empty(b.logvar.sizes(), lopts) : at::empty({0}, lopts);
   return b;
 }
 
@@ -105,6 +109,19 @@ void check_reparam_backward_inputs(const Tensor& grad_z, const Tensor& logvar, c
   const int64_t k = std::max<int64_t>(num_samples, 1);
   TORCH_CHECK_VALUE(grad_z.numel() == k * logvar.numel(), "grad_z: expected ", k * logvar.numel(),
                     " elements (num_samples x logvar), got ", grad_z.numel());
+}
+
+void scale_rows_cpu(const Tensor& g, const Tensor& s) {
+  const auto st = g.scalar_type();
+  TORCH_CHECK(g.is_cpu() && (st == at::kHalf || st == at::kBFloat16) && g.dim() >= 1 &&
+                  g.is_non_overlapping_and_dense() && (g.size(0) <= 1 || g.stride(0) == g.numel() / g.size(0)) &&
+                  s.scalar_type() == at::kFloat && s.dim() == 1 && s.numel() == g.size(0),
+              "scale_rows_cpu: expected a dense float16/bfloat16 CPU g whose samples are blocks, and float32 s of ",
+              "one value per sample");
+  if (g.numel() == 0) return;
+  const Tensor sc = s.contiguous();
+  cpu::kernels().scale_rows(st == at::kHalf ? cpu::DType::Float16 : cpu::DType::BFloat16, g.data_ptr(),
+                            g.size(0), g.numel() / g.size(0), sc.const_data_ptr<float>());
 }
 
 void throw_bce_out_of_range() {

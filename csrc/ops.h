@@ -38,9 +38,15 @@ at::ScalarType loss_dtype(at::ScalarType t);
 
 [[noreturn]] void throw_bce_out_of_range();
 
+// g[r, :] *= s[r] in place, computed in float32 and rounded once: g a dense float16/bfloat16 CPU
+// tensor whose samples (first dimension) are blocks of memory (contiguous or channels_last), s
+// float32 of one value per sample. The backward's per-sample scaling of a half recon gradient.
+void scale_rows_cpu(const Tensor& g, const Tensor& s);
+
 #if defined(VAE_EXT_WITH_CUDA)
 // g[i] *= s[i] in place for each pair, in one launch: each g contiguous on one CUDA device, all of
-// one dtype, each s one element of that dtype on that device; a kernel reads s[i] and leaves g[i]
+// one dtype, each s one element on that device in loss_dtype(g's dtype) (float32 for half g:
+// computed in float32, rounded once); a kernel reads s[i] and leaves g[i]
 // untouched when it is 1 (no host sync, so it can be captured in a CUDA graph). At most 3 pairs.
 void scale_unless_one_cuda(const std::vector<Tensor>& g, const std::vector<Tensor>& s);
 #endif

@@ -45,8 +45,9 @@ def _elbo_loss_fake(recon, x, mu, logvar, recon_mode, reduction, grad_recon, gra
     rec = recon.new_empty(shape, dtype=out_dtype)
     kl = recon.new_empty(0 if total else shape, dtype=out_dtype)
     g_recon = torch.empty_like(recon, memory_format=_flat_format(recon)) if grad_recon else recon.new_empty(0)
-    g_mu = torch.empty_like(mu, memory_format=torch.contiguous_format) if grad_latent else mu.new_empty(0)
-    g_logvar = torch.empty_like(logvar, memory_format=torch.contiguous_format) if grad_latent else mu.new_empty(0)
+    # the latent gradients in the loss dtype (float32 for half inputs), as csrc/ops.cpp prepare_elbo
+    g_mu = mu.new_empty(mu.shape if grad_latent else 0, dtype=out_dtype)
+    g_logvar = mu.new_empty(logvar.shape if grad_latent else 0, dtype=out_dtype)
     return rec, kl, g_recon, g_mu, g_logvar
 
 

@@ -27,8 +27,8 @@ struct ElboArgs {
   void* grad_recon;   // (n, d) or nullptr: d(recon term)/d(recon) * grad_scale
   const void* mu;     // (n, l) contiguous
   const void* logvar;
-  void* grad_mu;      // (n, l) or nullptr (then grad_logvar is nullptr too)
-  void* grad_logvar;
+  void* grad_mu;      // (n, l) in the accumulation type (float for half types), or nullptr (then
+  void* grad_logvar;  // grad_logvar is nullptr too)
   int64_t n, d, l;
   double grad_scale;  // 1 for sum/none, 1/n for mean
   double* row_rec;    // out: [n] per-sample reconstruction sums, or nullptr: then
@@ -64,6 +64,8 @@ struct KernelTable {
   void (*reparam)(const ReparamArgs&);
   void (*reparam_backward)(const ReparamBackwardArgs&);
   void (*normal)(float* out, int64_t n, uint64_t seed, uint64_t offset);
+  // g[r * d + i] *= s[r] for rows r < rows, i < d, in float and rounded once (Float16, BFloat16 only)
+  void (*scale_rows)(DType dtype, void* g, int64_t rows, int64_t d, const float* s);
 };
 
 namespace DEFAULT { const KernelTable& kernel_table(); }

@@ -396,9 +396,10 @@ double recon_segment(const scalar_t* r, const scalar_t* x, scalar_t* g, int64_t 
   return hsum(acc0) + hsum(acc1);
 }
 
+// The gradients go to gmu and glv in the accumulation type (float for half types).
 template <typename scalar_t>
-double kl_segment(const scalar_t* mu, const scalar_t* lv, scalar_t* gmu, scalar_t* glv, int64_t len,
-                  double scale) {
+double kl_segment(const scalar_t* mu, const scalar_t* lv, typename VecIO<scalar_t>::acc_t* gmu,
+                  typename VecIO<scalar_t>::acc_t* glv, int64_t len, double scale) {
   using IO = VecIO<scalar_t>;
   using V = typename IO::V;
   using M = VecMath<V>;
@@ -415,11 +416,11 @@ double kl_segment(const scalar_t* mu, const scalar_t* lv, scalar_t* gmu, scalar_
     acc = acc + (full ? k : V::set(V(0), k, cnt));
     if (gmu != nullptr) {
       if (full) {
-        IO::store(gmu + i, gm * vscale);
-        IO::store(glv + i, gl * vscale);
+        (gm * vscale).store(gmu + i);
+        (gl * vscale).store(glv + i);
       } else {
-        IO::store(gmu + i, gm * vscale, cnt);
-        IO::store(glv + i, gl * vscale, cnt);
+        (gm * vscale).store(gmu + i, cnt);
+        (gl * vscale).store(glv + i, cnt);
       }
     }
   }
@@ -437,8 +438,8 @@ void elbo_typed(const ElboArgs& a) {
   };
   const auto* mu = static_cast<const scalar_t*>(a.mu);
   const auto* lv = static_cast<const scalar_t*>(a.logvar);
-  auto* gmu = static_cast<scalar_t*>(a.grad_mu);
-  auto* glv = static_cast<scalar_t*>(a.grad_logvar);
+  auto* gmu = static_cast<typename VecIO<scalar_t>::acc_t*>(a.grad_mu);
+  auto* glv = static_cast<typename VecIO<scalar_t>::acc_t*>(a.grad_logvar);
   const int64_t l = a.l;
   const auto kl_seg = [&](int64_t off, int64_t len) {
     return kl_segment<scalar_t>(mu + off, lv + off, gmu ? gmu + off : nullptr, glv ? glv + off : nullptr, len,
@@ -462,6 +463,31 @@ void elbo_kernel(const ElboArgs& a) {
       case Recon::MSE: elbo_typed<scalar_t, Recon::MSE>(a); break;
     }
   });
+}
+
+// g *= s[row], in float, rounded once to the half type (the backward of reduction="none").
+template <typename scalar_t>
+void scale_rows_typed(scalar_t* g, int64_t rows, int64_t d, const float* s) {
+  using IO = VecIO<scalar_t>;
+  using V = typename IO::V;
+  constexpr int64_t W = V::size();
+  at::parallel_for(0, rows * d, kGrainElems, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e;) {
+      const int64_t row = i / d, end = std::min(e, (row + 1) * d);
+      const V sv(s[row]);
+      while (i < end) {
+        const int64_t cnt = std::min(W, end - i);
+        if (cnt == W) IO::store(g + i, IO::load(g + i) * sv);
+        else IO::store(g + i, IO::load(g + i, cnt) * sv, cnt);
+        i += cnt;
+      }
+    }
+  });
+}
+
+void scale_rows_kernel(DType dtype, void* g, int64_t rows, int64_t d, const float* s) {
+  if (dtype == DType::Float16) scale_rows_typed(static_cast<c10::Half*>(g), rows, d, s);
+  if (dtype == DType::BFloat16) scale_rows_typed(static_cast<c10::BFloat16*>(g), rows, d, s);
 }
 
 // ---------------------------------------------------------------------------------- normals
@@ -735,7 +761,7 @@ void reparam_backward_kernel(const ReparamBackwardArgs& a) {
 
 const KernelTable& kernel_table() {
   static const KernelTable table{VAE_EXT_STR(CPU_CAPABILITY), &elbo_kernel, &reparam_kernel,
-                                 &reparam_backward_kernel, &normal_kernel};
+                                 &reparam_backward_kernel, &normal_kernel, &scale_rows_kernel};
   return table;
 }
 

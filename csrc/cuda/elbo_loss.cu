@@ -130,14 +130,15 @@ __global__ void __launch_bounds__(kThreads) elbo_partials(ElboLaunch a, Layout u
       const auto [base, len] = segment(unit - u.rec_units, u.kl_cpr, a.l);
       const T* mu = static_cast<const T*>(a.mu) + base;
       const T* lv = static_cast<const T*>(a.logvar) + base;
-      T* gmu = a.grad_mu ? static_cast<T*>(a.grad_mu) + base : nullptr;
-      T* glv = a.grad_logvar ? static_cast<T*>(a.grad_logvar) + base : nullptr;
+      // the latent gradients in the accumulation type (float for half types; launchers.h)
+      A* gmu = a.grad_mu ? static_cast<A*>(a.grad_mu) + base : nullptr;
+      A* glv = a.grad_logvar ? static_cast<A*>(a.grad_logvar) + base : nullptr;
       for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
         A gm, gl;
         acc += kl_elem<M>(to_acc(mu[i]), to_acc(lv[i]), &gm, &gl);
         if (gmu) {
-          gmu[i] = from_acc<T>(gm * scale);
-          glv[i] = from_acc<T>(gl * scale);
+          gmu[i] = gm * scale;
+          glv[i] = gl * scale;
         }
       }
     }
@@ -224,7 +225,7 @@ __global__ void __launch_bounds__(kThreads) scale_unless_one(ScaleJobs jobs) {
 #pragma unroll
   for (int k = 0; k < kMaxScaleJobs; ++k) {
     if (k >= jobs.count) break;
-    const A sv = to_acc(*static_cast<const T*>(jobs.job[k].s));
+    const A sv = *static_cast<const A*>(jobs.job[k].s);  // the loss dtype: float for half g, never rounded to T
     if (sv == A(1)) continue;  // loss.backward(): grad_output is exactly 1, nothing to do
     T* g = static_cast<T*>(jobs.job[k].g);
     const int64_t n = jobs.job[k].n;

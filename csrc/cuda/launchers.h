@@ -24,8 +24,8 @@ struct ElboLaunch {
   void* grad_recon;   // (n, d) or nullptr
   const void* mu;     // (n, l) contiguous
   const void* logvar;
-  void* grad_mu;      // (n, l) or nullptr (then grad_logvar too)
-  void* grad_logvar;
+  void* grad_mu;      // (n, l) in the accumulation type (float for f16/bf16), or nullptr (then
+  void* grad_logvar;  // grad_logvar too)
   int64_t n, d, l;
   double grad_scale;  // 1, or 1/n for mean
   void* rec_out;      // float (f32/f16/bf16 inputs) or double (f64): shape () or (n,)
@@ -37,7 +37,8 @@ struct ElboLaunch {
 size_t elbo_workspace_bytes(int64_t n, int64_t d, int64_t l);
 cudaError_t launch_elbo(const ElboLaunch& a, cudaStream_t stream);
 
-// g *= *s in place over the n elements of a buffer of `dtype`, s one element on the device; when
+// g *= *s in place over the n elements of a buffer of `dtype`, s one element on the device in the
+// accumulation type (float for f16/bf16: computed in float, rounded once); when
 // *s == 1 the buffer is left alone (the backward of loss.backward(): no pass, no host sync,
 // graph-safe). Up to kMaxScaleJobs buffers (the gradients of recon, mu and logvar) in one launch.
 struct ScaleJob {

@@ -148,9 +148,9 @@ void scale_unless_one_cuda(const std::vector<Tensor>& g, const std::vector<Tenso
   for (size_t k = 0; k < g.size(); ++k) {
     TORCH_CHECK(g[k].is_cuda() && g[k].is_contiguous() && g[k].device() == g[0].device() &&
                     g[k].scalar_type() == g[0].scalar_type() && s[k].numel() == 1 &&
-                    s[k].device() == g[k].device() && s[k].scalar_type() == g[k].scalar_type(),
+                    s[k].device() == g[k].device() && s[k].scalar_type() == loss_dtype(g[k].scalar_type()),
                 "scale_unless_one_cuda: expected contiguous CUDA g of one device and dtype, and one-element s of "
-                "that device and dtype");
+                "that device in g's loss dtype");
     jobs[k] = {g[k].data_ptr(), s[k].const_data_ptr(), g[k].numel()};
   }
   const c10::cuda::CUDAGuard guard(g[0].device());
