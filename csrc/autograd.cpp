@@ -108,7 +108,7 @@ variable_list first_order_only(variable_list grads, const char* msg) {
 struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& recon, const Tensor& x, const Tensor& mu,
                                const Tensor& logvar, const std::string& recon_mode, const std::string& reduction,
-                               bool grad_recon, bool grad_latent, bool validate, bool total) {
+                               bool grad_recon, bool grad_latent, bool validate, bool total, bool recorded) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("vae_ext::elbo_loss", "")
                          .typed<ElboOutputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
@@ -122,8 +122,16 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
     ctx->saved_data["grad_recon"] = grad_recon;
     ctx->saved_data["grad_latent"] = grad_latent;
     ctx->saved_data["total"] = total;
-    ctx->mark_non_differentiable({g_recon, g_mu, g_logvar});
     ctx->set_materialize_grads(false);  // no zero tensors for the outputs nobody differentiates
+    // The backward scales the saved buffers in place, so while a graph can reach them (`recorded`:
+    // grad mode was on and an input requires grad) they are not handed to the caller, whose copy a
+    // later backward would change: empty tensors stand in.
+    if (recorded) {
+      g_recon = at::empty({0}, g_recon.options());
+      g_mu = at::empty({0}, g_mu.options());
+      g_logvar = at::empty({0}, g_logvar.options());
+    }
+    ctx->mark_non_differentiable({g_recon, g_mu, g_logvar});
     return {rec, kl, g_recon, g_mu, g_logvar};
   }
 
@@ -150,7 +158,7 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
     device.launch();
     // The gradients are the buffers the forward wrote, scaled: no graph back to the inputs.
     return first_order_only(
-        {g_recon, Tensor(), g_mu, g_logvar, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+        {g_recon, Tensor(), g_mu, g_logvar, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
         "vae_ext.elbo_loss supports first derivatives only: its backward scales the gradients its "
         "forward wrote. For higher-order gradients (create_graph=True) use vae_ext.reference.elbo_loss.");
   }
@@ -159,8 +167,11 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
 ElboOutputs elbo_loss_autograd(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar,
                                c10::string_view recon_mode, c10::string_view reduction, bool grad_recon,
                                bool grad_latent, bool validate, bool total) {
+  // (forward runs with grad mode off: whether a graph is recorded is known only here)
+  const bool recorded =
+      at::GradMode::is_enabled() && (recon.requires_grad() || mu.requires_grad() || logvar.requires_grad());
   auto out = ElboLossFunction::apply(recon, x, mu, logvar, std::string(recon_mode), std::string(reduction),
-                                     grad_recon, grad_latent, validate, total);
+                                     grad_recon, grad_latent, validate, total, recorded);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 

@@ -22,7 +22,9 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 # vae_ext::elbo_loss(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent, validate,
 #                    total=False) -> (rec, kl, g_recon, g_mu, g_logvar)
 # rec and kl are the reduced reconstruction and KL terms; g_* are d(term)/d(input), written in the
-# same pass (empty when their flag is False); the backward only scales them by grad_output.
+# same pass (empty when their flag is False; g_mu and g_logvar in the loss dtype, float32 for half
+# inputs); the backward only scales them by grad_output. Through autograd, when a graph is
+# recorded, the three come back empty: the backward scales the saved buffers in place.
 # total=True: the first output is the loss rec + kl (beta = 1) and the second is empty, which
 # saves an add, its autograd node and a tensor in eager mode.
 
