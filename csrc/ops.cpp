@@ -111,6 +111,12 @@ void check_reparam_backward_inputs(const Tensor& grad_z, const Tensor& logvar, c
                     " elements (num_samples x logvar), got ", grad_z.numel());
 }
 
+void throw_bce_target_out_of_range() {
+  TORCH_CHECK_VALUE(false,
+                    "x: recon='bce' expects targets in [0, 1], but found a value outside it (as "
+                    "binary_cross_entropy does); scale the data into [0, 1] (e.g. pixels / 255)");
+}
+
 void scale_rows_cpu(const Tensor& g, const Tensor& s) {
   const auto st = g.scalar_type();
   TORCH_CHECK(g.is_cpu() && (st == at::kHalf || st == at::kBFloat16) && g.dim() >= 1 &&
@@ -167,7 +173,7 @@ std::tuple<Tensor, Tensor> reduce_terms(double sr, double sk, int64_t n, Reducti
 ElboOutputs elbo_loss_cpu(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar,
                           c10::string_view recon_mode, c10::string_view reduction, bool grad_recon,
                           bool grad_latent, bool validate, bool total) {
-  (void)validate;  // the CPU kernel always checks "bce" probabilities (it is free here)
+  (void)validate;  // the CPU kernel always checks "bce" probabilities and targets (it is free here)
   const Recon mode = parse_recon(recon_mode);
   const Reduction red = parse_reduction(reduction);
   const ElboBuffers b = prepare_elbo(recon, x, mu, logvar, grad_recon, grad_latent);
@@ -198,9 +204,12 @@ ElboOutputs elbo_loss_cpu(const Tensor& recon, const Tensor& x, const Tensor& mu
   args.row_kl = per_sample ? row_kl.data_ptr<double>() : nullptr;
   args.total_rec = &total_rec;
   args.total_kl = &total_kl;
+  std::atomic<bool> bad_target{false};
   args.bad_prob = &bad;
+  args.bad_target = &bad_target;
   cpu::kernels().elbo(args);
   if (bad.load()) throw_bce_out_of_range();
+  if (bad_target.load()) throw_bce_target_out_of_range();
   const at::ScalarType out = loss_dtype(recon.scalar_type());
   if (per_sample) {
     if (total) return {row_rec.add_(row_kl).to(out), at::empty({0}, row_rec.options().dtype(out)), g_r, g_mu, g_lv};

@@ -37,6 +37,7 @@ ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu,
 at::ScalarType loss_dtype(at::ScalarType t);
 
 [[noreturn]] void throw_bce_out_of_range();
+[[noreturn]] void throw_bce_target_out_of_range();
 
 // g[r, :] *= s[r] in place, computed in float32 and rounded once: g a dense float16/bfloat16 CPU
 // tensor whose samples (first dimension) are blocks of memory (contiguous or channels_last), s

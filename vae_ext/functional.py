@@ -114,9 +114,10 @@ def elbo_loss(
         reduction: ``"sum"`` over everything, ``"mean"`` (per-sample sums averaged over the
             batch) or ``"none"`` (one value per sample, shape (N,)).
         return_terms: also return the reconstruction and KL terms (same reduction).
-        validate: on CUDA, check that ``"bce"`` probabilities lie in [0, 1] (one device sync).
-            On CPU this check always runs and costs nothing. Without it, CUDA gives a NaN loss
-            for a probability outside [0, 1].
+        validate: on CUDA, check that ``"bce"`` probabilities and targets lie in [0, 1] (one
+            device sync). On CPU this check always runs and costs nothing. Without it, CUDA gives
+            a NaN loss for a probability outside [0, 1], and the formula's finite value for a
+            target outside it.
 
     Returns:
         ``loss`` or ``(loss, recon_term, kl_term)``. The dtype is the inputs' dtype for

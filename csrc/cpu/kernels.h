@@ -35,7 +35,8 @@ struct ElboArgs {
   double* row_kl;     //      [n] per-sample KL sums              (both nullptr)
   double* total_rec;  // out when row_rec is nullptr: the sums over the whole batch
   double* total_kl;
-  std::atomic<bool>* bad_prob;  // out: set when "bce" sees a probability outside [0, 1]
+  std::atomic<bool>* bad_prob;    // out: set when "bce" sees a probability outside [0, 1]
+  std::atomic<bool>* bad_target;  // out: set when "bce" sees a target x outside [0, 1]
 };
 
 struct ReparamArgs {

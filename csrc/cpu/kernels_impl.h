@@ -354,7 +354,7 @@ struct ProbRange<VecF> {
 // gradient when g is not null. Checks "bce" probabilities on the fly.
 template <typename scalar_t, Recon mode>
 double recon_segment(const scalar_t* r, const scalar_t* x, scalar_t* g, int64_t len, double scale,
-                     std::atomic<bool>* bad_prob) {
+                     std::atomic<bool>* bad_prob, std::atomic<bool>* bad_target) {
   using IO = VecIO<scalar_t>;
   using V = typename IO::V;
   using M = VecMath<V>;
@@ -362,7 +362,7 @@ double recon_segment(const scalar_t* r, const scalar_t* x, scalar_t* g, int64_t 
   const V vscale(static_cast<typename IO::acc_t>(scale));
   const bool scaled = scale != 1.0;  // "mean" only
   V acc0(0), acc1(0);
-  ProbRange<V> range;
+  ProbRange<V> range, target_range;  // recon_x's and x's (binary x vectors are in range: skipped)
   auto step = [&](int64_t i, int64_t cnt, V& acc) {
     const bool full = cnt == W;
     const V rv = full ? IO::load(r + i) : IO::load(r + i, cnt);
@@ -370,7 +370,12 @@ double recon_segment(const scalar_t* r, const scalar_t* x, scalar_t* g, int64_t 
     V gv;
     V lv;
     if constexpr (mode == Recon::BCE) {  // x all 0 or 1: one log instead of two, same numbers
-      lv = all_binary(xv) ? bce_binary_elem<M>(rv, xv, &gv) : bce_elem<M>(rv, xv, &gv);
+      if (all_binary(xv)) {
+        lv = bce_binary_elem<M>(rv, xv, &gv);
+      } else {
+        lv = bce_elem<M>(rv, xv, &gv);
+        target_range.add(xv);
+      }
     } else {
       lv = recon_elem<mode, M>(rv, xv, &gv);
     }
@@ -392,6 +397,7 @@ double recon_segment(const scalar_t* r, const scalar_t* x, scalar_t* g, int64_t 
   if (i < len) step(i, len - i, acc1);
   if constexpr (mode == Recon::BCE) {
     if (range.out_of_range()) bad_prob->store(true, std::memory_order_relaxed);
+    if (target_range.out_of_range()) bad_target->store(true, std::memory_order_relaxed);
   }
   return hsum(acc0) + hsum(acc1);
 }
@@ -434,7 +440,8 @@ void elbo_typed(const ElboArgs& a) {
   auto* g = static_cast<scalar_t*>(a.grad_recon);
   const int64_t d = a.d;
   const auto rec_seg = [&](int64_t off, int64_t len) {
-    return recon_segment<scalar_t, mode>(r + off, x + off, g ? g + off : nullptr, len, a.grad_scale, a.bad_prob);
+    return recon_segment<scalar_t, mode>(r + off, x + off, g ? g + off : nullptr, len, a.grad_scale, a.bad_prob,
+                                         a.bad_target);
   };
   const auto* mu = static_cast<const scalar_t*>(a.mu);
   const auto* lv = static_cast<const scalar_t*>(a.logvar);

@@ -73,7 +73,7 @@ __global__ void __launch_bounds__(kThreads) elbo_partials(ElboLaunch a, Layout u
   const int64_t total = u.rec_units + u.kl_units;
   for (int64_t unit = blockIdx.x; unit < total; unit += gridDim.x) {
     A acc = A(0);
-    bool bad = false;
+    bool bad = false, bad_x = false;
     if (unit < u.rec_units) {
       const auto [base, len] = segment(unit, u.rec_cpr, a.d);
       const T* r = static_cast<const T*>(a.recon) + base;
@@ -82,7 +82,10 @@ __global__ void __launch_bounds__(kThreads) elbo_partials(ElboLaunch a, Layout u
       auto one = [&](A rv, A xv) -> A {  // loss of one element; the gradient goes to *gv
         A gv;
         const A lv = recon_elem<mode, M>(rv, xv, &gv);
-        if (CHECK) bad |= static_cast<bool>(prob_out_of_range<M>(rv));
+        if (CHECK) {
+          bad |= static_cast<bool>(prob_out_of_range<M>(rv));
+          bad_x |= static_cast<bool>(prob_out_of_range<M>(xv));
+        }
         acc += lv;
         return gv * scale;
       };
@@ -143,7 +146,10 @@ __global__ void __launch_bounds__(kThreads) elbo_partials(ElboLaunch a, Layout u
       }
     }
     const A sum = block_sum(acc);
-    if (CHECK && __syncthreads_or(bad) && threadIdx.x == 0) atomicOr(a.bad_flag, 1);
+    if (CHECK) {
+      const int flags = (__syncthreads_or(bad) ? 1 : 0) | (__syncthreads_or(bad_x) ? 2 : 0);
+      if (flags && threadIdx.x == 0) atomicOr(a.bad_flag, flags);
+    }
     if (threadIdx.x == 0) {
       if (unit < u.rec_units) part_rec[unit] = static_cast<double>(sum);
       else part_kl[unit - u.rec_units] = static_cast<double>(sum);

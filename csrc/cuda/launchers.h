@@ -31,7 +31,7 @@ struct ElboLaunch {
   void* rec_out;      // float (f32/f16/bf16 inputs) or double (f64): shape () or (n,)
   void* kl_out;       // or nullptr: rec_out gets the total rec + kl
   void* workspace;    // elbo_workspace_bytes() bytes
-  int* bad_flag;      // zeroed int, set when "bce" sees p outside [0, 1]; nullptr: no check
+  int* bad_flag;      // zeroed int: "bce" sets bit 0 for a p, bit 1 for an x outside [0, 1]; nullptr: no check
 };
 
 size_t elbo_workspace_bytes(int64_t n, int64_t d, int64_t l);

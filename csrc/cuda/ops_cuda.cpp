@@ -64,7 +64,11 @@ ElboOutputs elbo_loss_cuda(const Tensor& recon, const Tensor& x, const Tensor& m
   a.workspace = ws.data_ptr();
   a.bad_flag = bad.defined() ? bad.data_ptr<int>() : nullptr;
   C10_CUDA_CHECK(cuda::launch_elbo(a, c10::cuda::getCurrentCUDAStream()));
-  if (bad.defined() && bad.item<int>() != 0) throw_bce_out_of_range();  // validate=True: one sync
+  if (bad.defined()) {  // validate=True: one sync
+    const int flags = bad.item<int>();
+    if (flags & 1) throw_bce_out_of_range();
+    if (flags & 2) throw_bce_target_out_of_range();
+  }
   return {rec, kl, g_r, g_mu, g_lv};
 }
 
