@@ -93,6 +93,42 @@ ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu,
   return b;
 }
 
+at::MemoryFormat reparam_format(const Tensor& mu) {
+  if (mu.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (mu.dim() == 4 && mu.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  if (mu.dim() == 5 && mu.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return at::MemoryFormat::ChannelsLast3d;
+  return at::MemoryFormat::Contiguous;
+}
+
+std::pair<int64_t, int64_t> reparam_channels_spatial(const Tensor& mu, at::MemoryFormat fmt) {
+  if (fmt == at::MemoryFormat::Contiguous) return {0, 0};
+  int64_t spatial = 1;
+  for (int64_t i = 2; i < mu.dim(); ++i) spatial *= mu.size(i);
+  return {mu.size(1), spatial};
+}
+
+Tensor reparam_empty(const Tensor& mu, at::MemoryFormat fmt, int64_t num_samples) {
+  std::vector<int64_t> shape(mu.sizes().begin(), mu.sizes().end());
+  if (num_samples == 0) return at::empty(shape, mu.options().memory_format(fmt));
+  if (fmt == at::MemoryFormat::Contiguous) {
+    shape.insert(shape.begin(), num_samples);
+    return at::empty(shape, mu.options());
+  }
+  // (K N, C, *S) in the format, viewed as (K, N, C, *S): each z[k] has mu's layout
+  shape[0] *= num_samples;
+  const Tensor flat = at::empty(shape, mu.options().memory_format(fmt));
+  shape[0] = mu.size(0);
+  shape.insert(shape.begin(), num_samples);
+  return flat.view(shape);
+}
+
+Tensor reparam_in_layout(const Tensor& t, const Tensor& mu, at::MemoryFormat fmt, int64_t num_samples) {
+  if (fmt == at::MemoryFormat::Contiguous) return t.contiguous();
+  Tensor out = reparam_empty(mu, fmt, num_samples);
+  if (t.sizes() == out.sizes() && t.strides() == out.strides()) return t;
+  return out.copy_(t);
+}
+
 void check_reparam_inputs(const Tensor& mu, const Tensor& logvar, int64_t num_samples) {
   check_float("mu", mu);
   check_like("logvar", logvar, "mu", mu);
@@ -231,11 +267,10 @@ ReparamOutputs reparameterize_cpu(const Tensor& mu, const Tensor& logvar, int64_
   // CPU: a fresh 64-bit key from the CPU generator per call, offset 0. (seed, offset) go into
   // rng_state, from which the backward (and philox_normal) recompute eps.
   const uint64_t seed = draw_cpu_seed(generator), offset = 0;
-  const Tensor mc = mu.contiguous(), lc = logvar.contiguous();
-  std::vector<int64_t> shape(mu.sizes().begin(), mu.sizes().end());
-  if (num_samples > 0) shape.insert(shape.begin(), num_samples);
-  Tensor z = at::empty(shape, mu.options());
-  Tensor eps = return_eps ? at::empty(shape, mu.options()) : at::empty({0}, mu.options());
+  const auto fmt = reparam_format(mu);
+  const Tensor mc = mu.contiguous(fmt), lc = logvar.contiguous(fmt);
+  Tensor z = reparam_empty(mu, fmt, num_samples);
+  Tensor eps = return_eps ? reparam_empty(mu, fmt, num_samples) : at::empty({0}, mu.options());
   Tensor state = at::empty({2}, at::kLong);
   state.data_ptr<int64_t>()[0] = static_cast<int64_t>(seed);
   state.data_ptr<int64_t>()[1] = static_cast<int64_t>(offset);
@@ -248,6 +283,7 @@ ReparamOutputs reparameterize_cpu(const Tensor& mu, const Tensor& logvar, int64_
     a.eps = return_eps ? eps.data_ptr() : nullptr;
     a.numel = mu.numel();
     a.k = std::max<int64_t>(num_samples, 1);
+    std::tie(a.channels, a.spatial) = reparam_channels_spatial(mu, fmt);
     a.seed = seed;
     a.offset = offset;
     cpu::kernels().reparam(a);
@@ -259,8 +295,9 @@ std::tuple<Tensor, Tensor> reparameterize_backward_cpu(const Tensor& grad_z, con
                                                        const Tensor& rng_state, int64_t num_samples,
                                                        bool grad_mu) {
   check_reparam_backward_inputs(grad_z, logvar, rng_state, num_samples);
-  const Tensor gc = grad_z.contiguous(), lc = logvar.contiguous();
-  Tensor g_mu = grad_mu ? at::empty_like(lc) : at::empty({0}, lc.options()), g_lv = at::empty_like(lc);
+  const auto fmt = reparam_format(logvar);  // the layout the forward computed in (csrc/autograd.cpp)
+  const Tensor gc = reparam_in_layout(grad_z, logvar, fmt, num_samples), lc = logvar.contiguous(fmt);
+  Tensor g_mu = grad_mu ? at::empty_like(lc, fmt) : at::empty({0}, lc.options()), g_lv = at::empty_like(lc, fmt);
   const Tensor st = rng_state.cpu();
   if (logvar.numel() > 0) {
     cpu::ReparamBackwardArgs a{};
@@ -271,6 +308,7 @@ std::tuple<Tensor, Tensor> reparameterize_backward_cpu(const Tensor& grad_z, con
     a.grad_logvar = g_lv.data_ptr();
     a.numel = logvar.numel();
     a.k = std::max<int64_t>(num_samples, 1);
+    std::tie(a.channels, a.spatial) = reparam_channels_spatial(logvar, fmt);
     a.seed = static_cast<uint64_t>(st.const_data_ptr<int64_t>()[0]);
     a.offset = static_cast<uint64_t>(st.const_data_ptr<int64_t>()[1]);
     cpu::kernels().reparam_backward(a);

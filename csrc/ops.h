@@ -17,6 +17,19 @@ using ReparamOutputs = std::tuple<Tensor, Tensor, Tensor>;
 Recon parse_recon(c10::string_view s);
 Reduction parse_reduction(c10::string_view s);
 
+// The layout reparameterize computes in: mu's channels_last (or channels_last_3d) when mu has it (a
+// conv encoder's output; z, each z[k], eps and the gradients then have it too, as
+// mu + std * torch.randn_like(mu) would), contiguous otherwise. vae_ext/_ops.py's fake kernels
+// mirror it.
+at::MemoryFormat reparam_format(const Tensor& mu);
+// {C, product of the spatial sizes} for a channels_last format, {0, 0} for contiguous.
+std::pair<int64_t, int64_t> reparam_channels_spatial(const Tensor& mu, at::MemoryFormat fmt);
+// An uninitialized z-like tensor: mu's shape, with a leading samples dimension when num_samples > 0,
+// each sample in `fmt`.
+Tensor reparam_empty(const Tensor& mu, at::MemoryFormat fmt, int64_t num_samples);
+// t (z-shaped) in that layout: t itself when it has it, else a copy.
+Tensor reparam_in_layout(const Tensor& t, const Tensor& mu, at::MemoryFormat fmt, int64_t num_samples);
+
 void check_reparam_inputs(const Tensor& mu, const Tensor& logvar, int64_t num_samples);
 void check_reparam_backward_inputs(const Tensor& grad_z, const Tensor& logvar, const Tensor& rng_state,
                                    int64_t num_samples);

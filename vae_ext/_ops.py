@@ -30,7 +30,8 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _flat_format(recon: torch.Tensor) -> torch.memory_format:
-    """The layout of the recon gradient: as csrc/ops.cpp flat_format (channels_last kept)."""
+    """The layout of the recon gradient, and of z for this mu: as csrc/ops.cpp flat_format and
+    reparam_format (channels_last kept)."""
     if recon.is_contiguous():
         return torch.contiguous_format
     if recon.dim() == 4 and recon.is_contiguous(memory_format=torch.channels_last):
@@ -59,19 +60,33 @@ def _elbo_loss_fake(recon, x, mu, logvar, recon_mode, reduction, grad_recon, gra
 # used, as int64 on mu's device; the backward recomputes eps from it instead of storing eps.
 
 
+# z, eps and the gradients take mu's channels_last(_3d) layout when mu has it (each z[k] with
+# num_samples), as csrc/ops.cpp reparam_format and reparam_empty.
+
+
+def _samples_empty(mu, num_samples):
+    fmt = _flat_format(mu)
+    if num_samples == 0:
+        return torch.empty_like(mu, memory_format=fmt)
+    if fmt == torch.contiguous_format:
+        return mu.new_empty((num_samples, *mu.shape))
+    flat = mu.new_empty((num_samples * mu.shape[0], *mu.shape[1:])).contiguous(memory_format=fmt)
+    return flat.view(num_samples, *mu.shape)
+
+
 @torch.library.register_fake("vae_ext::reparameterize")
 def _reparameterize_fake(mu, logvar, num_samples, return_eps, generator=None):
-    shape = tuple(mu.shape) if num_samples == 0 else (num_samples, *mu.shape)
-    z = mu.new_empty(shape)
-    eps = mu.new_empty(shape) if return_eps else mu.new_empty(0)
+    z = _samples_empty(mu, num_samples)
+    eps = _samples_empty(mu, num_samples) if return_eps else mu.new_empty(0)
     state = mu.new_empty(2, dtype=torch.int64)
     return z, eps, state
 
 
 @torch.library.register_fake("vae_ext::reparameterize_backward")
 def _reparameterize_backward_fake(grad_z, logvar, rng_state, num_samples, grad_mu=True):
-    g_mu = torch.empty_like(logvar, memory_format=torch.contiguous_format) if grad_mu else logvar.new_empty(0)
-    return g_mu, torch.empty_like(logvar, memory_format=torch.contiguous_format)
+    fmt = _flat_format(logvar)
+    g_mu = torch.empty_like(logvar, memory_format=fmt) if grad_mu else logvar.new_empty(0)
+    return g_mu, torch.empty_like(logvar, memory_format=fmt)
 
 
 @torch.library.register_fake("vae_ext::philox_normal")

@@ -193,7 +193,8 @@ def reparameterize(
     ``eps`` is drawn from a Philox4x32-10 stream keyed by (seed, offset, element index),
     computed in float32 (Box-Muller), the same on CPU and CUDA, and rounded to mu's dtype; z is
     computed from that eps in float32 (float64 for float64 inputs). The backward recomputes eps
-    from the stream; no eps is kept between forward and backward.
+    from the stream; no eps is kept between forward and backward. A channels_last(_3d) mu gives z
+    (each z[k]), eps and the gradients in its layout, with the same eps per logical element.
 
     Where ``exp(0.5 * logvar)`` overflows (logvar > 177 in float32, > 1419 in float64, > 22 in
     float16), z is +-inf (NaN where mu is infinite with the opposite sign), as in the reference.

@@ -46,6 +46,7 @@ struct ReparamArgs {
   void* z;             // [k * numel]
   void* eps;           // [k * numel] or nullptr
   int64_t numel, k;
+  int64_t channels, spatial;  // 0: contiguous; else each sample block channels_last (kernels_impl.h)
   uint64_t seed, offset;
 };
 
@@ -56,6 +57,7 @@ struct ReparamBackwardArgs {
   void* grad_mu;       // [numel], or nullptr: not wanted
   void* grad_logvar;   // [numel]
   int64_t numel, k;
+  int64_t channels, spatial;  // as ReparamArgs: the layout of logvar, grad_z and the gradients
   uint64_t seed, offset;
 };
 

@@ -60,6 +60,13 @@ struct PhiloxArgs {
   bool captured;
 };
 
+// The memory layout of the reparameterize tensors: channels == 0, contiguous; otherwise
+// channels_last(_3d) with C = channels and S = spatial (the product of the spatial sizes): logical
+// element (n C + c) S + s, whose eps is drawn for that logical index, sits at (n S + s) C + c.
+struct ClLayout {
+  int64_t channels, spatial;
+};
+
 struct ReparamLaunch {
   DType dtype;
   const void* mu;      // [numel] contiguous
@@ -67,6 +74,7 @@ struct ReparamLaunch {
   void* z;             // [k * numel]
   void* eps;           // [k * numel] or nullptr
   int64_t numel, k;
+  ClLayout layout;     // contiguous, or each sample of mu, z and eps channels_last
   PhiloxArgs rng;
   int64_t* state_out;  // [2] on the device: the (seed, offset) used
 };
@@ -79,6 +87,7 @@ struct ReparamBackwardLaunch {
   void* grad_mu;       // or nullptr: not wanted
   void* grad_logvar;
   int64_t numel, k;
+  ClLayout layout;     // of logvar, grad_z (each sample) and the gradients
   const int64_t* state;  // [2] on the device, from the forward
 };
 cudaError_t launch_reparam_backward(const ReparamBackwardLaunch& a, cudaStream_t stream);

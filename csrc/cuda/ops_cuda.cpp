@@ -84,11 +84,10 @@ ReparamOutputs reparameterize_cuda(const Tensor& mu, const Tensor& logvar, int64
     std::lock_guard<std::mutex> lock(gen->mutex_);
     philox = gen->philox_cuda_state(4);
   }
-  const Tensor mc = mu.contiguous(), lc = logvar.contiguous();
-  std::vector<int64_t> shape(mu.sizes().begin(), mu.sizes().end());
-  if (num_samples > 0) shape.insert(shape.begin(), num_samples);
-  Tensor z = at::empty(shape, mu.options());
-  Tensor eps = return_eps ? at::empty(shape, mu.options()) : at::empty({0}, mu.options());
+  const auto fmt = reparam_format(mu);
+  const Tensor mc = mu.contiguous(fmt), lc = logvar.contiguous(fmt);
+  Tensor z = reparam_empty(mu, fmt, num_samples);
+  Tensor eps = return_eps ? reparam_empty(mu, fmt, num_samples) : at::empty({0}, mu.options());
   Tensor state = at::empty({2}, mu.options().dtype(at::kLong));
 
   cuda::ReparamLaunch a{};
@@ -99,6 +98,7 @@ ReparamOutputs reparameterize_cuda(const Tensor& mu, const Tensor& logvar, int64
   a.eps = (return_eps && eps.numel()) ? eps.data_ptr() : nullptr;
   a.numel = mu.numel();
   a.k = std::max<int64_t>(num_samples, 1);
+  std::tie(a.layout.channels, a.layout.spatial) = reparam_channels_spatial(mu, fmt);
   a.rng.captured = philox.captured_;
   if (philox.captured_) {
     a.rng.seed_ptr = philox.seed_.ptr;
@@ -119,8 +119,10 @@ std::tuple<Tensor, Tensor> reparameterize_backward_cuda(const Tensor& grad_z, co
   check_reparam_backward_inputs(grad_z, logvar, rng_state, num_samples);
   TORCH_CHECK_VALUE(rng_state.device() == logvar.device(), "rng_state: expected a tensor on ", logvar.device());
   const c10::cuda::CUDAGuard guard(logvar.device());
-  const Tensor gc = grad_z.contiguous(), lc = logvar.contiguous(), st = rng_state.contiguous();
-  Tensor g_mu = grad_mu ? at::empty_like(lc) : at::empty({0}, lc.options()), g_lv = at::empty_like(lc);
+  const auto fmt = reparam_format(logvar);  // the layout the forward computed in (csrc/autograd.cpp)
+  const Tensor gc = reparam_in_layout(grad_z, logvar, fmt, num_samples), lc = logvar.contiguous(fmt),
+               st = rng_state.contiguous();
+  Tensor g_mu = grad_mu ? at::empty_like(lc, fmt) : at::empty({0}, lc.options()), g_lv = at::empty_like(lc, fmt);
   cuda::ReparamBackwardLaunch a{};
   a.dtype = cuda_dtype(logvar.scalar_type());
   a.grad_z = gc.const_data_ptr();
@@ -129,6 +131,7 @@ std::tuple<Tensor, Tensor> reparameterize_backward_cuda(const Tensor& grad_z, co
   a.grad_logvar = g_lv.numel() ? g_lv.data_ptr() : nullptr;
   a.numel = logvar.numel();
   a.k = std::max<int64_t>(num_samples, 1);
+  std::tie(a.layout.channels, a.layout.spatial) = reparam_channels_spatial(logvar, fmt);
   a.state = st.const_data_ptr<int64_t>();
   C10_CUDA_CHECK(cuda::launch_reparam_backward(a, c10::cuda::getCurrentCUDAStream()));
   return {g_mu, g_lv};
