@@ -2,6 +2,7 @@
 // costs tens of microseconds per call, as much as the whole loss kernel at VAE sizes. The forward
 // redispatches to the CPU/CUDA kernel; the backward scales the gradients the forward wrote
 // (elbo_loss) or calls reparameterize_backward, which recomputes eps (reparameterize).
+#include <ATen/FuncTorchTLS.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
@@ -164,9 +165,25 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
   }
 };
 
+// Under a torch.func transform (grad, vjp, jacrev, ...) functorch refuses a C++ autograd Function
+// with a generic error: raise one that names the op and the way out. Outside a transform this is
+// one read of a thread-local pointer.
+void check_functorch(const char* op, const char* reference) {
+  const auto& tls = at::functorch::functorchTLSAccessor();
+  if (!tls) return;
+  try {
+    tls->checkSupportsCppAutogradFunction();
+  } catch (const c10::Error&) {
+    TORCH_CHECK(false, op, " cannot run inside torch.func transforms (grad, vjp, jacrev, ...): its autograd is "
+                "written in C++, which functorch does not support. Use ", reference,
+                " (plain PyTorch ops) inside torch.func transforms.");
+  }
+}
+
 ElboOutputs elbo_loss_autograd(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar,
                                c10::string_view recon_mode, c10::string_view reduction, bool grad_recon,
                                bool grad_latent, bool validate, bool total) {
+  check_functorch("vae_ext.elbo_loss (torch.ops.vae_ext.elbo_loss)", "vae_ext.reference.elbo_loss");
   // (forward runs with grad mode off: whether a graph is recorded is known only here)
   const bool recorded =
       at::GradMode::is_enabled() && (recon.requires_grad() || mu.requires_grad() || logvar.requires_grad());
@@ -235,6 +252,7 @@ struct ReparameterizeFunction : public torch::autograd::Function<ReparameterizeF
 
 ReparamOutputs reparameterize_autograd(const Tensor& mu, const Tensor& logvar, int64_t num_samples, bool return_eps,
                                        std::optional<at::Generator> generator) {
+  check_functorch("vae_ext.reparameterize (torch.ops.vae_ext.reparameterize)", "vae_ext.reference.reparameterize");
   auto out = ReparameterizeFunction::apply(mu, logvar, num_samples, return_eps, generator);
   return {out[0], out[1], out[2]};
 }

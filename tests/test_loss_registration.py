@@ -333,3 +333,23 @@ def test_torch_compile_fullgraph_matches_eager(mode, reduction):
         for what, a, b in zip(("loss", "kl") + NAMES, outs[1], outs[0]):
             assert_close(a, b, rtol=1e-6, atol_rel=1e-7, what=f"N={n} compiled vs eager {what}")
     torch._dynamo.reset()
+
+
+def test_torch_func_grad_raises_a_helpful_error():
+    """torch.func.grad cannot run the C++ autograd: the error names the op and vae_ext.reference
+    (functorch's own says only 'cannot use C++ torch::autograd::Function with functorch transforms')."""
+    r, x, mu, lv = make_elbo_inputs("bce", (4, 30), 3, F32, seed=8)
+    with pytest.raises(RuntimeError) as info:
+        torch.func.grad(lambda rr: vae_ext.elbo_loss(rr, x, mu, lv))(r)
+    msg = str(info.value)
+    assert "vae_ext.elbo_loss" in msg and "vae_ext.reference.elbo_loss" in msg and "torch.func" in msg, msg
+    # the reference works there, and vmap of the fused op runs (PyTorch's per-sample fallback)
+    g = torch.func.grad(lambda rr: reference.elbo_loss(rr, x, mu, lv))(r)
+    assert g.shape == r.shape
+    out = torch.func.vmap(lambda a, b, m, v: vae_ext.elbo_loss(a[None], b[None], m[None], v[None]))(r, x, mu, lv)
+    want = reference.elbo_loss(r, x, mu, lv, reduction="none")
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=0)
+    with pytest.raises(RuntimeError) as info:
+        torch.func.grad(lambda m: vae_ext.reparameterize(m, lv).sum())(mu)
+    msg = str(info.value)
+    assert "vae_ext.reparameterize" in msg and "vae_ext.reference.reparameterize" in msg, msg
