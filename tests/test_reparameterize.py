@@ -142,9 +142,13 @@ def test_every_element_written(dtype, k):
         shape = (k, n) if k else (n,)
         assert z.shape == eps.shape == shape and z.dtype == eps.dtype == dtype
         assert torch.isfinite(eps).all(), f"n={n}: non-finite eps at {torch.nonzero(~torch.isfinite(eps)).tolist()[:5]}"
-        assert (eps != 0).all(), f"n={n}: exact zeros at {torch.nonzero(eps == 0).tolist()[:5]}"
         expect = PHILOX(eps, seed, offset)
         assert expect.dtype == F32 and expect.shape == eps.shape
+        # the stream has exact zeros of its own (an angle uniform on a quarter turn, 4 pairs in 2^24,
+        # makes one of the pair's sine and cosine exactly 0), so a zero is wrong only where the
+        # stream's value is not
+        zeros = (eps == 0) & (expect != 0)
+        assert not zeros.any(), f"n={n}: exact zeros at {torch.nonzero(zeros).tolist()[:5]}"
         assert torch.equal(eps, expect.to(dtype)), f"n={n}, k={k}: eps differs from philox_normal at its index"
 
 
