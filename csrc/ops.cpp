@@ -42,10 +42,10 @@ static void check_float(const char* name, const Tensor& t) {
 }
 
 static void check_like(const char* name, const Tensor& t, const char* ref_name, const Tensor& ref) {
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, ": expected the dtype of ", ref_name, " (",
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, ": expected the same dtype as ", ref_name, " (",
                    ref.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == ref.device(), name, ": expected the device of ", ref_name, " (", ref.device(),
-                    "), got ", t.device());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, ": expected the same device as ", ref_name, " (",
+                    ref.device(), "), got ", t.device());
 }
 
 // Shapes, dtypes and devices of the elbo_loss inputs; returns {n, d, l}.
