@@ -35,6 +35,21 @@ def test_bce_validate_on_cuda():
 
 @pytest.mark.cuda
 @requires_cuda
+def test_bce_target_validate_on_cuda():
+    """validate=True checks the targets x too; without it a target outside [0, 1] gives the
+    formula's finite value (README), which is what the CPU kernels would compute unchecked."""
+    r, x, mu, lv = (t.cuda() for t in make_elbo_inputs("bce", (5, 37), 3, F32, seed=81))
+    x = x.clone()
+    x[4, 36] = 255.0
+    with pytest.raises(ValueError) as info:
+        vae_ext.elbo_loss(r, x, mu, lv, recon="bce", validate=True)
+    assert str(info.value).startswith("x:") and "[0, 1]" in str(info.value)
+    out = vae_ext.elbo_loss(r, x, mu, lv, recon="bce", validate=False)
+    assert torch.isfinite(out).item()
+
+
+@pytest.mark.cuda
+@requires_cuda
 @pytest.mark.parametrize("mode", RECON_MODES)
 def test_cuda_graph_capture_of_forward_and_backward(mode):
     """Loss + backward captured in a CUDA graph: replays on new input values give the eager results."""

@@ -24,9 +24,11 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 def reconstruction_loss(recon_x: torch.Tensor, x: torch.Tensor, recon: str = "bce") -> torch.Tensor:
     """Per-sample reconstruction loss, shape (N,), summed over every non-batch dimension."""
     n = recon_x.shape[0]
+    # The per-sample size from the shape, not -1: reshape(0, -1) is ambiguous for an empty batch.
+    d = math.prod(recon_x.shape[1:])
     dt = _compute_dtype(recon_x)
-    r = recon_x.reshape(n, -1).to(dt)
-    t = x.reshape(n, -1).to(dt)
+    r = recon_x.reshape(n, d).to(dt)
+    t = x.reshape(n, d).to(dt)
     if recon == "bce":
         per_elem = F.binary_cross_entropy(r, t, reduction="none")
     elif recon == "bce_logits":
