@@ -274,3 +274,27 @@ def test_fused_elbo_loss_module(mode, reduction):
     assert_close(loss_fn(*inputs),
                  reference.elbo_loss(*f64_copies(*inputs), recon=mode, beta=2.0, reduction=reduction),
                  rtol=1e-5, what="after loss_fn.beta = 2.0")
+
+
+# --------------------------------------------------------------------------- reduction="pixel_mean"
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("mode", RECON_MODES)
+def test_pixel_mean_matches_reference(mode, dtype):
+    """The reconstruction term averaged over every element, the KL term over the batch: value,
+    both terms and every gradient, with grad_output != 1."""
+    recon_x, x, mu, logvar = make_elbo_inputs(mode, (6, 3, 5, 7), 9, dtype, seed=95)
+    check_against_reference(mode, "pixel_mean", dtype, recon_x, x, mu, logvar, beta=0.3,
+                            upstream=upstream_for("sum", 6), what=f"pixel_mean {mode}")
+    loss, rec, kl = vae_ext.elbo_loss(recon_x, x, mu, logvar, recon=mode, reduction="pixel_mean", beta=0.3,
+                                      return_terms=True)
+    _, rec_mean, kl_mean = vae_ext.elbo_loss(recon_x, x, mu, logvar, recon=mode, reduction="mean",
+                                             return_terms=True)
+    assert_close(rec, rec_mean / (3 * 5 * 7), rtol=1e-6, what="pixel_mean rec = mean rec / values per sample")
+    assert torch.equal(kl, kl_mean)
+
+
+def test_pixel_mean_is_f_mse_loss():
+    """reduction="pixel_mean" with recon="mse" is F.mse_loss(recon_x, x) (its default mean)."""
+    r, x, mu, lv = make_elbo_inputs("mse", (4, 20), 3, F64, seed=96)
+    _, rec, _ = vae_ext.elbo_loss(r, x, mu, lv, recon="mse", reduction="pixel_mean", return_terms=True)
+    assert_close(rec, F.mse_loss(r, x), rtol=1e-12, what="pixel_mean vs F.mse_loss")

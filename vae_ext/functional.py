@@ -17,10 +17,13 @@ import torch
 
 from . import _ops  # noqa: F401  (loads the kernels, registers their fake kernels)
 
-__all__ = ["elbo_loss", "gaussian_kl", "reparameterize", "RECON_MODES", "REDUCTIONS"]
+__all__ = ["elbo_loss", "gaussian_kl", "reparameterize", "RECON_MODES", "REDUCTIONS", "KL_REDUCTIONS"]
 
 RECON_MODES = ("bce", "bce_logits", "mse")
-REDUCTIONS = ("sum", "mean", "none")
+KL_REDUCTIONS = ("sum", "mean", "none")
+# "pixel_mean": the reconstruction term averaged over every element, as F.mse_loss(recon, x) and
+# the codebases built on it do (docs/porting.md); the KL term as "mean".
+REDUCTIONS = ("sum", "mean", "pixel_mean", "none")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -122,7 +125,10 @@ def elbo_loss(
             ``"bce_logits"`` (stable BCE on logits) or ``"mse"`` (sum of squared errors).
         beta: weight of the KL term, a float >= 0; changing it needs no rebuild.
         reduction: ``"sum"`` over everything, ``"mean"`` (per-sample sums averaged over the
-            batch) or ``"none"`` (one value per sample, shape (N,)).
+            batch), ``"none"`` (one value per sample, shape (N,)) or ``"pixel_mean"`` (the
+            reconstruction term averaged over every element, as ``F.mse_loss(recon_x, x)``, and
+            the KL term as ``"mean"``: the formulation of PyTorch-VAE and many tutorials; see
+            docs/porting.md).
         return_terms: also return the reconstruction and KL terms (same reduction).
         validate: on CUDA, check that ``"bce"`` probabilities and targets lie in [0, 1] (one
             device sync). On CPU this check always runs and costs nothing. Without it, CUDA gives
@@ -165,12 +171,19 @@ def elbo_loss(
     # recompilation; autograd carries it to the KL gradient. In eager mode with beta = 1 (most
     # calls) the kernel adds the two terms itself: no add op, no autograd node, no extra tensor.
     # (When compiling, beta is never compared, so the graph does not specialize on 1.0.)
-    total = not return_terms and not torch.compiler.is_compiling() and beta == 1.0
+    # "pixel_mean" is "mean" with the reconstruction term divided by the values per sample (a 0-d
+    # op; its backward scales the recon gradient once more, where a per-term scale in the kernel
+    # would not: a cost only this porting aid pays).
+    pixel_mean = reduction == "pixel_mean"
+    total = not return_terms and not pixel_mean and not torch.compiler.is_compiling() and beta == 1.0
     rec, kl, _, _, _ = torch.ops.vae_ext.elbo_loss(
-        recon_x, x, mu, logvar, recon, reduction, grad_recon, grad_latent, bool(validate), total
+        recon_x, x, mu, logvar, recon, "mean" if pixel_mean else reduction, grad_recon, grad_latent,
+        bool(validate), total
     )
     if total:
         return rec  # rec + kl
+    if pixel_mean:
+        rec = rec / math.prod(recon_x.shape[1:])
     loss = rec + beta * kl
     if return_terms:
         return loss, rec, kl
@@ -197,7 +210,7 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str = "sum
     _check_tensor("logvar", logvar)
     _check_same((("mu", mu), ("logvar", logvar)), "device")
     _check_same((("mu", mu), ("logvar", logvar)), "dtype")
-    _check_choice("reduction", reduction, REDUCTIONS)
+    _check_choice("reduction", reduction, KL_REDUCTIONS)
     if mu.dim() < 1:
         raise ValueError("mu: expected a tensor of shape (N, ...), got a 0-d tensor")
     if logvar.shape != mu.shape:

@@ -75,8 +75,13 @@ def elbo_loss(
     stock ops check what they check).
     """
     del validate
-    rec = _reduce(reconstruction_loss(recon_x, x.reshape(recon_x.shape), recon), reduction)
-    kl = _reduce(kl_divergence(mu, logvar), reduction)
+    per_sample = reconstruction_loss(recon_x, x.reshape(recon_x.shape), recon)
+    if reduction == "pixel_mean":  # the reconstruction averaged over every element, the KL over samples
+        rec = per_sample.sum() / recon_x.numel()
+        kl = kl_divergence(mu, logvar).mean()
+    else:
+        rec = _reduce(per_sample, reduction)
+        kl = _reduce(kl_divergence(mu, logvar), reduction)
     loss = rec + beta * kl
     if return_terms:
         return loss, rec, kl
