@@ -93,3 +93,10 @@ def test_readme_python_block_runs_as_written(index, tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     r = _run(code, tmp_path, timeout=300, env=env)
     assert r.returncode == 0, f"README python block {index} failed:\n{code}\n--- stderr:\n{r.stderr[-3000:]}"
+
+
+def test_readme_says_how_long_the_build_takes_and_how_to_watch_it():
+    """`pip install .` compiles for minutes without a word: the README says so and names `-v`."""
+    text = (REPO / "README.md").read_text()
+    assert "pip install -v ." in text
+    assert re.search(r"about (two|\d+) minutes on a 2-core machine", text)
