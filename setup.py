@@ -1,8 +1,9 @@
 """Builds vae_ext._C against the torch already installed in this environment.
 
 CPU kernels always; CUDA kernels too when that torch has CUDA and a toolkit is found (CUDA_HOME).
-Works under pip's build isolation (which hides the environment's torch: we add the interpreter's
-own site-packages back) and with ``pip install --no-build-isolation .``.
+Works under pip's build isolation (which hides the environment's torch: we add the environment's
+site-packages back, and the base interpreter's in a venv made with --system-site-packages) and with
+``pip install --no-build-isolation .`` (which needs setuptools >= 70.1 or the ``wheel`` package).
 """
 import concurrent.futures
 import glob
@@ -12,27 +13,66 @@ import sys
 import sysconfig
 
 
+NO_TORCH = (
+    "vae_ext: PyTorch is not installed in this environment, and the kernels are built against it. "
+    "Install it first, pinned to a CPU build unless you want CUDA (left unpinned, pip may pull "
+    "gigabytes of CUDA wheels): for example `pip install torch==2.13.0` where that is a CPU "
+    "wheel, or the CPU wheel from PyTorch's own package index (pytorch.org/get-started). Then "
+    "`pip install .` again. In a venv made with --system-site-packages whose torch lives in the parent "
+    "environment: `pip install --no-build-isolation .`."
+)
+
+
+def _site_dirs():
+    """Where this environment's packages live: its own site-packages, then (a venv made with
+    --system-site-packages) the base interpreter's, which the venv also sees."""
+    dirs = [sysconfig.get_paths()[key] for key in ("purelib", "platlib")]
+    cfg = os.path.join(sys.prefix, "pyvenv.cfg")
+    if sys.prefix != sys.base_prefix and os.path.isfile(cfg) and any(
+            line.replace(" ", "").lower() == "include-system-site-packages=true" for line in open(cfg).read().splitlines()):
+        base = {"base": sys.base_prefix, "platbase": sys.base_exec_prefix}
+        dirs += [sysconfig.get_paths(vars=base)[key] for key in ("purelib", "platlib")]
+    return list(dict.fromkeys(dirs))
+
+
 def _import_torch():
     try:
         import torch  # noqa: F401
     except ImportError:
-        # pip's isolated build environment: fall back to the environment's own site-packages.
-        for key in ("purelib", "platlib"):
-            path = sysconfig.get_paths()[key]
+        # pip's isolated build environment hides the environment's packages: add them back.
+        for path in _site_dirs():
             if path not in sys.path:
                 sys.path.append(path)
         try:
             import torch  # noqa: F401
         except ImportError:
-            sys.exit(
-                "vae_ext: PyTorch is not installed in this environment. Install it first "
-                "(for a CPU build: pip install torch), then pip install ."
-            )
+            sys.exit(NO_TORCH)
     import torch
 
     return torch
 
 
+def _check_bdist_wheel():
+    """pip builds a wheel with setuptools' bdist_wheel command: part of setuptools from 70.1, of
+    the `wheel` package before. Without build isolation, an older setuptools without `wheel` (a
+    venv's bundled setuptools 65.5 is one) fails with "invalid command 'bdist_wheel'"."""
+    if not {"bdist_wheel", "dist_info", "editable_wheel"} & set(sys.argv[1:]):
+        return
+    for module in ("setuptools.command.bdist_wheel", "wheel.bdist_wheel"):
+        try:
+            __import__(module)
+            return
+        except ImportError:
+            pass
+    import setuptools
+
+    sys.exit(
+        f"vae_ext: this environment's setuptools ({setuptools.__version__}) has no bdist_wheel command, which "
+        "pip needs to build without build isolation: `pip install wheel` (or setuptools >= 70.1), then build again."
+    )
+
+
+_check_bdist_wheel()
 torch = _import_torch()
 from setuptools import setup  # noqa: E402
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension  # noqa: E402

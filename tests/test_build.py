@@ -18,11 +18,11 @@ import torch
 import vae_ext
 from vae_ext import reference
 
-from conftest import BF16, FLOAT32_MATH_ULP_BOUNDS, TOLS, assert_close
+from helpers import BF16, FLOAT32_MATH_ULP_BOUNDS, TOLS, assert_close
 
 CAPABILITIES = ("DEFAULT", "AVX2", "AVX512")
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(vae_ext.__file__)))
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))  # conftest's helpers, for the subprocess
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))  # helpers.py, for the subprocess
 
 
 def test_build_info_keys_and_values():
@@ -113,7 +113,7 @@ _SCRIPT = textwrap.dedent(
         out["rep"][str(dtype)] = dict(mu=mu, lv=lv, up=up, z=z.detach(), eps=eps, state=state,
                                       grads=[m.grad, l.grad])
     out["philox"] = torch.ops.vae_ext.philox_normal(torch.empty(4099), 987654321, 12)
-    from conftest import float32_math_ulps
+    from helpers import float32_math_ulps
     out["ulps"] = float32_math_ulps()
     torch.save(out, sys.argv[1])
     """

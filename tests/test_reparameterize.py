@@ -17,7 +17,7 @@ import vae_ext
 from vae_ext.bench.common import capture_cuda_graph
 from vae_ext import reference
 
-from conftest import (
+from helpers import (
     BF16, CUDA_OK, DEVICES, DTYPES, F16, F32, F64, HALF, TOLS, arg_re, assert_close, dtype_id, num_threads,
     rng_state_kept, skip_unless_cuda_free,
 )

@@ -1,0 +1,234 @@
+"""Shared helpers for the vae_ext tests: devices, per-dtype tolerances, input makers, comparisons.
+
+Test modules import them with ``from helpers import ...`` (``tests/`` has no ``__init__.py``, so
+pytest puts it on ``sys.path``; conftest.py holds only pytest's own hooks).
+"""
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import vae_ext
+from vae_ext import reference
+
+F64, F32, F16, BF16 = torch.float64, torch.float32, torch.float16, torch.bfloat16
+DTYPES = (F32, F64, F16, BF16)
+HALF = (F16, BF16)
+RECON_MODES = ("bce", "bce_logits", "mse")
+REDUCTIONS = ("sum", "mean", "none")
+
+
+CUDA_OK = torch.cuda.is_available() and bool(vae_ext.build_info()["cuda_kernels"])
+requires_cuda = pytest.mark.skipif(
+    not CUDA_OK, reason="needs a CUDA device and vae_ext built with CUDA kernels"
+)
+
+
+def skip_unless_cuda_free(nbytes: int) -> None:
+    """Skip a CUDA test that needs nbytes of free device memory (the >2^31-element tests)."""
+    free, _ = torch.cuda.mem_get_info()
+    if free < nbytes:
+        pytest.skip(f"needs {nbytes / 2**30:.0f} GiB of free CUDA memory, {free / 2**30:.0f} GiB free")
+
+
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, requires_cuda]),
+]
+
+
+def dtype_id(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+# --------------------------------------------------------------------------- tolerances
+@dataclass(frozen=True)
+class Tol:
+    loss: float  # relative tolerance of the loss (and terms); they are sums of non-negative values
+    grad: float  # relative tolerance of each gradient element
+    grad_atol_rel: float  # absolute tolerance of a gradient, as a fraction of max |reference gradient|
+
+
+# The fused op computes half types in float32 (loss returned in float32) and rounds gradients to the
+# half type (plus one more rounding when autograd scales them by grad_output): a few half ulps.
+TOLS = {
+    F64: Tol(loss=1e-10, grad=1e-10, grad_atol_rel=1e-12),
+    F32: Tol(loss=1e-5, grad=1e-5, grad_atol_rel=1e-6),
+    F16: Tol(loss=1e-5, grad=2e-3, grad_atol_rel=2e-4),
+    BF16: Tol(loss=1e-5, grad=1.6e-2, grad_atol_rel=2e-3),
+}
+
+
+def out_dtype(dt: torch.dtype) -> torch.dtype:
+    return F32 if dt in HALF else dt
+
+
+def ulp_errors(got: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """|got - ref| in units of the float32 spacing at ref (got: float32 results, ref: float64)."""
+    r32 = ref.to(F32).abs()
+    ulp = (torch.nextafter(r32, torch.full_like(r32, float("inf"))) - r32).double()
+    return (got.double() - ref).abs() / ulp
+
+
+def float32_math_ulps() -> dict:
+    """The worst errors, in float32 ulps, of the CPU kernels' float log, log1p and exp, read through
+    the ops on the CPU variant this process runs. "bce" with one element per sample: target 1 gives
+    -log p exactly, target 0 gives -log1p(-p); reparameterize with mu = 0 gives exp(logvar / 2) * eps
+    with one rounding of the product. p spans [1e-43, 1) (no clamp at -100), logvar / 2 [-80, 80]."""
+    g = torch.Generator().manual_seed(7)
+    p = torch.cat([10 ** (-torch.rand(20000, generator=g, dtype=F64) * 43),
+                   1 - torch.rand(2000, generator=g, dtype=F64) * 1e-3,
+                   torch.rand(2000, generator=g, dtype=F64)]).to(F32)
+    p = p[p < 1].view(-1, 1)
+    zeros = torch.zeros(p.shape[0], 1)
+    out = {}
+    for name, target, ref in (("log", 1.0, -torch.log(p.double())), ("log1p", 0.0, -torch.log1p(-p.double()))):
+        _, rec, _ = vae_ext.elbo_loss(p, torch.full_like(p, target), zeros, zeros, recon="bce", reduction="none",
+                                      return_terms=True)
+        out[name] = ulp_errors(rec, ref.view(-1)).max().item()
+    h = torch.cat([torch.linspace(-80, 80, 20001), torch.randn(4000, generator=g) * 3]).to(F32)
+    z, eps = vae_ext.reparameterize(torch.zeros_like(h), 2 * h, return_eps=True,
+                                    generator=torch.Generator().manual_seed(0))
+    out["exp"] = ulp_errors(z, torch.exp(h.double()) * eps.double()).max().item()
+    return out
+
+
+# Bounds for float32_math_ulps(): fast_log is at most 2.14 ulp over every 7th float, its log1p adds
+# the rounding of its correction, and fast_exp's 0.93 ulp is followed by the product's 0.5.
+FLOAT32_MATH_ULP_BOUNDS = {"log": 2.5, "log1p": 3.0, "exp": 2.0}
+
+
+def assert_close(got, ref, *, rtol, atol=0.0, atol_rel=0.0, what=""):
+    """Compare in float64: |got - ref| <= atol + atol_rel * max|ref| + rtol * |ref| (NaN == NaN)."""
+    assert isinstance(got, torch.Tensor), f"{what}: expected a tensor, got {type(got).__name__}"
+    assert tuple(got.shape) == tuple(ref.shape), f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    g = got.detach().to("cpu", F64)
+    r = ref.detach().to("cpu", F64)
+    finite = torch.isfinite(r)
+    scale = r[finite].abs().max().item() if finite.any() else 0.0
+    torch.testing.assert_close(
+        g, r, rtol=rtol, atol=atol + atol_rel * scale, equal_nan=True,
+        msg=lambda m: f"{what}: {m}",
+    )
+
+
+def arg_re(name: str) -> str:
+    """A pytest.raises(match=...) pattern that finds the argument name as a whole word."""
+    return rf"(?<![A-Za-z0-9_]){re.escape(name)}(?![A-Za-z0-9_])"
+
+
+# --------------------------------------------------------------------------- inputs
+def make_elbo_inputs(mode, shape, latent, dtype=F32, device="cpu", seed=0):
+    """(recon_x, x, mu, logvar) drawn in float64 then cast, so a half input is exactly its f64 copy."""
+    g = torch.Generator().manual_seed(seed)
+    n = shape[0]
+    if mode == "bce":
+        r = torch.rand(shape, generator=g, dtype=F64) * 0.96 + 0.02
+        x = torch.rand(shape, generator=g, dtype=F64)
+    elif mode == "bce_logits":
+        r = torch.randn(shape, generator=g, dtype=F64) * 3.0
+        x = torch.rand(shape, generator=g, dtype=F64)
+    elif mode == "mse":
+        r = torch.randn(shape, generator=g, dtype=F64)
+        x = torch.randn(shape, generator=g, dtype=F64)
+    else:
+        raise ValueError(mode)
+    mu = torch.randn(n, latent, generator=g, dtype=F64)
+    lv = torch.randn(n, latent, generator=g, dtype=F64) * 0.7
+    return tuple(t.to(dtype).to(device) for t in (r, x, mu, lv))
+
+
+def upstream_for(reduction, n, seed=1, device="cpu"):
+    """A grad_output != 1: 3.7 for scalar losses, a random vector (with a negative entry) for 'none'."""
+    if reduction == "none":
+        g = torch.Generator().manual_seed(seed)
+        w = torch.rand(n, generator=g, dtype=F64) * 2.0 + 0.25
+        if n > 1:
+            w[1] = -w[1]
+        return w.to(device)
+    return torch.tensor(3.7, dtype=F64, device=device)
+
+
+def loss_and_grads(fn, recon_x, x, mu, logvar, *, upstream=None, combo=None, requires=(True, True, True), **kw):
+    """Run fn(recon_x, x, mu, logvar, **kw) on leaf copies and backward with `upstream`.
+
+    The leaves are ``t.detach()`` (same storage, same strides): a non-contiguous input stays one.
+    ``combo`` maps the outputs of fn (return_terms=True) to the tensor whose weighted sum is
+    differentiated. Returns (outputs detached, [grad recon_x, grad mu, grad logvar]).
+    """
+    leaves = []
+    for t, req in zip((recon_x, mu, logvar), requires):
+        leaf = t.detach()
+        if req:
+            leaf.requires_grad_(True)
+        leaves.append(leaf)
+    r, m, lv = leaves
+    out = fn(r, x.detach(), m, lv, **kw)
+    target = combo(out) if combo is not None else out
+    if upstream is None:
+        upstream = torch.ones((), dtype=F64)
+    if any(requires):
+        (target * upstream.to(target.device, target.dtype)).sum().backward()
+    outs = tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
+    return outs, [leaf.grad for leaf in leaves]
+
+
+def f64_copies(*ts):
+    """Float64 copies on the CPU (same strides), for the float64 reference."""
+    return tuple(t.detach().to("cpu", F64) for t in ts)
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@contextlib.contextmanager
+def rng_state_kept():
+    """Leave the default CPU generator as it was (tests that seed it don't leak into others)."""
+    state = torch.get_rng_state()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(state)
+
+
+# --------------------------------------------------------------------------- elbo_loss vs the reference
+NAMES = ("recon_x", "mu", "logvar")
+
+
+def check_against_reference(mode, reduction, dtype, recon_x, x, mu, logvar, *, beta=1.0, upstream=None,
+                            requires=(True, True, True), what=""):
+    """Fused loss and gradients vs the float64 reference on the same values (every gradient checked
+    for dtype, shape and value, grad_output `upstream`)."""
+    tol = TOLS[dtype]
+    kw = dict(recon=mode, reduction=reduction, beta=beta)
+    out, grads = loss_and_grads(vae_ext.elbo_loss, recon_x, x, mu, logvar, upstream=upstream,
+                                requires=requires, **kw)
+    ref_out, ref_grads = loss_and_grads(reference.elbo_loss, *f64_copies(recon_x, x, mu, logvar),
+                                        upstream=None if upstream is None else upstream.cpu(),
+                                        requires=requires, **kw)
+    n = recon_x.shape[0]
+    assert out.dtype == out_dtype(dtype), f"{what}: loss dtype {out.dtype}"
+    assert out.device == recon_x.device
+    assert tuple(out.shape) == ((n,) if reduction == "none" else ()), f"{what}: loss shape {tuple(out.shape)}"
+    assert_close(out, ref_out, rtol=tol.loss, what=f"{what} loss")
+    for name, g, rg, t in zip(NAMES, grads, ref_grads, (recon_x, mu, logvar)):
+        if rg is None:
+            assert g is None, f"{what}: unexpected gradient for {name}"
+            continue
+        assert g is not None, f"{what}: no gradient for {name}"
+        assert g.dtype == t.dtype and tuple(g.shape) == tuple(t.shape), (
+            f"{what}: grad {name} is {g.dtype}{tuple(g.shape)}, expected {t.dtype}{tuple(t.shape)}")
+        assert_close(g, rg, rtol=tol.grad, atol_rel=tol.grad_atol_rel, what=f"{what} grad {name}")
+    return out, grads
+

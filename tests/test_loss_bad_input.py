@@ -1,0 +1,145 @@
+"""Bad input to vae_ext.elbo_loss and FusedELBOLoss: a ValueError or TypeError that names the
+argument and what was expected, before any kernel runs.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vae_ext
+
+from helpers import (
+    BF16,
+    F32,
+    F64,
+    REDUCTIONS,
+    arg_re,
+    dtype_id,
+    make_elbo_inputs,
+    requires_cuda,
+)
+
+
+# --------------------------------------------------------------------------- bad input
+def _good():
+    return make_elbo_inputs("bce", (4, 10), 3, F32, seed=80)
+
+
+def _call_with(**over):
+    r, x, mu, lv = _good()
+    args = dict(recon_x=r, x=x, mu=mu, logvar=lv)
+    kw = {k: over.pop(k) for k in list(over) if k not in args}
+    args.update(over)
+    return vae_ext.elbo_loss(args["recon_x"], args["x"], args["mu"], args["logvar"], **kw)
+
+
+BAD_INPUTS = [
+    # non-tensors
+    ("recon_x_list", dict(recon_x=[[0.5] * 10] * 4), TypeError, "recon_x"),
+    ("x_numpy", dict(x=_good()[1].numpy()), TypeError, "x"),
+    ("mu_float", dict(mu=1.0), TypeError, "mu"),
+    ("logvar_none", dict(logvar=None), TypeError, "logvar"),
+    # non-floating dtypes
+    ("recon_x_int", dict(recon_x=torch.ones(4, 10, dtype=torch.int64)), TypeError, "recon_x"),
+    ("x_bool", dict(x=torch.ones(4, 10, dtype=torch.bool)), TypeError, "x"),
+    ("mu_int32", dict(mu=torch.zeros(4, 3, dtype=torch.int32)), TypeError, "mu"),
+    ("logvar_complex", dict(logvar=torch.zeros(4, 3, dtype=torch.complex64)), TypeError, "logvar"),
+    # dtypes differing
+    ("x_f64", dict(x=_good()[1].double()), TypeError, "x"),
+    ("mu_f16", dict(mu=_good()[2].half()), TypeError, "mu"),
+    ("logvar_bf16", dict(logvar=_good()[3].bfloat16()), TypeError, "logvar"),
+    ("recon_x_f64", dict(recon_x=_good()[0].double()), TypeError, "x|mu|logvar|recon_x"),
+    # devices differing (meta is a device on every machine)
+    ("x_meta", dict(x=torch.empty(4, 10, device="meta")), ValueError, "x"),
+    ("mu_meta", dict(mu=torch.empty(4, 3, device="meta")), ValueError, "mu"),
+    ("logvar_meta", dict(logvar=torch.empty(4, 3, device="meta")), ValueError, "logvar"),
+    # shapes
+    ("x_other_numel", dict(x=torch.rand(4, 11)), ValueError, "x"),
+    ("x_other_batch_same_numel", dict(x=torch.rand(10, 4)), ValueError, "x"),
+    ("recon_x_0d", dict(recon_x=torch.tensor(0.5), x=torch.tensor(0.5)), ValueError, "recon_x"),
+    ("mu_batch", dict(mu=torch.zeros(5, 3), logvar=torch.zeros(5, 3)), ValueError, "mu"),
+    ("mu_1d", dict(mu=torch.zeros(4), logvar=torch.zeros(4)), ValueError, "mu"),
+    ("mu_3d", dict(mu=torch.zeros(4, 3, 1), logvar=torch.zeros(4, 3, 1)), ValueError, "mu"),
+    ("logvar_shape", dict(logvar=torch.zeros(4, 2)), ValueError, "logvar"),
+    ("logvar_transposed_shape", dict(mu=torch.zeros(4, 4), logvar=torch.zeros(4, 3)), ValueError, "logvar"),
+    # options
+    ("recon_unknown", dict(recon="bernoulli"), ValueError, "recon"),
+    ("recon_none", dict(recon=None), ValueError, "recon"),
+    ("reduction_unknown", dict(reduction="avg"), ValueError, "reduction"),
+    ("reduction_batchmean", dict(reduction="batchmean"), ValueError, "reduction"),
+    ("beta_negative", dict(beta=-0.1), ValueError, "beta"),
+    ("beta_nan", dict(beta=float("nan")), ValueError, "beta"),
+    ("beta_inf", dict(beta=float("inf")), ValueError, "beta"),
+    ("beta_str", dict(beta="1.0"), TypeError, "beta"),
+    ("beta_bool", dict(beta=True), TypeError, "beta"),
+    ("beta_none", dict(beta=None), TypeError, "beta"),
+    ("beta_complex", dict(beta=1j), TypeError, "beta"),
+]
+
+
+@pytest.mark.parametrize("over,exc,name", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_raises(over, exc, name):
+    with pytest.raises(exc, match=arg_re(name) if "|" not in name else name):
+        _call_with(**dict(over))
+
+
+def test_x_requiring_grad_raises():
+    r, x, mu, lv = _good()
+    with pytest.raises(ValueError, match=arg_re("x")):
+        vae_ext.elbo_loss(r.requires_grad_(True), x.clone().requires_grad_(True), mu, lv)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("which", ["x", "mu", "logvar"])
+def test_cuda_cpu_mix_raises(which):
+    r, x, mu, lv = (t.cuda() for t in _good())
+    args = dict(recon_x=r, x=x, mu=mu, logvar=lv)
+    args[which] = args[which].cpu()
+    with pytest.raises(ValueError, match=arg_re(which)):
+        vae_ext.elbo_loss(args["recon_x"], args["x"], args["mu"], args["logvar"])
+
+
+OUT_OF_RANGE = [1.5, -0.1, 1.0 + 2 ** -23, -1e-30, 2.0]
+
+
+@pytest.mark.parametrize("position", ["first", "middle", "last"])
+@pytest.mark.parametrize("value", OUT_OF_RANGE, ids=[repr(v) for v in OUT_OF_RANGE])
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=dtype_id)
+def test_bce_recon_outside_0_1_raises_on_cpu(dtype, value, position):
+    """Checked on CPU whatever `validate` says; the message names recon_x and [0, 1]. The bad value sits
+    at the first element, in the middle or at the very last element (the tail of a vector loop)."""
+    r, x, mu, lv = make_elbo_inputs("bce", (5, 37), 3, dtype, seed=81)
+    idx = {"first": (0, 0), "middle": (2, 17), "last": (4, 36)}[position]
+    r = r.clone()
+    if dtype == BF16 and value == 1.0 + 2 ** -23:
+        value = 1.0078125  # the next bfloat16 above 1
+    r[idx] = value
+    assert (r[idx].item() > 1.0) or (r[idx].item() < 0.0)
+    for validate in (False, True):
+        for reduction in REDUCTIONS:
+            with pytest.raises(ValueError) as info:
+                vae_ext.elbo_loss(r, x, mu, lv, recon="bce", reduction=reduction, validate=validate)
+            msg = str(info.value)
+            assert "recon_x" in msg and "[0, 1]" in msg, f"message does not name recon_x and [0, 1]: {msg!r}"
+
+
+@pytest.mark.parametrize("mode", ["bce_logits", "mse"])
+def test_no_range_check_outside_bce(mode):
+    r, x, mu, lv = make_elbo_inputs(mode, (3, 8), 2, F32, seed=82)
+    r = r.clone()
+    r[0, 0], r[1, 1] = 5.0, -5.0
+    vae_ext.elbo_loss(r, x, mu, lv, recon=mode)  # no exception
+
+
+@pytest.mark.parametrize("kwargs,exc,name", [
+    (dict(recon="l1"), ValueError, "recon"),
+    (dict(reduction="avg"), ValueError, "reduction"),
+    (dict(beta=-1.0), ValueError, "beta"),
+    (dict(beta=float("nan")), ValueError, "beta"),
+    (dict(beta="0.5"), TypeError, "beta"),
+    (dict(beta=False), TypeError, "beta"),
+], ids=["recon", "reduction", "beta_neg", "beta_nan", "beta_str", "beta_bool"])
+def test_fused_elbo_loss_module_bad_args(kwargs, exc, name):
+    with pytest.raises(exc, match=arg_re(name)):
+        vae_ext.FusedELBOLoss(**kwargs)

@@ -1,0 +1,305 @@
+"""vae_ext.elbo_loss at the edges of its numbers: empty batches, NaN and inf, the bce clamps and
+floors, extreme probabilities and logits, and results that do not depend on the thread count.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vae_ext
+from vae_ext import reference
+
+from helpers import (
+    BF16,
+    DEVICES,
+    DTYPES,
+    F16,
+    F32,
+    F64,
+    NAMES,
+    RECON_MODES,
+    REDUCTIONS,
+    TOLS,
+    assert_close,
+    check_against_reference,
+    dtype_id,
+    f64_copies,
+    loss_and_grads,
+    make_elbo_inputs,
+    num_threads,
+    out_dtype,
+    upstream_for,
+)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("mode", RECON_MODES)
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device, mode, dtype):
+    r = torch.empty(0, 784, dtype=dtype, device=device).requires_grad_(True)
+    x = torch.empty(0, 784, dtype=dtype, device=device)
+    mu = torch.empty(0, 20, dtype=dtype, device=device).requires_grad_(True)
+    lv = torch.empty(0, 20, dtype=dtype, device=device).requires_grad_(True)
+    s = vae_ext.elbo_loss(r, x, mu, lv, recon=mode, reduction="sum")
+    assert s.shape == () and s.dtype == out_dtype(dtype) and s.item() == 0.0
+    s.backward()
+    for t in (r, mu, lv):
+        assert t.grad is not None and t.grad.shape == t.shape
+    m = vae_ext.elbo_loss(r, x, mu, lv, recon=mode, reduction="mean")
+    assert m.shape == () and math.isnan(m.item())
+    none = vae_ext.elbo_loss(r, x, mu, lv, recon=mode, reduction="none")
+    assert none.shape == (0,) and none.dtype == out_dtype(dtype)
+    loss, rec, kl = vae_ext.elbo_loss(r, x, mu, lv, recon=mode, reduction="none", return_terms=True)
+    assert loss.shape == rec.shape == kl.shape == (0,)
+
+
+@pytest.mark.parametrize("mode", RECON_MODES)
+def test_empty_latent_and_empty_features(mode):
+    """L = 0 (KL is 0) and D = 0 (reconstruction is 0) are valid shapes."""
+    r, x, mu, lv = make_elbo_inputs(mode, (4, 9), 3, F64, seed=2)
+    empty_lat = torch.empty(4, 0, dtype=F64)
+    loss, rec, kl = vae_ext.elbo_loss(r, x, empty_lat, empty_lat, recon=mode, reduction="none", return_terms=True)
+    assert torch.equal(kl, torch.zeros(4, dtype=F64))
+    assert_close(rec, reference.elbo_loss(r, x, empty_lat, empty_lat, recon=mode, reduction="none"),
+                 rtol=1e-10, what="rec with L=0")
+    empty_d = torch.empty(4, 0, dtype=F64)
+    loss, rec, kl = vae_ext.elbo_loss(empty_d, empty_d, mu, lv, recon=mode, reduction="none", return_terms=True)
+    assert torch.equal(rec, torch.zeros(4, dtype=F64))
+    assert_close(kl, reference.kl_divergence(mu, lv), rtol=1e-10, what="kl with D=0")
+
+
+# --------------------------------------------------------------------------- non-finite inputs
+NONFINITE_CASES = [
+    ("recon_x", float("nan"), RECON_MODES),
+    ("recon_x", float("inf"), ("bce_logits", "mse")),
+    ("recon_x", float("-inf"), ("bce_logits", "mse")),
+    ("x", float("nan"), RECON_MODES),
+    ("x", float("inf"), RECON_MODES),
+    ("mu", float("nan"), RECON_MODES),
+    ("mu", float("inf"), RECON_MODES),
+    ("logvar", float("nan"), RECON_MODES),
+    ("logvar", float("inf"), RECON_MODES),
+    ("logvar", float("-inf"), RECON_MODES),
+]
+
+
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=dtype_id)
+@pytest.mark.parametrize("where,value,modes", NONFINITE_CASES,
+                         ids=[f"{w}={v}" for w, v, _ in NONFINITE_CASES])
+def test_non_finite_input_gives_non_finite_loss(where, value, modes, dtype):
+    """A NaN/inf in sample 2 makes the loss NaN/inf (never finite and wrong, never an exception);
+    with reduction='none' the other samples keep their exact values and gradients."""
+    n, d, latent, bad = 5, 67, 6, 2
+    for mode in modes:
+        r, x, mu, lv = make_elbo_inputs(mode, (n, d), latent, dtype, seed=13)
+        tensors = dict(recon_x=r, x=x, mu=mu, logvar=lv)
+        t = tensors[where].clone()
+        t[bad, t.shape[1] - 1 if where in ("recon_x", "x") else 1] = value  # last column: a vector tail
+        tensors[where] = t
+        args = [tensors[k] for k in ("recon_x", "x", "mu", "logvar")]
+        for reduction in REDUCTIONS:
+            out, grads = loss_and_grads(vae_ext.elbo_loss, *args, recon=mode, reduction=reduction,
+                                        upstream=upstream_for(reduction, n))
+            if reduction != "none":
+                assert not torch.isfinite(out).item(), f"{mode}/{reduction}: finite loss {out.item()}"
+                continue
+            assert not torch.isfinite(out[bad]).item(), f"{mode}/none: sample {bad} finite: {out[bad].item()}"
+            keep = [i for i in range(n) if i != bad]
+            clean = [a[keep] for a in args]
+            tol = TOLS[dtype]
+            ref_out, ref_grads = loss_and_grads(reference.elbo_loss, *f64_copies(*clean), recon=mode,
+                                                reduction="none", upstream=upstream_for("none", n)[keep])
+            assert_close(out[keep], ref_out, rtol=tol.loss, what=f"{mode}/none: clean samples' loss")
+            for name, g, rg in zip(NAMES, grads, ref_grads):
+                assert_close(g[keep], rg, rtol=tol.grad, atol_rel=tol.grad_atol_rel,
+                             what=f"{mode}/none: clean samples' grad {name}")
+
+
+# --------------------------------------------------------------------------- determinism, no_grad
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=dtype_id)
+@pytest.mark.parametrize("mode", RECON_MODES)
+def test_bitwise_same_for_1_and_2_threads(mode, dtype):
+    r, x, mu, lv = make_elbo_inputs(mode, (64, 20011), 33, dtype, seed=17)
+    results = []
+    for nt in (1, 2, 1):
+        with num_threads(nt):
+            res = []
+            for reduction in ("sum", "mean", "none"):
+                out, grads = loss_and_grads(vae_ext.elbo_loss, r, x, mu, lv, recon=mode, reduction=reduction,
+                                            upstream=upstream_for(reduction, 64))
+                res.append((out, *grads))
+            results.append(res)
+    for other, label in ((results[1], "2 threads"), (results[2], "1 thread again")):
+        for reduction, a, b in zip(REDUCTIONS, results[0], other):
+            for what, ta, tb in zip(("loss",) + NAMES, a, b):
+                assert torch.equal(ta, tb), (
+                    f"{mode}/{reduction} {what}: 1 thread vs {label} differ, max abs diff "
+                    f"{(ta.double() - tb.double()).abs().max().item():.3g}")
+
+
+# --------------------------------------------------------------------------- bce edges
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [F32, F64], ids=dtype_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bce_probabilities_exactly_0_and_1(device, dtype, reduction):
+    """p = 0 or 1: the log clamp at -100 gives a finite loss and the 1e-12 floor finite gradients,
+    equal to F.binary_cross_entropy's."""
+    p = torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0, 1.0, 0.5, 1e-30 if dtype == F64 else 1e-38, 1.0 - 2 ** -24],
+                      [1.0, 0.0, 1.0, 0.0, 0.25, 0.0, 1.0, 0.0, 0.0]], dtype=dtype, device=device)
+    x = torch.tensor([[1.0, 0.0, 0.0, 1.0, 0.3, 0.7, 0.5, 1.0, 0.0],
+                      [0.0, 1.0, 1.0, 0.0, 0.25, 0.0, 1.0, 0.5, 0.2]], dtype=dtype, device=device)
+    mu = torch.tensor([[0.3], [-1.0]], dtype=dtype, device=device)
+    lv = torch.tensor([[0.1], [-0.5]], dtype=dtype, device=device)
+    w = upstream_for(reduction, 2, device=device).to(dtype)
+
+    pf, muf, lvf = (t.clone().requires_grad_(True) for t in (p, mu, lv))
+    out = vae_ext.elbo_loss(pf, x, muf, lvf, recon="bce", reduction=reduction)
+    (out * w).sum().backward()
+
+    pr, mur, lvr = (t.clone().requires_grad_(True) for t in (p, mu, lv))
+    per_sample = F.binary_cross_entropy(pr, x, reduction="none").sum(1) + reference.kl_divergence(mur, lvr)
+    ref = {"sum": per_sample.sum(), "mean": per_sample.mean(), "none": per_sample}[reduction]
+    (ref * w).sum().backward()
+
+    assert torch.isfinite(out).all() and torch.isfinite(pf.grad).all(), f"loss {out}, grad {pf.grad}"
+    rtol = 1e-6 if dtype == F32 else 1e-12
+    assert_close(out, ref, rtol=rtol, what="loss")
+    assert_close(pf.grad, pr.grad, rtol=rtol, what="grad recon_x")
+    assert_close(muf.grad, mur.grad, rtol=rtol, what="grad mu")
+    assert_close(lvf.grad, lvr.grad, rtol=rtol, what="grad logvar")
+
+
+BINARY_PATTERNS = ("all_binary", "mixed_in_vectors", "binary_rows", "soft_zero_one_rows")
+
+
+@pytest.mark.parametrize("pattern", BINARY_PATTERNS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bce_binary_targets(device, dtype, pattern):
+    """Targets exactly 0/1 (the MNIST case, which may take a one-log path) against soft targets, mixed
+    inside a vector, by row, and rows of 0/1 targets with one soft value at the very end."""
+    n, d = 7, 83
+    g = torch.Generator().manual_seed(91)
+    r = torch.rand(n, d, generator=g, dtype=F64) * 0.96 + 0.02
+    hard = (torch.rand(n, d, generator=g, dtype=F64) > 0.5).to(F64)
+    soft = torch.rand(n, d, generator=g, dtype=F64)
+    if pattern == "all_binary":
+        x = hard
+    elif pattern == "mixed_in_vectors":
+        x = hard.clone()
+        x.view(-1)[::37] = soft.view(-1)[::37]
+    elif pattern == "binary_rows":
+        x = torch.where(torch.arange(n).view(-1, 1) % 2 == 0, hard, soft)
+    else:
+        x = hard.clone()
+        x[:, -1] = 0.5
+    mu = torch.randn(n, 4, generator=g, dtype=F64)
+    lv = torch.randn(n, 4, generator=g, dtype=F64) * 0.5
+    inputs = [t.to(dtype).to(device) for t in (r, x, mu, lv)]
+    for mode in ("bce", "bce_logits"):
+        rr = inputs[0] if mode == "bce" else (torch.logit(r) * 1.5).to(dtype).to(device)
+        for reduction in REDUCTIONS:
+            check_against_reference(mode, reduction, dtype, rr, *inputs[1:], beta=0.9,
+                                    upstream=upstream_for(reduction, n, device=device),
+                                    what=f"{mode}/{reduction}/{pattern}")
+
+
+@pytest.mark.parametrize("dtype", [F32, F64], ids=dtype_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bce_edges_with_binary_target_vectors(device, dtype):
+    """p exactly 0/1 in rows whose targets are all 0/1 (whole vectors of binary targets): same clamp
+    and floor as F.binary_cross_entropy."""
+    d = 64
+    pat_p = torch.tensor([0.0, 1.0, 0.0, 1.0, 0.5, 0.25, 1e-30 if dtype == F64 else 1e-38, 1.0 - 2 ** -24],
+                         dtype=F64)
+    pat_x = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0], dtype=F64)
+    p = torch.stack([pat_p.repeat(d // 8), pat_p.flip(0).repeat(d // 8)]).to(dtype).to(device)
+    x = torch.stack([pat_x.repeat(d // 8), pat_x.repeat(d // 8)]).to(dtype).to(device)
+    mu = torch.zeros(2, 2, dtype=dtype, device=device)
+    lv = torch.zeros(2, 2, dtype=dtype, device=device)
+    for reduction in REDUCTIONS:
+        w = upstream_for(reduction, 2, device=device).to(dtype)
+        pf = p.clone().requires_grad_(True)
+        out = vae_ext.elbo_loss(pf, x, mu, lv, recon="bce", reduction=reduction)
+        (out * w).sum().backward()
+        pr = p.clone().requires_grad_(True)
+        per_sample = F.binary_cross_entropy(pr, x, reduction="none").sum(1)
+        ref = {"sum": per_sample.sum(), "mean": per_sample.mean(), "none": per_sample}[reduction]
+        (ref * w).sum().backward()
+        assert torch.isfinite(out).all() and torch.isfinite(pf.grad).all()
+        rtol = 1e-6 if dtype == F32 else 1e-12
+        assert_close(out, ref, rtol=rtol, what=f"{reduction} loss")
+        assert_close(pf.grad, pr.grad, rtol=rtol, what=f"{reduction} grad recon_x")
+
+
+def _prob_regimes(dtype):
+    """Rows of probabilities spanning the range the dtype can hold (grads must fit the dtype too)."""
+    g = torch.Generator().manual_seed(92)
+    lo = {F32: -30.0, F64: -30.0, BF16: -30.0, F16: -4.0}[dtype]
+    hi_gap = {F32: -7.0, F64: -12.0, BF16: -2.0, F16: -3.0}[dtype]
+    u = torch.rand(3, 160, generator=g, dtype=F64)
+    rows = [
+        10.0 ** (lo + (-1.0 - lo) * u[0]),            # near 0
+        1.0 - 10.0 ** (hi_gap + (-1.0 - hi_gap) * u[1]),  # near 1
+        0.05 + 0.9 * u[2],                            # middle
+    ]
+    if dtype in (F32, F64, BF16):
+        tiny = torch.tensor([1e-39, 1e-41, 1e-44, 1.4e-45, 3e-38, 1.2e-38, 5e-39, 2e-40], dtype=F64)
+        rows.append(torch.cat([tiny.repeat(20)]))    # float32 denormals (log clamped below ~1e-44)
+    p = torch.stack(rows).to(dtype)
+    p = torch.where(p >= 1.0, torch.nextafter(torch.ones((), dtype=dtype), torch.zeros((), dtype=dtype)), p)
+    return p
+
+
+@pytest.mark.parametrize("target", ["ones", "zeros", "soft", "mixed"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_bce_accuracy_across_probability_range(dtype, target):
+    """Per-sample loss and gradients accurate for p near 0, near 1, in the middle and (float32)
+    denormal: the logarithms must keep their relative accuracy everywhere (e.g. log p for p -> 1
+    with target 1, where the loss is tiny)."""
+    p = _prob_regimes(dtype)
+    n, d = p.shape
+    g = torch.Generator().manual_seed(93)
+    x = {"ones": torch.ones(n, d, dtype=F64), "zeros": torch.zeros(n, d, dtype=F64),
+         "soft": torch.rand(n, d, generator=g, dtype=F64),
+         "mixed": (torch.rand(n, d, generator=g, dtype=F64) > 0.5).to(F64)}[target].to(dtype)
+    mu = torch.zeros(n, 1, dtype=dtype)
+    lv = torch.zeros(n, 1, dtype=dtype)
+    check_against_reference("bce", "none", dtype, p, x, mu, lv, upstream=upstream_for("none", n),
+                            what=f"targets {target}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_bce_logits_accuracy_across_logit_range(dtype):
+    """Logits from -100 to 100 with targets 1 (tiny losses for large positive logits), 0 and soft."""
+    g = torch.Generator().manual_seed(94)
+    lmax = 100.0
+    l = torch.linspace(-lmax, lmax, 257, dtype=F64)
+    r = torch.stack([l, l, l, torch.randn(257, generator=g, dtype=F64) * 30]).to(dtype)
+    x = torch.stack([torch.ones(257, dtype=F64), torch.zeros(257, dtype=F64),
+                     torch.rand(257, generator=g, dtype=F64), torch.ones(257, dtype=F64)]).to(dtype)
+    mu = torch.zeros(4, 1, dtype=dtype)
+    lv = torch.zeros(4, 1, dtype=dtype)
+    for reduction in REDUCTIONS:
+        check_against_reference("bce_logits", reduction, dtype, r, x, mu, lv,
+                                upstream=upstream_for(reduction, 4), what=reduction)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_bce_logits_huge_logits(device, dtype):
+    big = [1e4, -1e4] + ([1e30, -1e30] if dtype in (F32, F64) else [3e4, -3e4])
+    vals = big + [50.0, -50.0, 0.0, 17.0, -88.0, 89.0]
+    r = torch.tensor([vals, vals[::-1]], dtype=dtype, device=device)
+    x = torch.tensor([[1.0, 0.0, 0.3, 0.7, 0.5, 0.5, 0.3, 1.0, 0.0, 1.0],
+                      [0.0, 1.0, 1.0, 0.0, 0.25, 0.9, 0.1, 0.0, 1.0, 0.5]], dtype=dtype, device=device)
+    mu = torch.zeros(2, 3, dtype=dtype, device=device)
+    lv = torch.zeros(2, 3, dtype=dtype, device=device)
+    for reduction in REDUCTIONS:
+        out, grads = check_against_reference("bce_logits", reduction, dtype, r, x, mu, lv,
+                                             upstream=upstream_for(reduction, 2, device=device), what=reduction)
+        assert torch.isfinite(out).all(), f"{reduction}: {out}"
+        assert torch.isfinite(grads[0]).all(), f"{reduction}: grad {grads[0]}"

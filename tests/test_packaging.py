@@ -1,0 +1,95 @@
+"""Installing and importing vae_ext the ways users do: from the repository root after
+`pip install .`, without build isolation, without torch, and the README's code as it stands."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BUILT_IN_PLACE = any((REPO / "vae_ext").glob("_C*"))
+
+
+def _run(code: str, cwd, timeout=120, env=None):
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_import_from_the_repository_root():
+    """`python -c "import vae_ext"` in the clone's root: the source folder shadows the installed
+    package. With an in-place build it works; without one the error says what is happening."""
+    r = _run("import vae_ext; print(vae_ext.__file__)", REPO)
+    if BUILT_IN_PLACE:
+        assert r.returncode == 0, r.stderr
+        assert Path(r.stdout.strip()).parent == REPO / "vae_ext"
+        return
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "you are importing the source tree at" in last and str(REPO / "vae_ext") in last, last
+    assert "pip install -e ." in last and "another folder" in last, last
+
+
+def test_python_m_pytest_from_the_root_tests_the_installed_package():
+    """`python -m pytest` puts the root first on sys.path; conftest.py takes it off unless the
+    checkout is built in place, so the tests import a vae_ext that has its kernels."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "tests/test_build.py", "-q", "-p", "no:cacheprovider",
+                        "-k", "build_info_keys"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "1 passed" in r.stdout
+
+
+def _setup_py_in(tmp_path) -> Path:
+    """A copy of setup.py alone: its checks run before it looks for sources, and nothing can be
+    written into the checkout."""
+    shutil.copy(REPO / "setup.py", tmp_path / "setup.py")
+    return tmp_path
+
+
+def test_build_without_isolation_says_what_it_needs(tmp_path):
+    """setuptools < 70.1 without the `wheel` package has no bdist_wheel: one line that says what to
+    install, not setuptools' "invalid command 'bdist_wheel'"."""
+    code = ("import runpy, sys\n"
+            "for m in ('wheel', 'wheel.bdist_wheel', 'setuptools.command.bdist_wheel'): sys.modules[m] = None\n"
+            "sys.argv = ['setup.py', 'dist_info']\n"
+            "runpy.run_path('setup.py', run_name='__main__')\n")
+    r = _run(code, _setup_py_in(tmp_path))
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert "has no bdist_wheel command" in last and "pip install wheel" in last, r.stderr[-1500:]
+
+
+def test_build_without_torch_names_a_pinned_cpu_install(tmp_path):
+    code = ("import runpy, sys\n"
+            "sys.modules['torch'] = None\n"
+            "sys.argv = ['setup.py', 'build_ext']\n"
+            "runpy.run_path('setup.py', run_name='__main__')\n")
+    r = _run(code, _setup_py_in(tmp_path))
+    assert r.returncode != 0
+    msg = r.stderr.strip().splitlines()[-1]
+    assert "torch==" in msg and "CPU" in msg, msg
+    assert "--system-site-packages" in msg and "--no-build-isolation" in msg, msg
+    assert not re.search(r"pip install torch(?![=\w])", msg), f"suggests an unpinned torch: {msg}"
+
+
+def _readme_python_blocks():
+    text = (REPO / "README.md").read_text()
+    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+
+
+def test_readme_has_python_blocks():
+    assert _readme_python_blocks(), "README.md has no python code block"
+
+
+@pytest.mark.parametrize("index", range(len(_readme_python_blocks())))
+def test_readme_python_block_runs_as_written(index, tmp_path):
+    """Every ```python block of the README runs as it stands, in a fresh interpreter (a user copies
+    it into a file), from a folder outside the checkout."""
+    code = _readme_python_blocks()[index]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    r = _run(code, tmp_path, timeout=300, env=env)
+    assert r.returncode == 0, f"README python block {index} failed:\n{code}\n--- stderr:\n{r.stderr[-3000:]}"
