@@ -589,3 +589,20 @@ def test_float16_logvar_gradient_with_beta_0_is_0():
     lv = torch.full((1, 1), 28.40625, dtype=F16, requires_grad=True)
     vae_ext.elbo_loss(r, r, mu, lv, beta=0.0).backward()
     assert lv.grad.item() == 0.0 and mu.grad.item() == 0.0, f"grad logvar {lv.grad.item()}, grad mu {mu.grad.item()}"
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_loss_whose_sum_overflows_float32_is_inf(dtype, reduction):
+    """Found by test_elbo_loss_matches_reference: three KL terms of 1.2e38 each (logvar 88.4) are
+    finite in float32 but their sum, 3.7e38, is not: the float32 loss is inf, as the float64
+    reference rounded to float32 (it raised RuntimeError: value cannot be converted to type float
+    without overflow)."""
+    r = torch.full((1, 1), 0.5, dtype=dtype)
+    mu = torch.zeros(1, 3, dtype=dtype)
+    lv = torch.full((1, 3), 88.4, dtype=dtype)
+    ref = reference.elbo_loss(r.double(), r.double(), mu.double(), lv.double(), reduction=reduction)
+    assert math.isfinite(ref.item()) and math.isinf(ref.float().item())
+    loss, rec, kl = vae_ext.elbo_loss(r, r, mu, lv, reduction=reduction, return_terms=True)
+    assert loss.item() == math.inf and kl.item() == math.inf and math.isfinite(rec.item())
+    assert vae_ext.elbo_loss(r, r, mu, lv, reduction=reduction).item() == math.inf
