@@ -12,7 +12,6 @@ import platform
 import sys
 import sysconfig
 
-
 NO_TORCH = (
     "vae_ext: PyTorch is not installed in this environment, and the kernels are built against it. "
     "Install it first, pinned to a CPU build unless you want CUDA (left unpinned, pip may pull "
@@ -28,8 +27,8 @@ def _site_dirs():
     --system-site-packages) the base interpreter's, which the venv also sees."""
     dirs = [sysconfig.get_paths()[key] for key in ("purelib", "platlib")]
     cfg = os.path.join(sys.prefix, "pyvenv.cfg")
-    if sys.prefix != sys.base_prefix and os.path.isfile(cfg) and any(
-            line.replace(" ", "").lower() == "include-system-site-packages=true" for line in open(cfg).read().splitlines()):
+    lines = open(cfg).read().splitlines() if sys.prefix != sys.base_prefix and os.path.isfile(cfg) else []
+    if any(line.replace(" ", "").lower() == "include-system-site-packages=true" for line in lines):
         base = {"base": sys.base_prefix, "platbase": sys.base_exec_prefix}
         dirs += [sysconfig.get_paths(vars=base)[key] for key in ("purelib", "platlib")]
     return list(dict.fromkeys(dirs))

@@ -1,50 +1,65 @@
 #!/usr/bin/env python
-"""Render benchmark results (the JSON of ``vae-ext bench``) as the README's performance section.
+"""Render benchmark results (the JSON of ``python benchmarks/run.py``) as the README's performance section.
 
     python benchmarks/make_readme_table.py --json benchmarks/results/cpu.json               # print it
     python benchmarks/make_readme_table.py --json benchmarks/results/cpu.json --write README.md
 
 With ``--write`` the text between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` in that file is
 replaced (the markers stay); with ``--section NAME`` the text between ``<!-- bench:NAME:begin -->``
-and ``<!-- bench:NAME:end -->`` (the README has one section per machine). Needs neither torch nor the compiled extension: it loads
-vae_ext/bench/report.py directly.
+and ``<!-- bench:NAME:end -->`` (the README has one section per machine). Needs neither torch nor
+the compiled extension: report.py, through the same table renderer as a run's own output, is pure Python.
 """
 import argparse
-import importlib.util
+import json
+import re
 import sys
 from pathlib import Path
 
-_REPORT = Path(__file__).resolve().parents[1] / "vae_ext" / "bench" / "report.py"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # report.py and table.py, when loaded by path
+
+import report  # noqa: E402
 
 
-def _load_report():
-    spec = importlib.util.spec_from_file_location("_vae_ext_bench_report", _REPORT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def markers(name: str = "") -> tuple:
+    """The begin and end markers of a generated section: ``bench`` or ``bench:NAME``."""
+    tag = f"bench:{name}" if name else "bench"
+    return f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->"
+
+
+def update_markers(text: str, section: str, name: str = "") -> str:
+    """Replace what lies between the bench markers (``markers(name)``) of ``text`` by ``section``."""
+    begin, end = markers(name)
+    pat = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if not pat.search(text):
+        raise ValueError(f"no {begin} ... {end} markers found")
+    return pat.sub(lambda _: f"{begin}\n{section.rstrip()}\n{end}", text, count=1)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", required=True, help="results JSON written by vae-ext bench / benchmarks/run.py")
+    p.add_argument("--json", required=True, help="results JSON written by python benchmarks/run.py")
     p.add_argument("--write", metavar="FILE", help="update the section between the bench markers in FILE")
     p.add_argument("--section", default="", metavar="NAME",
                    help="write between <!-- bench:NAME:begin/end --> instead of <!-- bench:begin/end -->")
     args = p.parse_args(argv)
-    report = _load_report()
     try:
-        results = report.load(args.json)
+        results = json.loads(Path(args.json).read_text())
     except (OSError, ValueError) as e:
         print(f"make_readme_table: cannot read {args.json}: {e}", file=sys.stderr)
         return 2
-    section = report.markdown_section(results)
+    try:
+        section = report.markdown_section(results)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        print(f"make_readme_table: {args.json} is not a benchmark results file ({type(e).__name__}: {e})",
+              file=sys.stderr)
+        return 2
     if not args.write:
         print(section)
         return 0
     path = Path(args.write)
     try:
         text = path.read_text()
-        new = report.update_markers(text, section, args.section)
+        new = update_markers(text, section, args.section)
     except (OSError, ValueError) as e:
         print(f"make_readme_table: {path}: {e}", file=sys.stderr)
         return 2

@@ -12,7 +12,11 @@ import argparse
 
 import torch
 
-import vae_ext
+from checkout import prefer_built_checkout
+
+prefer_built_checkout()  # as run.py: this checkout's vae_ext when it is built in place
+
+import vae_ext  # noqa: E402
 
 
 def main() -> None:

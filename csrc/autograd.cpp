@@ -2,6 +2,7 @@
 // costs tens of microseconds per call, as much as the whole loss kernel at VAE sizes. The forward
 // redispatches to the CPU/CUDA kernel; the backward scales the gradients the forward wrote
 // (elbo_loss) or calls reparameterize_backward, which recomputes eps (reparameterize).
+#include <ATen/FuncTorchTLS.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
@@ -17,23 +18,46 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// g * d: d is a 0-d tensor (sum, mean) or one value per sample (none). g is the buffer the forward
-// wrote. When the graph is not kept (no retain_graph, the usual case) it is freed right after this
+// The CUDA scalings of one backward, launched together when it ends: one kernel for the three
+// gradient buffers instead of one each (each launch costs microseconds of device time, even when
+// the kernel only reads grad_output, finds 1 and exits).
+struct DeviceScales {
+  std::vector<Tensor> g, s;
+  void launch() {
+#if defined(VAE_EXT_WITH_CUDA)
+    if (!g.empty()) scale_unless_one_cuda(g, s);
+#endif
+  }
+};
+
+// g * d, rounded once to `out` (the dtype of the input g is the gradient of): d is a 0-d tensor
+// (sum, mean) or one value per sample (none), in the loss dtype (float32 for half inputs), and is
+// never rounded to a half dtype first (grad_output = 65536 or 1e-10 would become inf or 0). g is
+// the buffer the forward wrote: the input's dtype for the recon gradient, the loss dtype for the
+// latent ones (small, N x L: a local gradient beyond float16's range stays finite until scaled).
+// When the graph is not kept (no retain_graph, the usual case) g is freed right after this
 // backward, so it is scaled in place and handed on: no second tensor the size of recon_x (on CPU a
 // fresh one costs its page faults, as much as the pass itself), and AccumulateGrad can take it as
 // .grad without a copy. With retain_graph=True (gradcheck, a second backward) it stays intact.
-Tensor scale_grad(const Tensor& g, const Tensor& d, bool per_sample) {
-  Tensor s = d.to(g.scalar_type());
+// A CUDA scaling by a one-element d is queued in `device` (DeviceScales::launch does it).
+Tensor scale_grad(const Tensor& g, const Tensor& d, bool per_sample, at::ScalarType out, DeviceScales& device) {
+  Tensor s = d;
   if (per_sample) {
     std::vector<int64_t> shape(static_cast<size_t>(g.dim()), 1);
     shape[0] = -1;
     s = s.reshape(shape);
+  } else if (!s.device().is_cpu()) {
+    // A 0-d device tensor takes no part in type promotion, so a half g would get it rounded to
+    // its dtype; one dimension makes the multiplication run in float32. (A 0-d CPU tensor is a
+    // CPU scalar, which TensorIterator reads in float32 for a half g without a copy of g.)
+    s = s.reshape({1});
   }
   // Tracing (torch.compile, opcheck) sees wrapped tensors and wants no mutation of a saved output.
   const auto plain = [](const Tensor& t) {
     return !t.key_set().has(c10::DispatchKey::Python) && !t.key_set().has(c10::DispatchKey::Functionalize);
   };
-  if (torch::autograd::get_current_graph_task_keep_graph() || !plain(g) || !plain(s)) return g * s;
+  if (g.scalar_type() != out) return at::mul(g, s).to(out);  // the float32 latent gradients of half inputs
+  if (torch::autograd::get_current_graph_task_keep_graph() || !plain(g) || !plain(s)) return at::mul(g, s).to(out);
   // loss.backward() on a sum or mean sends exactly 1: nothing to scale (read only from a CPU
   // scalar, which costs no device sync).
   if (s.numel() == 1 && s.device().is_cpu() && s.item<double>() == 1.0) return g;
@@ -41,10 +65,17 @@ Tensor scale_grad(const Tensor& g, const Tensor& d, bool per_sample) {
   // On CUDA the 1 is on the device: a kernel reads it and skips the pass over g when it is 1 (a
   // read and a write of the whole gradient saved, with no sync).
   if (g.is_cuda() && g.is_contiguous() && s.numel() == 1 && s.device() == g.device()) {
-    scale_unless_one_cuda(g, s);
+    device.g.push_back(g);
+    device.s.push_back(s);
     return g;
   }
 #endif
+  // A half g scaled per sample on CPU: TensorIterator would compute in float32 through float32
+  // copies of g; the kernel converts in registers.
+  if (per_sample && g.is_cpu() && (out == at::kHalf || out == at::kBFloat16)) {
+    scale_rows_cpu(g, s.reshape({-1}));
+    return g;
+  }
   return g.mul_(s);
 }
 
@@ -78,7 +109,7 @@ variable_list first_order_only(variable_list grads, const char* msg) {
 struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& recon, const Tensor& x, const Tensor& mu,
                                const Tensor& logvar, const std::string& recon_mode, const std::string& reduction,
-                               bool grad_recon, bool grad_latent, bool validate, bool total) {
+                               bool grad_recon, bool grad_latent, bool validate, bool total, bool recorded) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("vae_ext::elbo_loss", "")
                          .typed<ElboOutputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
@@ -87,12 +118,21 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
     auto [rec, kl, g_recon, g_mu, g_logvar] =
         op.call(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent, validate, total);
     ctx->save_for_backward({g_recon, g_mu, g_logvar});
+    ctx->saved_data["dtype"] = static_cast<int64_t>(recon.scalar_type());
     ctx->saved_data["per_sample"] = reduction == "none";
     ctx->saved_data["grad_recon"] = grad_recon;
     ctx->saved_data["grad_latent"] = grad_latent;
     ctx->saved_data["total"] = total;
-    ctx->mark_non_differentiable({g_recon, g_mu, g_logvar});
     ctx->set_materialize_grads(false);  // no zero tensors for the outputs nobody differentiates
+    // The backward scales the saved buffers in place, so while a graph can reach them (`recorded`:
+    // grad mode was on and an input requires grad) they are not handed to the caller, whose copy a
+    // later backward would change: empty tensors stand in.
+    if (recorded) {
+      g_recon = at::empty({0}, g_recon.options());
+      g_mu = at::empty({0}, g_mu.options());
+      g_logvar = at::empty({0}, g_logvar.options());
+    }
+    ctx->mark_non_differentiable({g_recon, g_mu, g_logvar});
     return {rec, kl, g_recon, g_mu, g_logvar};
   }
 
@@ -108,25 +148,47 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
     // total: the first output is rec + kl, the second is empty (both terms get its gradient).
     const bool total = ctx->saved_data["total"].toBool();
     const Tensor &d_rec = grads[0], &d_kl = total ? grads[0] : grads[1];
+    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
     Tensor g_recon, g_mu, g_logvar;
-    if (need_recon && d_rec.defined()) g_recon = scale_grad(saved[0], d_rec, per_sample);
+    DeviceScales device;
+    if (need_recon && d_rec.defined()) g_recon = scale_grad(saved[0], d_rec, per_sample, dtype, device);
     if (d_kl.defined()) {
-      if (ctx->needs_input_grad(2)) g_mu = scale_grad(saved[1], d_kl, per_sample);
-      if (ctx->needs_input_grad(3)) g_logvar = scale_grad(saved[2], d_kl, per_sample);
+      if (ctx->needs_input_grad(2)) g_mu = scale_grad(saved[1], d_kl, per_sample, dtype, device);
+      if (ctx->needs_input_grad(3)) g_logvar = scale_grad(saved[2], d_kl, per_sample, dtype, device);
     }
+    device.launch();
     // The gradients are the buffers the forward wrote, scaled: no graph back to the inputs.
     return first_order_only(
-        {g_recon, Tensor(), g_mu, g_logvar, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+        {g_recon, Tensor(), g_mu, g_logvar, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
         "vae_ext.elbo_loss supports first derivatives only: its backward scales the gradients its "
         "forward wrote. For higher-order gradients (create_graph=True) use vae_ext.reference.elbo_loss.");
   }
 };
 
+// Under a torch.func transform (grad, vjp, jacrev, ...) functorch refuses a C++ autograd Function
+// with a generic error: raise one that names the op and the way out. Outside a transform this is
+// one read of a thread-local pointer.
+void check_functorch(const char* op, const char* reference) {
+  const auto& tls = at::functorch::functorchTLSAccessor();
+  if (!tls) return;
+  try {
+    tls->checkSupportsCppAutogradFunction();
+  } catch (const c10::Error&) {
+    TORCH_CHECK(false, op, " cannot run inside torch.func transforms (grad, vjp, jacrev, ...): its autograd is "
+                "written in C++, which functorch does not support. Use ", reference,
+                " (plain PyTorch ops) inside torch.func transforms.");
+  }
+}
+
 ElboOutputs elbo_loss_autograd(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar,
                                c10::string_view recon_mode, c10::string_view reduction, bool grad_recon,
                                bool grad_latent, bool validate, bool total) {
+  check_functorch("vae_ext.elbo_loss (torch.ops.vae_ext.elbo_loss)", "vae_ext.reference.elbo_loss");
+  // (forward runs with grad mode off: whether a graph is recorded is known only here)
+  const bool recorded =
+      at::GradMode::is_enabled() && (recon.requires_grad() || mu.requires_grad() || logvar.requires_grad());
   auto out = ElboLossFunction::apply(recon, x, mu, logvar, std::string(recon_mode), std::string(reduction),
-                                     grad_recon, grad_latent, validate, total);
+                                     grad_recon, grad_latent, validate, total, recorded);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
@@ -139,7 +201,10 @@ struct ReparameterizeFunction : public torch::autograd::Function<ReparameterizeF
                                                std::optional<at::Generator>)>();
     at::AutoDispatchBelowADInplaceOrView below;
     auto [z, eps, state] = op.call(mu, logvar, num_samples, return_eps, generator);
-    ctx->save_for_backward({logvar, state});
+    // The backward computes in logvar's layout (reparameterize_backward cannot see mu): give it the
+    // one the forward used, mu's (a copy only when the two differ).
+    const auto fmt = reparam_format(mu);
+    ctx->save_for_backward({reparam_format(logvar) == fmt ? logvar : logvar.contiguous(fmt), state});
     ctx->saved_data["num_samples"] = num_samples;
     ctx->mark_non_differentiable({eps, state});
     ctx->set_materialize_grads(false);
@@ -187,6 +252,7 @@ struct ReparameterizeFunction : public torch::autograd::Function<ReparameterizeF
 
 ReparamOutputs reparameterize_autograd(const Tensor& mu, const Tensor& logvar, int64_t num_samples, bool return_eps,
                                        std::optional<at::Generator> generator) {
+  check_functorch("vae_ext.reparameterize (torch.ops.vae_ext.reparameterize)", "vae_ext.reference.reparameterize");
   auto out = ReparameterizeFunction::apply(mu, logvar, num_samples, return_eps, generator);
   return {out[0], out[1], out[2]};
 }

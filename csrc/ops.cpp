@@ -42,10 +42,10 @@ static void check_float(const char* name, const Tensor& t) {
 }
 
 static void check_like(const char* name, const Tensor& t, const char* ref_name, const Tensor& ref) {
-  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, ": expected the dtype of ", ref_name, " (",
+  TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, ": expected the same dtype as ", ref_name, " (",
                    ref.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == ref.device(), name, ": expected the device of ", ref_name, " (", ref.device(),
-                    "), got ", t.device());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, ": expected the same device as ", ref_name, " (",
+                    ref.device(), "), got ", t.device());
 }
 
 // Shapes, dtypes and devices of the elbo_loss inputs; returns {n, d, l}.
@@ -84,9 +84,49 @@ ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu,
   const auto fmt = flat_format(recon);
   ElboBuffers b{recon.contiguous(fmt), x.contiguous(fmt), mu.contiguous(), logvar.contiguous(), {}, {}, {}, n, d, l};
   b.g_recon = grad_recon ? at::empty_like(b.recon, fmt) : at::empty({0}, b.recon.options());
-  b.g_mu = grad_latent ? at::empty_like(b.mu) : at::empty({0}, b.mu.options());
-  b.g_logvar = grad_latent ? at::empty_like(b.logvar) : at::empty({0}, b.logvar.options());
+  // The latent gradients in the loss dtype (float32 for half inputs) until the backward has scaled
+  // them (csrc/autograd.cpp): 0.5 (exp(logvar) - 1) leaves float16's range at logvar > 11.8, and
+  // beta = 0 must still give 0. They are N x L, small beside recon's.
+  const auto lopts = b.mu.options().dtype(loss_dtype(mu.scalar_type()));
+  b.g_mu = grad_latent ? at::empty(b.mu.sizes(), lopts) : at::empty({0}, lopts);
+  b.g_logvar = grad_latent ? at::empty(b.logvar.sizes(), lopts) : at::empty({0}, lopts);
   return b;
+}
+
+at::MemoryFormat reparam_format(const Tensor& mu) {
+  if (mu.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (mu.dim() == 4 && mu.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  if (mu.dim() == 5 && mu.is_contiguous(at::MemoryFormat::ChannelsLast3d)) return at::MemoryFormat::ChannelsLast3d;
+  return at::MemoryFormat::Contiguous;
+}
+
+std::pair<int64_t, int64_t> reparam_channels_spatial(const Tensor& mu, at::MemoryFormat fmt) {
+  if (fmt == at::MemoryFormat::Contiguous) return {0, 0};
+  int64_t spatial = 1;
+  for (int64_t i = 2; i < mu.dim(); ++i) spatial *= mu.size(i);
+  return {mu.size(1), spatial};
+}
+
+Tensor reparam_empty(const Tensor& mu, at::MemoryFormat fmt, int64_t num_samples) {
+  std::vector<int64_t> shape(mu.sizes().begin(), mu.sizes().end());
+  if (num_samples == 0) return at::empty(shape, mu.options().memory_format(fmt));
+  if (fmt == at::MemoryFormat::Contiguous) {
+    shape.insert(shape.begin(), num_samples);
+    return at::empty(shape, mu.options());
+  }
+  // (K N, C, *S) in the format, viewed as (K, N, C, *S): each z[k] has mu's layout
+  shape[0] *= num_samples;
+  const Tensor flat = at::empty(shape, mu.options().memory_format(fmt));
+  shape[0] = mu.size(0);
+  shape.insert(shape.begin(), num_samples);
+  return flat.view(shape);
+}
+
+Tensor reparam_in_layout(const Tensor& t, const Tensor& mu, at::MemoryFormat fmt, int64_t num_samples) {
+  if (fmt == at::MemoryFormat::Contiguous) return t.contiguous();
+  Tensor out = reparam_empty(mu, fmt, num_samples);
+  if (t.sizes() == out.sizes() && t.strides() == out.strides()) return t;
+  return out.copy_(t);
 }
 
 void check_reparam_inputs(const Tensor& mu, const Tensor& logvar, int64_t num_samples) {
@@ -105,6 +145,25 @@ void check_reparam_backward_inputs(const Tensor& grad_z, const Tensor& logvar, c
   const int64_t k = std::max<int64_t>(num_samples, 1);
   TORCH_CHECK_VALUE(grad_z.numel() == k * logvar.numel(), "grad_z: expected ", k * logvar.numel(),
                     " elements (num_samples x logvar), got ", grad_z.numel());
+}
+
+void throw_bce_target_out_of_range() {
+  TORCH_CHECK_VALUE(false,
+                    "x: recon='bce' expects targets in [0, 1], but found a value outside it (as "
+                    "binary_cross_entropy does); scale the data into [0, 1] (e.g. pixels / 255)");
+}
+
+void scale_rows_cpu(const Tensor& g, const Tensor& s) {
+  const auto st = g.scalar_type();
+  TORCH_CHECK(g.is_cpu() && (st == at::kHalf || st == at::kBFloat16) && g.dim() >= 1 &&
+                  g.is_non_overlapping_and_dense() && (g.size(0) <= 1 || g.stride(0) == g.numel() / g.size(0)) &&
+                  s.scalar_type() == at::kFloat && s.dim() == 1 && s.numel() == g.size(0),
+              "scale_rows_cpu: expected a dense float16/bfloat16 CPU g whose samples are blocks, and float32 s of ",
+              "one value per sample");
+  if (g.numel() == 0) return;
+  const Tensor sc = s.contiguous();
+  cpu::kernels().scale_rows(st == at::kHalf ? cpu::DType::Float16 : cpu::DType::BFloat16, g.data_ptr(),
+                            g.size(0), g.numel() / g.size(0), sc.const_data_ptr<float>());
 }
 
 void throw_bce_out_of_range() {
@@ -138,14 +197,19 @@ std::tuple<Tensor, Tensor> reduce_terms(double sr, double sk, int64_t n, Reducti
     sk /= static_cast<double>(n);
   }
   const auto opts = at::TensorOptions().dtype(out);
-  if (total) return {at::scalar_tensor(sr + sk, opts), at::empty({0}, opts)};
-  return {at::scalar_tensor(sr, opts), at::scalar_tensor(sk, opts)};
+  // A float32 loss whose double sum exceeds float's range is inf, as the reference's float32 sum
+  // (and Tensor.to) give: at::scalar_tensor would check the conversion and raise instead.
+  const auto scalar = [&](double v) {
+    return at::scalar_tensor(out == at::kFloat ? static_cast<double>(static_cast<float>(v)) : v, opts);
+  };
+  if (total) return {scalar(sr + sk), at::empty({0}, opts)};
+  return {scalar(sr), scalar(sk)};
 }
 
 ElboOutputs elbo_loss_cpu(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar,
                           c10::string_view recon_mode, c10::string_view reduction, bool grad_recon,
                           bool grad_latent, bool validate, bool total) {
-  (void)validate;  // the CPU kernel always checks "bce" probabilities (it is free here)
+  (void)validate;  // the CPU kernel always checks "bce" probabilities and targets (it is free here)
   const Recon mode = parse_recon(recon_mode);
   const Reduction red = parse_reduction(reduction);
   const ElboBuffers b = prepare_elbo(recon, x, mu, logvar, grad_recon, grad_latent);
@@ -176,9 +240,12 @@ ElboOutputs elbo_loss_cpu(const Tensor& recon, const Tensor& x, const Tensor& mu
   args.row_kl = per_sample ? row_kl.data_ptr<double>() : nullptr;
   args.total_rec = &total_rec;
   args.total_kl = &total_kl;
+  std::atomic<bool> bad_target{false};
   args.bad_prob = &bad;
+  args.bad_target = &bad_target;
   cpu::kernels().elbo(args);
   if (bad.load()) throw_bce_out_of_range();
+  if (bad_target.load()) throw_bce_target_out_of_range();
   const at::ScalarType out = loss_dtype(recon.scalar_type());
   if (per_sample) {
     if (total) return {row_rec.add_(row_kl).to(out), at::empty({0}, row_rec.options().dtype(out)), g_r, g_mu, g_lv};
@@ -200,11 +267,10 @@ ReparamOutputs reparameterize_cpu(const Tensor& mu, const Tensor& logvar, int64_
   // CPU: a fresh 64-bit key from the CPU generator per call, offset 0. (seed, offset) go into
   // rng_state, from which the backward (and philox_normal) recompute eps.
   const uint64_t seed = draw_cpu_seed(generator), offset = 0;
-  const Tensor mc = mu.contiguous(), lc = logvar.contiguous();
-  std::vector<int64_t> shape(mu.sizes().begin(), mu.sizes().end());
-  if (num_samples > 0) shape.insert(shape.begin(), num_samples);
-  Tensor z = at::empty(shape, mu.options());
-  Tensor eps = return_eps ? at::empty(shape, mu.options()) : at::empty({0}, mu.options());
+  const auto fmt = reparam_format(mu);
+  const Tensor mc = mu.contiguous(fmt), lc = logvar.contiguous(fmt);
+  Tensor z = reparam_empty(mu, fmt, num_samples);
+  Tensor eps = return_eps ? reparam_empty(mu, fmt, num_samples) : at::empty({0}, mu.options());
   Tensor state = at::empty({2}, at::kLong);
   state.data_ptr<int64_t>()[0] = static_cast<int64_t>(seed);
   state.data_ptr<int64_t>()[1] = static_cast<int64_t>(offset);
@@ -217,6 +283,7 @@ ReparamOutputs reparameterize_cpu(const Tensor& mu, const Tensor& logvar, int64_
     a.eps = return_eps ? eps.data_ptr() : nullptr;
     a.numel = mu.numel();
     a.k = std::max<int64_t>(num_samples, 1);
+    std::tie(a.channels, a.spatial) = reparam_channels_spatial(mu, fmt);
     a.seed = seed;
     a.offset = offset;
     cpu::kernels().reparam(a);
@@ -228,8 +295,9 @@ std::tuple<Tensor, Tensor> reparameterize_backward_cpu(const Tensor& grad_z, con
                                                        const Tensor& rng_state, int64_t num_samples,
                                                        bool grad_mu) {
   check_reparam_backward_inputs(grad_z, logvar, rng_state, num_samples);
-  const Tensor gc = grad_z.contiguous(), lc = logvar.contiguous();
-  Tensor g_mu = grad_mu ? at::empty_like(lc) : at::empty({0}, lc.options()), g_lv = at::empty_like(lc);
+  const auto fmt = reparam_format(logvar);  // the layout the forward computed in (csrc/autograd.cpp)
+  const Tensor gc = reparam_in_layout(grad_z, logvar, fmt, num_samples), lc = logvar.contiguous(fmt);
+  Tensor g_mu = grad_mu ? at::empty_like(lc, fmt) : at::empty({0}, lc.options()), g_lv = at::empty_like(lc, fmt);
   const Tensor st = rng_state.cpu();
   if (logvar.numel() > 0) {
     cpu::ReparamBackwardArgs a{};
@@ -240,6 +308,7 @@ std::tuple<Tensor, Tensor> reparameterize_backward_cpu(const Tensor& grad_z, con
     a.grad_logvar = g_lv.data_ptr();
     a.numel = logvar.numel();
     a.k = std::max<int64_t>(num_samples, 1);
+    std::tie(a.channels, a.spatial) = reparam_channels_spatial(logvar, fmt);
     a.seed = static_cast<uint64_t>(st.const_data_ptr<int64_t>()[0]);
     a.offset = static_cast<uint64_t>(st.const_data_ptr<int64_t>()[1]);
     cpu::kernels().reparam_backward(a);

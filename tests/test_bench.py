@@ -1,10 +1,12 @@
-"""The benchmark harness: the --quick path of every benchmark at tiny sizes, the JSON it writes,
-the chart, and the README table script. No timing thresholds: speed is the benchmarks' business."""
+"""The benchmark harness in benchmarks/ (not part of the package): the --quick path of every
+benchmark at tiny sizes, the JSON it writes, the chart, and the README table script. No timing
+thresholds: speed is the benchmarks' business."""
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TABLE_SCRIPT = ROOT / "benchmarks" / "make_readme_table.py"
+BENCH_DIR = ROOT / "benchmarks"
+TABLE_SCRIPT = BENCH_DIR / "make_readme_table.py"
 
 # Tiny sizes, one timing round of a few milliseconds: this checks the plumbing, not the speed.
 # The compiled baselines use the aot_eager backend here (no C++ code generation: seconds saved per
@@ -36,20 +39,21 @@ def _load_table_script():
     return mod
 
 
-def _vae_ext():
+def _harness(name: str = "run"):
+    """A module of benchmarks/ (run.py by default), imported as run.py imports its neighbours."""
     try:
         import vae_ext  # noqa: F401
     except ImportError as e:  # the extension is not built (python setup.py build_ext --inplace)
         pytest.skip(f"vae_ext is not importable: {e}")
-    return vae_ext
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    return importlib.import_module(name)
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """One in-process run of every benchmark at tiny sizes (the --quick path with --sizes)."""
-    _vae_ext()
-    from vae_ext.bench import main
-
+    main = _harness().main
     out = tmp_path_factory.mktemp("bench") / "results.json"
     argv = [*FAST, *AOT_EAGER, *SIZES["loss"], *SIZES["reparam"], *SIZES["step"], "--out", str(out)]
     rc = main(argv)
@@ -65,7 +69,7 @@ def _is_time(t) -> bool:
 def test_machine_and_settings(results):
     _, r = results
     assert r["schema"] == "vae_ext.bench/1"
-    assert r["command"].startswith("vae-ext bench") and "--quick" in r["command"]
+    assert r["command"].startswith("python benchmarks/run.py ") and "--quick" in r["command"]
     m = r["machine"]
     for key in ("cpu_model", "cpu_count", "threads", "torch", "device", "python"):
         assert m[key], key
@@ -92,7 +96,8 @@ def test_loss_records(results):
         for impl in ("fused", "eager", "compile", "floor", "floor_alloc"):
             assert _is_time(x["times"][impl]), impl
         assert x["bytes_fused"] == (3 * x["N"] * x["D"] + 4 * x["N"] * x["L"]) * 4
-        assert x["speedup"]["eager"] == pytest.approx(x["times"]["eager"]["median_ms"] / x["times"]["fused"]["median_ms"])
+        t = x["times"]
+        assert x["speedup"]["eager"] == pytest.approx(t["eager"]["median_ms"] / t["fused"]["median_ms"])
         assert set(x["speedup"]) == {"eager", "compile"}
         assert set(x["pct_floor"]) == {"fused", "eager", "compile"}
         assert all(isinstance(v, int) and v >= 0 for v in x["peak_mem_bytes"].values())
@@ -117,7 +122,8 @@ def test_reparam_records(results):
 def test_step_records(results):
     _, r = results
     recs = r["benchmarks"]["step"]["results"]
-    assert [(x["model"], x["recon"], x["batch"]) for x in recs] == [("mlp", "bce", 4), ("mlp", "bce_logits", 4)]  # --quick: MLP only
+    # --quick: the MLP only
+    assert [(x["model"], x["recon"], x["batch"]) for x in recs] == [("mlp", "bce", 4), ("mlp", "bce_logits", 4)]
     impls = {"ref_eager", "fused_eager", "ref_compile", "fused_compile"}
     for x in recs:
         assert set(x["times"]) == impls and all(_is_time(t) for t in x["times"].values())
@@ -131,9 +137,7 @@ def test_step_conv(tmp_path, request):
     """The conv VAE (64x64x3) step; slow on a small CPU (Adam over its 8M parameters): runs with -m slow."""
     if "slow" not in (request.config.getoption("-m") or ""):
         pytest.skip("slow: select with -m slow")
-    _vae_ext()
-    from vae_ext.bench import main
-
+    main = _harness().main
     out = tmp_path / "r.json"
     assert main([*FAST, *AOT_EAGER, "--only", "step", "--models", "conv", "--sizes", "step=2", "--adam", "fused",
                  "--no-chart", "--out", str(out)]) == 0
@@ -146,9 +150,7 @@ def test_step_conv(tmp_path, request):
 
 def test_inductor_baseline(tmp_path):
     """The default torch.compile (inductor) baseline, one tiny loss case."""
-    _vae_ext()
-    from vae_ext.bench import main
-
+    main = _harness().main
     out = tmp_path / "r.json"
     assert main([*FAST, "--only", "loss", "--recon", "bce", "--sizes", "loss=8x64:4", "--no-chart",
                  "--out", str(out)]) == 0
@@ -194,50 +196,114 @@ def test_readme_table_cli_without_markers(results, tmp_path):
     assert p.returncode == 2 and "markers" in p.stderr
     p = subprocess.run([sys.executable, str(TABLE_SCRIPT), "--json", str(path)], capture_output=True, text=True)
     assert p.returncode == 0 and "#### ELBO loss" in p.stdout
+    # a file that is not a results JSON: one line naming it, no traceback
+    for text in ("{", "[]"):
+        bad = tmp_path / "bad.json"
+        bad.write_text(text)
+        p = subprocess.run([sys.executable, str(TABLE_SCRIPT), "--json", str(bad)], capture_output=True, text=True)
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and str(bad) in p.stderr, p.stderr
+
+
+def test_readme_table_needs_no_torch(results):
+    """make_readme_table.py renders a results JSON where torch cannot be imported."""
+    path, _ = results
+    code = ("import runpy, sys; sys.modules['torch'] = None; "
+            "sys.argv = ['make_readme_table.py', '--json', sys.argv[1]]; "
+            "runpy.run_path(%r, run_name='__main__')" % str(TABLE_SCRIPT))
+    p = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert "#### ELBO loss" in p.stdout and "#### Targets" in p.stdout
+
+
+def test_not_part_of_the_package():
+    """The harness lives in benchmarks/, beside the package: an installed vae_ext has no bench module."""
+    _harness()
+    assert importlib.util.find_spec("vae_ext.bench") is None
+    assert Path(sys.modules["run"].__file__).resolve().parent == BENCH_DIR
+
+
+@pytest.mark.parametrize("script", ["run.py", "sanitize_kernels.py"])
+def test_scripts_import_the_built_checkout(script, tmp_path):
+    """Run from a checkout built in place, the scripts import its vae_ext, not an installed one."""
+    if not any((ROOT / "vae_ext").glob("_C*")):
+        pytest.skip("this checkout is not built in place")
+    code = ("import runpy, sys; sys.path.insert(0, sys.argv[1]); sys.argv = [sys.argv[2], '--help']\n"
+            "try: runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit: pass\n"
+            "print(sys.modules['vae_ext'].__file__)")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-c", code, str(BENCH_DIR), str(BENCH_DIR / script)], capture_output=True,
+                       text=True, cwd=tmp_path, env=env)
+    assert p.returncode == 0, p.stderr
+    assert Path(p.stdout.splitlines()[-1]).resolve() == ROOT / "vae_ext" / "__init__.py", p.stdout
+
+
+def test_runs_without_matplotlib_and_tqdm(tmp_path, monkeypatch, capsys):
+    """matplotlib draws the chart and nothing else; tqdm is not used: without either the run completes."""
+    main = _harness().main
+    for name in ("matplotlib", "tqdm", "tqdm.auto"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as if not installed
+    out = tmp_path / "r.json"
+    argv = [a for a in FAST if a != "--no-progress"]
+    assert main([*argv, *AOT_EAGER, "--only", "reparam", "--sizes", "reparam=16x8", "--no-memory",
+                 "--out", str(out)]) == 0
+    stdout, stderr = capsys.readouterr()
+    assert stdout.count("chart skipped") == 1 and "chart skipped: matplotlib is not installed" in stdout
+    assert "reparam 1/1: float32 16x8" in stderr  # progress: one line per case
+    r = json.loads(out.read_text())
+    assert "chart" not in r and not out.with_suffix(".png").exists()
+    assert r["benchmarks"]["reparam"]["results"] and not any("chart" in n for n in r["notes"])
 
 
 def test_only_and_sizes_parsing(tmp_path):
-    _vae_ext()
-    from vae_ext.bench import build_parser, main
-
+    run = _harness()
+    build_parser, main = run.build_parser, run.main
     with pytest.raises(SystemExit):
         main(["--only", "nope", "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit):
         main(["--sizes", "loss=8x64", "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit, match="--cuda-graph: needs --device cuda"):
         main(["--device", "cpu", "--cuda-graph", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="--device: expected cpu, cuda or cuda:N, got 'gpu0'"):
+        main(["--device", "gpu0", "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
     args = build_parser().parse_args(["--only", "loss,reparam", "--quick"])
     assert args.only == ["loss,reparam"] and args.quick and not args.cuda_graph
 
 
 @pytest.mark.parametrize("mode", ["retain", "fresh"])
 def test_cpu_allocator_modes(mode, tmp_path):
-    _vae_ext()
+    report = _harness("report")
     out = tmp_path / "r.json"
     argv = [a for a in FAST if a not in ("--cpu-allocator", "glibc")]
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), *argv, *AOT_EAGER, "--only", "reparam",
+    p = subprocess.run([sys.executable, str(BENCH_DIR / "run.py"), *argv, *AOT_EAGER, "--only", "reparam",
                         "--sizes", "reparam=16x8", "--no-chart", "--no-memory", "--cpu-allocator", mode,
                         "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     r = json.loads(out.read_text())
     alloc = r["settings"]["cpu_allocator"]
     assert alloc["mode"] == mode and alloc["applied"] is True
-    assert r["benchmarks"]["reparam"]["results"][0]["peak_mem_bytes"] == {}
-    assert "CPU allocator" in _load_table_script()._load_report().markdown_section(r)
+    rec = r["benchmarks"]["reparam"]["results"][0]
+    assert rec["peak_mem_bytes"] == {}
+    # a copy into a fresh buffer is timed only where it can cost more than the copy
+    assert ("floor_alloc" in rec["times"]) == (mode == "fresh")
+    assert "CPU allocator" in report.markdown_section(r)
 
 
-@pytest.mark.parametrize("script", ["run.py", "bench_elbo_loss.py", "bench_reparameterize.py", "bench_step.py"])
-def test_entry_scripts_help(script):
-    _vae_ext()
-    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True, text=True,
+def test_run_script_help():
+    _harness()
+    p = subprocess.run([sys.executable, str(BENCH_DIR / "run.py"), "--help"], capture_output=True, text=True,
                        cwd=ROOT)
     assert p.returncode == 0, p.stderr
-    assert "--only" in p.stdout and "--quick" in p.stdout
+    assert p.stdout.startswith("usage: python benchmarks/run.py")
+    for option in ("--only", "--quick", "--device", "--cuda-graph", "--sizes", "--out", "--chart", "--no-chart"):
+        assert option in p.stdout, option
 
 
 def test_report_without_torch_results():
     """The renderer works on a minimal hand-written results dict (no extension needed)."""
-    report = _load_table_script()._load_report()
+    script = _load_table_script()  # it puts benchmarks/ on sys.path: report and targets import without torch
+    report, targets = importlib.import_module("report"), importlib.import_module("targets")
     t = {"median_ms": 2.0, "iqr_ms": 0.1, "min_ms": 1.9, "blocks": 3}
     rec = {"recon": "bce", "dtype": "float32", "N": 1024, "D": 784, "L": 32, "elements": 802816,
            "times": {"fused": t, "eager": {**t, "median_ms": 30.0}, "compile": {**t, "median_ms": 5.0},
@@ -246,27 +312,27 @@ def test_report_without_torch_results():
            "peak_mem_bytes": {"fused": 3 << 20, "eager": 6 << 20, "compile": 3 << 20},
            "mem_fused_le": {"eager": True, "compile": True}}
     res = {"machine": {"device": "cpu", "cpu_model": "Test CPU", "cpu_count": 2, "threads": 2, "torch": "x"},
-           "command": "vae-ext bench", "benchmarks": {"loss": {"title": "ELBO loss", "results": [rec]}}}
+           "command": "python benchmarks/run.py", "benchmarks": {"loss": {"title": "ELBO loss", "results": [rec]}}}
     md = report.markdown_section(res)
     assert "Test CPU" in md and "15.0x" in md and "2.50x" in md and "50%" in md
-    targets = {t["target"]: t for t in report.check_targets(res)}
-    met = [t for t in targets.values() if t["met"]]
+    cpu = {t["target"]: t for t in targets.check_targets(res)}
+    met = [t for t in cpu.values() if t["met"]]
     assert len(met) == 2  # >= 10x eager and >= 2x compile at >= 0.8M elements
-    assert all("16M" not in t for t in targets), "a CPU run is held to the CPU targets only"
+    assert all("16M" not in t for t in cpu), "a CPU run is held to the CPU targets only"
     # A CUDA run is held to the H100 targets: percent of the copy floor and speed-up at >= 16M elements.
     big = {**rec, "N": 4096, "D": 4096, "elements": 4096 * 4096, "pct_floor": {"fused": 90.0},
            "speedup": {"eager": 3.0, "compile": 1.4}}
     res_gpu = {**res, "machine": {"device": "cuda", "gpu_name": "Test GPU", "cuda": "13.0", "torch": "x"},
                "benchmarks": {"loss": {"title": "ELBO loss", "results": [rec, big]}}}
-    gpu = {t["target"]: t for t in report.check_targets(res_gpu)}
+    gpu = {t["target"]: t for t in targets.check_targets(res_gpu)}
     assert all("16M" in t for t in gpu) and len(gpu) == 3
     floor_t = next(t for k, t in gpu.items() if k.startswith("loss") and "floor" in k)
     comp_t = next(t for k, t in gpu.items() if k.startswith("loss") and "compile" in k)
     assert floor_t["met"] and floor_t["measured_worst"] == 90.0 and floor_t["cases"] == 1
     assert comp_t["met"] is False and comp_t["measured_worst"] == 1.4
     assert "90%" in report.markdown_section(res_gpu)
-    assert report.update_markers("a <!-- bench:begin -->x<!-- bench:end --> b", "NEW") == \
+    assert script.update_markers("a <!-- bench:begin -->x<!-- bench:end --> b", "NEW") == \
         "a <!-- bench:begin -->\nNEW\n<!-- bench:end --> b"
     two = "<!-- bench:begin -->x<!-- bench:end --> <!-- bench:h100:begin -->y<!-- bench:h100:end -->"
-    assert report.update_markers(two, "G", "h100") == \
+    assert script.update_markers(two, "G", "h100") == \
         "<!-- bench:begin -->x<!-- bench:end --> <!-- bench:h100:begin -->\nG\n<!-- bench:h100:end -->"

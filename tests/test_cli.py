@@ -22,7 +22,8 @@ import torch
 import vae_ext
 from vae_ext import cli
 from vae_ext._interrupts import raise_interrupt
-from vae_ext.train import atomic_write, load_checkpoint
+from vae_ext.checkpoint import load_checkpoint
+from vae_ext.runfiles import atomic_write
 
 # Subprocesses import the vae_ext this process imported (the repo with an in-place build, or the
 # installed package when the tests run against `pip install .`), and run outside the repo so that
@@ -164,7 +165,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert p.read_text() == "new\n"
 
 
-# --------------------------------------------------------------------------- eval, sweep, bench
+# --------------------------------------------------------------------------- eval, sweep
 
 
 def test_eval(capsys, trained):
@@ -176,7 +177,8 @@ def test_eval(capsys, trained):
     assert 0 < r["nll"] < r["nelbo"] + 1.0  # the IW bound is at least as tight as the ELBO, up to noise
     rows = read_csv(trained / "metrics.csv")
     assert r["nelbo"] == pytest.approx(float(rows[-1]["test_nelbo"]), rel=1e-5)  # same fixed eval eps
-    rc, stdout, _ = run(capsys, "eval", trained, "--k", "5", "--json", "--reference", "--split", "train", "--no-progress")
+    rc, stdout, _ = run(capsys, "eval", trained, "--k", "5", "--json", "--reference", "--split", "train",
+                        "--no-progress")
     r = json.loads(stdout)
     assert rc == 0 and r["kernels"] == "reference" and r["n"] == 1438
 
@@ -199,20 +201,6 @@ def test_sweep_two_latents(capsys, tmp_path):
     rc, stdout, _ = run(capsys, "sweep", "--latent", "1,2", "--epochs", "1", "--k", "4", "--out", out, "--no-progress")
     assert rc == 0 and stdout.count("nothing to do") == 2
     assert [r["test_nelbo"] for r in read_csv(out / "sweep.csv")] == [r["test_nelbo"] for r in rows]
-
-
-def test_bench_is_delegated(capsys, monkeypatch):
-    import types
-
-    import vae_ext
-
-    seen = []
-    fake = types.ModuleType("vae_ext.bench")
-    fake.main = lambda argv: seen.append(argv) or 3
-    monkeypatch.setitem(sys.modules, "vae_ext.bench", fake)
-    monkeypatch.setattr(vae_ext, "bench", fake, raising=False)
-    assert cli.main(["bench", "--quick", "--only", "loss"]) == 3
-    assert seen == [["--quick", "--only", "loss"]]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -251,8 +239,10 @@ def _bad_mnist(tmp_path, kind):
     (["eval", "{run}", "--data", "mnist:{28x28}"], "images are 1x28x28 but the model in"),
     (["eval", "{run}", "--k", "0"], "argument --k"),
     (["train", "--out", "{run}"], "already holds a run"),
-    (["train", "--resume", "{run}", "--latent", "7"], "from another configuration: it was trained with --latent 2, not 7"),
-    (["train", "--resume", "{run}", "--data", "mnist:{28x28}"], "from another configuration: it was trained with --data digits"),
+    (["train", "--resume", "{run}", "--latent", "7"],
+     "from another configuration: it was trained with --latent 2, not 7"),
+    (["train", "--resume", "{run}", "--data", "mnist:{28x28}"],
+     "from another configuration: it was trained with --data digits"),
     (["sweep", "--latent", "2,zero"], "argument --latent"),
 ])
 def test_bad_input_is_one_line_and_nonzero(capsys, tmp_path, trained, argv, match):
@@ -286,7 +276,8 @@ def test_cuda_without_cuda(capsys, tmp_path):
 
 
 def test_python_dash_m_entry_point(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(PKG_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(PKG_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "vae_ext", "train", "--data", f"mnist:{tmp_path}/none"],
                        capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
     assert_one_line_error(p.returncode, p.stderr, "no such directory")
@@ -295,7 +286,8 @@ def test_python_dash_m_entry_point(tmp_path):
 
 def test_sigterm_ends_training_cleanly(tmp_path):
     """kill (SIGTERM) mid-run: one line, status 143, and the last complete checkpoint and metrics."""
-    env = {**os.environ, "PYTHONPATH": str(PKG_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(PKG_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
     out = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "vae_ext", "train", "--epochs", "1000", "--out", str(out), *TINY],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)

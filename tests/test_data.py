@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from vae_ext.data import load_data, load_mnist, parse_idx, parse_split, read_idx
+from vae_ext.data import load_data, load_mnist, parse_split
 from vae_ext.errors import ConfigError, DataError
+from vae_ext.idx import parse_idx, read_idx
 
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"  # <repo>/../shared/data/mnist
 
@@ -52,7 +53,8 @@ def test_read_idx_round_trip(tmp_path, gz, code, arr):
 
 
 @pytest.mark.parametrize("raw,match", [
-    (b"\x00\x00\x08\x03\x00\x00\x00\x02\x00\x00\x00\x02\x00\x00\x00\x02" + bytes(7), r"truncated IDX file: shape 2x2x2 needs 8 bytes of data, found 7"),
+    (b"\x00\x00\x08\x03\x00\x00\x00\x02\x00\x00\x00\x02\x00\x00\x00\x02" + bytes(7),
+     r"truncated IDX file: shape 2x2x2 needs 8 bytes of data, found 7"),
     (b"\x00\x00\x08\x03\x00\x00\x00\x02\x00\x00", r"truncated IDX file: the header needs 16 bytes"),
     (b"\x00\x00\x08\x01\x00\x00\x00\x02" + bytes(3), r"trailing bytes"),
     (b"\x00\x00\x08\x00", r"not an IDX file \(magic number 0x00000800\)"),  # 0 dimensions
@@ -222,7 +224,8 @@ def test_real_mnist_t10k():
     imgs = read_idx(MNIST_DIR / "t10k-images-idx3-ubyte.gz")
     labels = read_idx(MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
     assert imgs.shape == (10000, 28, 28) and imgs.dtype == np.uint8
-    assert labels.shape == (10000,) and labels[:8].tolist() == [7, 2, 1, 0, 4, 1, 4, 9]  # the well-known first test digits
+    # the well-known first test digits
+    assert labels.shape == (10000,) and labels[:8].tolist() == [7, 2, 1, 0, 4, 1, 4, 9]
     d = load_data(f"mnist:{MNIST_DIR}", train_split=8000, binarize_mode="none")
     assert d.train.shape == (8000, 1, 28, 28) and d.test.shape == (2000, 1, 28, 28)
     torch.testing.assert_close(d.test[-1, 0], torch.from_numpy(imgs[-1]).float() / 255)

@@ -23,7 +23,8 @@ PKG_ROOT = Path(vae_ext.__file__).resolve().parents[1]
 WORKER = textwrap.dedent("""
     import os, sys, torch
     torch.set_num_threads(1)
-    from vae_ext.train import TrainConfig, train
+    from vae_ext.config import TrainConfig
+    from vae_ext.train import train
     out = sys.argv[1]
     cfg = TrainConfig(data="digits", hidden=[32], latent=4, epochs=3, batch_size=64, lr=3e-3,
                       device="cpu", seed=5, out=os.path.join(out, "run"), progress=False)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import vae_ext
+from vae_ext import reference
 
 from helpers import (
     BF16,
@@ -122,6 +123,45 @@ def test_bce_recon_outside_0_1_raises_on_cpu(dtype, value, position):
                 vae_ext.elbo_loss(r, x, mu, lv, recon="bce", reduction=reduction, validate=validate)
             msg = str(info.value)
             assert "recon_x" in msg and "[0, 1]" in msg, f"message does not name recon_x and [0, 1]: {msg!r}"
+
+
+X_OUT_OF_RANGE = [255.0, 1.5, -0.1, 1.0 + 2 ** -23, -1e-30, float("inf")]
+
+
+@pytest.mark.parametrize("position", ["first", "middle", "last"])
+@pytest.mark.parametrize("value", X_OUT_OF_RANGE, ids=[repr(v) for v in X_OUT_OF_RANGE])
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=dtype_id)
+@pytest.mark.parametrize("targets", ["binary", "real"])
+def test_bce_target_outside_0_1_raises_on_cpu(targets, dtype, value, position):
+    """A bce target x outside [0, 1] (data not divided by 255) raises as binary_cross_entropy does,
+    checked in the kernel's pass on CPU whatever `validate` says, also among binary targets (whose
+    vectors take the one-logarithm path)."""
+    r, x, mu, lv = make_elbo_inputs("bce", (5, 37), 3, dtype, seed=83)
+    if targets == "binary":
+        x = (x > 0.5).to(dtype)
+    idx = {"first": (0, 0), "middle": (2, 17), "last": (4, 36)}[position]
+    x = x.clone()
+    if dtype == BF16 and value == 1.0 + 2 ** -23:
+        value = 1.0078125  # the next bfloat16 above 1
+    x[idx] = value
+    assert (x[idx].item() > 1.0) or (x[idx].item() < 0.0)
+    with pytest.raises(RuntimeError, match="target"):  # as PyTorch's own loss refuses it
+        torch.nn.functional.binary_cross_entropy(r.float(), x.float())
+    for validate in (False, True):
+        for reduction in REDUCTIONS:
+            with pytest.raises(ValueError) as info:
+                vae_ext.elbo_loss(r, x, mu, lv, recon="bce", reduction=reduction, validate=validate)
+            msg = str(info.value)
+            assert msg.startswith("x:") and "[0, 1]" in msg, f"message does not name x and [0, 1]: {msg!r}"
+
+
+def test_bce_logits_accepts_any_target():
+    """bce_logits keeps accepting any target, as binary_cross_entropy_with_logits does."""
+    r, x, mu, lv = make_elbo_inputs("bce_logits", (3, 8), 2, F32, seed=84)
+    x = x * 255.0 - 3.0
+    got = vae_ext.elbo_loss(r, x, mu, lv, recon="bce_logits")
+    want = reference.elbo_loss(r, x, mu, lv, recon="bce_logits")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("mode", ["bce_logits", "mse"])

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 import vae_ext
-from vae_ext.bench.common import capture_cuda_graph
 
 from helpers import (
     BF16,
     F32,
     RECON_MODES,
     assert_close,
+    capture_cuda_graph,
     make_elbo_inputs,
     requires_cuda,
     skip_unless_cuda_free,
@@ -31,6 +31,21 @@ def test_bce_validate_on_cuda():
     assert "recon_x" in str(info.value) and "[0, 1]" in str(info.value)
     out = vae_ext.elbo_loss(r, x, mu, lv, recon="bce", validate=False)
     assert not torch.isfinite(out).item(), "an out-of-range probability without validate must give NaN"
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_bce_target_validate_on_cuda():
+    """validate=True checks the targets x too; without it a target outside [0, 1] gives the
+    formula's finite value (README), which is what the CPU kernels would compute unchecked."""
+    r, x, mu, lv = (t.cuda() for t in make_elbo_inputs("bce", (5, 37), 3, F32, seed=81))
+    x = x.clone()
+    x[4, 36] = 255.0
+    with pytest.raises(ValueError) as info:
+        vae_ext.elbo_loss(r, x, mu, lv, recon="bce", validate=True)
+    assert str(info.value).startswith("x:") and "[0, 1]" in str(info.value)
+    out = vae_ext.elbo_loss(r, x, mu, lv, recon="bce", validate=False)
+    assert torch.isfinite(out).item()
 
 
 @pytest.mark.cuda

@@ -77,7 +77,7 @@ NONFINITE_CASES = [
     ("recon_x", float("inf"), ("bce_logits", "mse")),
     ("recon_x", float("-inf"), ("bce_logits", "mse")),
     ("x", float("nan"), RECON_MODES),
-    ("x", float("inf"), RECON_MODES),
+    ("x", float("inf"), ("bce_logits", "mse")),  # bce: a target outside [0, 1] raises
     ("mu", float("nan"), RECON_MODES),
     ("mu", float("inf"), RECON_MODES),
     ("logvar", float("nan"), RECON_MODES),
@@ -303,3 +303,101 @@ def test_bce_logits_huge_logits(device, dtype):
                                              upstream=upstream_for(reduction, 2, device=device), what=reduction)
         assert torch.isfinite(out).all(), f"{reduction}: {out}"
         assert torch.isfinite(grads[0]).all(), f"{reduction}: grad {grads[0]}"
+
+
+# --------------------------------------------------------------------------- float32 overflow
+# A float32 loss whose sum leaves float's range is inf, as the reference's (issue 19, item 1: the
+# double accumulator's conversion raised "value cannot be converted to type float without overflow").
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", ["mse_f32", "mse_f32_batch", "bce_logits_bf16"])
+def test_float32_loss_overflow_is_inf(device, case, reduction):
+    if case == "mse_f32":
+        mode, r = "mse", torch.full((1, 2), 1.4e19)
+    elif case == "mse_f32_batch":  # its mean (a per-sample sum of 7e37) is finite
+        mode, r = "mse", torch.full((64, 784), 3e17)
+    else:  # bfloat16 inputs, float32 loss
+        mode, r = "bce_logits", torch.full((4, 8), 2e38, dtype=BF16)
+    r = r.to(device)
+    x = torch.zeros_like(r)
+    mu = torch.zeros(r.shape[0], 1, dtype=r.dtype, device=device)
+    lv = torch.zeros_like(mu)
+    want = reference.elbo_loss(*(t.double() for t in (r, x, mu, lv)), recon=mode, reduction=reduction).float()
+    if not (case == "mse_f32_batch" and reduction == "mean"):
+        assert want.item() == math.inf
+    for terms in (False, True):
+        out = vae_ext.elbo_loss(r, x, mu, lv, recon=mode, reduction=reduction, return_terms=terms)
+        for got in out if terms else (out,):
+            assert got.dtype == F32
+        loss = out[0] if terms else out
+        torch.testing.assert_close(loss, want.to(device), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("mode", RECON_MODES)
+@pytest.mark.parametrize("shape", [(0, 784), (0, 1, 28, 28)], ids=["flat", "image"])
+def test_reference_empty_batch_agrees(mode, shape):
+    # The oracle gives the documented empty-batch results too: 0, NaN and an empty tensor (issue
+    # 19, item 3: its reshape(0, -1) raised).
+    r, x = torch.empty(shape), torch.empty(shape)
+    mu, lv = torch.empty(0, 20), torch.empty(0, 20)
+    for reduction in REDUCTIONS:
+        want = vae_ext.elbo_loss(r, x, mu, lv, recon=mode, reduction=reduction)
+        got = reference.elbo_loss(r, x, mu, lv, recon=mode, reduction=reduction)
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got, want, equal_nan=True)
+    assert reference.reconstruction_loss(r, x, mode).shape == (0,)
+
+
+# --------------------------------------------------------------------------- float16 gradients
+# The backward scales the stored gradients in float32 and rounds once (issue 19, item 2: it rounded
+# grad_output to float16 first, so 65536 became inf and 1e-10 became 0), and the latent gradients
+# stay in float32 until scaled (0.5 (e^12 - 1) = 81376 is beyond float16).
+def _f16_case(device, p, x, mu, lv, reduction, scale, beta=1.0):
+    r = torch.tensor([[p, 0.5]], dtype=F16, device=device).requires_grad_(True)
+    xt = torch.tensor([[x, 0.5]], dtype=F16, device=device)
+    m = torch.tensor([[mu, 0.0]], dtype=F16, device=device).requires_grad_(True)
+    v = torch.tensor([[lv, 0.0]], dtype=F16, device=device).requires_grad_(True)
+    loss = vae_ext.elbo_loss(r, xt, m, v, beta=beta, reduction=reduction)
+    (loss * scale).sum().backward()
+    r64, x64, m64, v64 = (t.detach().cpu().double().requires_grad_(t.requires_grad) for t in (r, xt, m, v))
+    (reference.elbo_loss(r64, x64, m64, v64, beta=beta, reduction=reduction) * scale).sum().backward()
+    return (r.grad, m.grad, v.grad), (r64.grad, m64.grad, v64.grad)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_float16_large_grad_output(device, reduction):
+    got, want = _f16_case(device, 0.5, 0.375, 0.5, 0.0, reduction, 65536.0)
+    assert want[0][0, 0] == 32768 and want[1][0, 0] == 32768
+    for g, w in zip(got, want):
+        assert g.dtype == F16
+        torch.testing.assert_close(g.cpu().double(), w, rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_float16_latent_gradient_beyond_float16_range(device, reduction):
+    got, want = _f16_case(device, 0.5, 0.375, 0.5, 12.0, reduction, 1.0, beta=0.0)
+    assert want[2][0, 0] == 0
+    torch.testing.assert_close(got[2].cpu().double(), want[2], rtol=0, atol=0)
+    torch.testing.assert_close(got[1].cpu().double(), want[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_float16_small_beta(device, reduction):
+    got, want = _f16_case(device, 0.5, 0.375, 1000.0, 0.0, reduction, 1.0, beta=1e-7)
+    assert math.isclose(want[1][0, 0].item(), 1e-4, rel_tol=1e-12)
+    torch.testing.assert_close(got[1].cpu().double(), want[1], rtol=2e-3, atol=0)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_float16_bce_gradient_at_its_floor(device, reduction):
+    # p = 0, x = 1: the local gradient -1e12 (the 1e-12 floor) is stored in float16 as -inf, so the
+    # gradient is -inf whatever grad_output scales it (the reference: -1e12 * 1e-10 = -100), as the
+    # README says; never NaN (grad_output 1e-10 was rounded to a float16 0, and -inf * 0 is NaN).
+    got, want = _f16_case(device, 0.0, 1.0, 0.5, 0.0, reduction, 1e-10)
+    assert math.isclose(want[0][0, 0].item(), -100.0, rel_tol=1e-6)
+    assert got[0][0, 0].item() == -math.inf
+    assert not got[0].isnan().any() and torch.isfinite(got[0][0, 1])

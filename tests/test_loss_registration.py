@@ -70,6 +70,25 @@ def test_direct_op_allocates_no_grad_buffers_when_flags_false():
             assert_close(a, b, rtol=1e-6, what=f"{reduction}: terms with/without grad buffers")
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_direct_op_buffers_not_changed_by_a_later_backward(reduction):
+    """Called directly with inputs that require grad, the op returns no buffer that its backward
+    scales in place (issue 19, item 4: (rec * 2 + kl * 3).backward() doubled the g_recon returned)."""
+    r, x, mu, lv = make_elbo_inputs("bce", (4, 30), 3, F32, seed=7)
+    leaves = [t.clone().requires_grad_(True) for t in (r, mu, lv)]
+    rec, kl, g_r, g_mu, g_lv = ELBO_OP(leaves[0], x, leaves[1], leaves[2], "bce", reduction, True, True, False)
+    before = [t.clone() for t in (g_r, g_mu, g_lv)]
+    w = upstream_for(reduction, 4).float()
+    ((rec * 2 + kl * 3) * w).sum().backward()
+    for name, t, b in zip(("g_recon", "g_mu", "g_logvar"), (g_r, g_mu, g_lv), before):
+        assert torch.equal(t, b), f"{name} returned by the op was changed by the backward"
+    ref = [t.detach().double().requires_grad_(True) for t in leaves]
+    rr = reference.elbo_loss(ref[0], x.double(), ref[1], ref[2], reduction=reduction, return_terms=True)
+    ((rr[1] * 2 + rr[2] * 3) * w.double()).sum().backward()
+    for t, rt in zip(leaves, ref):
+        assert_close(t.grad, rt.grad, rtol=1e-5, atol_rel=1e-6, what="gradients through the raw op")
+
+
 class _RecordElboCalls(torch.utils._python_dispatch.TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -314,3 +333,23 @@ def test_torch_compile_fullgraph_matches_eager(mode, reduction):
         for what, a, b in zip(("loss", "kl") + NAMES, outs[1], outs[0]):
             assert_close(a, b, rtol=1e-6, atol_rel=1e-7, what=f"N={n} compiled vs eager {what}")
     torch._dynamo.reset()
+
+
+def test_torch_func_grad_raises_a_helpful_error():
+    """torch.func.grad cannot run the C++ autograd: the error names the op and vae_ext.reference
+    (functorch's own says only 'cannot use C++ torch::autograd::Function with functorch transforms')."""
+    r, x, mu, lv = make_elbo_inputs("bce", (4, 30), 3, F32, seed=8)
+    with pytest.raises(RuntimeError) as info:
+        torch.func.grad(lambda rr: vae_ext.elbo_loss(rr, x, mu, lv))(r)
+    msg = str(info.value)
+    assert "vae_ext.elbo_loss" in msg and "vae_ext.reference.elbo_loss" in msg and "torch.func" in msg, msg
+    # the reference works there, and vmap of the fused op runs (PyTorch's per-sample fallback)
+    g = torch.func.grad(lambda rr: reference.elbo_loss(rr, x, mu, lv))(r)
+    assert g.shape == r.shape
+    out = torch.func.vmap(lambda a, b, m, v: vae_ext.elbo_loss(a[None], b[None], m[None], v[None]))(r, x, mu, lv)
+    want = reference.elbo_loss(r, x, mu, lv, reduction="none")
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=0)
+    with pytest.raises(RuntimeError) as info:
+        torch.func.grad(lambda m: vae_ext.reparameterize(m, lv).sum())(mu)
+    msg = str(info.value)
+    assert "vae_ext.reparameterize" in msg and "vae_ext.reference.reparameterize" in msg, msg

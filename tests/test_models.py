@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import vae_ext
 from vae_ext import reference
-from vae_ext.models import ConvVAE, MLPVAE, ReferenceELBOLoss
+from vae_ext.models import MLPVAE, ConvVAE, ReferenceELBOLoss
 from vae_ext.train import train_step
 
 
@@ -145,7 +145,7 @@ def test_fused_and_reference_training_agree_over_200_steps(dtype, rtol):
     assert fused[-20:].mean() < 0.8 * fused[:5].mean()  # it learned something
     torch.testing.assert_close(fused, ref, rtol=rtol, atol=0.0)
     for (name, a), b in zip(m_fused.named_parameters(), m_ref.parameters()):
-        torch.testing.assert_close(a, b, rtol=rtol * 50, atol=rtol * 1e-2, msg=lambda s: f"{name}: {s}")
+        torch.testing.assert_close(a, b, rtol=rtol * 50, atol=rtol * 1e-2, msg=lambda s, name=name: f"{name}: {s}")
     if dtype == torch.float32:
         other, _ = _train_losses(False, dtype, 200, batches, same_eps=False)
         assert ((other - fused).abs() / fused.abs()).max() > 100 * rtol

@@ -6,9 +6,18 @@
 """
 from __future__ import annotations
 
+import warnings
+
+# vae_ext needs torch alone. Where numpy is absent (torch does not require it), the first import of
+# torch warns "Failed to initialize NumPy"; nothing here uses numpy, so that warning is noise here
+# (and would sit above the one line that the `vae-ext` command prints about its missing extra).
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
+    import torch  # noqa: F401
+
 from . import reference
 from ._build import build_info, cpu_capability
-from .functional import elbo_loss, reparameterize
+from .functional import elbo_loss, gaussian_kl, reparameterize
 from .losses import FusedELBOLoss
 
 __version__ = "0.1.0"
@@ -16,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = [
     "FusedELBOLoss",
     "elbo_loss",
+    "gaussian_kl",
     "reparameterize",
     "reference",
     "build_info",

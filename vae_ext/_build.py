@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+
 def _not_built_message(err: ImportError) -> str:
     """Why vae_ext._C is missing, and what to do: the usual cause right after ``pip install .`` is a
     checkout's source folder shadowing the installed package (``python -c``, ``python -m`` and

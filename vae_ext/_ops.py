@@ -22,13 +22,16 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 # vae_ext::elbo_loss(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent, validate,
 #                    total=False) -> (rec, kl, g_recon, g_mu, g_logvar)
 # rec and kl are the reduced reconstruction and KL terms; g_* are d(term)/d(input), written in the
-# same pass (empty when their flag is False); the backward only scales them by grad_output.
+# same pass (empty when their flag is False; g_mu and g_logvar in the loss dtype, float32 for half
+# inputs); the backward only scales them by grad_output. Through autograd, when a graph is
+# recorded, the three come back empty: the backward scales the saved buffers in place.
 # total=True: the first output is the loss rec + kl (beta = 1) and the second is empty, which
 # saves an add, its autograd node and a tensor in eager mode.
 
 
 def _flat_format(recon: torch.Tensor) -> torch.memory_format:
-    """The layout of the recon gradient: as csrc/ops.cpp flat_format (channels_last kept)."""
+    """The layout of the recon gradient, and of z for this mu: as csrc/ops.cpp flat_format and
+    reparam_format (channels_last kept)."""
     if recon.is_contiguous():
         return torch.contiguous_format
     if recon.dim() == 4 and recon.is_contiguous(memory_format=torch.channels_last):
@@ -45,8 +48,9 @@ def _elbo_loss_fake(recon, x, mu, logvar, recon_mode, reduction, grad_recon, gra
     rec = recon.new_empty(shape, dtype=out_dtype)
     kl = recon.new_empty(0 if total else shape, dtype=out_dtype)
     g_recon = torch.empty_like(recon, memory_format=_flat_format(recon)) if grad_recon else recon.new_empty(0)
-    g_mu = torch.empty_like(mu, memory_format=torch.contiguous_format) if grad_latent else mu.new_empty(0)
-    g_logvar = torch.empty_like(logvar, memory_format=torch.contiguous_format) if grad_latent else mu.new_empty(0)
+    # the latent gradients in the loss dtype (float32 for half inputs), as csrc/ops.cpp prepare_elbo
+    g_mu = mu.new_empty(mu.shape if grad_latent else 0, dtype=out_dtype)
+    g_logvar = mu.new_empty(logvar.shape if grad_latent else 0, dtype=out_dtype)
     return rec, kl, g_recon, g_mu, g_logvar
 
 
@@ -56,19 +60,33 @@ def _elbo_loss_fake(recon, x, mu, logvar, recon_mode, reduction, grad_recon, gra
 # used, as int64 on mu's device; the backward recomputes eps from it instead of storing eps.
 
 
+# z, eps and the gradients take mu's channels_last(_3d) layout when mu has it (each z[k] with
+# num_samples), as csrc/ops.cpp reparam_format and reparam_empty.
+
+
+def _samples_empty(mu, num_samples):
+    fmt = _flat_format(mu)
+    if num_samples == 0:
+        return torch.empty_like(mu, memory_format=fmt)
+    if fmt == torch.contiguous_format:
+        return mu.new_empty((num_samples, *mu.shape))
+    flat = mu.new_empty((num_samples * mu.shape[0], *mu.shape[1:])).contiguous(memory_format=fmt)
+    return flat.view(num_samples, *mu.shape)
+
+
 @torch.library.register_fake("vae_ext::reparameterize")
 def _reparameterize_fake(mu, logvar, num_samples, return_eps, generator=None):
-    shape = tuple(mu.shape) if num_samples == 0 else (num_samples, *mu.shape)
-    z = mu.new_empty(shape)
-    eps = mu.new_empty(shape) if return_eps else mu.new_empty(0)
+    z = _samples_empty(mu, num_samples)
+    eps = _samples_empty(mu, num_samples) if return_eps else mu.new_empty(0)
     state = mu.new_empty(2, dtype=torch.int64)
     return z, eps, state
 
 
 @torch.library.register_fake("vae_ext::reparameterize_backward")
 def _reparameterize_backward_fake(grad_z, logvar, rng_state, num_samples, grad_mu=True):
-    g_mu = torch.empty_like(logvar, memory_format=torch.contiguous_format) if grad_mu else logvar.new_empty(0)
-    return g_mu, torch.empty_like(logvar, memory_format=torch.contiguous_format)
+    fmt = _flat_format(logvar)
+    g_mu = torch.empty_like(logvar, memory_format=fmt) if grad_mu else logvar.new_empty(0)
+    return g_mu, torch.empty_like(logvar, memory_format=fmt)
 
 
 @torch.library.register_fake("vae_ext::philox_normal")

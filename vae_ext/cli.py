@@ -1,12 +1,16 @@
-"""The ``vae-ext`` command (also ``python -m vae_ext``): train | eval | sweep | bench.
+"""The ``vae-ext`` command (also ``python -m vae_ext``): train | eval | sweep.
 
 See docs/cli.md. Mistakes in the input (options, data files, checkpoints, devices) end the command
 with one line on stderr naming the problem and a non-zero exit status: 2 for an unusable option
 (argparse), 1 for everything else, 130 when interrupted (Ctrl-C), 143 on SIGTERM.
+
+The library needs torch alone; the command also needs the ``cli`` extra (:data:`CLI_REQUIREMENTS`).
+Without it the command says what to install, on one line, and exits with status 1.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
 import signal
@@ -15,9 +19,29 @@ import sys
 from ._interrupts import raise_interrupt
 from .errors import VaeExtError
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "CLI_REQUIREMENTS"]
 
 PROG = "vae-ext"
+# What the command imports beyond torch (module -> the pip distribution that provides it): the
+# ``cli`` extra of pyproject.toml.
+CLI_REQUIREMENTS = {"numpy": "numpy", "tqdm": "tqdm", "matplotlib": "matplotlib", "sklearn": "scikit-learn"}
+
+
+def _missing_requirements() -> list:
+    """The distributions of CLI_REQUIREMENTS that cannot be imported (found without importing them)."""
+    missing = []
+    for module, dist in CLI_REQUIREMENTS.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(dist)
+    return missing
+
+
+def _requirements_error(missing) -> str:
+    return f'{PROG}: the command needs the cli extra: pip install "vae_ext[cli]" (missing: {", ".join(missing)})'
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,7 +124,8 @@ def _train_options(p: argparse.ArgumentParser, latent: bool = True, sweep: bool 
     m.add_argument("--arch", choices=tuple(ARCHS), help="mlp (default) or conv")
     if latent:
         m.add_argument("--latent", type=_positive_int, metavar="L", help="latent size (default 20)")
-    m.add_argument("--hidden", type=_hidden, metavar="H1,H2", help="hidden layer sizes (default 400 for mlp, 256 for conv)")
+    m.add_argument("--hidden", type=_hidden, metavar="H1,H2",
+                   help="hidden layer sizes (default 400 for mlp, 256 for conv)")
     m.add_argument("--channels", type=_int_list, metavar="C1,C2", help="conv channels (default 32,64)")
     m.add_argument("--recon", choices=RECON_MODES, help="reconstruction loss (default bce_logits)")
     t = p.add_argument_group("training")
@@ -115,6 +140,9 @@ def _train_options(p: argparse.ArgumentParser, latent: bool = True, sweep: bool 
     t.add_argument("--seed", type=_nonneg_int, help="random seed (default 0)")
     t.add_argument("--threads", type=_positive_int, help="CPU threads (default: PyTorch's choice; tiny models on "
                    "a busy machine run faster with 1)")
+    t.add_argument("--skip-nonfinite", type=_nonneg_int, metavar="N",
+                   help="skip a step whose loss or gradient norm is not finite (no optimizer step; counted in "
+                   "metrics.csv) and stop after N such steps in a row (default 0: stop on a non-finite loss)")
     t.add_argument("--reference", action="store_true", default=None,
                    help="use vae_ext.reference (plain PyTorch) instead of the fused kernels")
     o = p.add_argument_group("output")
@@ -131,7 +159,7 @@ def _explicit(args, names) -> dict:
 def _config_names():
     from dataclasses import fields
 
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     return [f.name for f in fields(TrainConfig)]
 
@@ -139,8 +167,10 @@ def _config_names():
 def _cmd_train(args) -> int:
     from pathlib import Path
 
+    from .checkpoint import load_checkpoint, resume_config
+    from .config import TrainConfig
     from .errors import ConfigError
-    from .train import TrainConfig, load_checkpoint, resume_config, train
+    from .train import train
 
     opts = _explicit(args, _config_names())
     if args.resume is not None:
@@ -161,7 +191,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .train import evaluate_checkpoint
+    from .evaluate import evaluate_checkpoint
 
     r = evaluate_checkpoint(args.checkpoint, k=args.k, data=args.data, train_split=args.train_split,
                             split=args.split, device=args.device, reference=args.reference, seed=args.seed,
@@ -178,7 +208,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from .train import TrainConfig, sweep
+    from .config import TrainConfig
+    from .sweep import sweep
 
     opts = _explicit(args, [n for n in _config_names() if n != "latent"])
     base = TrainConfig(**opts)
@@ -186,22 +217,12 @@ def _cmd_sweep(args) -> int:
     return 0
 
 
-def _cmd_bench(argv) -> int:
-    try:
-        from . import bench
-    except ImportError as e:
-        raise VaeExtError(f"the benchmarks (vae_ext.bench) are not available: {e}") from None
-    if not hasattr(bench, "main"):
-        raise VaeExtError("vae_ext.bench has no main(argv)")
-    return bench.main(argv) or 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser = _Parser(prog=PROG, description="Train and evaluate VAEs on the fused vae_ext kernels.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sweep,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{train,eval,sweep}")
 
     p = sub.add_parser("train", help="train a VAE (default: 8x8 digits, under a minute on a CPU)",
                        description="Train a VAE; writes checkpoint.pt, metrics.csv and PNGs into --out. "
@@ -234,12 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "and BIC curves (OUT/sweep.png, OUT/sweep.csv). Takes the train options.")
     p.add_argument("--latent", type=_int_list, default=[2, 5, 10, 20, 50], metavar="L1,L2,...",
                    help="latent sizes (default 2,5,10,20,50)")
-    p.add_argument("--k", type=_positive_int, default=1000, help="importance samples for the NLL and BIC (default 1000)")
+    p.add_argument("--k", type=_positive_int, default=1000,
+                   help="importance samples for the NLL and BIC (default 1000)")
     _train_options(p, latent=False, sweep=True)
     p.set_defaults(func=_cmd_sweep)
-
-    sub.add_parser("bench", help="benchmarks of the fused kernels (vae_ext.bench; see vae-ext bench --help)",
-                   add_help=False)
     return parser
 
 
@@ -269,9 +288,11 @@ def main(argv=None) -> int:
 
 
 def _main(argv, command) -> int:
+    missing = _missing_requirements()
+    if missing:
+        print(_requirements_error(missing), file=sys.stderr)
+        return 1
     try:
-        if command == "bench":
-            return _cmd_bench(argv[1:])
         parser = build_parser()
         try:
             args = parser.parse_args(argv)
@@ -288,8 +309,18 @@ def _main(argv, command) -> int:
     except VaeExtError as e:
         print(f"{PROG} {command}: error: {e}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as e:  # found by find_spec above but broken: still one line, not a traceback
+        root = (e.name or "").partition(".")[0]
+        if root not in CLI_REQUIREMENTS:
+            raise
+        print(_requirements_error([CLI_REQUIREMENTS[root]]), file=sys.stderr)
+        return 1
     except OSError as e:  # writing into --out: permission denied, disk full ...
         print(f"{PROG} {command}: error: {e}", file=sys.stderr)
+        return 1
+    except MemoryError as e:  # what the memory limit (vae_ext.memory) did not foresee: still one line
+        what = str(e).strip().splitlines()[0] if str(e).strip() else "an allocation failed"
+        print(f"{PROG} {command}: error: out of memory ({what})", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         what = "terminated" if isinstance(e, _Terminated) else "interrupted"

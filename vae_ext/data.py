@@ -20,6 +20,10 @@ for training and the rest for testing, ``train_split=0.8`` the first 80 % (the d
 So ``--data mnist:DIR --train-split 8000`` on the 10,000 t10k images trains on the first 8,000
 and tests on the last 2,000. ``train_split`` on a source that has its own test set is an error.
 
+**Size.** A file is refused before its data is read or inflated when it would need more memory
+than :mod:`vae_ext.memory` allows: its data plus :data:`EXTRA_BYTES_PER_VALUE` per pixel (IDX files
+are read by :mod:`vae_ext.idx`; of an ``.npz``, only the arrays used are read).
+
 **Binarization** (``binarize``): ``"dynamic"`` keeps the training images in [0, 1] and the trainer
 draws x ~ Bernoulli(image) afresh for every batch; ``"static"`` draws the training set once;
 ``"none"`` keeps grey levels. With ``dynamic`` and ``static`` the test set is drawn once from a
@@ -27,9 +31,8 @@ fixed seed (:data:`TEST_BINARIZE_SEED`), so every run and every evaluation sees 
 """
 from __future__ import annotations
 
-import gzip
 import math
-import struct
+import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +41,13 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError
+from .idx import read_idx
+from .memory import check_fits
 
 __all__ = [
     "ImageData",
     "BINARIZE_MODES",
     "TEST_BINARIZE_SEED",
-    "read_idx",
-    "parse_idx",
     "load_data",
     "load_mnist",
     "parse_split",
@@ -54,8 +57,9 @@ __all__ = [
 BINARIZE_MODES = ("dynamic", "static", "none")
 TEST_BINARIZE_SEED = 20_150_601  # fixed: the binarized test set is the same for every run
 
-# IDX type codes (http://yann.lecun.com/exdb/mnist/): big-endian data after a big-endian header.
-_IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+# What the loader makes of each value of a file, beyond the file's data itself: a float32 image
+# (4 bytes) and room for a binarized float32 copy (4 more). The memory check counts these.
+EXTRA_BYTES_PER_VALUE = 8
 
 
 @dataclass
@@ -79,46 +83,6 @@ class ImageData:
 # --------------------------------------------------------------------------- IDX
 
 
-def parse_idx(raw: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Decode the bytes of an (uncompressed) IDX file into an array of its shape and type."""
-    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_DTYPES or raw[3] == 0:
-        magic = int.from_bytes(raw[:4].ljust(4, b"\0"), "big")
-        raise DataError(f"{name}: not an IDX file (magic number 0x{magic:08x})")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{name}: truncated IDX file: the header needs {header} bytes, found {len(raw)}")
-    dims = struct.unpack(f">{ndim}I", raw[4:header])
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    count = math.prod(dims)
-    need, have = count * dtype.itemsize, len(raw) - header
-    if have != need:
-        what = "truncated IDX file" if have < need else "IDX file with trailing bytes"
-        shape = "x".join(map(str, dims))
-        raise DataError(f"{name}: {what}: shape {shape} needs {need} bytes of data, found {have}")
-    arr = np.frombuffer(raw, dtype=dtype, count=count, offset=header).reshape(dims)
-    return arr.astype(dtype.newbyteorder("="), copy=True)
-
-
-def read_idx(path) -> np.ndarray:
-    """Read an IDX file, gzipped (detected from its first bytes, not its name) or raw."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a directory, expected an IDX file") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from None
-    return parse_idx(raw, name=str(path))
-
-
 def _find_idx(folder: Path, prefix: str) -> Path | None:
     for stem in (f"{prefix}-idx3-ubyte", f"{prefix}.idx3-ubyte"):
         for suffix in (".gz", ""):
@@ -129,7 +93,7 @@ def _find_idx(folder: Path, prefix: str) -> Path | None:
 
 
 def _idx_images(path: Path) -> np.ndarray:
-    arr = read_idx(path)
+    arr = read_idx(path, extra_bytes_per_value=EXTRA_BYTES_PER_VALUE)
     if arr.ndim != 3:
         raise DataError(f"{path}: expected images of shape (N, H, W), got an IDX array of shape {arr.shape}")
     return arr
@@ -171,44 +135,90 @@ def _to_images(arr: np.ndarray, name: str) -> torch.Tensor:
         raise DataError(f"{name}: expected images of shape (N, H, W) or (N, C, H, W), got {arr.shape}")
     if len(arr) == 0:
         raise DataError(f"{name}: no images")
+    if 0 in arr.shape[1:]:
+        raise DataError(f"{name}: images of shape {'x'.join(map(str, arr.shape[1:]))} have no pixels")
     if arr.dtype == np.bool_:
-        arr = arr.astype(np.float32)
+        arr = arr.astype(np.uint8)
     if np.issubdtype(arr.dtype, np.integer):
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi > 255:
             raise DataError(f"{name}: integer pixel values must lie in 0..255, found {lo}..{hi}")
-        x = arr.astype(np.float32) / (255.0 if hi > 1 else 1.0)
-    elif np.issubdtype(arr.dtype, np.floating):
         x = arr.astype(np.float32)
-        if not np.isfinite(x).all():
+        if hi > 1:
+            x /= np.float32(255.0)
+    elif np.issubdtype(arr.dtype, np.floating):
+        # Checked in the file's own type: casting first would turn values beyond float32 into inf,
+        # with a numpy RuntimeWarning above the one-line error.
+        if not np.isfinite(arr).all():
             raise DataError(f"{name}: pixel values contain NaN or inf")
-        lo, hi = float(x.min()), float(x.max())
+        lo, hi = float(arr.min()), float(arr.max())
         if lo < 0.0 or hi > 1.0:
             raise DataError(f"{name}: float pixel values must lie in [0, 1], found {lo:g}..{hi:g}")
+        x = arr.astype(np.float32)
     else:
         raise DataError(f"{name}: unsupported array dtype {arr.dtype}")
     return torch.from_numpy(np.ascontiguousarray(x))
+
+
+def _npz_pick(path: Path, keys) -> tuple:
+    """The names of the (train, test) arrays of an .npz, from its member names alone (test may be None)."""
+    for tr, te in (("train", "test"), ("x_train", "x_test")):
+        if tr in keys and te in keys:
+            return tr, te
+    if len(keys) == 1:
+        return keys[0], None
+    for k in ("images", "x"):
+        if k in keys:
+            return k, None
+    raise DataError(
+        f"{path}: expected arrays 'train' and 'test', or a single array of images; found {sorted(keys) or 'none'}"
+    )
+
+
+# What reading a zip member can raise on a corrupt file: zipfile's own errors, zlib's, a truncated
+# stream (EOFError), an unknown compression method (NotImplementedError), encryption (RuntimeError).
+_ZIP_ERRORS = (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError)
+
+
+def _npz_array(zf: zipfile.ZipFile, path: Path, key: str) -> np.ndarray:
+    """One array of an .npz, refused before it is inflated if its header (or the zip directory)
+    promises more than the memory limit allows."""
+    info = zf.getinfo(key + ".npy")
+    what = f"{path}: array {key!r}"
+    try:
+        with zf.open(info) as fp:
+            version = np.lib.format.read_magic(fp)
+            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            if read_header is None:
+                raise DataError(f"{what}: .npy format version {version[0]}.{version[1]} is not supported")
+            shape, _, dtype = read_header(fp)
+    except _ZIP_ERRORS as e:
+        raise DataError(f"{what}: not a readable .npy array ({type(e).__name__}: {e})") from None
+    if dtype.hasobject:
+        raise DataError(f"{what}: holds Python objects (pickled); only numeric arrays are read")
+    count = math.prod(shape)
+    need = max(count * dtype.itemsize, info.file_size) + count * EXTRA_BYTES_PER_VALUE
+    shape_text = "x".join(map(str, shape)) or "scalar"
+    check_fits(need, f"{what} (shape {shape_text}, {dtype.name})")
+    try:
+        with zf.open(info) as fp:
+            return np.lib.format.read_array(fp, allow_pickle=False)
+    except _ZIP_ERRORS as e:
+        raise DataError(f"{what}: truncated or corrupt ({type(e).__name__}: {e})") from None
 
 
 def _load_npz(path: Path) -> tuple:
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except Exception as e:  # zipfile.BadZipFile, ValueError (pickled object arrays), OSError ...
+        zf = zipfile.ZipFile(path)
+    except _ZIP_ERRORS as e:
         raise DataError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
-    for tr, te in (("train", "test"), ("x_train", "x_test")):
-        if tr in arrays and te in arrays:
-            return arrays[tr], arrays[te]
-    if len(arrays) == 1:
-        return next(iter(arrays.values())), None
-    for k in ("images", "x"):
-        if k in arrays:
-            return arrays[k], None
-    raise DataError(
-        f"{path}: expected arrays 'train' and 'test', or a single array of images; found {sorted(arrays) or 'none'}"
-    )
+    with zf:
+        keys = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+        tr, te = _npz_pick(path, keys)
+        return _npz_array(zf, path, tr), (None if te is None else _npz_array(zf, path, te))
 
 
 def _load_digits() -> np.ndarray:
@@ -288,7 +298,8 @@ def load_data(spec: str = "digits", *, train_split=None, binarize_mode: str = "d
         train = _to_images(tr, f"{path}")
         test = None if te is None else _to_images(te, f"{path}")
         if test is not None and train.shape[1:] != test.shape[1:]:
-            raise DataError(f"{path}: train images are {tuple(train.shape[1:])} but test images are {tuple(test.shape[1:])}")
+            raise DataError(f"{path}: train images are {tuple(train.shape[1:])} but test images are "
+                            f"{tuple(test.shape[1:])}")
     else:
         raise ConfigError(f"--data: expected 'digits', 'mnist:DIR' or FILE.npz, got {spec!r}")
 

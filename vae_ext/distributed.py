@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from .errors import DeviceError
 
-__all__ = ["Context", "resolve_device", "setup"]
+__all__ = ["DistributedContext", "resolve_device", "setup"]
 
 
 def resolve_device(name: str, *, fused: bool = True, local_rank: int = 0) -> torch.device:
@@ -48,7 +48,7 @@ def resolve_device(name: str, *, fused: bool = True, local_rank: int = 0) -> tor
 
 
 @dataclass
-class Context:
+class DistributedContext:
     """This process's place in the job: rank 0 of 1 when not distributed."""
 
     rank: int = 0
@@ -88,14 +88,13 @@ class Context:
             self.owns_group = False
 
 
-def setup(device: str = "auto", *, fused: bool = True, timeout_s: float = 600.0) -> Context:
+def setup(device: str = "auto", *, fused: bool = True, timeout_s: float = 600.0) -> DistributedContext:
     """Join the torchrun job described by the environment, if any, and pick this process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, fused=fused, local_rank=local_rank)
     if world <= 1:
-        return Context(device=dev)
+        return DistributedContext(device=dev)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     owns = False
@@ -103,5 +102,5 @@ def setup(device: str = "auto", *, fused: bool = True, timeout_s: float = 600.0)
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
                                 timeout=timedelta(seconds=timeout_s))
         owns = True
-    return Context(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
+    return DistributedContext(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank,
                    device=dev, owns_group=owns)

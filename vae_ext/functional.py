@@ -1,7 +1,12 @@
-"""The functional API: argument checks, then one call into the fused custom ops.
+"""The functional API: one call into the fused custom ops, with the argument handling that must
+happen before dispatch.
 
-Every check raises a ``TypeError`` (wrong kind of object or dtype) or a ``ValueError`` (wrong
-value or shape) whose message names the argument and what was expected, before any kernel runs.
+The tensors' dtypes and shapes are checked once, in C++ (csrc/ops.cpp), before any kernel runs:
+a ``TypeError`` (dtype) or ``ValueError`` (shape, device) that names the argument. Python keeps
+what must come first: autocast's dtype promotion, the Python type of every argument, devices (a
+tensor on the meta device would send the call to the fake kernel, which checks nothing), the
+reshape of an ``x`` of another shape, refusing an ``x`` that requires grad, the option strings,
+``beta`` (which never reaches the kernel) and ``num_samples`` / ``generator``.
 """
 from __future__ import annotations
 
@@ -12,11 +17,16 @@ import torch
 
 from . import _ops  # noqa: F401  (loads the kernels, registers their fake kernels)
 
-__all__ = ["elbo_loss", "reparameterize", "RECON_MODES", "REDUCTIONS"]
+__all__ = ["elbo_loss", "gaussian_kl", "reparameterize", "RECON_MODES", "REDUCTIONS"]
 
 RECON_MODES = ("bce", "bce_logits", "mse")
 REDUCTIONS = ("sum", "mean", "none")
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_is_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
 
 
 def _check_tensor(name: str, t) -> None:
@@ -114,9 +124,10 @@ def elbo_loss(
         reduction: ``"sum"`` over everything, ``"mean"`` (per-sample sums averaged over the
             batch) or ``"none"`` (one value per sample, shape (N,)).
         return_terms: also return the reconstruction and KL terms (same reduction).
-        validate: on CUDA, check that ``"bce"`` probabilities lie in [0, 1] (one device sync).
-            On CPU this check always runs and costs nothing. Without it, CUDA gives a NaN loss
-            for a probability outside [0, 1].
+        validate: on CUDA, check that ``"bce"`` probabilities and targets lie in [0, 1] (one
+            device sync). On CPU this check always runs and costs nothing. Without it, CUDA gives
+            a NaN loss for a probability outside [0, 1], and the formula's finite value for a
+            target outside it.
 
     Returns:
         ``loss`` or ``(loss, recon_term, kl_term)``. The dtype is the inputs' dtype for
@@ -126,22 +137,16 @@ def elbo_loss(
     if not _elbo_args_ok(recon_x, x, mu, logvar, recon, reduction, beta):
         recon_x, x, mu, logvar = _autocast_common_dtype((recon_x, x, mu, logvar))
         for name, t in (("recon_x", recon_x), ("x", x), ("mu", mu), ("logvar", logvar)):
-            _check_tensor(name, t)
+            _check_is_tensor(name, t)
         _check_same((("recon_x", recon_x), ("x", x), ("mu", mu), ("logvar", logvar)), "device")
-        _check_same((("recon_x", recon_x), ("x", x), ("mu", mu), ("logvar", logvar)), "dtype")
         _check_choice("recon", recon, RECON_MODES)
         _check_choice("reduction", reduction, REDUCTIONS)
         _check_beta(beta)
-    if recon_x.dim() < 1:
-        raise ValueError("recon_x: expected a tensor of shape (N, ...), got a 0-d tensor")
-    n = recon_x.shape[0]
-    if mu.dim() != 2:
-        raise ValueError(f"mu: expected shape (N, L), got {tuple(mu.shape)}")
-    if logvar.shape != mu.shape:
-        raise ValueError(f"logvar: expected the shape of mu {tuple(mu.shape)}, got {tuple(logvar.shape)}")
-    if mu.shape[0] != n:
-        raise ValueError(f"mu: expected batch size {n} (recon_x.shape[0]), got {mu.shape[0]}")
+    # dtypes and the shapes of recon_x, mu and logvar: checked by the op (csrc/ops.cpp)
     if x.shape != recon_x.shape:
+        if recon_x.dim() < 1:
+            raise ValueError("recon_x: expected a tensor of shape (N, ...), got a 0-d tensor")
+        n = recon_x.shape[0]
         if x.dim() < 1 or x.shape[0] != n or x.numel() != recon_x.numel():
             raise ValueError(
                 f"x: expected the shape of recon_x {tuple(recon_x.shape)} (or the same batch size "
@@ -172,6 +177,39 @@ def elbo_loss(
     return loss
 
 
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str = "sum"):
+    """``KL(N(mu, exp(logvar)) || N(0, I))`` alone, fused: for a hierarchical VAE's KL per layer, or
+    a loss whose reconstruction term is computed elsewhere (diffusers' ``AutoencoderKL``).
+
+    Args:
+        mu, logvar: the posterior's mean and log-variance, shape (N, ...): latents of any shape,
+            conv latents (N, C, H, W) as they are. Summed per sample over every non-batch dimension.
+        reduction: ``"sum"`` over everything, ``"mean"`` (per-sample sums averaged over the batch)
+            or ``"none"`` (one value per sample, shape (N,)).
+
+    Per element ``0.5 * (mu^2 + exp(logvar) - 1 - logvar)``, the KL term of :func:`elbo_loss`,
+    computed by the same kernel (with an empty reconstruction). Returns a tensor of mu's dtype
+    (float32 for float16/bfloat16); gradients flow to mu and logvar.
+    """
+    if isinstance(mu, torch.Tensor) and isinstance(logvar, torch.Tensor) and mu.dtype != logvar.dtype:
+        mu, logvar = _autocast_common_dtype((mu, logvar))
+    _check_tensor("mu", mu)
+    _check_tensor("logvar", logvar)
+    _check_same((("mu", mu), ("logvar", logvar)), "device")
+    _check_same((("mu", mu), ("logvar", logvar)), "dtype")
+    _check_choice("reduction", reduction, REDUCTIONS)
+    if mu.dim() < 1:
+        raise ValueError("mu: expected a tensor of shape (N, ...), got a 0-d tensor")
+    if logvar.shape != mu.shape:
+        raise ValueError(f"logvar: expected the shape of mu {tuple(mu.shape)}, got {tuple(logvar.shape)}")
+    n, per_sample = mu.shape[0], math.prod(mu.shape[1:])  # (not reshape(n, -1): n may be 0)
+    empty = mu.new_empty(n, 0)  # no reconstruction term: the kernel's KL part alone
+    grad_latent = torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad)
+    kl, _, _, _, _ = torch.ops.vae_ext.elbo_loss(empty, empty, mu.reshape(n, per_sample), logvar.reshape(n, per_sample),
+                                                 "mse", reduction, False, grad_latent, False, True)
+    return kl
+
+
 def reparameterize(
     mu: torch.Tensor,
     logvar: torch.Tensor,
@@ -192,19 +230,18 @@ def reparameterize(
     ``eps`` is drawn from a Philox4x32-10 stream keyed by (seed, offset, element index),
     computed in float32 (Box-Muller), the same on CPU and CUDA, and rounded to mu's dtype; z is
     computed from that eps in float32 (float64 for float64 inputs). The backward recomputes eps
-    from the stream; no eps is kept between forward and backward.
+    from the stream; no eps is kept between forward and backward. A channels_last(_3d) mu gives z
+    (each z[k]), eps and the gradients in its layout, with the same eps per logical element.
 
     Where ``exp(0.5 * logvar)`` overflows (logvar > 177 in float32, > 1419 in float64, > 22 in
     float16), z is +-inf (NaN where mu is infinite with the opposite sign), as in the reference.
     """
     if isinstance(mu, torch.Tensor) and isinstance(logvar, torch.Tensor) and mu.dtype != logvar.dtype:
         mu, logvar = _autocast_common_dtype((mu, logvar))
-    _check_tensor("mu", mu)
-    _check_tensor("logvar", logvar)
+    _check_is_tensor("mu", mu)
+    _check_is_tensor("logvar", logvar)
     _check_same((("mu", mu), ("logvar", logvar)), "device")
-    _check_same((("mu", mu), ("logvar", logvar)), "dtype")
-    if logvar.shape != mu.shape:
-        raise ValueError(f"logvar: expected the shape of mu {tuple(mu.shape)}, got {tuple(logvar.shape)}")
+    # dtypes and shapes: checked by the op (csrc/ops.cpp)
     if num_samples is None:
         k = 0
     else:

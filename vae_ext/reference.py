@@ -6,10 +6,12 @@ Nothing here is fast on purpose; everything here is obviously right.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["elbo_loss", "kl_divergence", "reconstruction_loss", "reparameterize"]
+__all__ = ["elbo_loss", "gaussian_kl", "kl_divergence", "reconstruction_loss", "reparameterize"]
 
 _HALF = (torch.float16, torch.bfloat16)
 
@@ -22,9 +24,11 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 def reconstruction_loss(recon_x: torch.Tensor, x: torch.Tensor, recon: str = "bce") -> torch.Tensor:
     """Per-sample reconstruction loss, shape (N,), summed over every non-batch dimension."""
     n = recon_x.shape[0]
+    # The per-sample size from the shape, not -1: reshape(0, -1) is ambiguous for an empty batch.
+    d = math.prod(recon_x.shape[1:])
     dt = _compute_dtype(recon_x)
-    r = recon_x.reshape(n, -1).to(dt)
-    t = x.reshape(n, -1).to(dt)
+    r = recon_x.reshape(n, d).to(dt)
+    t = x.reshape(n, d).to(dt)
     if recon == "bce":
         per_elem = F.binary_cross_entropy(r, t, reduction="none")
     elif recon == "bce_logits":
@@ -77,6 +81,12 @@ def elbo_loss(
     if return_terms:
         return loss, rec, kl
     return loss
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str = "sum") -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(0, I)) summed per sample over every non-batch dimension, reduced."""
+    shape = (mu.shape[0], math.prod(mu.shape[1:]))  # (not reshape(n, -1): n may be 0)
+    return _reduce(kl_divergence(mu.reshape(shape), logvar.reshape(shape)), reduction)
 
 
 def reparameterize(

@@ -27,15 +27,16 @@ struct ElboArgs {
   void* grad_recon;   // (n, d) or nullptr: d(recon term)/d(recon) * grad_scale
   const void* mu;     // (n, l) contiguous
   const void* logvar;
-  void* grad_mu;      // (n, l) or nullptr (then grad_logvar is nullptr too)
-  void* grad_logvar;
+  void* grad_mu;      // (n, l) in the accumulation type (float for half types), or nullptr (then
+  void* grad_logvar;  // grad_logvar is nullptr too)
   int64_t n, d, l;
   double grad_scale;  // 1 for sum/none, 1/n for mean
   double* row_rec;    // out: [n] per-sample reconstruction sums, or nullptr: then
   double* row_kl;     //      [n] per-sample KL sums              (both nullptr)
   double* total_rec;  // out when row_rec is nullptr: the sums over the whole batch
   double* total_kl;
-  std::atomic<bool>* bad_prob;  // out: set when "bce" sees a probability outside [0, 1]
+  std::atomic<bool>* bad_prob;    // out: set when "bce" sees a probability outside [0, 1]
+  std::atomic<bool>* bad_target;  // out: set when "bce" sees a target x outside [0, 1]
 };
 
 struct ReparamArgs {
@@ -45,6 +46,7 @@ struct ReparamArgs {
   void* z;             // [k * numel]
   void* eps;           // [k * numel] or nullptr
   int64_t numel, k;
+  int64_t channels, spatial;  // 0: contiguous; else each sample block channels_last (kernels_impl.h)
   uint64_t seed, offset;
 };
 
@@ -55,6 +57,7 @@ struct ReparamBackwardArgs {
   void* grad_mu;       // [numel], or nullptr: not wanted
   void* grad_logvar;   // [numel]
   int64_t numel, k;
+  int64_t channels, spatial;  // as ReparamArgs: the layout of logvar, grad_z and the gradients
   uint64_t seed, offset;
 };
 
@@ -64,6 +67,8 @@ struct KernelTable {
   void (*reparam)(const ReparamArgs&);
   void (*reparam_backward)(const ReparamBackwardArgs&);
   void (*normal)(float* out, int64_t n, uint64_t seed, uint64_t offset);
+  // g[r * d + i] *= s[r] for rows r < rows, i < d, in float and rounded once (Float16, BFloat16 only)
+  void (*scale_rows)(DType dtype, void* g, int64_t rows, int64_t d, const float* s);
 };
 
 namespace DEFAULT { const KernelTable& kernel_table(); }

@@ -354,7 +354,7 @@ struct ProbRange<VecF> {
 // gradient when g is not null. Checks "bce" probabilities on the fly.
 template <typename scalar_t, Recon mode>
 double recon_segment(const scalar_t* r, const scalar_t* x, scalar_t* g, int64_t len, double scale,
-                     std::atomic<bool>* bad_prob) {
+                     std::atomic<bool>* bad_prob, std::atomic<bool>* bad_target) {
   using IO = VecIO<scalar_t>;
   using V = typename IO::V;
   using M = VecMath<V>;
@@ -362,7 +362,7 @@ double recon_segment(const scalar_t* r, const scalar_t* x, scalar_t* g, int64_t 
   const V vscale(static_cast<typename IO::acc_t>(scale));
   const bool scaled = scale != 1.0;  // "mean" only
   V acc0(0), acc1(0);
-  ProbRange<V> range;
+  ProbRange<V> range, target_range;  // recon_x's and x's (binary x vectors are in range: skipped)
   auto step = [&](int64_t i, int64_t cnt, V& acc) {
     const bool full = cnt == W;
     const V rv = full ? IO::load(r + i) : IO::load(r + i, cnt);
@@ -370,7 +370,12 @@ double recon_segment(const scalar_t* r, const scalar_t* x, scalar_t* g, int64_t 
     V gv;
     V lv;
     if constexpr (mode == Recon::BCE) {  // x all 0 or 1: one log instead of two, same numbers
-      lv = all_binary(xv) ? bce_binary_elem<M>(rv, xv, &gv) : bce_elem<M>(rv, xv, &gv);
+      if (all_binary(xv)) {
+        lv = bce_binary_elem<M>(rv, xv, &gv);
+      } else {
+        lv = bce_elem<M>(rv, xv, &gv);
+        target_range.add(xv);
+      }
     } else {
       lv = recon_elem<mode, M>(rv, xv, &gv);
     }
@@ -392,13 +397,15 @@ double recon_segment(const scalar_t* r, const scalar_t* x, scalar_t* g, int64_t 
   if (i < len) step(i, len - i, acc1);
   if constexpr (mode == Recon::BCE) {
     if (range.out_of_range()) bad_prob->store(true, std::memory_order_relaxed);
+    if (target_range.out_of_range()) bad_target->store(true, std::memory_order_relaxed);
   }
   return hsum(acc0) + hsum(acc1);
 }
 
+// The gradients go to gmu and glv in the accumulation type (float for half types).
 template <typename scalar_t>
-double kl_segment(const scalar_t* mu, const scalar_t* lv, scalar_t* gmu, scalar_t* glv, int64_t len,
-                  double scale) {
+double kl_segment(const scalar_t* mu, const scalar_t* lv, typename VecIO<scalar_t>::acc_t* gmu,
+                  typename VecIO<scalar_t>::acc_t* glv, int64_t len, double scale) {
   using IO = VecIO<scalar_t>;
   using V = typename IO::V;
   using M = VecMath<V>;
@@ -415,11 +422,11 @@ double kl_segment(const scalar_t* mu, const scalar_t* lv, scalar_t* gmu, scalar_
     acc = acc + (full ? k : V::set(V(0), k, cnt));
     if (gmu != nullptr) {
       if (full) {
-        IO::store(gmu + i, gm * vscale);
-        IO::store(glv + i, gl * vscale);
+        (gm * vscale).store(gmu + i);
+        (gl * vscale).store(glv + i);
       } else {
-        IO::store(gmu + i, gm * vscale, cnt);
-        IO::store(glv + i, gl * vscale, cnt);
+        (gm * vscale).store(gmu + i, cnt);
+        (gl * vscale).store(glv + i, cnt);
       }
     }
   }
@@ -433,12 +440,13 @@ void elbo_typed(const ElboArgs& a) {
   auto* g = static_cast<scalar_t*>(a.grad_recon);
   const int64_t d = a.d;
   const auto rec_seg = [&](int64_t off, int64_t len) {
-    return recon_segment<scalar_t, mode>(r + off, x + off, g ? g + off : nullptr, len, a.grad_scale, a.bad_prob);
+    return recon_segment<scalar_t, mode>(r + off, x + off, g ? g + off : nullptr, len, a.grad_scale, a.bad_prob,
+                                         a.bad_target);
   };
   const auto* mu = static_cast<const scalar_t*>(a.mu);
   const auto* lv = static_cast<const scalar_t*>(a.logvar);
-  auto* gmu = static_cast<scalar_t*>(a.grad_mu);
-  auto* glv = static_cast<scalar_t*>(a.grad_logvar);
+  auto* gmu = static_cast<typename VecIO<scalar_t>::acc_t*>(a.grad_mu);
+  auto* glv = static_cast<typename VecIO<scalar_t>::acc_t*>(a.grad_logvar);
   const int64_t l = a.l;
   const auto kl_seg = [&](int64_t off, int64_t len) {
     return kl_segment<scalar_t>(mu + off, lv + off, gmu ? gmu + off : nullptr, glv ? glv + off : nullptr, len,
@@ -462,6 +470,31 @@ void elbo_kernel(const ElboArgs& a) {
       case Recon::MSE: elbo_typed<scalar_t, Recon::MSE>(a); break;
     }
   });
+}
+
+// g *= s[row], in float, rounded once to the half type (the backward of reduction="none").
+template <typename scalar_t>
+void scale_rows_typed(scalar_t* g, int64_t rows, int64_t d, const float* s) {
+  using IO = VecIO<scalar_t>;
+  using V = typename IO::V;
+  constexpr int64_t W = V::size();
+  at::parallel_for(0, rows * d, kGrainElems, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e;) {
+      const int64_t row = i / d, end = std::min(e, (row + 1) * d);
+      const V sv(s[row]);
+      while (i < end) {
+        const int64_t cnt = std::min(W, end - i);
+        if (cnt == W) IO::store(g + i, IO::load(g + i) * sv);
+        else IO::store(g + i, IO::load(g + i, cnt) * sv, cnt);
+        i += cnt;
+      }
+    }
+  });
+}
+
+void scale_rows_kernel(DType dtype, void* g, int64_t rows, int64_t d, const float* s) {
+  if (dtype == DType::Float16) scale_rows_typed(static_cast<c10::Half*>(g), rows, d, s);
+  if (dtype == DType::BFloat16) scale_rows_typed(static_cast<c10::BFloat16*>(g), rows, d, s);
 }
 
 // ---------------------------------------------------------------------------------- normals
@@ -722,12 +755,165 @@ void reparam_backward_typed(const ReparamBackwardArgs& a) {
   });
 }
 
+// ---------------------------------------------------------------------------------- channels_last
+
+// mu (and so z, eps and the gradients) channels_last or channels_last_3d: logical element
+// (n, c, s) of a (N, C, *S) tensor (S the spatial sizes, flattened) sits at memory index
+// (n S + s) C + c, while its eps is that of logical index (n C + c) S + s, so that z.contiguous() is
+// bitwise what a contiguous mu gives. Each sample is one block of C S elements in either order.
+// A tile is channels [c0, c0 + tc) x positions [s0, s0 + ts) of one block: its eps is drawn as tc
+// logical runs of ts (one run when ts == S), transposed in L1 to memory order, and the tile is then
+// computed in memory order, vectorized: ts memory runs of tc (one run of ts C when tc == C).
+constexpr int64_t kClTile = 4096;  // elements per tile
+
+struct ClTiling {
+  int64_t c, s, ts, tc, tiles_s, tiles_c;
+  ClTiling(int64_t channels, int64_t spatial) : c(channels), s(spatial) {
+    ts = std::min(s, std::max<int64_t>(256, kClTile / c));  // runs of >= 256 normals where S allows
+    tc = std::min(c, std::max<int64_t>(1, kClTile / ts));
+    tiles_s = (s + ts - 1) / ts;
+    tiles_c = (c + tc - 1) / tc;
+  }
+  int64_t per_block() const { return tiles_s * tiles_c; }
+};
+
+// The eps of one tile in memory order (out[j * tcn + i] for position s0 + j, channel c0 + i), from
+// the logical stream starting at `base` (the block's first logical element), rounded to scalar_t
+// as eps_tile does. tmp: kClTile floats.
+template <typename scalar_t, typename acc_t>
+void cl_eps_tile(uint64_t seed, uint64_t offset, int64_t base, const ClTiling& t, int64_t c0, int64_t tcn,
+                 int64_t s0, int64_t tsn, float* tmp, acc_t* out) {
+  if (tsn == t.s) {
+    fill_normals(seed, offset, base + c0 * t.s, tcn * tsn, tmp);  // whole channels: one logical run
+  } else {
+    for (int64_t i = 0; i < tcn; ++i) fill_normals(seed, offset, base + (c0 + i) * t.s + s0, tsn, tmp + i * tsn);
+  }
+  for (int64_t j = 0; j < tsn; ++j)
+    for (int64_t i = 0; i < tcn; ++i) out[j * tcn + i] = static_cast<acc_t>(static_cast<scalar_t>(tmp[i * tsn + j]));
+}
+
+// Calls fn(mem, tile, len) for the memory runs of a tile: `mem` the offset in the block, `tile` the
+// offset in the tile's memory-order buffer.
+template <class F>
+void cl_runs(const ClTiling& t, int64_t c0, int64_t tcn, int64_t s0, int64_t tsn, const F& fn) {
+  if (tcn == t.c) {
+    fn(s0 * t.c, 0, tsn * t.c);
+    return;
+  }
+  for (int64_t j = 0; j < tsn; ++j) fn((s0 + j) * t.c + c0, j * tcn, tcn);
+}
+
+template <typename scalar_t>
+void reparam_cl_typed(const ReparamArgs& a) {
+  using IO = VecIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  constexpr int64_t W = V::size();
+  const auto* mu = static_cast<const scalar_t*>(a.mu);
+  const auto* lv = static_cast<const scalar_t*>(a.logvar);
+  auto* z = static_cast<scalar_t*>(a.z);
+  auto* eps_out = static_cast<scalar_t*>(a.eps);
+  const ClTiling t(a.channels, a.spatial);
+  const int64_t p = t.c * t.s, blocks = a.k * (a.numel / p), units = blocks * t.per_block();
+  at::parallel_for(0, units, std::max<int64_t>(1, kGrainElems / std::min(p, kClTile)), [&](int64_t b, int64_t e) {
+    std::vector<float> tmp(kClTile);
+    std::vector<acc_t> eps(kClTile);
+    for (int64_t u = b; u < e; ++u) {
+      const int64_t blk = u / t.per_block(), r = u % t.per_block();
+      const int64_t c0 = (r / t.tiles_s) * t.tc, s0 = (r % t.tiles_s) * t.ts;
+      const int64_t tcn = std::min(t.tc, t.c - c0), tsn = std::min(t.ts, t.s - s0);
+      const int64_t zbase = blk * p, mbase = zbase % a.numel;  // z block (k, n); mu block n
+      cl_eps_tile<scalar_t, acc_t>(a.seed, a.offset, zbase, t, c0, tcn, s0, tsn, tmp.data(), eps.data());
+      cl_runs(t, c0, tcn, s0, tsn, [&](int64_t mem, int64_t tile, int64_t len) {
+        for (int64_t j = 0; j < len; j += W) {
+          const int64_t cnt = std::min(W, len - j);
+          const bool full = cnt == W;
+          const int64_t mi = mbase + mem + j, zi = zbase + mem + j;
+          const V m = full ? IO::load(mu + mi) : IO::load(mu + mi, cnt);
+          const V l = full ? IO::load(lv + mi) : IO::load(lv + mi, cnt);
+          const V ev = V::loadu(eps.data() + tile + j, cnt);
+          const V zv = reparam_z<VecMath<V>>(m, l, ev);
+          if (full) IO::store(z + zi, zv);
+          else IO::store(z + zi, zv, cnt);
+          if (eps_out != nullptr) {
+            if (full) IO::store(eps_out + zi, ev);
+            else IO::store(eps_out + zi, ev, cnt);
+          }
+        }
+      });
+    }
+  });
+}
+
+template <typename scalar_t>
+void reparam_backward_cl_typed(const ReparamBackwardArgs& a) {
+  using IO = VecIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  constexpr int64_t W = V::size();
+  const auto* gz = static_cast<const scalar_t*>(a.grad_z);
+  const auto* lv = static_cast<const scalar_t*>(a.logvar);
+  auto* gmu = static_cast<scalar_t*>(a.grad_mu);
+  auto* glv = static_cast<scalar_t*>(a.grad_logvar);
+  const ClTiling t(a.channels, a.spatial);
+  const int64_t p = t.c * t.s, units = (a.numel / p) * t.per_block();
+  at::parallel_for(0, units, std::max<int64_t>(1, kGrainElems / (a.k * std::min(p, kClTile))), [&](int64_t b, int64_t e) {
+    std::vector<float> tmp(kClTile);
+    std::vector<acc_t> eps(kClTile), sum_g(kClTile), sum_ge(kClTile);
+    for (int64_t u = b; u < e; ++u) {
+      const int64_t blk = u / t.per_block(), r = u % t.per_block();
+      const int64_t c0 = (r / t.tiles_s) * t.tc, s0 = (r % t.tiles_s) * t.ts;
+      const int64_t tcn = std::min(t.tc, t.c - c0), tsn = std::min(t.ts, t.s - s0);
+      const int64_t mbase = blk * p;
+      std::fill(sum_g.begin(), sum_g.begin() + tcn * tsn, acc_t(0));
+      std::fill(sum_ge.begin(), sum_ge.begin() + tcn * tsn, acc_t(0));
+      for (int64_t k = 0; k < a.k; ++k) {  // samples in order: a fixed summation order
+        const int64_t zbase = k * a.numel + mbase;
+        cl_eps_tile<scalar_t, acc_t>(a.seed, a.offset, zbase, t, c0, tcn, s0, tsn, tmp.data(), eps.data());
+        cl_runs(t, c0, tcn, s0, tsn, [&](int64_t mem, int64_t tile, int64_t len) {
+          for (int64_t j = 0; j < len; j += W) {
+            const int64_t cnt = std::min(W, len - j);
+            const V gv = cnt == W ? IO::load(gz + zbase + mem + j) : IO::load(gz + zbase + mem + j, cnt);
+            acc_t* sg = sum_g.data() + tile + j;
+            acc_t* sge = sum_ge.data() + tile + j;
+            (V::loadu(sg, cnt) + gv).store(sg, cnt);
+            (V::loadu(sge, cnt) + gv * V::loadu(eps.data() + tile + j, cnt)).store(sge, cnt);
+          }
+        });
+      }
+      cl_runs(t, c0, tcn, s0, tsn, [&](int64_t mem, int64_t tile, int64_t len) {
+        for (int64_t j = 0; j < len; j += W) {
+          const int64_t cnt = std::min(W, len - j), i = mbase + mem + j;
+          const V l = cnt == W ? IO::load(lv + i) : IO::load(lv + i, cnt);
+          const V gl = reparam_grad_logvar<VecMath<V>>(l, V::loadu(sum_ge.data() + tile + j, cnt));
+          const V gm = V::loadu(sum_g.data() + tile + j, cnt);
+          if (cnt == W) {
+            if (gmu) IO::store(gmu + i, gm);
+            IO::store(glv + i, gl);
+          } else {
+            if (gmu) IO::store(gmu + i, gm, cnt);
+            IO::store(glv + i, gl, cnt);
+          }
+        }
+      });
+    }
+  });
+}
+
 void reparam_kernel(const ReparamArgs& a) {
-  dispatch_dtype(a.dtype, [&](auto* tag) { reparam_typed<std::remove_pointer_t<decltype(tag)>>(a); });
+  dispatch_dtype(a.dtype, [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    if (a.channels > 0) reparam_cl_typed<scalar_t>(a);
+    else reparam_typed<scalar_t>(a);
+  });
 }
 
 void reparam_backward_kernel(const ReparamBackwardArgs& a) {
-  dispatch_dtype(a.dtype, [&](auto* tag) { reparam_backward_typed<std::remove_pointer_t<decltype(tag)>>(a); });
+  dispatch_dtype(a.dtype, [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    if (a.channels > 0) reparam_backward_cl_typed<scalar_t>(a);
+    else reparam_backward_typed<scalar_t>(a);
+  });
 }
 
 #define VAE_EXT_STR2(x) #x
@@ -735,7 +921,7 @@ void reparam_backward_kernel(const ReparamBackwardArgs& a) {
 
 const KernelTable& kernel_table() {
   static const KernelTable table{VAE_EXT_STR(CPU_CAPABILITY), &elbo_kernel, &reparam_kernel,
-                                 &reparam_backward_kernel, &normal_kernel};
+                                 &reparam_backward_kernel, &normal_kernel, &scale_rows_kernel};
   return table;
 }
 

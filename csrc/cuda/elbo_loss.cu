@@ -9,6 +9,34 @@ namespace vae_ext {
 namespace cuda {
 namespace {
 
+// The math policy of the loss kernels: ScalarMath (libdevice's logf/log1pf, IEEE division).
+// EXPERIMENT, off by default and never run on a GPU (docs/gpu.md): the forward looked
+// compute-bound on the H100 (f32 and bf16 took the same ~0.11 ms at 16M elements, though bf16
+// moves half the bytes), and the "bce"
+// element costs ~88 SASS instructions, ~46 of them in logf/log1pf. Building with
+//   NVCC_APPEND_FLAGS="-DVAE_EXT_FAST_LOG --prec-div=false"
+// takes float logarithms from the SFU (__logf: abs. error ~1e-7 in [0.5, 2], 3 ulp elsewhere;
+// log1p(v) as log(u) corrected by u's rounding error, u = 1 + v, as the CPU kernels do) and divides
+// approximately (2 ulp). It is off because neither its accuracy against the tests' tolerances nor
+// its speed has been measured.
+template <typename A>
+struct LossMath {
+  using type = ScalarMath<A>;
+};
+#ifdef VAE_EXT_FAST_LOG
+struct FastLogMath : ScalarMath<float> {
+  static __device__ float log(float v) { return __logf(v); }
+  static __device__ float log1p(float v) {
+    const float u = 1.0f + v;
+    return __logf(u) - ((u - 1.0f) - v) * (2.0f - u);
+  }
+};
+template <>
+struct LossMath<float> {
+  using type = FastLogMath;
+};
+#endif
+
 constexpr int kThreads = 256;
 constexpr int kFinalizeThreads = 1024;
 constexpr int64_t kChunk = 16384;  // elements of one row per block
@@ -40,12 +68,12 @@ inline Layout layout(int64_t n, int64_t d, int64_t l) {
 template <typename T, int VEC, Recon mode, bool CHECK>
 __global__ void __launch_bounds__(kThreads) elbo_partials(ElboLaunch a, Layout u, double* part_rec, double* part_kl) {
   using A = typename Acc<T>::type;
-  using M = ScalarMath<A>;
+  using M = typename LossMath<A>::type;
   const A scale = static_cast<A>(a.grad_scale);
   const int64_t total = u.rec_units + u.kl_units;
   for (int64_t unit = blockIdx.x; unit < total; unit += gridDim.x) {
     A acc = A(0);
-    bool bad = false;
+    bool bad = false, bad_x = false;
     if (unit < u.rec_units) {
       const auto [base, len] = segment(unit, u.rec_cpr, a.d);
       const T* r = static_cast<const T*>(a.recon) + base;
@@ -54,7 +82,10 @@ __global__ void __launch_bounds__(kThreads) elbo_partials(ElboLaunch a, Layout u
       auto one = [&](A rv, A xv) -> A {  // loss of one element; the gradient goes to *gv
         A gv;
         const A lv = recon_elem<mode, M>(rv, xv, &gv);
-        if (CHECK) bad |= static_cast<bool>(prob_out_of_range<M>(rv));
+        if (CHECK) {
+          bad |= static_cast<bool>(prob_out_of_range<M>(rv));
+          bad_x |= static_cast<bool>(prob_out_of_range<M>(xv));
+        }
         acc += lv;
         return gv * scale;
       };
@@ -102,19 +133,23 @@ __global__ void __launch_bounds__(kThreads) elbo_partials(ElboLaunch a, Layout u
       const auto [base, len] = segment(unit - u.rec_units, u.kl_cpr, a.l);
       const T* mu = static_cast<const T*>(a.mu) + base;
       const T* lv = static_cast<const T*>(a.logvar) + base;
-      T* gmu = a.grad_mu ? static_cast<T*>(a.grad_mu) + base : nullptr;
-      T* glv = a.grad_logvar ? static_cast<T*>(a.grad_logvar) + base : nullptr;
+      // the latent gradients in the accumulation type (float for half types; launchers.h)
+      A* gmu = a.grad_mu ? static_cast<A*>(a.grad_mu) + base : nullptr;
+      A* glv = a.grad_logvar ? static_cast<A*>(a.grad_logvar) + base : nullptr;
       for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
         A gm, gl;
         acc += kl_elem<M>(to_acc(mu[i]), to_acc(lv[i]), &gm, &gl);
         if (gmu) {
-          gmu[i] = from_acc<T>(gm * scale);
-          glv[i] = from_acc<T>(gl * scale);
+          gmu[i] = gm * scale;
+          glv[i] = gl * scale;
         }
       }
     }
     const A sum = block_sum(acc);
-    if (CHECK && __syncthreads_or(bad) && threadIdx.x == 0) atomicOr(a.bad_flag, 1);
+    if (CHECK) {
+      const int flags = (__syncthreads_or(bad) ? 1 : 0) | (__syncthreads_or(bad_x) ? 2 : 0);
+      if (flags && threadIdx.x == 0) atomicOr(a.bad_flag, flags);
+    }
     if (threadIdx.x == 0) {
       if (unit < u.rec_units) part_rec[unit] = static_cast<double>(sum);
       else part_kl[unit - u.rec_units] = static_cast<double>(sum);
@@ -123,6 +158,7 @@ __global__ void __launch_bounds__(kThreads) elbo_partials(ElboLaunch a, Layout u
   }
 }
 
+// kl_out == nullptr: the caller wants the total, rec_out gets rec + kl (ElboLaunch::kl_out).
 template <typename OutT>
 __global__ void __launch_bounds__(kFinalizeThreads)
     elbo_finalize(const double* part_rec, const double* part_kl, int64_t n, Layout u, Reduction red, OutT* rec_out,
@@ -133,8 +169,12 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     for (int64_t c = 0; c < u.rec_cpr; ++c) r += part_rec[i * u.rec_cpr + c];
     for (int64_t c = 0; c < u.kl_cpr; ++c) k += part_kl[i * u.kl_cpr + c];
     if (red == Reduction::None) {
-      rec_out[i] = static_cast<OutT>(r);
-      kl_out[i] = static_cast<OutT>(k);
+      if (kl_out) {
+        rec_out[i] = static_cast<OutT>(r);
+        kl_out[i] = static_cast<OutT>(k);
+      } else {
+        rec_out[i] = static_cast<OutT>(r + k);
+      }
     }
     sr += r;
     sk += k;
@@ -148,8 +188,12 @@ __global__ void __launch_bounds__(kFinalizeThreads)
       sr /= static_cast<double>(n);
       sk /= static_cast<double>(n);
     }
-    rec_out[0] = static_cast<OutT>(sr);
-    kl_out[0] = static_cast<OutT>(sk);
+    if (kl_out) {
+      rec_out[0] = static_cast<OutT>(sr);
+      kl_out[0] = static_cast<OutT>(sk);
+    } else {
+      rec_out[0] = static_cast<OutT>(sr + sk);
+    }
   }
 }
 
@@ -174,26 +218,45 @@ void launch_partials_aligned(const ElboLaunch& a, const Layout& u, double* pr, d
     launch_partials<T, 1, mode>(a, u, pr, pk, s);
 }
 
+struct ScaleJobs {
+  ScaleJob job[kMaxScaleJobs];
+  int count;
+};
+
 template <typename T>
-__global__ void __launch_bounds__(kThreads) scale_unless_one(T* g, const T* s, int64_t n) {
+__global__ void __launch_bounds__(kThreads) scale_unless_one(ScaleJobs jobs) {
   using A = typename Acc<T>::type;
-  const A sv = to_acc(*s);
-  if (sv == A(1)) return;  // loss.backward(): grad_output is exactly 1, nothing to do
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-    g[i] = from_acc<T>(to_acc(g[i]) * sv);
+  // Unrolled over the fixed capacity: constant indices keep jobs in parameter space (a loop to
+  // jobs.count indexes it at run time, which copies the struct to a local-memory stack frame).
+#pragma unroll
+  for (int k = 0; k < kMaxScaleJobs; ++k) {
+    if (k >= jobs.count) break;
+    const A sv = *static_cast<const A*>(jobs.job[k].s);  // the loss dtype: float for half g, never rounded to T
+    if (sv == A(1)) continue;  // loss.backward(): grad_output is exactly 1, nothing to do
+    T* g = static_cast<T*>(jobs.job[k].g);
+    const int64_t n = jobs.job[k].n;
+    for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+         i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+      g[i] = from_acc<T>(to_acc(g[i]) * sv);
+  }
 }
 
 }  // namespace
 
-cudaError_t launch_scale_unless_one(DType dtype, void* g, const void* s, int64_t n, cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
+cudaError_t launch_scale_unless_one(DType dtype, const ScaleJob* jobs, int count, cudaStream_t stream) {
+  ScaleJobs all{};
+  int64_t most = 0;
+  for (int k = 0; k < count && k < kMaxScaleJobs; ++k) {
+    if (jobs[k].n == 0) continue;
+    all.job[all.count++] = jobs[k];
+    most = jobs[k].n > most ? jobs[k].n : most;
+  }
+  if (all.count == 0) return cudaSuccess;
   dispatch_dtype(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    // Grid-stride over at most kScaleBlocks blocks: when *s == 1 every block only reads s and
-    // exits, and a grid of n / 256 blocks (65536 at 16M elements) would cost microseconds for that.
-    scale_unless_one<T><<<blocks_for(n, kThreads, kScaleBlocks), kThreads, 0, stream>>>(
-        static_cast<T*>(g), static_cast<const T*>(s), n);
+    // Grid-stride over at most kScaleBlocks blocks: when every *s == 1 each block only reads them
+    // and exits, and a grid of n / 256 blocks (65536 at 16M elements) would cost microseconds for that.
+    scale_unless_one<T><<<blocks_for(most, kThreads, kScaleBlocks), kThreads, 0, stream>>>(all);
   });
   return cudaGetLastError();
 }

@@ -24,22 +24,30 @@ struct ElboLaunch {
   void* grad_recon;   // (n, d) or nullptr
   const void* mu;     // (n, l) contiguous
   const void* logvar;
-  void* grad_mu;      // (n, l) or nullptr (then grad_logvar too)
-  void* grad_logvar;
+  void* grad_mu;      // (n, l) in the accumulation type (float for f16/bf16), or nullptr (then
+  void* grad_logvar;  // grad_logvar too)
   int64_t n, d, l;
   double grad_scale;  // 1, or 1/n for mean
   void* rec_out;      // float (f32/f16/bf16 inputs) or double (f64): shape () or (n,)
-  void* kl_out;
+  void* kl_out;       // or nullptr: rec_out gets the total rec + kl
   void* workspace;    // elbo_workspace_bytes() bytes
-  int* bad_flag;      // zeroed int, set when "bce" sees p outside [0, 1]; nullptr: no check
+  int* bad_flag;      // zeroed int: "bce" sets bit 0 for a p, bit 1 for an x outside [0, 1]; nullptr: no check
 };
 
 size_t elbo_workspace_bytes(int64_t n, int64_t d, int64_t l);
 cudaError_t launch_elbo(const ElboLaunch& a, cudaStream_t stream);
 
-// g *= *s in place over n elements of g's dtype, s one element on the device; when *s == 1 the
-// kernel returns at once (the backward of loss.backward(): no pass, no host sync, graph-safe).
-cudaError_t launch_scale_unless_one(DType dtype, void* g, const void* s, int64_t n, cudaStream_t stream);
+// g *= *s in place over the n elements of a buffer of `dtype`, s one element on the device in the
+// accumulation type (float for f16/bf16: computed in float, rounded once); when
+// *s == 1 the buffer is left alone (the backward of loss.backward(): no pass, no host sync,
+// graph-safe). Up to kMaxScaleJobs buffers (the gradients of recon, mu and logvar) in one launch.
+struct ScaleJob {
+  void* g;
+  const void* s;
+  int64_t n;
+};
+constexpr int kMaxScaleJobs = 3;
+cudaError_t launch_scale_unless_one(DType dtype, const ScaleJob* jobs, int count, cudaStream_t stream);
 
 // Mirrors at::PhiloxCudaState: under CUDA graph capture, seed and offset are read on the device
 // (from seed_ptr, and offset_ptr + offset_intragraph) when the graph replays.
@@ -52,6 +60,13 @@ struct PhiloxArgs {
   bool captured;
 };
 
+// The memory layout of the reparameterize tensors: channels == 0, contiguous; otherwise
+// channels_last(_3d) with C = channels and S = spatial (the product of the spatial sizes): logical
+// element (n C + c) S + s, whose eps is drawn for that logical index, sits at (n S + s) C + c.
+struct ClLayout {
+  int64_t channels, spatial;
+};
+
 struct ReparamLaunch {
   DType dtype;
   const void* mu;      // [numel] contiguous
@@ -59,6 +74,7 @@ struct ReparamLaunch {
   void* z;             // [k * numel]
   void* eps;           // [k * numel] or nullptr
   int64_t numel, k;
+  ClLayout layout;     // contiguous, or each sample of mu, z and eps channels_last
   PhiloxArgs rng;
   int64_t* state_out;  // [2] on the device: the (seed, offset) used
 };
@@ -71,6 +87,7 @@ struct ReparamBackwardLaunch {
   void* grad_mu;       // or nullptr: not wanted
   void* grad_logvar;
   int64_t numel, k;
+  ClLayout layout;     // of logvar, grad_z (each sample) and the gradients
   const int64_t* state;  // [2] on the device, from the forward
 };
 cudaError_t launch_reparam_backward(const ReparamBackwardLaunch& a, cudaStream_t stream);

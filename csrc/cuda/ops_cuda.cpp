@@ -38,7 +38,8 @@ ElboOutputs elbo_loss_cuda(const Tensor& recon, const Tensor& x, const Tensor& m
                &g_lv = b.g_logvar;
   const auto out_opts = rc.options().dtype(loss_dtype(recon.scalar_type()));
   Tensor rec = red == Reduction::None ? at::empty({n}, out_opts) : at::empty({}, out_opts);
-  Tensor kl = red == Reduction::None ? at::empty({n}, out_opts) : at::empty({}, out_opts);
+  // total: the finalize kernel writes rec + kl into rec, and kl stays empty.
+  Tensor kl = total ? at::empty({0}, out_opts) : red == Reduction::None ? at::empty({n}, out_opts) : at::empty({}, out_opts);
   const size_t ws_bytes = cuda::elbo_workspace_bytes(n, d, l);
   Tensor ws = at::empty({static_cast<int64_t>(ws_bytes > 0 ? ws_bytes : 1)}, rc.options().dtype(at::kByte));
   Tensor bad = (validate && mode == Recon::BCE) ? at::zeros({1}, rc.options().dtype(at::kInt)) : Tensor();
@@ -59,12 +60,15 @@ ElboOutputs elbo_loss_cuda(const Tensor& recon, const Tensor& x, const Tensor& m
   a.l = l;
   a.grad_scale = (red == Reduction::Mean && n > 0) ? 1.0 / static_cast<double>(n) : 1.0;
   a.rec_out = rec.data_ptr();
-  a.kl_out = kl.data_ptr();
+  a.kl_out = total ? nullptr : kl.data_ptr();
   a.workspace = ws.data_ptr();
   a.bad_flag = bad.defined() ? bad.data_ptr<int>() : nullptr;
   C10_CUDA_CHECK(cuda::launch_elbo(a, c10::cuda::getCurrentCUDAStream()));
-  if (bad.defined() && bad.item<int>() != 0) throw_bce_out_of_range();  // validate=True: one sync
-  if (total) return {rec.add_(kl), at::empty({0}, out_opts), g_r, g_mu, g_lv};  // one small kernel
+  if (bad.defined()) {  // validate=True: one sync
+    const int flags = bad.item<int>();
+    if (flags & 1) throw_bce_out_of_range();
+    if (flags & 2) throw_bce_target_out_of_range();
+  }
   return {rec, kl, g_r, g_mu, g_lv};
 }
 
@@ -80,11 +84,10 @@ ReparamOutputs reparameterize_cuda(const Tensor& mu, const Tensor& logvar, int64
     std::lock_guard<std::mutex> lock(gen->mutex_);
     philox = gen->philox_cuda_state(4);
   }
-  const Tensor mc = mu.contiguous(), lc = logvar.contiguous();
-  std::vector<int64_t> shape(mu.sizes().begin(), mu.sizes().end());
-  if (num_samples > 0) shape.insert(shape.begin(), num_samples);
-  Tensor z = at::empty(shape, mu.options());
-  Tensor eps = return_eps ? at::empty(shape, mu.options()) : at::empty({0}, mu.options());
+  const auto fmt = reparam_format(mu);
+  const Tensor mc = mu.contiguous(fmt), lc = logvar.contiguous(fmt);
+  Tensor z = reparam_empty(mu, fmt, num_samples);
+  Tensor eps = return_eps ? reparam_empty(mu, fmt, num_samples) : at::empty({0}, mu.options());
   Tensor state = at::empty({2}, mu.options().dtype(at::kLong));
 
   cuda::ReparamLaunch a{};
@@ -95,6 +98,7 @@ ReparamOutputs reparameterize_cuda(const Tensor& mu, const Tensor& logvar, int64
   a.eps = (return_eps && eps.numel()) ? eps.data_ptr() : nullptr;
   a.numel = mu.numel();
   a.k = std::max<int64_t>(num_samples, 1);
+  std::tie(a.layout.channels, a.layout.spatial) = reparam_channels_spatial(mu, fmt);
   a.rng.captured = philox.captured_;
   if (philox.captured_) {
     a.rng.seed_ptr = philox.seed_.ptr;
@@ -115,8 +119,10 @@ std::tuple<Tensor, Tensor> reparameterize_backward_cuda(const Tensor& grad_z, co
   check_reparam_backward_inputs(grad_z, logvar, rng_state, num_samples);
   TORCH_CHECK_VALUE(rng_state.device() == logvar.device(), "rng_state: expected a tensor on ", logvar.device());
   const c10::cuda::CUDAGuard guard(logvar.device());
-  const Tensor gc = grad_z.contiguous(), lc = logvar.contiguous(), st = rng_state.contiguous();
-  Tensor g_mu = grad_mu ? at::empty_like(lc) : at::empty({0}, lc.options()), g_lv = at::empty_like(lc);
+  const auto fmt = reparam_format(logvar);  // the layout the forward computed in (csrc/autograd.cpp)
+  const Tensor gc = reparam_in_layout(grad_z, logvar, fmt, num_samples), lc = logvar.contiguous(fmt),
+               st = rng_state.contiguous();
+  Tensor g_mu = grad_mu ? at::empty_like(lc, fmt) : at::empty({0}, lc.options()), g_lv = at::empty_like(lc, fmt);
   cuda::ReparamBackwardLaunch a{};
   a.dtype = cuda_dtype(logvar.scalar_type());
   a.grad_z = gc.const_data_ptr();
@@ -125,6 +131,7 @@ std::tuple<Tensor, Tensor> reparameterize_backward_cuda(const Tensor& grad_z, co
   a.grad_logvar = g_lv.numel() ? g_lv.data_ptr() : nullptr;
   a.numel = logvar.numel();
   a.k = std::max<int64_t>(num_samples, 1);
+  std::tie(a.layout.channels, a.layout.spatial) = reparam_channels_spatial(logvar, fmt);
   a.state = st.const_data_ptr<int64_t>();
   C10_CUDA_CHECK(cuda::launch_reparam_backward(a, c10::cuda::getCurrentCUDAStream()));
   return {g_mu, g_lv};
@@ -141,13 +148,21 @@ Tensor philox_normal_cuda(const Tensor& like, int64_t seed, int64_t offset) {
 
 }  // namespace
 
-void scale_unless_one_cuda(const Tensor& g, const Tensor& s) {
-  TORCH_CHECK(g.is_cuda() && g.is_contiguous() && s.numel() == 1 && s.device() == g.device() &&
-                  s.scalar_type() == g.scalar_type(),
-              "scale_unless_one_cuda: expected a contiguous CUDA g and a one-element s of its device and dtype");
-  const c10::cuda::CUDAGuard guard(g.device());
-  C10_CUDA_CHECK(cuda::launch_scale_unless_one(cuda_dtype(g.scalar_type()), g.data_ptr(), s.const_data_ptr(),
-                                               g.numel(), c10::cuda::getCurrentCUDAStream()));
+void scale_unless_one_cuda(const std::vector<Tensor>& g, const std::vector<Tensor>& s) {
+  TORCH_CHECK(!g.empty() && g.size() == s.size() && g.size() <= static_cast<size_t>(cuda::kMaxScaleJobs),
+              "scale_unless_one_cuda: expected 1 to ", cuda::kMaxScaleJobs, " (g, s) pairs");
+  cuda::ScaleJob jobs[cuda::kMaxScaleJobs];
+  for (size_t k = 0; k < g.size(); ++k) {
+    TORCH_CHECK(g[k].is_cuda() && g[k].is_contiguous() && g[k].device() == g[0].device() &&
+                    g[k].scalar_type() == g[0].scalar_type() && s[k].numel() == 1 &&
+                    s[k].device() == g[k].device() && s[k].scalar_type() == loss_dtype(g[k].scalar_type()),
+                "scale_unless_one_cuda: expected contiguous CUDA g of one device and dtype, and one-element s of "
+                "that device in g's loss dtype");
+    jobs[k] = {g[k].data_ptr(), s[k].const_data_ptr(), g[k].numel()};
+  }
+  const c10::cuda::CUDAGuard guard(g[0].device());
+  C10_CUDA_CHECK(cuda::launch_scale_unless_one(cuda_dtype(g[0].scalar_type()), jobs, static_cast<int>(g.size()),
+                                               c10::cuda::getCurrentCUDAStream()));
 }
 
 TORCH_LIBRARY_IMPL(vae_ext, CUDA, m) {

@@ -21,12 +21,13 @@ import torch
 import vae_ext
 from vae_ext import reference
 
-from . import common
+import measure
+from inputs import leaf, mnist_like, randn
+from settings import Settings, dtype_name
 
 NAME = "loss"
 TITLE = "ELBO loss, forward + backward"
-IMPLS = ("fused", "eager", "compile")
-BASELINES = ("eager", "compile")
+IMPLS, BASELINES = measure.OP_IMPLS, measure.OP_BASELINES
 
 # (N, D, L)
 SIZES: List[Tuple[int, int, int]] = [(128, 784, 20), (1024, 784, 32), (256, 12288, 128), (4096, 4096, 256)]
@@ -47,19 +48,11 @@ def fused_bytes(n: int, d: int, lat: int, element_size: int) -> int:
     return (3 * n * d + 4 * n * lat) * element_size
 
 
-def _ref_bce(r, x, mu, lv):
-    return reference.elbo_loss(r, x, mu, lv, recon="bce")
+def _ref(mode):
+    def f(r, x, mu, lv):
+        return reference.elbo_loss(r, x, mu, lv, recon=mode)
 
-
-def _ref_bce_logits(r, x, mu, lv):
-    return reference.elbo_loss(r, x, mu, lv, recon="bce_logits")
-
-
-def _ref_mse(r, x, mu, lv):
-    return reference.elbo_loss(r, x, mu, lv, recon="mse")
-
-
-_REF = {"bce": _ref_bce, "bce_logits": _ref_bce_logits, "mse": _ref_mse}
+    return f
 
 
 def _fused(mode):
@@ -69,46 +62,40 @@ def _fused(mode):
     return f
 
 
-def cases(ctx: common.Context) -> list:
-    sizes = ctx.sizes.get(NAME) or (QUICK_SIZES if ctx.quick else SIZES)
-    dtypes = list(ctx.dtypes)
-    if ctx.is_cuda and torch.bfloat16 not in dtypes and NAME not in ctx.sizes and not ctx.quick:
+def cases(settings: Settings) -> list:
+    sizes = settings.sizes.get(NAME) or (QUICK_SIZES if settings.quick else SIZES)
+    dtypes = list(settings.dtypes)
+    if settings.is_cuda and torch.bfloat16 not in dtypes and NAME not in settings.sizes and not settings.quick:
         dtypes.append(torch.bfloat16)
     out = []
     for dtype in dtypes:
-        for mode in ctx.recon_modes:
+        for mode in settings.recon_modes:
             for n, d, lat in sizes:
                 out.append({"recon": mode, "dtype": dtype, "N": n, "D": d, "L": lat})
     return out
 
 
 def case_label(c: dict) -> str:
-    return f"{c['recon']} {common.dtype_name(c['dtype'])} {c['N']}x{c['D']}:{c['L']}"
+    return f"{c['recon']} {dtype_name(c['dtype'])} {c['N']}x{c['D']}:{c['L']}"
 
 
-def make_inputs(c: dict, ctx: common.Context):
-    g = torch.Generator().manual_seed(ctx.seed)
-    n, d, lat, dtype, dev = c["N"], c["D"], c["L"], c["dtype"], ctx.device
+def make_inputs(c: dict, settings: Settings):
+    g = torch.Generator().manual_seed(settings.seed)
+    n, d, lat, dtype, dev = c["N"], c["D"], c["L"], c["dtype"], settings.device
     if c["recon"] == "bce":
         recon = torch.sigmoid(torch.randn(n, d, generator=g)).to(device=dev, dtype=dtype)
     else:  # logits (bce_logits) or values (mse)
-        recon = common.randn((n, d), device=dev, dtype=dtype, generator=g)
-    x = common.mnist_like((n, d), device=dev, dtype=dtype, generator=g)
-    mu = common.randn((n, lat), device=dev, dtype=dtype, generator=g)
-    logvar = common.randn((n, lat), device=dev, dtype=dtype, generator=g, scale=0.5)
-    return common.leaf(recon), x, common.leaf(mu), common.leaf(logvar), g
+        recon = randn((n, d), device=dev, dtype=dtype, generator=g)
+    x = mnist_like((n, d), device=dev, dtype=dtype, generator=g)
+    mu = randn((n, lat), device=dev, dtype=dtype, generator=g)
+    logvar = randn((n, lat), device=dev, dtype=dtype, generator=g, scale=0.5)
+    return leaf(recon), x, leaf(mu), leaf(logvar), g
 
 
-def run_case(c: dict, ctx: common.Context) -> dict:
-    common.reset_compiled()
-    recon, x, mu, logvar, g = make_inputs(c, ctx)
+def run_case(c: dict, settings: Settings) -> dict:
+    recon, x, mu, logvar, g = make_inputs(c, settings)
     inputs, leaves = (recon, x, mu, logvar), (recon, mu, logvar)
-    fused_fn, ref_fn = _fused(c["recon"]), _REF[c["recon"]]
-    fns = {
-        "fused": common.backward_step(fused_fn, inputs, leaves),
-        "eager": common.backward_step(ref_fn, inputs, leaves),
-        "compile": common.backward_step(common.compile_fn(ref_fn, ctx), inputs, leaves),
-    }
+    fused_fn, ref_fn = _fused(c["recon"]), _ref(c["recon"])
 
     # Sanity: the fused op computes what the reference computes (value and gradients).
     lf = fused_fn(*inputs)
@@ -116,30 +103,18 @@ def run_case(c: dict, ctx: common.Context) -> dict:
     lr = ref_fn(*inputs)
     gr = torch.autograd.grad(lr, leaves)
     check = {
-        "loss_rel_err": common.rel_err(lf, lr),
-        "grad_rel_err": max(common.rel_err(a, b) for a, b in zip(gf, gr)),
+        "loss_rel_err": measure.rel_err(lf, lr),
+        "grad_rel_err": max(measure.rel_err(a, b) for a, b in zip(gf, gr)),
     }
     del lf, gf, lr, gr
 
-    def reset():
-        for t in leaves:
-            t.grad = None
-
-    nbytes = fused_bytes(c["N"], c["D"], c["L"], recon.element_size())
-    m = common.measure_impls(ctx, case_label(c), fns, reset=reset, floor_bytes=nbytes, generator=g)
-    return _record(c, nbytes, m, check)
-
-
-def _record(c: dict, nbytes: int, m: dict, check: dict) -> dict:
-    times, peak = m["times"], m["peak_mem_bytes"]
-    floor = times.get("floor")
-    fields = {"recon": c["recon"], "dtype": common.dtype_name(c["dtype"]), "N": c["N"], "D": c["D"],
+    fields = {"recon": c["recon"], "dtype": dtype_name(c["dtype"]), "N": c["N"], "D": c["D"],
               "L": c["L"], "elements": c["N"] * c["D"]}
-    return common.op_record(fields, times=times, measured=m, floor=floor, nbytes=nbytes, peak=peak,
-                            check=check, impls=IMPLS, baselines=BASELINES)
+    return measure.op_case(settings, case_label(c), fused_fn, ref_fn, inputs, leaves, generator=g, fields=fields,
+                           nbytes=fused_bytes(c["N"], c["D"], c["L"], recon.element_size()), check=check)
 
 
-def run(ctx: common.Context, progress=None) -> dict:
-    return common.run_benchmark(
-        ctx, progress, sys.modules[__name__], bytes_formula=BYTES_FORMULA,
+def run(settings: Settings, progress=None) -> dict:
+    return measure.run_benchmark(
+        settings, progress, sys.modules[__name__], bytes_formula=BYTES_FORMULA,
         call="loss = op(recon, x, mu, logvar, recon=mode, reduction='sum'); loss.backward()")

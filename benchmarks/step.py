@@ -21,23 +21,26 @@ from __future__ import annotations
 
 import re
 import sys
-from typing import List
 
 import torch
 
 import vae_ext
 
-from . import common
+import measure
+from inputs import mnist_like
+from settings import Settings, dtype_name
 
 NAME = "step"
 TITLE = "Training step (forward + loss + backward + Adam)"
 IMPLS = ("ref_eager", "fused_eager", "ref_compile", "fused_compile")
 BASELINES = ("ref_eager", "ref_compile")
+# the fused variant and its reference, eager and compiled: the keys of speedup and mem_fused_le
+PAIRS = {"eager": ("fused_eager", "ref_eager"), "compile": ("fused_compile", "ref_compile")}
 
 BATCHES = {"mlp": [128, 1024], "conv": [128, 1024]}
 QUICK_BATCHES = {"mlp": [128], "conv": [8]}  # --quick runs the MLP only unless --models says otherwise
 
-# recon modes per model (those of --recon-modes that the model runs)
+# recon modes per model (those of --recon that the model runs)
 RECONS = {"mlp": ("bce", "bce_logits"), "conv": ("bce_logits",)}
 
 MODELS = {
@@ -57,18 +60,18 @@ def parse_size(text: str) -> int:
     return (m.group(1), int(m.group(2)))  # type: ignore[return-value]
 
 
-def cases(ctx: common.Context) -> list:
-    override = ctx.sizes.get(NAME)
+def cases(settings: Settings) -> list:
+    override = settings.sizes.get(NAME)
     out = []
-    for dtype in ctx.dtypes:
-        for model in ctx.models:
+    for dtype in settings.dtypes:
+        for model in settings.models:
             if model not in MODELS:
                 raise ValueError(f"--models: expected mlp or conv, got {model!r}")
             if override:
                 batches = [b for (m, b) in override if m in (None, model)]
             else:
-                batches = (QUICK_BATCHES if ctx.quick else BATCHES)[model]
-            recons = [r for r in RECONS[model] if r in ctx.recon_modes] or [RECONS[model][-1]]
+                batches = (QUICK_BATCHES if settings.quick else BATCHES)[model]
+            recons = [r for r in RECONS[model] if r in settings.recon_modes] or [RECONS[model][-1]]
             out += [{"model": model, "recon": r, "batch": b, "dtype": dtype} for r in recons for b in batches]
     return out
 
@@ -77,29 +80,28 @@ def case_label(c: dict) -> str:
     return f"{c['model']} {c['recon']} batch {c['batch']}"
 
 
-def _inputs(c: dict, ctx: common.Context, g: torch.Generator) -> torch.Tensor:
+def _inputs(c: dict, settings: Settings, g: torch.Generator) -> torch.Tensor:
     shape = (c["batch"], *MODELS[c["model"]]["input_shape"])
     if c["model"] == "mlp":
-        return common.mnist_like(shape, device=ctx.device, dtype=c["dtype"], generator=g)
-    return torch.rand(shape, generator=g).to(device=ctx.device, dtype=c["dtype"])
+        return mnist_like(shape, device=settings.device, dtype=c["dtype"], generator=g)
+    return torch.rand(shape, generator=g).to(device=settings.device, dtype=c["dtype"])
 
 
-def run_case(c: dict, ctx: common.Context) -> dict:
-    common.reset_compiled()
-    g = torch.Generator().manual_seed(ctx.seed)
-    torch.manual_seed(ctx.seed)
+def run_case(c: dict, settings: Settings) -> dict:
+    g = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)
     cfg = dict(MODELS[c["model"]])
-    x = _inputs(c, ctx, g)
+    x = _inputs(c, settings, g)
 
     base = vae_ext.VAE(**cfg, recon=c["recon"], fused=False)
     state = base.state_dict()
-    models, opts, fns, fwd_bwd = {}, {}, {}, {}
+    opts, fns, fwd_bwd = {}, {}, {}
     for impl in IMPLS:
         model = vae_ext.VAE(**cfg, recon=c["recon"], fused=impl.startswith("fused"))
         model.load_state_dict(state)
-        model.to(device=ctx.device, dtype=c["dtype"]).train()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3, **_ADAM[ctx.adam])
-        loss_fn = common.compile_fn(model.loss, ctx) if impl.endswith("compile") else model.loss
+        model.to(device=settings.device, dtype=c["dtype"]).train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, **_ADAM[settings.adam])
+        loss_fn = measure.compile_fn(model.loss, settings) if impl.endswith("compile") else model.loss
 
         def step(opt=opt, loss_fn=loss_fn):
             opt.zero_grad(set_to_none=True)
@@ -110,7 +112,7 @@ def run_case(c: dict, ctx: common.Context) -> dict:
         def forward_backward(loss_fn=loss_fn):
             loss_fn(x).backward()
 
-        models[impl], opts[impl], fns[impl], fwd_bwd[impl] = model, opt, step, forward_backward
+        opts[impl], fns[impl], fwd_bwd[impl] = opt, step, forward_backward
 
     def reset():
         for opt in opts.values():
@@ -118,44 +120,36 @@ def run_case(c: dict, ctx: common.Context) -> dict:
 
     # Peak memory of forward + backward (where fused and reference differ: activations, loss
     # temporaries), and of the whole step (usually Adam's temporaries on the largest weight).
-    m = common.measure_impls(ctx, case_label(c), fns, reset=reset, graphable=False,
+    m = measure.measure_impls(settings, case_label(c), fns, reset=reset, graphable=False,
                              mem_fns={"peak_mem_bytes": fwd_bwd, "peak_mem_step_bytes": fns})
     times, peak = m["times"], m["peak_mem_bytes"]
     rec = {
         "model": c["model"],
         "recon": c["recon"],
         "batch": c["batch"],
-        "dtype": common.dtype_name(c["dtype"]),
+        "dtype": dtype_name(c["dtype"]),
         "model_config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
         "parameters": sum(p.numel() for p in base.parameters()),
         "times": times,
         "first_call_s": m["first_call_s"],
-        "load_avg_1m": m["load_avg_1m"],
         "other_cpu_load": m["other_cpu_load"],
         "speedup": {
-            "eager": common.ratio(times["ref_eager"], times["fused_eager"]),
-            "compile": common.ratio(times["ref_compile"], times["fused_compile"]),
-            "fused_eager_vs_ref_compile": common.ratio(times["ref_compile"], times["fused_eager"]),
+            **{k: measure.ratio(times[ref], times[fused]) for k, (fused, ref) in PAIRS.items()},
+            "fused_eager_vs_ref_compile": measure.ratio(times["ref_compile"], times["fused_eager"]),
         },
         "peak_mem_bytes": peak,
         "peak_mem_step_bytes": m["peak_mem_step_bytes"],
     }
     if peak:
         step_peak = m["peak_mem_step_bytes"]
-        rec["mem_fused_le_step"] = {
-            "eager": step_peak["fused_eager"] <= step_peak["ref_eager"],
-            "compile": step_peak["fused_compile"] <= step_peak["ref_compile"],
-        }
-        rec["mem_fused_le"] = {
-            "eager": peak["fused_eager"] <= peak["ref_eager"],
-            "compile": peak["fused_compile"] <= peak["ref_compile"],
-        }
+        rec["mem_fused_le_step"] = {k: step_peak[fused] <= step_peak[ref] for k, (fused, ref) in PAIRS.items()}
+        rec["mem_fused_le"] = {k: peak[fused] <= peak[ref] for k, (fused, ref) in PAIRS.items()}
     return rec
 
 
-def run(ctx: common.Context, progress=None) -> dict:
-    adam = "".join(f", {k}={v}" for k, v in _ADAM[ctx.adam].items())
-    return common.run_benchmark(
-        ctx, progress, sys.modules[__name__], adam=ctx.adam,
+def run(settings: Settings, progress=None) -> dict:
+    adam = "".join(f", {k}={v}" for k, v in _ADAM[settings.adam].items())
+    return measure.run_benchmark(
+        settings, progress, sys.modules[__name__], adam=settings.adam,
         optimizer=f"torch.optim.Adam(lr=1e-3{adam}), eager in every variant",
         call="opt.zero_grad(set_to_none=True); model.loss(x).backward(); opt.step()")

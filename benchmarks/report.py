@@ -1,0 +1,219 @@
+"""A results dict as text: the benchmarks' tables, the terminal report and the README section.
+
+Pure Python on purpose: it renders a results JSON on any machine, without torch or the compiled
+extension (make_readme_table.py). Every table is printed through table.render.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Sequence, Tuple
+
+from table import Table, fmt_count, fmt_mib, fmt_ms, fmt_pct, fmt_x, render
+from targets import targets_table
+
+
+def _ms(rec: dict, impl: str) -> Optional[float]:
+    t = rec.get("times", {}).get(impl)
+    return t.get("median_ms") if t else None
+
+
+def _yes_no(v) -> str:
+    return "-" if v is None else ("yes" if v else "NO")
+
+
+def _mem_cols(rec: dict, impls: Sequence[str]) -> str:
+    peak = rec.get("peak_mem_bytes") or {}
+    if not peak:
+        return "-"
+    return " / ".join(fmt_mib(peak.get(i)) for i in impls)
+
+
+_STEP_PAIRS = {"eager": ("fused_eager", "ref_eager"), "compile": ("fused_compile", "ref_compile")}
+
+
+def _mem_ok(rec: dict) -> str:
+    """'yes' where the fused peak is <= the baseline's, else 'NO +x%' (how much more)."""
+    ok = rec.get("mem_fused_le")
+    peak = rec.get("peak_mem_bytes") or {}
+    if not ok:
+        return "-"
+    cells = []
+    for base, v in ok.items():
+        f, b = _STEP_PAIRS[base] if "fused_eager" in peak else ("fused", base)
+        if v or not peak.get(b):
+            cells.append(_yes_no(v))
+        else:
+            pct = 100.0 * (peak[f] - peak[b]) / peak[b]
+            cells.append(f"NO +{pct:.0f}%" if pct >= 10 else f"NO +{pct:.2g}%")
+    return " / ".join(cells)
+
+
+# --------------------------------------------------------------------------- tables
+
+Column = Tuple[str, Callable[[dict], str]]  # header, the cell of a record
+
+
+def _table(title: str, columns: List[Column], records: List[dict]) -> Table:
+    return (title, [h for h, _ in columns], [[cell(r) for _, cell in columns] for r in records])
+
+
+def _ms_col(header: str, impl: str) -> Column:
+    return header, lambda r: fmt_ms(_ms(r, impl))
+
+
+def _x_col(header: str, key: str) -> Column:
+    return header, lambda r: fmt_x((r.get("speedup") or {}).get(key))
+
+
+_OP_COLUMNS: List[Column] = [
+    _ms_col("fused ms", "fused"), _ms_col("eager ms", "eager"), _ms_col("compile ms", "compile"),
+    _ms_col("floor ms", "floor"), _x_col("vs eager", "eager"), _x_col("vs compile", "compile"),
+    ("fused % of floor", lambda r: fmt_pct((r.get("pct_floor") or {}).get("fused"))),
+    ("peak MiB fused / eager / compile", lambda r: _mem_cols(r, ("fused", "eager", "compile"))),
+    ("fused mem <= eager / compile", _mem_ok),
+]
+
+
+def _op_table(bench: dict, size_columns: List[Column]) -> Table:
+    """Sizes, then the op columns; a dtype column after the first size column when the dtypes differ."""
+    dtypes = {r.get("dtype") for r in bench["results"]}
+    if len(dtypes) > 1:
+        at = 1 if size_columns[0][0] == "recon" else 0
+        size_columns = [*size_columns[:at], ("dtype", lambda r: r.get("dtype", "")), *size_columns[at:]]
+        title = bench["title"]
+    else:
+        title = f"{bench['title']}, {next(iter(dtypes))}"
+    return _table(title, size_columns + _OP_COLUMNS, bench["results"])
+
+
+def loss_table(bench: dict) -> Table:
+    return _op_table(bench, [("recon", lambda r: r["recon"]), ("N x D, L", lambda r: f"{r['N']}x{r['D']}, {r['L']}"),
+                             ("elements", lambda r: fmt_count(r["elements"]))])
+
+
+def reparam_table(bench: dict) -> Table:
+    return _op_table(bench, [("N x L", lambda r: f"{r['N']}x{r['L']}"),
+                             ("elements", lambda r: fmt_count(r["elements"]))])
+
+
+_STEP_COLUMNS: List[Column] = [
+    ("model", lambda r: r["model"]), ("loss", lambda r: r.get("recon", "bce_logits")),
+    ("batch", lambda r: str(r["batch"])),
+    _ms_col("reference ms", "ref_eager"), _ms_col("fused ms", "fused_eager"), _x_col("vs reference", "eager"),
+    _ms_col("compiled ref ms", "ref_compile"), _ms_col("compiled fused ms", "fused_compile"),
+    _x_col("vs compiled ref", "compile"), _x_col("fused vs compiled ref", "fused_eager_vs_ref_compile"),
+    ("peak MiB fwd+bwd: ref / fused / c. ref / c. fused",
+     lambda r: _mem_cols(r, ("ref_eager", "fused_eager", "ref_compile", "fused_compile"))),
+    ("fused mem <= ref (eager / compiled)", _mem_ok),
+]
+
+
+def step_table(bench: dict) -> Table:
+    dtypes = {r.get("dtype") for r in bench["results"]}
+    adam = bench.get("adam", "default")
+    adam = "Adam" if adam == "default" else f"Adam({adam}=True)"
+    title = f"{bench['title']}, {', '.join(sorted(d for d in dtypes if d))}, {adam}"
+    return _table(title, _STEP_COLUMNS, bench["results"])
+
+
+TABLES = {"loss": loss_table, "reparam": reparam_table, "step": step_table}
+
+
+def tables(results: dict) -> List[Table]:
+    return [TABLES[name](bench) for name, bench in results.get("benchmarks", {}).items()
+            if bench.get("results") and name in TABLES]
+
+
+# --------------------------------------------------------------------------- whole reports
+
+
+def machine_line(results: dict) -> str:
+    m = results.get("machine", {})
+    if m.get("device") == "cuda" and m.get("gpu_name"):
+        return f"{m['gpu_name']} (CUDA {m.get('cuda')}), torch {m.get('torch')}"
+    return (f"{m.get('cpu_model')} ({m.get('cpu_count')} cores, {m.get('threads')} threads, "
+            f"{m.get('torch_cpu_capability')}), torch {m.get('torch')}")
+
+
+def _bandwidth_line(results: dict) -> str:
+    bw = results.get("copy_bandwidth")
+    if not bw:
+        return ""
+    what = "device-to-device" if results.get("machine", {}).get("device") == "cuda" else "memory"
+    return (f"Measured {what} copy bandwidth: {bw['GBps_peak']:.0f} GB/s peak, {bw['GBps_median']:.0f} GB/s median "
+            f"(`dst.copy_(src)`, {bw['bytes'] / 2**20:.0f} MiB read + written per copy).")
+
+
+def _allocator_text(results: dict) -> str:
+    st = results.get("settings") or {}
+    a = st.get("cpu_allocator")
+    if not a or (results.get("machine") or {}).get("device") != "cpu":
+        return ""
+    if a.get("mode") == "glibc":
+        return "; CPU allocator: glibc defaults (large blocks may page-fault on every allocation)"
+    if not a.get("applied"):
+        return f"; CPU allocator: {a.get('mode')} requested but not applied"
+    return {"retain": "; CPU allocator: freed memory retained for reuse (no page faults after warm-up)",
+            "fresh": "; CPU allocator: every block >= 256 KiB is fresh pages (page faults on every allocation)",
+            }.get(a.get("mode"), f"; CPU allocator: {a.get('mode')}")
+
+
+def settings_line(results: dict) -> str:
+    st = results.get("settings") or {}
+    if not st:
+        return ""
+    mode = st.get("compile_mode", "default")
+    backend = st.get("compile_backend", "inductor")
+    env = (results.get("machine") or {}).get("env") or {}
+    return (f"{st.get('threads')} threads; torch.compile(mode={mode!r}, backend={backend!r}, dynamic=False); "
+            f"{st.get('rounds')} interleaved rounds of {st.get('min_run_time_s')} s per implementation"
+            + ("; --quick" if st.get("quick") else "")
+            + ("; --cuda-graph: loss and reparam timed as CUDA-graph replays of one call (device time, "
+               "no host overhead)" if st.get("cuda_graph") else "")
+            + _allocator_text(results)
+            + ("; environment: " + ", ".join(f"{k}={v}" for k, v in env.items()) if env else "") + ".")
+
+
+def _tables_and_notes(results: dict, markdown: bool) -> List[str]:
+    out = []
+    for t in [*tables(results), targets_table(results)]:
+        out += ["", render(t, markdown)]
+    notes = results.get("notes") or []
+    if notes:
+        out += ["", *((f"Note: {n}." if markdown else f"note: {n}") for n in notes)]
+    return out
+
+
+def render_console(results: dict) -> str:
+    """What a run prints at the end."""
+    parts = [f"Machine: {machine_line(results)}", f"vae_ext build: {results.get('build_info')}",
+             f"Settings: {settings_line(results)}"]
+    bw = _bandwidth_line(results)
+    if bw:
+        parts.append(bw)
+    return "\n".join(parts + _tables_and_notes(results, markdown=False))
+
+
+def markdown_section(results: dict) -> str:
+    """The README's performance section (without the markers)."""
+    date = str(results.get("date", ""))[:10]
+    bi = results.get("build_info") or {}
+    cmd = results.get("command", "python benchmarks/run.py")
+    lines = [
+        f"Measured on **{machine_line(results)}**, {date}; vae_ext {results.get('vae_ext_version', '?')} "
+        f"(CPU kernels: {bi.get('cpu_capability', '?')}, CUDA kernels: {'yes' if bi.get('cuda_kernels') else 'no'}).",
+        "",
+        f"Command: `{cmd}`",
+        "",
+        "Medians of forward + backward (`torch.utils.benchmark`, interleaved rounds after warm-up). "
+        "*vs eager* / *vs compile*: time of the eager `vae_ext.reference` op / of `torch.compile` of it, "
+        "divided by the fused time (> 1: fused is faster). *floor*: a `copy_` of as many bytes as any forward + "
+        "backward must read and write (loss: recon, x and the gradient, 3 x N x D; reparameterize: 6 x N x L); "
+        "*% of floor*: floor time / fused time. Peak memory: "
+        f"{results.get('memory_method', '-')}.",
+        "",
+        f"Settings: {settings_line(results)}",
+    ]
+    bw = _bandwidth_line(results)
+    if bw:
+        lines += ["", bw]
+    return "\n".join(lines + _tables_and_notes(results, markdown=True))

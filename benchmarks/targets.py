@@ -1,0 +1,72 @@
+"""The project's speed targets, checked against a results dict (pure Python, like the renderer).
+
+Each target is held against the worst float32 case it covers, recomputed from the records by the
+current rules whenever results are rendered (so an old JSON is judged by today's targets).
+"""
+from __future__ import annotations
+
+from typing import List
+
+from table import Table, fmt_pct, fmt_x
+
+# (device, description, benchmark, which records, metric, minimum). metric: a baseline name (speedup of
+# the fused path over it) or "floor" (percent of the copy floor the fused path reaches). The CPU
+# targets are the issues' figures for the 2-core CPU, the CUDA ones those for an H100.
+_BIG = 16 * 2**20
+TARGETS = [
+    ("cpu", "loss bce: fused >= 10x eager reference at >= 0.8M elements", "loss",
+     lambda r: r["recon"] == "bce" and r["elements"] >= 800_000, "eager", 10.0),
+    ("cpu", "loss bce: fused >= 2x torch.compile(reference) at >= 0.8M elements", "loss",
+     lambda r: r["recon"] == "bce" and r["elements"] >= 800_000, "compile", 2.0),
+    ("cpu", "loss bce: fused >= 3x torch.compile(reference) at 128x784", "loss",
+     lambda r: r["recon"] == "bce" and r["N"] == 128 and r["D"] == 784, "compile", 3.0),
+    ("cpu", "reparameterize: fused >= 3x eager reference at >= 64K elements", "reparam",
+     lambda r: r["elements"] >= 65536, "eager", 3.0),
+    ("cpu", "reparameterize: fused >= 5x torch.compile(reference) at >= 64K elements", "reparam",
+     lambda r: r["elements"] >= 65536, "compile", 5.0),
+    *(("cpu", f"MLP train step, {recon}: fused >= {x}x eager reference at batch {b}", "step",
+       (lambda r, b=b, recon=recon: r["model"] == "mlp" and r["batch"] == b
+        and r.get("recon", "bce_logits") == recon), "eager", x)
+      for recon in ("bce", "bce_logits") for b, x in ((128, 1.3), (1024, 1.2))),
+    ("cuda", "loss bce: fused >= 85% of the copy floor at >= 16M elements", "loss",
+     lambda r: r["recon"] == "bce" and r["elements"] >= _BIG, "floor", 85.0),
+    ("cuda", "loss bce: fused >= 1.5x torch.compile(reference) at >= 16M elements", "loss",
+     lambda r: r["recon"] == "bce" and r["elements"] >= _BIG, "compile", 1.5),
+    ("cuda", "reparameterize: fused >= 85% of the copy floor at >= 16M elements", "reparam",
+     lambda r: r["elements"] >= _BIG, "floor", 85.0),
+]
+
+
+def check_targets(results: dict) -> List[dict]:
+    """The targets of the run's device type, each with the worst float32 case among those it covers."""
+    device = (results.get("machine") or {}).get("device", "cpu")
+    out = []
+    for dev, desc, bench, keep, metric, minimum in TARGETS:
+        if dev != device:
+            continue
+        recs = [r for r in results.get("benchmarks", {}).get(bench, {}).get("results", [])
+                if r.get("dtype", "float32") == "float32" and keep(r)]
+        if metric == "floor":
+            vals = [r.get("pct_floor", {}).get("fused") for r in recs]
+        else:
+            vals = [r["speedup"].get(metric) for r in recs]
+        vals = [v for v in vals if v is not None]
+        worst = min(vals) if vals else None
+        out.append({
+            "target": desc,
+            "metric": "percent_of_floor" if metric == "floor" else f"speedup_vs_{metric}",
+            "minimum": minimum,
+            "measured_worst": worst,
+            "cases": len(vals),
+            "met": None if worst is None else worst >= minimum,
+        })
+    return out
+
+
+def targets_table(results: dict) -> Table:
+    rows = []
+    for t in check_targets(results):
+        met = "not measured" if t["met"] is None else ("met" if t["met"] else "NOT MET")
+        fmt = fmt_pct if t["metric"] == "percent_of_floor" else fmt_x
+        rows.append([t["target"], fmt(t["measured_worst"]), str(t["cases"]), met])
+    return ("Targets (worst case among the matching sizes)", ["target", "measured", "cases", "status"], rows)

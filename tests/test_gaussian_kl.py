@@ -1,0 +1,112 @@
+"""vae_ext.gaussian_kl (the KL term alone, any latent shape) against vae_ext.reference.gaussian_kl in
+float64: value and both gradients, every dtype and reduction, conv-shaped, channels_last,
+non-contiguous and empty latents, grad_output != 1, gradcheck, torch.compile, bad input."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vae_ext
+from vae_ext import reference
+
+from helpers import DTYPES, F64, REDUCTIONS, TOLS, arg_re, assert_close, dtype_id, out_dtype, upstream_for
+
+SHAPES = {"7x13": (7, 13), "conv3x4x5x7": (3, 4, 5, 7), "1x1": (1, 1), "2x3x2049": (2, 3, 2049)}
+
+
+def _latents(shape, dtype, seed, layout="contiguous"):
+    g = torch.Generator().manual_seed(seed)
+    mu = torch.randn(shape, generator=g, dtype=F64) * 1.5
+    lv = torch.randn(shape, generator=g, dtype=F64)
+    mu, lv = mu.to(dtype), lv.to(dtype)
+    if layout == "channels_last":
+        mu, lv = mu.contiguous(memory_format=torch.channels_last), lv.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":  # (N, L) viewed from an (L, N) tensor
+        mu, lv = mu.t().contiguous().t(), lv.t().contiguous().t()
+    return mu, lv
+
+
+def _check(mu, lv, reduction, what):
+    tol = TOLS[mu.dtype]
+    w = upstream_for(reduction, mu.shape[0])
+    leaves = [t.detach().requires_grad_(True) for t in (mu, lv)]
+    out = vae_ext.gaussian_kl(*leaves, reduction=reduction)
+    (out * w.to(out.dtype)).sum().backward()
+    ref_leaves = [t.detach().to(F64).requires_grad_(True) for t in (mu, lv)]
+    ref = reference.gaussian_kl(*ref_leaves, reduction=reduction)
+    (ref * w).sum().backward()
+    assert out.dtype == out_dtype(mu.dtype), f"{what}: dtype {out.dtype}"
+    assert_close(out, ref, rtol=tol.loss, what=f"{what} kl")
+    for name, a, b in (("mu", leaves[0], ref_leaves[0]), ("logvar", leaves[1], ref_leaves[1])):
+        assert a.grad.dtype == a.dtype and a.grad.shape == a.shape, f"{what}: grad {name}"
+        assert_close(a.grad, b.grad, rtol=tol.grad, atol_rel=tol.grad_atol_rel, what=f"{what} grad {name}")
+
+
+@pytest.mark.parametrize("shape_id", list(SHAPES))
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_matches_reference(dtype, reduction, shape_id):
+    mu, lv = _latents(SHAPES[shape_id], dtype, seed=1)
+    _check(mu, lv, reduction, f"{dtype_id(dtype)} {reduction} {shape_id}")
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed"])
+def test_layouts(layout):
+    shape = (3, 4, 5, 7) if layout == "channels_last" else (9, 6)
+    mu, lv = _latents(shape, torch.float32, seed=2, layout=layout)
+    assert not mu.is_contiguous()
+    for reduction in REDUCTIONS:
+        _check(mu, lv, reduction, f"{layout} {reduction}")
+
+
+def test_same_as_the_kl_term_of_elbo_loss():
+    mu, lv = _latents((5, 8), torch.float32, seed=3)
+    r = torch.rand(5, 10)
+    for reduction in REDUCTIONS:
+        _, _, kl = vae_ext.elbo_loss(r, r, mu, lv, reduction=reduction, return_terms=True)
+        assert torch.equal(vae_ext.gaussian_kl(mu, lv, reduction=reduction), kl)
+
+
+def test_empty_batch():
+    mu = torch.zeros(0, 4, 2, 2, requires_grad=True)
+    lv = torch.zeros(0, 4, 2, 2, requires_grad=True)
+    assert vae_ext.gaussian_kl(mu, lv).item() == 0.0
+    assert torch.isnan(vae_ext.gaussian_kl(mu, lv, reduction="mean"))
+    none = vae_ext.gaussian_kl(mu, lv, reduction="none")
+    assert none.shape == (0,)
+    none.sum().backward()
+    assert mu.grad.shape == mu.shape
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradcheck(reduction):
+    mu, lv = (t.requires_grad_(True) for t in _latents((3, 2, 5), F64, seed=4))
+    assert torch.autograd.gradcheck(lambda m, v: vae_ext.gaussian_kl(m, v, reduction=reduction), (mu, lv))
+
+
+def test_torch_compile_fullgraph():
+    mu, lv = _latents((4, 3, 4, 4), torch.float32, seed=5)
+    f = torch.compile(lambda m, v: vae_ext.gaussian_kl(m, v, reduction="mean"), backend="aot_eager", fullgraph=True)
+    assert_close(f(mu, lv), reference.gaussian_kl(mu.double(), lv.double(), reduction="mean"), rtol=1e-5,
+                 what="compiled")
+
+
+def test_nan_gives_nan():
+    mu, lv = _latents((2, 5), torch.float32, seed=6)
+    mu[1, 3] = float("nan")
+    out = vae_ext.gaussian_kl(mu, lv, reduction="none")
+    assert torch.isfinite(out[0]) and torch.isnan(out[1])
+
+
+@pytest.mark.parametrize("args,kwargs,exc,name", [
+    (([1.0], torch.zeros(1, 2)), {}, TypeError, "mu"),
+    ((torch.zeros(1, 2), None), {}, TypeError, "logvar"),
+    ((torch.zeros(1, 2, dtype=torch.int64), torch.zeros(1, 2, dtype=torch.int64)), {}, TypeError, "mu"),
+    ((torch.zeros(1, 2), torch.zeros(1, 2, dtype=F64)), {}, TypeError, "logvar"),
+    ((torch.zeros(1, 2), torch.zeros(1, 3)), {}, ValueError, "logvar"),
+    ((torch.zeros(()), torch.zeros(())), {}, ValueError, "mu"),
+    ((torch.zeros(1, 2), torch.zeros(1, 2)), {"reduction": "avg"}, ValueError, "reduction"),
+], ids=["mu_list", "logvar_none", "int_dtype", "dtype_mix", "shape_mix", "zero_d", "reduction"])
+def test_bad_input(args, kwargs, exc, name):
+    with pytest.raises(exc, match=arg_re(name)):
+        vae_ext.gaussian_kl(*args, **kwargs)

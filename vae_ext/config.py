@@ -1,0 +1,106 @@
+"""The configuration of a training run (:class:`TrainConfig`): every option of ``vae-ext train``,
+checked on construction, stored in the run's checkpoint."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from .data import BINARIZE_MODES, parse_split
+from .errors import ConfigError
+from .functional import RECON_MODES
+from .models import ARCHS
+
+__all__ = ["TrainConfig", "FIXED_ON_RESUME", "DEFAULT_HIDDEN", "DEFAULT_CHANNELS"]
+
+DEFAULT_HIDDEN = {"mlp": (400,), "conv": (256,)}
+DEFAULT_CHANNELS = (32, 64)
+# Options that define the model and its data: a resumed run must keep them.
+FIXED_ON_RESUME = ("data", "train_split", "binarize", "arch", "latent", "hidden", "channels", "recon")
+
+
+def _normalize_data_spec(spec: str) -> str:
+    """Make a data path absolute, so a checkpoint's data can be found from any folder."""
+    if spec.startswith("mnist:") and len(spec) > 6:
+        return "mnist:" + os.path.abspath(spec[6:])
+    if spec.startswith("npz:"):
+        return "npz:" + os.path.abspath(spec[4:])
+    if spec.endswith(".npz"):
+        return os.path.abspath(spec)
+    return spec
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (stored in its checkpoint). CLI option = field name."""
+
+    data: str = "digits"
+    train_split: int | float | None = None  # a single pool of images: first N (or fraction) to train
+    binarize: str = "dynamic"
+    arch: str = "mlp"
+    latent: int = 20
+    hidden: list | None = None  # None: 400 (mlp) or 256 (conv)
+    channels: list | None = None  # conv only; None: 32,64
+    recon: str = "bce_logits"
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 1e-3
+    beta: float = 1.0
+    warmup: float = 0.0  # epochs over which the KL weight rises linearly from 0 to beta
+    device: str = "auto"
+    seed: int = 0
+    out: str | None = None
+    reference: bool = False  # vae_ext.reference (plain PyTorch) instead of the fused kernels
+    progress: bool = True
+    plot_every: int = 0  # also write the PNGs every N epochs (0: only at the end)
+    skip_nonfinite: int = 0  # skip steps with a non-finite loss or gradient; stop after this many in a row (0: off)
+
+    def __post_init__(self):
+        def choice(name, options):
+            if getattr(self, name) not in options:
+                raise ConfigError(f"--{name.replace('_', '-')}: expected one of {', '.join(options)}, "
+                                  f"got {getattr(self, name)!r}")
+
+        def number(name, kind, lo, lo_ok=True):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
+                what = "a number" if kind is float else "an integer"
+                raise ConfigError(f"--{name.replace('_', '-')}: expected {what}, got {v!r}")
+            if not math.isfinite(v) or v < lo or (v == lo and not lo_ok):
+                rel = ">=" if lo_ok else ">"
+                raise ConfigError(f"--{name.replace('_', '-')}: expected a value {rel} {lo}, got {v!r}")
+            setattr(self, name, kind(v))
+
+        choice("arch", tuple(ARCHS))
+        choice("recon", RECON_MODES)
+        choice("binarize", BINARIZE_MODES)
+        number("latent", int, 1)
+        number("epochs", int, 0)
+        number("batch_size", int, 1)
+        number("lr", float, 0.0, lo_ok=False)
+        number("beta", float, 0.0)
+        number("warmup", float, 0.0)
+        number("seed", int, 0)
+        number("plot_every", int, 0)
+        number("skip_nonfinite", int, 0)
+        self.train_split = parse_split(self.train_split)
+        if not isinstance(self.data, str) or not self.data:
+            raise ConfigError(f"--data: expected 'digits', 'mnist:DIR' or FILE.npz, got {self.data!r}")
+        self.data = _normalize_data_spec(self.data)
+        for name in ("hidden", "channels"):
+            v = getattr(self, name)
+            if v is not None:
+                v = [int(s) for s in v]
+                if any(s < 1 for s in v):
+                    raise ConfigError(f"--{name}: expected positive sizes, got {v}")
+                setattr(self, name, v)
+        if self.hidden is None:
+            self.hidden = list(DEFAULT_HIDDEN[self.arch])
+        if self.arch == "mlp" and not self.hidden:
+            raise ConfigError("--hidden: the mlp needs at least one hidden layer")
+        if self.arch == "conv" and self.channels is None:
+            self.channels = list(DEFAULT_CHANNELS)
+        if self.arch == "mlp" and self.channels is not None:
+            raise ConfigError("--channels: only the conv architecture has convolutions (pass --arch conv)")
+        if self.out is not None:
+            self.out = str(self.out)

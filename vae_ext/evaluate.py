@@ -1,0 +1,93 @@
+"""Scoring a model: the negative ELBO on a fixed draw of eps, the importance-weighted NLL estimate
+(IWAE bound), and ``vae-ext eval`` on a checkpoint."""
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import check_image_shape, config_of, load_checkpoint, model_from_checkpoint
+from .data import TEST_BINARIZE_SEED, ImageData, binarize, load_data
+from .distributed import DistributedContext, resolve_device
+from .errors import ConfigError
+from .models import VAE
+
+__all__ = ["EVAL_SEED", "evaluate", "eval_images", "importance_weighted_nll", "evaluate_checkpoint"]
+
+EVAL_SEED = 1234  # the eps of the test ELBO: fixed, so epochs and runs are compared on the same draws
+
+
+@torch.no_grad()
+def evaluate(model: VAE, images: torch.Tensor, ctx: DistributedContext | None = None, *, batch_size: int = 1000,
+             seed: int = EVAL_SEED) -> dict:
+    """Mean negative ELBO (and its terms) per image over ``images``, in nats; one z per image, drawn
+    from a generator seeded with ``seed`` (so repeated evaluations use the same eps).
+    Under torchrun each rank takes every world_size-th image and the sums are all-reduced."""
+    ctx = ctx or DistributedContext()
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    shard = images[ctx.rank::ctx.world_size]
+    g = torch.Generator(device=dev).manual_seed(seed + ctx.rank)
+    sums = torch.zeros(4, dtype=torch.float64, device=dev)
+    for b in torch.split(shard, batch_size):
+        elbo, log_px_z, kl = model.elbo(b.to(dev), generator=g, return_terms=True)
+        sums += torch.stack([-elbo.sum(), -log_px_z.sum(), kl.sum(), elbo.new_tensor(len(b))]).double()
+    ctx.all_reduce_sum(sums)
+    model.train(was_training)
+    s = sums.tolist()
+    n = max(s[3], 1.0)
+    return {"nelbo": s[0] / n, "rec": s[1] / n, "kl": s[2] / n, "n": int(s[3])}
+
+
+def eval_images(data: ImageData, split: str) -> torch.Tensor:
+    """The images to score: the test set, or the training set binarized once (fixed seed) if the run
+    binarizes (dynamic binarization leaves the stored training images in [0, 1])."""
+    if split == "test":
+        return data.test
+    if data.binarize == "dynamic":
+        return binarize(data.train, torch.Generator().manual_seed(TEST_BINARIZE_SEED + 1))
+    return data.train
+
+
+@torch.no_grad()
+def importance_weighted_nll(model: VAE, images: torch.Tensor, k: int, *, batch_size: int = 100,
+                            seed: int = 0, progress: bool = False, desc: str = "IW NLL") -> torch.Tensor:
+    """-log p(x) per image estimated with k importance samples (``VAE.log_likelihood``), batched."""
+    model.eval()
+    dev = next(model.parameters()).device
+    g = torch.Generator(device=dev).manual_seed(seed)
+    out = []
+    batches = torch.split(images, batch_size)
+    for b in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress, dynamic_ncols=True):
+        out.append(-model.log_likelihood(b.to(dev), k, generator=g).double().cpu())
+    return torch.cat(out)
+
+
+def evaluate_checkpoint(path, *, k: int = 5000, data: str | None = None, train_split=None, split: str = "test",
+                        device: str = "auto", reference: bool = False, seed: int = 0, batch_size: int = 100,
+                        progress: bool = True) -> dict:
+    """Test negative ELBO and the k-sample importance-weighted NLL of a checkpoint, in nats per image."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("eval runs as one process; start it without torchrun")
+    if k < 1:
+        raise ConfigError(f"--k: expected an integer >= 1, got {k}")
+    ckpt = load_checkpoint(path)
+    cfg = config_of(ckpt)
+    dev = resolve_device(device, fused=not reference)
+    d = load_data(data or cfg.data, train_split=train_split if data else cfg.train_split, binarize_mode=cfg.binarize)
+    check_image_shape(d, ckpt["model_config"]["input_shape"], f"the model in {ckpt['path']}")
+    model = model_from_checkpoint(ckpt, fused=not reference, device=dev)
+    images = eval_images(d, split)
+    t0 = time.perf_counter()
+    nelbo = evaluate(model, images)["nelbo"]
+    t1 = time.perf_counter()
+    nll = importance_weighted_nll(model, images, k, batch_size=batch_size, seed=seed, progress=progress)
+    t2 = time.perf_counter()
+    return {"checkpoint": ckpt["path"], "epoch": ckpt["epoch"], "data": d.name, "split": split, "n": len(images),
+            "k": k, "nelbo": nelbo, "nll": nll.mean().item(), "nll_sem": (nll.std() / math.sqrt(len(nll))).item(),
+            "seconds_elbo": t1 - t0, "seconds_nll": t2 - t1, "kernels": "reference" if reference else "fused",
+            "device": str(dev)}
