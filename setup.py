@@ -125,6 +125,16 @@ link_flags = []
 if torch._C.has_openmp:
     cxx_flags.append("-fopenmp")
     link_flags.append("-fopenmp")
+# VAE_EXT_SANITIZE=1: an AddressSanitizer + UndefinedBehaviorSanitizer build of the C++ for
+# .ci/sanitize (never for an install: it only loads with the ASan runtime preloaded). -O1 -g keeps
+# the reports' stacks readable; -fno-sanitize-recover makes a UB report abort the process, as an
+# ASan report does, so no report can pass unnoticed. -fno-wrapv undoes the -fwrapv of Python's
+# own CFLAGS (sysconfig), under which a signed overflow is defined and UBSan does not report it.
+if os.environ.get("VAE_EXT_SANITIZE") == "1":
+    san = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer"]
+    cxx_flags += san + ["-O1", "-g", "-fno-wrapv"]
+    link_flags += san
+    print("vae_ext: building with -fsanitize=address,undefined (VAE_EXT_SANITIZE=1)")
 use_cuda = bool(torch.version.cuda) and CUDA_HOME is not None and os.environ.get("VAE_EXT_NO_CUDA") != "1"
 
 if use_cuda:
