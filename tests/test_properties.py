@@ -519,8 +519,9 @@ def draw_reparam(case, dtype):
 @given(reparam_case())
 def test_reparameterize_matches_reference(case):
     """z against reference.reparameterize_with_eps in float64 on the eps the op returned (for half
-    types the float32 draw rounded: z and the backward use that rounded eps); the gradients against the formula: grad mu = sum_k g, grad logvar = exp(logvar / 2) / 2 *
-    sum_k g * eps (autograd's sum of per-sample terms would turn inf * (mixed signs) into NaN)."""
+    types the float32 draw rounded: z and the backward use that rounded eps); the gradients against
+    the formula: grad mu = sum_k g, grad logvar = exp(logvar / 2) / 2 * sum_k g * eps (autograd's sum
+    of per-sample terms would turn inf * (mixed signs) into NaN)."""
     dtype, k, up = case["dtype"], case["k"], case["up"]
     mu, lv, z, eps = draw_reparam(case, dtype)
     shape = case["mu"][1](mu).shape

@@ -17,8 +17,22 @@ import vae_ext
 from vae_ext import reference
 
 from helpers import (
-    BF16, CUDA_OK, DEVICES, DTYPES, F16, F32, F64, HALF, TOLS, arg_re, assert_close, capture_cuda_graph, dtype_id,
-    num_threads, rng_state_kept, skip_unless_cuda_free,
+    BF16,
+    CUDA_OK,
+    DEVICES,
+    DTYPES,
+    F16,
+    F32,
+    F64,
+    HALF,
+    TOLS,
+    arg_re,
+    assert_close,
+    capture_cuda_graph,
+    dtype_id,
+    num_threads,
+    rng_state_kept,
+    skip_unless_cuda_free,
 )
 
 REP_OP = torch.ops.vae_ext.reparameterize.default
@@ -270,7 +284,8 @@ def test_bitwise_same_for_1_and_2_threads(dtype):
             (z * up).sum().backward()
             res.append((z.detach(), eps, m.grad, l.grad))
     for what, a, b in zip(("z", "eps", "grad mu", "grad logvar"), *res):
-        assert torch.equal(a, b), f"{what}: 1 vs 2 threads differ (max diff {(a.double() - b.double()).abs().max():.3g})"
+        diff = (a.double() - b.double()).abs().max()
+        assert torch.equal(a, b), f"{what}: 1 vs 2 threads differ (max diff {diff:.3g})"
 
 
 # --------------------------------------------------------------------------- gradients
@@ -667,7 +682,8 @@ BAD = [
     ("dtype", lambda: vae_ext.reparameterize(torch.zeros(4, 3), torch.zeros(4, 3, dtype=F64)), TypeError, "logvar"),
     ("device_meta", lambda: vae_ext.reparameterize(torch.zeros(4, 3), torch.zeros(4, 3, device="meta")), ValueError,
      "logvar"),
-    ("mu_int", lambda: vae_ext.reparameterize(torch.zeros(4, 3, dtype=torch.int64), torch.zeros(4, 3)), TypeError, "mu"),
+    ("mu_int", lambda: vae_ext.reparameterize(torch.zeros(4, 3, dtype=torch.int64), torch.zeros(4, 3)), TypeError,
+     "mu"),
     ("logvar_bool", lambda: vae_ext.reparameterize(torch.zeros(4, 3), torch.zeros(4, 3, dtype=torch.bool)), TypeError,
      "logvar"),
     ("mu_not_tensor", lambda: vae_ext.reparameterize([0.0, 1.0], torch.zeros(2)), TypeError, "mu"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import REDUCTIONS, RECON_MODES, _check_beta, _check_choice, elbo_loss
+from .functional import RECON_MODES, REDUCTIONS, _check_beta, _check_choice, elbo_loss
 
 __all__ = ["FusedELBOLoss"]
 
