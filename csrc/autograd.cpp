@@ -203,8 +203,8 @@ struct ReparameterizeFunction : public torch::autograd::Function<ReparameterizeF
     auto [z, eps, state] = op.call(mu, logvar, num_samples, return_eps, generator);
     // The backward computes in logvar's layout (reparameterize_backward cannot see mu): give it the
     // one the forward used, mu's (a copy only when the two differ).
-    const auto fmt = reparam_format(mu);
-    ctx->save_for_backward({reparam_format(logvar) == fmt ? logvar : logvar.contiguous(fmt), state});
+    const auto fmt = kernel_format(mu);
+    ctx->save_for_backward({kernel_format(logvar) == fmt ? logvar : logvar.contiguous(fmt), state});
     ctx->saved_data["num_samples"] = num_samples;
     ctx->mark_non_differentiable({eps, state});
     ctx->set_materialize_grads(false);

@@ -1,5 +1,5 @@
 // Small device helpers shared by the .cu files: storage-type conversion, aligned vectors,
-// deterministic block reductions and the dtype switch. No torch headers.
+// deterministic block reductions. No torch headers.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -51,16 +51,6 @@ __device__ __forceinline__ T block_sum(T v) {
   v = (threadIdx.x < warps) ? shared[lane] : T(0);
   if (warp == 0) v = warp_sum(v);
   return v;
-}
-
-template <class F>
-void dispatch_dtype(DType dt, F&& f) {
-  switch (dt) {
-    case DType::Float32: f(static_cast<float*>(nullptr)); break;
-    case DType::Float64: f(static_cast<double*>(nullptr)); break;
-    case DType::Float16: f(static_cast<__half*>(nullptr)); break;
-    case DType::BFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-  }
 }
 
 inline unsigned blocks_for(int64_t work, int threads, int64_t max_blocks = 65535LL * 8) {

@@ -252,7 +252,7 @@ cudaError_t launch_scale_unless_one(DType dtype, const ScaleJob* jobs, int count
     most = jobs[k].n > most ? jobs[k].n : most;
   }
   if (all.count == 0) return cudaSuccess;
-  dispatch_dtype(dtype, [&](auto* tag) {
+  dispatch_dtype<__half, __nv_bfloat16>(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     // Grid-stride over at most kScaleBlocks blocks: when every *s == 1 each block only reads them
     // and exits, and a grid of n / 256 blocks (65536 at 16M elements) would cost microseconds for that.
@@ -271,7 +271,7 @@ cudaError_t launch_elbo(const ElboLaunch& a, cudaStream_t s) {
   double* part_rec = static_cast<double*>(a.workspace);
   double* part_kl = part_rec + u.rec_units;
   if (u.rec_units + u.kl_units > 0) {
-    dispatch_dtype(a.dtype, [&](auto* tag) {
+    dispatch_dtype<__half, __nv_bfloat16>(a.dtype, [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       switch (a.mode) {
         case Recon::BCE: launch_partials_aligned<T, Recon::BCE>(a, u, part_rec, part_kl, s); break;

@@ -8,12 +8,11 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../common/dtype.h"
 #include "../common/elbo_math.h"
 
 namespace vae_ext {
 namespace cuda {
-
-enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
 
 struct ElboLaunch {
   DType dtype;

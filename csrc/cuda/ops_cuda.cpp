@@ -16,16 +16,6 @@
 namespace vae_ext {
 namespace {
 
-cuda::DType cuda_dtype(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat: return cuda::DType::Float32;
-    case at::kDouble: return cuda::DType::Float64;
-    case at::kHalf: return cuda::DType::Float16;
-    case at::kBFloat16: return cuda::DType::BFloat16;
-    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", st);
-  }
-}
-
 ElboOutputs elbo_loss_cuda(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar,
                            c10::string_view recon_mode, c10::string_view reduction, bool grad_recon,
                            bool grad_latent, bool validate, bool total) {
@@ -45,7 +35,7 @@ ElboOutputs elbo_loss_cuda(const Tensor& recon, const Tensor& x, const Tensor& m
   Tensor bad = (validate && mode == Recon::BCE) ? at::zeros({1}, rc.options().dtype(at::kInt)) : Tensor();
 
   cuda::ElboLaunch a{};
-  a.dtype = cuda_dtype(recon.scalar_type());
+  a.dtype = kernel_dtype(recon.scalar_type());
   a.mode = mode;
   a.reduction = red;
   a.recon = rc.const_data_ptr();
@@ -84,14 +74,14 @@ ReparamOutputs reparameterize_cuda(const Tensor& mu, const Tensor& logvar, int64
     std::lock_guard<std::mutex> lock(gen->mutex_);
     philox = gen->philox_cuda_state(4);
   }
-  const auto fmt = reparam_format(mu);
+  const auto fmt = kernel_format(mu);
   const Tensor mc = mu.contiguous(fmt), lc = logvar.contiguous(fmt);
   Tensor z = reparam_empty(mu, fmt, num_samples);
   Tensor eps = return_eps ? reparam_empty(mu, fmt, num_samples) : at::empty({0}, mu.options());
   Tensor state = at::empty({2}, mu.options().dtype(at::kLong));
 
   cuda::ReparamLaunch a{};
-  a.dtype = cuda_dtype(mu.scalar_type());
+  a.dtype = kernel_dtype(mu.scalar_type());
   a.mu = mc.const_data_ptr();
   a.logvar = lc.const_data_ptr();
   a.z = z.numel() ? z.data_ptr() : nullptr;
@@ -119,12 +109,12 @@ std::tuple<Tensor, Tensor> reparameterize_backward_cuda(const Tensor& grad_z, co
   check_reparam_backward_inputs(grad_z, logvar, rng_state, num_samples);
   TORCH_CHECK_VALUE(rng_state.device() == logvar.device(), "rng_state: expected a tensor on ", logvar.device());
   const c10::cuda::CUDAGuard guard(logvar.device());
-  const auto fmt = reparam_format(logvar);  // the layout the forward computed in (csrc/autograd.cpp)
+  const auto fmt = kernel_format(logvar);  // the layout the forward computed in (csrc/autograd.cpp)
   const Tensor gc = reparam_in_layout(grad_z, logvar, fmt, num_samples), lc = logvar.contiguous(fmt),
                st = rng_state.contiguous();
   Tensor g_mu = grad_mu ? at::empty_like(lc, fmt) : at::empty({0}, lc.options()), g_lv = at::empty_like(lc, fmt);
   cuda::ReparamBackwardLaunch a{};
-  a.dtype = cuda_dtype(logvar.scalar_type());
+  a.dtype = kernel_dtype(logvar.scalar_type());
   a.grad_z = gc.const_data_ptr();
   a.logvar = lc.const_data_ptr();
   a.grad_mu = (grad_mu && g_mu.numel()) ? g_mu.data_ptr() : nullptr;
@@ -161,7 +151,7 @@ void scale_unless_one_cuda(const std::vector<Tensor>& g, const std::vector<Tenso
     jobs[k] = {g[k].data_ptr(), s[k].const_data_ptr(), g[k].numel()};
   }
   const c10::cuda::CUDAGuard guard(g[0].device());
-  C10_CUDA_CHECK(cuda::launch_scale_unless_one(cuda_dtype(g[0].scalar_type()), jobs, static_cast<int>(g.size()),
+  C10_CUDA_CHECK(cuda::launch_scale_unless_one(kernel_dtype(g[0].scalar_type()), jobs, static_cast<int>(g.size()),
                                                c10::cuda::getCurrentCUDAStream()));
 }
 

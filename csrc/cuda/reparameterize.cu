@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(kThreads) philox_normal_kernel(float* out, int
 
 cudaError_t launch_reparam(const ReparamLaunch& a, cudaStream_t s) {
   const int64_t groups = (a.k * a.numel + 3) / 4;
-  dispatch_dtype(a.dtype, [&](auto* tag) {
+  dispatch_dtype<__half, __nv_bfloat16>(a.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     if (a.layout.channels > 0)
       reparam_kernel<T, true><<<blocks_for(groups, kThreads), kThreads, 0, s>>>(a);
@@ -149,7 +149,7 @@ cudaError_t launch_reparam(const ReparamLaunch& a, cudaStream_t s) {
 
 cudaError_t launch_reparam_backward(const ReparamBackwardLaunch& a, cudaStream_t s) {
   if (a.numel == 0) return cudaSuccess;
-  dispatch_dtype(a.dtype, [&](auto* tag) {
+  dispatch_dtype<__half, __nv_bfloat16>(a.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const unsigned groups = blocks_for((a.numel + 3) / 4, kThreads), elems = blocks_for(a.numel, kThreads);
     const bool cl = a.layout.channels > 0;
