@@ -27,8 +27,8 @@ constexpr int64_t kBatch = 4 * kGroups;
 
 // Ten Philox rounds on kGroups counters at once: philox_round's arithmetic, lane by lane. On x86
 // the 32x32 -> 64-bit products are written with mul_epu32 on the even and odd lanes: left to
-// itself the compiler widens every lane to 64 bits and packs it back, at twice the cost (measured:
-// the rounds were two thirds of the time of a batch of normals).
+// itself the compiler widens every lane to 64 bits and packs it back (docs/benchmarks.md, "Design
+// measurements").
 #if defined(CPU_CAPABILITY_AVX512)
 struct PhiloxLanes {
   using R = __m512i;

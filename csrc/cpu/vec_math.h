@@ -47,8 +47,8 @@ struct VecMath {
 //   log x = e ln2 + 2 atanh(s) = e ln2 + 2s (1 + s^2/3 + s^4/5 + s^6/7 + s^8/9 + ...),
 // the series cut after s^8/9 (relative truncation error < 2e-9). Measured against double log
 // over every 7th positive float (AVX-512; every 13th for AVX2): at most 2.14 ulp (Sleef's u35:
-// 3.5). 0 -> -inf, x < 0 -> NaN, +inf and NaN -> themselves, subnormals exact. Inline, the "bce"
-// pass took 41 instead of 53 us (128x784 float32, one thread, AVX-512).
+// 3.5). 0 -> -inf, x < 0 -> NaN, +inf and NaN -> themselves, subnormals exact. (Timings: "Design
+// measurements" in docs/benchmarks.md.)
 // log1p(v) is computed as log(u) - ((u - 1) - v) / u with u = 1 + v, the second term being
 // 1 + v's rounding error; it is used for v in [-1, 1] only (log1p(-p), log1p(exp(-|l|))), where
 // 1/u is replaced by 2 - u: wherever the rounding error is non-zero, u lies in [0.5, 2] and the

@@ -11,9 +11,9 @@ namespace {
 
 // The math policy of the loss kernels: ScalarMath (libdevice's logf/log1pf, IEEE division).
 // EXPERIMENT, off by default and never run on a GPU (docs/gpu.md): the forward looked
-// compute-bound on the H100 (f32 and bf16 took the same ~0.11 ms at 16M elements, though bf16
-// moves half the bytes), and the "bce"
-// element costs ~88 SASS instructions, ~46 of them in logf/log1pf. Building with
+// compute-bound on the H100 (f32 and bf16 took the same time though bf16 moves half the bytes:
+// docs/benchmarks.md, "Design measurements"), and the "bce" element costs ~88 SASS instructions,
+// ~46 of them in logf/log1pf. Building with
 //   NVCC_APPEND_FLAGS="-DVAE_EXT_FAST_LOG --prec-div=false"
 // takes float logarithms from the SFU (__logf: abs. error ~1e-7 in [0.5, 2], 3 ulp elsewhere;
 // log1p(v) as log(u) corrected by u's rounding error, u = 1 + v, as the CPU kernels do) and divides
