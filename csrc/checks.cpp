@@ -28,9 +28,7 @@ DType kernel_dtype(at::ScalarType st) {
   }
 }
 
-at::ScalarType loss_dtype(at::ScalarType t) {
-  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
-}
+at::ScalarType loss_dtype(at::ScalarType t) { return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t; }
 
 static void check_float(const char* name, const Tensor& t) {
   const auto st = t.scalar_type();
@@ -41,13 +39,13 @@ static void check_float(const char* name, const Tensor& t) {
 static void check_like(const char* name, const Tensor& t, const char* ref_name, const Tensor& ref) {
   TORCH_CHECK_TYPE(t.scalar_type() == ref.scalar_type(), name, ": expected the same dtype as ", ref_name, " (",
                    ref.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.device() == ref.device(), name, ": expected the same device as ", ref_name, " (",
-                    ref.device(), "), got ", t.device());
+  TORCH_CHECK_VALUE(t.device() == ref.device(), name, ": expected the same device as ", ref_name, " (", ref.device(),
+                    "), got ", t.device());
 }
 
 // Shapes, dtypes and devices of the elbo_loss inputs; returns {n, d, l}.
-static std::tuple<int64_t, int64_t, int64_t> check_elbo_inputs(const Tensor& recon, const Tensor& x,
-                                                              const Tensor& mu, const Tensor& logvar) {
+static std::tuple<int64_t, int64_t, int64_t> check_elbo_inputs(const Tensor& recon, const Tensor& x, const Tensor& mu,
+                                                               const Tensor& logvar) {
   check_float("recon_x", recon);
   check_like("x", x, "recon_x", recon);
   check_like("mu", mu, "recon_x", recon);
@@ -65,8 +63,8 @@ static std::tuple<int64_t, int64_t, int64_t> check_elbo_inputs(const Tensor& rec
   return {n, d, mu.size(1)};
 }
 
-ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar,
-                         bool grad_recon, bool grad_latent) {
+ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar, bool grad_recon,
+                         bool grad_latent) {
   const auto [n, d, l] = check_elbo_inputs(recon, x, mu, logvar);
   const auto fmt = kernel_format(recon);
   ElboBuffers b{recon.contiguous(fmt), x.contiguous(fmt), mu.contiguous(), logvar.contiguous(), {}, {}, {}, n, d, l};

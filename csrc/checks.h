@@ -32,8 +32,8 @@ struct ElboBuffers {
   Tensor g_recon, g_mu, g_logvar;
   int64_t n, d, l;
 };
-ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar,
-                         bool grad_recon, bool grad_latent);
+ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar, bool grad_recon,
+                         bool grad_latent);
 
 void check_reparam_inputs(const Tensor& mu, const Tensor& logvar, int64_t num_samples);
 void check_reparam_backward_inputs(const Tensor& grad_z, const Tensor& logvar, const Tensor& rng_state,

@@ -38,9 +38,11 @@ TORCH_LIBRARY(vae_ext, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vae_ext kernels: the ops are torch.ops.vae_ext.*; this module holds build facts";
-  m.def("cpu_capability", [] { return std::string(vae_ext::cpu::kernels().name); },
-        "The CPU kernel variant in use: DEFAULT, AVX2 or AVX512");
-  m.def("has_cuda", [] { return vae_ext::kHasCuda; }, "Whether CUDA kernels were built");
+  m.def(
+      "cpu_capability", [] { return std::string(vae_ext::cpu::kernels().name); },
+      "The CPU kernel variant in use: DEFAULT, AVX2 or AVX512");
+  m.def(
+      "has_cuda", [] { return vae_ext::kHasCuda; }, "Whether CUDA kernels were built");
   m.def(
       "_philox4x32_10",
       [](uint64_t seed, uint64_t ctr_lo, uint64_t ctr_hi) {

@@ -102,8 +102,10 @@ double recon_segment(const scalar_t* r, const scalar_t* x, scalar_t* g, int64_t 
     if constexpr (mode == Recon::BCE) range.add(rv);
     if (g != nullptr) {
       if (scaled) gv = gv * vscale;
-      if (full) IO::store(g + i, gv);
-      else IO::store(g + i, gv, cnt);
+      if (full)
+        IO::store(g + i, gv);
+      else
+        IO::store(g + i, gv, cnt);
     }
   };
   int64_t i = 0;
@@ -202,8 +204,10 @@ void scale_rows_typed(scalar_t* g, int64_t rows, int64_t d, const float* s) {
       const V sv(s[row]);
       while (i < end) {
         const int64_t cnt = std::min(W, end - i);
-        if (cnt == W) IO::store(g + i, IO::load(g + i) * sv);
-        else IO::store(g + i, IO::load(g + i, cnt) * sv, cnt);
+        if (cnt == W)
+          IO::store(g + i, IO::load(g + i) * sv);
+        else
+          IO::store(g + i, IO::load(g + i, cnt) * sv, cnt);
         i += cnt;
       }
     }

@@ -72,9 +72,15 @@ struct KernelTable {
   void (*scale_rows)(DType dtype, void* g, int64_t rows, int64_t d, const float* s);
 };
 
-namespace DEFAULT { const KernelTable& kernel_table(); }
-namespace AVX2 { const KernelTable& kernel_table(); }
-namespace AVX512 { const KernelTable& kernel_table(); }
+namespace DEFAULT {
+const KernelTable& kernel_table();
+}
+namespace AVX2 {
+const KernelTable& kernel_table();
+}
+namespace AVX512 {
+const KernelTable& kernel_table();
+}
 
 // The table for this CPU (honours ATEN_CPU_CAPABILITY, as ATen does).
 const KernelTable& kernels();

@@ -35,8 +35,8 @@ void scale_rows_cpu(const Tensor& g, const Tensor& s) {
               "one value per sample");
   if (g.numel() == 0) return;
   const Tensor sc = s.contiguous();
-  cpu::kernels().scale_rows(kernel_dtype(st), g.data_ptr(),
-                            g.size(0), g.numel() / g.size(0), sc.const_data_ptr<float>());
+  cpu::kernels().scale_rows(kernel_dtype(st), g.data_ptr(), g.size(0), g.numel() / g.size(0),
+                            sc.const_data_ptr<float>());
 }
 
 namespace {
@@ -62,8 +62,8 @@ std::tuple<Tensor, Tensor> reduce_terms(double sr, double sk, int64_t n, Reducti
 }
 
 ElboOutputs elbo_loss_cpu(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar,
-                          c10::string_view recon_mode, c10::string_view reduction, bool grad_recon,
-                          bool grad_latent, bool validate, bool total) {
+                          c10::string_view recon_mode, c10::string_view reduction, bool grad_recon, bool grad_latent,
+                          bool validate, bool total) {
   (void)validate;  // the CPU kernel always checks "bce" probabilities and targets (it is free here)
   const Recon mode = parse_recon(recon_mode);
   const Reduction red = parse_reduction(reduction);
@@ -147,8 +147,7 @@ ReparamOutputs reparameterize_cpu(const Tensor& mu, const Tensor& logvar, int64_
 }
 
 std::tuple<Tensor, Tensor> reparameterize_backward_cpu(const Tensor& grad_z, const Tensor& logvar,
-                                                       const Tensor& rng_state, int64_t num_samples,
-                                                       bool grad_mu) {
+                                                       const Tensor& rng_state, int64_t num_samples, bool grad_mu) {
   check_reparam_backward_inputs(grad_z, logvar, rng_state, num_samples);
   const auto fmt = kernel_format(logvar);  // the layout the forward computed in (csrc/autograd.cpp)
   const Tensor gc = reparam_in_layout(grad_z, logvar, fmt, num_samples), lc = logvar.contiguous(fmt);

@@ -68,11 +68,15 @@ void reparam_typed(const ReparamArgs& a) {
           const V l = full ? IO::load(lv + i0 + j) : IO::load(lv + i0 + j, cnt);
           const V ev = V::loadu(ep + j, cnt);
           const V zv = reparam_z<VecMath<V>>(m, l, ev);
-          if (full) IO::store(z + pos + j, zv);
-          else IO::store(z + pos + j, zv, cnt);
+          if (full)
+            IO::store(z + pos + j, zv);
+          else
+            IO::store(z + pos + j, zv, cnt);
           if (eps_out != nullptr) {
-            if (full) IO::store(eps_out + pos + j, ev);
-            else IO::store(eps_out + pos + j, ev, cnt);
+            if (full)
+              IO::store(eps_out + pos + j, ev);
+            else
+              IO::store(eps_out + pos + j, ev, cnt);
           }
         }
         pos += run;
@@ -163,8 +167,8 @@ struct ClTiling {
 // the logical stream starting at `base` (the block's first logical element), rounded to scalar_t
 // as eps_tile does. tmp: kClTile floats.
 template <typename scalar_t, typename acc_t>
-void cl_eps_tile(uint64_t seed, uint64_t offset, int64_t base, const ClTiling& t, int64_t c0, int64_t tcn,
-                 int64_t s0, int64_t tsn, float* tmp, acc_t* out) {
+void cl_eps_tile(uint64_t seed, uint64_t offset, int64_t base, const ClTiling& t, int64_t c0, int64_t tcn, int64_t s0,
+                 int64_t tsn, float* tmp, acc_t* out) {
   if (tsn == t.s) {
     fill_normals(seed, offset, base + c0 * t.s, tcn * tsn, tmp);  // whole channels: one logical run
   } else {
@@ -215,11 +219,15 @@ void reparam_cl_typed(const ReparamArgs& a) {
           const V l = full ? IO::load(lv + mi) : IO::load(lv + mi, cnt);
           const V ev = V::loadu(eps.data() + tile + j, cnt);
           const V zv = reparam_z<VecMath<V>>(m, l, ev);
-          if (full) IO::store(z + zi, zv);
-          else IO::store(z + zi, zv, cnt);
+          if (full)
+            IO::store(z + zi, zv);
+          else
+            IO::store(z + zi, zv, cnt);
           if (eps_out != nullptr) {
-            if (full) IO::store(eps_out + zi, ev);
-            else IO::store(eps_out + zi, ev, cnt);
+            if (full)
+              IO::store(eps_out + zi, ev);
+            else
+              IO::store(eps_out + zi, ev, cnt);
           }
         }
       });
@@ -239,62 +247,67 @@ void reparam_backward_cl_typed(const ReparamBackwardArgs& a) {
   auto* glv = static_cast<scalar_t*>(a.grad_logvar);
   const ClTiling t(a.channels, a.spatial);
   const int64_t p = t.c * t.s, units = (a.numel / p) * t.per_block();
-  at::parallel_for(0, units, std::max<int64_t>(1, kGrainElems / (a.k * std::min(p, kClTile))), [&](int64_t b, int64_t e) {
-    std::vector<float> tmp(kClTile);
-    std::vector<acc_t> eps(kClTile), sum_g(kClTile), sum_ge(kClTile);
-    for (int64_t u = b; u < e; ++u) {
-      const int64_t blk = u / t.per_block(), r = u % t.per_block();
-      const int64_t c0 = (r / t.tiles_s) * t.tc, s0 = (r % t.tiles_s) * t.ts;
-      const int64_t tcn = std::min(t.tc, t.c - c0), tsn = std::min(t.ts, t.s - s0);
-      const int64_t mbase = blk * p;
-      std::fill(sum_g.begin(), sum_g.begin() + tcn * tsn, acc_t(0));
-      std::fill(sum_ge.begin(), sum_ge.begin() + tcn * tsn, acc_t(0));
-      for (int64_t k = 0; k < a.k; ++k) {  // samples in order: a fixed summation order
-        const int64_t zbase = k * a.numel + mbase;
-        cl_eps_tile<scalar_t, acc_t>(a.seed, a.offset, zbase, t, c0, tcn, s0, tsn, tmp.data(), eps.data());
-        cl_runs(t, c0, tcn, s0, tsn, [&](int64_t mem, int64_t tile, int64_t len) {
-          for (int64_t j = 0; j < len; j += W) {
-            const int64_t cnt = std::min(W, len - j);
-            const V gv = cnt == W ? IO::load(gz + zbase + mem + j) : IO::load(gz + zbase + mem + j, cnt);
-            acc_t* sg = sum_g.data() + tile + j;
-            acc_t* sge = sum_ge.data() + tile + j;
-            (V::loadu(sg, cnt) + gv).store(sg, cnt);
-            (V::loadu(sge, cnt) + gv * V::loadu(eps.data() + tile + j, cnt)).store(sge, cnt);
+  at::parallel_for(
+      0, units, std::max<int64_t>(1, kGrainElems / (a.k * std::min(p, kClTile))), [&](int64_t b, int64_t e) {
+        std::vector<float> tmp(kClTile);
+        std::vector<acc_t> eps(kClTile), sum_g(kClTile), sum_ge(kClTile);
+        for (int64_t u = b; u < e; ++u) {
+          const int64_t blk = u / t.per_block(), r = u % t.per_block();
+          const int64_t c0 = (r / t.tiles_s) * t.tc, s0 = (r % t.tiles_s) * t.ts;
+          const int64_t tcn = std::min(t.tc, t.c - c0), tsn = std::min(t.ts, t.s - s0);
+          const int64_t mbase = blk * p;
+          std::fill(sum_g.begin(), sum_g.begin() + tcn * tsn, acc_t(0));
+          std::fill(sum_ge.begin(), sum_ge.begin() + tcn * tsn, acc_t(0));
+          for (int64_t k = 0; k < a.k; ++k) {  // samples in order: a fixed summation order
+            const int64_t zbase = k * a.numel + mbase;
+            cl_eps_tile<scalar_t, acc_t>(a.seed, a.offset, zbase, t, c0, tcn, s0, tsn, tmp.data(), eps.data());
+            cl_runs(t, c0, tcn, s0, tsn, [&](int64_t mem, int64_t tile, int64_t len) {
+              for (int64_t j = 0; j < len; j += W) {
+                const int64_t cnt = std::min(W, len - j);
+                const V gv = cnt == W ? IO::load(gz + zbase + mem + j) : IO::load(gz + zbase + mem + j, cnt);
+                acc_t* sg = sum_g.data() + tile + j;
+                acc_t* sge = sum_ge.data() + tile + j;
+                (V::loadu(sg, cnt) + gv).store(sg, cnt);
+                (V::loadu(sge, cnt) + gv * V::loadu(eps.data() + tile + j, cnt)).store(sge, cnt);
+              }
+            });
           }
-        });
-      }
-      cl_runs(t, c0, tcn, s0, tsn, [&](int64_t mem, int64_t tile, int64_t len) {
-        for (int64_t j = 0; j < len; j += W) {
-          const int64_t cnt = std::min(W, len - j), i = mbase + mem + j;
-          const V l = cnt == W ? IO::load(lv + i) : IO::load(lv + i, cnt);
-          const V gl = reparam_grad_logvar<VecMath<V>>(l, V::loadu(sum_ge.data() + tile + j, cnt));
-          const V gm = V::loadu(sum_g.data() + tile + j, cnt);
-          if (cnt == W) {
-            if (gmu) IO::store(gmu + i, gm);
-            IO::store(glv + i, gl);
-          } else {
-            if (gmu) IO::store(gmu + i, gm, cnt);
-            IO::store(glv + i, gl, cnt);
-          }
+          cl_runs(t, c0, tcn, s0, tsn, [&](int64_t mem, int64_t tile, int64_t len) {
+            for (int64_t j = 0; j < len; j += W) {
+              const int64_t cnt = std::min(W, len - j), i = mbase + mem + j;
+              const V l = cnt == W ? IO::load(lv + i) : IO::load(lv + i, cnt);
+              const V gl = reparam_grad_logvar<VecMath<V>>(l, V::loadu(sum_ge.data() + tile + j, cnt));
+              const V gm = V::loadu(sum_g.data() + tile + j, cnt);
+              if (cnt == W) {
+                if (gmu) IO::store(gmu + i, gm);
+                IO::store(glv + i, gl);
+              } else {
+                if (gmu) IO::store(gmu + i, gm, cnt);
+                IO::store(glv + i, gl, cnt);
+              }
+            }
+          });
         }
       });
-    }
-  });
 }
 
 void reparam_kernel(const ReparamArgs& a) {
   dispatch_dtype<c10::Half, c10::BFloat16>(a.dtype, [&](auto* tag) {
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
-    if (a.channels > 0) reparam_cl_typed<scalar_t>(a);
-    else reparam_typed<scalar_t>(a);
+    if (a.channels > 0)
+      reparam_cl_typed<scalar_t>(a);
+    else
+      reparam_typed<scalar_t>(a);
   });
 }
 
 void reparam_backward_kernel(const ReparamBackwardArgs& a) {
   dispatch_dtype<c10::Half, c10::BFloat16>(a.dtype, [&](auto* tag) {
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
-    if (a.channels > 0) reparam_backward_cl_typed<scalar_t>(a);
-    else reparam_backward_typed<scalar_t>(a);
+    if (a.channels > 0)
+      reparam_backward_cl_typed<scalar_t>(a);
+    else
+      reparam_backward_typed<scalar_t>(a);
   });
 }
 

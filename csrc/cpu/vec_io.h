@@ -42,12 +42,8 @@ struct HalfVecIO {
     for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i]);
     return V::loadu(buf);
   }
-  static void store(half_t* p, const V& v) {
-    at::vec::convert_from_float<half_t>(v, v).store(p, V::size());
-  }
-  static void store(half_t* p, const V& v, int64_t n) {
-    at::vec::convert_from_float<half_t>(v, v).store(p, n);
-  }
+  static void store(half_t* p, const V& v) { at::vec::convert_from_float<half_t>(v, v).store(p, V::size()); }
+  static void store(half_t* p, const V& v, int64_t n) { at::vec::convert_from_float<half_t>(v, v).store(p, n); }
 };
 template <>
 struct VecIO<c10::BFloat16> : HalfVecIO<c10::BFloat16> {};

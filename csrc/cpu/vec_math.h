@@ -133,7 +133,8 @@ inline VecF exp_reduced(VecF x, VecF* n) {
   VecF r = at::vec::fmadd(*n, VecF(-0.693359375f), x);  // 0.693359375: few bits, n * it is exact
   r = at::vec::fmadd(*n, VecF(2.12194440e-4f), r);      // -(ln2 - 0.693359375)
   VecF p(1.0f / 5040);
-  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f}) p = at::vec::fmadd(p, r, VecF(c));
+  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
+    p = at::vec::fmadd(p, r, VecF(c));
   return p;
 }
 
@@ -164,11 +165,17 @@ VAE_HD VecF fast_log1p(const VecF& v) {
 }
 
 template <>
-inline VecF VecMath<VecF>::log(const VecF& v) { return fast_log(v); }
+inline VecF VecMath<VecF>::log(const VecF& v) {
+  return fast_log(v);
+}
 template <>
-inline VecF VecMath<VecF>::log1p(const VecF& v) { return fast_log1p(v); }
+inline VecF VecMath<VecF>::log1p(const VecF& v) {
+  return fast_log1p(v);
+}
 template <>
-inline VecF VecMath<VecF>::exp(const VecF& v) { return fast_exp(v); }
+inline VecF VecMath<VecF>::exp(const VecF& v) {
+  return fast_exp(v);
+}
 
 }  // namespace CPU_CAPABILITY
 }  // namespace cpu

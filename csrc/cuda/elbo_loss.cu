@@ -39,8 +39,8 @@ struct LossMath<float> {
 
 constexpr int kThreads = 256;
 constexpr int kFinalizeThreads = 1024;
-constexpr int64_t kChunk = 16384;  // elements of one row per block
-constexpr int kUnroll = 4;          // 16-byte vectors of each input loaded per thread before use
+constexpr int64_t kChunk = 16384;       // elements of one row per block
+constexpr int kUnroll = 4;              // 16-byte vectors of each input loaded per thread before use
 constexpr int64_t kScaleBlocks = 2048;  // 16 blocks per SM of a 128-SM GPU
 
 struct Layout {
@@ -151,8 +151,10 @@ __global__ void __launch_bounds__(kThreads) elbo_partials(ElboLaunch a, Layout u
       if (flags && threadIdx.x == 0) atomicOr(a.bad_flag, flags);
     }
     if (threadIdx.x == 0) {
-      if (unit < u.rec_units) part_rec[unit] = static_cast<double>(sum);
-      else part_kl[unit - u.rec_units] = static_cast<double>(sum);
+      if (unit < u.rec_units)
+        part_rec[unit] = static_cast<double>(sum);
+      else
+        part_kl[unit - u.rec_units] = static_cast<double>(sum);
     }
     __syncthreads();  // block_sum's shared memory is reused by the next unit
   }
@@ -232,7 +234,7 @@ __global__ void __launch_bounds__(kThreads) scale_unless_one(ScaleJobs jobs) {
   for (int k = 0; k < kMaxScaleJobs; ++k) {
     if (k >= jobs.count) break;
     const A sv = *static_cast<const A*>(jobs.job[k].s);  // the loss dtype: float for half g, never rounded to T
-    if (sv == A(1)) continue;  // loss.backward(): grad_output is exactly 1, nothing to do
+    if (sv == A(1)) continue;                            // loss.backward(): grad_output is exactly 1, nothing to do
     T* g = static_cast<T*>(jobs.job[k].g);
     const int64_t n = jobs.job[k].n;
     for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
@@ -281,11 +283,11 @@ cudaError_t launch_elbo(const ElboLaunch& a, cudaStream_t s) {
     });
   }
   if (a.dtype == DType::Float64)
-    elbo_finalize<double><<<1, kFinalizeThreads, 0, s>>>(part_rec, part_kl, a.n, u, a.reduction,
-                                                        static_cast<double*>(a.rec_out), static_cast<double*>(a.kl_out));
+    elbo_finalize<double><<<1, kFinalizeThreads, 0, s>>>(
+        part_rec, part_kl, a.n, u, a.reduction, static_cast<double*>(a.rec_out), static_cast<double*>(a.kl_out));
   else
     elbo_finalize<float><<<1, kFinalizeThreads, 0, s>>>(part_rec, part_kl, a.n, u, a.reduction,
-                                                       static_cast<float*>(a.rec_out), static_cast<float*>(a.kl_out));
+                                                        static_cast<float*>(a.rec_out), static_cast<float*>(a.kl_out));
   return cudaGetLastError();
 }
 
