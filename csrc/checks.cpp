@@ -1,5 +1,8 @@
 #include "checks.h"
 
+#include <algorithm>
+#include <tuple>
+
 #include "layout.h"
 
 namespace vae_ext {

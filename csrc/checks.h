@@ -5,8 +5,6 @@
 
 #include <ATen/ATen.h>
 
-#include <tuple>
-
 #include "common/dtype.h"
 #include "common/elbo_math.h"
 

@@ -1,6 +1,8 @@
 // CPU kernels, written once over at::vec::Vectorized and compiled once per CPU capability:
 // kernels_{default,avx2,avx512}.cpp define CPU_CAPABILITY (and the matching target) and include
-// this file, which puts everything in vae_ext::cpu::CPU_CAPABILITY.
+// this file, which puts everything in vae_ext::cpu::CPU_CAPABILITY and gathers the kernels (one
+// header per job: vec_math.h, vec_io.h, reduce.h, elbo_kernel.h, normals.h, reparam_kernel.h) into
+// that capability's KernelTable.
 //
 // Every element goes through the same vector code (tails are padded, never a scalar path), and
 // every sum is split into fixed kChunk-element partials added in a fixed order, so a result

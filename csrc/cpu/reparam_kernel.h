@@ -15,7 +15,6 @@
 #include "../common/elbo_math.h"
 #include "kernels.h"
 #include "normals.h"
-#include "reduce.h"
 #include "vec_io.h"
 #include "vec_math.h"
 
