@@ -80,11 +80,12 @@ here = os.path.dirname(os.path.abspath(__file__))
 rel = lambda p: os.path.relpath(p, here)  # noqa: E731
 
 cpp_sources = [rel(p) for p in sorted(glob.glob(os.path.join(here, "csrc", "*.cpp")))]
-cpp_sources.append(os.path.join("csrc", "cpu", "kernels_default.cpp"))
+# The CPU ops, and the kernels built for every CPU (the other capabilities: CAPABILITY_SOURCES).
+cpp_sources += [os.path.join("csrc", "cpu", "ops_cpu.cpp"), os.path.join("csrc", "cpu", "kernels_default.cpp")]
 
 # The CPU kernels are compiled once more per x86 capability, each file with its own ISA flags, and
-# chosen at run time from the CPU's features (csrc/cpu/kernels.h). Never -march=native: that
-# builds a library that crashes on an older CPU.
+# chosen at run time from the CPU's features (cpu::kernels() in csrc/cpu/ops_cpu.cpp). Never
+# -march=native: that builds a library that crashes on an older CPU.
 CAPABILITY_SOURCES = {}
 if platform.machine().lower() in ("x86_64", "amd64", "i686", "i386"):
     CAPABILITY_SOURCES = {

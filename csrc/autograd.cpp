@@ -139,7 +139,8 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const bool per_sample = ctx->saved_data["per_sample"].toBool();
-    const bool need_recon = ctx->needs_input_grad(0), need_latent = ctx->needs_input_grad(2) || ctx->needs_input_grad(3);
+    const bool need_recon = ctx->needs_input_grad(0),
+               need_latent = ctx->needs_input_grad(2) || ctx->needs_input_grad(3);
     TORCH_CHECK(!ctx->needs_input_grad(1), "vae_ext::elbo_loss does not differentiate with respect to the target x");
     TORCH_CHECK((!need_recon || ctx->saved_data["grad_recon"].toBool()) &&
                     (!need_latent || ctx->saved_data["grad_latent"].toBool()),
@@ -174,9 +175,10 @@ void check_functorch(const char* op, const char* reference) {
   try {
     tls->checkSupportsCppAutogradFunction();
   } catch (const c10::Error&) {
-    TORCH_CHECK(false, op, " cannot run inside torch.func transforms (grad, vjp, jacrev, ...): its autograd is "
-                "written in C++, which functorch does not support. Use ", reference,
-                " (plain PyTorch ops) inside torch.func transforms.");
+    TORCH_CHECK(false, op,
+                " cannot run inside torch.func transforms (grad, vjp, jacrev, ...): its autograd is "
+                "written in C++, which functorch does not support. Use ",
+                reference, " (plain PyTorch ops) inside torch.func transforms.");
   }
 }
 
@@ -187,24 +189,24 @@ ElboOutputs elbo_loss_autograd(const Tensor& recon, const Tensor& x, const Tenso
   // (forward runs with grad mode off: whether a graph is recorded is known only here)
   const bool recorded =
       at::GradMode::is_enabled() && (recon.requires_grad() || mu.requires_grad() || logvar.requires_grad());
-  auto out = ElboLossFunction::apply(recon, x, mu, logvar, std::string(recon_mode), std::string(reduction),
-                                     grad_recon, grad_latent, validate, total, recorded);
+  auto out = ElboLossFunction::apply(recon, x, mu, logvar, std::string(recon_mode), std::string(reduction), grad_recon,
+                                     grad_latent, validate, total, recorded);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
 struct ReparameterizeFunction : public torch::autograd::Function<ReparameterizeFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& mu, const Tensor& logvar, int64_t num_samples,
                                bool return_eps, const std::optional<at::Generator>& generator) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("vae_ext::reparameterize", "")
-                         .typed<ReparamOutputs(const Tensor&, const Tensor&, int64_t, bool,
-                                               std::optional<at::Generator>)>();
+    static auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("vae_ext::reparameterize", "")
+            .typed<ReparamOutputs(const Tensor&, const Tensor&, int64_t, bool, std::optional<at::Generator>)>();
     at::AutoDispatchBelowADInplaceOrView below;
     auto [z, eps, state] = op.call(mu, logvar, num_samples, return_eps, generator);
     // The backward computes in logvar's layout (reparameterize_backward cannot see mu): give it the
     // one the forward used, mu's (a copy only when the two differ).
-    const auto fmt = reparam_format(mu);
-    ctx->save_for_backward({reparam_format(logvar) == fmt ? logvar : logvar.contiguous(fmt), state});
+    const auto fmt = kernel_format(mu);
+    ctx->save_for_backward({kernel_format(logvar) == fmt ? logvar : logvar.contiguous(fmt), state});
     ctx->saved_data["num_samples"] = num_samples;
     ctx->mark_non_differentiable({eps, state});
     ctx->set_materialize_grads(false);
@@ -212,9 +214,10 @@ struct ReparameterizeFunction : public torch::autograd::Function<ReparameterizeF
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("vae_ext::reparameterize_backward", "")
-                         .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t, bool)>();
+    static auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("vae_ext::reparameterize_backward", "")
+            .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t, bool)>();
     const Tensor& grad_z = grads[0];
     if (!grad_z.defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     const auto saved = ctx->get_saved_variables();

@@ -1,7 +1,7 @@
 """Fake (meta) kernels for the custom ops that ``vae_ext._C`` registers: what ``torch.compile``
 needs to trace them without running them.
 
-The C++ side defines the schemas and the CPU/CUDA kernels (csrc/ops.cpp, csrc/cuda) and their
+The C++ side defines the schemas (csrc/ops.cpp), the CPU/CUDA ops (csrc/cpu, csrc/cuda) and their
 autograd (csrc/autograd.cpp: the backward of elbo_loss scales the gradients its forward wrote, the
 backward of reparameterize recomputes eps from the rng_state). Users call :mod:`vae_ext.functional`.
 """
@@ -30,8 +30,8 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _flat_format(recon: torch.Tensor) -> torch.memory_format:
-    """The layout of the recon gradient, and of z for this mu: as csrc/ops.cpp flat_format and
-    reparam_format (channels_last kept)."""
+    """The layout of the recon gradient, and of z for this mu: as csrc/layout.cpp kernel_format
+    (channels_last kept)."""
     if recon.is_contiguous():
         return torch.contiguous_format
     if recon.dim() == 4 and recon.is_contiguous(memory_format=torch.channels_last):
@@ -48,7 +48,7 @@ def _elbo_loss_fake(recon, x, mu, logvar, recon_mode, reduction, grad_recon, gra
     rec = recon.new_empty(shape, dtype=out_dtype)
     kl = recon.new_empty(0 if total else shape, dtype=out_dtype)
     g_recon = torch.empty_like(recon, memory_format=_flat_format(recon)) if grad_recon else recon.new_empty(0)
-    # the latent gradients in the loss dtype (float32 for half inputs), as csrc/ops.cpp prepare_elbo
+    # the latent gradients in the loss dtype (float32 for half inputs), as csrc/checks.cpp prepare_elbo
     g_mu = mu.new_empty(mu.shape if grad_latent else 0, dtype=out_dtype)
     g_logvar = mu.new_empty(logvar.shape if grad_latent else 0, dtype=out_dtype)
     return rec, kl, g_recon, g_mu, g_logvar
@@ -61,7 +61,7 @@ def _elbo_loss_fake(recon, x, mu, logvar, recon_mode, reduction, grad_recon, gra
 
 
 # z, eps and the gradients take mu's channels_last(_3d) layout when mu has it (each z[k] with
-# num_samples), as csrc/ops.cpp reparam_format and reparam_empty.
+# num_samples), as csrc/layout.cpp kernel_format and reparam_empty.
 
 
 def _samples_empty(mu, num_samples):

@@ -1,7 +1,7 @@
 """The functional API: one call into the fused custom ops, with the argument handling that must
 happen before dispatch.
 
-The tensors' dtypes and shapes are checked once, in C++ (csrc/ops.cpp), before any kernel runs:
+The tensors' dtypes and shapes are checked once, in C++ (csrc/checks.cpp), before any kernel runs:
 a ``TypeError`` (dtype) or ``ValueError`` (shape, device) that names the argument. Python keeps
 what must come first: autocast's dtype promotion, the Python type of every argument, devices (a
 tensor on the meta device would send the call to the fake kernel, which checks nothing), the
@@ -148,7 +148,7 @@ def elbo_loss(
         _check_choice("recon", recon, RECON_MODES)
         _check_choice("reduction", reduction, REDUCTIONS)
         _check_beta(beta)
-    # dtypes and the shapes of recon_x, mu and logvar: checked by the op (csrc/ops.cpp)
+    # dtypes and the shapes of recon_x, mu and logvar: checked by the op (csrc/checks.cpp)
     if x.shape != recon_x.shape:
         if recon_x.dim() < 1:
             raise ValueError("recon_x: expected a tensor of shape (N, ...), got a 0-d tensor")
@@ -254,7 +254,7 @@ def reparameterize(
     _check_is_tensor("mu", mu)
     _check_is_tensor("logvar", logvar)
     _check_same((("mu", mu), ("logvar", logvar)), "device")
-    # dtypes and shapes: checked by the op (csrc/ops.cpp)
+    # dtypes and shapes: checked by the op (csrc/checks.cpp)
     if num_samples is None:
         k = 0
     else:

@@ -59,9 +59,7 @@ VAE_HD U32x4 philox4x32_10(uint64_t seed, uint64_t ctr_lo, uint64_t ctr_hi) {
 }
 
 // The four raw 32-bit words of group g for (seed, offset).
-VAE_HD U32x4 philox_group(uint64_t seed, uint64_t offset, uint64_t g) {
-  return philox4x32_10(seed, offset / 4, g);
-}
+VAE_HD U32x4 philox_group(uint64_t seed, uint64_t offset, uint64_t g) { return philox4x32_10(seed, offset / 4, g); }
 
 // Box-Muller on two 32-bit words: u1 in (0, 1] (never 0, so the log is finite), u2 in [0, 1).
 // Tail: |n| <= sqrt(-2 ln(2^-33)) = 6.76, reached with probability ~1e-11 per draw.
@@ -83,7 +81,7 @@ VAE_HD void box_muller(typename M::T u1, typename M::T u2, typename M::T* n0, ty
   using T = typename M::T;
   const T r = M::sqrt(M::fill(-2.0) * M::log(u1));
   const T q4 = u2 * M::fill(4.0);
-  const T q = M::round(q4);                           // 0..4; 4 is quadrant 0 again
+  const T q = M::round(q4);                            // 0..4; 4 is quadrant 0 again
   const T a = (q4 - q) * M::fill(1.5707963267948966);  // [-pi/4, pi/4]
   const T a2 = a * a;
   T s = M::fill(-1.9515295891e-4);

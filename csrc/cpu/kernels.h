@@ -1,23 +1,24 @@
-// The CPU kernels' interface: raw pointers and sizes, no tensors. csrc/ops.cpp fills these
-// structs; kernels_impl.h is compiled once per CPU capability (DEFAULT, AVX2, AVX512) and the
-// table for the CPU's best capability is chosen at run time (see kernels_dispatch.cpp).
+// The CPU kernels' interface: raw pointers and sizes, no tensors. ops_cpu.cpp fills these structs;
+// kernels_impl.h is compiled once per CPU capability (DEFAULT, AVX2, AVX512) and the table for the
+// CPU's best capability is chosen at run time (kernels(), in ops_cpu.cpp).
 #pragma once
 
 #include <atomic>
 #include <cstdint>
 
+#include "../common/dtype.h"
 #include "../common/elbo_math.h"
 
 namespace vae_ext {
 namespace cpu {
-
-enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
 
 // Elements per partial sum. The summation order of every reduction is fixed by this constant
 // and the shapes alone, so results are bitwise the same for any number of threads. Chunks are
 // also the unit the threads share out: 2048 splits a 128x784 batch (49 chunks) 51/49 over two
 // threads, where 4096 split it 53/47.
 constexpr int64_t kChunk = 2048;
+
+constexpr int64_t kGrainElems = 32768;  // elements per task below which parallel_for stays serial
 
 struct ElboArgs {
   DType dtype;
@@ -46,7 +47,7 @@ struct ReparamArgs {
   void* z;             // [k * numel]
   void* eps;           // [k * numel] or nullptr
   int64_t numel, k;
-  int64_t channels, spatial;  // 0: contiguous; else each sample block channels_last (kernels_impl.h)
+  int64_t channels, spatial;  // 0: contiguous; else each sample block channels_last (reparam_kernel.h)
   uint64_t seed, offset;
 };
 
@@ -71,9 +72,15 @@ struct KernelTable {
   void (*scale_rows)(DType dtype, void* g, int64_t rows, int64_t d, const float* s);
 };
 
-namespace DEFAULT { const KernelTable& kernel_table(); }
-namespace AVX2 { const KernelTable& kernel_table(); }
-namespace AVX512 { const KernelTable& kernel_table(); }
+namespace DEFAULT {
+const KernelTable& kernel_table();
+}
+namespace AVX2 {
+const KernelTable& kernel_table();
+}
+namespace AVX512 {
+const KernelTable& kernel_table();
+}
 
 // The table for this CPU (honours ATEN_CPU_CAPABILITY, as ATen does).
 const KernelTable& kernels();

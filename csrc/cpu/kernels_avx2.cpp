@@ -1,6 +1,6 @@
 // AVX2 + FMA build, chosen at run time on CPUs that have them.
 //
-// setup.py compiles this file alone with the ISA flags of its capability (CPU_CAPABILITY_FLAGS)
+// setup.py compiles this file alone with the ISA flags of its capability (CAPABILITY_SOURCES)
 // and links it after the default-target objects, so the linker keeps the default copy of any
 // inline function that both emit; the vector code itself lives in namespaces named by CPU_CAPABILITY.
 #define CPU_CAPABILITY AVX2

@@ -1,5 +1,5 @@
 // Small device helpers shared by the .cu files: storage-type conversion, aligned vectors,
-// deterministic block reductions and the dtype switch. No torch headers.
+// deterministic block reductions. No torch headers.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -14,16 +14,40 @@ namespace vae_ext {
 namespace cuda {
 
 // Storage type -> arithmetic type: float for float/half/bfloat16, double for double.
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
+template <typename T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
 
-template <typename T> __device__ __forceinline__ typename Acc<T>::type to_acc(T v) { return static_cast<typename Acc<T>::type>(v); }
-template <> __device__ __forceinline__ float to_acc<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T>
+__device__ __forceinline__ typename Acc<T>::type to_acc(T v) {
+  return static_cast<typename Acc<T>::type>(v);
+}
+template <>
+__device__ __forceinline__ float to_acc<__half>(__half v) {
+  return __half2float(v);
+}
+template <>
+__device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
 
-template <typename T> __device__ __forceinline__ T from_acc(typename Acc<T>::type v) { return static_cast<T>(v); }
-template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <typename T>
+__device__ __forceinline__ T from_acc(typename Acc<T>::type v) {
+  return static_cast<T>(v);
+}
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
 
 // N elements loaded or stored with one 16-byte access.
 template <typename T, int N>
@@ -51,16 +75,6 @@ __device__ __forceinline__ T block_sum(T v) {
   v = (threadIdx.x < warps) ? shared[lane] : T(0);
   if (warp == 0) v = warp_sum(v);
   return v;
-}
-
-template <class F>
-void dispatch_dtype(DType dt, F&& f) {
-  switch (dt) {
-    case DType::Float32: f(static_cast<float*>(nullptr)); break;
-    case DType::Float64: f(static_cast<double*>(nullptr)); break;
-    case DType::Float16: f(static_cast<__half*>(nullptr)); break;
-    case DType::BFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
-  }
 }
 
 inline unsigned blocks_for(int64_t work, int threads, int64_t max_blocks = 65535LL * 8) {

@@ -11,9 +11,9 @@ namespace {
 
 // The math policy of the loss kernels: ScalarMath (libdevice's logf/log1pf, IEEE division).
 // EXPERIMENT, off by default and never run on a GPU (docs/gpu.md): the forward looked
-// compute-bound on the H100 (f32 and bf16 took the same ~0.11 ms at 16M elements, though bf16
-// moves half the bytes), and the "bce"
-// element costs ~88 SASS instructions, ~46 of them in logf/log1pf. Building with
+// compute-bound on the H100 (f32 and bf16 took the same time though bf16 moves half the bytes:
+// docs/benchmarks.md, "Design measurements"), and the "bce" element costs ~88 SASS instructions,
+// ~46 of them in logf/log1pf. Building with
 //   NVCC_APPEND_FLAGS="-DVAE_EXT_FAST_LOG --prec-div=false"
 // takes float logarithms from the SFU (__logf: abs. error ~1e-7 in [0.5, 2], 3 ulp elsewhere;
 // log1p(v) as log(u) corrected by u's rounding error, u = 1 + v, as the CPU kernels do) and divides
@@ -39,8 +39,8 @@ struct LossMath<float> {
 
 constexpr int kThreads = 256;
 constexpr int kFinalizeThreads = 1024;
-constexpr int64_t kChunk = 16384;  // elements of one row per block
-constexpr int kUnroll = 4;          // 16-byte vectors of each input loaded per thread before use
+constexpr int64_t kChunk = 16384;       // elements of one row per block
+constexpr int kUnroll = 4;              // 16-byte vectors of each input loaded per thread before use
 constexpr int64_t kScaleBlocks = 2048;  // 16 blocks per SM of a 128-SM GPU
 
 struct Layout {
@@ -151,8 +151,10 @@ __global__ void __launch_bounds__(kThreads) elbo_partials(ElboLaunch a, Layout u
       if (flags && threadIdx.x == 0) atomicOr(a.bad_flag, flags);
     }
     if (threadIdx.x == 0) {
-      if (unit < u.rec_units) part_rec[unit] = static_cast<double>(sum);
-      else part_kl[unit - u.rec_units] = static_cast<double>(sum);
+      if (unit < u.rec_units)
+        part_rec[unit] = static_cast<double>(sum);
+      else
+        part_kl[unit - u.rec_units] = static_cast<double>(sum);
     }
     __syncthreads();  // block_sum's shared memory is reused by the next unit
   }
@@ -232,7 +234,7 @@ __global__ void __launch_bounds__(kThreads) scale_unless_one(ScaleJobs jobs) {
   for (int k = 0; k < kMaxScaleJobs; ++k) {
     if (k >= jobs.count) break;
     const A sv = *static_cast<const A*>(jobs.job[k].s);  // the loss dtype: float for half g, never rounded to T
-    if (sv == A(1)) continue;  // loss.backward(): grad_output is exactly 1, nothing to do
+    if (sv == A(1)) continue;                            // loss.backward(): grad_output is exactly 1, nothing to do
     T* g = static_cast<T*>(jobs.job[k].g);
     const int64_t n = jobs.job[k].n;
     for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
@@ -252,7 +254,7 @@ cudaError_t launch_scale_unless_one(DType dtype, const ScaleJob* jobs, int count
     most = jobs[k].n > most ? jobs[k].n : most;
   }
   if (all.count == 0) return cudaSuccess;
-  dispatch_dtype(dtype, [&](auto* tag) {
+  dispatch_dtype<__half, __nv_bfloat16>(dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     // Grid-stride over at most kScaleBlocks blocks: when every *s == 1 each block only reads them
     // and exits, and a grid of n / 256 blocks (65536 at 16M elements) would cost microseconds for that.
@@ -271,7 +273,7 @@ cudaError_t launch_elbo(const ElboLaunch& a, cudaStream_t s) {
   double* part_rec = static_cast<double*>(a.workspace);
   double* part_kl = part_rec + u.rec_units;
   if (u.rec_units + u.kl_units > 0) {
-    dispatch_dtype(a.dtype, [&](auto* tag) {
+    dispatch_dtype<__half, __nv_bfloat16>(a.dtype, [&](auto* tag) {
       using T = std::remove_pointer_t<decltype(tag)>;
       switch (a.mode) {
         case Recon::BCE: launch_partials_aligned<T, Recon::BCE>(a, u, part_rec, part_kl, s); break;
@@ -281,11 +283,11 @@ cudaError_t launch_elbo(const ElboLaunch& a, cudaStream_t s) {
     });
   }
   if (a.dtype == DType::Float64)
-    elbo_finalize<double><<<1, kFinalizeThreads, 0, s>>>(part_rec, part_kl, a.n, u, a.reduction,
-                                                        static_cast<double*>(a.rec_out), static_cast<double*>(a.kl_out));
+    elbo_finalize<double><<<1, kFinalizeThreads, 0, s>>>(
+        part_rec, part_kl, a.n, u, a.reduction, static_cast<double*>(a.rec_out), static_cast<double*>(a.kl_out));
   else
     elbo_finalize<float><<<1, kFinalizeThreads, 0, s>>>(part_rec, part_kl, a.n, u, a.reduction,
-                                                       static_cast<float*>(a.rec_out), static_cast<float*>(a.kl_out));
+                                                        static_cast<float*>(a.rec_out), static_cast<float*>(a.kl_out));
   return cudaGetLastError();
 }
 

@@ -8,12 +8,11 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../common/dtype.h"
 #include "../common/elbo_math.h"
 
 namespace vae_ext {
 namespace cuda {
-
-enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
 
 struct ElboLaunch {
   DType dtype;
@@ -21,8 +20,8 @@ struct ElboLaunch {
   Reduction reduction;
   const void* recon;  // (n, d) contiguous
   const void* x;
-  void* grad_recon;   // (n, d) or nullptr
-  const void* mu;     // (n, l) contiguous
+  void* grad_recon;  // (n, d) or nullptr
+  const void* mu;    // (n, l) contiguous
   const void* logvar;
   void* grad_mu;      // (n, l) in the accumulation type (float for f16/bf16), or nullptr (then
   void* grad_logvar;  // grad_logvar too)
@@ -69,12 +68,12 @@ struct ClLayout {
 
 struct ReparamLaunch {
   DType dtype;
-  const void* mu;      // [numel] contiguous
+  const void* mu;  // [numel] contiguous
   const void* logvar;
-  void* z;             // [k * numel]
-  void* eps;           // [k * numel] or nullptr
+  void* z;    // [k * numel]
+  void* eps;  // [k * numel] or nullptr
   int64_t numel, k;
-  ClLayout layout;     // contiguous, or each sample of mu, z and eps channels_last
+  ClLayout layout;  // contiguous, or each sample of mu, z and eps channels_last
   PhiloxArgs rng;
   int64_t* state_out;  // [2] on the device: the (seed, offset) used
 };
@@ -87,7 +86,7 @@ struct ReparamBackwardLaunch {
   void* grad_mu;       // or nullptr: not wanted
   void* grad_logvar;
   int64_t numel, k;
-  ClLayout layout;     // of logvar, grad_z (each sample) and the gradients
+  ClLayout layout;       // of logvar, grad_z (each sample) and the gradients
   const int64_t* state;  // [2] on the device, from the forward
 };
 cudaError_t launch_reparam_backward(const ReparamBackwardLaunch& a, cudaStream_t stream);

@@ -2,10 +2,10 @@
 // device guard, the current stream and the generator's graph-safe Philox state, then call the
 // launchers of the .cu files.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAStream.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <mutex>
@@ -16,19 +16,9 @@
 namespace vae_ext {
 namespace {
 
-cuda::DType cuda_dtype(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat: return cuda::DType::Float32;
-    case at::kDouble: return cuda::DType::Float64;
-    case at::kHalf: return cuda::DType::Float16;
-    case at::kBFloat16: return cuda::DType::BFloat16;
-    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", st);
-  }
-}
-
 ElboOutputs elbo_loss_cuda(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar,
-                           c10::string_view recon_mode, c10::string_view reduction, bool grad_recon,
-                           bool grad_latent, bool validate, bool total) {
+                           c10::string_view recon_mode, c10::string_view reduction, bool grad_recon, bool grad_latent,
+                           bool validate, bool total) {
   const Recon mode = parse_recon(recon_mode);
   const Reduction red = parse_reduction(reduction);
   const c10::cuda::CUDAGuard guard(recon.device());
@@ -39,13 +29,15 @@ ElboOutputs elbo_loss_cuda(const Tensor& recon, const Tensor& x, const Tensor& m
   const auto out_opts = rc.options().dtype(loss_dtype(recon.scalar_type()));
   Tensor rec = red == Reduction::None ? at::empty({n}, out_opts) : at::empty({}, out_opts);
   // total: the finalize kernel writes rec + kl into rec, and kl stays empty.
-  Tensor kl = total ? at::empty({0}, out_opts) : red == Reduction::None ? at::empty({n}, out_opts) : at::empty({}, out_opts);
+  Tensor kl = total                    ? at::empty({0}, out_opts)
+              : red == Reduction::None ? at::empty({n}, out_opts)
+                                       : at::empty({}, out_opts);
   const size_t ws_bytes = cuda::elbo_workspace_bytes(n, d, l);
   Tensor ws = at::empty({static_cast<int64_t>(ws_bytes > 0 ? ws_bytes : 1)}, rc.options().dtype(at::kByte));
   Tensor bad = (validate && mode == Recon::BCE) ? at::zeros({1}, rc.options().dtype(at::kInt)) : Tensor();
 
   cuda::ElboLaunch a{};
-  a.dtype = cuda_dtype(recon.scalar_type());
+  a.dtype = kernel_dtype(recon.scalar_type());
   a.mode = mode;
   a.reduction = red;
   a.recon = rc.const_data_ptr();
@@ -76,7 +68,8 @@ ReparamOutputs reparameterize_cuda(const Tensor& mu, const Tensor& logvar, int64
                                    std::optional<at::Generator> generator) {
   check_reparam_inputs(mu, logvar, num_samples);
   const c10::cuda::CUDAGuard guard(mu.device());
-  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(generator, at::cuda::detail::getDefaultCUDAGenerator(mu.device().index()));
+  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+      generator, at::cuda::detail::getDefaultCUDAGenerator(mu.device().index()));
   at::PhiloxCudaState philox;
   {
     // Each call reserves 4 offsets: our counters are (offset / 4, element group), disjoint from
@@ -84,14 +77,14 @@ ReparamOutputs reparameterize_cuda(const Tensor& mu, const Tensor& logvar, int64
     std::lock_guard<std::mutex> lock(gen->mutex_);
     philox = gen->philox_cuda_state(4);
   }
-  const auto fmt = reparam_format(mu);
+  const auto fmt = kernel_format(mu);
   const Tensor mc = mu.contiguous(fmt), lc = logvar.contiguous(fmt);
   Tensor z = reparam_empty(mu, fmt, num_samples);
   Tensor eps = return_eps ? reparam_empty(mu, fmt, num_samples) : at::empty({0}, mu.options());
   Tensor state = at::empty({2}, mu.options().dtype(at::kLong));
 
   cuda::ReparamLaunch a{};
-  a.dtype = cuda_dtype(mu.scalar_type());
+  a.dtype = kernel_dtype(mu.scalar_type());
   a.mu = mc.const_data_ptr();
   a.logvar = lc.const_data_ptr();
   a.z = z.numel() ? z.data_ptr() : nullptr;
@@ -114,17 +107,16 @@ ReparamOutputs reparameterize_cuda(const Tensor& mu, const Tensor& logvar, int64
 }
 
 std::tuple<Tensor, Tensor> reparameterize_backward_cuda(const Tensor& grad_z, const Tensor& logvar,
-                                                        const Tensor& rng_state, int64_t num_samples,
-                                                        bool grad_mu) {
+                                                        const Tensor& rng_state, int64_t num_samples, bool grad_mu) {
   check_reparam_backward_inputs(grad_z, logvar, rng_state, num_samples);
   TORCH_CHECK_VALUE(rng_state.device() == logvar.device(), "rng_state: expected a tensor on ", logvar.device());
   const c10::cuda::CUDAGuard guard(logvar.device());
-  const auto fmt = reparam_format(logvar);  // the layout the forward computed in (csrc/autograd.cpp)
+  const auto fmt = kernel_format(logvar);  // the layout the forward computed in (csrc/autograd.cpp)
   const Tensor gc = reparam_in_layout(grad_z, logvar, fmt, num_samples), lc = logvar.contiguous(fmt),
                st = rng_state.contiguous();
   Tensor g_mu = grad_mu ? at::empty_like(lc, fmt) : at::empty({0}, lc.options()), g_lv = at::empty_like(lc, fmt);
   cuda::ReparamBackwardLaunch a{};
-  a.dtype = cuda_dtype(logvar.scalar_type());
+  a.dtype = kernel_dtype(logvar.scalar_type());
   a.grad_z = gc.const_data_ptr();
   a.logvar = lc.const_data_ptr();
   a.grad_mu = (grad_mu && g_mu.numel()) ? g_mu.data_ptr() : nullptr;
@@ -154,14 +146,14 @@ void scale_unless_one_cuda(const std::vector<Tensor>& g, const std::vector<Tenso
   cuda::ScaleJob jobs[cuda::kMaxScaleJobs];
   for (size_t k = 0; k < g.size(); ++k) {
     TORCH_CHECK(g[k].is_cuda() && g[k].is_contiguous() && g[k].device() == g[0].device() &&
-                    g[k].scalar_type() == g[0].scalar_type() && s[k].numel() == 1 &&
-                    s[k].device() == g[k].device() && s[k].scalar_type() == loss_dtype(g[k].scalar_type()),
+                    g[k].scalar_type() == g[0].scalar_type() && s[k].numel() == 1 && s[k].device() == g[k].device() &&
+                    s[k].scalar_type() == loss_dtype(g[k].scalar_type()),
                 "scale_unless_one_cuda: expected contiguous CUDA g of one device and dtype, and one-element s of "
                 "that device in g's loss dtype");
     jobs[k] = {g[k].data_ptr(), s[k].const_data_ptr(), g[k].numel()};
   }
   const c10::cuda::CUDAGuard guard(g[0].device());
-  C10_CUDA_CHECK(cuda::launch_scale_unless_one(cuda_dtype(g[0].scalar_type()), jobs, static_cast<int>(g.size()),
+  C10_CUDA_CHECK(cuda::launch_scale_unless_one(kernel_dtype(g[0].scalar_type()), jobs, static_cast<int>(g.size()),
                                                c10::cuda::getCurrentCUDAStream()));
 }
 

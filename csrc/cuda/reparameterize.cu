@@ -64,7 +64,7 @@ __global__ void __launch_bounds__(kThreads) reparam_kernel(ReparamLaunch a) {
       const int64_t le = 4 * g + j;
       if (le < total) {
         const int64_t e = CL ? cl_memory(le, a.layout) : le;
-        const int64_t i = a.k == 1 ? e : e % a.numel;  // a 64-bit modulo costs dozens of instructions
+        const int64_t i = a.k == 1 ? e : e % a.numel;    // a 64-bit modulo costs dozens of instructions
         const T ev = from_acc<T>(static_cast<A>(n[j]));  // z uses exactly the eps returned
         z[e] = from_acc<T>(reparam_z<ScalarMath<A>>(to_acc(mu[i]), to_acc(lv[i]), to_acc(ev)));
         if (eps) eps[e] = ev;
@@ -127,7 +127,8 @@ __global__ void __launch_bounds__(kThreads) reparam_backward_one_sample_kernel(R
   }
 }
 
-__global__ void __launch_bounds__(kThreads) philox_normal_kernel(float* out, int64_t n, uint64_t seed, uint64_t offset) {
+__global__ void __launch_bounds__(kThreads)
+    philox_normal_kernel(float* out, int64_t n, uint64_t seed, uint64_t offset) {
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x)
     out[e] = philox_normal_at<ScalarMath<float>>(seed, offset, static_cast<uint64_t>(e));
@@ -137,7 +138,7 @@ __global__ void __launch_bounds__(kThreads) philox_normal_kernel(float* out, int
 
 cudaError_t launch_reparam(const ReparamLaunch& a, cudaStream_t s) {
   const int64_t groups = (a.k * a.numel + 3) / 4;
-  dispatch_dtype(a.dtype, [&](auto* tag) {
+  dispatch_dtype<__half, __nv_bfloat16>(a.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     if (a.layout.channels > 0)
       reparam_kernel<T, true><<<blocks_for(groups, kThreads), kThreads, 0, s>>>(a);
@@ -149,14 +150,18 @@ cudaError_t launch_reparam(const ReparamLaunch& a, cudaStream_t s) {
 
 cudaError_t launch_reparam_backward(const ReparamBackwardLaunch& a, cudaStream_t s) {
   if (a.numel == 0) return cudaSuccess;
-  dispatch_dtype(a.dtype, [&](auto* tag) {
+  dispatch_dtype<__half, __nv_bfloat16>(a.dtype, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const unsigned groups = blocks_for((a.numel + 3) / 4, kThreads), elems = blocks_for(a.numel, kThreads);
     const bool cl = a.layout.channels > 0;
-    if (a.k == 1 && cl) reparam_backward_one_sample_kernel<T, true><<<groups, kThreads, 0, s>>>(a);
-    else if (a.k == 1) reparam_backward_one_sample_kernel<T, false><<<groups, kThreads, 0, s>>>(a);
-    else if (cl) reparam_backward_kernel<T, true><<<elems, kThreads, 0, s>>>(a);
-    else reparam_backward_kernel<T, false><<<elems, kThreads, 0, s>>>(a);
+    if (a.k == 1 && cl)
+      reparam_backward_one_sample_kernel<T, true><<<groups, kThreads, 0, s>>>(a);
+    else if (a.k == 1)
+      reparam_backward_one_sample_kernel<T, false><<<groups, kThreads, 0, s>>>(a);
+    else if (cl)
+      reparam_backward_kernel<T, true><<<elems, kThreads, 0, s>>>(a);
+    else
+      reparam_backward_kernel<T, false><<<elems, kThreads, 0, s>>>(a);
   });
   return cudaGetLastError();
 }

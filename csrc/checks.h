@@ -1,0 +1,44 @@
+// The ops' argument checks, shared by the CPU (cpu/ops_cpu.cpp) and CUDA (cuda/ops_cuda.cpp) ops:
+// the single source of the tensors' dtype, shape and device checks. A bad argument raises
+// ValueError or TypeError naming it and what was expected.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "common/dtype.h"
+#include "common/elbo_math.h"
+
+namespace vae_ext {
+
+using at::Tensor;
+
+Recon parse_recon(c10::string_view s);
+Reduction parse_reduction(c10::string_view s);
+
+// The kernels' DType of a float32/float64/float16/bfloat16 scalar type (TypeError for another).
+DType kernel_dtype(at::ScalarType st);
+
+// float32 for half types, the input dtype otherwise.
+at::ScalarType loss_dtype(at::ScalarType t);
+
+// The elbo_loss inputs, checked (shapes, dtypes, devices: ValueError/TypeError naming the
+// argument) and laid out as the kernels read them (a flat (N, D) view of recon_x and x, each
+// sample one block of memory), with the gradient buffers the kernels write (empty when not
+// wanted).
+struct ElboBuffers {
+  Tensor recon, x, mu, logvar;
+  Tensor g_recon, g_mu, g_logvar;
+  int64_t n, d, l;
+};
+ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar, bool grad_recon,
+                         bool grad_latent);
+
+void check_reparam_inputs(const Tensor& mu, const Tensor& logvar, int64_t num_samples);
+void check_reparam_backward_inputs(const Tensor& grad_z, const Tensor& logvar, const Tensor& rng_state,
+                                   int64_t num_samples);
+
+// The errors of recon="bce" values that the kernels find outside [0, 1].
+[[noreturn]] void throw_bce_out_of_range();
+[[noreturn]] void throw_bce_target_out_of_range();
+
+}  // namespace vae_ext

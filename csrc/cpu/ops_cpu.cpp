@@ -1,0 +1,190 @@
+// The CPU implementations of the vae_ext ops: check the arguments (csrc/checks.h), lay the tensors
+// out, and call the kernels of this CPU's capability (kernels.h), chosen at run time.
+#include <ATen/CPUGeneratorImpl.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <mutex>
+#include <string>
+
+#include "../ops.h"
+#include "kernels.h"
+
+namespace vae_ext {
+
+namespace cpu {
+const KernelTable& kernels() {
+  static const KernelTable* table = [] {
+    const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    if (cap == "AVX512") return &AVX512::kernel_table();
+    if (cap == "AVX2") return &AVX2::kernel_table();
+#endif
+    return &DEFAULT::kernel_table();
+  }();
+  return *table;
+}
+}  // namespace cpu
+
+void scale_rows_cpu(const Tensor& g, const Tensor& s) {
+  const auto st = g.scalar_type();
+  TORCH_CHECK(g.is_cpu() && (st == at::kHalf || st == at::kBFloat16) && g.dim() >= 1 &&
+                  g.is_non_overlapping_and_dense() && (g.size(0) <= 1 || g.stride(0) == g.numel() / g.size(0)) &&
+                  s.scalar_type() == at::kFloat && s.dim() == 1 && s.numel() == g.size(0),
+              "scale_rows_cpu: expected a dense float16/bfloat16 CPU g whose samples are blocks, and float32 s of ",
+              "one value per sample");
+  if (g.numel() == 0) return;
+  const Tensor sc = s.contiguous();
+  cpu::kernels().scale_rows(kernel_dtype(st), g.data_ptr(), g.size(0), g.numel() / g.size(0),
+                            sc.const_data_ptr<float>());
+}
+
+namespace {
+
+void* ptr_or_null(const Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
+
+// The two outputs from the kernel's sums over the batch (sum and mean): (rec, kl), or with
+// total (rec + kl, empty).
+std::tuple<Tensor, Tensor> reduce_terms(double sr, double sk, int64_t n, Reduction red, bool total,
+                                        at::ScalarType out) {
+  if (red == Reduction::Mean) {
+    sr /= static_cast<double>(n);  // 0 / 0 = NaN for an empty batch, as Tensor.mean()
+    sk /= static_cast<double>(n);
+  }
+  const auto opts = at::TensorOptions().dtype(out);
+  // A float32 loss whose double sum exceeds float's range is inf, as the reference's float32 sum
+  // (and Tensor.to) give: at::scalar_tensor would check the conversion and raise instead.
+  const auto scalar = [&](double v) {
+    return at::scalar_tensor(out == at::kFloat ? static_cast<double>(static_cast<float>(v)) : v, opts);
+  };
+  if (total) return {scalar(sr + sk), at::empty({0}, opts)};
+  return {scalar(sr), scalar(sk)};
+}
+
+ElboOutputs elbo_loss_cpu(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar,
+                          c10::string_view recon_mode, c10::string_view reduction, bool grad_recon, bool grad_latent,
+                          bool validate, bool total) {
+  (void)validate;  // the CPU kernel always checks "bce" probabilities and targets (it is free here)
+  const Recon mode = parse_recon(recon_mode);
+  const Reduction red = parse_reduction(reduction);
+  const ElboBuffers b = prepare_elbo(recon, x, mu, logvar, grad_recon, grad_latent);
+  const int64_t n = b.n, d = b.d, l = b.l;
+  const Tensor &rc = b.recon, &xc = b.x, &mc = b.mu, &lc = b.logvar, &g_r = b.g_recon, &g_mu = b.g_mu,
+               &g_lv = b.g_logvar;
+  // Per-sample sums only for reduction="none"; sum and mean take one total each (no buffer of n).
+  const bool per_sample = red == Reduction::None;
+  Tensor row_rec = per_sample ? at::empty({n}, at::kDouble) : Tensor();
+  Tensor row_kl = per_sample ? at::empty({n}, at::kDouble) : Tensor();
+  double total_rec = 0.0, total_kl = 0.0;
+  std::atomic<bool> bad{false};
+  cpu::ElboArgs args{};
+  args.dtype = kernel_dtype(recon.scalar_type());
+  args.mode = mode;
+  args.recon = rc.const_data_ptr();
+  args.x = xc.const_data_ptr();
+  args.grad_recon = grad_recon ? ptr_or_null(g_r) : nullptr;
+  args.mu = mc.const_data_ptr();
+  args.logvar = lc.const_data_ptr();
+  args.grad_mu = grad_latent ? ptr_or_null(g_mu) : nullptr;
+  args.grad_logvar = grad_latent ? ptr_or_null(g_lv) : nullptr;
+  args.n = n;
+  args.d = d;
+  args.l = l;
+  args.grad_scale = (red == Reduction::Mean && n > 0) ? 1.0 / static_cast<double>(n) : 1.0;
+  args.row_rec = per_sample ? row_rec.data_ptr<double>() : nullptr;
+  args.row_kl = per_sample ? row_kl.data_ptr<double>() : nullptr;
+  args.total_rec = &total_rec;
+  args.total_kl = &total_kl;
+  std::atomic<bool> bad_target{false};
+  args.bad_prob = &bad;
+  args.bad_target = &bad_target;
+  cpu::kernels().elbo(args);
+  if (bad.load()) throw_bce_out_of_range();
+  if (bad_target.load()) throw_bce_target_out_of_range();
+  const at::ScalarType out = loss_dtype(recon.scalar_type());
+  if (per_sample) {
+    if (total) return {row_rec.add_(row_kl).to(out), at::empty({0}, row_rec.options().dtype(out)), g_r, g_mu, g_lv};
+    return {row_rec.to(out), row_kl.to(out), g_r, g_mu, g_lv};
+  }
+  auto [rec, kl] = reduce_terms(total_rec, total_kl, n, red, total, out);
+  return {rec, kl, g_r, g_mu, g_lv};
+}
+
+uint64_t draw_cpu_seed(const std::optional<at::Generator>& generator) {
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  return gen->random64();
+}
+
+ReparamOutputs reparameterize_cpu(const Tensor& mu, const Tensor& logvar, int64_t num_samples, bool return_eps,
+                                  std::optional<at::Generator> generator) {
+  check_reparam_inputs(mu, logvar, num_samples);
+  // CPU: a fresh 64-bit key from the CPU generator per call, offset 0. (seed, offset) go into
+  // rng_state, from which the backward (and philox_normal) recompute eps.
+  const uint64_t seed = draw_cpu_seed(generator), offset = 0;
+  const auto fmt = kernel_format(mu);
+  const Tensor mc = mu.contiguous(fmt), lc = logvar.contiguous(fmt);
+  Tensor z = reparam_empty(mu, fmt, num_samples);
+  Tensor eps = return_eps ? reparam_empty(mu, fmt, num_samples) : at::empty({0}, mu.options());
+  Tensor state = at::empty({2}, at::kLong);
+  state.data_ptr<int64_t>()[0] = static_cast<int64_t>(seed);
+  state.data_ptr<int64_t>()[1] = static_cast<int64_t>(offset);
+  if (mu.numel() > 0) {
+    cpu::ReparamArgs a{};
+    a.dtype = kernel_dtype(mu.scalar_type());
+    a.mu = mc.const_data_ptr();
+    a.logvar = lc.const_data_ptr();
+    a.z = z.data_ptr();
+    a.eps = return_eps ? eps.data_ptr() : nullptr;
+    a.numel = mu.numel();
+    a.k = std::max<int64_t>(num_samples, 1);
+    std::tie(a.channels, a.spatial) = reparam_channels_spatial(mu, fmt);
+    a.seed = seed;
+    a.offset = offset;
+    cpu::kernels().reparam(a);
+  }
+  return {z, eps, state};
+}
+
+std::tuple<Tensor, Tensor> reparameterize_backward_cpu(const Tensor& grad_z, const Tensor& logvar,
+                                                       const Tensor& rng_state, int64_t num_samples, bool grad_mu) {
+  check_reparam_backward_inputs(grad_z, logvar, rng_state, num_samples);
+  const auto fmt = kernel_format(logvar);  // the layout the forward computed in (csrc/autograd.cpp)
+  const Tensor gc = reparam_in_layout(grad_z, logvar, fmt, num_samples), lc = logvar.contiguous(fmt);
+  Tensor g_mu = grad_mu ? at::empty_like(lc, fmt) : at::empty({0}, lc.options()), g_lv = at::empty_like(lc, fmt);
+  const Tensor st = rng_state.cpu();
+  if (logvar.numel() > 0) {
+    cpu::ReparamBackwardArgs a{};
+    a.dtype = kernel_dtype(logvar.scalar_type());
+    a.grad_z = gc.const_data_ptr();
+    a.logvar = lc.const_data_ptr();
+    a.grad_mu = grad_mu ? g_mu.data_ptr() : nullptr;
+    a.grad_logvar = g_lv.data_ptr();
+    a.numel = logvar.numel();
+    a.k = std::max<int64_t>(num_samples, 1);
+    std::tie(a.channels, a.spatial) = reparam_channels_spatial(logvar, fmt);
+    a.seed = static_cast<uint64_t>(st.const_data_ptr<int64_t>()[0]);
+    a.offset = static_cast<uint64_t>(st.const_data_ptr<int64_t>()[1]);
+    cpu::kernels().reparam_backward(a);
+  }
+  return {g_mu, g_lv};
+}
+
+Tensor philox_normal_cpu(const Tensor& like, int64_t seed, int64_t offset) {
+  Tensor out = at::empty(like.sizes(), like.options().dtype(at::kFloat));
+  if (out.numel() > 0)
+    cpu::kernels().normal(out.data_ptr<float>(), out.numel(), static_cast<uint64_t>(seed),
+                          static_cast<uint64_t>(offset));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vae_ext, CPU, m) {
+  m.impl("elbo_loss", &elbo_loss_cpu);
+  m.impl("reparameterize", &reparameterize_cpu);
+  m.impl("reparameterize_backward", &reparameterize_backward_cpu);
+  m.impl("philox_normal", &philox_normal_cpu);
+}
+
+}  // namespace vae_ext
