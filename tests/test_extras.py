@@ -15,7 +15,8 @@ import pytest
 
 import vae_ext
 
-PKG_ROOT = Path(vae_ext.__file__).resolve().parents[1]
+PKG_ROOT = Path(vae_ext.__file__).resolve().parents[1]  # where the vae_ext under test is imported from
+REPO = Path(__file__).resolve().parents[1]  # the checkout (an installed vae_ext has no pyproject.toml beside it)
 BLOCKER = textwrap.dedent("""
     import os, sys
 
@@ -91,7 +92,7 @@ def test_the_extra_lists_what_the_command_imports():
 
     from vae_ext.cli import CLI_REQUIREMENTS
 
-    meta = tomllib.loads((PKG_ROOT / "pyproject.toml").read_text())["project"]
+    meta = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert meta["dependencies"] == []
     assert sorted(meta["optional-dependencies"]["cli"]) == sorted(CLI_REQUIREMENTS.values())
     assert meta["scripts"]["vae-ext"] == "vae_ext.cli:main"

@@ -232,9 +232,13 @@ def check(what: str, got: torch.Tensor, ref: torch.Tensor, native: torch.Tensor,
     within = torch.isfinite(expected) & torch.isfinite(g) & ((g - r).abs() <= b)
     window = torch.isfinite(expected) & torch.isinf(g) & (r.abs() + b >= big) & ((g > 0) == (r > 0))
     as_pytorch = ~torch.isfinite(g) & ~torch.isfinite(nat)
+    # The reference overflows in an intermediate: its KL sums mu^2 over the sample before halving (a
+    # sum up to twice the result), so a result within a factor 4 of the largest float may be +-inf
+    # there and finite here, which is the true value.
+    beyond = torch.isinf(r) & torch.isfinite(g) & (g.abs() >= big / 4) & ((g > 0) == (r > 0))
     if may_overflow is not None:
         as_pytorch |= may_overflow & torch.isinf(g) & ((g > 0) == (r > 0))
-    ok = ok_nan | (~torch.isnan(r) & (ok_inf | within | window | as_pytorch))
+    ok = ok_nan | (~torch.isnan(r) & (ok_inf | within | window | as_pytorch | beyond))
     ok &= ~nan_in | torch.isnan(g)
     if not bool(ok.all()):
         bad = (~ok).nonzero()[:5].tolist()
