@@ -8,6 +8,19 @@ in-place build, its root is taken off sys.path before anything imports vae_ext.
 import sys
 from pathlib import Path
 
+import pytest
+
 _ROOT = Path(__file__).resolve().parents[1]
 if not any((_ROOT / "vae_ext").glob("_C*")):
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (tiny models on a shared machine), restored after it."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -249,3 +249,30 @@ def _load_benchmarks_timing():
 # The CUDA-graph capture that the benchmarks' --cuda-graph times: the CUDA tests check that the ops
 # capture and replay correctly through this very function.
 capture_cuda_graph = _load_benchmarks_timing().capture_cuda_graph
+
+
+# --------------------------------------------------------------------------- the command
+def run_cli(capsys, *argv):
+    """``vae-ext ARGV`` in this process (vae_ext.cli.main): (exit status, stdout, stderr)."""
+    from vae_ext import cli  # the app: needs the cli extra, which the op tests do not
+
+    rc = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def read_csv(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_one_line_error(rc, err, *matches, status=1):
+    """The command failed (exit status ``status``; None: any non-zero one) with one line on stderr,
+    "vae-ext ...", that holds every match: no traceback."""
+    assert rc != 0 and (status is None or rc == status), f"exit status {rc}: {err}"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vae-ext") and "Traceback" not in err, err
+    for m in matches:
+        assert m in lines[0], lines[0]

@@ -5,7 +5,6 @@ Most tests call ``vae_ext.cli.main(argv)`` in-process (fast, output via capsys);
 """
 from __future__ import annotations
 
-import csv
 import gzip
 import json
 import math
@@ -25,6 +24,8 @@ from vae_ext._interrupts import raise_interrupt
 from vae_ext.checkpoint import load_checkpoint
 from vae_ext.runfiles import atomic_write
 
+from helpers import assert_one_line_error, read_csv, run_cli
+
 # Subprocesses import the vae_ext this process imported (the repo with an in-place build, or the
 # installed package when the tests run against `pip install .`), and run outside the repo so that
 # its unbuilt source tree cannot shadow the installed one.
@@ -32,23 +33,9 @@ PKG_ROOT = Path(vae_ext.__file__).resolve().parents[1]
 TINY = ["--hidden", "16", "--latent", "2", "--batch-size", "256", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models; the machine is shared
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def run(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture(scope="module")
@@ -62,20 +49,13 @@ def trained(tmp_path_factory):
     return out
 
 
-def assert_one_line_error(rc, err, match):
-    assert rc != 0
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err and lines[0].startswith("vae-ext")
-    assert match in lines[0], lines[0]
-
 
 # --------------------------------------------------------------------------- train, resume
 
 
 def test_train_one_epoch_writes_everything(capsys, tmp_path):
     out = tmp_path / "run"
-    rc, stdout, _ = run(capsys, "train", "--epochs", "1", "--out", out, *TINY)
+    rc, stdout, _ = run_cli(capsys, "train", "--epochs", "1", "--out", out, *TINY)
     assert rc == 0
     assert "epoch   1/1" in stdout and "test -ELBO" in stdout and "nats/image" in stdout
     for name in ("checkpoint.pt", "metrics.csv", "reconstructions.png", "samples.png", "loss_curves.png"):
@@ -93,9 +73,9 @@ def test_resume_continues_exactly(capsys, tmp_path):
     """1 epoch + resume to 2 gives the same weights as 2 epochs straight: each epoch's randomness
     depends on (seed, epoch) only, and the checkpoint holds the optimizer state."""
     a, b = tmp_path / "a", tmp_path / "b"
-    assert run(capsys, "train", "--epochs", "2", "--out", a, "--warmup", "1.5", *TINY)[0] == 0
-    assert run(capsys, "train", "--epochs", "1", "--out", b, "--warmup", "1.5", *TINY)[0] == 0
-    rc, stdout, _ = run(capsys, "train", "--resume", b, "--epochs", "2", "--no-progress")
+    assert run_cli(capsys, "train", "--epochs", "2", "--out", a, "--warmup", "1.5", *TINY)[0] == 0
+    assert run_cli(capsys, "train", "--epochs", "1", "--out", b, "--warmup", "1.5", *TINY)[0] == 0
+    rc, stdout, _ = run_cli(capsys, "train", "--resume", b, "--epochs", "2", "--no-progress")
     assert rc == 0 and "resuming after epoch 1" in stdout and "epoch   2/2" in stdout
     sa, sb = load_checkpoint(a)["model_state"], load_checkpoint(b)["model_state"]
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -103,7 +83,7 @@ def test_resume_continues_exactly(capsys, tmp_path):
     assert len(rb) == 2 and [r["test_nelbo"] for r in ra] == [r["test_nelbo"] for r in rb]
     assert float(ra[0]["beta"]) < 1.0 and float(ra[1]["beta"]) == 1.0  # the KL warm-up
     # --resume with --out: the folder is found from --out
-    rc, stdout, _ = run(capsys, "train", "--resume", "--out", b, "--epochs", "2", "--no-progress")
+    rc, stdout, _ = run_cli(capsys, "train", "--resume", "--out", b, "--epochs", "2", "--no-progress")
     assert rc == 0 and "nothing to do" in stdout
 
 
@@ -121,12 +101,12 @@ def test_interrupted_training_keeps_the_last_complete_checkpoint(capsys, tmp_pat
 
     monkeypatch.setattr(T, "train_step", step)
     out = tmp_path / "run"
-    rc, _, err = run(capsys, "train", "--epochs", "3", "--out", out, *TINY)
-    assert_one_line_error(rc, err, "interrupted")
+    rc, _, err = run_cli(capsys, "train", "--epochs", "3", "--out", out, *TINY)
+    assert_one_line_error(rc, err, "interrupted", status=None)
     assert rc == 130
     assert load_checkpoint(out)["epoch"] == 1 and len(read_csv(out / "metrics.csv")) == 1
     monkeypatch.setattr(T, "train_step", real)
-    assert run(capsys, "train", "--resume", out, "--no-progress")[0] == 0
+    assert run_cli(capsys, "train", "--resume", out, "--no-progress")[0] == 0
     assert load_checkpoint(out)["epoch"] == 3
 
 
@@ -169,15 +149,15 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 
 
 def test_eval(capsys, trained):
-    rc, stdout, _ = run(capsys, "eval", trained, "--k", "20", "--no-progress")
+    rc, stdout, _ = run_cli(capsys, "eval", trained, "--k", "20", "--no-progress")
     assert rc == 0 and "test negative ELBO" in stdout and "NLL, k=20" in stdout
-    rc, stdout, _ = run(capsys, "eval", trained / "checkpoint.pt", "--k", "50", "--json", "--no-progress")
+    rc, stdout, _ = run_cli(capsys, "eval", trained / "checkpoint.pt", "--k", "50", "--json", "--no-progress")
     r = json.loads(stdout)
     assert r["k"] == 50 and r["n"] == 359 and r["split"] == "test" and r["kernels"] == "fused"
     assert 0 < r["nll"] < r["nelbo"] + 1.0  # the IW bound is at least as tight as the ELBO, up to noise
     rows = read_csv(trained / "metrics.csv")
     assert r["nelbo"] == pytest.approx(float(rows[-1]["test_nelbo"]), rel=1e-5)  # same fixed eval eps
-    rc, stdout, _ = run(capsys, "eval", trained, "--k", "5", "--json", "--reference", "--split", "train",
+    rc, stdout, _ = run_cli(capsys, "eval", trained, "--k", "5", "--json", "--reference", "--split", "train",
                         "--no-progress")
     r = json.loads(stdout)
     assert rc == 0 and r["kernels"] == "reference" and r["n"] == 1438
@@ -185,7 +165,7 @@ def test_eval(capsys, trained):
 
 def test_sweep_two_latents(capsys, tmp_path):
     out = tmp_path / "sweep"
-    rc, stdout, _ = run(capsys, "sweep", "--latent", "1,2", "--epochs", "1", "--k", "4", "--out", out,
+    rc, stdout, _ = run_cli(capsys, "sweep", "--latent", "1,2", "--epochs", "1", "--k", "4", "--out", out,
                         "--hidden", "8", "--batch-size", "256", "--no-progress")
     assert rc == 0 and "latent 2:" in stdout
     rows = read_csv(out / "sweep.csv")
@@ -198,7 +178,8 @@ def test_sweep_two_latents(capsys, tmp_path):
         assert (out / f"latent-{r['latent']}" / "checkpoint.pt").is_file()
     assert int(rows[1]["params_decoder"]) - int(rows[0]["params_decoder"]) == 8  # one more latent unit: 8 weights
     # a second sweep into the same folder resumes (nothing to train) and rewrites the same table
-    rc, stdout, _ = run(capsys, "sweep", "--latent", "1,2", "--epochs", "1", "--k", "4", "--out", out, "--no-progress")
+    rc, stdout, _ = run_cli(capsys, "sweep", "--latent", "1,2", "--epochs", "1", "--k", "4", "--out", out,
+                            "--no-progress")
     assert rc == 0 and stdout.count("nothing to do") == 2
     assert [r["test_nelbo"] for r in read_csv(out / "sweep.csv")] == [r["test_nelbo"] for r in rows]
 
@@ -253,8 +234,8 @@ def test_bad_input_is_one_line_and_nonzero(capsys, tmp_path, trained, argv, matc
         if "{" + kind + "}" in " ".join(argv):
             paths[kind] = _bad_mnist(tmp_path, kind)
     before = {p: p.stat().st_mtime_ns for p in trained.iterdir()}
-    rc, _, err = run(capsys, *[a.format(**paths) for a in argv])
-    assert_one_line_error(rc, err, match)
+    rc, _, err = run_cli(capsys, *[a.format(**paths) for a in argv])
+    assert_one_line_error(rc, err, match, status=None)
     assert {p: p.stat().st_mtime_ns for p in trained.iterdir()} == before  # nothing already written was touched
 
 
@@ -263,15 +244,15 @@ def test_resume_into_a_folder_holding_another_run_is_refused(capsys, tmp_path, t
     other.mkdir()
     (other / "checkpoint.pt").write_bytes((trained / "checkpoint.pt").read_bytes())
     before = (other / "checkpoint.pt").stat().st_mtime_ns
-    rc, _, err = run(capsys, "train", "--resume", trained, "--out", other, "--epochs", "2")
-    assert_one_line_error(rc, err, "already holds a run")
+    rc, _, err = run_cli(capsys, "train", "--resume", trained, "--out", other, "--epochs", "2")
+    assert_one_line_error(rc, err, "already holds a run", status=None)
     assert (other / "checkpoint.pt").stat().st_mtime_ns == before
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_cuda_without_cuda(capsys, tmp_path):
-    rc, _, err = run(capsys, "train", "--device", "cuda", "--out", tmp_path / "r")
-    assert_one_line_error(rc, err, "--device cuda: CUDA is not available")
+    rc, _, err = run_cli(capsys, "train", "--device", "cuda", "--out", tmp_path / "r")
+    assert_one_line_error(rc, err, "--device cuda: CUDA is not available", status=None)
     assert not (tmp_path / "r").exists()
 
 
@@ -300,7 +281,7 @@ def test_sigterm_ends_training_cleanly(tmp_path):
         _, err = p.communicate(timeout=60)
     finally:
         p.kill()
-    assert_one_line_error(p.returncode, err, "terminated")
+    assert_one_line_error(p.returncode, err, "terminated", status=143)
     assert p.returncode == 143
     ck = load_checkpoint(out)
     assert 1 <= ck["epoch"] < 1000 and len(read_csv(out / "metrics.csv")) >= ck["epoch"] - 1

@@ -20,29 +20,14 @@ import torch
 
 from vae_ext import cli
 
+from helpers import assert_one_line_error, run_cli
+
 TINY = ["--hidden", "8", "--latent", "2", "--batch-size", "256", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def run(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def assert_one_line_error(rc, err, *matches):
-    assert rc == 1, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("vae-ext") and "Traceback" not in err, err
-    for m in matches:
-        assert m in lines[0], lines[0]
 
 
 def idx_header(*dims, code=0x08) -> bytes:
@@ -83,14 +68,14 @@ def npy_member(zf: zipfile.ZipFile, name: str, shape, dtype="u1", data_bytes: in
 def test_idx_images_with_a_zero_size_dimension(capsys, tmp_path, dims, gz):
     raw = idx_header(*dims)
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(gzip.compress(raw) if gz else raw)
-    rc, _, err = run(capsys, "train", "--data", f"mnist:{tmp_path}", "--out", tmp_path / "r", *TINY)
+    rc, _, err = run_cli(capsys, "train", "--data", f"mnist:{tmp_path}", "--out", tmp_path / "r", *TINY)
     assert_one_line_error(rc, err, "have no pixels")
 
 
 @pytest.mark.parametrize("shape", [(20, 0, 0), (20, 0), (20, 0, 4, 4), (20, 1, 4, 0)])
 def test_npz_images_with_a_zero_size_dimension(capsys, tmp_path, shape):
     np.savez(tmp_path / "d.npz", images=np.zeros(shape, np.uint8))
-    rc, _, err = run(capsys, "train", "--data", tmp_path / "d.npz", "--out", tmp_path / "r", *TINY)
+    rc, _, err = run_cli(capsys, "train", "--data", tmp_path / "d.npz", "--out", tmp_path / "r", *TINY)
     assert_one_line_error(rc, err, "d.npz", "have no pixels")
 
 
@@ -99,7 +84,7 @@ def test_npz_images_with_a_zero_size_dimension(capsys, tmp_path, shape):
 
 def test_idx_header_with_255_dimensions(capsys, tmp_path):
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(idx_header(*[1] * 255) + b"\x07")
-    rc, _, err = run(capsys, "train", "--data", f"mnist:{tmp_path}", "--out", tmp_path / "r", *TINY)
+    rc, _, err = run_cli(capsys, "train", "--data", f"mnist:{tmp_path}", "--out", tmp_path / "r", *TINY)
     assert_one_line_error(rc, err, "t10k-images-idx3-ubyte", "claims 255 dimensions")
 
 
@@ -114,7 +99,7 @@ def test_gzip_bomb_is_refused_before_it_is_inflated(capsys, tmp_path, monkeypatc
     assert (tmp_path / "t10k-images-idx3-ubyte.gz").stat().st_size < 100_000
     tracemalloc.start()
     try:
-        rc, _, err = run(capsys, "train", "--data", f"mnist:{tmp_path}", "--out", tmp_path / "r", "--epochs", "0",
+        rc, _, err = run_cli(capsys, "train", "--data", f"mnist:{tmp_path}", "--out", tmp_path / "r", "--epochs", "0",
                          *TINY)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -129,7 +114,7 @@ def test_gzip_stream_longer_than_its_header_is_stopped(capsys, tmp_path):
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip_stream(idx_header(10, 28, 28), 64 << 20))
     tracemalloc.start()
     try:
-        rc, _, err = run(capsys, "train", "--data", f"mnist:{tmp_path}", "--out", tmp_path / "r", *TINY)
+        rc, _, err = run_cli(capsys, "train", "--data", f"mnist:{tmp_path}", "--out", tmp_path / "r", *TINY)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -141,7 +126,8 @@ def test_valid_npz_too_big_for_the_limit(capsys, tmp_path, monkeypatch):
     """A valid uint8 .npz (15 MiB; 61 MiB as float32) under a 32 MiB limit."""
     monkeypatch.setenv("VAE_EXT_MEMORY_LIMIT", "32M")
     np.savez(tmp_path / "big.npz", images=np.zeros((20_000, 28, 28), np.uint8))
-    rc, _, err = run(capsys, "train", "--data", tmp_path / "big.npz", "--out", tmp_path / "r", "--epochs", "0", *TINY)
+    rc, _, err = run_cli(capsys, "train", "--data", tmp_path / "big.npz", "--out", tmp_path / "r", "--epochs", "0",
+                         *TINY)
     assert_one_line_error(rc, err, "big.npz", "'images'", "20000x28x28", "would need about", "more than the 32.0 MiB")
     assert not (tmp_path / "r").exists()
 
@@ -153,7 +139,7 @@ def test_compressed_npz_bomb_is_refused_before_it_is_inflated(capsys, tmp_path, 
     assert (tmp_path / "bomb.npz").stat().st_size < 100_000
     tracemalloc.start()
     try:
-        rc, _, err = run(capsys, "train", "--data", tmp_path / "bomb.npz", "--out", tmp_path / "r", "--epochs", "0",
+        rc, _, err = run_cli(capsys, "train", "--data", tmp_path / "bomb.npz", "--out", tmp_path / "r", "--epochs", "0",
                          *TINY)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -167,14 +153,15 @@ def test_npz_whose_zip_directory_claims_more_than_its_header(capsys, tmp_path, m
     monkeypatch.setenv("VAE_EXT_MEMORY_LIMIT", "8M")
     with zipfile.ZipFile(tmp_path / "liar.npz", "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         npy_member(zf, "images.npy", (10, 4, 4), data_bytes=64 << 20)
-    rc, _, err = run(capsys, "train", "--data", tmp_path / "liar.npz", "--out", tmp_path / "r", "--epochs", "0", *TINY)
+    rc, _, err = run_cli(capsys, "train", "--data", tmp_path / "liar.npz", "--out", tmp_path / "r", "--epochs", "0",
+                         *TINY)
     assert_one_line_error(rc, err, "liar.npz", "would need about")
 
 
 def test_a_bad_memory_limit_is_named(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("VAE_EXT_MEMORY_LIMIT", "lots")
     np.savez(tmp_path / "d.npz", images=np.zeros((20, 4, 4), np.uint8))
-    rc, _, err = run(capsys, "train", "--data", tmp_path / "d.npz", "--out", tmp_path / "r", *TINY)
+    rc, _, err = run_cli(capsys, "train", "--data", tmp_path / "d.npz", "--out", tmp_path / "r", *TINY)
     assert_one_line_error(rc, err, "VAE_EXT_MEMORY_LIMIT='lots'")
 
 
@@ -184,7 +171,7 @@ def test_overflowing_float_pixels_give_no_numpy_warning(capsys, tmp_path):
     np.savez(tmp_path / "d.npz", images=x)
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        rc, _, err = run(capsys, "train", "--data", tmp_path / "d.npz", "--out", tmp_path / "r", *TINY)
+        rc, _, err = run_cli(capsys, "train", "--data", tmp_path / "d.npz", "--out", tmp_path / "r", *TINY)
     assert_one_line_error(rc, err, "float pixel values must lie in [0, 1], found 0.5..1e+300")
     assert not [w for w in seen if issubclass(w.category, RuntimeWarning)], [str(w.message) for w in seen]
 
@@ -197,7 +184,7 @@ def test_out_of_memory_is_one_line(capsys, tmp_path, monkeypatch):
         raise MemoryError("Unable to allocate 2.9 GiB for an array with shape (1000000, 784)")
 
     monkeypatch.setattr(T, "load_data", no_memory)
-    rc, _, err = run(capsys, "train", "--out", tmp_path / "r", *TINY)
+    rc, _, err = run_cli(capsys, "train", "--out", tmp_path / "r", *TINY)
     assert_one_line_error(rc, err, "out of memory (Unable to allocate 2.9 GiB")
 
 
@@ -259,7 +246,7 @@ def test_malformed_checkpoint_fields_are_named(capsys, tmp_path, good_checkpoint
     before = (run_dir / "checkpoint.pt").read_bytes()
     argv = (["eval", run_dir, "--k", "2", "--no-progress"] if command == "eval"
             else ["train", "--resume", run_dir, "--epochs", "2", "--no-progress"])
-    rc, out, err = run(capsys, *argv)
+    rc, out, err = run_cli(capsys, *argv)
     assert_one_line_error(rc, err, "checkpoint.pt", match)
     assert out == ""  # refused on load: nothing evaluated, nothing trained
     assert (run_dir / "checkpoint.pt").read_bytes() == before

@@ -2,7 +2,6 @@
 writer per run folder, bit-for-bit reproducibility across thread counts, and --skip-nonfinite."""
 from __future__ import annotations
 
-import csv
 import math
 import os
 import random
@@ -15,39 +14,19 @@ import pytest
 import torch
 
 import vae_ext
-from vae_ext import cli
 from vae_ext.checkpoint import load_checkpoint
 from vae_ext.runlock import RunLock
+
+from helpers import assert_one_line_error, read_csv, run_cli
 
 PKG_ROOT = Path(vae_ext.__file__).resolve().parents[1]
 TINY = ["--hidden", "16", "--latent", "2", "--batch-size", "256", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def run(capsys, *argv):
-    rc = cli.main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
-
-def read_csv(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def assert_one_line_error(rc, err, *matches):
-    assert rc == 1, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for m in matches:
-        assert m in lines[0], lines[0]
 
 
 def assert_finite_checkpoint(out, epoch):
@@ -102,7 +81,7 @@ def test_sigkill_at_random_moments_then_resume(tmp_path):
 
 def test_a_second_writer_is_refused_with_the_holders_pid(capsys, tmp_path):
     out = tmp_path / "run"
-    assert run(capsys, "train", "--epochs", "1", "--out", out, *TINY)[0] == 0
+    assert run_cli(capsys, "train", "--epochs", "1", "--out", out, *TINY)[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     fresh = tmp_path / "fresh"  # a run that has not finished its first epoch yet
     with RunLock(out), RunLock(fresh):  # as running `vae-ext train`s hold them
@@ -110,13 +89,13 @@ def test_a_second_writer_is_refused_with_the_holders_pid(capsys, tmp_path):
                              (fresh, ["train", "--out", fresh, *TINY]),
                              (out, ["sweep", "--latent", "1", "--epochs", "1", "--k", "2", "--out", out, *TINY[:2],
                                     "--no-progress"])):
-            rc, _, err = run(capsys, *argv)
+            rc, _, err = run_cli(capsys, *argv)
             assert_one_line_error(rc, err, str(folder), f"pid {os.getpid()}", "in use by another vae-ext run")
     assert [p.name for p in fresh.iterdir()] == [".vae-ext.lock"]
     after = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
     files = lambda d: {k: v for k, v in d.items() if k != ".vae-ext.lock"}  # noqa: E731
     assert files(after) == files(before)
-    assert run(capsys, "train", "--resume", out, "--epochs", "2", "--no-progress")[0] == 0  # released
+    assert run_cli(capsys, "train", "--resume", out, "--epochs", "2", "--no-progress")[0] == 0  # released
 
 
 def test_a_killed_run_leaves_no_stuck_lock(capsys, tmp_path):
@@ -126,12 +105,12 @@ def test_a_killed_run_leaves_no_stuck_lock(capsys, tmp_path):
     try:
         while not (out / "checkpoint.pt").exists():
             time.sleep(0.05)
-        rc, _, err = run(capsys, "train", "--resume", out, "--no-progress")
+        rc, _, err = run_cli(capsys, "train", "--resume", out, "--no-progress")
         assert_one_line_error(rc, err, str(out), f"pid {first.pid}")
     finally:
         first.kill()
         first.communicate(timeout=60)
-    rc, stdout, err = run(capsys, "train", "--resume", out, "--epochs", str(load_checkpoint(out)["epoch"] + 1),
+    rc, stdout, err = run_cli(capsys, "train", "--resume", out, "--epochs", str(load_checkpoint(out)["epoch"] + 1),
                           "--no-progress")
     assert rc == 0, err
 
@@ -152,7 +131,7 @@ def test_same_seed_same_bits_with_one_or_two_threads(capsys, tmp_path):
     argv = ["train", "--epochs", "2", "--hidden", "64", "--latent", "4", "--batch-size", "512", "--warmup", "1",
             "--seed", "3", "--no-progress"]
     for threads in (1, 2):
-        assert run(capsys, *argv, "--threads", threads, "--out", tmp_path / f"t{threads}")[0] == 0
+        assert run_cli(capsys, *argv, "--threads", threads, "--out", tmp_path / f"t{threads}")[0] == 0
     a, b = read_csv(tmp_path / "t1" / "metrics.csv"), read_csv(tmp_path / "t2" / "metrics.csv")
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(a) == strip(b) and len(a) == 2
@@ -182,7 +161,7 @@ def _poison_gradients(monkeypatch, calls):
 def test_skip_nonfinite_skips_and_counts(capsys, tmp_path, monkeypatch):
     _poison_gradients(monkeypatch, {2, 3, 8})  # 6 steps per epoch: two in epoch 1, one in epoch 2
     out = tmp_path / "run"
-    rc, _, err = run(capsys, "train", "--epochs", "2", "--skip-nonfinite", "3", "--out", out, *TINY)
+    rc, _, err = run_cli(capsys, "train", "--epochs", "2", "--skip-nonfinite", "3", "--out", out, *TINY)
     assert rc == 0, err
     rows = read_csv(out / "metrics.csv")
     assert [r["skipped"] for r in rows] == ["2", "1"] and [r["step"] for r in rows] == ["6", "12"]
@@ -193,7 +172,7 @@ def test_skip_nonfinite_skips_and_counts(capsys, tmp_path, monkeypatch):
 def test_skip_nonfinite_stops_after_n_in_a_row(capsys, tmp_path, monkeypatch):
     _poison_gradients(monkeypatch, {8, 9})
     out = tmp_path / "run"
-    rc, _, err = run(capsys, "train", "--epochs", "3", "--skip-nonfinite", "2", "--out", out, *TINY)
+    rc, _, err = run_cli(capsys, "train", "--epochs", "3", "--skip-nonfinite", "2", "--out", out, *TINY)
     assert_one_line_error(rc, err, "2 steps in a row with a non-finite loss or gradient", "epoch 2")
     assert_finite_checkpoint(out, 1)
 
@@ -215,7 +194,7 @@ def test_without_the_option_no_checkpoint_holds_a_nonfinite_weight(capsys, tmp_p
 
     monkeypatch.setattr(T, "train_step", step)
     out = tmp_path / "run"
-    rc, _, err = run(capsys, "train", "--epochs", "3", "--out", out, *TINY)
+    rc, _, err = run_cli(capsys, "train", "--epochs", "3", "--out", out, *TINY)
     assert_one_line_error(rc, err, "training diverged")
     assert_finite_checkpoint(out, 1)
     assert len(read_csv(out / "metrics.csv")) == 1
