@@ -401,3 +401,17 @@ def test_float16_bce_gradient_at_its_floor(device, reduction):
     assert math.isclose(want[0][0, 0].item(), -100.0, rel_tol=1e-6)
     assert got[0][0, 0].item() == -math.inf
     assert not got[0].isnan().any() and torch.isfinite(got[0][0, 1])
+
+
+@pytest.mark.parametrize("dtype", [F16, BF16], ids=dtype_id)
+def test_half_per_sample_backward_with_no_features(dtype):
+    """reduction="none" on half inputs scales the recon gradient per sample in a kernel of its own;
+    with zero features per sample that gradient is empty and must be left alone (the hypothesis long
+    profile's counterexample: an error 'expected a dense ... g whose samples are blocks')."""
+    r = torch.empty(2, 0, dtype=dtype, requires_grad=True)
+    mu = torch.zeros(2, 3, dtype=dtype, requires_grad=True)
+    lv = torch.zeros(2, 3, dtype=dtype, requires_grad=True)
+    loss = vae_ext.elbo_loss(r, torch.empty(2, 0, dtype=dtype), mu, lv, recon="bce", reduction="none")
+    loss.backward(torch.tensor([1.9551, 1.5617]))
+    assert r.grad.shape == (2, 0) and mu.grad.shape == (2, 3)
+    assert torch.equal(loss, torch.zeros(2))

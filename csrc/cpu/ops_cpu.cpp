@@ -29,7 +29,8 @@ const KernelTable& kernels() {
 void scale_rows_cpu(const Tensor& g, const Tensor& s) {
   const auto st = g.scalar_type();
   TORCH_CHECK(g.is_cpu() && (st == at::kHalf || st == at::kBFloat16) && g.dim() >= 1 &&
-                  g.is_non_overlapping_and_dense() && (g.size(0) <= 1 || g.stride(0) == g.numel() / g.size(0)) &&
+                  g.is_non_overlapping_and_dense() &&
+                  (g.size(0) <= 1 || g.numel() == 0 || g.stride(0) == g.numel() / g.size(0)) &&
                   s.scalar_type() == at::kFloat && s.dim() == 1 && s.numel() == g.size(0),
               "scale_rows_cpu: expected a dense float16/bfloat16 CPU g whose samples are blocks, and float32 s of ",
               "one value per sample");
