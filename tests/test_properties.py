@@ -614,6 +614,18 @@ def test_float16_recon_gradient_times_zero_is_zero():
     assert r.grad.item() == 0.0, f"grad recon_x {r.grad.item()}, expected 0"
 
 
+def test_float64_kl_near_the_largest_float_with_beta_0():
+    """Found by the long profile: logvar 709.426 (exp = 1.1e308) twice, beta = 0: the KL is 1.1e308,
+    finite, so the loss is 0; the reference halved its sum after overflowing to inf, and 0 * inf
+    gave NaN. The reference now halves per element, and the two agree."""
+    empty = torch.empty(1, 0, dtype=F64)
+    mu = torch.tensor([[0.3923, -0.2236]], dtype=F64)
+    lv = torch.full((1, 2), 709.426, dtype=F64)
+    got = vae_ext.elbo_loss(empty, empty, mu, lv, beta=0.0)
+    want = reference.elbo_loss(empty, empty, mu, lv, beta=0.0)
+    assert got.item() == 0.0 and want.item() == 0.0, (got, want)
+
+
 def test_float16_logvar_gradient_with_beta_0_is_0():
     """Found by test_elbo_loss_matches_reference: with beta = 0 the KL gradient is 0, also where
     0.5 (exp(logvar) - 1) overflows float16 (logvar = 28.4: 1.1e12); it was 0 * inf = NaN (plain

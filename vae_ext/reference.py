@@ -44,7 +44,9 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """Per-sample KL(N(mu, exp(logvar)) || N(0, I)), shape (N,)."""
     dt = _compute_dtype(mu)
     mu, logvar = mu.to(dt), logvar.to(dt)
-    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
+    # halved per element, then summed (the same numbers: scaling by a power of 2 is exact), so a sum
+    # near the largest float does not overflow on its way, as halving the sum afterwards would
+    return torch.sum(-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()), dim=1)
 
 
 def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
