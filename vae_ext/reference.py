@@ -11,9 +11,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["elbo_loss", "gaussian_kl", "kl_divergence", "reconstruction_loss", "reparameterize"]
+__all__ = [
+    "elbo_loss", "gaussian_kl", "kl_divergence", "kl_elements", "reconstruction_loss", "reparameterize",
+    "unit_kl",
+]
 
 _HALF = (torch.float16, torch.bfloat16)
+_LOG_2PI = math.log(2.0 * math.pi)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -21,32 +25,66 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.dtype in _HALF else t.dtype
 
 
-def reconstruction_loss(recon_x: torch.Tensor, x: torch.Tensor, recon: str = "bce") -> torch.Tensor:
-    """Per-sample reconstruction loss, shape (N,), summed over every non-batch dimension."""
-    n = recon_x.shape[0]
-    # The per-sample size from the shape, not -1: reshape(0, -1) is ambiguous for an empty batch.
-    d = math.prod(recon_x.shape[1:])
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as (N, per-sample elements). The size from the shape, not -1: reshape(0, -1) is ambiguous
+    for an empty batch."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
+
+
+def reconstruction_loss(recon_x: torch.Tensor, x: torch.Tensor, recon: str = "bce",
+                        recon_logvar: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample reconstruction loss, shape (N,), summed over every non-batch dimension.
+
+    ``recon="gaussian"``: the Gaussian negative log-likelihood with log-variance ``recon_logvar``
+    (a 0-d tensor, or one per element of ``recon_x``).
+    """
     dt = _compute_dtype(recon_x)
-    r = recon_x.reshape(n, d).to(dt)
-    t = x.reshape(n, d).to(dt)
+    r = recon_x.to(dt)
+    t = x.reshape(recon_x.shape).to(dt)
     if recon == "bce":
         per_elem = F.binary_cross_entropy(r, t, reduction="none")
     elif recon == "bce_logits":
         per_elem = F.binary_cross_entropy_with_logits(r, t, reduction="none")
     elif recon == "mse":
         per_elem = (r - t).pow(2)
+    elif recon == "l1":
+        per_elem = (r - t).abs()
+    elif recon == "gaussian":
+        rlv = recon_logvar.to(dt)
+        per_elem = 0.5 * ((t - r).pow(2) * torch.exp(-rlv) + rlv + _LOG_2PI)
     else:
-        raise ValueError(f"recon: expected 'bce', 'bce_logits' or 'mse', got {recon!r}")
-    return per_elem.sum(dim=1)
+        raise ValueError(f"recon: expected 'bce', 'bce_logits', 'mse', 'l1' or 'gaussian', got {recon!r}")
+    return _rows(per_elem).sum(dim=1)
 
 
-def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
-    """Per-sample KL(N(mu, exp(logvar)) || N(0, I)), shape (N,)."""
+def kl_elements(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor | None = None,
+                prior_logvar: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar))) per element, mu's shape.
+
+    No prior: N(0, I), ``0.5 * (mu^2 + exp(logvar) - 1 - logvar)``. With one:
+    ``0.5 * (plv - lv + (exp(lv) + (mu - pmu)^2) * exp(-plv) - 1)``; the prior broadcasts to mu.
+    """
     dt = _compute_dtype(mu)
     mu, logvar = mu.to(dt), logvar.to(dt)
-    # halved per element, then summed (the same numbers: scaling by a power of 2 is exact), so a sum
-    # near the largest float does not overflow on its way, as halving the sum afterwards would
-    return torch.sum(-0.5 * (1 + logvar - mu.pow(2) - logvar.exp()), dim=1)
+    if prior_mu is None:
+        # halved per element, then summed by the caller (the same numbers: scaling by a power of 2 is
+        # exact), so a sum near the largest float does not overflow on its way
+        return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
+    pmu, plv = prior_mu.to(dt), prior_logvar.to(dt)
+    return 0.5 * (plv - logvar + (logvar.exp() + (mu - pmu).pow(2)) * torch.exp(-plv) - 1)
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor | None = None,
+                  prior_logvar: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample KL to the prior (N(0, I) by default), shape (N,), summed over mu.shape[1:]."""
+    return _rows(kl_elements(mu, logvar, prior_mu, prior_logvar)).sum(dim=1)
+
+
+def unit_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor | None = None,
+            prior_logvar: torch.Tensor | None = None) -> torch.Tensor:
+    """Each latent unit's KL averaged over the batch, shape mu.shape[1:] (posterior-collapse
+    diagnostics: a unit whose KL stays near 0 carries no information)."""
+    return kl_elements(mu, logvar, prior_mu, prior_logvar).mean(dim=0)
 
 
 def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -57,6 +95,21 @@ def _reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "none":
         return per_sample
     raise ValueError(f"reduction: expected 'sum', 'mean' or 'none', got {reduction!r}")
+
+
+def _kl_term(mu, logvar, prior_mu, prior_logvar, reduction, free_bits):
+    """(the KL term the loss uses, the true KL) under ``reduction``. With free bits each unit's
+    batch-mean KL is floored at ``free_bits`` nats: ``sum_u max(free_bits, KL_u)``, times N for
+    "sum"; units under the floor get no gradient (clamp's)."""
+    kl = _reduce(kl_divergence(mu, logvar, prior_mu, prior_logvar), "mean" if reduction == "pixel_mean" else reduction)
+    if not free_bits:
+        return kl, kl
+    if reduction == "none":
+        raise ValueError("free_bits: the floor is a batch statistic; reduction='none' cannot take it")
+    floored = unit_kl(mu, logvar, prior_mu, prior_logvar).clamp(min=free_bits).sum()
+    if reduction == "sum":
+        floored = floored * mu.shape[0]
+    return floored, kl.detach()
 
 
 def elbo_loss(
@@ -70,6 +123,11 @@ def elbo_loss(
     reduction: str = "sum",
     return_terms: bool = False,
     validate: bool = False,
+    prior_mu: torch.Tensor | None = None,
+    prior_logvar: torch.Tensor | None = None,
+    recon_logvar: torch.Tensor | None = None,
+    free_bits: float = 0.0,
+    return_unit_kl: bool = False,
 ):
     """Negative ELBO: reconstruction loss + beta * KL, reduced by ``reduction``.
 
@@ -77,23 +135,28 @@ def elbo_loss(
     stock ops check what they check).
     """
     del validate
-    per_sample = reconstruction_loss(recon_x, x.reshape(recon_x.shape), recon)
+    per_sample = reconstruction_loss(recon_x, x, recon, recon_logvar)
     if reduction == "pixel_mean":  # the reconstruction averaged over every element, the KL over samples
         rec = per_sample.sum() / recon_x.numel()
-        kl = kl_divergence(mu, logvar).mean()
     else:
         rec = _reduce(per_sample, reduction)
-        kl = _reduce(kl_divergence(mu, logvar), reduction)
+    kl, kl_true = _kl_term(mu, logvar, prior_mu, prior_logvar, reduction, free_bits)
     loss = rec + beta * kl
-    if return_terms:
-        return loss, rec, kl
-    return loss
+    out = (loss, rec, kl_true) if return_terms else (loss,)
+    if return_unit_kl:
+        out += (unit_kl(mu, logvar, prior_mu, prior_logvar).detach(),)
+    return out if len(out) > 1 else loss
 
 
-def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str = "sum") -> torch.Tensor:
-    """KL(N(mu, exp(logvar)) || N(0, I)) summed per sample over every non-batch dimension, reduced."""
-    shape = (mu.shape[0], math.prod(mu.shape[1:]))  # (not reshape(n, -1): n may be 0)
-    return _reduce(kl_divergence(mu.reshape(shape), logvar.reshape(shape)), reduction)
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor | None = None,
+                prior_logvar: torch.Tensor | None = None, *, reduction: str = "sum", free_bits: float = 0.0,
+                return_unit_kl: bool = False):
+    """KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar))) summed per sample over every
+    non-batch dimension, reduced (with free bits: the floored KL)."""
+    kl, _ = _kl_term(mu, logvar, prior_mu, prior_logvar, reduction, free_bits)
+    if return_unit_kl:
+        return kl, unit_kl(mu, logvar, prior_mu, prior_logvar).detach()
+    return kl
 
 
 def reparameterize(

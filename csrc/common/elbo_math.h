@@ -13,7 +13,7 @@
 
 namespace vae_ext {
 
-enum class Recon : int { BCE = 0, BCELogits = 1, MSE = 2 };
+enum class Recon : int { BCE = 0, BCELogits = 1, MSE = 2, L1 = 3, Gaussian = 4 };
 enum class Reduction : int { Sum = 0, Mean = 1, None = 2 };
 
 // Scalar policy (host and device), T = float or double.
@@ -90,14 +90,62 @@ VAE_HD typename M::T mse_elem(typename M::T r, typename M::T x, typename M::T* g
   return d * d;
 }
 
+// Absolute error |r - x|; gradient sign(r - x): 0 at a tie, as torch.sign (d - d is 0 there, and
+// NaN for a NaN d).
+template <class M>
+VAE_HD typename M::T l1_elem(typename M::T r, typename M::T x, typename M::T* grad) {
+  using T = typename M::T;
+  const T zero = M::fill(0.0), d = r - x;
+  *grad = M::select(d > zero, M::fill(1.0), M::select(d < zero, M::fill(-1.0), d - d));
+  return M::abs(d);
+}
+
+constexpr double kLog2Pi = 1.8378770664093454836;  // log(2 pi)
+
+// Gaussian negative log-likelihood with a log-variance rlv per element:
+// 0.5 ((x - r)^2 exp(-rlv) + rlv + log(2 pi)); gradients (r - x) exp(-rlv) to r and
+// 0.5 (1 - (x - r)^2 exp(-rlv)) to rlv. (d * d) * inv in the reference's order: where d * d
+// overflows the loss is inf there too.
+template <class M>
+VAE_HD typename M::T gaussian_elem(typename M::T r, typename M::T x, typename M::T rlv, typename M::T* g_r,
+                                   typename M::T* g_rlv) {
+  using T = typename M::T;
+  const T half = M::fill(0.5), one = M::fill(1.0);
+  const T inv = M::exp(M::fill(0.0) - rlv), d = r - x;
+  const T q = (d * d) * inv;
+  *g_r = d * inv;
+  *g_rlv = half * (one - q);
+  return half * (q + rlv + M::fill(kLog2Pi));
+}
+
+// The same with one log-variance for every element (a 0-d recon_logvar): inv = exp(-rlv) is
+// computed once by the caller, and the element returns only q = (x - r)^2 inv; the sums of q over a
+// row (or the batch) give the loss and rlv's gradient by gaussian_scalar_terms.
+template <class M>
+VAE_HD typename M::T gaussian_q_elem(typename M::T r, typename M::T x, typename M::T inv, typename M::T* g_r) {
+  const typename M::T d = r - x;
+  *g_r = d * inv;
+  return (d * d) * inv;
+}
+
+// From Q, the sum of q over `count` elements: their loss 0.5 (Q + count (rlv + log(2 pi))), and
+// d loss / d rlv = 0.5 (count - Q) to *g_rlv. In double: count may be large.
+VAE_HD inline double gaussian_scalar_terms(double q_sum, double count, double rlv, double* g_rlv) {
+  *g_rlv = 0.5 * (count - q_sum);
+  return 0.5 * (q_sum + count * (rlv + kLog2Pi));
+}
+
 template <Recon mode, class M>
 VAE_HD typename M::T recon_elem(typename M::T r, typename M::T x, typename M::T* grad) {
   if constexpr (mode == Recon::BCE) {
     return bce_elem<M>(r, x, grad);
   } else if constexpr (mode == Recon::BCELogits) {
     return bce_logits_elem<M>(r, x, grad);
-  } else {
+  } else if constexpr (mode == Recon::MSE) {
     return mse_elem<M>(r, x, grad);
+  } else {
+    static_assert(mode == Recon::L1, "recon_elem: Gaussian takes a log-variance (gaussian_elem)");
+    return l1_elem<M>(r, x, grad);
   }
 }
 
@@ -111,6 +159,23 @@ VAE_HD typename M::T kl_elem(typename M::T mu, typename M::T lv, typename M::T* 
   *g_mu = mu;
   *g_lv = half * (e - one);
   return half * (mu * mu + e - one - lv);
+}
+
+// KL(N(mu, exp(lv)) || N(pmu, exp(plv))) per latent unit, a learned prior:
+// 0.5 (plv - lv + (exp(lv) + (mu - pmu)^2) exp(-plv) - 1), in the reference's order. Gradients:
+// (mu - pmu) exp(-plv) to mu (its negative to pmu), 0.5 (exp(lv) exp(-plv) - 1) to lv,
+// 0.5 (1 - (exp(lv) + (mu - pmu)^2) exp(-plv)) to plv.
+template <class M>
+VAE_HD typename M::T kl_prior_elem(typename M::T mu, typename M::T lv, typename M::T pmu, typename M::T plv,
+                                   typename M::T* g_mu, typename M::T* g_lv, typename M::T* g_plv) {
+  using T = typename M::T;
+  const T half = M::fill(0.5), one = M::fill(1.0);
+  const T inv = M::exp(M::fill(0.0) - plv), e = M::exp(lv), d = mu - pmu;
+  const T s = (e + d * d) * inv;
+  *g_mu = d * inv;
+  *g_lv = half * (e * inv - one);
+  *g_plv = half * (one - s);
+  return half * (plv - lv + s - one);
 }
 
 // Reparameterization per element: z = mu + exp(logvar / 2) * eps; and the gradient of logvar,

@@ -26,16 +26,31 @@ struct ElboArgs {
   const void* recon;  // (n, d) contiguous
   const void* x;      // (n, d) contiguous
   void* grad_recon;   // (n, d) or nullptr: d(recon term)/d(recon) * grad_scale
-  const void* mu;     // (n, l) contiguous
+  // Recon::Gaussian: the log-variance, (n, d) like recon, or one value when rlv_scalar.
+  const void* recon_logvar;
+  bool rlv_scalar;
+  void* grad_recon_logvar;  // per element: (n, d) like grad_recon, * grad_scale; nullptr when grad_recon is
+  const void* mu;           // (n, l) contiguous
   const void* logvar;
   void* grad_mu;      // (n, l) in the accumulation type (float for half types), or nullptr (then
   void* grad_logvar;  // grad_logvar is nullptr too)
+  // The prior: nullptr (both) for N(0, I); else (n, l), or (l) shared by every sample (prior_shared).
+  const void* prior_mu;
+  const void* prior_logvar;
+  bool prior_shared;
+  void* grad_prior_mu;      // (n, l) in the accumulation type, per element (a shared prior's too:
+  void* grad_prior_logvar;  // the op sums them over the batch), * grad_scale; or nullptr (both)
+  void* kl_elems;           // (n, l) in the accumulation type: each element's KL (free bits), or nullptr
   int64_t n, d, l;
   double grad_scale;  // 1 for sum/none, 1/n for mean
   double* row_rec;    // out: [n] per-sample reconstruction sums, or nullptr: then
   double* row_kl;     //      [n] per-sample KL sums              (both nullptr)
   double* total_rec;  // out when row_rec is nullptr: the sums over the whole batch
   double* total_kl;
+  // A scalar Gaussian log-variance with grad_recon: d(recon term)/d(rlv) * grad_scale, per sample
+  // (row_grad_rlv, [n], when row_rec is given) or over the batch (*total_grad_rlv).
+  double* row_grad_rlv;
+  double* total_grad_rlv;
   std::atomic<bool>* bad_prob;    // out: set when "bce" sees a probability outside [0, 1]
   std::atomic<bool>* bad_target;  // out: set when "bce" sees a target x outside [0, 1]
 };

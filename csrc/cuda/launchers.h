@@ -21,10 +21,23 @@ struct ElboLaunch {
   const void* recon;  // (n, d) contiguous
   const void* x;
   void* grad_recon;  // (n, d) or nullptr
-  const void* mu;    // (n, l) contiguous
+  // Recon::Gaussian: the log-variance on the device, (n, d) like recon, or one element (rlv_scalar,
+  // read by the kernels: no host sync).
+  const void* recon_logvar;
+  bool rlv_scalar;
+  void* grad_recon_logvar;  // per element: (n, d) like grad_recon (* grad_scale), nullptr when it is;
+                            // scalar: the loss dtype, shape (n,) for reduction none, () otherwise
+  const void* mu;           // (n, l) contiguous
   const void* logvar;
   void* grad_mu;      // (n, l) in the accumulation type (float for f16/bf16), or nullptr (then
   void* grad_logvar;  // grad_logvar too)
+  // The prior: nullptr (both) for N(0, I); else (n, l), or (l) shared by every sample (prior_shared).
+  const void* prior_mu;
+  const void* prior_logvar;
+  bool prior_shared;
+  void* grad_prior_mu;      // (n, l) in the accumulation type, per element (a shared prior's too),
+  void* grad_prior_logvar;  // * grad_scale; or nullptr (both)
+  void* kl_elems;           // (n, l) in the accumulation type: each element's KL, or nullptr
   int64_t n, d, l;
   double grad_scale;  // 1, or 1/n for mean
   void* rec_out;      // float (f32/f16/bf16 inputs) or double (f64): shape () or (n,)
