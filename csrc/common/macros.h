@@ -10,3 +10,11 @@
 #else
 #define VAE_HD inline
 #endif
+
+// The same for a lambda (`[&](...) VAE_ALWAYS_INLINE { ... }`), a kernel's loop body, which g++
+// otherwise may call out of line as the translation unit grows.
+#if defined(__GNUC__) && !defined(__CUDACC__)
+#define VAE_ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define VAE_ALWAYS_INLINE
+#endif

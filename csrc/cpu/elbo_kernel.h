@@ -88,7 +88,8 @@ double recon_segment(const scalar_t* r, const scalar_t* x, scalar_t* g, int64_t 
   const bool scaled = scale != 1.0;  // "mean" only
   V acc0(0), acc1(0);
   ProbRange<V> range, target_range;  // recon_x's and x's (binary x vectors are in range: skipped)
-  auto step = [&](int64_t i, int64_t cnt, V& acc) {
+  // always inline: called as a function the step passes every vector through memory
+  auto step = [&](int64_t i, int64_t cnt, V& acc) VAE_ALWAYS_INLINE {
     const bool full = cnt == W;
     const V rv = full ? IO::load(r + i) : IO::load(r + i, cnt);
     const V xv = full ? IO::load(x + i) : IO::load(x + i, cnt);

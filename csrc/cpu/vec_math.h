@@ -56,7 +56,7 @@ struct VecMath {
 using VecF = Vectorized<float>;
 
 // e ln2 + 2 atanh(s) from s = (m - 1) / (m + 1) and e (at::vec's float operators are inline)
-inline VecF log_from_parts(const VecF& m, const VecF& e) {
+VAE_HD VecF log_from_parts(const VecF& m, const VecF& e) {
   const VecF one(1.0f);
   const VecF s = (m - one) / (m + one);
   const VecF s2 = s * s;
@@ -70,7 +70,7 @@ inline VecF log_from_parts(const VecF& m, const VecF& e) {
 #if defined(CPU_CAPABILITY_AVX2)
 // x = m 2^e with m in [0.75, 1.5), from the bits of a normal positive x: (bits - bits(0.75)) >> 23
 // is that e.
-inline void split_avx2(__m256i bits, __m256* m, __m256* e) {
+VAE_HD void split_avx2(__m256i bits, __m256* m, __m256* e) {
   const __m256i k = _mm256_srai_epi32(_mm256_sub_epi32(bits, _mm256_set1_epi32(0x3f400000)), 23);
   *m = _mm256_castsi256_ps(_mm256_sub_epi32(bits, _mm256_slli_epi32(k, 23)));
   *e = _mm256_cvtepi32_ps(k);
@@ -78,7 +78,7 @@ inline void split_avx2(__m256i bits, __m256* m, __m256* e) {
 
 // fast_log for any lanes: subnormals are scaled by 2^23 first; 0 -> -inf, x < 0 -> NaN, and
 // +inf and NaN are their own log.
-inline __m256 log_avx2_any(__m256 x) {
+VAE_HD __m256 log_avx2_any(__m256 x) {
   const __m256 zero = _mm256_setzero_ps();
   const __m256 sub = _mm256_cmp_ps(x, _mm256_set1_ps(std::numeric_limits<float>::min()), _CMP_LT_OQ);
   __m256 m, e;
@@ -126,7 +126,7 @@ VAE_HD VecF fast_log(const VecF& v) {
 // results within one subnormal step, and 0, inf and NaN where std::exp gives them.
 
 // exp(r) (the series) and n, for x = n ln2 + r
-inline VecF exp_reduced(VecF x, VecF* n) {
+VAE_HD VecF exp_reduced(VecF x, VecF* n) {
   // clamp_min/max are max(lo, x) and min(hi, x): x86 returns the second operand for a NaN
   x = at::vec::clamp_max(at::vec::clamp_min(x, VecF(-104.0f)), VecF(89.0f));
   *n = (x * VecF(1.44269504088896341f)).round();
@@ -165,15 +165,15 @@ VAE_HD VecF fast_log1p(const VecF& v) {
 }
 
 template <>
-inline VecF VecMath<VecF>::log(const VecF& v) {
+VAE_HD VecF VecMath<VecF>::log(const VecF& v) {
   return fast_log(v);
 }
 template <>
-inline VecF VecMath<VecF>::log1p(const VecF& v) {
+VAE_HD VecF VecMath<VecF>::log1p(const VecF& v) {
   return fast_log1p(v);
 }
 template <>
-inline VecF VecMath<VecF>::exp(const VecF& v) {
+VAE_HD VecF VecMath<VecF>::exp(const VecF& v) {
   return fast_exp(v);
 }
 
