@@ -129,7 +129,10 @@ void reparam_backward_typed(const ReparamBackwardArgs& a) {
           const int64_t cnt = std::min(W, tlen - j);
           const V gv = cnt == W ? IO::load(g + j) : IO::load(g + j, cnt);
           (V::loadu(sum_g + j, cnt) + gv).store(sum_g + j, cnt);
-          (V::loadu(sum_ge + j, cnt) + gv * V::loadu(eps + j, cnt)).store(sum_ge + j, cnt);
+          // g eps added with one rounding (an fma where the capability has one; nvcc contracts the
+          // CUDA loop the same way), written out: the compiler's own contraction of a + b * c
+          // depends on the code around it, and so did the result, from layout to layout
+          at::vec::fmadd(gv, V::loadu(eps + j, cnt), V::loadu(sum_ge + j, cnt)).store(sum_ge + j, cnt);
         }
       }
       for (int64_t j = 0; j < tlen; j += W) {
@@ -267,7 +270,8 @@ void reparam_backward_cl_typed(const ReparamBackwardArgs& a) {
                 acc_t* sg = sum_g.data() + tile + j;
                 acc_t* sge = sum_ge.data() + tile + j;
                 (V::loadu(sg, cnt) + gv).store(sg, cnt);
-                (V::loadu(sge, cnt) + gv * V::loadu(eps.data() + tile + j, cnt)).store(sge, cnt);
+                // one rounding, as in reparam_backward_typed
+                at::vec::fmadd(gv, V::loadu(eps.data() + tile + j, cnt), V::loadu(sge, cnt)).store(sge, cnt);
               }
             });
           }
