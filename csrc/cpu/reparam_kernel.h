@@ -1,9 +1,7 @@
 // The reparameterize kernels, forward and backward, contiguous and channels_last: eps drawn from
 // the Philox stream (normals.h) in tiles and recomputed in the backward.
 #pragma once
-#ifndef CPU_CAPABILITY
-#error "include through kernels_impl.h, with CPU_CAPABILITY defined"
-#endif
+#include "capability.h"
 
 #include <ATen/Parallel.h>
 
@@ -18,9 +16,7 @@
 #include "vec_io.h"
 #include "vec_math.h"
 
-namespace vae_ext {
-namespace cpu {
-namespace CPU_CAPABILITY {
+namespace vae_ext::cpu::CPU_CAPABILITY {
 
 constexpr int64_t kTile = 512;  // elements of eps generated per step (stays in L1)
 
@@ -314,6 +310,4 @@ void reparam_backward_kernel(const ReparamBackwardArgs& a) {
   });
 }
 
-}  // namespace CPU_CAPABILITY
-}  // namespace cpu
-}  // namespace vae_ext
+}  // namespace vae_ext::cpu::CPU_CAPABILITY

@@ -1,18 +1,14 @@
 // Loads and stores of one SIMD vector of the accumulation type from any storage dtype, and
 // reductions of a vector's lanes.
 #pragma once
-#ifndef CPU_CAPABILITY
-#error "include through kernels_impl.h, with CPU_CAPABILITY defined"
-#endif
+#include "capability.h"
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-namespace vae_ext {
-namespace cpu {
-namespace CPU_CAPABILITY {
+namespace vae_ext::cpu::CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
@@ -68,6 +64,4 @@ bool any_lane_set(const V& mask) {
   return false;
 }
 
-}  // namespace CPU_CAPABILITY
-}  // namespace cpu
-}  // namespace vae_ext
+}  // namespace vae_ext::cpu::CPU_CAPABILITY
