@@ -1,7 +1,8 @@
 """Shared helpers for the vae_ext tests: devices, per-dtype tolerances, input makers, comparisons.
 
-Test modules import them with ``from helpers import ...`` (``tests/`` has no ``__init__.py``, so
-pytest puts it on ``sys.path``; conftest.py holds only pytest's own hooks).
+Test modules import them with ``from helpers import ...``, or ``import helpers as h`` where they use
+many (``tests/`` has no ``__init__.py``, so pytest puts it on ``sys.path``; conftest.py holds only
+pytest's own hooks).
 """
 from __future__ import annotations
 
