@@ -262,6 +262,16 @@ def run_cli(capsys, *argv):
     return rc, out, err
 
 
+def train_one_epoch(out, *argv):
+    """``vae-ext train --epochs 1 --out OUT ARGV`` in this process, on one thread (a tiny model:
+    more threads only contend on a shared machine); returns out."""
+    from vae_ext import cli
+
+    with num_threads(1):
+        assert cli.main(["train", "--epochs", "1", "--out", str(out), *argv]) == 0
+    return out
+
+
 def read_csv(path):
     import csv
 
