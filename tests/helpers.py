@@ -1,7 +1,8 @@
 """Shared helpers for the vae_ext tests: devices, per-dtype tolerances, input makers, comparisons.
 
-Test modules import them with ``from helpers import ...`` (``tests/`` has no ``__init__.py``, so
-pytest puts it on ``sys.path``; conftest.py holds only pytest's own hooks).
+Test modules import them with ``from helpers import ...``, or ``import helpers as h`` where they use
+many (``tests/`` has no ``__init__.py``, so pytest puts it on ``sys.path``; conftest.py holds only
+pytest's own hooks).
 """
 from __future__ import annotations
 
@@ -259,6 +260,16 @@ def run_cli(capsys, *argv):
     rc = cli.main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def train_one_epoch(out, *argv):
+    """``vae-ext train --epochs 1 --out OUT ARGV`` in this process, on one thread (a tiny model:
+    more threads only contend on a shared machine); returns out."""
+    from vae_ext import cli
+
+    with num_threads(1):
+        assert cli.main(["train", "--epochs", "1", "--out", str(out), *argv]) == 0
+    return out
 
 
 def read_csv(path):

@@ -19,12 +19,11 @@ import pytest
 import torch
 
 import vae_ext
-from vae_ext import cli
 from vae_ext._interrupts import raise_interrupt
 from vae_ext.checkpoint import load_checkpoint
 from vae_ext.runfiles import atomic_write
 
-from helpers import assert_one_line_error, read_csv, run_cli
+from helpers import assert_one_line_error, read_csv, run_cli, train_one_epoch
 
 # Subprocesses import the vae_ext this process imported (the repo with an in-place build, or the
 # installed package when the tests run against `pip install .`), and run outside the repo so that
@@ -41,12 +40,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny 1-epoch digits run shared by the eval and error tests."""
-    out = tmp_path_factory.mktemp("cli") / "run"
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    assert cli.main(["train", "--epochs", "1", "--out", str(out), *TINY]) == 0
-    torch.set_num_threads(old)
-    return out
+    return train_one_epoch(tmp_path_factory.mktemp("cli") / "run", *TINY)
 
 
 

@@ -24,6 +24,8 @@ from vae_ext.checkpoint import load_checkpoint
 from vae_ext.data import load_data
 from vae_ext.errors import VaeExtError
 
+from helpers import train_one_epoch
+
 SEED = 20261202
 PEAK_LIMIT = 16 << 20  # no case may make numpy or Python allocate more than this
 
@@ -162,13 +164,8 @@ class NotWeights:
 
 @pytest.fixture(scope="module")
 def checkpoint_bytes(tmp_path_factory):
-    out = tmp_path_factory.mktemp("fuzz") / "run"
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    argv = ["train", "--epochs", "1", "--hidden", "4", "--latent", "2", "--batch-size", "512", "--no-progress",
-            "--out", str(out)]
-    assert cli.main(argv) == 0
-    torch.set_num_threads(old)
+    out = train_one_epoch(tmp_path_factory.mktemp("fuzz") / "run",
+                          "--hidden", "4", "--latent", "2", "--batch-size", "512", "--no-progress")
     return (out / "checkpoint.pt").read_bytes()
 
 

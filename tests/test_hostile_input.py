@@ -18,9 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from vae_ext import cli
-
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, run_cli, train_one_epoch
 
 TINY = ["--hidden", "8", "--latent", "2", "--batch-size", "256", "--no-progress"]
 
@@ -193,11 +191,7 @@ def test_out_of_memory_is_one_line(capsys, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def good_checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ck") / "run"
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    assert cli.main(["train", "--epochs", "1", "--out", str(out), *TINY]) == 0
-    torch.set_num_threads(old)
+    out = train_one_epoch(tmp_path_factory.mktemp("ck") / "run", *TINY)
     return torch.load(out / "checkpoint.pt", weights_only=True)
 
 

@@ -105,19 +105,26 @@ def test_cuda_cpu_mix_raises(which):
 OUT_OF_RANGE = [1.5, -0.1, 1.0 + 2 ** -23, -1e-30, 2.0]
 
 
+def _with_value_at(t, position, value):
+    """A copy of a (5, 37) input with `value`, which lies outside [0, 1], at its first element, in
+    the middle or at the very last (the tail of a vector loop)."""
+    idx = {"first": (0, 0), "middle": (2, 17), "last": (4, 36)}[position]
+    t = t.clone()
+    if t.dtype == BF16 and value == 1.0 + 2 ** -23:
+        value = 1.0078125  # the next bfloat16 above 1
+    t[idx] = value
+    assert (t[idx].item() > 1.0) or (t[idx].item() < 0.0)
+    return t
+
+
 @pytest.mark.parametrize("position", ["first", "middle", "last"])
 @pytest.mark.parametrize("value", OUT_OF_RANGE, ids=[repr(v) for v in OUT_OF_RANGE])
 @pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=dtype_id)
 def test_bce_recon_outside_0_1_raises_on_cpu(dtype, value, position):
-    """Checked on CPU whatever `validate` says; the message names recon_x and [0, 1]. The bad value sits
-    at the first element, in the middle or at the very last element (the tail of a vector loop)."""
+    """Checked on CPU whatever `validate` says, wherever the bad value sits; the message names recon_x
+    and [0, 1]."""
     r, x, mu, lv = make_elbo_inputs("bce", (5, 37), 3, dtype, seed=81)
-    idx = {"first": (0, 0), "middle": (2, 17), "last": (4, 36)}[position]
-    r = r.clone()
-    if dtype == BF16 and value == 1.0 + 2 ** -23:
-        value = 1.0078125  # the next bfloat16 above 1
-    r[idx] = value
-    assert (r[idx].item() > 1.0) or (r[idx].item() < 0.0)
+    r = _with_value_at(r, position, value)
     for validate in (False, True):
         for reduction in REDUCTIONS:
             with pytest.raises(ValueError) as info:
@@ -140,12 +147,7 @@ def test_bce_target_outside_0_1_raises_on_cpu(targets, dtype, value, position):
     r, x, mu, lv = make_elbo_inputs("bce", (5, 37), 3, dtype, seed=83)
     if targets == "binary":
         x = (x > 0.5).to(dtype)
-    idx = {"first": (0, 0), "middle": (2, 17), "last": (4, 36)}[position]
-    x = x.clone()
-    if dtype == BF16 and value == 1.0 + 2 ** -23:
-        value = 1.0078125  # the next bfloat16 above 1
-    x[idx] = value
-    assert (x[idx].item() > 1.0) or (x[idx].item() < 0.0)
+    x = _with_value_at(x, position, value)
     with pytest.raises(RuntimeError, match="target"):  # as PyTorch's own loss refuses it
         torch.nn.functional.binary_cross_entropy(r.float(), x.float())
     for validate in (False, True):

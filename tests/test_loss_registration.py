@@ -10,54 +10,39 @@ import torch
 import vae_ext
 from vae_ext import reference
 
-from helpers import (
-    BF16,
-    DEVICES,
-    F16,
-    F32,
-    F64,
-    NAMES,
-    RECON_MODES,
-    REDUCTIONS,
-    TOLS,
-    assert_close,
-    dtype_id,
-    f64_copies,
-    make_elbo_inputs,
-    upstream_for,
-)
+import helpers as h
 
 ELBO_OP = torch.ops.vae_ext.elbo_loss.default
 
 
-@pytest.mark.parametrize("mode", RECON_MODES)
+@pytest.mark.parametrize("mode", h.RECON_MODES)
 def test_no_grad(mode):
-    r, x, mu, lv = make_elbo_inputs(mode, (8, 50), 4, F32, seed=6)
+    r, x, mu, lv = h.make_elbo_inputs(mode, (8, 50), 4, h.F32, seed=6)
     leaves = [t.clone().requires_grad_(True) for t in (r, mu, lv)]
-    for reduction in REDUCTIONS:
+    for reduction in h.REDUCTIONS:
         with torch.no_grad():
             out = vae_ext.elbo_loss(leaves[0], x, leaves[1], leaves[2], recon=mode, reduction=reduction)
             terms = vae_ext.elbo_loss(leaves[0], x, leaves[1], leaves[2], recon=mode, reduction=reduction,
                                       return_terms=True)
         assert not out.requires_grad and out.grad_fn is None
         assert not any(t.requires_grad for t in terms)
-        ref = reference.elbo_loss(*f64_copies(r, x, mu, lv), recon=mode, reduction=reduction)
-        assert_close(out, ref, rtol=1e-5, what=f"{reduction} under no_grad")
-        assert_close(terms[0], ref, rtol=1e-5, what=f"{reduction} return_terms under no_grad")
+        ref = reference.elbo_loss(*h.f64_copies(r, x, mu, lv), recon=mode, reduction=reduction)
+        h.assert_close(out, ref, rtol=1e-5, what=f"{reduction} under no_grad")
+        h.assert_close(terms[0], ref, rtol=1e-5, what=f"{reduction} return_terms under no_grad")
 
 
-@pytest.mark.parametrize("mode", RECON_MODES)
+@pytest.mark.parametrize("mode", h.RECON_MODES)
 def test_inference_mode(mode):
-    r, x, mu, lv = make_elbo_inputs(mode, (8, 50), 4, F32, seed=6)
+    r, x, mu, lv = h.make_elbo_inputs(mode, (8, 50), 4, h.F32, seed=6)
     with torch.inference_mode():
         out = vae_ext.elbo_loss(r, x, mu, lv, recon=mode, reduction="none")
-    assert_close(out, reference.elbo_loss(*f64_copies(r, x, mu, lv), recon=mode, reduction="none"),
-                 rtol=1e-5, what="inference_mode")
+    h.assert_close(out, reference.elbo_loss(*h.f64_copies(r, x, mu, lv), recon=mode, reduction="none"),
+                   rtol=1e-5, what="inference_mode")
 
 
 def test_direct_op_allocates_no_grad_buffers_when_flags_false():
-    r, x, mu, lv = make_elbo_inputs("bce", (8, 50), 4, F32, seed=6)
-    for reduction in REDUCTIONS:
+    r, x, mu, lv = h.make_elbo_inputs("bce", (8, 50), 4, h.F32, seed=6)
+    for reduction in h.REDUCTIONS:
         rec, kl, _units, g_r, g_mu, g_lv, *_ = ELBO_OP(r, x, mu, lv, "bce", reduction, False, False, False)
         assert (g_r.numel(), g_mu.numel(), g_lv.numel()) == (0, 0, 0), (
             f"{reduction}: flags False but grad buffers of numel {g_r.numel()}, {g_mu.numel()}, {g_lv.numel()}")
@@ -67,19 +52,19 @@ def test_direct_op_allocates_no_grad_buffers_when_flags_false():
         assert g_r.numel() == 0 and g_mu.shape == mu.shape and g_lv.shape == lv.shape
         # the flags change what is written, not the values of the terms
         for a, b in ((rec, rec2), (rec, rec3), (kl, kl2), (kl, kl3)):
-            assert_close(a, b, rtol=1e-6, what=f"{reduction}: terms with/without grad buffers")
+            h.assert_close(a, b, rtol=1e-6, what=f"{reduction}: terms with/without grad buffers")
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("reduction", h.REDUCTIONS)
 def test_direct_op_buffers_not_changed_by_a_later_backward(reduction):
     """Called directly with inputs that require grad, the op returns no buffer that its backward
     scales in place (issue 19, item 4: (rec * 2 + kl * 3).backward() doubled the g_recon returned)."""
-    r, x, mu, lv = make_elbo_inputs("bce", (4, 30), 3, F32, seed=7)
+    r, x, mu, lv = h.make_elbo_inputs("bce", (4, 30), 3, h.F32, seed=7)
     leaves = [t.clone().requires_grad_(True) for t in (r, mu, lv)]
     rec, kl, _units, g_r, g_mu, g_lv, *_ = ELBO_OP(leaves[0], x, leaves[1], leaves[2], "bce", reduction, True, True,
                                                    False)
     before = [t.clone() for t in (g_r, g_mu, g_lv)]
-    w = upstream_for(reduction, 4).float()
+    w = h.upstream_for(reduction, 4).float()
     ((rec * 2 + kl * 3) * w).sum().backward()
     for name, t, b in zip(("g_recon", "g_mu", "g_logvar"), (g_r, g_mu, g_lv), before):
         assert torch.equal(t, b), f"{name} returned by the op was changed by the backward"
@@ -87,7 +72,7 @@ def test_direct_op_buffers_not_changed_by_a_later_backward(reduction):
     rr = reference.elbo_loss(ref[0], x.double(), ref[1], ref[2], reduction=reduction, return_terms=True)
     ((rr[1] * 2 + rr[2] * 3) * w.double()).sum().backward()
     for t, rt in zip(leaves, ref):
-        assert_close(t.grad, rt.grad, rtol=1e-5, atol_rel=1e-6, what="gradients through the raw op")
+        h.assert_close(t.grad, rt.grad, rtol=1e-5, atol_rel=1e-6, what="gradients through the raw op")
 
 
 class _RecordElboCalls(torch.utils._python_dispatch.TorchDispatchMode):
@@ -105,7 +90,7 @@ class _RecordElboCalls(torch.utils._python_dispatch.TorchDispatchMode):
 @pytest.mark.parametrize("case", ["no_grad", "nothing_requires_grad", "recon_only", "mu_only", "logvar_only", "all"])
 def test_api_requests_only_needed_grad_buffers(case):
     """Through vae_ext.elbo_loss the op gets grad flags only for what autograd will need."""
-    r, x, mu, lv = make_elbo_inputs("mse", (8, 50), 4, F32, seed=6)
+    r, x, mu, lv = h.make_elbo_inputs("mse", (8, 50), 4, h.F32, seed=6)
     req = dict(no_grad=(1, 1, 1), nothing_requires_grad=(0, 0, 0), recon_only=(1, 0, 0), mu_only=(0, 1, 0),
                logvar_only=(0, 0, 1), all=(1, 1, 1))[case]
     leaves = [t.clone().requires_grad_(bool(q)) for t, q in zip((r, mu, lv), req)]
@@ -128,18 +113,18 @@ def test_api_requests_only_needed_grad_buffers(case):
 
 def test_backward_twice_with_retain_graph():
     """Saved gradient buffers must not be scaled in place: a second backward gives the same gradients."""
-    r, x, mu, lv = make_elbo_inputs("bce", (6, 40), 5, F64, seed=12)
+    r, x, mu, lv = h.make_elbo_inputs("bce", (6, 40), 5, h.F64, seed=12)
     leaves = [t.clone().requires_grad_(True) for t in (r, mu, lv)]
-    for reduction in REDUCTIONS:
+    for reduction in h.REDUCTIONS:
         for t in leaves:
             t.grad = None
         loss = vae_ext.elbo_loss(leaves[0], x, leaves[1], leaves[2], reduction=reduction, beta=0.5)
-        w = upstream_for(reduction, 6)
+        w = h.upstream_for(reduction, 6)
         (loss * w).sum().backward(retain_graph=True)
         first = [t.grad.clone() for t in leaves]
         (loss * w).sum().backward()
-        for name, g1, t in zip(NAMES, first, leaves):
-            assert_close(t.grad, 2 * g1, rtol=1e-12, what=f"{reduction}: grad {name} after two backwards")
+        for name, g1, t in zip(h.NAMES, first, leaves):
+            h.assert_close(t.grad, 2 * g1, rtol=1e-12, what=f"{reduction}: grad {name} after two backwards")
 
 
 def _compile_count_for_betas(betas):
@@ -147,11 +132,11 @@ def _compile_count_for_betas(betas):
 
     torch._dynamo.reset()
     cnt = CompileCounter()
-    r, x, mu, lv = make_elbo_inputs("bce", (4, 30), 3, F32, seed=42)
+    r, x, mu, lv = h.make_elbo_inputs("bce", (4, 30), 3, h.F32, seed=42)
     f = torch.compile(lambda r, x, m, lv, b: vae_ext.elbo_loss(r, x, m, lv, beta=b), backend=cnt, fullgraph=True)
     for b in betas:
         got = f(r, x, mu, lv, b)
-        assert_close(got, reference.elbo_loss(*f64_copies(r, x, mu, lv), beta=b), rtol=1e-5, what=f"beta={b}")
+        h.assert_close(got, reference.elbo_loss(*h.f64_copies(r, x, mu, lv), beta=b), rtol=1e-5, what=f"beta={b}")
     torch._dynamo.reset()
     return cnt.frame_count
 
@@ -176,10 +161,10 @@ def test_beta_warmup_schedule_compiles_at_most_twice():
 
 
 # --------------------------------------------------------------------------- gradcheck / opcheck / compile
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("mode", RECON_MODES)
+@pytest.mark.parametrize("reduction", h.REDUCTIONS)
+@pytest.mark.parametrize("mode", h.RECON_MODES)
 def test_gradcheck(mode, reduction):
-    r, x, mu, lv = make_elbo_inputs(mode, (3, 2, 3), 2, F64, seed=50)
+    r, x, mu, lv = h.make_elbo_inputs(mode, (3, 2, 3), 2, h.F64, seed=50)
     if mode == "bce":
         r = r.clamp(0.05, 0.95)
     leaves = tuple(t.clone().requires_grad_(True) for t in (r, mu, lv))
@@ -193,41 +178,42 @@ def test_gradcheck(mode, reduction):
         lambda a, b, c: vae_ext.elbo_loss(a, x, b, c, recon=mode, reduction=reduction), leaves)
 
 
-@pytest.mark.parametrize("x_dtype", [F32, BF16], ids=["x_float32", "x_bfloat16"])
-@pytest.mark.parametrize("mode", RECON_MODES)
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("x_dtype", [h.F32, h.BF16], ids=["x_float32", "x_bfloat16"])
+@pytest.mark.parametrize("mode", h.RECON_MODES)
+@pytest.mark.parametrize("device", h.DEVICES)
 def test_autocast_mixed_dtypes(device, mode, x_dtype):
     """Under torch.autocast a bfloat16 decoder output meets a float32 batch x: the inputs are
     promoted to float32, as autocast's float32 policy for PyTorch's losses does (all-bfloat16 inputs
     stay bfloat16: the kernel computes in float32 either way). Loss and gradients (each in its
     leaf's dtype) match a float64 reference; outside autocast the mismatch is still an error."""
-    r, x, mu, lv = make_elbo_inputs(mode, (6, 50), 4, BF16, device, seed=80)
+    r, x, mu, lv = h.make_elbo_inputs(mode, (6, 50), 4, h.BF16, device, seed=80)
     leaves = [t.clone().requires_grad_(True) for t in (r, mu, lv)]
     xx = x.to(x_dtype)
-    with torch.autocast(device, dtype=BF16):
+    with torch.autocast(device, dtype=h.BF16):
         loss = vae_ext.elbo_loss(leaves[0], xx, leaves[1], leaves[2], recon=mode, beta=0.5)
     loss.backward()
     ref_leaves = [t.detach().cpu().double().requires_grad_(True) for t in leaves]
     ref = reference.elbo_loss(ref_leaves[0], xx.cpu().double(), ref_leaves[1], ref_leaves[2], recon=mode, beta=0.5)
     ref.backward()
-    assert loss.dtype == F32
-    assert_close(loss, ref, rtol=TOLS[F32].loss, what="loss")
-    for name, a, b in zip(NAMES, leaves, ref_leaves):
-        assert a.grad.dtype == BF16, name
-        assert_close(a.grad, b.grad, rtol=TOLS[BF16].grad, atol_rel=TOLS[BF16].grad_atol_rel, what=f"grad {name}")
-    if x_dtype != BF16:
+    assert loss.dtype == h.F32
+    h.assert_close(loss, ref, rtol=h.TOLS[h.F32].loss, what="loss")
+    for name, a, b in zip(h.NAMES, leaves, ref_leaves):
+        assert a.grad.dtype == h.BF16, name
+        tol = h.TOLS[h.BF16]
+        h.assert_close(a.grad, b.grad, rtol=tol.grad, atol_rel=tol.grad_atol_rel, what=f"grad {name}")
+    if x_dtype != h.BF16:
         with pytest.raises(TypeError, match="x: expected the same dtype as recon_x"):
             vae_ext.elbo_loss(leaves[0], xx, leaves[1], leaves[2], recon=mode)
 
 
 @pytest.mark.parametrize("use", ["grad", "backward", "penalty"])
 @pytest.mark.parametrize("beta", [1.0, 0.6], ids=["total", "terms"])
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", h.DEVICES)
 def test_higher_order_gradients_raise_a_clear_error(device, beta, use):
     """create_graph=True gives the right first derivatives; differentiating them again (with
     autograd.grad, backward, or a gradient penalty added to the loss) raises an error that says
     why and what to use, instead of a silent zero or autograd's "does not require grad"."""
-    r, x, mu, lv = make_elbo_inputs("bce_logits", (6, 11), 3, F64, device, seed=70)
+    r, x, mu, lv = h.make_elbo_inputs("bce_logits", (6, 11), 3, h.F64, device, seed=70)
     leaves = [t.clone().requires_grad_(True) for t in (r, mu, lv)]
     loss = vae_ext.elbo_loss(leaves[0], x, leaves[1], leaves[2], recon="bce_logits", beta=beta)
     grads = torch.autograd.grad(loss, leaves, create_graph=True)
@@ -246,7 +232,7 @@ def test_higher_order_gradients_raise_a_clear_error(device, beta, use):
 
 
 def _opcheck_args(mode, reduction, dtype, grads=True, transpose=False, total=False):
-    r, x, mu, lv = make_elbo_inputs(mode, (5, 21), 3, dtype, seed=60)
+    r, x, mu, lv = h.make_elbo_inputs(mode, (5, 21), 3, dtype, seed=60)
     if transpose:
         r = r.t().contiguous().t()
     if grads:
@@ -255,21 +241,21 @@ def _opcheck_args(mode, reduction, dtype, grads=True, transpose=False, total=Fal
 
 
 @pytest.mark.parametrize("total", [False, True], ids=["terms", "total"])
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("mode", RECON_MODES)
+@pytest.mark.parametrize("reduction", h.REDUCTIONS)
+@pytest.mark.parametrize("mode", h.RECON_MODES)
 def test_opcheck(mode, reduction, total):
-    torch.library.opcheck(ELBO_OP, _opcheck_args(mode, reduction, F32, total=total))
+    torch.library.opcheck(ELBO_OP, _opcheck_args(mode, reduction, h.F32, total=total))
 
 
 @pytest.mark.parametrize("unit_grad", [False, True], ids=["grad_output", "ones"])
-@pytest.mark.parametrize("dtype", [F32, BF16], ids=dtype_id)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [h.F32, h.BF16], ids=h.dtype_id)
+@pytest.mark.parametrize("reduction", h.REDUCTIONS)
+@pytest.mark.parametrize("device", h.DEVICES)
 def test_op_total_is_rec_plus_kl(device, reduction, dtype, unit_grad):
     """total=True: the first output is rec + kl (summed in double before rounding), the second is
     empty, and backward gives both terms the loss's gradient (grad_output != 1, and == 1 on the
     loss's device: the CUDA backward's skip of its scaling pass)."""
-    r, x, mu, lv = make_elbo_inputs("bce", (37, 1271), 7, dtype, device, seed=61)
+    r, x, mu, lv = h.make_elbo_inputs("bce", (37, 1271), 7, dtype, device, seed=61)
     leaves = [t.clone().requires_grad_(True) for t in (r, mu, lv)]
     rec, kl, *_ = ELBO_OP(*_args_with(leaves, x, reduction, total=False))
     tot, empty, *_ = ELBO_OP(*_args_with(leaves, x, reduction, total=True))
@@ -291,7 +277,7 @@ def _args_with(leaves, x, reduction, total):
 
 @pytest.mark.parametrize("case", ["f64", "f16", "bf16", "no_grad_flags", "transposed_recon"])
 def test_opcheck_variants(case):
-    dtype = dict(f64=F64, f16=F16, bf16=BF16).get(case, F32)
+    dtype = dict(f64=h.F64, f16=h.F16, bf16=h.BF16).get(case, h.F32)
     args = _opcheck_args("bce_logits", "none", dtype, grads=case != "no_grad_flags",
                          transpose=case == "transposed_recon")
     torch.library.opcheck(ELBO_OP, args)
@@ -300,7 +286,7 @@ def test_opcheck_variants(case):
 @pytest.mark.parametrize("x_same", [False, True], ids=["x_contiguous", "x_channels_last"])
 def test_opcheck_channels_last(x_same):
     """The fake kernel gives the recon gradient the layout the real one does (channels_last)."""
-    r, x, mu, lv = make_elbo_inputs("bce_logits", (3, 4, 5, 2), 3, F32, seed=62)
+    r, x, mu, lv = h.make_elbo_inputs("bce_logits", (3, 4, 5, 2), 3, h.F32, seed=62)
     r = r.contiguous(memory_format=torch.channels_last).requires_grad_(True)
     x = x.contiguous(memory_format=torch.channels_last) if x_same else x
     mu, lv = mu.requires_grad_(True), lv.requires_grad_(True)
@@ -324,23 +310,23 @@ def test_torch_compile_fullgraph_matches_eager(mode, reduction):
 
     cf = torch.compile(f, fullgraph=True)
     for n in (8, 13):
-        inputs = make_elbo_inputs(mode, (n, 1, 7, 9), 5, F32, seed=n)
-        w = upstream_for(reduction, n).float()
+        inputs = h.make_elbo_inputs(mode, (n, 1, 7, 9), 5, h.F32, seed=n)
+        w = h.upstream_for(reduction, n).float()
         outs = []
         for fn in (f, cf):
             leaves = [t.clone().requires_grad_(True) for t in (inputs[0], inputs[2], inputs[3])]
             loss, kl = fn(leaves[0], inputs[1], leaves[1], leaves[2])
             ((loss * w).sum() + kl.sum()).backward()
             outs.append((loss.detach(), kl.detach(), *[t.grad for t in leaves]))
-        for what, a, b in zip(("loss", "kl") + NAMES, outs[1], outs[0]):
-            assert_close(a, b, rtol=1e-6, atol_rel=1e-7, what=f"N={n} compiled vs eager {what}")
+        for what, a, b in zip(("loss", "kl") + h.NAMES, outs[1], outs[0]):
+            h.assert_close(a, b, rtol=1e-6, atol_rel=1e-7, what=f"N={n} compiled vs eager {what}")
     torch._dynamo.reset()
 
 
 def test_torch_func_grad_raises_a_helpful_error():
     """torch.func.grad cannot run the C++ autograd: the error names the op and vae_ext.reference
     (functorch's own says only 'cannot use C++ torch::autograd::Function with functorch transforms')."""
-    r, x, mu, lv = make_elbo_inputs("bce", (4, 30), 3, F32, seed=8)
+    r, x, mu, lv = h.make_elbo_inputs("bce", (4, 30), 3, h.F32, seed=8)
     with pytest.raises(RuntimeError) as info:
         torch.func.grad(lambda rr: vae_ext.elbo_loss(rr, x, mu, lv))(r)
     msg = str(info.value)

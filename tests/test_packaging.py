@@ -43,34 +43,30 @@ def test_python_m_pytest_from_the_root_tests_the_installed_package():
     assert "1 passed" in r.stdout
 
 
-def _setup_py_in(tmp_path) -> Path:
-    """A copy of setup.py alone: its checks run before it looks for sources, and nothing can be
-    written into the checkout."""
+def _setup_py_fails(tmp_path, *setup: str) -> str:
+    """Runs a copy of setup.py alone (its checks run before it looks for sources, and nothing can
+    be written into the checkout) after the `setup` lines (which may use sys); it must fail: its
+    last line on stderr."""
     shutil.copy(REPO / "setup.py", tmp_path / "setup.py")
-    return tmp_path
+    code = "\n".join(["import runpy, sys", *setup, "runpy.run_path('setup.py', run_name='__main__')"])
+    r = _run(code, tmp_path)
+    assert r.returncode != 0
+    return r.stderr.strip().splitlines()[-1]
 
 
 def test_build_without_isolation_says_what_it_needs(tmp_path):
     """setuptools < 70.1 without the `wheel` package has no bdist_wheel: one line that says what to
     install, not setuptools' "invalid command 'bdist_wheel'"."""
-    code = ("import runpy, sys\n"
-            "for m in ('wheel', 'wheel.bdist_wheel', 'setuptools.command.bdist_wheel'): sys.modules[m] = None\n"
-            "sys.argv = ['setup.py', 'dist_info']\n"
-            "runpy.run_path('setup.py', run_name='__main__')\n")
-    r = _run(code, _setup_py_in(tmp_path))
-    assert r.returncode != 0
-    last = r.stderr.strip().splitlines()[-1]
-    assert "has no bdist_wheel command" in last and "pip install wheel" in last, r.stderr[-1500:]
+    last = _setup_py_fails(
+        tmp_path,
+        "for m in ('wheel', 'wheel.bdist_wheel', 'setuptools.command.bdist_wheel'): sys.modules[m] = None",
+        "sys.argv = ['setup.py', 'dist_info']",
+    )
+    assert "has no bdist_wheel command" in last and "pip install wheel" in last, last
 
 
 def test_build_without_torch_names_a_pinned_cpu_install(tmp_path):
-    code = ("import runpy, sys\n"
-            "sys.modules['torch'] = None\n"
-            "sys.argv = ['setup.py', 'build_ext']\n"
-            "runpy.run_path('setup.py', run_name='__main__')\n")
-    r = _run(code, _setup_py_in(tmp_path))
-    assert r.returncode != 0
-    msg = r.stderr.strip().splitlines()[-1]
+    msg = _setup_py_fails(tmp_path, "sys.modules['torch'] = None", "sys.argv = ['setup.py', 'build_ext']")
     assert "torch==" in msg and "CPU" in msg, msg
     assert "--system-site-packages" in msg and "--no-build-isolation" in msg, msg
     assert not re.search(r"pip install torch(?![=\w])", msg), f"suggests an unpinned torch: {msg}"

@@ -1,14 +1,12 @@
 // The fused ELBO loss kernel: reconstruction and KL sums with their gradients in one pass, and the
 // per-sample scaling of a half gradient (the backward of reduction="none").
 #pragma once
-#ifndef CPU_CAPABILITY
-#error "include through kernels_impl.h, with CPU_CAPABILITY defined"
-#endif
+#include "capability.h"
 
 #include <atomic>
 #include <cmath>
-#include <vector>
 #include <type_traits>
+#include <vector>
 
 #include "../common/dtype.h"
 #include "../common/elbo_math.h"
@@ -17,9 +15,7 @@
 #include "vec_io.h"
 #include "vec_math.h"
 
-namespace vae_ext {
-namespace cpu {
-namespace CPU_CAPABILITY {
+namespace vae_ext::cpu::CPU_CAPABILITY {
 
 // "bce" helpers on the vector loop's hot path. Generic: through at::vec's comparisons, which on
 // x86 turn every mask into a vector and back; for float on AVX2/AVX-512 a few instructions.
@@ -319,6 +315,4 @@ void scale_rows_kernel(DType dtype, void* g, int64_t rows, int64_t d, const floa
   if (dtype == DType::BFloat16) scale_rows_typed(static_cast<c10::BFloat16*>(g), rows, d, s);
 }
 
-}  // namespace CPU_CAPABILITY
-}  // namespace cpu
-}  // namespace vae_ext
+}  // namespace vae_ext::cpu::CPU_CAPABILITY

@@ -16,9 +16,7 @@
 #include "normals.h"
 #include "reparam_kernel.h"
 
-namespace vae_ext {
-namespace cpu {
-namespace CPU_CAPABILITY {
+namespace vae_ext::cpu::CPU_CAPABILITY {
 
 #define VAE_EXT_STR2(x) #x
 #define VAE_EXT_STR(x) VAE_EXT_STR2(x)
@@ -29,6 +27,4 @@ const KernelTable& kernel_table() {
   return table;
 }
 
-}  // namespace CPU_CAPABILITY
-}  // namespace cpu
-}  // namespace vae_ext
+}  // namespace vae_ext::cpu::CPU_CAPABILITY

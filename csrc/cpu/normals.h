@@ -1,9 +1,7 @@
 // Standard normals of the counter-based Philox stream, vectorized: bitwise the numbers of
 // csrc/common/philox.h's scalar philox_normal_at, which the CUDA kernels run.
 #pragma once
-#ifndef CPU_CAPABILITY
-#error "include through kernels_impl.h, with CPU_CAPABILITY defined"
-#endif
+#include "capability.h"
 
 #include <ATen/Parallel.h>
 
@@ -14,9 +12,7 @@
 #include "kernels.h"
 #include "vec_math.h"
 
-namespace vae_ext {
-namespace cpu {
-namespace CPU_CAPABILITY {
+namespace vae_ext::cpu::CPU_CAPABILITY {
 
 // Normals of elements [e0, e0 + count) of the (seed, offset) stream, in float: the same numbers
 // as vae_ext::philox_normal_at (csrc/common/philox.h). Philox runs on kGroups groups at a time in
@@ -158,6 +154,4 @@ void normal_kernel(float* out, int64_t n, uint64_t seed, uint64_t offset) {
   at::parallel_for(0, n, kGrainElems, [&](int64_t b, int64_t e) { fill_normals(seed, offset, b, e - b, out + b); });
 }
 
-}  // namespace CPU_CAPABILITY
-}  // namespace cpu
-}  // namespace vae_ext
+}  // namespace vae_ext::cpu::CPU_CAPABILITY

@@ -1,9 +1,7 @@
 // Sums over rows or over everything, as fixed kChunk-element partials added in a fixed order: the
 // result depends only on the inputs, never on the thread count.
 #pragma once
-#ifndef CPU_CAPABILITY
-#error "include through kernels_impl.h, with CPU_CAPABILITY defined"
-#endif
+#include "capability.h"
 
 #include <ATen/Parallel.h>
 
@@ -12,9 +10,7 @@
 
 #include "kernels.h"
 
-namespace vae_ext {
-namespace cpu {
-namespace CPU_CAPABILITY {
+namespace vae_ext::cpu::CPU_CAPABILITY {
 
 // row_out[r] = sum over the row's elements, as seg(r, begin, end) partial sums over kChunk-sized
 // pieces added in order. seg must be a pure function of its arguments (plus the data).
@@ -62,6 +58,4 @@ double reduce_flat(int64_t total, const Seg& seg) {
   return s;
 }
 
-}  // namespace CPU_CAPABILITY
-}  // namespace cpu
-}  // namespace vae_ext
+}  // namespace vae_ext::cpu::CPU_CAPABILITY

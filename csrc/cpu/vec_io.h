@@ -1,18 +1,14 @@
 // Loads and stores of one SIMD vector of the accumulation type from any storage dtype, and
 // reductions of a vector's lanes.
 #pragma once
-#ifndef CPU_CAPABILITY
-#error "include through kernels_impl.h, with CPU_CAPABILITY defined"
-#endif
+#include "capability.h"
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
-namespace vae_ext {
-namespace cpu {
-namespace CPU_CAPABILITY {
+namespace vae_ext::cpu::CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
@@ -50,6 +46,22 @@ struct VecIO<c10::BFloat16> : HalfVecIO<c10::BFloat16> {};
 template <>
 struct VecIO<c10::Half> : HalfVecIO<c10::Half> {};
 
+// One vector of the first n <= V::size() elements: a full one through the plain load or store, a
+// partial one through the `n` overload, which goes by way of a buffer.
+template <typename scalar_t>
+typename VecIO<scalar_t>::V load_n(const scalar_t* p, int64_t n) {
+  using IO = VecIO<scalar_t>;
+  return n == IO::V::size() ? IO::load(p) : IO::load(p, n);
+}
+template <typename scalar_t>
+void store_n(scalar_t* p, const typename VecIO<scalar_t>::V& v, int64_t n) {
+  using IO = VecIO<scalar_t>;
+  if (n == IO::V::size())
+    IO::store(p, v);
+  else
+    IO::store(p, v, n);
+}
+
 template <class V>
 double hsum(const V& v) {  // horizontal sum in lane order, in double
   typename V::value_type buf[V::size()];
@@ -68,6 +80,4 @@ bool any_lane_set(const V& mask) {
   return false;
 }
 
-}  // namespace CPU_CAPABILITY
-}  // namespace cpu
-}  // namespace vae_ext
+}  // namespace vae_ext::cpu::CPU_CAPABILITY

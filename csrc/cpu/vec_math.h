@@ -1,9 +1,7 @@
 // The math policy that runs csrc/common/elbo_math.h's formulas on at::vec::Vectorized, with float
 // log, log1p and exp written inline for the capability's instructions.
 #pragma once
-#ifndef CPU_CAPABILITY
-#error "include through kernels_impl.h, with CPU_CAPABILITY defined"
-#endif
+#include "capability.h"
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -12,9 +10,7 @@
 
 #include "../common/elbo_math.h"
 
-namespace vae_ext {
-namespace cpu {
-namespace CPU_CAPABILITY {
+namespace vae_ext::cpu::CPU_CAPABILITY {
 
 using at::vec::Vectorized;
 
@@ -177,6 +173,4 @@ VAE_HD VecF VecMath<VecF>::exp(const VecF& v) {
   return fast_exp(v);
 }
 
-}  // namespace CPU_CAPABILITY
-}  // namespace cpu
-}  // namespace vae_ext
+}  // namespace vae_ext::cpu::CPU_CAPABILITY

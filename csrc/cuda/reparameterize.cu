@@ -73,28 +73,47 @@ __global__ void __launch_bounds__(kThreads) reparam_kernel(ReparamLaunch a) {
   }
 }
 
+// What the two backward kernels share: the (seed, offset) the forward drew from, the tensors in
+// their storage type, and the last step, element i of the gradients from the sums over the samples
+// of g (sum_g) and of g eps (sum_ge).
+template <typename T>
+struct BackwardIO {
+  using A = typename Acc<T>::type;
+  uint64_t seed, offset;
+  const T* gz;
+  const T* lv;
+  T* gmu;
+  T* glv;
+  __device__ __forceinline__ explicit BackwardIO(const ReparamBackwardLaunch& a)
+      : seed(static_cast<uint64_t>(a.state[0])),
+        offset(static_cast<uint64_t>(a.state[1])),
+        gz(static_cast<const T*>(a.grad_z)),
+        lv(static_cast<const T*>(a.logvar)),
+        gmu(static_cast<T*>(a.grad_mu)),
+        glv(static_cast<T*>(a.grad_logvar)) {}
+  __device__ __forceinline__ void write(int64_t i, A sum_g, A sum_ge) const {
+    if (gmu) gmu[i] = from_acc<T>(sum_g);
+    glv[i] = from_acc<T>(reparam_grad_logvar<ScalarMath<A>>(to_acc(lv[i]), sum_ge));
+  }
+};
+
 // One thread per element of mu (in memory order): sums over the samples in order (deterministic).
 template <typename T, bool CL>
 __global__ void __launch_bounds__(kThreads) reparam_backward_kernel(ReparamBackwardLaunch a) {
   using A = typename Acc<T>::type;
-  const uint64_t seed = static_cast<uint64_t>(a.state[0]), offset = static_cast<uint64_t>(a.state[1]);
-  const T* gz = static_cast<const T*>(a.grad_z);
-  const T* lv = static_cast<const T*>(a.logvar);
-  T* gmu = static_cast<T*>(a.grad_mu);
-  T* glv = static_cast<T*>(a.grad_logvar);
+  const BackwardIO<T> io(a);
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < a.numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     A sg = A(0), sge = A(0);
     const int64_t li = CL ? cl_logical(i, a.layout) : i;  // the logical index, which keys eps
     for (int64_t s = 0; s < a.k; ++s) {
-      const A g = to_acc(gz[s * a.numel + i]);
+      const A g = to_acc(io.gz[s * a.numel + i]);
       sg += g;
       const uint64_t e = static_cast<uint64_t>(s * a.numel + li);
-      const T ev = from_acc<T>(static_cast<A>(philox_normal_at<ScalarMath<float>>(seed, offset, e)));
+      const T ev = from_acc<T>(static_cast<A>(philox_normal_at<ScalarMath<float>>(io.seed, io.offset, e)));
       sge += g * to_acc(ev);
     }
-    if (gmu) gmu[i] = from_acc<T>(sg);
-    glv[i] = from_acc<T>(reparam_grad_logvar<ScalarMath<A>>(to_acc(lv[i]), sge));
+    io.write(i, sg, sge);
   }
 }
 
@@ -103,25 +122,20 @@ __global__ void __launch_bounds__(kThreads) reparam_backward_kernel(ReparamBackw
 template <typename T, bool CL>
 __global__ void __launch_bounds__(kThreads) reparam_backward_one_sample_kernel(ReparamBackwardLaunch a) {
   using A = typename Acc<T>::type;
-  const uint64_t seed = static_cast<uint64_t>(a.state[0]), offset = static_cast<uint64_t>(a.state[1]);
-  const T* gz = static_cast<const T*>(a.grad_z);
-  const T* lv = static_cast<const T*>(a.logvar);
-  T* gmu = static_cast<T*>(a.grad_mu);
-  T* glv = static_cast<T*>(a.grad_logvar);
+  const BackwardIO<T> io(a);
   const int64_t groups = (a.numel + 3) / 4;
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     float n[4];
-    group_normals(seed, offset, static_cast<uint64_t>(g), n);
+    group_normals(io.seed, io.offset, static_cast<uint64_t>(g), n);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int64_t li = 4 * g + j;
       if (li < a.numel) {
         const int64_t i = CL ? cl_memory(li, a.layout) : li;
-        const A gv = to_acc(gz[i]);
+        const A gv = to_acc(io.gz[i]);
         const T ev = from_acc<T>(static_cast<A>(n[j]));  // the eps the forward used
-        if (gmu) gmu[i] = from_acc<T>(gv);
-        glv[i] = from_acc<T>(reparam_grad_logvar<ScalarMath<A>>(to_acc(lv[i]), gv * to_acc(ev)));
+        io.write(i, gv, gv * to_acc(ev));
       }
     }
   }
