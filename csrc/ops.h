@@ -45,10 +45,10 @@ Tensor unit_kl_and_free_bits(const Tensor& kl_elems, at::IntArrayRef unit_shape,
                              const std::vector<Tensor>& grads, Tensor* floored);
 
 #if defined(VAE_EXT_WITH_CUDA)
-// g[i] *= s[i] in place for each pair, in one launch: each g contiguous on one CUDA device, all of
-// one dtype, each s one element on that device in loss_dtype(g's dtype) (float32 for half g:
-// computed in float32, rounded once); a kernel reads s[i] and leaves g[i]
-// untouched when it is 1 (no host sync, so it can be captured in a CUDA graph). At most 3 pairs.
+// g[i] *= s[i] in place for each pair, in one launch per dtype of g (up to 6 pairs each): each g
+// contiguous on one CUDA device, each s one element on that device in loss_dtype(g's dtype)
+// (float32 for half g: computed in float32, rounded once); a kernel reads s[i] and leaves g[i]
+// untouched when it is 1 (no host sync, so it can be captured in a CUDA graph).
 void scale_unless_one_cuda(const std::vector<Tensor>& g, const std::vector<Tensor>& s);
 #endif
 

@@ -5,6 +5,8 @@
 #include "device_utils.cuh"
 #include "launchers.h"
 
+#include <type_traits>
+
 namespace vae_ext {
 namespace cuda {
 namespace {
@@ -49,11 +51,11 @@ struct Layout {
 
 // The piece of a row that unit k covers, for rows of `width` elements cut in `cpr` chunks.
 struct Segment {
-  int64_t base, len;  // first element (flat index) and element count
+  int64_t base, len, col;  // first element (flat index), element count, and the first's column
 };
 __device__ __forceinline__ Segment segment(int64_t k, int64_t cpr, int64_t width) {
   const int64_t row = k / cpr, begin = (k % cpr) * kChunk;
-  return {row * width + begin, (width - begin) < kChunk ? (width - begin) : kChunk};
+  return {row * width + begin, (width - begin) < kChunk ? (width - begin) : kChunk, begin};
 }
 
 inline Layout layout(int64_t n, int64_t d, int64_t l) {
@@ -65,88 +67,187 @@ inline Layout layout(int64_t n, int64_t d, int64_t l) {
   return u;
 }
 
-template <typename T, int VEC, Recon mode, bool CHECK>
-__global__ void __launch_bounds__(kThreads) elbo_partials(ElboLaunch a, Layout u, double* part_rec, double* part_kl) {
+// What a loss kernel computes beside its dtype and mode, fixed at compile time. Each mode is
+// instantiated with the variants it uses only (launch_elbo): 7 (mode, variant) pairs.
+enum class Variant : int {
+  Plain = 0,     // the mode's element; Gaussian: a log-variance per element (gaussian_elem)
+  CheckRange,    // BCE with validate=True: also flags probabilities and targets outside [0, 1]
+  ScalarLogvar,  // Gaussian with one log-variance: the partials sum q (gaussian_q_elem), and
+                 // elbo_finalize turns each sum into the loss and the log-variance's gradient
+};
+
+// The KL of the latent elements [base, base + len) of one row (col: the column of the first), summed
+// by this thread; writes their gradients (* scale) and, when asked for, each element's KL. With a
+// prior (PRIOR), a shared one (l) is read at the column, a per-sample one (n, l) at the element.
+template <typename T, bool PRIOR>
+__device__ __forceinline__ typename Acc<T>::type kl_segment(const ElboLaunch& a, int64_t base, int64_t col, int64_t len,
+                                                            typename Acc<T>::type scale) {
   using A = typename Acc<T>::type;
   using M = typename LossMath<A>::type;
+  const T* mu = static_cast<const T*>(a.mu) + base;
+  const T* lv = static_cast<const T*>(a.logvar) + base;
+  // the gradients and kl_elems in the accumulation type (float for half types; launchers.h)
+  A* gmu = a.grad_mu ? static_cast<A*>(a.grad_mu) + base : nullptr;
+  A* glv = a.grad_logvar ? static_cast<A*>(a.grad_logvar) + base : nullptr;
+  A* kel = a.kl_elems ? static_cast<A*>(a.kl_elems) + base : nullptr;
+  A acc = A(0);
+  if constexpr (PRIOR) {
+    const int64_t at = a.prior_shared ? col : base;
+    const T* pmu = static_cast<const T*>(a.prior_mu) + at;
+    const T* plv = static_cast<const T*>(a.prior_logvar) + at;
+    A* gpmu = a.grad_prior_mu ? static_cast<A*>(a.grad_prior_mu) + base : nullptr;
+    A* gplv = a.grad_prior_logvar ? static_cast<A*>(a.grad_prior_logvar) + base : nullptr;
+    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+      A gm, gl, gp;
+      const A k = kl_prior_elem<M>(to_acc(mu[i]), to_acc(lv[i]), to_acc(pmu[i]), to_acc(plv[i]), &gm, &gl, &gp);
+      acc += k;
+      if (kel) kel[i] = k;
+      if (gmu) {
+        gmu[i] = gm * scale;
+        glv[i] = gl * scale;
+      }
+      if (gpmu) {
+        gpmu[i] = -(gm * scale);  // d KL / d prior_mu = -(d KL / d mu)
+        gplv[i] = gp * scale;
+      }
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
+      A gm, gl;
+      const A k = kl_elem<M>(to_acc(mu[i]), to_acc(lv[i]), &gm, &gl);
+      acc += k;
+      if (kel) kel[i] = k;
+      if (gmu) {
+        gmu[i] = gm * scale;
+        glv[i] = gl * scale;
+      }
+    }
+  }
+  return acc;
+}
+
+// Blocks of kThreads per SM that a loss kernel must fit (__launch_bounds__' second argument; 0: ptxas
+// chooses). ptxas's own choice for the float64 kernels, whose log and exp take many registers, made
+// some of them spill a few bytes; at 2 (at most 128 registers) none does.
+template <typename T>
+constexpr int kMinBlocks = std::is_same_v<T, double> ? 2 : 0;
+
+template <typename T, int VEC, Recon mode, Variant V>
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
+    elbo_partials(ElboLaunch a, Layout u, double* part_rec, double* part_kl) {
+  using A = typename Acc<T>::type;
+  using M = typename LossMath<A>::type;
+  using TV = Vec<T, VEC>;
+  constexpr bool kCheck = V == Variant::CheckRange;
+  constexpr bool kRlv = mode == Recon::Gaussian && V == Variant::Plain;  // a log-variance per element
+  constexpr bool kScalarRlv = V == Variant::ScalarLogvar;
+  static_assert(!kCheck || mode == Recon::BCE, "CheckRange is BCE's");
+  static_assert(!kScalarRlv || mode == Recon::Gaussian, "ScalarLogvar is Gaussian's");
   const A scale = static_cast<A>(a.grad_scale);
+  A inv = A(0);  // ScalarLogvar: exp(-rlv), the same for every element
+  if constexpr (kScalarRlv) inv = M::exp(M::fill(0.0) - to_acc(*static_cast<const T*>(a.recon_logvar)));
   const int64_t total = u.rec_units + u.kl_units;
   for (int64_t unit = blockIdx.x; unit < total; unit += gridDim.x) {
     A acc = A(0);
     bool bad = false, bad_x = false;
     if (unit < u.rec_units) {
-      const auto [base, len] = segment(unit, u.rec_cpr, a.d);
+      const auto [base, len, col] = segment(unit, u.rec_cpr, a.d);
       const T* r = static_cast<const T*>(a.recon) + base;
       const T* x = static_cast<const T*>(a.x) + base;
       T* g = a.grad_recon ? static_cast<T*>(a.grad_recon) + base : nullptr;
-      auto one = [&](A rv, A xv) -> A {  // loss of one element; the gradient goes to *gv
-        A gv;
-        const A lv = recon_elem<mode, M>(rv, xv, &gv);
-        if (CHECK) {
+      // kRlv: the log-variance and its gradient, laid out as recon and its gradient
+      const T* s = kRlv ? static_cast<const T*>(a.recon_logvar) + base : nullptr;
+      T* gs = (kRlv && a.grad_recon_logvar) ? static_cast<T*>(a.grad_recon_logvar) + base : nullptr;
+      // The loss (ScalarLogvar: q) of one element, added to acc; its gradients * scale go to *gr
+      // and (kRlv) *gsv.
+      auto one = [&](A rv, A xv, A sv, A* gr, A* gsv) {
+        A lv;
+        if constexpr (kRlv) {
+          lv = gaussian_elem<M>(rv, xv, sv, gr, gsv);
+          *gsv *= scale;
+        } else if constexpr (kScalarRlv) {
+          lv = gaussian_q_elem<M>(rv, xv, inv, gr);
+        } else {
+          lv = recon_elem<mode, M>(rv, xv, gr);
+        }
+        if constexpr (kCheck) {
           bad |= static_cast<bool>(prob_out_of_range<M>(rv));
           bad_x |= static_cast<bool>(prob_out_of_range<M>(xv));
         }
         acc += lv;
-        return gv * scale;
+        *gr *= scale;
+      };
+      auto at = [&](int64_t i) {  // one element outside the vectors
+        A gr, gsv;
+        if constexpr (kRlv)
+          one(to_acc(r[i]), to_acc(x[i]), to_acc(s[i]), &gr, &gsv);
+        else
+          one(to_acc(r[i]), to_acc(x[i]), A(0), &gr, &gsv);
+        if (g) g[i] = from_acc<T>(gr);
+        if constexpr (kRlv) {
+          if (gs) gs[i] = from_acc<T>(gsv);
+        }
       };
       int64_t head = 0;
-      if (VEC > 1) {  // scalar elements up to the first 16-byte boundary (x and g share r's alignment)
+      if (VEC > 1) {  // scalar elements up to the first 16-byte boundary (the other streams share r's alignment)
         const uintptr_t addr = reinterpret_cast<uintptr_t>(r);
         head = static_cast<int64_t>(((16 - addr % 16) % 16) / sizeof(T));
         if (head > len) head = len;
       }
-      for (int64_t i = threadIdx.x; i < head; i += blockDim.x) {
-        const A gv = one(to_acc(r[i]), to_acc(x[i]));
-        if (g) g[i] = from_acc<T>(gv);
-      }
+      for (int64_t i = threadIdx.x; i < head; i += blockDim.x) at(i);
       const int64_t nvec = (len - head) / VEC;
-      const auto* rv = reinterpret_cast<const Vec<T, VEC>*>(r + head);
-      const auto* xv = reinterpret_cast<const Vec<T, VEC>*>(x + head);
-      auto* gvec = g ? reinterpret_cast<Vec<T, VEC>*>(g + head) : nullptr;
-      // kUnroll vectors of r and of x per thread are loaded before the first is used, so that
+      const auto* rv = reinterpret_cast<const TV*>(r + head);
+      const auto* xv = reinterpret_cast<const TV*>(x + head);
+      const auto* sv = kRlv ? reinterpret_cast<const TV*>(s + head) : nullptr;
+      auto* gvec = g ? reinterpret_cast<TV*>(g + head) : nullptr;
+      auto* gsvec = gs ? reinterpret_cast<TV*>(gs + head) : nullptr;
+      // kUnroll vectors of each input per thread are loaded before the first is used, so that
       // enough bytes are in flight to keep HBM busy; the elements are still summed in the order of
       // the plain loop (v, v + blockDim.x, ...).
-      auto body = [&](const Vec<T, VEC>& rr, const Vec<T, VEC>& xx, int64_t v) {
-        Vec<T, VEC> gg;
+      auto body = [&](const TV& rr, const TV& xx, const TV& ss, int64_t v) {
+        TV gg, gl;
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) gg.v[j] = from_acc<T>(one(to_acc(rr.v[j]), to_acc(xx.v[j])));
+        for (int j = 0; j < VEC; ++j) {
+          A gr, gsv;
+          if constexpr (kRlv)
+            one(to_acc(rr.v[j]), to_acc(xx.v[j]), to_acc(ss.v[j]), &gr, &gsv);
+          else
+            one(to_acc(rr.v[j]), to_acc(xx.v[j]), A(0), &gr, &gsv);
+          gg.v[j] = from_acc<T>(gr);
+          if constexpr (kRlv) gl.v[j] = from_acc<T>(gsv);
+        }
         if (gvec) gvec[v] = gg;
+        if constexpr (kRlv) {
+          if (gsvec) gsvec[v] = gl;
+        }
       };
       const int64_t stride = blockDim.x;
       int64_t v = threadIdx.x;
       for (; v + (kUnroll - 1) * stride < nvec; v += kUnroll * stride) {
-        Vec<T, VEC> rr[kUnroll], xx[kUnroll];
+        TV rr[kUnroll], xx[kUnroll], ss[kRlv ? kUnroll : 1];
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) {
-          rr[u] = rv[v + u * stride];
-          xx[u] = xv[v + u * stride];
+        for (int k = 0; k < kUnroll; ++k) {
+          rr[k] = rv[v + k * stride];
+          xx[k] = xv[v + k * stride];
+          if constexpr (kRlv) ss[k] = sv[v + k * stride];
         }
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) body(rr[u], xx[u], v + u * stride);
+        for (int k = 0; k < kUnroll; ++k) body(rr[k], xx[k], ss[kRlv ? k : 0], v + k * stride);
       }
-      for (; v < nvec; v += stride) body(rv[v], xv[v], v);
-      for (int64_t i = head + nvec * VEC + threadIdx.x; i < len; i += blockDim.x) {
-        const A gv = one(to_acc(r[i]), to_acc(x[i]));
-        if (g) g[i] = from_acc<T>(gv);
+      for (; v < nvec; v += stride) {
+        if constexpr (kRlv)
+          body(rv[v], xv[v], sv[v], v);
+        else
+          body(rv[v], xv[v], TV{}, v);  // no log-variance: the third vector is not read
       }
+      for (int64_t i = head + nvec * VEC + threadIdx.x; i < len; i += blockDim.x) at(i);
     } else {
-      const auto [base, len] = segment(unit - u.rec_units, u.kl_cpr, a.l);
-      const T* mu = static_cast<const T*>(a.mu) + base;
-      const T* lv = static_cast<const T*>(a.logvar) + base;
-      // the latent gradients in the accumulation type (float for half types; launchers.h)
-      A* gmu = a.grad_mu ? static_cast<A*>(a.grad_mu) + base : nullptr;
-      A* glv = a.grad_logvar ? static_cast<A*>(a.grad_logvar) + base : nullptr;
-      for (int64_t i = threadIdx.x; i < len; i += blockDim.x) {
-        A gm, gl;
-        acc += kl_elem<M>(to_acc(mu[i]), to_acc(lv[i]), &gm, &gl);
-        if (gmu) {
-          gmu[i] = gm * scale;
-          glv[i] = gl * scale;
-        }
-      }
+      const auto [base, len, col] = segment(unit - u.rec_units, u.kl_cpr, a.l);
+      // One branch per unit, the same for the whole grid: each path's loop is specialized.
+      acc = a.prior_mu ? kl_segment<T, true>(a, base, col, len, scale) : kl_segment<T, false>(a, base, col, len, scale);
     }
     const A sum = block_sum(acc);
-    if (CHECK) {
+    if constexpr (kCheck) {
       const int flags = (__syncthreads_or(bad) ? 1 : 0) | (__syncthreads_or(bad_x) ? 2 : 0);
       if (flags && threadIdx.x == 0) atomicOr(a.bad_flag, flags);
     }
@@ -160,17 +261,43 @@ __global__ void __launch_bounds__(kThreads) elbo_partials(ElboLaunch a, Layout u
   }
 }
 
-// kl_out == nullptr: the caller wants the total, rec_out gets rec + kl (ElboLaunch::kl_out).
-template <typename OutT>
+// Adds each row's partials in a fixed order and reduces over the rows; writes the outputs in the
+// loss dtype (float for f32/f16/bf16, double for f64). kl_out == nullptr: the caller wants the
+// total, rec_out gets rec + kl (ElboLaunch::kl_out). A scalar Gaussian log-variance: the rec
+// partials are sums of q, turned into the loss and rlv's gradient here (gaussian_scalar_terms).
+template <typename T>
 __global__ void __launch_bounds__(kFinalizeThreads)
-    elbo_finalize(const double* part_rec, const double* part_kl, int64_t n, Layout u, Reduction red, OutT* rec_out,
-                  OutT* kl_out) {
+    elbo_finalize(ElboLaunch a, Layout u, const double* part_rec, const double* part_kl) {
+  using OutT = typename Acc<T>::type;
+  const int64_t n = a.n;
+  const Reduction red = a.reduction;
+  OutT* rec_out = static_cast<OutT*>(a.rec_out);
+  OutT* kl_out = static_cast<OutT*>(a.kl_out);
+  const bool scalar_rlv = a.mode == Recon::Gaussian && a.rlv_scalar;
+  OutT* g_rlv_out = scalar_rlv ? static_cast<OutT*>(a.grad_recon_logvar) : nullptr;
+  const double rlv = scalar_rlv ? static_cast<double>(to_acc(*static_cast<const T*>(a.recon_logvar))) : 0.0;
+  // The loss of `count` elements whose q sum to q_sum, and (to *g) its gradient to rlv. No elements:
+  // 0 and 0, as the reference's empty sum (0 * (rlv + log(2 pi)) would be NaN for an infinite rlv).
+  auto gaussian = [&](double q_sum, double count, double* g) {
+    if (count == 0.0) {
+      *g = 0.0;
+      return 0.0;
+    }
+    return gaussian_scalar_terms(q_sum, count, rlv, g);
+  };
   double sr = 0.0, sk = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     double r = 0.0, k = 0.0;
     for (int64_t c = 0; c < u.rec_cpr; ++c) r += part_rec[i * u.rec_cpr + c];
     for (int64_t c = 0; c < u.kl_cpr; ++c) k += part_kl[i * u.kl_cpr + c];
+    sr += r;  // scalar_rlv: the sum of q over the batch, turned into the loss below
+    sk += k;
     if (red == Reduction::None) {
+      if (scalar_rlv) {
+        double g;
+        r = gaussian(r, static_cast<double>(a.d), &g);
+        if (g_rlv_out) g_rlv_out[i] = static_cast<OutT>(g * a.grad_scale);
+      }
       if (kl_out) {
         rec_out[i] = static_cast<OutT>(r);
         kl_out[i] = static_cast<OutT>(k);
@@ -178,14 +305,17 @@ __global__ void __launch_bounds__(kFinalizeThreads)
         rec_out[i] = static_cast<OutT>(r + k);
       }
     }
-    sr += r;
-    sk += k;
   }
   if (red == Reduction::None) return;
   sr = block_sum(sr);
   __syncthreads();
   sk = block_sum(sk);
   if (threadIdx.x == 0) {
+    if (scalar_rlv) {
+      double g;
+      sr = gaussian(sr, static_cast<double>(n) * static_cast<double>(a.d), &g);
+      if (g_rlv_out) g_rlv_out[0] = static_cast<OutT>(g * a.grad_scale);  // grad_scale: 1/n for mean
+    }
     if (red == Reduction::Mean) {  // 0 / 0 = NaN for an empty batch, as Tensor.mean()
       sr /= static_cast<double>(n);
       sk /= static_cast<double>(n);
@@ -199,25 +329,26 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   }
 }
 
-template <typename T, int VEC, Recon mode>
+template <typename T, int VEC, Recon mode, Variant V>
 void launch_partials(const ElboLaunch& a, const Layout& u, double* part_rec, double* part_kl, cudaStream_t s) {
   const int64_t total = u.rec_units + u.kl_units;
   const unsigned grid = static_cast<unsigned>(total < (1LL << 31) - 1 ? total : (1LL << 31) - 1);
-  if (mode == Recon::BCE && a.bad_flag != nullptr)
-    elbo_partials<T, VEC, mode, true><<<grid, kThreads, 0, s>>>(a, u, part_rec, part_kl);
-  else
-    elbo_partials<T, VEC, mode, false><<<grid, kThreads, 0, s>>>(a, u, part_rec, part_kl);
+  elbo_partials<T, VEC, mode, V><<<grid, kThreads, 0, s>>>(a, u, part_rec, part_kl);
 }
 
-template <typename T, Recon mode>
+// 16-byte vectors when every (n, d) stream shares recon's alignment and it is a whole element.
+template <typename T, Recon mode, Variant V>
 void launch_partials_aligned(const ElboLaunch& a, const Layout& u, double* pr, double* pk, cudaStream_t s) {
   constexpr int kVec = 16 / sizeof(T);
   const auto mis = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16; };
-  const bool same = mis(a.recon) == mis(a.x) && (a.grad_recon == nullptr || mis(a.grad_recon) == mis(a.recon));
+  const auto like_recon = [&](const void* p) { return p == nullptr || mis(p) == mis(a.recon); };
+  bool same = mis(a.recon) == mis(a.x) && like_recon(a.grad_recon);
+  if (mode == Recon::Gaussian && V == Variant::Plain)
+    same = same && mis(a.recon_logvar) == mis(a.recon) && like_recon(a.grad_recon_logvar);
   if (same && mis(a.recon) % sizeof(T) == 0)
-    launch_partials<T, kVec, mode>(a, u, pr, pk, s);
+    launch_partials<T, kVec, mode, V>(a, u, pr, pk, s);
   else
-    launch_partials<T, 1, mode>(a, u, pr, pk, s);
+    launch_partials<T, 1, mode, V>(a, u, pr, pk, s);
 }
 
 struct ScaleJobs {
@@ -272,22 +403,31 @@ cudaError_t launch_elbo(const ElboLaunch& a, cudaStream_t s) {
   const Layout u = layout(a.n, a.d, a.l);
   double* part_rec = static_cast<double*>(a.workspace);
   double* part_kl = part_rec + u.rec_units;
-  if (u.rec_units + u.kl_units > 0) {
-    dispatch_dtype<__half, __nv_bfloat16>(a.dtype, [&](auto* tag) {
-      using T = std::remove_pointer_t<decltype(tag)>;
+  dispatch_dtype<__half, __nv_bfloat16>(a.dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    if (u.rec_units + u.kl_units > 0) {
       switch (a.mode) {
-        case Recon::BCE: launch_partials_aligned<T, Recon::BCE>(a, u, part_rec, part_kl, s); break;
-        case Recon::BCELogits: launch_partials_aligned<T, Recon::BCELogits>(a, u, part_rec, part_kl, s); break;
-        case Recon::MSE: launch_partials_aligned<T, Recon::MSE>(a, u, part_rec, part_kl, s); break;
+        case Recon::BCE:
+          if (a.bad_flag != nullptr)
+            launch_partials_aligned<T, Recon::BCE, Variant::CheckRange>(a, u, part_rec, part_kl, s);
+          else
+            launch_partials_aligned<T, Recon::BCE, Variant::Plain>(a, u, part_rec, part_kl, s);
+          break;
+        case Recon::BCELogits:
+          launch_partials_aligned<T, Recon::BCELogits, Variant::Plain>(a, u, part_rec, part_kl, s);
+          break;
+        case Recon::MSE: launch_partials_aligned<T, Recon::MSE, Variant::Plain>(a, u, part_rec, part_kl, s); break;
+        case Recon::L1: launch_partials_aligned<T, Recon::L1, Variant::Plain>(a, u, part_rec, part_kl, s); break;
+        case Recon::Gaussian:
+          if (a.rlv_scalar)
+            launch_partials_aligned<T, Recon::Gaussian, Variant::ScalarLogvar>(a, u, part_rec, part_kl, s);
+          else
+            launch_partials_aligned<T, Recon::Gaussian, Variant::Plain>(a, u, part_rec, part_kl, s);
+          break;
       }
-    });
-  }
-  if (a.dtype == DType::Float64)
-    elbo_finalize<double><<<1, kFinalizeThreads, 0, s>>>(
-        part_rec, part_kl, a.n, u, a.reduction, static_cast<double*>(a.rec_out), static_cast<double*>(a.kl_out));
-  else
-    elbo_finalize<float><<<1, kFinalizeThreads, 0, s>>>(part_rec, part_kl, a.n, u, a.reduction,
-                                                        static_cast<float*>(a.rec_out), static_cast<float*>(a.kl_out));
+    }
+    elbo_finalize<T><<<1, kFinalizeThreads, 0, s>>>(a, u, part_rec, part_kl);
+  });
   return cudaGetLastError();
 }
 

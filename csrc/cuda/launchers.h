@@ -52,13 +52,14 @@ cudaError_t launch_elbo(const ElboLaunch& a, cudaStream_t stream);
 // g *= *s in place over the n elements of a buffer of `dtype`, s one element on the device in the
 // accumulation type (float for f16/bf16: computed in float, rounded once); when
 // *s == 1 the buffer is left alone (the backward of loss.backward(): no pass, no host sync,
-// graph-safe). Up to kMaxScaleJobs buffers (the gradients of recon, mu and logvar) in one launch.
+// graph-safe). Up to kMaxScaleJobs buffers of one dtype in one launch: the gradients of recon,
+// recon_logvar, mu, logvar, prior_mu and prior_logvar.
 struct ScaleJob {
   void* g;
   const void* s;
   int64_t n;
 };
-constexpr int kMaxScaleJobs = 3;
+constexpr int kMaxScaleJobs = 6;
 cudaError_t launch_scale_unless_one(DType dtype, const ScaleJob* jobs, int count, cudaStream_t stream);
 
 // Mirrors at::PhiloxCudaState: under CUDA graph capture, seed and offset are read on the device

@@ -16,43 +16,60 @@
 namespace vae_ext {
 namespace {
 
-ElboOutputs elbo_loss_cuda(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar,
-                           c10::string_view recon_mode, c10::string_view reduction, bool grad_recon, bool grad_latent,
-                           bool validate, bool total) {
+void* ptr_or_null(const Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
+
+// The CUDA twin of elbo_loss_cpu (csrc/cpu/ops_cpu.cpp): the same buffers (prepare_elbo), the same
+// outputs; the sums and the finalization run on the device, with no host sync unless validate.
+ElboOutputs elbo_loss_cuda(VAE_EXT_ELBO_ARGS) {
   const Recon mode = parse_recon(recon_mode);
   const Reduction red = parse_reduction(reduction);
   const c10::cuda::CUDAGuard guard(recon.device());
-  const ElboBuffers b = prepare_elbo(recon, x, mu, logvar, grad_recon, grad_latent);
+  const ElboOptions opt{prior_mu, prior_logvar, recon_logvar, free_bits, unit_kl};
+  const ElboBuffers b = prepare_elbo(recon, x, mu, logvar, opt, mode, red, grad_recon, grad_latent);
   const int64_t n = b.n, d = b.d, l = b.l;
-  const Tensor &rc = b.recon, &xc = b.x, &mc = b.mu, &lc = b.logvar, &g_r = b.g_recon, &g_mu = b.g_mu,
-               &g_lv = b.g_logvar;
-  const auto out_opts = rc.options().dtype(loss_dtype(recon.scalar_type()));
-  Tensor rec = red == Reduction::None ? at::empty({n}, out_opts) : at::empty({}, out_opts);
-  // total: the finalize kernel writes rec + kl into rec, and kl stays empty.
-  Tensor kl = total                    ? at::empty({0}, out_opts)
-              : red == Reduction::None ? at::empty({n}, out_opts)
-                                       : at::empty({}, out_opts);
+  const at::ScalarType out = loss_dtype(recon.scalar_type());
+  const auto out_opts = b.recon.options().dtype(out);
+  const auto term = [&] { return red == Reduction::None ? at::empty({n}, out_opts) : at::empty({}, out_opts); };
+  // With free bits the KL term is the floored one, formed from each element's KL after the kernel
+  // (free bits are refused with "none"), so the kernel writes the two terms apart even for total.
+  const bool floored_kl = free_bits > 0.0;
+  Tensor rec = term();
+  // total (and no free bits): the finalize kernel writes rec + kl into rec, and kl stays empty.
+  Tensor kl = (total && !floored_kl) ? at::empty({0}, out_opts) : term();
+  // A 0-d recon_logvar's gradient, written by the finalize kernel: per sample (none) or over the batch.
+  const bool rlv_grad = grad_recon && b.rlv_scalar;
+  Tensor g_rlv = rlv_grad ? term() : b.g_recon_logvar;
   const size_t ws_bytes = cuda::elbo_workspace_bytes(n, d, l);
-  Tensor ws = at::empty({static_cast<int64_t>(ws_bytes > 0 ? ws_bytes : 1)}, rc.options().dtype(at::kByte));
-  Tensor bad = (validate && mode == Recon::BCE) ? at::zeros({1}, rc.options().dtype(at::kInt)) : Tensor();
+  Tensor ws = at::empty({static_cast<int64_t>(ws_bytes > 0 ? ws_bytes : 1)}, b.recon.options().dtype(at::kByte));
+  Tensor bad = (validate && mode == Recon::BCE) ? at::zeros({1}, b.recon.options().dtype(at::kInt)) : Tensor();
+  const auto data = [](const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; };
 
   cuda::ElboLaunch a{};
   a.dtype = kernel_dtype(recon.scalar_type());
   a.mode = mode;
   a.reduction = red;
-  a.recon = rc.const_data_ptr();
-  a.x = xc.const_data_ptr();
-  a.grad_recon = (grad_recon && g_r.numel()) ? g_r.data_ptr() : nullptr;
-  a.mu = mc.const_data_ptr();
-  a.logvar = lc.const_data_ptr();
-  a.grad_mu = (grad_latent && g_mu.numel()) ? g_mu.data_ptr() : nullptr;
-  a.grad_logvar = (grad_latent && g_lv.numel()) ? g_lv.data_ptr() : nullptr;
+  a.recon = b.recon.const_data_ptr();
+  a.x = b.x.const_data_ptr();
+  a.grad_recon = grad_recon ? ptr_or_null(b.g_recon) : nullptr;
+  a.recon_logvar = data(b.recon_logvar);
+  a.rlv_scalar = b.rlv_scalar;
+  a.grad_recon_logvar = ptr_or_null(g_rlv);
+  a.mu = b.mu.const_data_ptr();
+  a.logvar = b.logvar.const_data_ptr();
+  a.grad_mu = grad_latent ? ptr_or_null(b.g_mu) : nullptr;
+  a.grad_logvar = grad_latent ? ptr_or_null(b.g_logvar) : nullptr;
+  a.prior_mu = data(b.prior_mu);
+  a.prior_logvar = data(b.prior_logvar);
+  a.prior_shared = b.prior_shared;
+  a.grad_prior_mu = ptr_or_null(b.g_prior_mu);
+  a.grad_prior_logvar = ptr_or_null(b.g_prior_logvar);
+  a.kl_elems = ptr_or_null(b.kl_elems);
   a.n = n;
   a.d = d;
   a.l = l;
   a.grad_scale = (red == Reduction::Mean && n > 0) ? 1.0 / static_cast<double>(n) : 1.0;
   a.rec_out = rec.data_ptr();
-  a.kl_out = total ? nullptr : kl.data_ptr();
+  a.kl_out = (total && !floored_kl) ? nullptr : kl.data_ptr();
   a.workspace = ws.data_ptr();
   a.bad_flag = bad.defined() ? bad.data_ptr<int>() : nullptr;
   C10_CUDA_CHECK(cuda::launch_elbo(a, c10::cuda::getCurrentCUDAStream()));
@@ -61,7 +78,22 @@ ElboOutputs elbo_loss_cuda(const Tensor& recon, const Tensor& x, const Tensor& m
     if (flags & 1) throw_bce_out_of_range();
     if (flags & 2) throw_bce_target_out_of_range();
   }
-  return {rec, kl, g_r, g_mu, g_lv};
+  Tensor units = at::empty({0}, out_opts);
+  if (unit_kl || floored_kl) {
+    Tensor floored;  // 0-d double on the device: the KL term of the loss, already reduced
+    units = unit_kl_and_free_bits(b.kl_elems.view({n, l}), mu.sizes().slice(1), free_bits, red,
+                                  {b.g_mu, b.g_logvar, b.g_prior_mu, b.g_prior_logvar}, &floored)
+                .to(out);
+    if (floored_kl) {
+      if (total) {
+        rec = rec.to(at::kDouble).add_(floored).to(out);
+        kl = at::empty({0}, out_opts);
+      } else {
+        kl = floored.to(out);
+      }
+    }
+  }
+  return {rec, kl, units, b.g_recon, b.g_mu, b.g_logvar, b.g_prior_mu, b.g_prior_logvar, g_rlv};
 }
 
 ReparamOutputs reparameterize_cuda(const Tensor& mu, const Tensor& logvar, int64_t num_samples, bool return_eps,
@@ -141,20 +173,30 @@ Tensor philox_normal_cuda(const Tensor& like, int64_t seed, int64_t offset) {
 }  // namespace
 
 void scale_unless_one_cuda(const std::vector<Tensor>& g, const std::vector<Tensor>& s) {
-  TORCH_CHECK(!g.empty() && g.size() == s.size() && g.size() <= static_cast<size_t>(cuda::kMaxScaleJobs),
-              "scale_unless_one_cuda: expected 1 to ", cuda::kMaxScaleJobs, " (g, s) pairs");
-  cuda::ScaleJob jobs[cuda::kMaxScaleJobs];
+  TORCH_CHECK(!g.empty() && g.size() == s.size(), "scale_unless_one_cuda: expected (g, s) pairs");
   for (size_t k = 0; k < g.size(); ++k) {
-    TORCH_CHECK(g[k].is_cuda() && g[k].is_contiguous() && g[k].device() == g[0].device() &&
-                    g[k].scalar_type() == g[0].scalar_type() && s[k].numel() == 1 && s[k].device() == g[k].device() &&
-                    s[k].scalar_type() == loss_dtype(g[k].scalar_type()),
-                "scale_unless_one_cuda: expected contiguous CUDA g of one device and dtype, and one-element s of "
-                "that device in g's loss dtype");
-    jobs[k] = {g[k].data_ptr(), s[k].const_data_ptr(), g[k].numel()};
+    TORCH_CHECK(g[k].is_cuda() && g[k].is_contiguous() && g[k].device() == g[0].device() && s[k].numel() == 1 &&
+                    s[k].device() == g[k].device() && s[k].scalar_type() == loss_dtype(g[k].scalar_type()),
+                "scale_unless_one_cuda: expected contiguous CUDA g of one device, and one-element s of that "
+                "device in g's loss dtype");
   }
   const c10::cuda::CUDAGuard guard(g[0].device());
-  C10_CUDA_CHECK(cuda::launch_scale_unless_one(kernel_dtype(g[0].scalar_type()), jobs, static_cast<int>(g.size()),
-                                               c10::cuda::getCurrentCUDAStream()));
+  // One launch per dtype (a half input's recon gradients and its float32 prior gradients) and
+  // kMaxScaleJobs buffers; every index not yet taken starts the next launch.
+  std::vector<bool> done(g.size(), false);
+  for (size_t first = 0; first < g.size(); ++first) {
+    if (done[first]) continue;
+    const at::ScalarType st = g[first].scalar_type();
+    cuda::ScaleJob jobs[cuda::kMaxScaleJobs];
+    int count = 0;
+    for (size_t k = first; k < g.size(); ++k) {
+      if (done[k] || g[k].scalar_type() != st) continue;
+      jobs[count++] = {g[k].data_ptr(), s[k].const_data_ptr(), g[k].numel()};
+      done[k] = true;
+      if (count == cuda::kMaxScaleJobs) break;
+    }
+    C10_CUDA_CHECK(cuda::launch_scale_unless_one(kernel_dtype(st), jobs, count, c10::cuda::getCurrentCUDAStream()));
+  }
 }
 
 TORCH_LIBRARY_IMPL(vae_ext, CUDA, m) {
