@@ -20,9 +20,9 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// The CUDA scalings of one backward, launched together when it ends: one kernel for the three
-// gradient buffers instead of one each (each launch costs microseconds of device time, even when
-// the kernel only reads grad_output, finds 1 and exits).
+// The CUDA scalings of one backward, launched together when it ends: one launch per dtype for all
+// the gradient buffers instead of one each (each launch costs microseconds of device time, even
+// when the kernel only reads grad_output, finds 1 and exits).
 struct DeviceScales {
   std::vector<Tensor> g, s;
   void launch() {

@@ -129,8 +129,13 @@ VAE_HD typename M::T gaussian_q_elem(typename M::T r, typename M::T x, typename 
 }
 
 // From Q, the sum of q over `count` elements: their loss 0.5 (Q + count (rlv + log(2 pi))), and
-// d loss / d rlv = 0.5 (count - Q) to *g_rlv. In double: count may be large.
+// d loss / d rlv = 0.5 (count - Q) to *g_rlv. In double: count may be large. No elements: 0 and 0,
+// as the reference's empty sum (0 (rlv + log(2 pi)) would be NaN for an infinite rlv).
 VAE_HD double gaussian_scalar_terms(double q_sum, double count, double rlv, double* g_rlv) {
+  if (count == 0.0) {
+    *g_rlv = 0.0;
+    return 0.0;
+  }
   *g_rlv = 0.5 * (count - q_sum);
   return 0.5 * (q_sum + count * (rlv + kLog2Pi));
 }

@@ -276,15 +276,8 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   const bool scalar_rlv = a.mode == Recon::Gaussian && a.rlv_scalar;
   OutT* g_rlv_out = scalar_rlv ? static_cast<OutT*>(a.grad_recon_logvar) : nullptr;
   const double rlv = scalar_rlv ? static_cast<double>(to_acc(*static_cast<const T*>(a.recon_logvar))) : 0.0;
-  // The loss of `count` elements whose q sum to q_sum, and (to *g) its gradient to rlv. No elements:
-  // 0 and 0, as the reference's empty sum (0 * (rlv + log(2 pi)) would be NaN for an infinite rlv).
-  auto gaussian = [&](double q_sum, double count, double* g) {
-    if (count == 0.0) {
-      *g = 0.0;
-      return 0.0;
-    }
-    return gaussian_scalar_terms(q_sum, count, rlv, g);
-  };
+  // The loss of `count` elements whose q sum to q_sum, and (to *g) its gradient to rlv.
+  auto gaussian = [&](double q_sum, double count, double* g) { return gaussian_scalar_terms(q_sum, count, rlv, g); };
   double sr = 0.0, sk = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     double r = 0.0, k = 0.0;
