@@ -124,8 +124,8 @@ def test_zero_prior_is_the_standard_normal():
     zero = torch.zeros(3, 4, dtype=F64)
     for reduction in REDUCTIONS:
         up = _upstream(reduction, 6)
-        a, ga = _grads(lambda m, v: reference.gaussian_kl(m, v, zero, zero, reduction=reduction), (mu, lv), up)
-        b, gb = _grads(lambda m, v: reference.gaussian_kl(m, v, reduction=reduction), (mu, lv), up)
+        a, ga = _grads(lambda m, v, red=reduction: reference.gaussian_kl(m, v, zero, zero, reduction=red), (mu, lv), up)
+        b, gb = _grads(lambda m, v, red=reduction: reference.gaussian_kl(m, v, reduction=red), (mu, lv), up)
         assert_close(a, b, rtol=RTOL, what=f"{reduction} kl")
         for x, y in zip(ga, gb):
             assert_close(x, y, rtol=RTOL, atol_rel=1e-14, what=f"{reduction} grad")
@@ -134,7 +134,8 @@ def test_zero_prior_is_the_standard_normal():
 def test_prior_kl_is_zero_at_the_prior():
     """q equal to the prior: KL 0 (up to rounding) and a zero gradient for every argument."""
     pmu, plv = _prior((4, 5), seed=6)
-    out, g = _grads(lambda a, b, c, d: reference.gaussian_kl(a, b, c, d), (pmu, plv, pmu, plv), torch.tensor(1.0, dtype=F64))
+    out, g = _grads(lambda a, b, c, d: reference.gaussian_kl(a, b, c, d), (pmu, plv, pmu, plv),
+                    torch.tensor(1.0, dtype=F64))
     assert abs(out.item()) < 1e-13
     for t in g:
         assert t.abs().max().item() < 1e-13
@@ -172,7 +173,7 @@ def test_gaussian_recon_vs_gaussian_nll_loss(shape, rlv_kind):
     every element). log-variances within [-2, 2] keep var far above gaussian_nll_loss's eps clamp."""
     g = torch.Generator().manual_seed(10)
     r, x = _randn(shape, g), _randn(shape, g, 1.2)
-    rlv = (torch.rand((), generator=g, dtype=F64) if rlv_kind == "scalar" else torch.rand(shape, generator=g, dtype=F64)) * 4 - 2
+    rlv = torch.rand(() if rlv_kind == "scalar" else shape, generator=g, dtype=F64) * 4 - 2
     per_sample = reference.reconstruction_loss(r, x, "gaussian", rlv)
     nll = F.gaussian_nll_loss(r, x, torch.exp(rlv).expand(shape), full=True, reduction="none")
     assert_close(per_sample, _per_sample(nll), rtol=RTOL, what="per sample")
@@ -315,8 +316,9 @@ def test_free_bits_all_over_the_floor_is_the_plain_kl():
     lam = reference.unit_kl(mu, lv).min().item() / 2
     for reduction in ("sum", "mean"):
         up = _upstream(reduction, 4)
-        a, ga = _grads(lambda m, v: reference.gaussian_kl(m, v, reduction=reduction, free_bits=lam), (mu, lv), up)
-        b, gb = _grads(lambda m, v: reference.gaussian_kl(m, v, reduction=reduction), (mu, lv), up)
+        a, ga = _grads(lambda m, v, red=reduction: reference.gaussian_kl(m, v, reduction=red, free_bits=lam),
+                       (mu, lv), up)
+        b, gb = _grads(lambda m, v, red=reduction: reference.gaussian_kl(m, v, reduction=red), (mu, lv), up)
         assert_close(a, b, rtol=1e-12, what=reduction)
         for x, y in zip(ga, gb):
             assert_close(x, y, rtol=1e-12, atol_rel=1e-14, what=reduction)
