@@ -287,3 +287,101 @@ def assert_one_line_error(rc, err, *matches, status=1):
     assert len(lines) == 1 and lines[0].startswith("vae-ext") and "Traceback" not in err, err
     for m in matches:
         assert m in lines[0], lines[0]
+
+
+# --------------------------------------------------------------------------- issue 15: priors, l1, gaussian, free bits
+# Every tensor elbo_loss may differentiate, in the order the checks report them.
+OBJ_GRAD_NAMES = ("recon_x", "mu", "logvar", "prior_mu", "prior_logvar", "recon_logvar")
+_OBJ_KW = ("prior_mu", "prior_logvar", "recon_logvar")
+
+
+def make_objective_inputs(mode, shape, latent_shape, dtype=F32, device="cpu", seed=0, prior_shape=None, rlv=None):
+    """A dict of elbo_loss's tensors by name, drawn in float64 then cast (a half input is exactly its
+    float64 copy): recon_x and x of ``shape`` for ``mode`` (any of the five), mu and logvar of
+    ``latent_shape``, prior_mu and prior_logvar of ``prior_shape`` (None: no prior), recon_logvar
+    0-d (``rlv="scalar"``) or recon_x's shape (``rlv="pixel"``), None otherwise. Log-variances stay
+    in [-1.3, 0.7], where every gaussian term is positive (no cancellation in the sums)."""
+    g = torch.Generator().manual_seed(seed)
+    if mode in RECON_MODES:
+        r, x = make_elbo_inputs(mode, shape, 1, F64, seed=seed)[:2]
+    else:
+        r = torch.randn(shape, generator=g, dtype=F64)
+        x = torch.randn(shape, generator=g, dtype=F64)
+    mu = torch.randn(latent_shape, generator=g, dtype=F64) * 1.2
+    lv = torch.randn(latent_shape, generator=g, dtype=F64) * 0.7
+    out = dict(recon_x=r, x=x, mu=mu, logvar=lv, prior_mu=None, prior_logvar=None, recon_logvar=None)
+    if prior_shape is not None:
+        out["prior_mu"] = torch.randn(prior_shape, generator=g, dtype=F64) * 0.8
+        out["prior_logvar"] = torch.rand(prior_shape, generator=g, dtype=F64) * 1.6 - 0.9
+    if rlv == "scalar":
+        out["recon_logvar"] = torch.rand((), generator=g, dtype=F64) * 2 - 1.3
+    elif rlv == "pixel":
+        out["recon_logvar"] = torch.rand(shape, generator=g, dtype=F64) * 2 - 1.3
+    return {k: None if t is None else t.to(dtype).to(device) for k, t in out.items()}
+
+
+def kl_as_elbo(fn):
+    """gaussian_kl (fused or reference) called the way objective_run calls elbo_loss."""
+    def call(recon_x, x, mu, logvar, prior_mu=None, prior_logvar=None, **kw):
+        return fn(mu, logvar, prior_mu, prior_logvar, **kw)
+    return call
+
+
+def objective_run(fn, inputs, *, upstream=None, combo=None, requires=OBJ_GRAD_NAMES, **kw):
+    """fn(recon_x, x, mu, logvar, prior_mu=..., prior_logvar=..., recon_logvar=..., **kw) on leaf
+    copies (``t.detach()``: same storage and strides) of ``inputs``; backward of
+    sum(combo(outputs) * upstream). Returns (outputs detached, {name: gradient} for every leaf that
+    required grad)."""
+    leaves = {}
+    for name, t in inputs.items():
+        if t is None:
+            continue
+        leaf = t.detach()
+        if name in OBJ_GRAD_NAMES and name in requires:
+            leaf.requires_grad_(True)
+        leaves[name] = leaf
+    out = fn(leaves["recon_x"], leaves["x"], leaves["mu"], leaves["logvar"],
+             **{k: leaves[k] for k in _OBJ_KW if k in leaves}, **kw)
+    target = combo(out) if combo is not None else out
+    if upstream is None:
+        upstream = torch.ones((), dtype=F64)
+    if target.requires_grad:
+        (target * upstream.to(target.device, target.dtype)).sum().backward()
+    outs = tuple(o.detach() for o in out) if isinstance(out, tuple) else out.detach()
+    return outs, {k: leaf.grad for k, leaf in leaves.items() if leaf.requires_grad}
+
+
+def check_objective(inputs, *, dtype=None, fused=None, ref=None, upstream=None, combo=None,
+                    requires=OBJ_GRAD_NAMES, what="", **kw):
+    """The fused function (vae_ext.elbo_loss by default) vs the float64 reference on the same values:
+    every output (dtype, shape, value) and every gradient (dtype, shape, value), grad_output
+    ``upstream``. Returns the fused (outputs, gradients)."""
+    dtype = dtype or inputs["mu"].dtype
+    fused = fused or vae_ext.elbo_loss
+    ref = ref or reference.elbo_loss
+    tol = TOLS[dtype]
+    out, grads = objective_run(fused, inputs, upstream=upstream, combo=combo, requires=requires, **kw)
+    ref_inputs = {k: None if t is None else t.detach().to("cpu", F64) for k, t in inputs.items()}
+    ref_out, ref_grads = objective_run(ref, ref_inputs, upstream=None if upstream is None else upstream.cpu(),
+                                       combo=combo, requires=requires, **kw)
+    outs = out if isinstance(out, tuple) else (out,)
+    ref_outs = ref_out if isinstance(ref_out, tuple) else (ref_out,)
+    assert len(outs) == len(ref_outs), f"{what}: {len(outs)} outputs, expected {len(ref_outs)}"
+    for i, (a, b) in enumerate(zip(outs, ref_outs)):
+        assert a.dtype == out_dtype(dtype), f"{what}: output {i} dtype {a.dtype}"
+        assert a.device == inputs["mu"].device, f"{what}: output {i} on {a.device}"
+        # atol: a unit's KL near 0 (unit_kl) is a difference of terms near 1, a few ulps of 1 off
+        assert_close(a, b, rtol=tol.loss, atol=16 * torch.finfo(a.dtype).eps, what=f"{what} output {i}")
+    assert set(grads) == set(ref_grads), f"{what}: gradients for {sorted(grads)}, expected {sorted(ref_grads)}"
+    for name in OBJ_GRAD_NAMES:
+        if name not in ref_grads:
+            continue
+        g, rg, t = grads[name], ref_grads[name], inputs[name]
+        if rg is None:
+            assert g is None or not g.any(), f"{what}: gradient for {name}, which the reference does not use"
+            continue
+        assert g is not None, f"{what}: no gradient for {name}"
+        assert g.dtype == t.dtype and tuple(g.shape) == tuple(t.shape), (
+            f"{what}: grad {name} is {g.dtype}{tuple(g.shape)}, expected {t.dtype}{tuple(t.shape)}")
+        assert_close(g, rg, rtol=tol.grad, atol_rel=tol.grad_atol_rel, what=f"{what} grad {name}")
+    return out, grads
