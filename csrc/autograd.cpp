@@ -10,6 +10,8 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
+#include <algorithm>
+
 #include "ops.h"
 
 namespace vae_ext {
@@ -106,42 +108,74 @@ variable_list first_order_only(variable_list grads, const char* msg) {
   return grads;
 }
 
+// A broadcast prior's gradient: g (per element, mu's shape, scaled, in the loss dtype) summed over
+// the dimensions the prior was broadcast along, then rounded once to `out`. A prior shared by every
+// sample is summed over the batch in a fixed order (csrc/ops.h sum_over_batch).
+Tensor prior_grad(const Tensor& g, at::IntArrayRef shape, at::ScalarType out) {
+  if (g.sizes() == shape) return g.to(out);
+  const auto dims = static_cast<int64_t>(shape.size());
+  const bool shared = dims < g.dim() || (shape[0] == 1 && g.size(0) != 1);
+  if (!shared) return g.sum_to_size(shape).to(out);
+  const Tensor s = sum_over_batch(g);  // g.shape[1:]
+  if (dims == g.dim()) return s.sum_to_size(shape.slice(1)).reshape(shape).to(out);
+  return s.sum_to_size(shape).to(out);
+}
+
 struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
+  // An absent optional tensor is no input of the node: needs_input_grad counts the present ones
+  // (ctx->saved_data["edges"] maps the inputs to them).
   static variable_list forward(AutogradContext* ctx, const Tensor& recon, const Tensor& x, const Tensor& mu,
-                               const Tensor& logvar, const std::string& recon_mode, const std::string& reduction,
-                               bool grad_recon, bool grad_latent, bool validate, bool total, bool recorded) {
+                               const Tensor& logvar, const std::optional<Tensor>& prior_mu,
+                               const std::optional<Tensor>& prior_logvar, const std::optional<Tensor>& recon_logvar,
+                               const std::string& recon_mode, const std::string& reduction,
+                               bool grad_recon, bool grad_latent, bool validate, bool total, double free_bits,
+                               bool unit_kl, bool recorded) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("vae_ext::elbo_loss", "")
                          .typed<ElboOutputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                            c10::string_view, c10::string_view, bool, bool, bool, bool)>();
+                                            c10::string_view, c10::string_view, bool, bool, bool, bool,
+                                            const c10::optional<Tensor>&, const c10::optional<Tensor>&,
+                                            const c10::optional<Tensor>&, double, bool)>();
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [rec, kl, g_recon, g_mu, g_logvar] =
-        op.call(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent, validate, total);
-    ctx->save_for_backward({g_recon, g_mu, g_logvar});
+    auto out = op.call(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent, validate, total,
+                       prior_mu, prior_logvar, recon_logvar, free_bits, unit_kl);
+    auto& [rec, kl, units, g_recon, g_mu, g_logvar, g_prior_mu, g_prior_logvar, g_recon_logvar] = out;
+    ctx->save_for_backward({g_recon, g_mu, g_logvar, g_prior_mu, g_prior_logvar, g_recon_logvar});
     ctx->saved_data["dtype"] = static_cast<int64_t>(recon.scalar_type());
     ctx->saved_data["per_sample"] = reduction == "none";
     ctx->saved_data["grad_recon"] = grad_recon;
     ctx->saved_data["grad_latent"] = grad_latent;
     ctx->saved_data["total"] = total;
+    ctx->saved_data["rlv_scalar"] = recon_logvar.has_value() && recon_logvar->dim() == 0;
+    // the node's input (edge) of each of the seven tensor arguments, -1 for an absent one
+    std::vector<int64_t> edges = {0, 1, 2, 3};
+    for (const auto* t : {&prior_mu, &prior_logvar, &recon_logvar})
+      edges.push_back(t->has_value() ? static_cast<int64_t>(std::count_if(edges.begin(), edges.end(),
+                                                                           [](int64_t e) { return e >= 0; }))
+                                     : -1);
+    ctx->saved_data["edges"] = edges;
+    if (prior_mu.has_value()) {
+      ctx->saved_data["prior_mu_shape"] = prior_mu->sizes();
+      ctx->saved_data["prior_logvar_shape"] = prior_logvar->sizes();
+    }
     ctx->set_materialize_grads(false);  // no zero tensors for the outputs nobody differentiates
     // The backward scales the saved buffers in place, so while a graph can reach them (`recorded`:
     // grad mode was on and an input requires grad) they are not handed to the caller, whose copy a
     // later backward would change: empty tensors stand in.
-    if (recorded) {
-      g_recon = at::empty({0}, g_recon.options());
-      g_mu = at::empty({0}, g_mu.options());
-      g_logvar = at::empty({0}, g_logvar.options());
-    }
-    ctx->mark_non_differentiable({g_recon, g_mu, g_logvar});
-    return {rec, kl, g_recon, g_mu, g_logvar};
+    variable_list bufs = {g_recon, g_mu, g_logvar, g_prior_mu, g_prior_logvar, g_recon_logvar};
+    if (recorded)
+      for (auto& t : bufs) t = at::empty({0}, t.options());
+    ctx->mark_non_differentiable({units, bufs[0], bufs[1], bufs[2], bufs[3], bufs[4], bufs[5]});
+    return {rec, kl, units, bufs[0], bufs[1], bufs[2], bufs[3], bufs[4], bufs[5]};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const bool per_sample = ctx->saved_data["per_sample"].toBool();
-    const bool need_recon = ctx->needs_input_grad(0),
-               need_latent = ctx->needs_input_grad(2) || ctx->needs_input_grad(3);
-    TORCH_CHECK(!ctx->needs_input_grad(1), "vae_ext::elbo_loss does not differentiate with respect to the target x");
+    const auto edges = ctx->saved_data["edges"].toIntVector();
+    const auto needs = [&](size_t i) { return edges[i] >= 0 && ctx->needs_input_grad(static_cast<size_t>(edges[i])); };
+    const bool need_recon = needs(0) || needs(6), need_latent = needs(2) || needs(3) || needs(4) || needs(5);
+    TORCH_CHECK(!needs(1), "vae_ext::elbo_loss does not differentiate with respect to the target x");
     TORCH_CHECK((!need_recon || ctx->saved_data["grad_recon"].toBool()) &&
                     (!need_latent || ctx->saved_data["grad_latent"].toBool()),
                 "vae_ext::elbo_loss: backward needs the gradient buffers, but the op was called with "
@@ -150,19 +184,38 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
     const bool total = ctx->saved_data["total"].toBool();
     const Tensor &d_rec = grads[0], &d_kl = total ? grads[0] : grads[1];
     const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
-    Tensor g_recon, g_mu, g_logvar;
+    const auto ldtype = saved[1].scalar_type();  // the loss dtype (float32 for half inputs)
+    Tensor g_recon, g_mu, g_logvar, g_prior_mu, g_prior_logvar, g_recon_logvar;
     DeviceScales device;
-    if (need_recon && d_rec.defined()) g_recon = scale_grad(saved[0], d_rec, per_sample, dtype, device);
+    if (d_rec.defined()) {
+      if (needs(0)) g_recon = scale_grad(saved[0], d_rec, per_sample, dtype, device);
+      if (needs(6)) {
+        const Tensor& g = saved[5];
+        // a 0-d recon_logvar: its gradient per sample (none) or over the batch, in the loss dtype
+        if (ctx->saved_data["rlv_scalar"].toBool())
+          g_recon_logvar = at::mul(g, d_rec).sum().to(dtype);
+        else
+          g_recon_logvar = scale_grad(g, d_rec, per_sample, dtype, device);
+      }
+    }
     if (d_kl.defined()) {
-      if (ctx->needs_input_grad(2)) g_mu = scale_grad(saved[1], d_kl, per_sample, dtype, device);
-      if (ctx->needs_input_grad(3)) g_logvar = scale_grad(saved[2], d_kl, per_sample, dtype, device);
+      if (needs(2)) g_mu = scale_grad(saved[1], d_kl, per_sample, dtype, device);
+      if (needs(3)) g_logvar = scale_grad(saved[2], d_kl, per_sample, dtype, device);
+      // the prior's: scaled in the loss dtype, summed where it was broadcast, then rounded
+      if (needs(4)) g_prior_mu = scale_grad(saved[3], d_kl, per_sample, ldtype, device);
+      if (needs(5)) g_prior_logvar = scale_grad(saved[4], d_kl, per_sample, ldtype, device);
     }
     device.launch();
+    if (g_prior_mu.defined())
+      g_prior_mu = prior_grad(g_prior_mu, ctx->saved_data["prior_mu_shape"].toIntVector(), dtype);
+    if (g_prior_logvar.defined())
+      g_prior_logvar = prior_grad(g_prior_logvar, ctx->saved_data["prior_logvar_shape"].toIntVector(), dtype);
     // The gradients are the buffers the forward wrote, scaled: no graph back to the inputs.
-    return first_order_only(
-        {g_recon, Tensor(), g_mu, g_logvar, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
-        "vae_ext.elbo_loss supports first derivatives only: its backward scales the gradients its "
-        "forward wrote. For higher-order gradients (create_graph=True) use vae_ext.reference.elbo_loss.");
+    return first_order_only({g_recon, Tensor(), g_mu, g_logvar, g_prior_mu, g_prior_logvar, g_recon_logvar, Tensor(),
+                             Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+                            "vae_ext.elbo_loss supports first derivatives only: its backward scales the gradients "
+                            "its forward wrote. For higher-order gradients (create_graph=True) use "
+                            "vae_ext.reference.elbo_loss.");
   }
 };
 
@@ -182,16 +235,17 @@ void check_functorch(const char* op, const char* reference) {
   }
 }
 
-ElboOutputs elbo_loss_autograd(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar,
-                               c10::string_view recon_mode, c10::string_view reduction, bool grad_recon,
-                               bool grad_latent, bool validate, bool total) {
+ElboOutputs elbo_loss_autograd(VAE_EXT_ELBO_ARGS) {
   check_functorch("vae_ext.elbo_loss (torch.ops.vae_ext.elbo_loss)", "vae_ext.reference.elbo_loss");
+  const auto req = [](const std::optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
   // (forward runs with grad mode off: whether a graph is recorded is known only here)
-  const bool recorded =
-      at::GradMode::is_enabled() && (recon.requires_grad() || mu.requires_grad() || logvar.requires_grad());
-  auto out = ElboLossFunction::apply(recon, x, mu, logvar, std::string(recon_mode), std::string(reduction), grad_recon,
-                                     grad_latent, validate, total, recorded);
-  return {out[0], out[1], out[2], out[3], out[4]};
+  const bool recorded = at::GradMode::is_enabled() && (recon.requires_grad() || mu.requires_grad() ||
+                                                       logvar.requires_grad() || req(prior_mu) ||
+                                                       req(prior_logvar) || req(recon_logvar));
+  auto out = ElboLossFunction::apply(recon, x, mu, logvar, prior_mu, prior_logvar, recon_logvar, std::string(recon_mode),
+                                     std::string(reduction), grad_recon, grad_latent, validate, total, free_bits,
+                                     unit_kl, recorded);
+  return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]};
 }
 
 struct ReparameterizeFunction : public torch::autograd::Function<ReparameterizeFunction> {

@@ -1,6 +1,7 @@
 #include "checks.h"
 
 #include <algorithm>
+#include <cmath>
 #include <tuple>
 
 #include "layout.h"
@@ -11,7 +12,9 @@ Recon parse_recon(c10::string_view s) {
   if (s == "bce") return Recon::BCE;
   if (s == "bce_logits") return Recon::BCELogits;
   if (s == "mse") return Recon::MSE;
-  TORCH_CHECK_VALUE(false, "recon: expected 'bce', 'bce_logits' or 'mse', got '", s, "'");
+  if (s == "l1") return Recon::L1;
+  if (s == "gaussian") return Recon::Gaussian;
+  TORCH_CHECK_VALUE(false, "recon: expected 'bce', 'bce_logits', 'mse', 'l1' or 'gaussian', got '", s, "'");
 }
 
 Reduction parse_reduction(c10::string_view s) {
@@ -56,28 +59,102 @@ static std::tuple<int64_t, int64_t, int64_t> check_elbo_inputs(const Tensor& rec
   TORCH_CHECK_VALUE(recon.dim() >= 1, "recon_x: expected a tensor of shape (N, ...), got a 0-d tensor");
   TORCH_CHECK_VALUE(x.sizes() == recon.sizes(), "x: expected the shape of recon_x ", recon.sizes(), ", got ",
                     x.sizes());
-  TORCH_CHECK_VALUE(mu.dim() == 2, "mu: expected shape (N, L), got ", mu.sizes());
+  TORCH_CHECK_VALUE(mu.dim() >= 1, "mu: expected a tensor of shape (N, ...), got a 0-d tensor");
   TORCH_CHECK_VALUE(logvar.sizes() == mu.sizes(), "logvar: expected the shape of mu ", mu.sizes(), ", got ",
                     logvar.sizes());
   const int64_t n = recon.size(0);
   TORCH_CHECK_VALUE(mu.size(0) == n, "mu: expected batch size ", n, " (recon_x.shape[0]), got ", mu.size(0));
-  int64_t d = 1;
+  int64_t d = 1, l = 1;
   for (int64_t i = 1; i < recon.dim(); ++i) d *= recon.size(i);
-  return {n, d, mu.size(1)};
+  for (int64_t i = 1; i < mu.dim(); ++i) l *= mu.size(i);
+  return {n, d, l};
 }
 
-ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar, bool grad_recon,
-                         bool grad_latent) {
+// A prior tensor: mu's dtype and device, a shape that broadcasts to mu's.
+static void check_prior(const char* name, const Tensor& p, const Tensor& mu) {
+  check_like(name, p, "mu", mu);
+  TORCH_CHECK_VALUE(p.dim() <= mu.dim() && at::is_expandable_to(p.sizes(), mu.sizes()), name,
+                    ": expected a shape that broadcasts to mu's ", mu.sizes(), " (mu's own, or one like ",
+                    "mu.shape[1:] shared by every sample), got ", p.sizes());
+}
+
+// A prior that is the same for every sample: it has no batch dimension, or one of size 1.
+static bool shared_prior(const Tensor& p, const Tensor& mu) {
+  return p.dim() < mu.dim() || (p.size(0) == 1 && mu.size(0) != 1);
+}
+
+static void check_options(const Tensor& recon, const Tensor& mu, const ElboOptions& opt, Recon mode, Reduction red) {
+  TORCH_CHECK_VALUE(opt.prior_mu.has_value() == opt.prior_logvar.has_value(),
+                    opt.prior_mu.has_value() ? "prior_logvar" : "prior_mu",
+                    ": expected a tensor, as prior_mu and prior_logvar go together (both or neither)");
+  if (opt.prior_mu.has_value()) {
+    check_prior("prior_mu", *opt.prior_mu, mu);
+    check_prior("prior_logvar", *opt.prior_logvar, mu);
+  }
+  TORCH_CHECK_VALUE(opt.free_bits >= 0.0 && std::isfinite(opt.free_bits),
+                    "free_bits: expected a finite float >= 0 (nats per latent unit), got ", opt.free_bits);
+  TORCH_CHECK_VALUE(opt.free_bits == 0.0 || red != Reduction::None,
+                    "free_bits: the floor applies to each unit's KL averaged over the batch, so it needs "
+                    "reduction 'sum' or 'mean', not 'none'");
+  if (mode != Recon::Gaussian) {
+    TORCH_CHECK_VALUE(!opt.recon_logvar.has_value(),
+                      "recon_logvar: only recon='gaussian' takes a log-variance; drop it or use recon='gaussian'");
+    return;
+  }
+  TORCH_CHECK_VALUE(opt.recon_logvar.has_value(),
+                    "recon_logvar: recon='gaussian' needs the decoder's log-variance, a 0-d tensor or one of "
+                    "recon_x's shape");
+  const Tensor& rlv = *opt.recon_logvar;
+  check_like("recon_logvar", rlv, "recon_x", recon);
+  TORCH_CHECK_VALUE(rlv.dim() == 0 || rlv.sizes() == recon.sizes(),
+                    "recon_logvar: expected a 0-d tensor (one learned log-variance) or the shape of recon_x ",
+                    recon.sizes(), ", got ", rlv.sizes());
+}
+
+ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar,
+                         const ElboOptions& opt, Recon mode, Reduction red, bool grad_recon, bool grad_latent) {
   const auto [n, d, l] = check_elbo_inputs(recon, x, mu, logvar);
+  check_options(recon, mu, opt, mode, red);
   const auto fmt = kernel_format(recon);
-  ElboBuffers b{recon.contiguous(fmt), x.contiguous(fmt), mu.contiguous(), logvar.contiguous(), {}, {}, {}, n, d, l};
-  b.g_recon = grad_recon ? at::empty_like(b.recon, fmt) : at::empty({0}, b.recon.options());
+  ElboBuffers b;
+  b.n = n;
+  b.d = d;
+  b.l = l;
+  b.recon = recon.contiguous(fmt);
+  b.x = x.contiguous(fmt);
+  b.mu = mu.contiguous();
+  b.logvar = logvar.contiguous();
   // The latent gradients in the loss dtype (float32 for half inputs) until the backward has scaled
   // them (csrc/autograd.cpp): 0.5 (exp(logvar) - 1) leaves float16's range at logvar > 11.8, and
   // beta = 0 must still give 0. They are N x L, small beside recon's.
   const auto lopts = b.mu.options().dtype(loss_dtype(mu.scalar_type()));
-  b.g_mu = grad_latent ? at::empty(b.mu.sizes(), lopts) : at::empty({0}, lopts);
-  b.g_logvar = grad_latent ? at::empty(b.logvar.sizes(), lopts) : at::empty({0}, lopts);
+  const auto latent_buf = [&](bool wanted) { return wanted ? at::empty(mu.sizes(), lopts) : at::empty({0}, lopts); };
+  b.g_recon = grad_recon ? at::empty_like(b.recon, fmt) : at::empty({0}, b.recon.options());
+  b.g_mu = latent_buf(grad_latent);
+  b.g_logvar = latent_buf(grad_latent);
+  const bool prior = opt.prior_mu.has_value();
+  if (prior) {
+    const Tensor &pm = *opt.prior_mu, &pl = *opt.prior_logvar;
+    // Both shared: (l) each, read for every row; otherwise both (n, l) (a copy where broadcast).
+    b.prior_shared = shared_prior(pm, mu) && shared_prior(pl, mu);
+    const auto lay = [&](const Tensor& p) {
+      if (!b.prior_shared) return p.sizes() == mu.sizes() ? p.contiguous() : p.expand(mu.sizes()).contiguous();
+      const Tensor q = p.dim() == mu.dim() ? p.squeeze(0) : p;  // no batch dimension
+      return q.expand(mu.sizes().slice(1)).contiguous();
+    };
+    b.prior_mu = lay(pm);
+    b.prior_logvar = lay(pl);
+  }
+  b.g_prior_mu = latent_buf(prior && grad_latent);
+  b.g_prior_logvar = latent_buf(prior && grad_latent);
+  b.kl_elems = (opt.unit_kl || opt.free_bits > 0.0) ? at::empty({n, l}, lopts) : at::empty({0}, lopts);
+  if (mode == Recon::Gaussian) {
+    const Tensor& rlv = *opt.recon_logvar;
+    b.rlv_scalar = rlv.dim() == 0;
+    b.recon_logvar = b.rlv_scalar ? rlv : rlv.contiguous(fmt);
+  }
+  b.g_recon_logvar = (grad_recon && mode == Recon::Gaussian && !b.rlv_scalar) ? at::empty_like(b.recon, fmt)
+                                                                              : at::empty({0}, b.recon.options());
   return b;
 }
 

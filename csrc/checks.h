@@ -21,17 +21,29 @@ DType kernel_dtype(at::ScalarType st);
 // float32 for half types, the input dtype otherwise.
 at::ScalarType loss_dtype(at::ScalarType t);
 
-// The elbo_loss inputs, checked (shapes, dtypes, devices: ValueError/TypeError naming the
-// argument) and laid out as the kernels read them (a flat (N, D) view of recon_x and x, each
-// sample one block of memory), with the gradient buffers the kernels write (empty when not
-// wanted).
+// The elbo_loss inputs, checked (shapes, dtypes, devices, options: ValueError/TypeError naming the
+// argument) and laid out as the kernels read them (a flat (N, D) view of recon_x and x, each sample
+// one block of memory; latents (N, L) contiguous, L the product of mu.shape[1:]), with the gradient
+// buffers the kernels write (empty when not wanted).
+struct ElboOptions {
+  c10::optional<Tensor> prior_mu, prior_logvar, recon_logvar;
+  double free_bits = 0.0;
+  bool unit_kl = false;  // the per-unit KL (free bits need it too)
+};
 struct ElboBuffers {
   Tensor recon, x, mu, logvar;
-  Tensor g_recon, g_mu, g_logvar;
+  Tensor prior_mu, prior_logvar;  // undefined (no prior), (n, l) per sample, or (l) when prior_shared
+  bool prior_shared = false;
+  Tensor recon_logvar;  // undefined, recon's layout per element, or 0-d (rlv_scalar)
+  bool rlv_scalar = false;
+  // g_prior_*: per element, mu's shape, the loss dtype (the backward sums a broadcast prior's);
+  // g_recon_logvar: per element like g_recon (empty for a 0-d recon_logvar: the op makes it);
+  // kl_elems: (n, l) in the loss dtype, each element's KL, when the per-unit KL is wanted.
+  Tensor g_recon, g_mu, g_logvar, g_prior_mu, g_prior_logvar, g_recon_logvar, kl_elems;
   int64_t n, d, l;
 };
-ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar, bool grad_recon,
-                         bool grad_latent);
+ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar,
+                         const ElboOptions& opt, Recon mode, Reduction red, bool grad_recon, bool grad_latent);
 
 void check_reparam_inputs(const Tensor& mu, const Tensor& logvar, int64_t num_samples);
 void check_reparam_backward_inputs(const Tensor& grad_z, const Tensor& logvar, const Tensor& rng_state,

@@ -19,10 +19,14 @@ constexpr bool kHasCuda = false;
 #endif
 
 TORCH_LIBRARY(vae_ext, m) {
+  // Outputs: the reduced reconstruction and KL terms (with free bits, the floored KL), the per-unit
+  // KL (mu.shape[1:], when unit_kl or free bits; else empty), and the gradient buffers the forward
+  // writes (csrc/ops.h ElboOutputs; vae_ext/_ops.py's fake kernel gives their shapes).
   m.def(
       "elbo_loss(Tensor recon, Tensor x, Tensor mu, Tensor logvar, str recon_mode, str reduction, "
-      "bool grad_recon, bool grad_latent, bool validate, bool total=False) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool grad_recon, bool grad_latent, bool validate, bool total=False, Tensor? prior_mu=None, "
+      "Tensor? prior_logvar=None, Tensor? recon_logvar=None, float free_bits=0., bool unit_kl=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "reparameterize(Tensor mu, Tensor logvar, int num_samples, bool return_eps, Generator? generator=None) "
       "-> (Tensor, Tensor, Tensor)",

@@ -59,8 +59,9 @@ BAD_INPUTS = [
     ("x_other_batch_same_numel", dict(x=torch.rand(10, 4)), ValueError, "x"),
     ("recon_x_0d", dict(recon_x=torch.tensor(0.5), x=torch.tensor(0.5)), ValueError, "recon_x"),
     ("mu_batch", dict(mu=torch.zeros(5, 3), logvar=torch.zeros(5, 3)), ValueError, "mu"),
-    ("mu_1d", dict(mu=torch.zeros(4), logvar=torch.zeros(4)), ValueError, "mu"),
-    ("mu_3d", dict(mu=torch.zeros(4, 3, 1), logvar=torch.zeros(4, 3, 1)), ValueError, "mu"),
+    # latents of any shape (N, ...) are accepted (issue 15); a 0-d mu has no batch dimension
+    ("mu_0d", dict(mu=torch.tensor(0.0), logvar=torch.tensor(0.0)), ValueError, "mu"),
+    ("mu_batch_conv", dict(mu=torch.zeros(5, 3, 2, 2), logvar=torch.zeros(5, 3, 2, 2)), ValueError, "mu"),
     ("logvar_shape", dict(logvar=torch.zeros(4, 2)), ValueError, "logvar"),
     ("logvar_transposed_shape", dict(mu=torch.zeros(4, 4), logvar=torch.zeros(4, 3)), ValueError, "logvar"),
     # options
@@ -173,7 +174,7 @@ def test_no_range_check_outside_bce(mode):
 
 
 @pytest.mark.parametrize("kwargs,exc,name", [
-    (dict(recon="l1"), ValueError, "recon"),
+    (dict(recon="huber"), ValueError, "recon"),
     (dict(reduction="avg"), ValueError, "reduction"),
     (dict(beta=-1.0), ValueError, "beta"),
     (dict(beta=float("nan")), ValueError, "beta"),

@@ -58,12 +58,12 @@ def test_inference_mode(mode):
 def test_direct_op_allocates_no_grad_buffers_when_flags_false():
     r, x, mu, lv = make_elbo_inputs("bce", (8, 50), 4, F32, seed=6)
     for reduction in REDUCTIONS:
-        rec, kl, g_r, g_mu, g_lv = ELBO_OP(r, x, mu, lv, "bce", reduction, False, False, False)
+        rec, kl, _units, g_r, g_mu, g_lv, *_ = ELBO_OP(r, x, mu, lv, "bce", reduction, False, False, False)
         assert (g_r.numel(), g_mu.numel(), g_lv.numel()) == (0, 0, 0), (
             f"{reduction}: flags False but grad buffers of numel {g_r.numel()}, {g_mu.numel()}, {g_lv.numel()}")
-        rec2, kl2, g_r, g_mu, g_lv = ELBO_OP(r, x, mu, lv, "bce", reduction, True, False, False)
+        rec2, kl2, _units, g_r, g_mu, g_lv, *_ = ELBO_OP(r, x, mu, lv, "bce", reduction, True, False, False)
         assert g_r.shape == r.shape and g_mu.numel() == 0 and g_lv.numel() == 0
-        rec3, kl3, g_r, g_mu, g_lv = ELBO_OP(r, x, mu, lv, "bce", reduction, False, True, False)
+        rec3, kl3, _units, g_r, g_mu, g_lv, *_ = ELBO_OP(r, x, mu, lv, "bce", reduction, False, True, False)
         assert g_r.numel() == 0 and g_mu.shape == mu.shape and g_lv.shape == lv.shape
         # the flags change what is written, not the values of the terms
         for a, b in ((rec, rec2), (rec, rec3), (kl, kl2), (kl, kl3)):
@@ -76,7 +76,8 @@ def test_direct_op_buffers_not_changed_by_a_later_backward(reduction):
     scales in place (issue 19, item 4: (rec * 2 + kl * 3).backward() doubled the g_recon returned)."""
     r, x, mu, lv = make_elbo_inputs("bce", (4, 30), 3, F32, seed=7)
     leaves = [t.clone().requires_grad_(True) for t in (r, mu, lv)]
-    rec, kl, g_r, g_mu, g_lv = ELBO_OP(leaves[0], x, leaves[1], leaves[2], "bce", reduction, True, True, False)
+    rec, kl, _units, g_r, g_mu, g_lv, *_ = ELBO_OP(leaves[0], x, leaves[1], leaves[2], "bce", reduction, True, True,
+                                                   False)
     before = [t.clone() for t in (g_r, g_mu, g_lv)]
     w = upstream_for(reduction, 4).float()
     ((rec * 2 + kl * 3) * w).sum().backward()
@@ -120,8 +121,9 @@ def test_api_requests_only_needed_grad_buffers(case):
     assert len(mode.calls) == 1, f"expected one vae_ext::elbo_loss call, saw {len(mode.calls)}"
     args, out = mode.calls[0]
     assert (bool(args[6]), bool(args[7])) == (expect_recon, expect_latent), f"grad flags {args[6:8]}"
-    assert (out[2].numel() > 0) == expect_recon, f"g_recon numel {out[2].numel()}"
-    assert (out[3].numel() > 0) == expect_latent and (out[4].numel() > 0) == expect_latent
+    # outputs: rec, kl, unit_kl, g_recon, g_mu, g_logvar, ...
+    assert (out[3].numel() > 0) == expect_recon, f"g_recon numel {out[3].numel()}"
+    assert (out[4].numel() > 0) == expect_latent and (out[5].numel() > 0) == expect_latent
 
 
 def test_backward_twice_with_retain_graph():

@@ -20,11 +20,16 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # --------------------------------------------------------------------------- elbo_loss
 # vae_ext::elbo_loss(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent, validate,
-#                    total=False) -> (rec, kl, g_recon, g_mu, g_logvar)
-# rec and kl are the reduced reconstruction and KL terms; g_* are d(term)/d(input), written in the
-# same pass (empty when their flag is False; g_mu and g_logvar in the loss dtype, float32 for half
-# inputs); the backward only scales them by grad_output. Through autograd, when a graph is
-# recorded, the three come back empty: the backward scales the saved buffers in place.
+#                    total=False, prior_mu=None, prior_logvar=None, recon_logvar=None, free_bits=0.,
+#                    unit_kl=False)
+#   -> (rec, kl, unit_kl, g_recon, g_mu, g_logvar, g_prior_mu, g_prior_logvar, g_recon_logvar)
+# rec and kl are the reduced reconstruction and KL terms (with free bits, the floored KL); unit_kl is
+# each latent unit's KL averaged over the batch (mu.shape[1:]; empty unless unit_kl or free bits);
+# g_* are d(term)/d(input), written in the same pass (empty when their flag is False; the latent and
+# prior ones per element, mu's shape, in the loss dtype, float32 for half inputs; a 0-d
+# recon_logvar's per sample for "none", else 0-d); the backward only scales them by grad_output
+# (and sums a broadcast prior's). Through autograd, when a graph is recorded, they come back empty:
+# the backward scales the saved buffers in place.
 # total=True: the first output is the loss rec + kl (beta = 1) and the second is empty, which
 # saves an add, its autograd node and a tensor in eager mode.
 
@@ -42,16 +47,27 @@ def _flat_format(recon: torch.Tensor) -> torch.memory_format:
 
 
 @torch.library.register_fake("vae_ext::elbo_loss")
-def _elbo_loss_fake(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent, validate, total=False):
+def _elbo_loss_fake(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent, validate, total=False,
+                    prior_mu=None, prior_logvar=None, recon_logvar=None, free_bits=0.0, unit_kl=False):
     out_dtype = _out_dtype(recon.dtype)
     shape = (recon.shape[0],) if reduction == "none" else ()
     rec = recon.new_empty(shape, dtype=out_dtype)
     kl = recon.new_empty(0 if total else shape, dtype=out_dtype)
+    units = mu.new_empty(mu.shape[1:] if unit_kl or free_bits > 0 else 0, dtype=out_dtype)
     g_recon = torch.empty_like(recon, memory_format=_flat_format(recon)) if grad_recon else recon.new_empty(0)
+
     # the latent gradients in the loss dtype (float32 for half inputs), as csrc/checks.cpp prepare_elbo
-    g_mu = mu.new_empty(mu.shape if grad_latent else 0, dtype=out_dtype)
-    g_logvar = mu.new_empty(logvar.shape if grad_latent else 0, dtype=out_dtype)
-    return rec, kl, g_recon, g_mu, g_logvar
+    def latent(wanted):
+        return mu.new_empty(mu.shape if wanted else 0, dtype=out_dtype)
+
+    prior = prior_mu is not None and grad_latent
+    if recon_logvar is None or not grad_recon:
+        g_rlv = recon.new_empty(0)
+    elif recon_logvar.dim() == 0:
+        g_rlv = recon.new_empty(shape, dtype=out_dtype)
+    else:
+        g_rlv = torch.empty_like(recon, memory_format=_flat_format(recon))
+    return rec, kl, units, g_recon, latent(grad_latent), latent(grad_latent), latent(prior), latent(prior), g_rlv
 
 
 # --------------------------------------------------------------------------- reparameterize

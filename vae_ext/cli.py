@@ -109,8 +109,7 @@ def _train_options(p: argparse.ArgumentParser, latent: bool = True, sweep: bool 
     """The options of `train` (and `sweep`). Defaults are None here: TrainConfig fills them in, and
     on --resume only the options given explicitly override the checkpoint's."""
     from .data import BINARIZE_MODES
-    from .functional import RECON_MODES
-    from .models import ARCHS
+    from .models import ARCHS, RECON_MODES
 
     d = p.add_argument_group("data")
     d.add_argument("--data", metavar="SPEC", help="digits (default: scikit-learn's 8x8 digits), mnist:DIR "

@@ -8,8 +8,7 @@ from dataclasses import dataclass
 
 from .data import BINARIZE_MODES, parse_split
 from .errors import ConfigError
-from .functional import RECON_MODES
-from .models import ARCHS
+from .models import ARCHS, RECON_MODES
 
 __all__ = ["TrainConfig", "FIXED_ON_RESUME", "DEFAULT_HIDDEN", "DEFAULT_CHANNELS"]
 

@@ -19,7 +19,7 @@ from . import _ops  # noqa: F401  (loads the kernels, registers their fake kerne
 
 __all__ = ["elbo_loss", "gaussian_kl", "reparameterize", "RECON_MODES", "REDUCTIONS", "KL_REDUCTIONS"]
 
-RECON_MODES = ("bce", "bce_logits", "mse")
+RECON_MODES = ("bce", "bce_logits", "mse", "l1", "gaussian")
 KL_REDUCTIONS = ("sum", "mean", "none")
 # "pixel_mean": the reconstruction term averaged over every element, as F.mse_loss(recon, x) and
 # the codebases built on it do (docs/porting.md); the KL term as "mean".
@@ -84,12 +84,21 @@ def _check_beta(beta) -> float:
     return beta
 
 
-def _elbo_args_ok(recon_x, x, mu, logvar, recon, reduction, beta) -> bool:
+def _check_free_bits(free_bits) -> float:
+    # its value is checked by the op (csrc/checks.cpp); the type must be right to reach it
+    if isinstance(free_bits, bool) or not isinstance(free_bits, numbers.Real):
+        raise TypeError("free_bits: expected a Python float >= 0 (nats per latent unit), got "
+                        f"{type(free_bits).__name__}")
+    return float(free_bits)
+
+
+def _elbo_args_ok(recon_x, x, mu, logvar, recon, reduction, beta, extra) -> bool:
     """True when every argument passes the checks below: the usual call then skips them (they cost
     as much as a tenth of a small loss call). Anything unusual (beta an int, a tensor subclass, a
-    bad value) takes the full checks, which raise the precise error."""
+    bad value, a prior) takes the full checks, which raise the precise error."""
     t = torch.Tensor
-    if not (type(recon_x) is t and type(x) is t and type(mu) is t and type(logvar) is t and type(beta) is float):
+    if not (type(recon_x) is t and type(x) is t and type(mu) is t and type(logvar) is t and type(beta) is float
+            and extra is None):
         return False
     dt, dev = recon_x.dtype, recon_x.device
     return (
@@ -98,6 +107,21 @@ def _elbo_args_ok(recon_x, x, mu, logvar, recon, reduction, beta) -> bool:
         and type(recon) is str and recon in RECON_MODES and type(reduction) is str and reduction in REDUCTIONS
         and 0.0 <= beta < math.inf
     )
+
+
+def _optional_tensors(names_tensors):
+    """The given (name, tensor) pairs of the optional tensor arguments, each checked to be a tensor."""
+    given = [(n, t) for n, t in names_tensors if t is not None]
+    for n, t in given:
+        _check_is_tensor(n, t)
+    return given
+
+
+def _kl_true(kl, units, n, reduction):
+    """With free bits, the true KL under ``reduction`` (the op's kl is the floored one), from the
+    per-unit KL; detached: it is for logging."""
+    total = units.sum()
+    return (total * n if reduction == "sum" else total).detach()
 
 
 def elbo_loss(
@@ -111,44 +135,80 @@ def elbo_loss(
     reduction: str = "sum",
     return_terms: bool = False,
     validate: bool = False,
+    prior_mu: torch.Tensor | None = None,
+    prior_logvar: torch.Tensor | None = None,
+    recon_logvar: torch.Tensor | None = None,
+    free_bits: float = 0.0,
+    return_unit_kl: bool = False,
 ):
-    """Negative ELBO ``recon_loss(recon_x, x) + beta * KL(N(mu, exp(logvar)) || N(0, I))``, fused.
+    """Negative ELBO ``recon_loss(recon_x, x) + beta * KL(q(z|x) || p(z))``, fused.
 
     Args:
         recon_x: decoder output, shape (N, ...): probabilities for ``recon="bce"``, logits for
-            ``"bce_logits"``, values for ``"mse"``.
+            ``"bce_logits"``, values for ``"mse"``, ``"l1"`` and ``"gaussian"``.
         x: target, the shape of ``recon_x`` (or any shape with the same batch size and the same
             number of elements per sample, as the classic example's ``x.view(-1, 784)``).
             It is treated as a constant: it must not require grad.
-        mu, logvar: encoder outputs, shape (N, L).
+        mu, logvar: encoder outputs, shape (N, ...): latents of any shape, conv latents
+            (N, C, H, W) as they are; summed per sample over every non-batch dimension.
         recon: ``"bce"`` (PyTorch's ``binary_cross_entropy``, with its log clamp at -100),
-            ``"bce_logits"`` (stable BCE on logits) or ``"mse"`` (sum of squared errors).
+            ``"bce_logits"`` (stable BCE on logits), ``"mse"`` (sum of squared errors), ``"l1"``
+            (sum of absolute errors, gradient ``sign(r - x)``) or ``"gaussian"`` (the Gaussian
+            negative log-likelihood ``0.5 * ((x - r)^2 * exp(-recon_logvar) + recon_logvar +
+            log(2 pi))`` per element).
         beta: weight of the KL term, a float >= 0; changing it needs no rebuild.
         reduction: ``"sum"`` over everything, ``"mean"`` (per-sample sums averaged over the
             batch), ``"none"`` (one value per sample, shape (N,)) or ``"pixel_mean"`` (the
             reconstruction term averaged over every element, as ``F.mse_loss(recon_x, x)``, and
             the KL term as ``"mean"``: the formulation of PyTorch-VAE and many tutorials; see
             docs/porting.md).
-        return_terms: also return the reconstruction and KL terms (same reduction).
+        return_terms: also return the reconstruction and KL terms (same reduction). With
+            ``free_bits`` the KL returned is the true KL (detached, for logging); the loss uses the
+            floored one.
         validate: on CUDA, check that ``"bce"`` probabilities and targets lie in [0, 1] (one
             device sync). On CPU this check always runs and costs nothing. Without it, CUDA gives
             a NaN loss for a probability outside [0, 1], and the formula's finite value for a
             target outside it.
+        prior_mu, prior_logvar: a learned Gaussian prior N(prior_mu, exp(prior_logvar)) (both or
+            neither; default N(0, I)): mu's shape (a conditional prior network's output, a
+            hierarchical VAE's top-down prior) or broadcastable to it (a prior shared by every
+            sample, e.g. shape (L,) or (C, 1, 1)), mu's dtype and device. The KL per element is
+            ``0.5 * (plv - lv + (exp(lv) + (mu - pmu)^2) * exp(-plv) - 1)``; gradients flow to the
+            prior too, summed over the dimensions it was broadcast along.
+        recon_logvar: ``recon="gaussian"`` only: the decoder's log-variance, a 0-d tensor (one
+            learned value) or recon_x's shape (one per element); it gets its gradient.
+        free_bits: nats per latent unit (each position of mu.shape[1:]), Kingma et al. 2016: the
+            KL term becomes ``sum_u max(free_bits, KL_u)``, KL_u the unit's KL averaged over the
+            batch (times N for ``"sum"``); units under the floor get no KL gradient. Not with
+            ``reduction="none"`` (the floor is a batch statistic).
+        return_unit_kl: also return each unit's KL averaged over the batch, shape mu.shape[1:]
+            (detached; the true KL): posterior-collapse diagnostics (a unit near 0 nats is inactive).
 
     Returns:
-        ``loss`` or ``(loss, recon_term, kl_term)``. The dtype is the inputs' dtype for
-        float32/float64 and float32 for float16/bfloat16 (computed and summed in float32);
-        the gradients have the dtype of the tensors they belong to.
+        ``loss``, ``(loss, recon_term, kl_term)`` with ``return_terms``, and ``unit_kl`` appended
+        with ``return_unit_kl``. The dtype is the inputs' dtype for float32/float64 and float32
+        for float16/bfloat16 (computed and summed in float32); the gradients have the dtype of the
+        tensors they belong to.
     """
-    if not _elbo_args_ok(recon_x, x, mu, logvar, recon, reduction, beta):
-        recon_x, x, mu, logvar = _autocast_common_dtype((recon_x, x, mu, logvar))
+    options = (prior_mu, prior_logvar, recon_logvar)
+    extra = None if (prior_mu is None and prior_logvar is None and recon_logvar is None and type(free_bits) is float
+                     and free_bits == 0.0 and not return_unit_kl) else options
+    if not _elbo_args_ok(recon_x, x, mu, logvar, recon, reduction, beta, extra):
+        given = _optional_tensors((("prior_mu", prior_mu), ("prior_logvar", prior_logvar),
+                                   ("recon_logvar", recon_logvar)))
+        tensors = _autocast_common_dtype((recon_x, x, mu, logvar, *(t for _, t in given)))
+        recon_x, x, mu, logvar = tensors[:4]
+        given = [(n, t) for (n, _), t in zip(given, tensors[4:])]
         for name, t in (("recon_x", recon_x), ("x", x), ("mu", mu), ("logvar", logvar)):
             _check_is_tensor(name, t)
-        _check_same((("recon_x", recon_x), ("x", x), ("mu", mu), ("logvar", logvar)), "device")
+        _check_same((("recon_x", recon_x), ("x", x), ("mu", mu), ("logvar", logvar), *given), "device")
         _check_choice("recon", recon, RECON_MODES)
         _check_choice("reduction", reduction, REDUCTIONS)
         _check_beta(beta)
-    # dtypes and the shapes of recon_x, mu and logvar: checked by the op (csrc/checks.cpp)
+        free_bits = _check_free_bits(free_bits)
+        named = dict(given)
+        prior_mu, prior_logvar, recon_logvar = (named.get(n) for n in ("prior_mu", "prior_logvar", "recon_logvar"))
+    # dtypes, shapes and the options' values: checked by the op (csrc/checks.cpp)
     if x.shape != recon_x.shape:
         if recon_x.dim() < 1:
             raise ValueError("recon_x: expected a tensor of shape (N, ...), got a 0-d tensor")
@@ -165,8 +225,12 @@ def elbo_loss(
             "x: the target must not require grad (the fused loss treats it as a constant); "
             "pass x.detach()"
         )
-    grad_recon = grad_on and recon_x.requires_grad
-    grad_latent = grad_on and (mu.requires_grad or logvar.requires_grad)
+
+    def req(t):
+        return t is not None and t.requires_grad
+
+    grad_recon = grad_on and (recon_x.requires_grad or req(recon_logvar))
+    grad_latent = grad_on and (mu.requires_grad or logvar.requires_grad or req(prior_mu) or req(prior_logvar))
     # beta stays out of the kernel: a new value needs no rebuild and no torch.compile
     # recompilation; autograd carries it to the KL gradient. In eager mode with beta = 1 (most
     # calls) the kernel adds the two terms itself: no add op, no autograd node, no extra tensor.
@@ -176,51 +240,70 @@ def elbo_loss(
     # would not: a cost only this porting aid pays).
     pixel_mean = reduction == "pixel_mean"
     total = not return_terms and not pixel_mean and not torch.compiler.is_compiling() and beta == 1.0
-    rec, kl, _, _, _ = torch.ops.vae_ext.elbo_loss(
+    units_wanted = return_unit_kl or (return_terms and free_bits > 0)
+    rec, kl, units, *_ = torch.ops.vae_ext.elbo_loss(
         recon_x, x, mu, logvar, recon, "mean" if pixel_mean else reduction, grad_recon, grad_latent,
-        bool(validate), total
+        bool(validate), total, prior_mu, prior_logvar, recon_logvar, free_bits, units_wanted
     )
+    extra_out = (units,) if return_unit_kl else ()
     if total:
-        return rec  # rec + kl
+        return (rec, *extra_out) if extra_out else rec  # rec + kl
     if pixel_mean:
         rec = rec / math.prod(recon_x.shape[1:])
     loss = rec + beta * kl
     if return_terms:
-        return loss, rec, kl
-    return loss
+        if free_bits > 0:
+            kl = _kl_true(kl, units, mu.shape[0], reduction)
+        return (loss, rec, kl, *extra_out)
+    return (loss, *extra_out) if extra_out else loss
 
 
-def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, *, reduction: str = "sum"):
-    """``KL(N(mu, exp(logvar)) || N(0, I))`` alone, fused: for a hierarchical VAE's KL per layer, or
-    a loss whose reconstruction term is computed elsewhere (diffusers' ``AutoencoderKL``).
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor | None = None,
+                prior_logvar: torch.Tensor | None = None, *, reduction: str = "sum", free_bits: float = 0.0,
+                return_unit_kl: bool = False):
+    """``KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar)))`` alone, fused: for a hierarchical
+    VAE's KL per layer, or a loss whose reconstruction term is computed elsewhere (diffusers'
+    ``AutoencoderKL``).
 
     Args:
         mu, logvar: the posterior's mean and log-variance, shape (N, ...): latents of any shape,
             conv latents (N, C, H, W) as they are. Summed per sample over every non-batch dimension.
+        prior_mu, prior_logvar: the prior (both or neither; default N(0, I)), mu's shape or
+            broadcastable to it, as in :func:`elbo_loss`; they get gradients.
         reduction: ``"sum"`` over everything, ``"mean"`` (per-sample sums averaged over the batch)
             or ``"none"`` (one value per sample, shape (N,)).
+        free_bits: the floor in nats per latent unit, as in :func:`elbo_loss` (the result is then
+            the floored KL).
+        return_unit_kl: also return each unit's KL averaged over the batch (mu.shape[1:], detached).
 
-    Per element ``0.5 * (mu^2 + exp(logvar) - 1 - logvar)``, the KL term of :func:`elbo_loss`,
-    computed by the same kernel (with an empty reconstruction). Returns a tensor of mu's dtype
-    (float32 for float16/bfloat16); gradients flow to mu and logvar.
+    Per element ``0.5 * (plv - lv + (exp(lv) + (mu - pmu)^2) * exp(-plv) - 1)`` (with no prior
+    ``0.5 * (mu^2 + exp(logvar) - 1 - logvar)``), the KL term of :func:`elbo_loss`, computed by the
+    same kernel (with an empty reconstruction). Returns a tensor of mu's dtype (float32 for
+    float16/bfloat16).
     """
-    if isinstance(mu, torch.Tensor) and isinstance(logvar, torch.Tensor) and mu.dtype != logvar.dtype:
-        mu, logvar = _autocast_common_dtype((mu, logvar))
+    given = _optional_tensors((("prior_mu", prior_mu), ("prior_logvar", prior_logvar)))
+    if isinstance(mu, torch.Tensor) and isinstance(logvar, torch.Tensor):
+        tensors = _autocast_common_dtype((mu, logvar, *(t for _, t in given)))
+        mu, logvar = tensors[:2]
+        named = dict((n, t) for (n, _), t in zip(given, tensors[2:]))
+        prior_mu, prior_logvar = named.get("prior_mu"), named.get("prior_logvar")
     _check_tensor("mu", mu)
     _check_tensor("logvar", logvar)
-    _check_same((("mu", mu), ("logvar", logvar)), "device")
+    _check_same((("mu", mu), ("logvar", logvar), *given), "device")
     _check_same((("mu", mu), ("logvar", logvar)), "dtype")
     _check_choice("reduction", reduction, KL_REDUCTIONS)
+    free_bits = _check_free_bits(free_bits)
     if mu.dim() < 1:
         raise ValueError("mu: expected a tensor of shape (N, ...), got a 0-d tensor")
     if logvar.shape != mu.shape:
         raise ValueError(f"logvar: expected the shape of mu {tuple(mu.shape)}, got {tuple(logvar.shape)}")
-    n, per_sample = mu.shape[0], math.prod(mu.shape[1:])  # (not reshape(n, -1): n may be 0)
-    empty = mu.new_empty(n, 0)  # no reconstruction term: the kernel's KL part alone
-    grad_latent = torch.is_grad_enabled() and (mu.requires_grad or logvar.requires_grad)
-    kl, _, _, _, _ = torch.ops.vae_ext.elbo_loss(empty, empty, mu.reshape(n, per_sample), logvar.reshape(n, per_sample),
-                                                 "mse", reduction, False, grad_latent, False, True)
-    return kl
+    empty = mu.new_empty(mu.shape[0], 0)  # no reconstruction term: the kernel's KL part alone
+    grad_latent = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                  for t in (mu, logvar, prior_mu, prior_logvar))
+    kl, _, units, *_ = torch.ops.vae_ext.elbo_loss(empty, empty, mu, logvar, "mse", reduction, False, grad_latent,
+                                                   False, True, prior_mu, prior_logvar, None, free_bits,
+                                                   bool(return_unit_kl))
+    return (kl, units) if return_unit_kl else kl
 
 
 def reparameterize(

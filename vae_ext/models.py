@@ -32,10 +32,15 @@ import torch
 from torch import nn
 
 from . import functional, reference
-from .functional import RECON_MODES, _check_beta, _check_choice
+from .functional import _check_beta, _check_choice
 from .losses import FusedELBOLoss
 
 __all__ = ["VAE", "MLPVAE", "ConvVAE", "ReferenceELBOLoss", "ARCHS"]
+
+# The reconstruction modes the models score: each needs its decoder mean and its log-likelihood's
+# constant below. ("l1" and "gaussian" are loss modes of vae_ext.elbo_loss; "gaussian" needs a
+# decoder log-variance these models do not have.)
+RECON_MODES = ("bce", "bce_logits", "mse")
 
 _LOG_2PI = math.log(2.0 * math.pi)
 _LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)

@@ -130,7 +130,7 @@ VAE_HD typename M::T gaussian_q_elem(typename M::T r, typename M::T x, typename 
 
 // From Q, the sum of q over `count` elements: their loss 0.5 (Q + count (rlv + log(2 pi))), and
 // d loss / d rlv = 0.5 (count - Q) to *g_rlv. In double: count may be large.
-VAE_HD inline double gaussian_scalar_terms(double q_sum, double count, double rlv, double* g_rlv) {
+VAE_HD double gaussian_scalar_terms(double q_sum, double count, double rlv, double* g_rlv) {
   *g_rlv = 0.5 * (count - q_sum);
   return 0.5 * (q_sum + count * (rlv + kLog2Pi));
 }

@@ -6,6 +6,8 @@
 #endif
 
 #include <atomic>
+#include <cmath>
+#include <vector>
 #include <type_traits>
 
 #include "../common/dtype.h"
@@ -70,14 +72,19 @@ struct ProbRange<VecF> {
 
 // One pass over a row segment of recon/x: returns the segment's loss sum and writes the scaled
 // gradient when g is not null. Checks "bce" probabilities on the fly.
-template <typename scalar_t, Recon mode>
+// Recon::Gaussian: rlv is the log-variance per element (g_rlv its gradient, or nullptr), or, when
+// scalar_rlv, the segment returns the sum of q = (x - r)^2 inv (gaussian_q_elem) with inv = exp(-rlv)
+// of the one log-variance.
+template <typename scalar_t, Recon mode, bool scalar_rlv = false>
 double recon_segment(const scalar_t* r, const scalar_t* x, scalar_t* g, int64_t len, double scale,
-                     std::atomic<bool>* bad_prob, std::atomic<bool>* bad_target) {
+                     std::atomic<bool>* bad_prob, std::atomic<bool>* bad_target, const scalar_t* rlv = nullptr,
+                     scalar_t* g_rlv = nullptr, typename VecIO<scalar_t>::acc_t inv = 0) {
   using IO = VecIO<scalar_t>;
   using V = typename IO::V;
   using M = VecMath<V>;
   constexpr int64_t W = V::size();
   const V vscale(static_cast<typename IO::acc_t>(scale));
+  const V vinv(inv);
   const bool scaled = scale != 1.0;  // "mean" only
   V acc0(0), acc1(0);
   ProbRange<V> range, target_range;  // recon_x's and x's (binary x vectors are in range: skipped)
@@ -93,6 +100,18 @@ double recon_segment(const scalar_t* r, const scalar_t* x, scalar_t* g, int64_t 
       } else {
         lv = bce_elem<M>(rv, xv, &gv);
         target_range.add(xv);
+      }
+    } else if constexpr (mode == Recon::Gaussian && scalar_rlv) {
+      lv = gaussian_q_elem<M>(rv, xv, vinv, &gv);
+    } else if constexpr (mode == Recon::Gaussian) {
+      V glv;
+      lv = gaussian_elem<M>(rv, xv, full ? IO::load(rlv + i) : IO::load(rlv + i, cnt), &gv, &glv);
+      if (g_rlv != nullptr) {
+        if (scaled) glv = glv * vscale;
+        if (full)
+          IO::store(g_rlv + i, glv);
+        else
+          IO::store(g_rlv + i, glv, cnt);
       }
     } else {
       lv = recon_elem<mode, M>(rv, xv, &gv);
@@ -122,63 +141,136 @@ double recon_segment(const scalar_t* r, const scalar_t* x, scalar_t* g, int64_t 
   return hsum(acc0) + hsum(acc1);
 }
 
-// The gradients go to gmu and glv in the accumulation type (float for half types).
-template <typename scalar_t>
-double kl_segment(const scalar_t* mu, const scalar_t* lv, typename VecIO<scalar_t>::acc_t* gmu,
-                  typename VecIO<scalar_t>::acc_t* glv, int64_t len, double scale) {
+// The KL of a run of latent units, with its gradients (to gmu and glv, in the accumulation type:
+// float for half types, * scale) and each element's KL (to kle, unscaled) where those are not null.
+// has_prior: the prior N(pmu, exp(plv)), read at the same offsets as mu (a shared prior's caller
+// points them at the row's columns), its gradients to gpmu and gplv when not null.
+template <typename scalar_t, bool has_prior>
+double kl_segment(const scalar_t* mu, const scalar_t* lv, const scalar_t* pmu, const scalar_t* plv,
+                  typename VecIO<scalar_t>::acc_t* gmu, typename VecIO<scalar_t>::acc_t* glv,
+                  typename VecIO<scalar_t>::acc_t* gpmu, typename VecIO<scalar_t>::acc_t* gplv,
+                  typename VecIO<scalar_t>::acc_t* kle, int64_t len, double scale) {
   using IO = VecIO<scalar_t>;
   using V = typename IO::V;
   using M = VecMath<V>;
   constexpr int64_t W = V::size();
   const V vscale(static_cast<typename IO::acc_t>(scale));
   V acc(0);
+  // the first n lanes of v to p (all of them when full)
+  const auto put = [](typename IO::acc_t* p, const V& v, bool full, int64_t n) {
+    if (full)
+      v.store(p);
+    else
+      v.store(p, n);
+  };
   for (int64_t i = 0; i < len; i += W) {
     const int64_t cnt = std::min(W, len - i);
     const bool full = cnt == W;
     const V m = full ? IO::load(mu + i) : IO::load(mu + i, cnt);
     const V l = full ? IO::load(lv + i) : IO::load(lv + i, cnt);
-    V gm, gl;
-    V k = kl_elem<M>(m, l, &gm, &gl);
+    V gm, gl, gpl;
+    V k;
+    if constexpr (has_prior) {
+      const V pm = full ? IO::load(pmu + i) : IO::load(pmu + i, cnt);
+      const V pl = full ? IO::load(plv + i) : IO::load(plv + i, cnt);
+      k = kl_prior_elem<M>(m, l, pm, pl, &gm, &gl, &gpl);
+    } else {
+      k = kl_elem<M>(m, l, &gm, &gl);
+    }
     acc = acc + (full ? k : V::set(V(0), k, cnt));
+    if (kle != nullptr) put(kle + i, k, full, cnt);
     if (gmu != nullptr) {
-      if (full) {
-        (gm * vscale).store(gmu + i);
-        (gl * vscale).store(glv + i);
-      } else {
-        (gm * vscale).store(gmu + i, cnt);
-        (gl * vscale).store(glv + i, cnt);
+      put(gmu + i, gm * vscale, full, cnt);
+      put(glv + i, gl * vscale, full, cnt);
+    }
+    if constexpr (has_prior) {
+      if (gpmu != nullptr) {
+        put(gpmu + i, (V(0) - gm) * vscale, full, cnt);
+        put(gplv + i, gpl * vscale, full, cnt);
       }
     }
   }
   return hsum(acc);
 }
 
-template <typename scalar_t, Recon mode>
+// The KL part of elbo_typed: per-row sums (row_kl) or the total.
+template <typename scalar_t, bool has_prior>
+void kl_typed(const ElboArgs& a) {
+  using acc_t = typename VecIO<scalar_t>::acc_t;
+  const auto* mu = static_cast<const scalar_t*>(a.mu);
+  const auto* lv = static_cast<const scalar_t*>(a.logvar);
+  const auto* pmu = static_cast<const scalar_t*>(a.prior_mu);
+  const auto* plv = static_cast<const scalar_t*>(a.prior_logvar);
+  auto* gmu = static_cast<acc_t*>(a.grad_mu);
+  auto* glv = static_cast<acc_t*>(a.grad_logvar);
+  auto* gpmu = static_cast<acc_t*>(a.grad_prior_mu);
+  auto* gplv = static_cast<acc_t*>(a.grad_prior_logvar);
+  auto* kle = static_cast<acc_t*>(a.kl_elems);
+  const int64_t l = a.l;
+  const auto from = [](auto* p, int64_t off) { return p ? p + off : nullptr; };
+  // units [off, off + len) of the flat (n, l) latents; the prior's offset is the column's when shared
+  const auto seg = [&](int64_t off, int64_t len, int64_t prior_off) {
+    return kl_segment<scalar_t, has_prior>(mu + off, lv + off, from(pmu, prior_off), from(plv, prior_off), from(gmu, off),
+                                           from(glv, off), from(gpmu, off), from(gplv, off), from(kle, off), len,
+                                           a.grad_scale);
+  };
+  const auto row_seg = [&](int64_t row, int64_t b, int64_t e) {
+    return seg(row * l + b, e - b, a.prior_shared ? b : row * l + b);
+  };
+  if (a.row_kl != nullptr) {
+    reduce_rows(a.n, l, a.row_kl, row_seg);
+  } else if (has_prior && a.prior_shared) {  // segments must not cross rows: row sums, added in order
+    std::vector<double> rows(static_cast<size_t>(a.n));
+    reduce_rows(a.n, l, rows.data(), row_seg);
+    double s = 0.0;
+    for (double v : rows) s += v;
+    *a.total_kl = s;
+  } else {
+    *a.total_kl = reduce_flat(a.n * l, [&](int64_t b, int64_t e) { return seg(b, e - b, b); });
+  }
+}
+
+// A 0-d Gaussian log-variance: the reconstruction sums are sums of q; turn them into the loss and
+// the log-variance's gradient (gaussian_scalar_terms).
+template <typename scalar_t>
+void finish_scalar_gaussian(const ElboArgs& a, double rlv) {
+  double g = 0.0;
+  if (a.row_rec != nullptr) {
+    for (int64_t r = 0; r < a.n; ++r) {
+      a.row_rec[r] = gaussian_scalar_terms(a.row_rec[r], static_cast<double>(a.d), rlv, &g);
+      if (a.row_grad_rlv != nullptr) a.row_grad_rlv[r] = g * a.grad_scale;
+    }
+    return;
+  }
+  *a.total_rec = gaussian_scalar_terms(*a.total_rec, static_cast<double>(a.n) * static_cast<double>(a.d), rlv, &g);
+  if (a.total_grad_rlv != nullptr) *a.total_grad_rlv = g * a.grad_scale;
+}
+
+template <typename scalar_t, Recon mode, bool scalar_rlv = false>
 void elbo_typed(const ElboArgs& a) {
+  using acc_t = typename VecIO<scalar_t>::acc_t;
   const auto* r = static_cast<const scalar_t*>(a.recon);
   const auto* x = static_cast<const scalar_t*>(a.x);
   auto* g = static_cast<scalar_t*>(a.grad_recon);
+  const auto* rlv = static_cast<const scalar_t*>(a.recon_logvar);
+  auto* g_rlv = static_cast<scalar_t*>(a.grad_recon_logvar);
+  const double rlv0 = scalar_rlv ? static_cast<double>(static_cast<acc_t>(rlv[0])) : 0.0;
+  const acc_t inv = scalar_rlv ? std::exp(-static_cast<acc_t>(rlv0)) : acc_t(0);
   const int64_t d = a.d;
   const auto rec_seg = [&](int64_t off, int64_t len) {
-    return recon_segment<scalar_t, mode>(r + off, x + off, g ? g + off : nullptr, len, a.grad_scale, a.bad_prob,
-                                         a.bad_target);
+    return recon_segment<scalar_t, mode, scalar_rlv>(
+        r + off, x + off, g ? g + off : nullptr, len, a.grad_scale, a.bad_prob, a.bad_target,
+        (rlv && !scalar_rlv) ? rlv + off : nullptr, g_rlv ? g_rlv + off : nullptr, inv);
   };
-  const auto* mu = static_cast<const scalar_t*>(a.mu);
-  const auto* lv = static_cast<const scalar_t*>(a.logvar);
-  auto* gmu = static_cast<typename VecIO<scalar_t>::acc_t*>(a.grad_mu);
-  auto* glv = static_cast<typename VecIO<scalar_t>::acc_t*>(a.grad_logvar);
-  const int64_t l = a.l;
-  const auto kl_seg = [&](int64_t off, int64_t len) {
-    return kl_segment<scalar_t>(mu + off, lv + off, gmu ? gmu + off : nullptr, glv ? glv + off : nullptr, len,
-                                a.grad_scale);
-  };
-  if (a.row_rec == nullptr) {  // one sum over everything: no per-row sums needed
+  if (a.row_rec == nullptr)  // one sum over everything: no per-row sums needed
     *a.total_rec = reduce_flat(a.n * d, [&](int64_t b, int64_t e) { return rec_seg(b, e - b); });
-    *a.total_kl = reduce_flat(a.n * l, [&](int64_t b, int64_t e) { return kl_seg(b, e - b); });
-    return;
-  }
-  reduce_rows(a.n, d, a.row_rec, [&](int64_t row, int64_t b, int64_t e) { return rec_seg(row * d + b, e - b); });
-  reduce_rows(a.n, l, a.row_kl, [&](int64_t row, int64_t b, int64_t e) { return kl_seg(row * l + b, e - b); });
+  else
+    reduce_rows(a.n, d, a.row_rec, [&](int64_t row, int64_t b, int64_t e) { return rec_seg(row * d + b, e - b); });
+  if constexpr (scalar_rlv) finish_scalar_gaussian<scalar_t>(a, rlv0);
+  if (a.prior_mu != nullptr)
+    kl_typed<scalar_t, true>(a);
+  else
+    kl_typed<scalar_t, false>(a);
 }
 
 void elbo_kernel(const ElboArgs& a) {
@@ -188,6 +280,13 @@ void elbo_kernel(const ElboArgs& a) {
       case Recon::BCE: elbo_typed<scalar_t, Recon::BCE>(a); break;
       case Recon::BCELogits: elbo_typed<scalar_t, Recon::BCELogits>(a); break;
       case Recon::MSE: elbo_typed<scalar_t, Recon::MSE>(a); break;
+      case Recon::L1: elbo_typed<scalar_t, Recon::L1>(a); break;
+      case Recon::Gaussian:
+        if (a.rlv_scalar)
+          elbo_typed<scalar_t, Recon::Gaussian, true>(a);
+        else
+          elbo_typed<scalar_t, Recon::Gaussian>(a);
+        break;
     }
   });
 }

@@ -1,6 +1,8 @@
 // The CPU implementations of the vae_ext ops: check the arguments (csrc/checks.h), lay the tensors
 // out, and call the kernels of this CPU's capability (kernels.h), chosen at run time.
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -62,53 +64,96 @@ std::tuple<Tensor, Tensor> reduce_terms(double sr, double sk, int64_t n, Reducti
   return {scalar(sr), scalar(sk)};
 }
 
-ElboOutputs elbo_loss_cpu(const Tensor& recon, const Tensor& x, const Tensor& mu, const Tensor& logvar,
-                          c10::string_view recon_mode, c10::string_view reduction, bool grad_recon, bool grad_latent,
-                          bool validate, bool total) {
+ElboOutputs elbo_loss_cpu(VAE_EXT_ELBO_ARGS) {
   (void)validate;  // the CPU kernel always checks "bce" probabilities and targets (it is free here)
   const Recon mode = parse_recon(recon_mode);
   const Reduction red = parse_reduction(reduction);
-  const ElboBuffers b = prepare_elbo(recon, x, mu, logvar, grad_recon, grad_latent);
-  const int64_t n = b.n, d = b.d, l = b.l;
-  const Tensor &rc = b.recon, &xc = b.x, &mc = b.mu, &lc = b.logvar, &g_r = b.g_recon, &g_mu = b.g_mu,
-               &g_lv = b.g_logvar;
+  const ElboOptions opt{prior_mu, prior_logvar, recon_logvar, free_bits, unit_kl};
+  const ElboBuffers b = prepare_elbo(recon, x, mu, logvar, opt, mode, red, grad_recon, grad_latent);
+  const int64_t n = b.n;
   // Per-sample sums only for reduction="none"; sum and mean take one total each (no buffer of n).
   const bool per_sample = red == Reduction::None;
   Tensor row_rec = per_sample ? at::empty({n}, at::kDouble) : Tensor();
   Tensor row_kl = per_sample ? at::empty({n}, at::kDouble) : Tensor();
-  double total_rec = 0.0, total_kl = 0.0;
-  std::atomic<bool> bad{false};
+  // a 0-d recon_logvar's gradient: per sample (none) or over the batch, in double until the end
+  const bool rlv_grad = grad_recon && b.rlv_scalar;
+  Tensor row_grad_rlv = rlv_grad && per_sample ? at::empty({n}, at::kDouble) : Tensor();
+  double total_rec = 0.0, total_kl = 0.0, total_grad_rlv = 0.0;
+  std::atomic<bool> bad{false}, bad_target{false};
+  const auto data = [](const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; };
   cpu::ElboArgs args{};
   args.dtype = kernel_dtype(recon.scalar_type());
   args.mode = mode;
-  args.recon = rc.const_data_ptr();
-  args.x = xc.const_data_ptr();
-  args.grad_recon = grad_recon ? ptr_or_null(g_r) : nullptr;
-  args.mu = mc.const_data_ptr();
-  args.logvar = lc.const_data_ptr();
-  args.grad_mu = grad_latent ? ptr_or_null(g_mu) : nullptr;
-  args.grad_logvar = grad_latent ? ptr_or_null(g_lv) : nullptr;
+  args.recon = b.recon.const_data_ptr();
+  args.x = b.x.const_data_ptr();
+  args.grad_recon = grad_recon ? ptr_or_null(b.g_recon) : nullptr;
+  args.recon_logvar = data(b.recon_logvar);
+  args.rlv_scalar = b.rlv_scalar;
+  args.grad_recon_logvar = ptr_or_null(b.g_recon_logvar);
+  args.mu = b.mu.const_data_ptr();
+  args.logvar = b.logvar.const_data_ptr();
+  args.grad_mu = grad_latent ? ptr_or_null(b.g_mu) : nullptr;
+  args.grad_logvar = grad_latent ? ptr_or_null(b.g_logvar) : nullptr;
+  args.prior_mu = data(b.prior_mu);
+  args.prior_logvar = data(b.prior_logvar);
+  args.prior_shared = b.prior_shared;
+  args.grad_prior_mu = ptr_or_null(b.g_prior_mu);
+  args.grad_prior_logvar = ptr_or_null(b.g_prior_logvar);
+  args.kl_elems = ptr_or_null(b.kl_elems);
   args.n = n;
-  args.d = d;
-  args.l = l;
+  args.d = b.d;
+  args.l = b.l;
   args.grad_scale = (red == Reduction::Mean && n > 0) ? 1.0 / static_cast<double>(n) : 1.0;
   args.row_rec = per_sample ? row_rec.data_ptr<double>() : nullptr;
   args.row_kl = per_sample ? row_kl.data_ptr<double>() : nullptr;
   args.total_rec = &total_rec;
   args.total_kl = &total_kl;
-  std::atomic<bool> bad_target{false};
+  args.row_grad_rlv = row_grad_rlv.defined() ? row_grad_rlv.data_ptr<double>() : nullptr;
+  args.total_grad_rlv = rlv_grad ? &total_grad_rlv : nullptr;
   args.bad_prob = &bad;
   args.bad_target = &bad_target;
   cpu::kernels().elbo(args);
   if (bad.load()) throw_bce_out_of_range();
   if (bad_target.load()) throw_bce_target_out_of_range();
   const at::ScalarType out = loss_dtype(recon.scalar_type());
+  Tensor g_rlv = b.g_recon_logvar;
+  if (rlv_grad) g_rlv = per_sample ? row_grad_rlv.to(out) : at::scalar_tensor(total_grad_rlv, at::dtype(out));
+  Tensor units = at::empty({0}, at::dtype(out));
+  if (unit_kl || free_bits > 0.0) {
+    Tensor floored;
+    units = unit_kl_and_free_bits(b.kl_elems.view({n, b.l}), mu.sizes().slice(1), free_bits, red,
+                                  {b.g_mu, b.g_logvar, b.g_prior_mu, b.g_prior_logvar}, &floored)
+                .to(out);
+    // (reduce_terms divides a mean's sum by n again)
+    if (free_bits > 0.0) total_kl = floored.item<double>() * (red == Reduction::Mean ? static_cast<double>(n) : 1.0);
+  }
+  const auto grads = [&](Tensor rec, Tensor kl) {
+    return ElboOutputs{rec, kl, units, b.g_recon, b.g_mu, b.g_logvar, b.g_prior_mu, b.g_prior_logvar, g_rlv};
+  };
   if (per_sample) {
-    if (total) return {row_rec.add_(row_kl).to(out), at::empty({0}, row_rec.options().dtype(out)), g_r, g_mu, g_lv};
-    return {row_rec.to(out), row_kl.to(out), g_r, g_mu, g_lv};
+    if (total) return grads(row_rec.add_(row_kl).to(out), at::empty({0}, row_rec.options().dtype(out)));
+    return grads(row_rec.to(out), row_kl.to(out));
   }
   auto [rec, kl] = reduce_terms(total_rec, total_kl, n, red, total, out);
-  return {rec, kl, g_r, g_mu, g_lv};
+  return grads(rec, kl);
+}
+
+// Each column's sum runs over the rows in order, whichever thread takes it.
+Tensor sum_over_batch_cpu_impl(const Tensor& g) {
+  const Tensor gc = g.contiguous();
+  const int64_t n = g.size(0);
+  int64_t l = 1;
+  for (int64_t i = 1; i < g.dim(); ++i) l *= g.size(i);
+  Tensor out = at::zeros({l}, g.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "sum_over_batch", [&] {
+    const scalar_t* p = gc.const_data_ptr<scalar_t>();
+    double* o = out.data_ptr<double>();
+    at::parallel_for(0, l, std::max<int64_t>(1, cpu::kGrainElems / std::max<int64_t>(n, 1)), [&](int64_t b, int64_t e) {
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t u = b; u < e; ++u) o[u] += static_cast<double>(p[r * l + u]);
+    });
+  });
+  return out.view(g.sizes().slice(1));
 }
 
 uint64_t draw_cpu_seed(const std::optional<at::Generator>& generator) {
@@ -180,6 +225,11 @@ Tensor philox_normal_cpu(const Tensor& like, int64_t seed, int64_t offset) {
 }
 
 }  // namespace
+
+Tensor sum_over_batch_cpu(const Tensor& g) {
+  TORCH_CHECK(g.is_cpu() && g.dim() >= 1, "sum_over_batch_cpu: expected a CPU tensor of shape (N, ...)");
+  return sum_over_batch_cpu_impl(g);
+}
 
 TORCH_LIBRARY_IMPL(vae_ext, CPU, m) {
   m.impl("elbo_loss", &elbo_loss_cpu);
