@@ -49,11 +49,6 @@ _LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 class ReferenceELBOLoss(FusedELBOLoss):
     """:class:`~vae_ext.FusedELBOLoss` computed by :func:`vae_ext.reference.elbo_loss` (plain PyTorch)."""
 
-    def __init__(self, recon: str = "bce", beta: float = 1.0, reduction: str = "sum", validate: bool = False,
-                 free_bits: float = 0.0):
-        super().__init__(recon=recon, beta=beta, reduction=reduction, validate=validate)
-        self.free_bits = free_bits
-
     def forward(self, recon_x, x, mu, logvar, return_terms: bool = False, *, prior_mu=None, prior_logvar=None,
                 recon_logvar=None, return_unit_kl: bool = False):
         return reference.elbo_loss(recon_x, x, mu, logvar, recon=self.recon, beta=self.beta,
