@@ -18,7 +18,7 @@ from vae_ext.checkpoint import load_checkpoint
 from vae_ext.config import TrainConfig
 from vae_ext.data import load_data
 from vae_ext.errors import ConfigError, DataError
-from vae_ext.models import ConvVAE, MLPVAE
+from vae_ext.models import MLPVAE, ConvVAE
 from vae_ext.train import METRIC_COLUMNS, train_step
 
 from helpers import assert_one_line_error, read_csv, run_cli
@@ -172,7 +172,7 @@ def test_conditional_model_uses_the_label_everywhere(cls, kw):
     assert not torch.allclose(m.decode(mu, y), m.decode(mu, other))
     assert m.decode(torch.randn(7, 5, 3), y).shape == (7, 5, 1, 8, 8)  # a leading samples dimension
     assert m.sample(4, y=torch.arange(4)).shape == (4, 1, 8, 8) and m.reconstruct(x, y).shape == x.shape
-    assert m.elbo(x, y).shape == (5,) and m.log_likelihood(x, 3, y=y).shape == (5,)
+    assert m.elbo(x, y=y).shape == (5,) and m.log_likelihood(x, 3, y=y).shape == (5,)
     assert vae_ext.VAE.from_config(m.config).config == m.config and m.config["num_classes"] == 4
     for bad, match in ((None, "needs the class labels"), (torch.tensor([0, 4, 1, 1, 1]), r"0\.\.3, found 0\.\.4"),
                        (torch.zeros(5), "integer tensor")):
@@ -188,7 +188,7 @@ def test_conditional_elbo_and_sample_use_the_class_prior():
     with torch.no_grad():
         m.prior_net.weight.normal_()
     x, y = torch.rand(6, 1, 8, 8).bernoulli(), torch.tensor([0, 1, 2, 0, 1, 2])
-    _, _, kl = m.elbo(x, y, generator=torch.Generator().manual_seed(1), return_terms=True)
+    _, _, kl = m.elbo(x, generator=torch.Generator().manual_seed(1), return_terms=True, y=y)
     mu, logvar = m.encode(x, y)
     pmu, plv = m.prior(y)
     torch.testing.assert_close(kl, vae_ext.reference.kl_divergence(mu, logvar, pmu, plv))
@@ -357,3 +357,20 @@ def test_active_units_column(capsys, tmp_path, monkeypatch):
     rc, stdout, _ = run_cli(capsys, "train", "--resume", out, "--epochs", "2", "--no-progress")
     au = int(read_csv(out / "metrics.csv")[1]["active_units"])
     assert rc == 0 and 0 <= au <= 4 and f"active units {au}/4" in stdout
+
+
+def test_conditional_checkpoint_checks(capsys, tmp_path):
+    """A checkpoint whose model does not match its 'conditional' option, and eval on labels the model
+    does not know: one line each."""
+    out = tmp_path / "c"
+    assert run_cli(capsys, "train", "--conditional", "--epochs", "1", "--out", out, *TINY)[0] == 0
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    del ck["model_config"]["num_classes"]
+    torch.save(ck, tmp_path / "bad.pt")
+    rc, _, err = run_cli(capsys, "eval", tmp_path / "bad.pt", "--k", "2", "--no-progress")
+    assert_one_line_error(rc, err, "malformed checkpoint: 'model_config'", "num_classes")
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "more.npz", x_train=rng.random((4, 8, 8)), x_test=rng.random((3, 8, 8)),
+             y_train=np.arange(4), y_test=np.array([0, 11, 3]))
+    rc, _, err = run_cli(capsys, "eval", out, "--data", tmp_path / "more.npz", "--k", "2", "--no-progress")
+    assert_one_line_error(rc, err, "has class labels up to 11 but the model in", "knows 10 classes")

@@ -37,7 +37,7 @@ def evaluate(model: VAE, images: torch.Tensor, ctx: DistributedContext | None = 
     g = torch.Generator(device=dev).manual_seed(seed + ctx.rank)
     sums = torch.zeros(4, dtype=torch.float64, device=dev)
     for b, y in zip(torch.split(shard, batch_size), ys):
-        elbo, log_px_z, kl = model.elbo(b.to(dev), y, generator=g, return_terms=True)
+        elbo, log_px_z, kl = model.elbo(b.to(dev), generator=g, return_terms=True, y=y)
         sums += torch.stack([-elbo.sum(), -log_px_z.sum(), kl.sum(), elbo.new_tensor(len(b))]).double()
     ctx.all_reduce_sum(sums)
     model.train(was_training)

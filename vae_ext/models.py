@@ -260,7 +260,7 @@ class VAE(nn.Module):
             return recon, mu, logvar
         return (recon, mu, logvar, *self.prior(y))
 
-    def loss(self, x: torch.Tensor, y=None, beta: float | None = None, return_terms: bool = False,
+    def loss(self, x: torch.Tensor, beta: float | None = None, return_terms: bool = False, *, y=None,
              return_unit_kl: bool = False):
         """Summed negative ELBO of a batch (one z per image): ``criterion`` on ``self(x, y)``.
 
@@ -290,7 +290,7 @@ class VAE(nn.Module):
         return -(rec + self.log_norm_const)
 
     @torch.no_grad()
-    def elbo(self, x: torch.Tensor, y=None, generator: torch.Generator | None = None, return_terms: bool = False):
+    def elbo(self, x: torch.Tensor, generator: torch.Generator | None = None, return_terms: bool = False, *, y=None):
         """The ELBO per image, shape (N,), in nats (a one-sample estimate): log p(x|z) - KL(q(z|x) || p(z)),
         for a conditional model the bound on log p(x|y): log p(x|z,y) - KL(q(z|x,y) || p(z|y)).
 
