@@ -19,22 +19,25 @@ def write_chart(results: dict, path) -> Optional[str]:
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     benches = results.get("benchmarks", {})
-    panels = [n for n in ("loss", "reparam", "step") if benches.get(n, {}).get("results")]
+    panels = [n for n in ("loss", "objectives", "reparam", "step") if benches.get(n, {}).get("results")]
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     for ax, name in zip(axes[0], panels):
         recs = benches[name]["results"]
         series, ticks = {}, {}
-        if name in ("loss", "reparam"):
+        if name in ("loss", "objectives", "reparam"):
             for r in recs:
-                tag = (f"{r['recon']} " if name == "loss" else "") + (r["dtype"] if r["dtype"] != "float32" else "")
+                kind = {"loss": r.get("recon"), "objectives": r.get("case")}.get(name)
+                tag = (f"{kind} " if kind else "") + (r["dtype"] if r["dtype"] != "float32" else "")
                 for base in ("eager", "compile"):
                     v = r["speedup"].get(base)
                     if v:
                         series.setdefault(f"{tag.strip()} vs {base}".strip(), []).append((r["elements"], v))
-                ticks[r["elements"]] = f"{r['N']}x{r['D']}" if name == "loss" else f"{r['N']}x{r['L']}"
-            ax.set_xlabel("size, N x D (log of elements)" if name == "loss" else "size, N x L (log of elements)")
+                ticks[r["elements"]] = ("x".join(map(str, r["shape"])) if r.get("case") == "kl_prior"
+                                        else f"{r['N']}x{r['D']}" if "D" in r else f"{r['N']}x{r['L']}")
+            ax.set_xlabel({"loss": "size, N x D (log of elements)", "reparam": "size, N x L (log of elements)"}
+                          .get(name, "size: mu's shape (KL) or N x D (ELBO) (log of elements)"))
         else:
             for r in recs:
                 for key, label in (("eager", "vs reference"), ("compile", "compiled vs compiled ref")):

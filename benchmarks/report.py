@@ -77,7 +77,7 @@ def _op_table(bench: dict, size_columns: List[Column]) -> Table:
     """Sizes, then the op columns; a dtype column after the first size column when the dtypes differ."""
     dtypes = {r.get("dtype") for r in bench["results"]}
     if len(dtypes) > 1:
-        at = 1 if size_columns[0][0] == "recon" else 0
+        at = 1 if size_columns[0][0] in ("recon", "case") else 0
         size_columns = [*size_columns[:at], ("dtype", lambda r: r.get("dtype", "")), *size_columns[at:]]
         title = bench["title"]
     else:
@@ -87,6 +87,22 @@ def _op_table(bench: dict, size_columns: List[Column]) -> Table:
 
 def loss_table(bench: dict) -> Table:
     return _op_table(bench, [("recon", lambda r: r["recon"]), ("N x D, L", lambda r: f"{r['N']}x{r['D']}, {r['L']}"),
+                             ("elements", lambda r: fmt_count(r["elements"]))])
+
+
+_OBJECTIVE_NAMES = {"kl_prior": "gaussian_kl, prior", "l1": "elbo l1", "gaussian": "elbo gaussian, 0-d rlv",
+                    "gaussian_pixel": "elbo gaussian, per-pixel rlv"}
+
+
+def _objective_size(r: dict) -> str:
+    if r["case"] == "kl_prior":
+        return "x".join(map(str, r["shape"]))
+    return f"{r['N']}x{r['D']}, {r['L']}"
+
+
+def objectives_table(bench: dict) -> Table:
+    return _op_table(bench, [("case", lambda r: _OBJECTIVE_NAMES.get(r["case"], r["case"])),
+                             ("mu shape / N x D, L", _objective_size),
                              ("elements", lambda r: fmt_count(r["elements"]))])
 
 
@@ -115,7 +131,7 @@ def step_table(bench: dict) -> Table:
     return _table(title, _STEP_COLUMNS, bench["results"])
 
 
-TABLES = {"loss": loss_table, "reparam": reparam_table, "step": step_table}
+TABLES = {"loss": loss_table, "objectives": objectives_table, "reparam": reparam_table, "step": step_table}
 
 
 def tables(results: dict) -> List[Table]:
@@ -207,7 +223,9 @@ def markdown_section(results: dict) -> str:
         "Medians of forward + backward (`torch.utils.benchmark`, interleaved rounds after warm-up). "
         "*vs eager* / *vs compile*: time of the eager `vae_ext.reference` op / of `torch.compile` of it, "
         "divided by the fused time (> 1: fused is faster). *floor*: a `copy_` of as many bytes as any forward + "
-        "backward must read and write (loss: recon, x and the gradient, 3 x N x D; reparameterize: 6 x N x L); "
+        "backward must read and write (loss: recon, x and the gradient, 3 x N x D; gaussian_kl with a prior: mu, "
+        "logvar, the prior and their 4 gradients, 8 x numel(mu); a per-pixel recon_logvar adds 2 x N x D; "
+        "reparameterize: 6 x N x L); "
         "*% of floor*: floor time / fused time. Peak memory: "
         f"{results.get('memory_method', '-')}.",
         "",

@@ -13,6 +13,7 @@ from table import Table, fmt_pct, fmt_x
 # the fused path over it) or "floor" (percent of the copy floor the fused path reaches). The CPU
 # targets are the issues' figures for the 2-core CPU, the CUDA ones those for an H100.
 _BIG = 16 * 2**20
+_OBJ_BIG = 4 * 2**20
 TARGETS = [
     ("cpu", "loss bce: fused >= 10x eager reference at >= 0.8M elements", "loss",
      lambda r: r["recon"] == "bce" and r["elements"] >= 800_000, "eager", 10.0),
@@ -24,6 +25,12 @@ TARGETS = [
      lambda r: r["elements"] >= 65536, "eager", 3.0),
     ("cpu", "reparameterize: fused >= 5x torch.compile(reference) at >= 64K elements", "reparam",
      lambda r: r["elements"] >= 65536, "compile", 5.0),
+    *(("cpu", f"{what}: fused >= {x:g}x {name} at >= 64K elements", "objectives",
+       (lambda r, op=op: r["op"] == op and r["elements"] >= 65536), base, x)
+      for op, what in (("gaussian_kl", "gaussian_kl with a prior"), ("elbo_loss", "elbo_loss l1 / gaussian"))
+      for base, name, x in (("eager", "eager reference", 3.0), ("compile", "torch.compile(reference)", 1.3))),
+    ("cpu", "objectives: fused >= 80% of the copy floor at >= 4M elements", "objectives",
+     lambda r: r["elements"] >= _OBJ_BIG, "floor", 80.0),
     *(("cpu", f"MLP train step, {recon}: fused >= {x}x eager reference at batch {b}", "step",
        (lambda r, b=b, recon=recon: r["model"] == "mlp" and r["batch"] == b
         and r.get("recon", "bce_logits") == recon), "eager", x)

@@ -27,6 +27,7 @@ FAST = ["--quick", "--device", "cpu", "--rounds", "1", "--min-run-time", "0.002"
 AOT_EAGER = ["--compile-backend", "aot_eager"]
 SIZES = {
     "loss": ["--sizes", "loss=8x64:4,4x33:3"],
+    "objectives": ["--sizes", "objectives=2x3x4x5,4x33:3"],
     "reparam": ["--sizes", "reparam=16x8,3x5"],
     "step": ["--sizes", "step=mlp:4"],
 }
@@ -55,7 +56,7 @@ def results(tmp_path_factory):
     """One in-process run of every benchmark at tiny sizes (the --quick path with --sizes)."""
     main = _harness().main
     out = tmp_path_factory.mktemp("bench") / "results.json"
-    argv = [*FAST, *AOT_EAGER, *SIZES["loss"], *SIZES["reparam"], *SIZES["step"], "--out", str(out)]
+    argv = [*FAST, *AOT_EAGER, *(a for sizes in SIZES.values() for a in sizes), "--out", str(out)]
     rc = main(argv)
     data = json.loads(out.read_text())
     assert rc == 0, data.get("errors")
@@ -81,8 +82,8 @@ def test_machine_and_settings(results):
     assert r["copy_bandwidth"]["GBps_peak"] > 0
     assert r["memory_method"]
     assert r["errors"] == {}
-    assert set(r["benchmarks"]) == {"loss", "reparam", "step"}
-    assert len(r["targets"]) >= 7 and all("met" in t for t in r["targets"])
+    assert set(r["benchmarks"]) == {"loss", "objectives", "reparam", "step"}
+    assert len(r["targets"]) >= 12 and all("met" in t for t in r["targets"])
 
 
 def test_loss_records(results):
@@ -104,6 +105,58 @@ def test_loss_records(results):
         assert set(x["peak_mem_bytes"]) == {"fused", "eager", "compile"}
         assert set(x["mem_fused_le"]) == {"eager", "compile"}
         assert x["check"]["loss_rel_err"] < 1e-4 and x["check"]["grad_rel_err"] < 1e-3
+
+
+def test_objectives_records(results):
+    _, r = results
+    bench = r["benchmarks"]["objectives"]
+    recs = bench["results"]
+    # the KL latent shape runs the learned-prior KL, the N x D:L size every ELBO case
+    assert [(x["case"], x["shape"]) for x in recs] == [
+        ("kl_prior", [2, 3, 4, 5]), ("l1", [4, 33, 3]), ("gaussian", [4, 33, 3]), ("gaussian_pixel", [4, 33, 3])]
+    assert set(bench["bytes_formula"]) == {x["case"] for x in recs}
+    for x in recs:
+        for impl in ("fused", "eager", "compile", "floor", "floor_alloc"):
+            assert _is_time(x["times"][impl]), impl
+        n = x["N"]
+        if x["case"] == "kl_prior":
+            assert (x["op"], x["recon"], x["L"], x["elements"]) == ("gaussian_kl", None, 60, 120)
+            # read mu, logvar, prior_mu, prior_logvar; write their four gradients
+            assert x["bytes_fused"] == 8 * 120 * 4
+        else:
+            d, lat = x["D"], x["L"]
+            assert x["op"] == "elbo_loss" and x["elements"] == n * d
+            # recon_logvar: read it and write its gradient (one element each when 0-d)
+            extra = {"l1": 0, "gaussian": 2, "gaussian_pixel": 2 * n * d}[x["case"]]
+            assert x["bytes_fused"] == (3 * n * d + 4 * n * lat + extra) * 4
+            assert x["recon"] == ("l1" if x["case"] == "l1" else "gaussian")
+            assert x["recon_logvar"] == {"l1": None, "gaussian": "scalar", "gaussian_pixel": "per_pixel"}[x["case"]]
+        assert set(x["speedup"]) == {"eager", "compile"} and set(x["pct_floor"]) == {"fused", "eager", "compile"}
+        assert set(x["peak_mem_bytes"]) == {"fused", "eager", "compile"}
+        # every gradient checked: the prior's and recon_logvar's included
+        assert x["check"]["loss_rel_err"] < 1e-4 and x["check"]["grad_rel_err"] < 1e-3
+    targets = [t for t in r["targets"] if t["target"].startswith(("gaussian_kl", "elbo_loss", "objectives"))]
+    assert len(targets) == 5 and all(t["cases"] == 0 for t in targets)  # every case here is under 64K elements
+
+
+def test_objectives_sizes():
+    objectives = _harness("objectives")
+    assert objectives.parse_size("256x4x32x32") == ("kl", (256, 4, 32, 32))
+    assert objectives.parse_size(" 64 x 16 ") == ("kl", (64, 16))
+    assert objectives.parse_size("1024x784:32") == ("elbo", (1024, 784, 32))
+    for bad in ("256", "8x", "8x4:2:1", "8x4x2:1", "ax4"):
+        with pytest.raises(ValueError, match="objectives size"):
+            objectives.parse_size(bad)
+    # the issue's cases by default; --quick one smaller size of each
+    import torch
+
+    settings = _harness("settings").Settings(device=torch.device("cpu"), dtypes=[torch.float32])
+    full = [(c["case"], c["shape"]) for c in objectives.cases(settings)]
+    elbo_sizes = ((1024, 784, 32), (256, 12288, 128))
+    assert full == [("kl_prior", (256, 4, 32, 32)), ("kl_prior", (64, 16, 64, 64)),
+                    *((k, s) for k in ("l1", "gaussian", "gaussian_pixel") for s in elbo_sizes)]
+    settings.quick = True
+    assert len(objectives.cases(settings)) == 4
 
 
 def test_reparam_records(results):
@@ -178,7 +231,7 @@ def test_readme_table(results, tmp_path):
     section = text.split("<!-- bench:begin -->")[1].split("<!-- bench:end -->")[0]
     assert "old" not in section and text.endswith("## License\n")
     assert r["machine"]["cpu_model"] in section and r["command"] in section
-    for title in ("ELBO loss", "Reparameterize", "Training step", "Targets"):
+    for title in ("ELBO loss", "Learned-prior KL and ELBO objectives", "Reparameterize", "Training step", "Targets"):
         assert title in section
     # two loss rows (--quick sizes) and one MLP step row per recon mode
     assert section.count("| bce |") == 3 and section.count("| bce_logits |") == 3
@@ -336,3 +389,30 @@ def test_report_without_torch_results():
     two = "<!-- bench:begin -->x<!-- bench:end --> <!-- bench:h100:begin -->y<!-- bench:h100:end -->"
     assert script.update_markers(two, "G", "h100") == \
         "<!-- bench:begin -->x<!-- bench:end --> <!-- bench:h100:begin -->\nG\n<!-- bench:h100:end -->"
+
+
+def test_objectives_targets():
+    """The issue's CPU targets for the objectives: speed-ups at >= 64K elements per op, the floor at >= 4M."""
+    _load_table_script()
+    report, targets = importlib.import_module("report"), importlib.import_module("targets")
+    t = {"median_ms": 1.0, "iqr_ms": 0.1, "min_ms": 0.9, "blocks": 3}
+    kl = {"case": "kl_prior", "op": "gaussian_kl", "recon": None, "dtype": "float32", "shape": [64, 16, 64, 64],
+          "N": 64, "L": 65536, "elements": 4 << 20, "times": {"fused": t, "eager": t, "compile": t, "floor": t},
+          "speedup": {"eager": 5.0, "compile": 1.2}, "pct_floor": {"fused": 85.0}}
+    small_kl = {**kl, "shape": [1, 16, 64, 16], "N": 1, "L": 16384, "elements": 16384,
+                "speedup": {"eager": 1.0, "compile": 0.5}, "pct_floor": {"fused": 10.0}}
+    elbo = {**kl, "case": "gaussian_pixel", "op": "elbo_loss", "recon": "gaussian", "shape": [1024, 784, 32],
+            "N": 1024, "D": 784, "L": 32, "elements": 802816, "speedup": {"eager": 2.5, "compile": 1.5},
+            "pct_floor": {"fused": 50.0}}
+    res = {"machine": {"device": "cpu"}, "benchmarks": {"objectives": {"title": "objectives",
+                                                                       "results": [kl, small_kl, elbo]}}}
+    got = {t["target"]: t for t in targets.check_targets(res) if "objectives" in t["target"]
+           or t["target"].startswith(("gaussian_kl", "elbo_loss"))}
+    kl_eager, kl_compile, elbo_eager, elbo_compile, floor = got.values()
+    assert (kl_eager["met"], kl_eager["cases"]) == (True, 1)  # the 16K-element case is not held to it
+    assert (kl_compile["met"], kl_compile["measured_worst"]) == (False, 1.2)
+    assert (elbo_eager["met"], elbo_eager["measured_worst"], elbo_compile["met"]) == (False, 2.5, True)
+    assert floor["cases"] == 1 and floor["measured_worst"] == 85.0 and floor["met"]
+    md = report.markdown_section(res)
+    assert "| gaussian_kl, prior | 64x16x64x64 | 4Mi |" in md
+    assert "| elbo gaussian, per-pixel rlv | 1024x784, 32 |" in md
