@@ -25,6 +25,7 @@ __all__ = [
     "model_from_checkpoint",
     "load_model_state",
     "check_image_shape",
+    "check_labels",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -47,7 +48,7 @@ def save_checkpoint(path, model, optimizer, cfg: TrainConfig, epoch: int, histor
         "epoch": epoch,
         "history": history,
         "data": {"name": data.name, "image_shape": list(data.image_shape),
-                 "n_train": len(data.train), "n_test": len(data.test)},
+                 "n_train": len(data.train), "n_test": len(data.test), "num_classes": data.num_classes},
     }
     atomic_write(path, lambda f: torch.save(state, f))
 
@@ -113,7 +114,11 @@ def _check_structure(ckpt: dict, path: str) -> None:
     history = need("history", list, "a list")
     if epoch < 0:
         bad("epoch", f"should be >= 0, got {epoch}")
-    config_of({**ckpt, "path": path})  # the training configuration is a valid one
+    cfg = config_of({**ckpt, "path": path})  # the training configuration is a valid one
+    num_classes = model_config.get("num_classes", 0)
+    if not _is_int(num_classes) or num_classes < 0 or (num_classes > 0) != cfg.conditional:
+        bad("model_config", f"has num_classes {num_classes!r}, which does not fit a "
+            f"{'class-conditional' if cfg.conditional else 'plain'} model (config 'conditional')")
 
     # The model, built on the meta device: its size and parameter shapes without allocating them.
     try:
@@ -214,6 +219,13 @@ def model_from_checkpoint(ckpt: dict, *, fused: bool = True, device="cpu") -> VA
         raise CheckpointError(f"{ckpt['path']}: its stored model configuration is invalid ({e})") from None
     load_model_state(model, ckpt)
     return model.to(device)
+
+
+def check_labels(data: ImageData, num_classes: int, what: str) -> None:
+    """DataError unless a class-conditional model (``num_classes`` > 0) knows every label of the data."""
+    if num_classes and data.num_classes > num_classes:
+        raise DataError(f"{data.name}: has class labels up to {data.num_classes - 1} but {what} knows "
+                        f"{num_classes} classes (0..{num_classes - 1})")
 
 
 def check_image_shape(data: ImageData, model_shape, what: str) -> None:

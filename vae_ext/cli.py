@@ -127,6 +127,9 @@ def _train_options(p: argparse.ArgumentParser, latent: bool = True, sweep: bool 
                    help="hidden layer sizes (default 400 for mlp, 256 for conv)")
     m.add_argument("--channels", type=_int_list, metavar="C1,C2", help="conv channels (default 32,64)")
     m.add_argument("--recon", choices=RECON_MODES, help="reconstruction loss (default bce_logits)")
+    m.add_argument("--conditional", action="store_true", default=None,
+                   help="class-conditional VAE (CVAE) on the data's labels: the encoder and decoder see the "
+                   "one-hot class, the prior p(z|y) is learned per class")
     t = p.add_argument_group("training")
     t.add_argument("--epochs", type=_nonneg_int, help="total epochs (default 50" + (
         ", for each model)" if sweep else "; on --resume, the new total)"))
@@ -135,6 +138,9 @@ def _train_options(p: argparse.ArgumentParser, latent: bool = True, sweep: bool 
     t.add_argument("--beta", type=_float(0, strict=False), help="KL weight (default 1)")
     t.add_argument("--warmup", type=_float(0, strict=False), metavar="EPOCHS",
                    help="KL warm-up: beta rises linearly from 0 over this many epochs (default 0: none)")
+    t.add_argument("--free-bits", type=_float(0, strict=False), metavar="LAMBDA",
+                   help="free bits: each latent unit's KL term is at least LAMBDA nats (its batch mean; "
+                   "units under the floor get no KL gradient); default 0: off")
     t.add_argument("--device", type=_device, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
     t.add_argument("--seed", type=_nonneg_int, help="random seed (default 0)")
     t.add_argument("--threads", type=_positive_int, help="CPU threads (default: PyTorch's choice; tiny models on "
@@ -200,8 +206,10 @@ def _cmd_eval(args) -> int:
     else:
         print(f"{r['checkpoint']} (epoch {r['epoch']}), {r['split']} set of {r['data']}: {r['n']} images, "
               f"{r['kernels']} kernels on {r['device']}")
-        print(f"{r['split']} negative ELBO:  {r['nelbo']:.3f} nats/image  ({r['seconds_elbo']:.1f} s)")
-        print(f"{r['split']} NLL, k={r['k']}:  {r['nll']:.3f} +- {r['nll_sem']:.3f} nats/image "
+        # a class-conditional model scores -log p(x|y): each image given its label, z from the class prior
+        given = " (given the class: -log p(x|y))" if r["conditional"] else ""
+        print(f"{r['split']} negative ELBO{given}:  {r['nelbo']:.3f} nats/image  ({r['seconds_elbo']:.1f} s)")
+        print(f"{r['split']} NLL{given}, k={r['k']}:  {r['nll']:.3f} +- {r['nll_sem']:.3f} nats/image "
               f"(importance-weighted estimate +- standard error over images; {r['seconds_nll']:.1f} s)")
     return 0
 

@@ -15,7 +15,8 @@ __all__ = ["TrainConfig", "FIXED_ON_RESUME", "DEFAULT_HIDDEN", "DEFAULT_CHANNELS
 DEFAULT_HIDDEN = {"mlp": (400,), "conv": (256,)}
 DEFAULT_CHANNELS = (32, 64)
 # Options that define the model and its data: a resumed run must keep them.
-FIXED_ON_RESUME = ("data", "train_split", "binarize", "arch", "latent", "hidden", "channels", "recon")
+FIXED_ON_RESUME = ("data", "train_split", "binarize", "arch", "latent", "hidden", "channels", "recon",
+                   "conditional")
 
 
 def _normalize_data_spec(spec: str) -> str:
@@ -41,11 +42,13 @@ class TrainConfig:
     hidden: list | None = None  # None: 400 (mlp) or 256 (conv)
     channels: list | None = None  # conv only; None: 32,64
     recon: str = "bce_logits"
+    conditional: bool = False  # a class-conditional VAE: q(z|x,y), p(x|z,y) and a learned prior p(z|y)
     epochs: int = 50
     batch_size: int = 128
     lr: float = 1e-3
     beta: float = 1.0
     warmup: float = 0.0  # epochs over which the KL weight rises linearly from 0 to beta
+    free_bits: float = 0.0  # nats per latent unit: the KL term is sum_u max(free_bits, KL_u) (0: off)
     device: str = "auto"
     seed: int = 0
     out: str | None = None
@@ -79,6 +82,9 @@ class TrainConfig:
         number("lr", float, 0.0, lo_ok=False)
         number("beta", float, 0.0)
         number("warmup", float, 0.0)
+        number("free_bits", float, 0.0)
+        if not isinstance(self.conditional, bool):
+            raise ConfigError(f"--conditional: expected True or False, got {self.conditional!r}")
         number("seed", int, 0)
         number("plot_every", int, 0)
         number("skip_nonfinite", int, 0)

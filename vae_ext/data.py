@@ -7,11 +7,19 @@ a training set and a test set. Sources (the ``--data`` option):
     scikit-learn's 1,797 8x8 digits (bundled with scikit-learn, no download), scaled from 0..16.
 ``mnist:DIR``
     MNIST in its IDX format, gzipped or raw: ``train-images-idx3-ubyte[.gz]`` and/or
-    ``t10k-images-idx3-ubyte[.gz]`` (``train-images.idx3-ubyte`` spellings too). Labels are not used.
+    ``t10k-images-idx3-ubyte[.gz]`` (``train-images.idx3-ubyte`` spellings too); labels from
+    ``train-labels-idx1-ubyte[.gz]`` and ``t10k-labels-idx1-ubyte[.gz]``.
 ``FILE.npz`` (or ``npz:FILE``)
     arrays ``train`` and ``test`` (or ``x_train`` and ``x_test``), or one array of images
-    (the only array in the file, or the one named ``images`` or ``x``); each (N, H, W), (N, C, H, W)
-    or (N, D) with D a square; uint8 (0..255) or floats in [0, 1].
+    (the only array in the file besides the labels, or the one named ``images`` or ``x``); each
+    (N, H, W), (N, C, H, W) or (N, D) with D a square; uint8 (0..255) or floats in [0, 1]. Labels:
+    ``y_train`` and ``y_test`` beside a train and a test array, ``labels`` (or ``y``) beside one.
+
+**Labels** (``labels=True``, for a class-conditional model): class indices 0..C-1, one per image,
+int64 tensors split as the images are; digits has its targets. A source without labels, or whose
+label file is corrupt or does not match its images (count, shape, type, negative values), is
+refused with one line (missing labels: ConfigError; bad ones: DataError). Without ``labels=True``
+no label file is read, so a run that does not use them never fails on them.
 
 **Splits.** A source with a training set and a test set is used as it is. A source with one pool of
 images (digits; an MNIST folder holding only the t10k files, or only the train files; an ``.npz``
@@ -50,7 +58,9 @@ __all__ = [
     "TEST_BINARIZE_SEED",
     "load_data",
     "load_mnist",
+    "load_mnist_labels",
     "parse_split",
+    "MAX_CLASSES",
     "binarize",
 ]
 
@@ -62,18 +72,33 @@ TEST_BINARIZE_SEED = 20_150_601  # fixed: the binarized test set is the same for
 EXTRA_BYTES_PER_VALUE = 8
 
 
+# A class-conditional model holds a one-hot of this many entries per image, an embedding row per
+# class and draws a row of samples per class: a label file claiming more classes is surely not one.
+MAX_CLASSES = 10_000
+
+
 @dataclass
 class ImageData:
-    """A training and a test set of images, float32 (N, C, H, W) in [0, 1]."""
+    """A training and a test set of images, float32 (N, C, H, W) in [0, 1], and their class labels
+    (int64 (N,), 0..num_classes-1) when they were asked for."""
 
     train: torch.Tensor
     test: torch.Tensor
     name: str
     binarize: str = "none"
+    train_labels: torch.Tensor | None = None
+    test_labels: torch.Tensor | None = None
 
     @property
     def image_shape(self) -> tuple:
         return tuple(self.train.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        """1 + the largest label of either set (0 without labels)."""
+        if self.train_labels is None:
+            return 0
+        return 1 + int(max(self.train_labels.max(), self.test_labels.max()))
 
     def describe(self) -> str:
         c, h, w = self.image_shape
@@ -83,8 +108,8 @@ class ImageData:
 # --------------------------------------------------------------------------- IDX
 
 
-def _find_idx(folder: Path, prefix: str) -> Path | None:
-    for stem in (f"{prefix}-idx3-ubyte", f"{prefix}.idx3-ubyte"):
+def _find_idx(folder: Path, prefix: str, kind: str = "idx3") -> Path | None:
+    for stem in (f"{prefix}-{kind}-ubyte", f"{prefix}.{kind}-ubyte"):
         for suffix in (".gz", ""):
             p = folder / (stem + suffix)
             if p.is_file():
@@ -97,6 +122,27 @@ def _idx_images(path: Path) -> np.ndarray:
     if arr.ndim != 3:
         raise DataError(f"{path}: expected images of shape (N, H, W), got an IDX array of shape {arr.shape}")
     return arr
+
+
+def load_mnist_labels(folder, train: np.ndarray | None, test: np.ndarray | None) -> tuple:
+    """The class labels of :func:`load_mnist`'s images, int64 tensors ``(train, test)`` (None where
+    that set of images is absent). A set of images without its label file, or with one that is
+    corrupt or does not match it, is a DataError naming the file."""
+    folder = Path(folder)
+    out = []
+    for prefix, imgs in (("train", train), ("t10k", test)):
+        if imgs is None:
+            out.append(None)
+            continue
+        p = _find_idx(folder, f"{prefix}-labels", "idx1")
+        if p is None:
+            raise ConfigError(f"{folder}: no {prefix}-labels-idx1-ubyte[.gz] beside the {prefix} images "
+                            f"(class labels are needed for --conditional)")
+        arr = read_idx(p, extra_bytes_per_value=8)  # read as int64
+        if arr.ndim != 1:
+            raise DataError(f"{p}: expected labels of shape (N,), got an IDX array of shape {arr.shape}")
+        out.append(_to_labels(arr, len(imgs), str(p)))
+    return tuple(out)
 
 
 def load_mnist(folder) -> tuple:
@@ -160,19 +206,37 @@ def _to_images(arr: np.ndarray, name: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x))
 
 
+_NPZ_LABELS = ("y_train", "y_test", "labels", "y")
+
+
 def _npz_pick(path: Path, keys) -> tuple:
     """The names of the (train, test) arrays of an .npz, from its member names alone (test may be None)."""
     for tr, te in (("train", "test"), ("x_train", "x_test")):
         if tr in keys and te in keys:
             return tr, te
-    if len(keys) == 1:
-        return keys[0], None
+    images = [k for k in keys if k not in _NPZ_LABELS]
+    if len(images) == 1:
+        return images[0], None
     for k in ("images", "x"):
         if k in keys:
             return k, None
     raise DataError(
         f"{path}: expected arrays 'train' and 'test', or a single array of images; found {sorted(keys) or 'none'}"
     )
+
+
+def _npz_label_names(path: Path, keys, test: str | None) -> tuple:
+    """The names of the label arrays that go with the images picked by :func:`_npz_pick`."""
+    if test is not None:
+        if "y_train" in keys and "y_test" in keys:
+            return "y_train", "y_test"
+        raise ConfigError(f"{path}: no labels: expected arrays 'y_train' and 'y_test' beside the train and "
+                        f"test images (class labels are needed for --conditional); found {sorted(keys)}")
+    for k in ("labels", "y"):
+        if k in keys:
+            return k, None
+    raise ConfigError(f"{path}: no labels: expected an array 'labels' beside the images (class labels are "
+                    f"needed for --conditional); found {sorted(keys)}")
 
 
 # What reading a zip member can raise on a corrupt file: zipfile's own errors, zlib's, a truncated
@@ -208,7 +272,9 @@ def _npz_array(zf: zipfile.ZipFile, path: Path, key: str) -> np.ndarray:
         raise DataError(f"{what}: truncated or corrupt ({type(e).__name__}: {e})") from None
 
 
-def _load_npz(path: Path) -> tuple:
+def _load_npz(path: Path, labels: bool = False) -> tuple:
+    """``(train, test, train_labels, test_labels)`` arrays; test None for one pool of images, the
+    labels None unless asked for."""
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
@@ -218,13 +284,36 @@ def _load_npz(path: Path) -> tuple:
     with zf:
         keys = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
         tr, te = _npz_pick(path, keys)
-        return _npz_array(zf, path, tr), (None if te is None else _npz_array(zf, path, te))
+        arrays = [_npz_array(zf, path, tr), None if te is None else _npz_array(zf, path, te), None, None]
+        if labels:
+            ltr, lte = _npz_label_names(path, keys, te)
+            arrays[2] = _npz_array(zf, path, ltr)
+            arrays[3] = None if lte is None else _npz_array(zf, path, lte)
+        return tuple(arrays)
 
 
-def _load_digits() -> np.ndarray:
+def _to_labels(arr: np.ndarray, n_images: int, name: str) -> torch.Tensor:
+    """Class labels, (N,) integers 0..MAX_CLASSES-1, one per image -> int64 (N,)."""
+    arr = np.asarray(arr)
+    if arr.ndim != 1:
+        raise DataError(f"{name}: expected labels of shape (N,), got {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise DataError(f"{name}: expected integer class labels, got dtype {arr.dtype}")
+    if len(arr) != n_images:
+        raise DataError(f"{name}: {len(arr)} labels for {n_images} images (one label per image)")
+    if len(arr):
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi >= MAX_CLASSES:
+            raise DataError(f"{name}: class labels must lie in 0..{MAX_CLASSES - 1}, found {lo}..{hi}")
+    return torch.from_numpy(arr.astype(np.int64))
+
+
+def _load_digits() -> tuple:
+    """The digits images in [0, 1] and their labels 0..9."""
     from sklearn.datasets import load_digits
 
-    return load_digits().images.astype(np.float32) / 16.0  # 0..16 -> [0, 1]
+    d = load_digits()
+    return d.images.astype(np.float32) / 16.0, d.target  # 0..16 -> [0, 1]
 
 
 # --------------------------------------------------------------------------- splits, binarization
@@ -270,8 +359,10 @@ def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch
     return torch.bernoulli(x, generator=generator)
 
 
-def load_data(spec: str = "digits", *, train_split=None, binarize_mode: str = "dynamic") -> ImageData:
-    """Load a data source (see the module docstring) and split and binarize it.
+def load_data(spec: str = "digits", *, train_split=None, binarize_mode: str = "dynamic",
+              labels: bool = False) -> ImageData:
+    """Load a data source (see the module docstring) and split and binarize it; with ``labels``,
+    its class labels too (a source without them is refused).
 
     Raises :class:`~vae_ext.errors.DataError` for a missing or malformed file and
     :class:`~vae_ext.errors.ConfigError` for an unusable option.
@@ -279,32 +370,45 @@ def load_data(spec: str = "digits", *, train_split=None, binarize_mode: str = "d
     if binarize_mode not in BINARIZE_MODES:
         raise ConfigError(f"--binarize: expected one of {', '.join(BINARIZE_MODES)}, got {binarize_mode!r}")
     split = parse_split(train_split)
+    train_y = test_y = None
     if spec == "digits":
-        name, train, test = "digits", _to_images(_load_digits(), "digits"), None
+        imgs, targets = _load_digits()
+        name, train, test = "digits", _to_images(imgs, "digits"), None
+        train_y = _to_labels(targets, len(train), "digits") if labels else None
     elif spec.startswith("mnist:"):
         folder = spec[len("mnist:"):]
         if not folder:
             raise ConfigError("--data mnist:DIR: the folder is missing")
         tr, te = load_mnist(folder)
+        if labels:
+            train_y, test_y = load_mnist_labels(folder, tr, te)
         name = f"mnist:{folder}"
         if tr is None or te is None:  # one pool: split it
             train, test = _to_images(tr if tr is not None else te, name), None
+            train_y = train_y if train_y is not None else test_y
+            test_y = None
         else:
             train, test = _to_images(tr, name), _to_images(te, name)
     elif spec.startswith("npz:") or spec.endswith(".npz"):
         path = Path(spec[len("npz:"):] if spec.startswith("npz:") else spec)
-        tr, te = _load_npz(path)
+        tr, te, ltr, lte = _load_npz(path, labels)
         name = str(path)
         train = _to_images(tr, f"{path}")
         test = None if te is None else _to_images(te, f"{path}")
         if test is not None and train.shape[1:] != test.shape[1:]:
             raise DataError(f"{path}: train images are {tuple(train.shape[1:])} but test images are "
                             f"{tuple(test.shape[1:])}")
+        if labels:
+            train_y = _to_labels(ltr, len(train), f"{path}: labels")
+            test_y = None if test is None else _to_labels(lte, len(test), f"{path}: test labels")
     else:
         raise ConfigError(f"--data: expected 'digits', 'mnist:DIR' or FILE.npz, got {spec!r}")
 
     if test is None:
-        train, test = _split_pool(train, split, name)
+        n_train = len(_split_pool(train, split, name)[0])
+        train, test = train[:n_train], train[n_train:]
+        if train_y is not None:
+            train_y, test_y = train_y[:n_train], train_y[n_train:]
     elif split is not None:
         raise ConfigError(f"--train-split: {name} has its own test set; the option only splits a single pool of images")
 
@@ -313,4 +417,5 @@ def load_data(spec: str = "digits", *, train_split=None, binarize_mode: str = "d
         test = binarize(test, g)
         if binarize_mode == "static":
             train = binarize(train, g)
-    return ImageData(train=train.contiguous(), test=test.contiguous(), name=name, binarize=binarize_mode)
+    return ImageData(train=train.contiguous(), test=test.contiguous(), name=name, binarize=binarize_mode,
+                     train_labels=train_y, test_labels=test_y)

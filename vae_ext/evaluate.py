@@ -9,32 +9,35 @@ import time
 import torch
 from tqdm import tqdm
 
-from .checkpoint import check_image_shape, config_of, load_checkpoint, model_from_checkpoint
+from .checkpoint import check_image_shape, check_labels, config_of, load_checkpoint, model_from_checkpoint
 from .data import TEST_BINARIZE_SEED, ImageData, binarize, load_data
 from .distributed import DistributedContext, resolve_device
 from .errors import ConfigError
 from .models import VAE
 
-__all__ = ["EVAL_SEED", "evaluate", "eval_images", "importance_weighted_nll", "evaluate_checkpoint"]
+__all__ = ["EVAL_SEED", "evaluate", "eval_images", "eval_labels", "importance_weighted_nll", "evaluate_checkpoint"]
 
 EVAL_SEED = 1234  # the eps of the test ELBO: fixed, so epochs and runs are compared on the same draws
 
 
 @torch.no_grad()
 def evaluate(model: VAE, images: torch.Tensor, ctx: DistributedContext | None = None, *, batch_size: int = 1000,
-             seed: int = EVAL_SEED) -> dict:
+             seed: int = EVAL_SEED, labels: torch.Tensor | None = None) -> dict:
     """Mean negative ELBO (and its terms) per image over ``images``, in nats; one z per image, drawn
-    from a generator seeded with ``seed`` (so repeated evaluations use the same eps).
+    from a generator seeded with ``seed`` (so repeated evaluations use the same eps). A conditional
+    model takes the images' ``labels``: the bound on -log p(x|y), KL to the class's prior.
     Under torchrun each rank takes every world_size-th image and the sums are all-reduced."""
     ctx = ctx or DistributedContext()
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
     shard = images[ctx.rank::ctx.world_size]
+    ys = [None] * math.ceil(len(shard) / batch_size) if labels is None else \
+        torch.split(labels[ctx.rank::ctx.world_size], batch_size)
     g = torch.Generator(device=dev).manual_seed(seed + ctx.rank)
     sums = torch.zeros(4, dtype=torch.float64, device=dev)
-    for b in torch.split(shard, batch_size):
-        elbo, log_px_z, kl = model.elbo(b.to(dev), generator=g, return_terms=True)
+    for b, y in zip(torch.split(shard, batch_size), ys):
+        elbo, log_px_z, kl = model.elbo(b.to(dev), generator=g, return_terms=True, y=y)
         sums += torch.stack([-elbo.sum(), -log_px_z.sum(), kl.sum(), elbo.new_tensor(len(b))]).double()
     ctx.all_reduce_sum(sums)
     model.train(was_training)
@@ -53,24 +56,35 @@ def eval_images(data: ImageData, split: str) -> torch.Tensor:
     return data.train
 
 
+def eval_labels(data: ImageData, split: str) -> torch.Tensor | None:
+    """The labels of :func:`eval_images`' images (None where the data has none)."""
+    return data.test_labels if split == "test" else data.train_labels
+
+
 @torch.no_grad()
 def importance_weighted_nll(model: VAE, images: torch.Tensor, k: int, *, batch_size: int = 100,
-                            seed: int = 0, progress: bool = False, desc: str = "IW NLL") -> torch.Tensor:
-    """-log p(x) per image estimated with k importance samples (``VAE.log_likelihood``), batched."""
+                            seed: int = 0, progress: bool = False, desc: str = "IW NLL",
+                            labels: torch.Tensor | None = None) -> torch.Tensor:
+    """-log p(x) per image estimated with k importance samples (``VAE.log_likelihood``), batched;
+    for a conditional model -log p(x|y), with the images' ``labels``."""
     model.eval()
     dev = next(model.parameters()).device
     g = torch.Generator(device=dev).manual_seed(seed)
     out = []
     batches = torch.split(images, batch_size)
-    for b in tqdm(batches, desc=desc, unit="batch", leave=False, disable=not progress, dynamic_ncols=True):
-        out.append(-model.log_likelihood(b.to(dev), k, generator=g).double().cpu())
+    ys = [None] * len(batches) if labels is None else torch.split(labels, batch_size)
+    for b, y in tqdm(list(zip(batches, ys)), desc=desc, unit="batch", leave=False, disable=not progress,
+                     dynamic_ncols=True):
+        out.append(-model.log_likelihood(b.to(dev), k, y=y, generator=g).double().cpu())
     return torch.cat(out)
 
 
 def evaluate_checkpoint(path, *, k: int = 5000, data: str | None = None, train_split=None, split: str = "test",
                         device: str = "auto", reference: bool = False, seed: int = 0, batch_size: int = 100,
                         progress: bool = True) -> dict:
-    """Test negative ELBO and the k-sample importance-weighted NLL of a checkpoint, in nats per image."""
+    """Test negative ELBO and the k-sample importance-weighted NLL of a checkpoint, in nats per image;
+    for a class-conditional checkpoint both are conditional on the images' labels (-log p(x|y)),
+    with the class prior p(z|y)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("eval runs as one process; start it without torchrun")
     if k < 1:
@@ -78,16 +92,20 @@ def evaluate_checkpoint(path, *, k: int = 5000, data: str | None = None, train_s
     ckpt = load_checkpoint(path)
     cfg = config_of(ckpt)
     dev = resolve_device(device, fused=not reference)
-    d = load_data(data or cfg.data, train_split=train_split if data else cfg.train_split, binarize_mode=cfg.binarize)
+    num_classes = int(ckpt["model_config"].get("num_classes", 0))
+    d = load_data(data or cfg.data, train_split=train_split if data else cfg.train_split, binarize_mode=cfg.binarize,
+                  labels=num_classes > 0)
     check_image_shape(d, ckpt["model_config"]["input_shape"], f"the model in {ckpt['path']}")
+    check_labels(d, num_classes, f"the model in {ckpt['path']}")
     model = model_from_checkpoint(ckpt, fused=not reference, device=dev)
-    images = eval_images(d, split)
+    images, labels = eval_images(d, split), eval_labels(d, split) if num_classes else None
     t0 = time.perf_counter()
-    nelbo = evaluate(model, images)["nelbo"]
+    nelbo = evaluate(model, images, labels=labels)["nelbo"]
     t1 = time.perf_counter()
-    nll = importance_weighted_nll(model, images, k, batch_size=batch_size, seed=seed, progress=progress)
+    nll = importance_weighted_nll(model, images, k, batch_size=batch_size, seed=seed, progress=progress,
+                                  labels=labels)
     t2 = time.perf_counter()
     return {"checkpoint": ckpt["path"], "epoch": ckpt["epoch"], "data": d.name, "split": split, "n": len(images),
             "k": k, "nelbo": nelbo, "nll": nll.mean().item(), "nll_sem": (nll.std() / math.sqrt(len(nll))).item(),
             "seconds_elbo": t1 - t0, "seconds_nll": t2 - t1, "kernels": "reference" if reference else "fused",
-            "device": str(dev)}
+            "device": str(dev), "conditional": num_classes > 0}

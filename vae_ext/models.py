@@ -9,6 +9,15 @@
     recon, mu, logvar = model(x)                            # what model.criterion expects
     loss = model.criterion(recon, x, mu, logvar)            # summed negative ELBO (FusedELBOLoss)
 
+``num_classes=C`` makes a class-conditional VAE (CVAE): the encoder sees x and the one-hot label y,
+the decoder sees z and y, and the prior p(z|y) = N(mu_p(y), exp(logvar_p(y))) is learned (an
+embedding of y to 2L values, initialized to N(0, I)). Every method then takes the labels ``y``
+(int64, (N,)) and ``forward`` also returns the prior's mean and log-variance for the loss::
+
+    model = vae_ext.VAE(input_shape=(1, 8, 8), num_classes=10)
+    recon, mu, logvar, prior_mu, prior_logvar = model(x, y)
+    loss = model.criterion(recon, x, mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
+
 The decoder outputs logits (``decode``); ``forward`` hands the loss what its ``recon`` mode wants:
 the logits for ``"bce_logits"`` (the default), ``sigmoid(logits)`` for ``"bce"`` and the raw output
 (the Gaussian mean) for ``"mse"``. Training draws z with :func:`vae_ext.reparameterize` and scores it
@@ -34,14 +43,18 @@ __all__ = ["VAE", "MLPVAE", "ConvVAE", "ReferenceELBOLoss", "ARCHS"]
 RECON_MODES = ("bce", "bce_logits", "mse")
 
 _LOG_2PI = math.log(2.0 * math.pi)
+_LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 class ReferenceELBOLoss(FusedELBOLoss):
     """:class:`~vae_ext.FusedELBOLoss` computed by :func:`vae_ext.reference.elbo_loss` (plain PyTorch)."""
 
-    def forward(self, recon_x, x, mu, logvar, return_terms: bool = False):
+    def forward(self, recon_x, x, mu, logvar, return_terms: bool = False, *, prior_mu=None, prior_logvar=None,
+                recon_logvar=None, return_unit_kl: bool = False):
         return reference.elbo_loss(recon_x, x, mu, logvar, recon=self.recon, beta=self.beta,
-                                   reduction=self.reduction, return_terms=return_terms)
+                                   reduction=self.reduction, return_terms=return_terms, prior_mu=prior_mu,
+                                   prior_logvar=prior_logvar, recon_logvar=recon_logvar,
+                                   free_bits=self.free_bits, return_unit_kl=return_unit_kl)
 
 
 def _mlp(sizes, last_activation: bool) -> nn.Sequential:
@@ -63,12 +76,14 @@ def _positive_ints(name: str, values) -> tuple:
 class VAE(nn.Module):
     """Base class of the VAE modules; ``VAE(arch="mlp"|"conv", **kwargs)`` builds one.
 
-    Subclasses define ``encoder`` (x -> features), ``fc_mu``, ``fc_logvar`` and ``_decode`` (z -> raw
-    output of shape (M, *input_shape)); everything else lives here.
+    Subclasses define ``encoder`` and ``_features`` ((x, one-hot y or None) -> features), ``fc_mu``,
+    ``fc_logvar`` and ``_decode`` (z, or z and the one-hot y concatenated -> raw output of shape
+    (M, *input_shape)); everything else lives here, the conditional prior ``prior_net`` included.
 
     Attributes:
         criterion: the loss module, ``FusedELBOLoss`` (or ``ReferenceELBOLoss`` when ``fused=False``)
-            with ``reduction="sum"``; set ``model.criterion.beta`` for a KL warm-up.
+            with ``reduction="sum"`` and the ``free_bits`` floor given; set ``model.criterion.beta`` for
+            a KL warm-up.
         generator: the ``torch.Generator`` that ``forward`` draws eps from (default None: PyTorch's
             default generator for the device, so ``torch.manual_seed`` makes runs reproducible).
         eps_sampler: None, or a callable ``(mu, num_samples) -> eps`` that supplies the standard-normal
@@ -86,7 +101,8 @@ class VAE(nn.Module):
             cls = ARCHS[arch]
         return super().__new__(cls)
 
-    def __init__(self, input_shape, latent_size: int, recon: str, fused: bool, arch: str | None):
+    def __init__(self, input_shape, latent_size: int, recon: str, fused: bool, arch: str | None,
+                 num_classes: int = 0, free_bits: float = 0.0):
         super().__init__()
         if arch is not None and arch != self.arch:
             raise ValueError(f"arch: {type(self).__name__} is arch {self.arch!r}, got {arch!r}")
@@ -96,19 +112,36 @@ class VAE(nn.Module):
             raise ValueError(f"input_shape: expected positive sizes, got {input_shape!r}")
         (self.latent_size,) = _positive_ints("latent_size", (latent_size,))
         self.in_features = math.prod(self.input_shape)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes: expected an int >= 0 (0: not conditional), got {num_classes!r}")
+        self.num_classes = num_classes
         self.recon = recon
         self.fused = bool(fused)
-        self.criterion = (FusedELBOLoss if self.fused else ReferenceELBOLoss)(recon=recon, reduction="sum")
+        # free_bits is part of the training objective, not of the model: not in ``config``
+        self.criterion = (FusedELBOLoss if self.fused else ReferenceELBOLoss)(recon=recon, reduction="sum",
+                                                                             free_bits=free_bits)
+        if self.conditional:
+            # p(z|y): one learned (mu, logvar) row per class; zeros, so training starts from N(0, I)
+            self.prior_net = nn.Embedding(num_classes, 2 * self.latent_size)
+            nn.init.zeros_(self.prior_net.weight)
         self.generator: torch.Generator | None = None
         self.eps_sampler = None
 
     # ------------------------------------------------------------------ configuration
 
     @property
+    def conditional(self) -> bool:
+        """A class-conditional VAE (``num_classes > 0``): every method takes the labels ``y``."""
+        return self.num_classes > 0
+
+    @property
     def config(self) -> dict:
         """The constructor arguments that rebuild this architecture (``VAE.from_config``)."""
-        return {"arch": self.arch, "input_shape": list(self.input_shape), "latent_size": self.latent_size,
-                "recon": self.recon}
+        c = {"arch": self.arch, "input_shape": list(self.input_shape), "latent_size": self.latent_size,
+             "recon": self.recon}
+        if self.conditional:
+            c["num_classes"] = self.num_classes
+        return c
 
     @classmethod
     def from_config(cls, config: dict, **overrides) -> "VAE":
@@ -148,15 +181,56 @@ class VAE(nn.Module):
                              f"got shape {tuple(x.shape)}")
         return x.reshape(x.shape[0], *self.input_shape)
 
-    def encode(self, x: torch.Tensor):
-        """q(z|x) = N(mu, exp(logvar)): returns ``(mu, logvar)``, each (N, latent_size)."""
-        h = self.encoder(self._as_images(x))
+    def one_hot(self, y) -> torch.Tensor | None:
+        """Labels (N,) -> their one-hot (N, num_classes) in the parameters' dtype; None for a model
+        that is not conditional (which must get no labels)."""
+        if not self.conditional:
+            if y is not None:
+                raise ValueError("y: this model is not class-conditional (num_classes=0); pass no labels")
+            return None
+        return torch.nn.functional.one_hot(self._labels(y), self.num_classes).to(next(self.parameters()).dtype)
+
+    def _labels(self, y) -> torch.Tensor:
+        """Checked class labels, int64 (N,) on the parameters' device."""
+        if y is None:
+            raise ValueError(f"y: a class-conditional model needs the class labels (0..{self.num_classes - 1})")
+        if not isinstance(y, torch.Tensor) or y.dtype not in _LABEL_DTYPES or y.dim() != 1:
+            what = f"a {y.dtype} tensor of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ValueError(f"y: expected an integer tensor of class labels of shape (N,), got {what}")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise ValueError(f"y: class labels must lie in 0..{self.num_classes - 1}, found "
+                             f"{int(y.min())}..{int(y.max())}")
+        return y.to(next(self.parameters()).device, torch.int64)
+
+    def prior(self, y=None):
+        """p(z|y) = N(prior_mu, exp(prior_logvar)), each (N, latent_size); ``(None, None)`` (N(0, I))
+        for a model that is not conditional."""
+        if not self.conditional:
+            self.one_hot(y)  # refuses labels
+            return None, None
+        prior_mu, prior_logvar = self.prior_net(self._labels(y)).chunk(2, dim=-1)
+        return prior_mu, prior_logvar
+
+    def _prior_kwargs(self, y) -> dict:
+        prior_mu, prior_logvar = self.prior(y)
+        return {} if prior_mu is None else {"prior_mu": prior_mu, "prior_logvar": prior_logvar}
+
+    def encode(self, x: torch.Tensor, y=None):
+        """q(z|x[, y]) = N(mu, exp(logvar)): returns ``(mu, logvar)``, each (N, latent_size)."""
+        h = self._features(self._as_images(x), self.one_hot(y))
         return self.fc_mu(h), self.fc_logvar(h)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Decoder output (logits for the Bernoulli modes) of shape (*z.shape[:-1], *input_shape)."""
+    def decode(self, z: torch.Tensor, y=None) -> torch.Tensor:
+        """Decoder output (logits for the Bernoulli modes) of shape (*z.shape[:-1], *input_shape).
+        For a conditional model, ``y`` (N,) goes with z's last batch dimension (z may be (K, N, L))."""
         lead = z.shape[:-1]
-        out = self._decode(z.reshape(-1, self.latent_size))
+        c = self.one_hot(y)
+        if c is not None:
+            if lead[-1:] != c.shape[:1]:
+                raise ValueError(f"y: expected {lead[-1] if lead else 0} labels for z of shape {tuple(z.shape)}, "
+                                 f"got {c.shape[0]}")
+            z = torch.cat([z, c.expand(*lead, self.num_classes)], dim=-1)
+        out = self._decode(z.reshape(-1, z.shape[-1]))
         return out.reshape(*lead, *self.input_shape)
 
     def loss_input(self, out: torch.Tensor) -> torch.Tensor:
@@ -176,21 +250,27 @@ class VAE(nn.Module):
         fn = functional.reparameterize if self.fused else reference.reparameterize
         return fn(mu, logvar, num_samples=num_samples, generator=generator, return_eps=return_eps)
 
-    def forward(self, x: torch.Tensor):
-        """``(recon, mu, logvar)``: recon is what ``self.criterion`` takes (see ``loss_input``)."""
-        mu, logvar = self.encode(x)
+    def forward(self, x: torch.Tensor, y=None):
+        """``(recon, mu, logvar)``, and for a conditional model ``(recon, mu, logvar, prior_mu,
+        prior_logvar)``: recon is what ``self.criterion`` takes (see ``loss_input``)."""
+        mu, logvar = self.encode(x, y)
         z = self.reparameterize(mu, logvar, generator=self.generator)
-        return self.loss_input(self.decode(z)), mu, logvar
+        recon = self.loss_input(self.decode(z, y))
+        if not self.conditional:
+            return recon, mu, logvar
+        return (recon, mu, logvar, *self.prior(y))
 
-    def loss(self, x: torch.Tensor, beta: float | None = None, return_terms: bool = False):
-        """Summed negative ELBO of a batch (one z per image): ``criterion(*self(x))``.
+    def loss(self, x: torch.Tensor, beta: float | None = None, return_terms: bool = False, *, y=None,
+             return_unit_kl: bool = False):
+        """Summed negative ELBO of a batch (one z per image): ``criterion`` on ``self(x, y)``.
 
         Under DistributedDataParallel call the wrapper's forward and then ``criterion`` instead.
         """
         if beta is not None:
             self.criterion.beta = _check_beta(beta)
-        recon, mu, logvar = self(x)
-        return self.criterion(recon, x, mu, logvar, return_terms=return_terms)
+        recon, mu, logvar, *prior = self(x, y)
+        kw = {"prior_mu": prior[0], "prior_logvar": prior[1]} if prior else {}
+        return self.criterion(recon, x, mu, logvar, return_terms=return_terms, return_unit_kl=return_unit_kl, **kw)
 
     # ------------------------------------------------------------------ using it
 
@@ -210,25 +290,27 @@ class VAE(nn.Module):
         return -(rec + self.log_norm_const)
 
     @torch.no_grad()
-    def elbo(self, x: torch.Tensor, generator: torch.Generator | None = None, return_terms: bool = False):
-        """The ELBO per image, shape (N,), in nats (a one-sample estimate): log p(x|z) - KL(q(z|x) || p(z)).
+    def elbo(self, x: torch.Tensor, generator: torch.Generator | None = None, return_terms: bool = False, *, y=None):
+        """The ELBO per image, shape (N,), in nats (a one-sample estimate): log p(x|z) - KL(q(z|x) || p(z)),
+        for a conditional model the bound on log p(x|y): log p(x|z,y) - KL(q(z|x,y) || p(z|y)).
 
         With ``return_terms``: ``(elbo, recon_log_prob, kl)``.
         """
         x = self._as_images(x)
-        mu, logvar = self.encode(x)
+        mu, logvar = self.encode(x, y)
         z = self.reparameterize(mu, logvar, generator=generator)
-        out = self.decode(z)
+        out = self.decode(z, y)
         _, rec, kl = self._elbo_fn()(self.loss_input(out), x, mu, logvar, recon=self.recon,
-                                     reduction="none", return_terms=True)
+                                     reduction="none", return_terms=True, **self._prior_kwargs(y))
         log_px_z = -(rec + self.log_norm_const)
         elbo = log_px_z - kl
         return (elbo, log_px_z, kl) if return_terms else elbo
 
     @torch.no_grad()
-    def log_likelihood(self, x: torch.Tensor, k: int = 5000, *, generator: torch.Generator | None = None,
+    def log_likelihood(self, x: torch.Tensor, k: int = 5000, *, y=None, generator: torch.Generator | None = None,
                        max_elements: int = 1 << 23) -> torch.Tensor:
-        """Importance-weighted estimate of log p(x) per image, shape (N,), in nats (the IWAE bound).
+        """Importance-weighted estimate of log p(x) per image, shape (N,), in nats (the IWAE bound);
+        for a conditional model, of log p(x|y), with p(z|y) the class's prior.
 
         ``log (1/k) sum_i p(x|z_i) p(z_i) / q(z_i|x)`` with z_1..z_k ~ q(z|x), drawn with
         ``reparameterize(num_samples=...)`` and combined with logsumexp. A lower bound on log p(x)
@@ -239,34 +321,42 @@ class VAE(nn.Module):
             raise ValueError(f"k: expected an int >= 1, got {k!r}")
         x = self._as_images(x)
         n = x.shape[0]
-        mu, logvar = self.encode(x)
+        mu, logvar = self.encode(x, y)
+        prior_mu, prior_logvar = self.prior(y)
         chunk = max(1, min(k, max_elements // max(1, n * self.in_features)))
         acc = torch.full((n,), -math.inf, dtype=mu.dtype, device=mu.device)
         done = 0
         while done < k:
             kc = min(chunk, k - done)
             z, eps = self.reparameterize(mu, logvar, num_samples=kc, generator=generator, return_eps=True)
-            out = self.decode(z)  # (kc, n, *input_shape)
+            out = self.decode(z, y)  # (kc, n, *input_shape)
             x_rep = x.unsqueeze(0).expand(kc, *x.shape).reshape(kc * n, *self.input_shape)
             log_px_z = self.recon_log_prob(out.reshape(kc * n, *self.input_shape), x_rep).view(kc, n)
-            log_pz = -0.5 * (z.pow(2) + _LOG_2PI).sum(-1)
+            if prior_mu is None:
+                log_pz = -0.5 * (z.pow(2) + _LOG_2PI).sum(-1)
+            else:
+                log_pz = -0.5 * ((z - prior_mu).pow(2) * torch.exp(-prior_logvar) + prior_logvar + _LOG_2PI).sum(-1)
             log_qz = -0.5 * (eps.pow(2) + logvar + _LOG_2PI).sum(-1)
             acc = torch.logaddexp(acc, torch.logsumexp(log_px_z + log_pz - log_qz, dim=0))
             done += kc
         return acc - math.log(k)
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """n images from the model: z ~ N(0, I), then the mean of p(x|z); shape (n, *input_shape)."""
+    def sample(self, n: int, generator: torch.Generator | None = None, y=None) -> torch.Tensor:
+        """n images from the model: z ~ p(z) (N(0, I), or for a conditional model the prior of each
+        label of ``y``, shape (n,)), then the mean of p(x|z[, y]); shape (n, *input_shape)."""
         p = next(self.parameters())
         z = torch.randn(n, self.latent_size, generator=generator, device=p.device, dtype=p.dtype)
-        return self.mean(self.decode(z))
+        prior_mu, prior_logvar = self.prior(y)
+        if prior_mu is not None:
+            z = prior_mu + torch.exp(0.5 * prior_logvar) * z
+        return self.mean(self.decode(z, y))
 
     @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, y=None) -> torch.Tensor:
         """The mean of p(x|z) at z = the posterior mean mu(x): deterministic; shape (N, *input_shape)."""
-        mu, _ = self.encode(x)
-        return self.mean(self.decode(mu))
+        mu, _ = self.encode(x, y)
+        return self.mean(self.decode(mu, y))
 
 
 class MLPVAE(VAE):
@@ -278,25 +368,35 @@ class MLPVAE(VAE):
         hidden_sizes: encoder hidden layers; the decoder mirrors them.
         recon: the loss's reconstruction mode (``"bce_logits"``, ``"bce"``, ``"mse"``).
         fused: True for the vae_ext kernels, False for vae_ext.reference.
+        num_classes: C > 0 for a class-conditional VAE (the one-hot label joins the encoder's input
+            and z at the decoder's input); 0 (default) for the plain VAE.
+        free_bits: the training loss's free-bits floor, nats per latent unit (``criterion``).
     """
 
     arch = "mlp"
 
     def __init__(self, input_shape=(1, 28, 28), latent_size: int = 20, hidden_sizes=(400,),
-                 recon: str = "bce_logits", fused: bool = True, arch: str | None = None):
-        super().__init__(input_shape, latent_size, recon, fused, arch)
+                 recon: str = "bce_logits", fused: bool = True, arch: str | None = None, num_classes: int = 0,
+                 free_bits: float = 0.0):
+        super().__init__(input_shape, latent_size, recon, fused, arch, num_classes, free_bits)
         self.hidden_sizes = _positive_ints("hidden_sizes", hidden_sizes)
         if not self.hidden_sizes:
             raise ValueError("hidden_sizes: expected at least one hidden layer")
         h = self.hidden_sizes
-        self.encoder = nn.Sequential(nn.Flatten(), _mlp((self.in_features, *h), last_activation=True))
+        c = self.num_classes
+        self.encoder = nn.Sequential(nn.Flatten(), _mlp((self.in_features + c, *h), last_activation=True))
         self.fc_mu = nn.Linear(h[-1], self.latent_size)
         self.fc_logvar = nn.Linear(h[-1], self.latent_size)
-        self.decoder = _mlp((self.latent_size, *reversed(h), self.in_features), last_activation=False)
+        self.decoder = _mlp((self.latent_size + c, *reversed(h), self.in_features), last_activation=False)
 
     @property
     def config(self) -> dict:
         return {**super().config, "hidden_sizes": list(self.hidden_sizes)}
+
+    def _features(self, x, c):
+        if c is not None:  # the label joins the flattened image (Flatten leaves the 2-d result as it is)
+            x = torch.cat([x.flatten(1), c], dim=1)
+        return self.encoder(x)
 
     def _decode(self, z):
         return self.decoder(z)
@@ -308,13 +408,16 @@ class ConvVAE(VAE):
     Encoder: one 4x4 stride-2 convolution (ReLU) per entry of ``channels``, halving H and W each time,
     then the fully connected ``hidden_sizes`` layers. The decoder mirrors it with transposed
     convolutions (their ``output_padding`` restores odd sizes), ending in C channels of logits.
+    Conditional (``num_classes > 0``): the one-hot label joins the flattened convolution features
+    and z at the decoder's input.
     """
 
     arch = "conv"
 
     def __init__(self, input_shape=(1, 28, 28), latent_size: int = 20, hidden_sizes=(256,),
-                 channels=(32, 64), recon: str = "bce_logits", fused: bool = True, arch: str | None = None):
-        super().__init__(input_shape, latent_size, recon, fused, arch)
+                 channels=(32, 64), recon: str = "bce_logits", fused: bool = True, arch: str | None = None,
+                 num_classes: int = 0, free_bits: float = 0.0):
+        super().__init__(input_shape, latent_size, recon, fused, arch, num_classes, free_bits)
         if len(self.input_shape) != 3:
             raise ValueError(f"input_shape: ConvVAE expects (C, H, W), got {self.input_shape}")
         self.hidden_sizes = _positive_ints("hidden_sizes", hidden_sizes)
@@ -335,14 +438,15 @@ class ConvVAE(VAE):
             enc += [nn.Conv2d(a, b, 4, stride=2, padding=1), nn.ReLU()]
         self._bottom = (self.channels[-1], *sizes[-1])
         flat = math.prod(self._bottom)
+        n_cls = self.num_classes
         enc.append(nn.Flatten())
         if self.hidden_sizes:
-            enc.append(_mlp((flat, *self.hidden_sizes), last_activation=True))
+            enc.append(_mlp((flat + n_cls, *self.hidden_sizes), last_activation=True))
         self.encoder = nn.Sequential(*enc)
-        top = self.hidden_sizes[-1] if self.hidden_sizes else flat
+        top = self.hidden_sizes[-1] if self.hidden_sizes else flat + n_cls
         self.fc_mu = nn.Linear(top, self.latent_size)
         self.fc_logvar = nn.Linear(top, self.latent_size)
-        self.decoder_fc = _mlp((self.latent_size, *reversed(self.hidden_sizes), flat), last_activation=True)
+        self.decoder_fc = _mlp((self.latent_size + n_cls, *reversed(self.hidden_sizes), flat), last_activation=True)
         dec = []
         for i in range(len(self.channels), 0, -1):  # sizes[i] -> sizes[i-1]
             (oh, ow), (ih, iw) = sizes[i - 1], sizes[i]
@@ -355,6 +459,16 @@ class ConvVAE(VAE):
     @property
     def config(self) -> dict:
         return {**super().config, "hidden_sizes": list(self.hidden_sizes), "channels": list(self.channels)}
+
+    def _features(self, x, c):
+        if c is None:
+            return self.encoder(x)
+        h = x
+        for layer in self.encoder:  # the label joins the features right after the Flatten
+            h = layer(h)
+            if isinstance(layer, nn.Flatten):
+                h = torch.cat([h, c], dim=1)
+        return h
 
     def _decode(self, z):
         return self.decoder_conv(self.decoder_fc(z).view(-1, *self._bottom))

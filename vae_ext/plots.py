@@ -73,19 +73,35 @@ def save_loss_curves(path, history) -> None:
     _save_figure(fig, path)
 
 
+# samples.png of a conditional model: a row of this many samples per class, for at most MAX_CLASS_ROWS
+# classes (the first ones), so the figure stays readable
+SAMPLES_PER_CLASS = 8
+MAX_CLASS_ROWS = 20
+
+
 def save_plots(out: Path, model: VAE, data: ImageData, history) -> None:
-    """reconstructions.png (rows of test images above their reconstructions), samples.png, loss_curves.png."""
+    """reconstructions.png (rows of test images above their reconstructions), samples.png (for a
+    class-conditional model one row per class, z from that class's prior), loss_curves.png."""
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
     ncol = min(8, len(data.test))
-    x = data.test[:min(32, len(data.test)) // ncol * ncol].to(dev)
-    rec = model.reconstruct(x)
+    n = min(32, len(data.test)) // ncol * ncol
+    x = data.test[:n].to(dev)
+    y = data.test_labels[:n] if model.conditional else None
+    rec = model.reconstruct(x, y)
     rows = torch.stack([x.reshape(-1, ncol, *x.shape[1:]), rec.reshape(-1, ncol, *x.shape[1:])], 1)
     save_image_grid(out / "reconstructions.png", rows.reshape(-1, *x.shape[1:]), ncol=ncol,
                     title="test images (odd rows) and reconstructions (even rows)")
     g = torch.Generator(device=dev).manual_seed(EVAL_SEED)
-    save_image_grid(out / "samples.png", model.sample(64, generator=g), ncol=8, title="samples")
+    if model.conditional:
+        classes = min(model.num_classes, MAX_CLASS_ROWS)
+        y = torch.arange(classes, device=dev).repeat_interleave(SAMPLES_PER_CLASS)
+        more = f" (first {classes} of {model.num_classes})" if classes < model.num_classes else ""
+        save_image_grid(out / "samples.png", model.sample(len(y), generator=g, y=y), ncol=SAMPLES_PER_CLASS,
+                        title=f"samples, one row per class 0..{classes - 1}{more}, z ~ p(z|y)")
+    else:
+        save_image_grid(out / "samples.png", model.sample(64, generator=g), ncol=8, title="samples")
     if history:
         save_loss_curves(out / "loss_curves.png", history)
     model.train(was_training)

@@ -10,7 +10,7 @@ from pathlib import Path
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, resume_config
 from .config import TrainConfig
 from .errors import ConfigError
-from .evaluate import eval_images, evaluate, importance_weighted_nll
+from .evaluate import eval_images, eval_labels, evaluate, importance_weighted_nll
 from .plots import save_sweep_plot
 from .runfiles import write_csv
 from .runlock import RunLock
@@ -55,14 +55,18 @@ def _sweep(latents, base: TrainConfig, out: Path, k: int, overrides, log) -> lis
         res = train(cfg, ckpt, log=log)
         model, data = res.model, res.data
         train_imgs, test_imgs = eval_images(data, "train"), eval_images(data, "test")
-        train_nll = importance_weighted_nll(model, train_imgs, k, progress=cfg.progress, desc="IW NLL train")
-        test_nll = importance_weighted_nll(model, test_imgs, k, progress=cfg.progress, desc="IW NLL test")
+        # a conditional model is scored on -log p(x|y): its labels go along
+        train_y, test_y = (eval_labels(data, "train"), eval_labels(data, "test")) if model.conditional else (None, None)
+        train_nll = importance_weighted_nll(model, train_imgs, k, progress=cfg.progress, desc="IW NLL train",
+                                            labels=train_y)
+        test_nll = importance_weighted_nll(model, test_imgs, k, progress=cfg.progress, desc="IW NLL test",
+                                           labels=test_y)
         n = len(train_imgs)
         p_dec, p_all = model.num_parameters("decoder"), model.num_parameters()
         total_ll = -train_nll.sum().item()
         row = {"latent": lat, "params_total": p_all, "params_decoder": p_dec, "n_train": n, "n_test": len(test_imgs),
-               "k": k, "train_nelbo": evaluate(model, train_imgs)["nelbo"],
-               "test_nelbo": evaluate(model, test_imgs)["nelbo"],
+               "k": k, "train_nelbo": evaluate(model, train_imgs, labels=train_y)["nelbo"],
+               "test_nelbo": evaluate(model, test_imgs, labels=test_y)["nelbo"],
                "train_nll": train_nll.mean().item(), "test_nll": test_nll.mean().item(),
                "bic": -2 * total_ll + p_dec * math.log(n), "bic_all_params": -2 * total_ll + p_all * math.log(n)}
         rows.append(row)

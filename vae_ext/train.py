@@ -1,9 +1,11 @@
 """Training behind ``vae-ext train``: one run, resumable, data-parallel under torchrun.
 
 A run folder holds ``checkpoint.pt`` (model, optimizer, config, epoch, history), ``metrics.csv``
-and the PNGs ``reconstructions.png``, ``samples.png`` and ``loss_curves.png``. Every file is written
-to a temporary name and renamed into place (``vae_ext.runfiles``), so an interruption never leaves a
-half-written file: what is there is the last complete version.
+(a row per epoch, with the number of active latent units: batch-mean KL above
+:data:`ACTIVE_UNIT_NATS`) and the PNGs ``reconstructions.png``, ``samples.png`` and
+``loss_curves.png``. Every file is written to a temporary name and renamed into place
+(``vae_ext.runfiles``), so an interruption never leaves a half-written file: what is there is the
+last complete version.
 User mistakes raise :class:`vae_ext.errors.VaeExtError` subclasses with a one-line message.
 """
 from __future__ import annotations
@@ -19,7 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import CHECKPOINT_NAME, check_image_shape, fmt_option, load_model_state, save_checkpoint
+from .checkpoint import CHECKPOINT_NAME, check_image_shape, check_labels, fmt_option, load_model_state, save_checkpoint
 from .config import TrainConfig
 from .data import ImageData, binarize, load_data
 from .distributed import DistributedContext, setup
@@ -30,16 +32,23 @@ from .plots import save_plots
 from .runfiles import write_csv
 from .runlock import RunLock
 
-__all__ = ["TrainResult", "train", "train_step", "guarded_train_step", "build_model", "METRICS_NAME", "METRIC_COLUMNS"]
+__all__ = ["TrainResult", "train", "train_step", "guarded_train_step", "build_model", "METRICS_NAME", "METRIC_COLUMNS",
+           "ACTIVE_UNIT_NATS"]
 
 METRICS_NAME = "metrics.csv"
+# New columns go at the end: scripts that read the file by position keep working.
 METRIC_COLUMNS = ("epoch", "step", "beta", "train_loss", "train_nelbo", "train_rec", "train_kl",
-                  "test_nelbo", "test_rec", "test_kl", "skipped", "lr", "seconds")
+                  "test_nelbo", "test_rec", "test_kl", "skipped", "lr", "seconds", "active_units")
+# A latent unit is "active" when its KL to the prior, averaged over the epoch's batches, exceeds
+# this many nats (Burda et al. measure activity by a variance; the KL threshold is the issue's).
+ACTIVE_UNIT_NATS = 0.01
 
 
-def build_model(cfg: TrainConfig, image_shape) -> VAE:
+def build_model(cfg: TrainConfig, image_shape, num_classes: int = 0) -> VAE:
+    """The run's model; ``num_classes`` > 0 (with ``cfg.conditional``) for a class-conditional one."""
     kwargs = dict(arch=cfg.arch, input_shape=tuple(image_shape), latent_size=cfg.latent,
-                  hidden_sizes=cfg.hidden, recon=cfg.recon, fused=not cfg.reference)
+                  hidden_sizes=cfg.hidden, recon=cfg.recon, fused=not cfg.reference,
+                  num_classes=num_classes if cfg.conditional else 0, free_bits=cfg.free_bits)
     if cfg.arch == "conv":
         if len(image_shape) != 3:
             raise ConfigError(f"--arch conv: expected (C, H, W) images, got shape {tuple(image_shape)}")
@@ -60,36 +69,40 @@ class TrainResult:
     data: ImageData
 
 
-def _loss_and_gradients(net, model: VAE, optimizer, x: torch.Tensor, beta: float):
+def _loss_and_gradients(net, model: VAE, optimizer, x: torch.Tensor, beta: float, y=None):
     model.criterion.beta = beta
     optimizer.zero_grad(set_to_none=True)
-    recon, mu, logvar = net(x)
-    loss, rec, kl = model.criterion(recon, x, mu, logvar, return_terms=True)
+    recon, mu, logvar, *prior = net(x) if y is None else net(x, y)
+    kw = {"prior_mu": prior[0], "prior_logvar": prior[1]} if prior else {}
+    # kl is the true KL (with free bits the loss uses the floored one); unit_kl: each unit's batch mean
+    loss, rec, kl, unit_kl = model.criterion(recon, x, mu, logvar, return_terms=True, return_unit_kl=True, **kw)
     loss.backward()
-    return loss.detach(), rec.detach(), kl.detach()
+    return loss.detach(), rec.detach(), kl.detach(), unit_kl
 
 
-def train_step(net, model: VAE, optimizer, x: torch.Tensor, beta: float):
-    """One optimizer step on the summed negative ELBO; returns the detached (loss, rec, kl) sums.
+def train_step(net, model: VAE, optimizer, x: torch.Tensor, beta: float, y=None):
+    """One optimizer step on the summed negative ELBO; returns the detached (loss, rec, kl) sums and
+    each latent unit's KL averaged over the batch (shape (latent,)).
 
-    ``net`` is the module to call (``model`` itself, or its DistributedDataParallel wrapper).
+    ``net`` is the module to call (``model`` itself, or its DistributedDataParallel wrapper); ``y``
+    the labels of a class-conditional model.
     """
-    terms = _loss_and_gradients(net, model, optimizer, x, beta)
+    terms = _loss_and_gradients(net, model, optimizer, x, beta, y)
     optimizer.step()
     return terms
 
 
-def guarded_train_step(net, model: VAE, optimizer, x: torch.Tensor, beta: float, ctx: DistributedContext):
+def guarded_train_step(net, model: VAE, optimizer, x: torch.Tensor, beta: float, ctx: DistributedContext, y=None):
     """:func:`train_step`, skipped (no optimizer step) when the loss or the gradient norm is not
-    finite on any rank; returns (loss, rec, kl, skipped)."""
-    loss, rec, kl = _loss_and_gradients(net, model, optimizer, x, beta)
+    finite on any rank; returns (loss, rec, kl, unit_kl, skipped)."""
+    loss, rec, kl, unit_kl = _loss_and_gradients(net, model, optimizer, x, beta, y)
     norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
     bad = (~torch.isfinite(loss) | ~torch.isfinite(norm)).to(torch.float32)
     if ctx.all_reduce_sum(bad).item() > 0:  # every rank skips together (DDP's gradients are shared)
         optimizer.zero_grad(set_to_none=True)
-        return loss, rec, kl, True
+        return loss, rec, kl, unit_kl, True
     optimizer.step()
-    return loss, rec, kl, False
+    return loss, rec, kl, unit_kl, False
 
 
 def _weights_finite(model: VAE) -> bool:
@@ -157,13 +170,16 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
         refuse_another_run()  # again: another run may have finished here while this one waited
 
     _on_main(ctx, lambda: claim_folder(early=True))
-    data = load_data(cfg.data, train_split=cfg.train_split, binarize_mode=cfg.binarize)
+    data = load_data(cfg.data, train_split=cfg.train_split, binarize_mode=cfg.binarize, labels=cfg.conditional)
+    num_classes = data.num_classes
     if checkpoint is not None:
         check_image_shape(data, checkpoint["model_config"]["input_shape"], f"the model in {checkpoint['path']}")
+        num_classes = int(checkpoint["model_config"].get("num_classes", 0))
+        check_labels(data, num_classes, f"the model in {checkpoint['path']}")
 
     dev = ctx.device
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data.image_shape)
+    model = build_model(cfg, data.image_shape, num_classes)
     if checkpoint is not None:
         load_model_state(model, checkpoint)
     model.to(dev)
@@ -182,6 +198,7 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
         history, start = list(checkpoint["history"]), int(checkpoint["epoch"])
 
     train_x = data.train.to(dev)
+    train_y = data.train_labels.to(dev) if model.conditional else None
     sampler = DistributedSampler(range(len(train_x)), num_replicas=ctx.world_size, rank=ctx.rank,
                                  shuffle=True, seed=cfg.seed)
     steps = math.ceil(len(sampler) / cfg.batch_size)
@@ -191,8 +208,10 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
 
     kernels = "vae_ext.reference (plain PyTorch)" if cfg.reference else "fused vae_ext kernels"
     log(f"data: {data.describe()}, binarize {cfg.binarize}")
-    log(f"model: {type(model).__name__} {'x'.join(map(str, data.image_shape))} -> hidden {fmt_option(cfg.hidden)} -> "
-        f"latent {cfg.latent} ({model.num_parameters():,} parameters), recon {cfg.recon}, {kernels}")
+    cond = f"class-conditional ({model.num_classes} classes) " if model.conditional else ""
+    log(f"model: {cond}{type(model).__name__} {'x'.join(map(str, data.image_shape))} -> hidden "
+        f"{fmt_option(cfg.hidden)} -> latent {cfg.latent} ({model.num_parameters():,} parameters), recon {cfg.recon}"
+        + (f", free bits {cfg.free_bits:g} nats/unit" if cfg.free_bits else "") + f", {kernels}")
     where = f"{ctx.world_size} processes (DDP), " if ctx.distributed else ""
     log(f"training on {where}{dev}; writing {out}" + (f"; resuming after epoch {start}" if checkpoint else ""))
     _on_main(ctx, claim_folder)
@@ -205,20 +224,24 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
         torch.manual_seed(_epoch_seed(cfg.seed, epoch, ctx.rank))
         model.train()
         sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, rec, kl, images (of steps taken)
+        # each unit's batch-mean KL summed over the steps taken, and the number of those steps
+        units = torch.zeros(cfg.latent + 1, dtype=torch.float64, device=dev)
         skipped = 0
         beta = cfg.beta
         bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
                    disable=not (ctx.is_main and cfg.progress), dynamic_ncols=True)
         with bar:
             for i, idx in enumerate(BatchSampler(sampler, cfg.batch_size, drop_last=False)):
-                x = train_x[torch.as_tensor(idx, device=dev)]
+                idx = torch.as_tensor(idx, device=dev)
+                x = train_x[idx]
+                y = None if train_y is None else train_y[idx]
                 if cfg.binarize == "dynamic":
                     x = binarize(x)
                 beta = cfg.beta * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else cfg.beta
                 if cfg.skip_nonfinite:
-                    loss, rec, kl, skip = guarded_train_step(net, model, optimizer, x, beta, ctx)
+                    loss, rec, kl, unit_kl, skip = guarded_train_step(net, model, optimizer, x, beta, ctx, y)
                 else:
-                    (loss, rec, kl), skip = train_step(net, model, optimizer, x, beta), False
+                    (loss, rec, kl, unit_kl), skip = train_step(net, model, optimizer, x, beta, y), False
                 step += 1
                 bar.update()
                 if skip:
@@ -231,6 +254,8 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
                     continue
                 in_a_row = 0
                 sums += torch.stack([loss, rec, kl, loss.new_tensor(len(idx))]).double()
+                units[:-1] += unit_kl.reshape(-1).double()
+                units[-1] += 1
                 if (i % 10 == 9 or i == steps - 1) and sums[3] > 0:
                     running = (sums[0] / sums[3]).item()
                     if not math.isfinite(running):
@@ -241,14 +266,16 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
             raise VaeExtError(f"training diverged: a weight became non-finite in epoch {epoch}, which was not "
                               f"saved; try a lower --lr, a KL --warmup or --skip-nonfinite")
         ctx.all_reduce_sum(sums)
+        ctx.all_reduce_sum(units)
         s = [v if sums[3] > 0 else math.nan for v in sums.tolist()]
+        active = int((units[:-1] / units[-1] > ACTIVE_UNIT_NATS).sum()) if units[-1] > 0 else math.nan
         c = model.log_norm_const
-        test = evaluate(model, data.test, ctx)
+        test = evaluate(model, data.test, ctx, labels=data.test_labels if model.conditional else None)
         row = {"epoch": epoch, "step": step, "beta": beta, "train_loss": s[0] / s[3],
                "train_nelbo": (s[1] + s[2]) / s[3] + c, "train_rec": s[1] / s[3] + c, "train_kl": s[2] / s[3],
                "test_nelbo": test["nelbo"], "test_rec": test["rec"], "test_kl": test["kl"], "skipped": skipped,
                "lr": cfg.lr,
-               "seconds": time.perf_counter() - t0}
+               "seconds": time.perf_counter() - t0, "active_units": active}
         history.append(row)
         if ctx.is_main:
             save_checkpoint(ckpt_path, model, optimizer, cfg, epoch, history, data)
@@ -256,7 +283,8 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
             if cfg.plot_every and epoch % cfg.plot_every == 0 and epoch != cfg.epochs:
                 save_plots(out, model, data, history)
         log(f"epoch {epoch:3d}/{cfg.epochs}  train -ELBO {row['train_nelbo']:8.3f}  test -ELBO "
-            f"{row['test_nelbo']:8.3f} nats/image  (KL {row['test_kl']:.2f}, beta {beta:.2f}, {row['seconds']:.1f} s)")
+            f"{row['test_nelbo']:8.3f} nats/image  (KL {row['test_kl']:.2f}, beta {beta:.2f}, active units "
+            f"{active}/{cfg.latent}, {row['seconds']:.1f} s)")
 
     if ctx.is_main:
         if not ckpt_path.exists():  # resumed past the end, or --epochs 0: still leave a checkpoint
