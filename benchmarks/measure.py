@@ -112,6 +112,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return num / den if den > 0 else num
 
 
+def agreement(fused_fn, ref_fn, inputs, leaves) -> dict:
+    """Sanity before timing: the fused op computes what the reference computes, the loss and the
+    gradient of every leaf (relative errors)."""
+    lf = fused_fn(*inputs)
+    gf = torch.autograd.grad(lf, leaves)
+    lr = ref_fn(*inputs)
+    gr = torch.autograd.grad(lr, leaves)
+    return {"loss_rel_err": rel_err(lf, lr), "grad_rel_err": max(rel_err(a, b) for a, b in zip(gf, gr))}
+
+
 def ratio(base: Optional[dict], new: Optional[dict]) -> Optional[float]:
     """base time / new time (> 1: new is faster)."""
     if not base or not new:

@@ -31,6 +31,41 @@ using ReparamOutputs = std::tuple<Tensor, Tensor, Tensor>;
 // float32 of one value per sample. The backward's per-sample scaling of a half recon gradient.
 void scale_rows_cpu(const Tensor& g, const Tensor& s);
 
+// The kernel arguments that both backends' structs (cpu::ElboArgs, cuda::ElboLaunch) share, from
+// the prepared buffers (a gradient pointer only where its buffer is non-empty). g_recon_logvar: the
+// recon log-variance's gradient buffer the kernel writes (b's per element, or a backend's own for
+// a 0-d one).
+template <class Args>
+void fill_elbo_args(Args& a, const ElboBuffers& b, Recon mode, Reduction red, bool grad_recon, bool grad_latent,
+                    const Tensor& g_recon_logvar) {
+  const auto in = [](const Tensor& t) -> const void* { return t.defined() ? t.const_data_ptr() : nullptr; };
+  const auto out = [](const Tensor& t, bool wanted) -> void* {
+    return wanted && t.defined() && t.numel() > 0 ? t.data_ptr() : nullptr;
+  };
+  a.dtype = kernel_dtype(b.recon.scalar_type());
+  a.mode = mode;
+  a.recon = in(b.recon);
+  a.x = in(b.x);
+  a.grad_recon = out(b.g_recon, grad_recon);
+  a.recon_logvar = in(b.recon_logvar);
+  a.rlv_scalar = b.rlv_scalar;
+  a.grad_recon_logvar = out(g_recon_logvar, true);
+  a.mu = in(b.mu);
+  a.logvar = in(b.logvar);
+  a.grad_mu = out(b.g_mu, grad_latent);
+  a.grad_logvar = out(b.g_logvar, grad_latent);
+  a.prior_mu = in(b.prior_mu);
+  a.prior_logvar = in(b.prior_logvar);
+  a.prior_shared = b.prior_shared;
+  a.grad_prior_mu = out(b.g_prior_mu, true);
+  a.grad_prior_logvar = out(b.g_prior_logvar, true);
+  a.kl_elems = out(b.kl_elems, true);
+  a.n = b.n;
+  a.d = b.d;
+  a.l = b.l;
+  a.grad_scale = (red == Reduction::Mean && b.n > 0) ? 1.0 / static_cast<double>(b.n) : 1.0;
+}
+
 // The sums of g (N, ...) over its first dimension, shape g.shape[1:], in double: on CPU each in a
 // fixed order (the same for any thread count). For the KL per unit and a broadcast prior's gradient.
 Tensor sum_over_batch(const Tensor& g);

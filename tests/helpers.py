@@ -227,11 +227,16 @@ def check_against_reference(mode, reduction, dtype, recon_x, x, mu, logvar, *, b
         if rg is None:
             assert g is None, f"{what}: unexpected gradient for {name}"
             continue
-        assert g is not None, f"{what}: no gradient for {name}"
-        assert g.dtype == t.dtype and tuple(g.shape) == tuple(t.shape), (
-            f"{what}: grad {name} is {g.dtype}{tuple(g.shape)}, expected {t.dtype}{tuple(t.shape)}")
-        assert_close(g, rg, rtol=tol.grad, atol_rel=tol.grad_atol_rel, what=f"{what} grad {name}")
+        assert_grad_like(g, rg, t, tol, f"{what}: grad {name}")
     return out, grads
+
+
+def assert_grad_like(g, rg, t, tol, what):
+    """A gradient g exists, has the dtype and shape of its tensor t and the reference's values rg."""
+    assert g is not None, f"{what}: none"
+    assert g.dtype == t.dtype and tuple(g.shape) == tuple(t.shape), (
+        f"{what} is {g.dtype}{tuple(g.shape)}, expected {t.dtype}{tuple(t.shape)}")
+    assert_close(g, rg, rtol=tol.grad, atol_rel=tol.grad_atol_rel, what=what)
 
 
 
@@ -380,8 +385,5 @@ def check_objective(inputs, *, dtype=None, fused=None, ref=None, upstream=None, 
         if rg is None:
             assert g is None or not g.any(), f"{what}: gradient for {name}, which the reference does not use"
             continue
-        assert g is not None, f"{what}: no gradient for {name}"
-        assert g.dtype == t.dtype and tuple(g.shape) == tuple(t.shape), (
-            f"{what}: grad {name} is {g.dtype}{tuple(g.shape)}, expected {t.dtype}{tuple(t.shape)}")
-        assert_close(g, rg, rtol=tol.grad, atol_rel=tol.grad_atol_rel, what=f"{what} grad {name}")
+        assert_grad_like(g, rg, t, tol, f"{what}: grad {name}")
     return out, grads

@@ -102,27 +102,15 @@ double recon_segment(const scalar_t* r, const scalar_t* x, scalar_t* g, int64_t 
       lv = gaussian_q_elem<M>(rv, xv, vinv, &gv);
     } else if constexpr (mode == Recon::Gaussian) {
       V glv;
-      lv = gaussian_elem<M>(rv, xv, full ? IO::load(rlv + i) : IO::load(rlv + i, cnt), &gv, &glv);
-      if (g_rlv != nullptr) {
-        if (scaled) glv = glv * vscale;
-        if (full)
-          IO::store(g_rlv + i, glv);
-        else
-          IO::store(g_rlv + i, glv, cnt);
-      }
+      lv = gaussian_elem<M>(rv, xv, load_n(rlv + i, cnt), &gv, &glv);
+      if (g_rlv != nullptr) store_n(g_rlv + i, scaled ? glv * vscale : glv, cnt);
     } else {
       lv = recon_elem<mode, M>(rv, xv, &gv);
     }
     if (!full) lv = V::set(V(0), lv, cnt);  // padded lanes add nothing
     acc = acc + lv;
     if constexpr (mode == Recon::BCE) range.add(rv);
-    if (g != nullptr) {
-      if (scaled) gv = gv * vscale;
-      if (full)
-        IO::store(g + i, gv);
-      else
-        IO::store(g + i, gv, cnt);
-    }
+    if (g != nullptr) store_n(g + i, scaled ? gv * vscale : gv, cnt);
   };
   int64_t i = 0;
   for (; i + 2 * W <= len; i += 2 * W) {

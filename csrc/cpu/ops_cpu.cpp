@@ -44,7 +44,6 @@ void scale_rows_cpu(const Tensor& g, const Tensor& s) {
 
 namespace {
 
-void* ptr_or_null(const Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
 
 // The two outputs from the kernel's sums over the batch (sum and mean): (rec, kl), or with
 // total (rec + kl, empty).
@@ -80,30 +79,8 @@ ElboOutputs elbo_loss_cpu(VAE_EXT_ELBO_ARGS) {
   Tensor row_grad_rlv = rlv_grad && per_sample ? at::empty({n}, at::kDouble) : Tensor();
   double total_rec = 0.0, total_kl = 0.0, total_grad_rlv = 0.0;
   std::atomic<bool> bad{false}, bad_target{false};
-  const auto data = [](const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; };
   cpu::ElboArgs args{};
-  args.dtype = kernel_dtype(recon.scalar_type());
-  args.mode = mode;
-  args.recon = b.recon.const_data_ptr();
-  args.x = b.x.const_data_ptr();
-  args.grad_recon = grad_recon ? ptr_or_null(b.g_recon) : nullptr;
-  args.recon_logvar = data(b.recon_logvar);
-  args.rlv_scalar = b.rlv_scalar;
-  args.grad_recon_logvar = ptr_or_null(b.g_recon_logvar);
-  args.mu = b.mu.const_data_ptr();
-  args.logvar = b.logvar.const_data_ptr();
-  args.grad_mu = grad_latent ? ptr_or_null(b.g_mu) : nullptr;
-  args.grad_logvar = grad_latent ? ptr_or_null(b.g_logvar) : nullptr;
-  args.prior_mu = data(b.prior_mu);
-  args.prior_logvar = data(b.prior_logvar);
-  args.prior_shared = b.prior_shared;
-  args.grad_prior_mu = ptr_or_null(b.g_prior_mu);
-  args.grad_prior_logvar = ptr_or_null(b.g_prior_logvar);
-  args.kl_elems = ptr_or_null(b.kl_elems);
-  args.n = n;
-  args.d = b.d;
-  args.l = b.l;
-  args.grad_scale = (red == Reduction::Mean && n > 0) ? 1.0 / static_cast<double>(n) : 1.0;
+  fill_elbo_args(args, b, mode, red, grad_recon, grad_latent, b.g_recon_logvar);
   args.row_rec = per_sample ? row_rec.data_ptr<double>() : nullptr;
   args.row_kl = per_sample ? row_kl.data_ptr<double>() : nullptr;
   args.total_rec = &total_rec;

@@ -16,7 +16,6 @@
 namespace vae_ext {
 namespace {
 
-void* ptr_or_null(const Tensor& t) { return t.numel() ? t.data_ptr() : nullptr; }
 
 // The CUDA twin of elbo_loss_cpu (csrc/cpu/ops_cpu.cpp): the same buffers (prepare_elbo), the same
 // outputs; the sums and the finalization run on the device, with no host sync unless validate.
@@ -42,32 +41,9 @@ ElboOutputs elbo_loss_cuda(VAE_EXT_ELBO_ARGS) {
   const size_t ws_bytes = cuda::elbo_workspace_bytes(n, d, l);
   Tensor ws = at::empty({static_cast<int64_t>(ws_bytes > 0 ? ws_bytes : 1)}, b.recon.options().dtype(at::kByte));
   Tensor bad = (validate && mode == Recon::BCE) ? at::zeros({1}, b.recon.options().dtype(at::kInt)) : Tensor();
-  const auto data = [](const Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; };
-
   cuda::ElboLaunch a{};
-  a.dtype = kernel_dtype(recon.scalar_type());
-  a.mode = mode;
+  fill_elbo_args(a, b, mode, red, grad_recon, grad_latent, g_rlv);
   a.reduction = red;
-  a.recon = b.recon.const_data_ptr();
-  a.x = b.x.const_data_ptr();
-  a.grad_recon = grad_recon ? ptr_or_null(b.g_recon) : nullptr;
-  a.recon_logvar = data(b.recon_logvar);
-  a.rlv_scalar = b.rlv_scalar;
-  a.grad_recon_logvar = ptr_or_null(g_rlv);
-  a.mu = b.mu.const_data_ptr();
-  a.logvar = b.logvar.const_data_ptr();
-  a.grad_mu = grad_latent ? ptr_or_null(b.g_mu) : nullptr;
-  a.grad_logvar = grad_latent ? ptr_or_null(b.g_logvar) : nullptr;
-  a.prior_mu = data(b.prior_mu);
-  a.prior_logvar = data(b.prior_logvar);
-  a.prior_shared = b.prior_shared;
-  a.grad_prior_mu = ptr_or_null(b.g_prior_mu);
-  a.grad_prior_logvar = ptr_or_null(b.g_prior_logvar);
-  a.kl_elems = ptr_or_null(b.kl_elems);
-  a.n = n;
-  a.d = d;
-  a.l = l;
-  a.grad_scale = (red == Reduction::Mean && n > 0) ? 1.0 / static_cast<double>(n) : 1.0;
   a.rec_out = rec.data_ptr();
   a.kl_out = (total && !floored_kl) ? nullptr : kl.data_ptr();
   a.workspace = ws.data_ptr();
