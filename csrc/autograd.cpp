@@ -127,18 +127,18 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& recon, const Tensor& x, const Tensor& mu,
                                const Tensor& logvar, const std::optional<Tensor>& prior_mu,
                                const std::optional<Tensor>& prior_logvar, const std::optional<Tensor>& recon_logvar,
-                               const std::string& recon_mode, const std::string& reduction,
-                               bool grad_recon, bool grad_latent, bool validate, bool total, double free_bits,
-                               bool unit_kl, bool recorded) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("vae_ext::elbo_loss", "")
-                         .typed<ElboOutputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                            c10::string_view, c10::string_view, bool, bool, bool, bool,
-                                            const c10::optional<Tensor>&, const c10::optional<Tensor>&,
-                                            const c10::optional<Tensor>&, double, bool)>();
+                               const std::string& recon_mode, const std::string& reduction, bool grad_recon,
+                               bool grad_latent, bool validate, bool total, double free_bits, bool unit_kl,
+                               bool recorded) {
+    static auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("vae_ext::elbo_loss", "")
+            .typed<ElboOutputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::string_view,
+                               c10::string_view, bool, bool, bool, bool, const c10::optional<Tensor>&,
+                               const c10::optional<Tensor>&, const c10::optional<Tensor>&, double, bool)>();
     at::AutoDispatchBelowADInplaceOrView below;
-    auto out = op.call(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent, validate, total,
-                       prior_mu, prior_logvar, recon_logvar, free_bits, unit_kl);
+    auto out = op.call(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent, validate, total, prior_mu,
+                       prior_logvar, recon_logvar, free_bits, unit_kl);
     auto& [rec, kl, units, g_recon, g_mu, g_logvar, g_prior_mu, g_prior_logvar, g_recon_logvar] = out;
     ctx->save_for_backward({g_recon, g_mu, g_logvar, g_prior_mu, g_prior_logvar, g_recon_logvar});
     ctx->saved_data["dtype"] = static_cast<int64_t>(recon.scalar_type());
@@ -150,8 +150,8 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
     // the node's input (edge) of each of the seven tensor arguments, -1 for an absent one
     std::vector<int64_t> edges = {0, 1, 2, 3};
     for (const auto* t : {&prior_mu, &prior_logvar, &recon_logvar})
-      edges.push_back(t->has_value() ? static_cast<int64_t>(std::count_if(edges.begin(), edges.end(),
-                                                                           [](int64_t e) { return e >= 0; }))
+      edges.push_back(t->has_value() ? static_cast<int64_t>(
+                                           std::count_if(edges.begin(), edges.end(), [](int64_t e) { return e >= 0; }))
                                      : -1);
     ctx->saved_data["edges"] = edges;
     if (prior_mu.has_value()) {
@@ -239,12 +239,12 @@ ElboOutputs elbo_loss_autograd(VAE_EXT_ELBO_ARGS) {
   check_functorch("vae_ext.elbo_loss (torch.ops.vae_ext.elbo_loss)", "vae_ext.reference.elbo_loss");
   const auto req = [](const std::optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
   // (forward runs with grad mode off: whether a graph is recorded is known only here)
-  const bool recorded = at::GradMode::is_enabled() && (recon.requires_grad() || mu.requires_grad() ||
-                                                       logvar.requires_grad() || req(prior_mu) ||
-                                                       req(prior_logvar) || req(recon_logvar));
-  auto out = ElboLossFunction::apply(recon, x, mu, logvar, prior_mu, prior_logvar, recon_logvar, std::string(recon_mode),
-                                     std::string(reduction), grad_recon, grad_latent, validate, total, free_bits,
-                                     unit_kl, recorded);
+  const bool recorded =
+      at::GradMode::is_enabled() && (recon.requires_grad() || mu.requires_grad() || logvar.requires_grad() ||
+                                     req(prior_mu) || req(prior_logvar) || req(recon_logvar));
+  auto out = ElboLossFunction::apply(recon, x, mu, logvar, prior_mu, prior_logvar, recon_logvar,
+                                     std::string(recon_mode), std::string(reduction), grad_recon, grad_latent, validate,
+                                     total, free_bits, unit_kl, recorded);
   return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7], out[8]};
 }
 

@@ -45,8 +45,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "cpu_capability", [] { return std::string(vae_ext::cpu::kernels().name); },
       "The CPU kernel variant in use: DEFAULT, AVX2 or AVX512");
-  m.def(
-      "has_cuda", [] { return vae_ext::kHasCuda; }, "Whether CUDA kernels were built");
+  m.def("has_cuda", [] { return vae_ext::kHasCuda; }, "Whether CUDA kernels were built");
   m.def(
       "_philox4x32_10",
       [](uint64_t seed, uint64_t ctr_lo, uint64_t ctr_hi) {

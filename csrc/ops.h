@@ -19,10 +19,10 @@ namespace vae_ext {
 // schema's outputs (csrc/ops.cpp).
 using ElboOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
 // The signature of the elbo_loss op's kernels, after the schema.
-#define VAE_EXT_ELBO_ARGS                                                                                          \
-  const Tensor &recon, const Tensor &x, const Tensor &mu, const Tensor &logvar, c10::string_view recon_mode,      \
-      c10::string_view reduction, bool grad_recon, bool grad_latent, bool validate, bool total,                   \
-      const c10::optional<Tensor>&prior_mu, const c10::optional<Tensor>&prior_logvar,                            \
+#define VAE_EXT_ELBO_ARGS                                                                                    \
+  const Tensor &recon, const Tensor &x, const Tensor &mu, const Tensor &logvar, c10::string_view recon_mode, \
+      c10::string_view reduction, bool grad_recon, bool grad_latent, bool validate, bool total,              \
+      const c10::optional<Tensor>&prior_mu, const c10::optional<Tensor>&prior_logvar,                        \
       const c10::optional<Tensor>&recon_logvar, double free_bits, bool unit_kl
 using ReparamOutputs = std::tuple<Tensor, Tensor, Tensor>;
 

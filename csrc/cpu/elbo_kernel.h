@@ -195,9 +195,9 @@ void kl_typed(const ElboArgs& a) {
   const auto from = [](auto* p, int64_t off) { return p ? p + off : nullptr; };
   // units [off, off + len) of the flat (n, l) latents; the prior's offset is the column's when shared
   const auto seg = [&](int64_t off, int64_t len, int64_t prior_off) {
-    return kl_segment<scalar_t, has_prior>(mu + off, lv + off, from(pmu, prior_off), from(plv, prior_off), from(gmu, off),
-                                           from(glv, off), from(gpmu, off), from(gplv, off), from(kle, off), len,
-                                           a.grad_scale);
+    return kl_segment<scalar_t, has_prior>(mu + off, lv + off, from(pmu, prior_off), from(plv, prior_off),
+                                           from(gmu, off), from(glv, off), from(gpmu, off), from(gplv, off),
+                                           from(kle, off), len, a.grad_scale);
   };
   const auto row_seg = [&](int64_t row, int64_t b, int64_t e) {
     return seg(row * l + b, e - b, a.prior_shared ? b : row * l + b);

@@ -44,7 +44,6 @@ void scale_rows_cpu(const Tensor& g, const Tensor& s) {
 
 namespace {
 
-
 // The two outputs from the kernel's sums over the batch (sum and mean): (rec, kl), or with
 // total (rec + kl, empty).
 std::tuple<Tensor, Tensor> reduce_terms(double sr, double sk, int64_t n, Reduction red, bool total,

@@ -16,7 +16,6 @@
 namespace vae_ext {
 namespace {
 
-
 // The CUDA twin of elbo_loss_cpu (csrc/cpu/ops_cpu.cpp): the same buffers (prepare_elbo), the same
 // outputs; the sums and the finalization run on the device, with no host sync unless validate.
 ElboOutputs elbo_loss_cuda(VAE_EXT_ELBO_ARGS) {
