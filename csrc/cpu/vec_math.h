@@ -3,16 +3,12 @@
 #pragma once
 #include "capability.h"
 
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-
 #include <limits>
 
 #include "../common/elbo_math.h"
+#include "vec_io.h"  // at::vec, Vectorized
 
 namespace vae_ext::cpu::CPU_CAPABILITY {
-
-using at::vec::Vectorized;
 
 // Math policy for elbo_math.h over a SIMD vector.
 template <class V>

@@ -13,40 +13,34 @@
 namespace vae_ext {
 namespace cuda {
 
-// Storage type -> arithmetic type: float for float/half/bfloat16, double for double.
+// Storage type -> arithmetic type (float for float/half/bfloat16, double for double) and the
+// conversions between them (to the half types: rounded to nearest).
 template <typename T>
-struct Acc {
-  using type = float;
+struct Acc {  // float, double: themselves
+  using type = T;
+  static __device__ __forceinline__ T to(T v) { return v; }
+  static __device__ __forceinline__ T from(T v) { return v; }
 };
 template <>
-struct Acc<double> {
-  using type = double;
+struct Acc<__half> {
+  using type = float;
+  static __device__ __forceinline__ float to(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half from(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Acc<__nv_bfloat16> {
+  using type = float;
+  static __device__ __forceinline__ float to(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
 };
 
 template <typename T>
 __device__ __forceinline__ typename Acc<T>::type to_acc(T v) {
-  return static_cast<typename Acc<T>::type>(v);
+  return Acc<T>::to(v);
 }
-template <>
-__device__ __forceinline__ float to_acc<__half>(__half v) {
-  return __half2float(v);
-}
-template <>
-__device__ __forceinline__ float to_acc<__nv_bfloat16>(__nv_bfloat16 v) {
-  return __bfloat162float(v);
-}
-
 template <typename T>
 __device__ __forceinline__ T from_acc(typename Acc<T>::type v) {
-  return static_cast<T>(v);
-}
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float v) {
-  return __float2half_rn(v);
-}
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
+  return Acc<T>::from(v);
 }
 
 // N elements loaded or stored with one 16-byte access.
