@@ -81,7 +81,7 @@ if has bench; then
   # CUDA-graph replays (device time); step: the training step alone.
   for run in ${BENCH_RUNS:-plain graph}; do
     case "$run" in
-      plain) extra=(--dtype float32 --dtype bfloat16 --only "${PLAIN_ONLY:-loss,reparam,step}") ;;
+      plain) extra=(--dtype float32 --dtype bfloat16 --only "${PLAIN_ONLY:-loss,objectives,reparam,step}") ;;
       graph) extra=(--dtype float32 --dtype bfloat16 --only "${GRAPH_ONLY:-loss,reparam}" --cuda-graph) ;;
       step) extra=(--dtype float32 --only step) ;;
       *) echo "BENCH_RUNS: unknown run $run"; status=1; continue ;;
