@@ -6,7 +6,8 @@
 Each path of the ops gets a call: every dtype, recon mode and reduction; a recon_x that starts off a
 16-byte boundary (the scalar head), a channels_last one (read in place), an incoming gradient of 1
 (the backward's scale kernel exits at once) and of 1.5 (it scales), total=True (beta 1) and the
-separate terms (return_terms, beta != 1); reparameterize with one sample and with several.
+separate terms (return_terms, beta != 1); l1, gaussian, learned priors and free bits
+(objective_calls); reparameterize with one sample and with several.
 """
 import argparse
 
@@ -17,6 +18,33 @@ from checkout import prefer_built_checkout
 prefer_built_checkout()  # as run.py: this checkout's vae_ext when it is built in place
 
 import vae_ext  # noqa: E402
+
+
+def objective_calls(n, d, l, dtype, dev, g) -> int:
+    """The issue-15 paths: l1; gaussian with a 0-d and a per-element log-variance; a prior per sample
+    and one shared (broadcast) by every sample; free bits and the per-unit KL; conv-shaped latents."""
+    def leaf(*shape, scale=1.0):
+        return (torch.randn(shape, device=dev, generator=g) * scale).to(dtype).requires_grad_()
+
+    calls = 0
+    x = torch.rand(n, d, device=dev, generator=g).to(dtype)
+    for reduction in ("sum", "mean", "none"):
+        for rlv_shape in (None, (), (n, d)):
+            r, mu, lv = leaf(n, d), leaf(n, l), leaf(n, l, scale=0.5)
+            recon = "l1" if rlv_shape is None else "gaussian"
+            rlv = None if rlv_shape is None else leaf(*rlv_shape, scale=0.3)
+            for pshape in (None, (n, l), (l,)):
+                prior = {} if pshape is None else dict(prior_mu=leaf(*pshape), prior_logvar=leaf(*pshape, scale=0.5))
+                fb = 0.5 if reduction != "none" and pshape is not None else 0.0
+                loss, rec, kl, units = vae_ext.elbo_loss(r, x, mu, lv, recon=recon, recon_logvar=rlv,
+                                                         reduction=reduction, beta=0.7, free_bits=fb,
+                                                         return_terms=True, return_unit_kl=True, **prior)
+                (loss.sum() * 1.5).backward()
+                calls += 1
+    # conv latents (n, 2, 3, l) with a (2, 1, 1) prior, the KL alone
+    mu, lv, pm, pl = leaf(n, 2, 3, l), leaf(n, 2, 3, l), leaf(2, 1, 1), leaf(2, 1, 1)
+    vae_ext.gaussian_kl(mu, lv, pm, pl, reduction="mean", free_bits=0.25).backward()
+    return calls + 1
 
 
 def main() -> None:
@@ -56,6 +84,7 @@ def main() -> None:
             lv = torch.randn(n, l, device=dev, generator=g).to(dtype).requires_grad_()
             (vae_ext.elbo_loss(r4, x4, mu, lv, recon="bce_logits") * 1.5).backward()
             calls += 1
+            calls += objective_calls(n, d, l, dtype, dev, g)
             for k in (None, 3):
                 mu = torch.randn(n, l, device=dev, generator=g).to(dtype).requires_grad_()
                 lv = torch.randn(n, l, device=dev, generator=g).to(dtype).requires_grad_()
