@@ -14,11 +14,11 @@ import torch
 import torch.nn.functional as F
 
 import vae_ext
+from vae_ext.architectures import MLPVAE, ConvVAE
 from vae_ext.checkpoint import load_checkpoint
 from vae_ext.config import TrainConfig
 from vae_ext.data import load_data
 from vae_ext.errors import ConfigError, DataError
-from vae_ext.models import MLPVAE, ConvVAE
 from vae_ext.train import METRIC_COLUMNS, train_step
 
 from helpers import assert_one_line_error, read_csv, run_cli

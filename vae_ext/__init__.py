@@ -35,8 +35,12 @@ __all__ = [
 
 
 def __getattr__(name):  # lazy: the model and CLI pull in more than the ops do
-    if name in ("VAE", "MLPVAE", "ConvVAE"):
-        from . import models
+    if name == "VAE":
+        from .models import VAE
 
-        return getattr(models, name)
+        return VAE
+    if name in ("MLPVAE", "ConvVAE"):
+        from . import architectures
+
+        return getattr(architectures, name)
     raise AttributeError(f"module 'vae_ext' has no attribute {name!r}")

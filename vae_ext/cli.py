@@ -108,8 +108,9 @@ def _device(text: str) -> str:
 def _train_options(p: argparse.ArgumentParser, latent: bool = True, sweep: bool = False) -> None:
     """The options of `train` (and `sweep`). Defaults are None here: TrainConfig fills them in, and
     on --resume only the options given explicitly override the checkpoint's."""
+    from .architectures import ARCHS
     from .data import BINARIZE_MODES
-    from .models import ARCHS, RECON_MODES
+    from .models import RECON_MODES
 
     d = p.add_argument_group("data")
     d.add_argument("--data", metavar="SPEC", help="digits (default: scikit-learn's 8x8 digits), mnist:DIR "
