@@ -5,11 +5,12 @@
 # the training step on the GPU (float32 and bfloat16). Results go to $OUT (default runs/gpu-check).
 #
 #   bash benchmarks/gpu_check.sh                      # every phase, from the repository root
-#   PHASES="build test" bash benchmarks/gpu_check.sh  # some phases: build test sanitize bench
+#   PHASES="build test" bash benchmarks/gpu_check.sh  # some phases: build test sanitize bench train
 #   TESTS="-m cuda" PHASES="build test" ...           # pytest selection for the test phase
 #   BENCH_RUNS="graph step" ...                       # benchmark runs: plain graph step
 #   GRAPH_ONLY=loss PLAIN_ONLY=loss,reparam ...       # which benchmarks the graph / plain runs take
 #   REQUIRE_GPU=0 PHASES=build ...                    # rehearse without a GPU (a CUDA torch on PATH)
+#   MNIST=DIR TRAIN_EPOCHS=3 PHASES=train ...         # vae-ext train on the GPU, fused and reference
 #
 # On the H100 machine (2026-11-24) the build took 70-90 s, the CUDA tests 10 s, memcheck 10 s,
 # racecheck 40 s, the plain loss+reparam benchmarks 4.5 min and the graph loss benchmark about 4 min:
@@ -25,7 +26,7 @@ ROOT="$PWD"
 OUT="${OUT:-runs/gpu-check}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
-PHASES="${PHASES:-build test sanitize bench}"
+PHASES="${PHASES:-build test sanitize bench}"  # train only when asked
 export PYTHONUNBUFFERED=1
 status=0
 step() { echo; echo "=== $* ($(date +%T))"; }
@@ -91,6 +92,24 @@ if has bench; then
       --out "$OUT/gpu-$run.json" --chart "$OUT/gpu-$run.png" --no-progress ${BENCH_ARGS:-} > "$OUT/bench-$run.log" 2>&1
     rc=$?; sed -n '/^Machine/,$p' "$OUT/bench-$run.log" | grep -v "^-----"
     [ $rc -eq 0 ] || { echo "benchmark $run: exit $rc"; tail -20 "$OUT/bench-$run.log"; status=1; }
+  done
+fi
+
+if has train; then
+  # The training step as a user runs it: the same MLP VAE on MNIST, the fused loss and the
+  # reference loss, a few epochs each. metrics.csv has each epoch's seconds and test -ELBO. MNIST is
+  # not in the repository: copy ../shared/data/mnist into .gpu/mnist and carry .gpu (the device
+  # machine has no ../shared); without it the scikit-learn digits are used.
+  mnist="${MNIST:-$ROOT/.gpu/mnist}"
+  [ -d "$mnist" ] || mnist="$ROOT/../shared/data/mnist"
+  if [ -d "$mnist" ]; then data=(--data "mnist:$mnist" --train-split 8000); else data=(); fi
+  for impl in fused reference; do
+    step "train ($impl) ${data[*]:-digits}, ${TRAIN_EPOCHS:-3} epochs"
+    flag=(); [ "$impl" = reference ] && flag=(--reference)
+    timeout "${TRAIN_TIMEOUT:-240}" python3 -m vae_ext train "${data[@]}" --epochs "${TRAIN_EPOCHS:-3}" \
+      --device "${TRAIN_DEVICE:-cuda}" --no-progress --out "$OUT/train-$impl" "${flag[@]}" > "$OUT/train-$impl.log" 2>&1
+    rc=$?; tail -3 "$OUT/train-$impl.log"; cat "$OUT/train-$impl/metrics.csv" 2>/dev/null
+    [ $rc -eq 0 ] || { echo "train $impl: exit $rc"; status=1; }
   done
 fi
 
