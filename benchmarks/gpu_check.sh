@@ -83,7 +83,7 @@ if has bench; then
   for run in ${BENCH_RUNS:-plain graph}; do
     case "$run" in
       plain) extra=(--dtype float32 --dtype bfloat16 --only "${PLAIN_ONLY:-loss,objectives,reparam,step}") ;;
-      graph) extra=(--dtype float32 --dtype bfloat16 --only "${GRAPH_ONLY:-loss,reparam}" --cuda-graph) ;;
+      graph) extra=(--dtype float32 --dtype bfloat16 --only "${GRAPH_ONLY:-loss,objectives,reparam}" --cuda-graph) ;;
       step) extra=(--dtype float32 --only step) ;;
       *) echo "BENCH_RUNS: unknown run $run"; status=1; continue ;;
     esac

@@ -183,7 +183,7 @@ def settings_line(results: dict) -> str:
     return (f"{st.get('threads')} threads; torch.compile(mode={mode!r}, backend={backend!r}, dynamic=False); "
             f"{st.get('rounds')} interleaved rounds of {st.get('min_run_time_s')} s per implementation"
             + ("; --quick" if st.get("quick") else "")
-            + ("; --cuda-graph: loss and reparam timed as CUDA-graph replays of one call (device time, "
+            + ("; --cuda-graph: the op benchmarks timed as CUDA-graph replays of one call (device time, "
                "no host overhead)" if st.get("cuda_graph") else "")
             + _allocator_text(results)
             + ("; environment: " + ", ".join(f"{k}={v}" for k, v in env.items()) if env else "") + ".")
