@@ -46,6 +46,9 @@ IMPLS, BASELINES = measure.OP_IMPLS, measure.OP_BASELINES
 # A size is a KL latent shape (N, ...) or an ELBO size (N, D, L); each ELBO size runs every ELBO case.
 KL_SIZES: List[Tuple[int, ...]] = [(256, 4, 32, 32), (64, 16, 64, 64)]
 ELBO_SIZES: List[Tuple[int, int, int]] = [(1024, 784, 32), (256, 12288, 128)]
+# On a GPU the largest ELBO size above is 3M elements, a floor of ~13 us: two kernel launches cost a
+# good part of that, so a CUDA run adds the loss benchmark's largest size (16M elements).
+CUDA_ELBO_SIZES: List[Tuple[int, int, int]] = [(4096, 4096, 256)]
 QUICK_KL_SIZES: List[Tuple[int, ...]] = [(64, 4, 16, 16)]
 QUICK_ELBO_SIZES: List[Tuple[int, int, int]] = [(128, 784, 20)]
 
@@ -122,7 +125,7 @@ def cases(settings: Settings) -> list:
     elif settings.quick:
         kl_sizes, elbo_sizes = QUICK_KL_SIZES, QUICK_ELBO_SIZES
     else:
-        kl_sizes, elbo_sizes = KL_SIZES, ELBO_SIZES
+        kl_sizes, elbo_sizes = KL_SIZES, ELBO_SIZES + (CUDA_ELBO_SIZES if settings.is_cuda else [])
     dtypes = list(settings.dtypes)
     if settings.is_cuda and torch.bfloat16 not in dtypes and not given and not settings.quick:
         dtypes.append(torch.bfloat16)  # as the loss benchmark: a full CUDA run adds bfloat16
