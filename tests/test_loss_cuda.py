@@ -12,6 +12,7 @@ from helpers import (
     BF16,
     F32,
     RECON_MODES,
+    arg_re,
     assert_close,
     capture_cuda_graph,
     make_elbo_inputs,
@@ -46,6 +47,19 @@ def test_bce_target_validate_on_cuda():
     assert str(info.value).startswith("x:") and "[0, 1]" in str(info.value)
     out = vae_ext.elbo_loss(r, x, mu, lv, recon="bce", validate=False)
     assert torch.isfinite(out).item()
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_direct_op_cpu_recon_beside_cuda_tensors_names_the_argument():
+    """The op's CUDA kernel runs when any tensor is on CUDA. A CPU recon_x beside CUDA x, mu and
+    logvar (a direct torch.ops call: vae_ext.elbo_loss checks devices in Python) must get the
+    ValueError naming x, not the device guard's error for a CPU device."""
+    r, x, mu, lv = make_elbo_inputs("bce", (3, 5), 2, F32, seed=85)
+    with pytest.raises(ValueError, match=arg_re("x")):
+        torch.ops.vae_ext.elbo_loss(r, x.cuda(), mu.cuda(), lv.cuda(), "bce", "sum", False, False, False)
+    with pytest.raises(ValueError, match=arg_re("prior_mu")):  # only an optional tensor on CUDA
+        torch.ops.vae_ext.elbo_loss(r, x, mu, lv, "bce", "sum", False, False, False, False, mu.cuda(), lv)
 
 
 @pytest.mark.cuda
