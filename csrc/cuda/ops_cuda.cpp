@@ -21,9 +21,12 @@ namespace {
 ElboOutputs elbo_loss_cuda(VAE_EXT_ELBO_ARGS) {
   const Recon mode = parse_recon(recon_mode);
   const Reduction red = parse_reduction(reduction);
-  const c10::cuda::CUDAGuard guard(recon.device());
   const ElboOptions opt{prior_mu, prior_logvar, recon_logvar, free_bits, unit_kl};
+  // The checks come before the guard: the op runs here when any tensor is on CUDA, and a CPU
+  // recon_x beside them must get the ValueError naming the argument, not CUDAGuard's error for a
+  // CPU device. (prepare_elbo's allocations name their device in their options.)
   const ElboBuffers b = prepare_elbo(recon, x, mu, logvar, opt, mode, red, grad_recon, grad_latent);
+  const c10::cuda::CUDAGuard guard(b.recon.device());
   const int64_t n = b.n, d = b.d, l = b.l;
   const at::ScalarType out = loss_dtype(recon.scalar_type());
   const auto out_opts = b.recon.options().dtype(out);
