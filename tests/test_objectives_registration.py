@@ -178,6 +178,26 @@ def test_torch_compile_inductor_prior_gaussian_free_bits():
     torch._dynamo.reset()
 
 
+def test_python_layer_does_not_call_is_autocast_available(monkeypatch):
+    """torch.compile cannot trace torch.amp.is_autocast_available before torch 2.13: on torch 2.11,
+    fullgraph=True failed for every call with a prior or a recon_logvar. On the torch 2.13 that CI
+    runs the compile tests above pass either way, so this checks that the Python layer never calls it."""
+    def not_traceable(*args, **kwargs):
+        raise AssertionError("torch.amp.is_autocast_available called")
+
+    inputs = make_objective_inputs("gaussian", (3, 1, 2, 2), (3, 2), F32, seed=5, prior_shape=(2,), rlv="scalar")
+    r, x, mu, lv, pm, pl, rlv = (inputs[k] for k in ("recon_x", "x", "mu", "logvar", "prior_mu", "prior_logvar",
+                                                     "recon_logvar"))
+    meta = torch.empty(3, 2, device="meta")  # a device type autocast does not know
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        monkeypatch.setattr(torch.amp, "is_autocast_available", not_traceable)
+        vae_ext.elbo_loss(r, x, mu, lv, recon="gaussian", prior_mu=pm, prior_logvar=pl, recon_logvar=rlv)
+        assert vae_ext.gaussian_kl(mu.bfloat16(), lv, pm, pl).dtype == F32  # promoted under autocast
+        vae_ext.reparameterize(mu.bfloat16(), lv)
+        vae_ext.gaussian_kl(meta, meta, meta[0], meta[0])
+        monkeypatch.undo()
+
+
 # --------------------------------------------------------------------------- NaN, inf
 NAN_CASES = {
     # (where the NaN goes, which rows of the per-sample loss turn NaN: "one" = row 1, "all")

@@ -50,6 +50,18 @@ def _check_same(names_tensors, what: str) -> None:
             raise err(f"{n}: expected the same {what} as {n0} ({a}), got {b}")
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (False for a type autocast does not know, "meta").
+
+    Not ``torch.amp.is_autocast_available``: torch.compile cannot trace it before torch 2.13
+    (fullgraph=True fails on torch 2.11), while it traces ``torch.is_autocast_enabled``, which
+    raises RuntimeError for an unknown type."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _autocast_common_dtype(tensors):
     """Under ``torch.autocast`` for their device, float tensors of mixed dtypes (a bfloat16 decoder
     output beside a float32 batch x) are brought to their promoted dtype, as autocast's "promote"
@@ -62,7 +74,7 @@ def _autocast_common_dtype(tensors):
     dev = tensors[0].device if isinstance(tensors[0], torch.Tensor) else None
     if (dev is None or not all(isinstance(t, torch.Tensor) and t.device == dev and t.dtype in _FLOAT_DTYPES
                                for t in tensors)
-            or not torch.amp.is_autocast_available(dev.type) or not torch.is_autocast_enabled(dev.type)):
+            or not _autocast_enabled(dev.type)):
         return tensors
     dtype = tensors[0].dtype
     for t in tensors[1:]:
