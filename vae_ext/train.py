@@ -92,11 +92,19 @@ def train_step(net, model: VAE, optimizer, x: torch.Tensor, beta: float, y=None)
     return terms
 
 
+def _total_norm(grads, device) -> torch.Tensor:
+    """The 2-norm of all the gradients together, as torch.nn.utils.get_total_norm gives it (that
+    function is new in torch 2.6; the library supports older torch)."""
+    if not grads:
+        return torch.zeros((), device=device)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
 def guarded_train_step(net, model: VAE, optimizer, x: torch.Tensor, beta: float, ctx: DistributedContext, y=None):
     """:func:`train_step`, skipped (no optimizer step) when the loss or the gradient norm is not
     finite on any rank; returns (loss, rec, kl, unit_kl, skipped)."""
     loss, rec, kl, unit_kl = _loss_and_gradients(net, model, optimizer, x, beta, y)
-    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    norm = _total_norm([p.grad for p in model.parameters() if p.grad is not None], loss.device)
     bad = (~torch.isfinite(loss) | ~torch.isfinite(norm)).to(torch.float32)
     if ctx.all_reduce_sum(bad).item() > 0:  # every rank skips together (DDP's gradients are shared)
         optimizer.zero_grad(set_to_none=True)
