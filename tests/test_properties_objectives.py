@@ -127,10 +127,15 @@ def objective_case(draw, kl_only=False):
     specs += [(k, "mu" if k == "prior_mu" else "logvar", None, s) for k, s in pshapes.items()]
     if rlv:
         specs.append(("recon_logvar", "logvar", None, () if rlv == "scalar" else rshape))
+    values = {name: draw(tensor_values(role, vm, shape, dtype, seed + k))
+              for k, (name, role, vm, shape) in enumerate(specs)}
+    if not kl_only and draw(st.booleans()):
+        # ties, r == x: a perfectly reconstructed pixel, where l1's gradient is 0 (torch.sign's)
+        tie = torch.rand(rshape, generator=torch.Generator().manual_seed(seed - 1)) < draw(st.sampled_from([0.1, 1.0]))
+        values["x"] = torch.where(tie, values["recon_x"], values["x"])
     leaves, makes = {}, {}
-    for k, (name, role, vm, shape) in enumerate(specs):
-        v = draw(tensor_values(role, vm, shape, dtype, seed + k))
-        leaves[name], makes[name] = laid_out(v, draw(st.sampled_from(layouts_for(shape))))
+    for name, _, _, shape in specs:
+        leaves[name], makes[name] = laid_out(values[name], draw(st.sampled_from(layouts_for(shape))))
 
     # The floor: a fixed value, or next to (or at) a drawn unit's KL, so that units fall on both sides.
     free_bits, fb_kind = 0.0, "none" if reduction == "none" else draw(st.sampled_from(["none", "fixed", "unit"]))
@@ -302,13 +307,20 @@ def to_input_shape(per_elem, name, case):
 def check_objective_case(case):
     dtype, red, fb = case["dtype"], case["reduction"], case["free_bits"]
     got, got_g = run_objective(vae_ext.elbo_loss, vae_ext.gaussian_kl, case, dtype)
-    # The float64 reference at grad_output / 2^k <= 1, its gradients scaled back by 2^k (exact):
-    # autograd multiplies grad_output in first, so at 1e3 it overflows an intermediate (500 * 8.8e307
-    # for prior_logvar's gradient at mu - prior_mu = 9.4e153) where the gradient (-2e298) is finite.
+    # The float64 reference in an order that overflows no intermediate where the gradient is finite:
+    # at grad_output / 2^k <= 1, its gradients scaled back by 2^k (exact), as autograd multiplies
+    # grad_output in first (at 1e3: 500 * 8.8e307 for prior_logvar's gradient at mu - prior_mu =
+    # 9.4e153, where the gradient is -2e298); and with a broadcast prior or 0-d recon_logvar
+    # expanded first, as autograd sums a broadcast factor's gradient before it multiplies by
+    # exp(-logvar) (5 * 4.4e307 * 3.7e-44 overflows; 5 * (4.4e307 * 3.7e-44) does not).
     up_max = max(1.0, max(u.abs().max().item() for u in case["ups"]))
     k = math.ceil(math.log2(up_max))
-    ref, ref_g = run_objective(reference.elbo_loss, reference.gaussian_kl,
-                               dict(case, ups=[u / 2**k for u in case["ups"]]), F64)
+    shapes = {"prior_mu": "mu", "prior_logvar": "mu", "recon_logvar": "recon_x"}
+    shape_of = {name: case["makes"][name](case["leaves"][name]).shape for name in case["leaves"]}
+    makes = {name: (lambda t, m=m, s=shape_of[shapes[name]]: m(t).expand(s)) if name in shapes else m
+             for name, m in case["makes"].items()}
+    ref_case = dict(case, ups=[u / 2**k for u in case["ups"]], makes=makes)
+    ref, ref_g = run_objective(reference.elbo_loss, reference.gaussian_kl, ref_case, F64)
     ref_g = {name: None if g is None else g * 2**k for name, g in ref_g.items()}
     # plain PyTorch refuses to clamp a float32 tensor at a floor beyond float32's range (RuntimeError:
     # value cannot be converted): it gets the floor rounded to the loss dtype (inf)
@@ -377,6 +389,11 @@ def check_objective_case(case):
         near = ((ukl_ref - fb).abs() <= 2 * ukl_bound) | ((ukl_nat >= fb_native) != (ukl_ref >= fb))
         event(f"free bits: units {'under, ' if (keep == 0).any() else ''}{'over, ' if (keep == 1).any() else ''}"
               f"{'near' if near.any() else ''}")
+        if near.any():
+            # the unfloored gradients (the KL returned, now differentiable, takes no grad_output)
+            ups0 = [u / 2**k for u in case["ups"]][:2] + [0 * u for u in case["ups"][2:]]
+            _, kept_g = run_objective(reference.elbo_loss, reference.gaussian_kl,
+                                      dict(ref_case, free_bits=0.0, ups=ups0), F64)
     for name in GRAD_NAMES:
         if name not in ref_g:
             continue
@@ -387,16 +404,31 @@ def check_objective_case(case):
         latent = name not in ("recon_x", "recon_logvar")
         w = (w_kl if latent else w_rec).view(-1, *([1] * (full["mu" if latent else "recon_x"].dim() - 1)))
         per_elem, per_elem_abs = mag[name] * w, mag_abs.get(name, torch.zeros_like(mag[name])) * w
-        dont_care = None
-        if latent:
-            per_elem, per_elem_abs = per_elem * keep, per_elem_abs * keep
-            dont_care = to_input_shape(near.expand(full["mu"].shape).to(F64), name, case) > 0
+        near_in = None
+        if latent and near.any():
+            # A unit near the floor: each element that depends on that unit alone (mu, logvar, a
+            # prior with mu.shape[1:]) is judged against the nearer of the two sides, the
+            # unfloored gradient and 0 (0 * it: NaN where it is not finite); one that sums over
+            # units (a broadcast prior, (C, 1, 1)) against its own value.
+            near_in = to_input_shape(near.expand(full["mu"].shape).to(F64), name, case) > 0
+            kept = kept_g[name] * 2**k
+            logical = case["makes"][name](case["leaves"][name]).shape
+            one_unit = tuple(logical)[-(full["mu"].dim() - 1):] == tuple(full["mu"].shape[1:]) \
+                if full["mu"].dim() > 1 and len(logical) >= full["mu"].dim() - 1 else False
+            if one_unit:
+                gd = g.double()
+                side = torch.where(torch.isnan(gd), torch.isnan(kept),
+                                   (gd - kept).abs() <= (gd - 0 * kept).abs().nan_to_num(math.inf))
+                rg = torch.where(near_in, torch.where(side, kept, 0 * kept), rg)
+            else:
+                rg = torch.where(near_in, g.double(), rg)
+        if latent:  # no bound from a floored unit's terms: its gradient is 0 exactly
+            keep_e = torch.where(near, 1.0, keep) if near_in is not None else keep
+            per_elem, per_elem_abs = per_elem * keep_e, per_elem_abs * keep_e
         cancel = to_input_shape(per_elem, name, case)
         # tol.grad on the cancelling terms too: a sum (broadcast prior, 0-d recon_logvar, expanded
         # leaf) is rounded in the dtype
         bound = tol.grad * (rg.abs() + cancel) + to_input_shape(per_elem_abs, name, case) + abs_floor(dtype) * up_max
-        if dont_care is not None:
-            bound = bound.masked_fill(dont_care, math.inf)
         # README: the op writes each local gradient (at grad_output 1) in the forward, in the
         # kernel's arithmetic (float32 for half types), and stores recon_x's and a per-element
         # recon_logvar's in the input dtype, after the reduction's 1/N; the backward then scales it.
