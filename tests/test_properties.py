@@ -415,8 +415,12 @@ def check_elbo(case):
         cancel = to_leaf_shape(mag * wfull, leaf)
         extra = to_leaf_shape(extra * wfull, leaf)
         up_max = max(1.0, max(u.abs().max().item() for u in ups)) if n else 1.0
-        # tol.grad on the cancelling terms too: an expanded leaf's gradient is a sum in the dtype
-        bound = tol.grad * (rg.abs() + cancel) + abs_floor(dtype) * up_max + extra
+        # tol.grad on the cancelling terms too: an expanded leaf's gradient is a sum in the dtype.
+        # The latent gradients are stored (after the mean's 1/N) before beta scales them: a
+        # subnormal's rounding there is multiplied by beta (mu = 1.4e-45 at N = 2 stores 0; times
+        # beta = 9 that is 6.3e-45 off)
+        floor = abs_floor(dtype) * up_max * (max(1.0, beta) if name != "recon_x" else 1.0)
+        bound = tol.grad * (rg.abs() + cancel) + floor + extra
         may = None
         if name == "recon_x" and dtype in HALF and mode == "bce":
             # README: the recon_x gradient is stored in the half dtype before grad_output scales it,

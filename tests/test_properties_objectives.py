@@ -308,13 +308,14 @@ def check_objective_case(case):
     dtype, red, fb = case["dtype"], case["reduction"], case["free_bits"]
     got, got_g = run_objective(vae_ext.elbo_loss, vae_ext.gaussian_kl, case, dtype)
     # The float64 reference in an order that overflows no intermediate where the gradient is finite:
-    # at grad_output / 2^k <= 1, its gradients scaled back by 2^k (exact), as autograd multiplies
-    # grad_output in first (at 1e3: 500 * 8.8e307 for prior_logvar's gradient at mu - prior_mu =
-    # 9.4e153, where the gradient is -2e298); and with a broadcast prior or 0-d recon_logvar
-    # expanded first, as autograd sums a broadcast factor's gradient before it multiplies by
-    # exp(-logvar) (5 * 4.4e307 * 3.7e-44 overflows; 5 * (4.4e307 * 3.7e-44) does not).
+    # at grad_output / 2^k with grad_output * beta / 2^k <= 1, its gradients scaled back by 2^k
+    # (exact), as autograd multiplies grad_output and beta in first (at 1e3: 500 * 8.8e307 for
+    # prior_logvar's gradient at mu - prior_mu = 9.4e153, where the gradient is -2e298); and with a
+    # broadcast prior or 0-d recon_logvar expanded first, as autograd sums a broadcast factor's
+    # gradient before it multiplies by exp(-logvar) (5 * 4.4e307 * 3.7e-44 overflows;
+    # 5 * (4.4e307 * 3.7e-44) does not).
     up_max = max(1.0, max(u.abs().max().item() for u in case["ups"]))
-    k = math.ceil(math.log2(up_max))
+    k = math.ceil(math.log2(up_max * max(1.0, case["beta"])))
     shapes = {"prior_mu": "mu", "prior_logvar": "mu", "recon_logvar": "recon_x"}
     shape_of = {name: case["makes"][name](case["leaves"][name]).shape for name in case["leaves"]}
     makes = {name: (lambda t, m=m, s=shape_of[shapes[name]]: m(t).expand(s)) if name in shapes else m
@@ -428,7 +429,11 @@ def check_objective_case(case):
         cancel = to_input_shape(per_elem, name, case)
         # tol.grad on the cancelling terms too: a sum (broadcast prior, 0-d recon_logvar, expanded
         # leaf) is rounded in the dtype
-        bound = tol.grad * (rg.abs() + cancel) + to_input_shape(per_elem_abs, name, case) + abs_floor(dtype) * up_max
+        # a few subnormals per element summed; the latent gradients are stored (after the mean's
+        # 1/N) before beta scales them: a subnormal's rounding there is multiplied by beta
+        floor = abs_floor(dtype) * up_max * (max(1.0, case["beta"]) if latent else 1.0)
+        floor = to_input_shape(torch.full_like(mag[name], floor), name, case)
+        bound = tol.grad * (rg.abs() + cancel) + to_input_shape(per_elem_abs, name, case) + floor
         # README: the op writes each local gradient (at grad_output 1) in the forward, in the
         # kernel's arithmetic (float32 for half types), and stores recon_x's and a per-element
         # recon_logvar's in the input dtype, after the reduction's 1/N; the backward then scales it.
@@ -506,3 +511,20 @@ def test_float32_prior_half_s_near_the_largest_float_is_finite():
     assert abs(want.item()) < torch.finfo(torch.float32).max
     for name, g, w in pairs:
         assert math.isfinite(g.item()) and abs(g.item() - w.item()) <= 1e-5 * abs(w.item()), (name, g.item(), w.item())
+
+
+def test_float64_free_bits_mean_near_the_largest_double_is_finite():
+    """Found by the long profile: three units of KL 3.16e307 (logvar 709.43 in one of two samples),
+    "mean" with free bits: the floored KL is 9.5e307, finite; the CPU op multiplied it by N for a
+    division by N that followed, and overflowed to inf on the way."""
+    mu = torch.zeros(2, 4, dtype=F64)
+    lv = torch.zeros(2, 4, dtype=F64)
+    lv[0, :3] = 709.43
+    for kw in ({}, dict(prior_mu=torch.zeros(4, dtype=F64), prior_logvar=torch.zeros(4, dtype=F64))):
+        got = vae_ext.gaussian_kl(mu, lv, kw.get("prior_mu"), kw.get("prior_logvar"), reduction="mean", free_bits=1e-3)
+        want = reference.gaussian_kl(mu, lv, kw.get("prior_mu"), kw.get("prior_logvar"), reduction="mean",
+                                     free_bits=1e-3)
+        assert math.isfinite(want.item()) and abs(got.item() - want.item()) <= 1e-12 * want.item(), (got, want)
+        r = torch.zeros(2, 3, dtype=F64)
+        loss = vae_ext.elbo_loss(r, r, mu, lv, recon="mse", reduction="mean", free_bits=1e-3, **kw)
+        assert abs(loss.item() - want.item()) <= 1e-12 * want.item(), (loss, want)
