@@ -420,6 +420,7 @@ def check_elbo(case):
         # subnormal's rounding there is multiplied by beta (mu = 1.4e-45 at N = 2 stores 0; times
         # beta = 9 that is 6.3e-45 off)
         floor = abs_floor(dtype) * up_max * (max(1.0, beta) if name != "recon_x" else 1.0)
+        floor = to_leaf_shape(torch.full_like(mag, floor), leaf)  # an expanded leaf: one per sample summed
         bound = tol.grad * (rg.abs() + cancel) + floor + extra
         may = None
         if name == "recon_x" and dtype in HALF and mode == "bce":
