@@ -96,6 +96,8 @@ def objective_case(draw, kl_only=False):
     mode = None if kl_only else draw(st.sampled_from(["l1", "gaussian", "gaussian", "mse", "bce_logits"]))
     reduction = draw(st.sampled_from(["sum", "mean", "none"] + ([] if kl_only else ["pixel_mean"])))
     beta = 1.0 if kl_only else float(draw(st.sampled_from([1.0, 0.0, 0.5, 4.0]) | st.floats(0.0, 10.0)))
+    # beta as the loss dtype's arithmetic takes it (float32's, also PyTorch's): 5.6e-67 is 0 there
+    beta = float(torch.tensor(beta, dtype=F64).to(out_dtype(dtype)))
     return_terms = not kl_only and draw(st.booleans())
     n = draw(st.sampled_from(BATCH_SIZES))
 
@@ -411,8 +413,8 @@ def check_objective_case(case):
         near_in = None
         if latent and near.any():
             # A unit near the floor: each element that depends on that unit alone (mu, logvar, a
-            # prior with mu.shape[1:]) is judged against the nearer of the two sides, the
-            # unfloored gradient and 0 (0 * it: NaN where it is not finite); one that sums over
+            # prior with mu.shape[1:]) is judged against the side it took: the unfloored gradient,
+            # or 0 where it is 0 (0 * the unfloored one, NaN where that is not finite); one that sums over
             # units (a broadcast prior, (C, 1, 1)) against its own value.
             near_in = to_input_shape(near.expand(full["mu"].shape).to(F64), name, case) > 0
             kept = kept_g[name] * 2**k
@@ -420,8 +422,7 @@ def check_objective_case(case):
             logical = tuple(case["makes"][name](case["leaves"][name]).shape)
             if len(logical) >= unit_dims and logical[len(logical) - unit_dims:] == tuple(full["mu"].shape[1:]):
                 gd = g.double()
-                side = torch.where(torch.isnan(gd), torch.isnan(kept),
-                                   (gd - kept).abs() <= (gd - 0 * kept).abs().nan_to_num(math.inf))
+                side = torch.where(torch.isnan(gd), torch.isnan(kept), gd != 0)  # 0: the floored side
                 rg = torch.where(near_in, torch.where(side, kept, 0 * kept), rg)
             else:
                 rg = torch.where(near_in, g.double(), rg)
