@@ -229,7 +229,9 @@ def check(what: str, got: torch.Tensor, ref: torch.Tensor, native: torch.Tensor,
     nan_in = torch.zeros_like(r, dtype=torch.bool) if nan_in is None else nan_in
     ok_nan = torch.isnan(r) & (torch.isnan(g) | (torch.isinf(g) & ~nan_in))
     ok_inf = torch.isinf(expected) & (g == expected)
-    within = torch.isfinite(expected) & torch.isfinite(g) & ((g - r).abs() <= b)
+    # (also where the reference rounds to +-inf in the dtype but the result, within the bound of it,
+    # stays finite: 65525 in float16 is inf, the op's 65504 is 21 off)
+    within = torch.isfinite(g) & ((g - r).abs() <= b)
     window = torch.isfinite(expected) & torch.isinf(g) & (r.abs() + b >= big) & ((g > 0) == (r > 0))
     as_pytorch = ~torch.isfinite(g) & ~torch.isfinite(nat)
     # The reference overflows in an intermediate: its KL sums mu^2 over the sample before halving (a

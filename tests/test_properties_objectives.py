@@ -201,7 +201,7 @@ def magnitudes(case, full):
     off by a few of its smallest subnormals, and that error is multiplied by the other factor (the
     float32 gradient (r - x) exp(-rlv) at rlv = 88.6 is 1.56e-40, 1e-43 off). loc: |the local
     gradient|, at grad_output 1, where the op may store it beyond its dtype's range (see
-    check_objective_case).
+    check_objective_case), computed so that it overflows only where it is past float64's range.
 
     Loss terms: |r| + |x| (l1), (|r| + |x|)^2 (mse), 0.5 ((x - r)^2 exp(-rlv) + |rlv| + log 2 pi)
     (gaussian); the KL 0.5 (mu^2 + exp(lv) + 1 + |lv|), with a prior
@@ -224,7 +224,8 @@ def magnitudes(case, full):
             m["recon_logvar"] = 0.5 * (1 + q)
             a["rec"] = a["recon_logvar"] = 0.5 * (x - r) ** 2 * ef
             a["recon_x"] = (x - r).abs() * ef
-            loc["recon_x"], loc["recon_logvar"] = (x - r).abs() * inv, 0.5 * (1 - q).abs()
+            ld = torch.log((x - r).abs())
+            loc["recon_x"], loc["recon_logvar"] = torch.exp(ld - rlv), (0.5 - half_exp(2 * ld - rlv)).abs()
         elif mode == "mse":
             m["rec"], m["recon_x"] = (r.abs() + x.abs()) ** 2, 2 * (r.abs() + x.abs())
             loc["recon_x"] = 2 * (r - x).abs()
@@ -245,15 +246,21 @@ def magnitudes(case, full):
         a["mu"] = a["prior_mu"] = (mu - pmu).abs() * ef
         a["logvar"] = 0.5 * ee
         a["kl"] = a["prior_logvar"] = 0.5 * (ee + (mu - pmu) ** 2 * ef)
-        loc["mu"] = loc["prior_mu"] = m["mu"]
-        loc["logvar"] = 0.5 * (e - 1).abs()
-        loc["prior_logvar"] = 0.5 * (1 - (torch.exp(lv) + (mu - pmu) ** 2) * inv).abs()
+        ld = torch.log((mu - pmu).abs())
+        loc["mu"] = loc["prior_mu"] = torch.exp(ld - plv)
+        loc["logvar"] = (half_exp(lv - plv) - 0.5).abs()
+        loc["prior_logvar"] = (0.5 - half_exp(lv - plv) - half_exp(2 * ld - plv)).abs()
     else:
         e = torch.exp(lv)
         m["kl"] = 0.5 * (mu * mu + e + 1 + lv.abs())
         m["mu"], m["logvar"] = mu.abs(), 0.5 * (e + 1)
-        loc["mu"], loc["logvar"] = mu.abs(), 0.5 * (e - 1).abs()
+        loc["mu"], loc["logvar"] = mu.abs(), (half_exp(lv) - 0.5).abs()
     return m, a, loc
+
+
+def half_exp(t):
+    """exp(t) / 2, finite up to twice the largest float (a local gradient's size, judged against it)."""
+    return torch.exp(t - math.log(2))
 
 
 def per_row(t):
@@ -454,8 +461,10 @@ def check_objective_case(case):
                 may |= loc * scale >= torch.finfo(dtype).max
             over = to_input_shape(may.to(F64), name, case)
             may = over > 0
-            # a broadcast prior's gradient sums those locals: +inf and -inf give NaN
-            rg = rg.masked_fill(over >= 2, math.nan)
+            # a sum of local gradients (an expanded leaf, a broadcast prior) of which one is +-inf
+            # is that infinity, whatever the others (sign included), or NaN (+inf and -inf)
+            summed = to_input_shape(torch.ones_like(local[name]), name, case) > 1
+            rg = rg.masked_fill(summed & may, math.nan)
         nan_e = isnan[name] | isnan["x"] if name == "recon_x" else isnan[name]
         nan_in = to_input_shape(nan_e.to(F64), name, case) > 0
         if name == "recon_x" and case["mode"] == "l1":
