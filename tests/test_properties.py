@@ -417,8 +417,12 @@ def check_elbo(case):
         assert g is not None, f"grad {name}: None"
         wfull = w.view(-1, *([1] * (mag.dim() - 1)))
         cancel = to_leaf_shape(mag * wfull, leaf)
-        extra = to_leaf_shape(extra * wfull, leaf)
         up_max = max(1.0, max(u.abs().max().item() for u in ups)) if n else 1.0
+        extra = to_leaf_shape(extra * wfull, leaf)
+        if name != "recon_x":
+            # the scale beta * grad_output, rounded in the kernel's arithmetic: subnormal there for
+            # beta = 1.4e-45 in float32 (2.74e-45 is 2.8e-45), off by half its smallest subnormal
+            extra = extra + to_leaf_shape(mag * sub_min(F64 if dtype == F64 else F32), leaf)
         # tol.grad on the cancelling terms too: an expanded leaf's gradient is a sum in the dtype.
         # The latent gradients are stored (after the mean's 1/N) before beta scales them: a
         # subnormal's rounding there is multiplied by beta (mu = 1.4e-45 at N = 2 stores 0; times
