@@ -449,7 +449,10 @@ def check_objective_case(case):
             kept = kept_g[name] * 2**k
             unit_dims = full["mu"].dim() - 1
             logical = tuple(case["makes"][name](case["leaves"][name]).shape)
-            if len(logical) >= unit_dims and logical[len(logical) - unit_dims:] == tuple(full["mu"].shape[1:]):
+            # (an expanded leaf sums its logical dimension 0: the batch, or a prior's unit dimension)
+            leaf_sums_units = (tuple(case["leaves"][name].shape) != logical and len(logical) == unit_dims)
+            if (len(logical) >= unit_dims and logical[len(logical) - unit_dims:] == tuple(full["mu"].shape[1:])
+                    and not leaf_sums_units):
                 gd = g.double()
                 side = torch.where(torch.isnan(gd), torch.isnan(kept), gd != 0)  # 0: the floored side
                 rg = torch.where(near_in, torch.where(side, kept, 0 * kept), rg)
