@@ -105,17 +105,20 @@ constexpr double kLog2Pi = 1.8378770664093454836;  // log(2 pi)
 // Gaussian negative log-likelihood with a log-variance rlv per element:
 // 0.5 ((x - r)^2 exp(-rlv) + rlv + log(2 pi)); gradients (r - x) exp(-rlv) to r and
 // 0.5 (1 - (x - r)^2 exp(-rlv)) to rlv. (d * d) * inv in the reference's order: where d * d
-// overflows the loss is inf there too.
+// overflows the loss is inf there too. The product is halved through inv, before it is formed:
+// q = (d * d) * inv may overflow where q / 2, the loss and rlv's gradient, does not (q = 4.1e38 in
+// float32); scaling by 0.5 commutes with rounding, so elsewhere this is bitwise the reference's
+// 0.5 * (...).
 template <class M>
 VAE_HD typename M::T gaussian_elem(typename M::T r, typename M::T x, typename M::T rlv, typename M::T* g_r,
                                    typename M::T* g_rlv) {
   using T = typename M::T;
-  const T half = M::fill(0.5), one = M::fill(1.0);
+  const T half = M::fill(0.5);
   const T inv = M::exp(M::fill(0.0) - rlv), d = r - x;
-  const T q = (d * d) * inv;
+  const T half_q = (d * d) * (half * inv);
   *g_r = d * inv;
-  *g_rlv = half * (one - q);
-  return half * (q + rlv + M::fill(kLog2Pi));
+  *g_rlv = half - half_q;
+  return (half_q + half * rlv) + M::fill(0.5 * kLog2Pi);
 }
 
 // The same with one log-variance for every element (a 0-d recon_logvar): inv = exp(-rlv) is
@@ -169,18 +172,20 @@ VAE_HD typename M::T kl_elem(typename M::T mu, typename M::T lv, typename M::T* 
 // KL(N(mu, exp(lv)) || N(pmu, exp(plv))) per latent unit, a learned prior:
 // 0.5 (plv - lv + (exp(lv) + (mu - pmu)^2) exp(-plv) - 1), in the reference's order. Gradients:
 // (mu - pmu) exp(-plv) to mu (its negative to pmu), 0.5 (exp(lv) exp(-plv) - 1) to lv,
-// 0.5 (1 - (exp(lv) + (mu - pmu)^2) exp(-plv)) to plv.
+// 0.5 (1 - (exp(lv) + (mu - pmu)^2) exp(-plv)) to plv. The products with exp(-plv) are halved
+// through it, as in gaussian_elem: s = (exp(lv) + d^2) exp(-plv) may overflow where s / 2 does not.
 template <class M>
 VAE_HD typename M::T kl_prior_elem(typename M::T mu, typename M::T lv, typename M::T pmu, typename M::T plv,
                                    typename M::T* g_mu, typename M::T* g_lv, typename M::T* g_plv) {
   using T = typename M::T;
-  const T half = M::fill(0.5), one = M::fill(1.0);
+  const T half = M::fill(0.5);
   const T inv = M::exp(M::fill(0.0) - plv), e = M::exp(lv), d = mu - pmu;
-  const T s = (e + d * d) * inv;
+  const T half_inv = half * inv;
+  const T half_s = (e + d * d) * half_inv;
   *g_mu = d * inv;
-  *g_lv = half * (e * inv - one);
-  *g_plv = half * (one - s);
-  return half * (plv - lv + s - one);
+  *g_lv = e * half_inv - half;
+  *g_plv = half - half_s;
+  return (half * (plv - lv) + half_s) - half;
 }
 
 // Reparameterization per element: z = mu + exp(logvar / 2) * eps; and the gradient of logvar,

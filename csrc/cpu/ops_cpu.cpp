@@ -45,12 +45,12 @@ void scale_rows_cpu(const Tensor& g, const Tensor& s) {
 namespace {
 
 // The two outputs from the kernel's sums over the batch (sum and mean): (rec, kl), or with
-// total (rec + kl, empty).
+// total (rec + kl, empty). kl_reduced: sk is reduced already (free bits' floored term).
 std::tuple<Tensor, Tensor> reduce_terms(double sr, double sk, int64_t n, Reduction red, bool total,
-                                        at::ScalarType out) {
+                                        at::ScalarType out, bool kl_reduced) {
   if (red == Reduction::Mean) {
     sr /= static_cast<double>(n);  // 0 / 0 = NaN for an empty batch, as Tensor.mean()
-    sk /= static_cast<double>(n);
+    if (!kl_reduced) sk /= static_cast<double>(n);
   }
   const auto opts = at::TensorOptions().dtype(out);
   // A float32 loss whose double sum exceeds float's range is inf, as the reference's float32 sum
@@ -100,8 +100,9 @@ ElboOutputs elbo_loss_cpu(VAE_EXT_ELBO_ARGS) {
     units = unit_kl_and_free_bits(b.kl_elems.view({n, b.l}), mu.sizes().slice(1), free_bits, red,
                                   {b.g_mu, b.g_logvar, b.g_prior_mu, b.g_prior_logvar}, &floored)
                 .to(out);
-    // (reduce_terms divides a mean's sum by n again)
-    if (free_bits > 0.0) total_kl = floored.item<double>() * (red == Reduction::Mean ? static_cast<double>(n) : 1.0);
+    // not times n for reduce_terms to divide again: a float64 floored mean near the largest
+    // double would overflow on the way
+    if (free_bits > 0.0) total_kl = floored.item<double>();
   }
   const auto grads = [&](Tensor rec, Tensor kl) {
     return ElboOutputs{rec, kl, units, b.g_recon, b.g_mu, b.g_logvar, b.g_prior_mu, b.g_prior_logvar, g_rlv};
@@ -110,7 +111,7 @@ ElboOutputs elbo_loss_cpu(VAE_EXT_ELBO_ARGS) {
     if (total) return grads(row_rec.add_(row_kl).to(out), at::empty({0}, row_rec.options().dtype(out)));
     return grads(row_rec.to(out), row_kl.to(out));
   }
-  auto [rec, kl] = reduce_terms(total_rec, total_kl, n, red, total, out);
+  auto [rec, kl] = reduce_terms(total_rec, total_kl, n, red, total, out, /*kl_reduced=*/free_bits > 0.0);
   return grads(rec, kl);
 }
 
