@@ -108,9 +108,8 @@ def _device(text: str) -> str:
 def _train_options(p: argparse.ArgumentParser, latent: bool = True, sweep: bool = False) -> None:
     """The options of `train` (and `sweep`). Defaults are None here: TrainConfig fills them in, and
     on --resume only the options given explicitly override the checkpoint's."""
-    from .architectures import ARCHS
+    from ..models import ARCHS, RECON_MODES
     from .data import BINARIZE_MODES
-    from .models import RECON_MODES
 
     d = p.add_argument_group("data")
     d.add_argument("--data", metavar="SPEC", help="digits (default: scikit-learn's 8x8 digits), mnist:DIR "
@@ -226,7 +225,7 @@ def _cmd_sweep(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = _Parser(prog=PROG, description="Train and evaluate VAEs on the fused vae_ext kernels.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")

@@ -21,13 +21,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DistributedSampler
 from tqdm import tqdm
 
+from ..models import VAE
 from .checkpoint import CHECKPOINT_NAME, check_image_shape, check_labels, fmt_option, load_model_state, save_checkpoint
 from .config import TrainConfig
 from .data import ImageData, binarize, load_data
 from .distributed import DistributedContext, setup
 from .errors import CheckpointError, ConfigError, VaeExtError
 from .evaluate import evaluate
-from .models import VAE
 from .plots import save_plots
 from .runfiles import write_csv
 from .runlock import RunLock

@@ -1,29 +1,5 @@
-"""VAE modules on the fused functional API: an MLP VAE and a convolutional VAE.
-
-``VAE`` is the shared base class and, called directly, the factory::
-
-    model = vae_ext.VAE()                                   # MLPVAE, 784-400-20 (pytorch/examples)
-    model = vae_ext.VAE(arch="conv", input_shape=(1, 28, 28))  # ConvVAE
-    model = vae_ext.MLPVAE(input_shape=(1, 8, 8), hidden_sizes=(128,), latent_size=8)
-
-    recon, mu, logvar = model(x)                            # what model.criterion expects
-    loss = model.criterion(recon, x, mu, logvar)            # summed negative ELBO (FusedELBOLoss)
-
-``num_classes=C`` makes a class-conditional VAE (CVAE): the encoder sees x and the one-hot label y,
-the decoder sees z and y, and the prior p(z|y) = N(mu_p(y), exp(logvar_p(y))) is learned (an
-embedding of y to 2L values, initialized to N(0, I)). Every method then takes the labels ``y``
-(int64, (N,)) and ``forward`` also returns the prior's mean and log-variance for the loss::
-
-    model = vae_ext.VAE(input_shape=(1, 8, 8), num_classes=10)
-    recon, mu, logvar, prior_mu, prior_logvar = model(x, y)
-    loss = model.criterion(recon, x, mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
-
-The decoder outputs logits (``decode``); ``forward`` hands the loss what its ``recon`` mode wants:
-the logits for ``"bce_logits"`` (the default), ``sigmoid(logits)`` for ``"bce"`` and the raw output
-(the Gaussian mean) for ``"mse"``. Training draws z with :func:`vae_ext.reparameterize` and scores it
-with :class:`vae_ext.FusedELBOLoss`; ``fused=False`` uses :mod:`vae_ext.reference` for both, for
-comparison. All log densities are in nats.
-"""
+"""``VAE``, the base class of the VAE modules and, called directly, their factory: everything but the
+encoder's and the decoder's layers (sampling, the loss, the ELBO and the likelihood estimate)."""
 from __future__ import annotations
 
 import math
@@ -31,16 +7,20 @@ import math
 import torch
 from torch import nn
 
-from . import functional, reference
-from .functional import _check_beta, _check_choice
-from .losses import FusedELBOLoss
+from .. import functional, reference
+from ..functional import _check_beta, _check_choice
+from ..losses import FusedELBOLoss
 
-__all__ = ["VAE", "ReferenceELBOLoss", "RECON_MODES"]
+__all__ = ["VAE", "ReferenceELBOLoss", "RECON_MODES", "ARCHS"]
 
 # The reconstruction modes the models score: each needs its decoder mean and its log-likelihood's
 # constant below. ("l1" and "gaussian" are loss modes of vae_ext.elbo_loss; "gaussian" needs a
 # decoder log-variance these models do not have.)
 RECON_MODES = ("bce", "bce_logits", "mse")
+
+# arch name -> VAE subclass: what ``VAE(arch=...)`` builds. vae_ext/models/__init__.py fills it once
+# it has imported every family (they subclass VAE: this module cannot import them).
+ARCHS: dict = {}
 
 _LOG_2PI = math.log(2.0 * math.pi)
 _LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -95,8 +75,6 @@ class VAE(nn.Module):
 
     def __new__(cls, *args, arch: str | None = None, **kwargs):
         if cls is VAE:
-            from .architectures import ARCHS  # (they subclass VAE: imported when first needed)
-
             arch = "mlp" if arch is None else arch
             if arch not in ARCHS:
                 raise ValueError(f"arch: expected one of {', '.join(map(repr, ARCHS))}, got {arch!r}")
