@@ -325,7 +325,7 @@ def _main(argv, command) -> int:
     except OSError as e:  # writing into --out: permission denied, disk full ...
         print(f"{PROG} {command}: error: {e}", file=sys.stderr)
         return 1
-    except MemoryError as e:  # what the memory limit (vae_ext.memory) did not foresee: still one line
+    except MemoryError as e:  # what the memory limit (vae_ext.cli.memory) did not foresee: still one line
         what = str(e).strip().splitlines()[0] if str(e).strip() else "an allocation failed"
         print(f"{PROG} {command}: error: out of memory ({what})", file=sys.stderr)
         return 1
