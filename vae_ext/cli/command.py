@@ -1,4 +1,4 @@
-"""The ``vae-ext`` command (also ``python -m vae_ext``): train | eval | sweep.
+"""The command line of ``vae-ext``: its options, the dispatch to train | eval | sweep, and its exit statuses.
 
 See docs/cli.md. Mistakes in the input (options, data files, checkpoints, devices) end the command
 with one line on stderr naming the problem and a non-zero exit status: 2 for an unusable option
