@@ -1,7 +1,7 @@
-"""A results dict as text: the benchmarks' tables, the terminal report and the README section.
+"""A results dict as text: the benchmarks' tables, the terminal report and the tables of docs/benchmarks.md.
 
 Pure Python on purpose: it renders a results JSON on any machine, without torch or the compiled
-extension (make_readme_table.py). Every table is printed through table.render.
+extension (make_tables.py). Every table is printed through table.render.
 """
 from __future__ import annotations
 
@@ -210,7 +210,7 @@ def render_console(results: dict) -> str:
 
 
 def markdown_section(results: dict) -> str:
-    """The README's performance section (without the markers)."""
+    """The benchmark tables of docs/benchmarks.md, one machine's section (without the markers)."""
     date = str(results.get("date", ""))[:10]
     bi = results.get("build_info") or {}
     cmd = results.get("command", "python benchmarks/run.py")

@@ -8,7 +8,7 @@
     python benchmarks/run.py --only objectives --sizes objectives=64x16x64x64,256x12288:128
 
 Prints one table per benchmark, writes every figure and the machine to a JSON file and a PNG chart
-of speedup against size (with matplotlib). make_readme_table.py renders the JSON for the README.
+of speedup against size (with matplotlib). make_tables.py renders the JSON into docs/benchmarks.md.
 See docs/benchmarks.md for what is measured and how.
 """
 from __future__ import annotations

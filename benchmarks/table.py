@@ -1,7 +1,7 @@
 """The one table renderer: a table is (title, headers, rows of strings), printed as text or markdown.
 
-Every table the harness shows goes through here: the terminal report of a run and the README
-section that make_readme_table.py writes. Pure Python: no torch, so a results JSON renders anywhere.
+Every table the harness shows goes through here: the terminal report of a run and the docs/benchmarks.md
+section that make_tables.py writes. Pure Python: no torch, so a results JSON renders anywhere.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The benchmark harness in benchmarks/ (not part of the package): the --quick path of every
-benchmark at tiny sizes, the JSON it writes, the chart, and the README table script. No timing
+benchmark at tiny sizes, the JSON it writes, the chart, and the table script of docs/benchmarks.md. No timing
 thresholds: speed is the benchmarks' business."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "benchmarks"
-TABLE_SCRIPT = BENCH_DIR / "make_readme_table.py"
+TABLE_SCRIPT = BENCH_DIR / "make_tables.py"
 
 # Tiny sizes, one timing round of a few milliseconds: this checks the plumbing, not the speed.
 # The compiled baselines use the aot_eager backend here (no C++ code generation: seconds saved per
@@ -34,7 +34,7 @@ SIZES = {
 
 
 def _load_table_script():
-    spec = importlib.util.spec_from_file_location("_make_readme_table", TABLE_SCRIPT)
+    spec = importlib.util.spec_from_file_location("_make_tables", TABLE_SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -221,10 +221,10 @@ def test_chart_written(results):
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_readme_table(results, tmp_path):
+def test_doc_tables(results, tmp_path):
     path, r = results
     script = _load_table_script()
-    readme = tmp_path / "README.md"
+    readme = tmp_path / "benchmarks.md"
     readme.write_text("# vae_ext\n\n## Performance\n\n<!-- bench:begin -->\nold\n<!-- bench:end -->\n\n## License\n")
     assert script.main(["--json", str(path), "--write", str(readme)]) == 0
     text = readme.read_text()
@@ -240,9 +240,9 @@ def test_readme_table(results, tmp_path):
     assert readme.read_text() == text
 
 
-def test_readme_table_cli_without_markers(results, tmp_path):
+def test_doc_tables_cli_without_markers(results, tmp_path):
     path, _ = results
-    readme = tmp_path / "README.md"
+    readme = tmp_path / "benchmarks.md"
     readme.write_text("# no markers\n")
     p = subprocess.run([sys.executable, str(TABLE_SCRIPT), "--json", str(path), "--write", str(readme)],
                        capture_output=True, text=True)
@@ -257,15 +257,27 @@ def test_readme_table_cli_without_markers(results, tmp_path):
         assert p.returncode == 2 and p.stderr.count("\n") == 1 and str(bad) in p.stderr, p.stderr
 
 
-def test_readme_table_needs_no_torch(results):
-    """make_readme_table.py renders a results JSON where torch cannot be imported."""
+def test_doc_table_script_needs_no_torch(results):
+    """make_tables.py renders a results JSON where torch cannot be imported."""
     path, _ = results
     code = ("import runpy, sys; sys.modules['torch'] = None; "
-            "sys.argv = ['make_readme_table.py', '--json', sys.argv[1]]; "
+            "sys.argv = ['make_tables.py', '--json', sys.argv[1]]; "
             "runpy.run_path(%r, run_name='__main__')" % str(TABLE_SCRIPT))
     p = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert "#### ELBO loss" in p.stdout and "#### Targets" in p.stdout
+
+
+@pytest.mark.parametrize("section,json_name", [("", "cpu"), ("h100", "h100"), ("h100-graph", "h100-graph")])
+def test_docs_benchmarks_tables_are_current(section, json_name):
+    """docs/benchmarks.md holds what make_tables.py renders from benchmarks/results/: a change to the
+    renderer or to a results file is followed by `make_tables.py --json ... --write`."""
+    script = _load_table_script()
+    doc = script.DOC.read_text()
+    results = json.loads((BENCH_DIR / "results" / f"{json_name}.json").read_text())
+    assert script.update_markers(doc, script.report.markdown_section(results), section) == doc, \
+        f"rerun: python benchmarks/make_tables.py --json benchmarks/results/{json_name}.json --write" + \
+        (f" --section {section}" if section else "")
 
 
 def test_not_part_of_the_package():

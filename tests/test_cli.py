@@ -19,9 +19,9 @@ import pytest
 import torch
 
 import vae_ext
-from vae_ext._interrupts import raise_interrupt
-from vae_ext.checkpoint import load_checkpoint
-from vae_ext.runfiles import atomic_write
+from vae_ext.cli._interrupts import raise_interrupt
+from vae_ext.cli.checkpoint import load_checkpoint
+from vae_ext.cli.runfiles import atomic_write
 
 from helpers import assert_one_line_error, read_csv, run_cli, train_one_epoch
 
@@ -82,7 +82,7 @@ def test_resume_continues_exactly(capsys, tmp_path):
 
 
 def test_interrupted_training_keeps_the_last_complete_checkpoint(capsys, tmp_path, monkeypatch):
-    import vae_ext.train as T
+    import vae_ext.cli.train as T
 
     calls = {"n": 0}
     real = T.train_step

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 
 import vae_ext
-from vae_ext.architectures import MLPVAE, ConvVAE
-from vae_ext.checkpoint import load_checkpoint
-from vae_ext.config import TrainConfig
-from vae_ext.data import load_data
-from vae_ext.errors import ConfigError, DataError
-from vae_ext.train import METRIC_COLUMNS, train_step
+from vae_ext.cli.checkpoint import load_checkpoint
+from vae_ext.cli.config import TrainConfig
+from vae_ext.cli.data import load_data
+from vae_ext.cli.errors import ConfigError, DataError
+from vae_ext.cli.train import METRIC_COLUMNS, train_step
+from vae_ext.models import MLPVAE, ConvVAE
 
 from helpers import assert_one_line_error, read_csv, run_cli
 
@@ -239,7 +239,7 @@ def test_conditional_log_likelihood_converges_to_the_exact_value():
 def test_conditional_train_samples_eval_resume(capsys, tmp_path, monkeypatch):
     """A tiny --conditional run on digits: samples.png has one row per class (z from that class's
     prior), eval scores -log p(x|y) and reproduces the last test row, and resume continues exactly."""
-    import vae_ext.plots as P
+    import vae_ext.cli.plots as P
 
     grids = {}
     real_grid = P.save_image_grid
@@ -256,8 +256,8 @@ def test_conditional_train_samples_eval_resume(capsys, tmp_path, monkeypatch):
     images, ncol, title = grids["samples.png"]
     assert ncol == 8 and images.shape == (10 * 8, 1, 8, 8) and "one row per class" in title
     # row c: the decoder's means at z ~ p(z|y=c), drawn as the plot draws them
-    from vae_ext.checkpoint import model_from_checkpoint
-    from vae_ext.evaluate import EVAL_SEED
+    from vae_ext.cli.checkpoint import model_from_checkpoint
+    from vae_ext.cli.evaluate import EVAL_SEED
 
     ck = load_checkpoint(a)
     assert ck["config"]["conditional"] and ck["model_config"]["num_classes"] == 10
@@ -331,7 +331,7 @@ def test_active_units_column(capsys, tmp_path, monkeypatch):
     """metrics.csv keeps its columns in order and appends active_units: the units whose batch-mean KL,
     averaged over the epoch's steps, exceeds 0.01 nats (here forced: 0.5 and 0.011 on every step;
     unit 2 alternates 0.004 and 0.012, unit 3 0.018 and 0: over 0.01 on some steps, not on average)."""
-    import vae_ext.train as T
+    import vae_ext.cli.train as T
 
     assert METRIC_COLUMNS[:13] == ("epoch", "step", "beta", "train_loss", "train_nelbo", "train_rec", "train_kl",
                                    "test_nelbo", "test_rec", "test_kl", "skipped", "lr", "seconds")

@@ -1,4 +1,4 @@
-"""vae_ext.data: IDX files (written here, gzipped and raw), splits, .npz, digits, real MNIST when present."""
+"""vae_ext.cli.data: IDX files (written here, gzipped and raw), splits, .npz, digits, real MNIST when present."""
 from __future__ import annotations
 
 import gzip
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from vae_ext.data import load_data, load_mnist, parse_split
-from vae_ext.errors import ConfigError, DataError
-from vae_ext.idx import parse_idx, read_idx
+from vae_ext.cli.data import load_data, load_mnist, parse_split
+from vae_ext.cli.errors import ConfigError, DataError
+from vae_ext.cli.idx import parse_idx, read_idx
 
 MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"  # <repo>/../shared/data/mnist
 

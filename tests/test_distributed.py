@@ -18,13 +18,13 @@ import vae_ext
 # The workers import the vae_ext this process imported (in-place build or installed package).
 PKG_ROOT = Path(vae_ext.__file__).resolve().parents[1]
 
-# Each rank runs the trainer exactly as `torchrun -m vae_ext train` does (vae_ext.train.train reads
+# Each rank runs the trainer exactly as `torchrun -m vae_ext train` does (vae_ext.cli.train.train reads
 # RANK/WORLD_SIZE from the environment and wraps the model in DDP), then saves its own final weights.
 WORKER = textwrap.dedent("""
     import os, sys, torch
     torch.set_num_threads(1)
-    from vae_ext.config import TrainConfig
-    from vae_ext.train import train
+    from vae_ext.cli.config import TrainConfig
+    from vae_ext.cli.train import train
     out = sys.argv[1]
     cfg = TrainConfig(data="digits", hidden=[32], latent=4, epochs=3, batch_size=64, lr=3e-3,
                       device="cpu", seed=5, out=os.path.join(out, "run"), progress=False)

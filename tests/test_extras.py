@@ -58,8 +58,12 @@ def test_the_library_needs_torch_alone(tmp_path):
         ref = vae_ext.reference.elbo_loss(recon.detach(), x, mu.detach(), logvar.detach(), recon="bce_logits")
         assert torch.isfinite(loss) and torch.allclose(loss, ref.to(loss.dtype), rtol=1e-4), (loss, ref)
         z = vae_ext.reparameterize(mu, logvar)
+        cvae = vae_ext.ConvVAE(input_shape=(1, 4, 4), latent_size=2, channels=[2], num_classes=3)
+        assert cvae.loss(x, y=torch.tensor([0, 1, 2])).isfinite() and isinstance(vae_ext.VAE(), vae_ext.MLPVAE)
         leaked = sorted(m for m in sys.modules if m.partition(".")[0] in ("numpy", "tqdm", "matplotlib", "sklearn"))
         assert not leaked, leaked
+        command = sorted(m for m in sys.modules if m == "vae_ext.cli" or m.startswith("vae_ext.cli."))
+        assert not command, f"the library loaded the command's modules: {command}"
         print("ok", tuple(z.shape))
     """)
     p = _run(tmp_path, LIBRARY_ONLY, "-c", code)

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from vae_ext import cli
-from vae_ext.checkpoint import load_checkpoint
-from vae_ext.data import load_data
-from vae_ext.errors import VaeExtError
+from vae_ext.cli.checkpoint import load_checkpoint
+from vae_ext.cli.data import load_data
+from vae_ext.cli.errors import VaeExtError
 
 from helpers import train_one_epoch
 

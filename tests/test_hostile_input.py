@@ -176,7 +176,7 @@ def test_overflowing_float_pixels_give_no_numpy_warning(capsys, tmp_path):
 
 def test_out_of_memory_is_one_line(capsys, tmp_path, monkeypatch):
     """What the limit does not foresee (another process took the memory meanwhile) is one line too."""
-    import vae_ext.train as T
+    import vae_ext.cli.train as T
 
     def no_memory(*a, **k):
         raise MemoryError("Unable to allocate 2.9 GiB for an array with shape (1000000, 784)")

@@ -46,7 +46,7 @@ def test_bce_validate_on_cuda():
 @requires_cuda
 def test_bce_target_validate_on_cuda():
     """validate=True checks the targets x too; without it a target outside [0, 1] gives the
-    formula's finite value (README), which is what the CPU kernels would compute unchecked."""
+    formula's finite value (docs/api.md), which is what the CPU kernels would compute unchecked."""
     r, x, mu, lv = (t.cuda() for t in make_elbo_inputs("bce", (5, 37), 3, F32, seed=81))
     x = x.clone()
     x[4, 36] = 255.0

@@ -376,7 +376,7 @@ def test_float16_small_beta(device, reduction):
 def test_float16_bce_gradient_at_its_floor(device, reduction):
     # p = 0, x = 1: the local gradient -1e12 (the 1e-12 floor) is stored in float16 as -inf, so the
     # gradient is -inf whatever grad_output scales it (the reference: -1e12 * 1e-10 = -100), as the
-    # README says; never NaN (grad_output 1e-10 was rounded to a float16 0, and -inf * 0 is NaN).
+    # docs/api.md says; never NaN (grad_output 1e-10 was rounded to a float16 0, and -inf * 0 is NaN).
     got, want = _f16_case(device, 0.0, 1.0, 0.5, 0.0, reduction, 1e-10)
     assert math.isclose(want[0][0, 0].item(), -100.0, rel_tol=1e-6)
     assert got[0][0, 0].item() == -math.inf

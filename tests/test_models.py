@@ -9,9 +9,8 @@ import torch.nn.functional as F
 
 import vae_ext
 from vae_ext import reference
-from vae_ext.architectures import MLPVAE, ConvVAE
-from vae_ext.models import ReferenceELBOLoss
-from vae_ext.train import train_step
+from vae_ext.cli.train import train_step
+from vae_ext.models import MLPVAE, ConvVAE, ReferenceELBOLoss
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,5 @@
 """Installing and importing vae_ext the ways users do: from the repository root after
-`pip install .`, without build isolation, without torch, and the README's code as it stands."""
+`pip install .`, without build isolation, without torch, and the code and links of the README and docs/."""
 from __future__ import annotations
 
 import os
@@ -72,23 +72,65 @@ def test_build_without_torch_names_a_pinned_cpu_install(tmp_path):
     assert not re.search(r"pip install torch(?![=\w])", msg), f"suggests an unpinned torch: {msg}"
 
 
-def _readme_python_blocks():
-    text = (REPO / "README.md").read_text()
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+# The pages whose code blocks a reader copies as they stand. docs/porting.md is left out: its blocks are
+# fragments of other projects' code, and tests/test_porting.py checks each against its vae_ext call.
+DOC_PAGES = ["README.md"] + sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")
+                                   if p.name != "porting.md")
 
 
-def test_readme_has_python_blocks():
-    assert _readme_python_blocks(), "README.md has no python code block"
+def _python_blocks():
+    """(page, index, code) of every ```python block of DOC_PAGES."""
+    return [(page, i, code) for page in DOC_PAGES
+            for i, code in enumerate(re.findall(r"```python\n(.*?)```", (REPO / page).read_text(), flags=re.S))]
 
 
-@pytest.mark.parametrize("index", range(len(_readme_python_blocks())))
-def test_readme_python_block_runs_as_written(index, tmp_path):
-    """Every ```python block of the README runs as it stands, in a fresh interpreter (a user copies
-    it into a file), from a folder outside the checkout."""
-    code = _readme_python_blocks()[index]
+def test_readme_and_docs_have_python_blocks():
+    pages = {page for page, _, _ in _python_blocks()}
+    assert {"README.md", "docs/api.md", "docs/cli.md"} <= pages, pages
+
+
+@pytest.mark.parametrize("page,index,code", _python_blocks(), ids=[f"{p}-{i}" for p, i, _ in _python_blocks()])
+def test_python_block_runs_as_written(page, index, code, tmp_path):
+    """Every ```python block of the README and of docs/ runs as it stands, in a fresh interpreter (a
+    user copies it into a file), from a folder outside the checkout."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     r = _run(code, tmp_path, timeout=300, env=env)
-    assert r.returncode == 0, f"README python block {index} failed:\n{code}\n--- stderr:\n{r.stderr[-3000:]}"
+    assert r.returncode == 0, f"{page} python block {index} failed:\n{code}\n--- stderr:\n{r.stderr[-3000:]}"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(page: Path) -> set:
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # a '#' in a code block is no heading
+    return {_slug(m) for m in re.findall(r"^#+ (.*)$", text, flags=re.M)}
+
+
+def test_slug_is_githubs():
+    assert _slug("Class-conditional VAE (`--conditional`)") == "class-conditional-vae---conditional"
+    assert _slug("`vae-ext sweep`") == "vae-ext-sweep"
+
+
+@pytest.mark.parametrize("page", ["README.md"] + sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")))
+def test_relative_links_resolve(page):
+    """Every relative link and image of the README and docs/ names a file of the checkout, and an
+    anchor (#...) names a heading of its page."""
+    path = REPO / page
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    broken = []
+    for link in links:
+        if re.match(r"[a-z]+:", link):  # https:, mailto:
+            continue
+        target, _, anchor = link.partition("#")
+        dest = (path.parent / target).resolve() if target else path
+        if not dest.exists():
+            broken.append(link)
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            broken.append(link)
+    assert not broken, f"{page}: broken links {broken}"
 
 
 def test_readme_says_how_long_the_build_takes_and_how_to_watch_it():

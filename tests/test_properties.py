@@ -240,7 +240,7 @@ def check(what: str, got: torch.Tensor, ref: torch.Tensor, native: torch.Tensor,
     beyond = torch.isinf(r) & torch.isfinite(g) & (g.abs() >= big / 4) & ((g > 0) == (r > 0))
     if may_overflow is not None:
         as_pytorch |= may_overflow & torch.isinf(g) & ((g > 0) == (r > 0))
-        # README: that +-inf times a zero scale (or a scale that rounds to 0 in the kernel's
+        # docs/api.md: that +-inf times a zero scale (or a scale that rounds to 0 in the kernel's
         # arithmetic: beta = 1e-195 in float32, where the reference's gradient is 1e-136)
         as_pytorch |= may_overflow & torch.isnan(g) & (expected == 0)
     ok = ok_nan | (~torch.isnan(r) & (ok_inf | within | window | as_pytorch | beyond))
@@ -439,7 +439,7 @@ def check_elbo(case):
         bound = tol.grad * (rg.abs() + cancel) + floor + extra
         may = None
         if name == "recon_x" and dtype in HALF and mode == "bce":
-            # README: the recon_x gradient is stored in the half dtype before grad_output scales it,
+            # docs/api.md: the recon_x gradient is stored in the half dtype before grad_output scales it,
             # so where the local "bce" gradient (before grad_output) is beyond the dtype's range, the
             # gradient is +-inf whatever scales it (NaN where that scale is 0)
             p, t = full[0].double(), full[1].double()
@@ -605,7 +605,7 @@ def test_reparameterize_keeps_mu_layout(dtype, fmt, sizes, seed):
 
 
 # --------------------------------------------------------------------------- shrunk counterexamples
-@pytest.mark.xfail(strict=True, reason="documented limitation (README): the recon_x gradient is stored in "
+@pytest.mark.xfail(strict=True, reason="documented limitation (docs/api.md): the recon_x gradient is stored in "
                    "float16 before grad_output scales it, so a local bce gradient beyond float16 is +-inf")
 def test_float16_recon_gradient_finite_when_the_scaled_gradient_is():
     """Found by test_elbo_loss_matches_reference: "bce" at p = 1.0908e-05, x = 0.8477 has the gradient
@@ -622,7 +622,7 @@ def test_float16_recon_gradient_finite_when_the_scaled_gradient_is():
 
 
 # --------------------------------------------------------------------------- shrunk counterexamples
-@pytest.mark.xfail(strict=True, reason="documented limitation (README): the recon_x gradient is stored in "
+@pytest.mark.xfail(strict=True, reason="documented limitation (docs/api.md): the recon_x gradient is stored in "
                    "float16 before grad_output scales it, so a local bce gradient beyond float16 is +-inf")
 def test_float16_recon_gradient_times_zero_is_zero():
     """Found by the long profile: "bce" at p = 1, x = 0.0611 has the local gradient 0.94 / 1e-12,

@@ -21,7 +21,7 @@ prior_logvar, recon_logvar) is judged element by element, the error bound made o
 cancel in each formula (see magnitudes()). Where the judgement departs from test_properties.py's,
 check_objective_case says why: a free-bits unit within rounding of the floor may fall on either
 side; the l1 gradient is NaN where r - x is; a local gradient past the kernel's range may be +-inf
-(README); the float64 reference is evaluated in an order that does not overflow early.
+(docs/api.md); the float64 reference is evaluated in an order that does not overflow early.
 
 Profiles: VAE_EXT_HYPOTHESIS as in test_properties.py (CI: derandomized; "long": 20x, random).
 """
@@ -469,7 +469,7 @@ def check_objective_case(case):
         floor = abs_floor(dtype) * up_max * (max(1.0, case["beta"]) if latent else 1.0)
         floor = to_input_shape(torch.full_like(mag[name], floor), name, case)
         bound = tol.grad * (rg.abs() + cancel) + to_input_shape(per_elem_abs, name, case) + floor
-        # README: the op writes each local gradient (at grad_output 1) in the forward, in the
+        # docs/api.md: the op writes each local gradient (at grad_output 1) in the forward, in the
         # kernel's arithmetic (float32 for half types), and stores recon_x's and a per-element
         # recon_logvar's in the input dtype, after the reduction's 1/N; the backward then scales it.
         # Where that local gradient is beyond the range, the result is +-inf whatever scales it

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import vae_ext
-from vae_ext.checkpoint import load_checkpoint
-from vae_ext.runlock import RunLock
+from vae_ext.cli.checkpoint import load_checkpoint
+from vae_ext.cli.runlock import RunLock
 
 from helpers import assert_one_line_error, read_csv, run_cli
 
@@ -117,7 +117,7 @@ def test_a_killed_run_leaves_no_stuck_lock(capsys, tmp_path):
 
 def test_the_lock_is_refused_within_one_process_too(tmp_path):
     with RunLock(tmp_path):
-        with pytest.raises(vae_ext.errors.ConfigError, match=f"pid {os.getpid()}"):
+        with pytest.raises(vae_ext.cli.errors.ConfigError, match=f"pid {os.getpid()}"):
             RunLock(tmp_path).acquire()
     with RunLock(tmp_path):  # released on exit
         pass
@@ -144,7 +144,7 @@ def test_same_seed_same_bits_with_one_or_two_threads(capsys, tmp_path):
 
 def _poison_gradients(monkeypatch, calls):
     """Make the gradients of the given (1-based) training steps NaN, as an overflow would."""
-    import vae_ext.train as T
+    import vae_ext.cli.train as T
 
     real, n = T._loss_and_gradients, {"step": 0}
 
@@ -180,7 +180,7 @@ def test_skip_nonfinite_stops_after_n_in_a_row(capsys, tmp_path, monkeypatch):
 def test_without_the_option_no_checkpoint_holds_a_nonfinite_weight(capsys, tmp_path, monkeypatch):
     """A step that leaves a NaN weight at the end of epoch 2 (its loss was still finite): the run stops
     with one line and the checkpoint keeps epoch 1, finite."""
-    import vae_ext.train as T
+    import vae_ext.cli.train as T
 
     real, n = T.train_step, {"step": 0}
 

@@ -15,7 +15,7 @@ import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHELL_SCRIPTS = (".ci/run", ".ci/check-cuda-glue", ".ci/check-cuda-build", "benchmarks/gpu_check.sh")
-PYTHON_SCRIPTS = ("benchmarks/sanitize_kernels.py", "benchmarks/run.py", "benchmarks/make_readme_table.py")
+PYTHON_SCRIPTS = ("benchmarks/sanitize_kernels.py", "benchmarks/run.py", "benchmarks/make_tables.py")
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")

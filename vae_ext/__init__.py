@@ -34,13 +34,9 @@ __all__ = [
 ]
 
 
-def __getattr__(name):  # lazy: the model and CLI pull in more than the ops do
-    if name == "VAE":
-        from .models import VAE
+def __getattr__(name):  # lazy: the models pull in more than the ops do
+    if name in ("VAE", "MLPVAE", "ConvVAE"):
+        from . import models
 
-        return VAE
-    if name in ("MLPVAE", "ConvVAE"):
-        from . import architectures
-
-        return getattr(architectures, name)
+        return getattr(models, name)
     raise AttributeError(f"module 'vae_ext' has no attribute {name!r}")

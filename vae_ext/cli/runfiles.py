@@ -15,7 +15,7 @@ __all__ = ["atomic_write", "write_csv"]
 def atomic_write(path, write, mode: str = "wb") -> None:
     """Write a file through ``write(f)`` into a temporary sibling, then rename it into place.
 
-    A signal that arrives meanwhile (``vae_ext._interrupts``) is raised once the file is in place.
+    A signal that arrives meanwhile (``vae_ext.cli._interrupts``) is raised once the file is in place.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

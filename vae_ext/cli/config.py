@@ -6,10 +6,9 @@ import math
 import os
 from dataclasses import dataclass
 
-from .architectures import ARCHS
+from ..models import ARCHS, RECON_MODES
 from .data import BINARIZE_MODES, parse_split
 from .errors import ConfigError
-from .models import RECON_MODES
 
 __all__ = ["TrainConfig", "FIXED_ON_RESUME", "DEFAULT_HIDDEN", "DEFAULT_CHANNELS"]
 

@@ -29,8 +29,8 @@ So ``--data mnist:DIR --train-split 8000`` on the 10,000 t10k images trains on t
 and tests on the last 2,000. ``train_split`` on a source that has its own test set is an error.
 
 **Size.** A file is refused before its data is read or inflated when it would need more memory
-than :mod:`vae_ext.memory` allows: its data plus :data:`EXTRA_BYTES_PER_VALUE` per pixel (IDX files
-are read by :mod:`vae_ext.idx`; of an ``.npz``, only the arrays used are read).
+than :mod:`vae_ext.cli.memory` allows: its data plus :data:`EXTRA_BYTES_PER_VALUE` per pixel (IDX files
+are read by :mod:`vae_ext.cli.idx`; of an ``.npz``, only the arrays used are read).
 
 **Binarization** (``binarize``): ``"dynamic"`` keeps the training images in [0, 1] and the trainer
 draws x ~ Bernoulli(image) afresh for every batch; ``"static"`` draws the training set once;
@@ -364,8 +364,8 @@ def load_data(spec: str = "digits", *, train_split=None, binarize_mode: str = "d
     """Load a data source (see the module docstring) and split and binarize it; with ``labels``,
     its class labels too (a source without them is refused).
 
-    Raises :class:`~vae_ext.errors.DataError` for a missing or malformed file and
-    :class:`~vae_ext.errors.ConfigError` for an unusable option.
+    Raises :class:`~vae_ext.cli.errors.DataError` for a missing or malformed file and
+    :class:`~vae_ext.cli.errors.ConfigError` for an unusable option.
     """
     if binarize_mode not in BINARIZE_MODES:
         raise ConfigError(f"--binarize: expected one of {', '.join(BINARIZE_MODES)}, got {binarize_mode!r}")

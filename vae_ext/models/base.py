@@ -1,29 +1,5 @@
-"""VAE modules on the fused functional API: an MLP VAE and a convolutional VAE.
-
-``VAE`` is the shared base class and, called directly, the factory::
-
-    model = vae_ext.VAE()                                   # MLPVAE, 784-400-20 (pytorch/examples)
-    model = vae_ext.VAE(arch="conv", input_shape=(1, 28, 28))  # ConvVAE
-    model = vae_ext.MLPVAE(input_shape=(1, 8, 8), hidden_sizes=(128,), latent_size=8)
-
-    recon, mu, logvar = model(x)                            # what model.criterion expects
-    loss = model.criterion(recon, x, mu, logvar)            # summed negative ELBO (FusedELBOLoss)
-
-``num_classes=C`` makes a class-conditional VAE (CVAE): the encoder sees x and the one-hot label y,
-the decoder sees z and y, and the prior p(z|y) = N(mu_p(y), exp(logvar_p(y))) is learned (an
-embedding of y to 2L values, initialized to N(0, I)). Every method then takes the labels ``y``
-(int64, (N,)) and ``forward`` also returns the prior's mean and log-variance for the loss::
-
-    model = vae_ext.VAE(input_shape=(1, 8, 8), num_classes=10)
-    recon, mu, logvar, prior_mu, prior_logvar = model(x, y)
-    loss = model.criterion(recon, x, mu, logvar, prior_mu=prior_mu, prior_logvar=prior_logvar)
-
-The decoder outputs logits (``decode``); ``forward`` hands the loss what its ``recon`` mode wants:
-the logits for ``"bce_logits"`` (the default), ``sigmoid(logits)`` for ``"bce"`` and the raw output
-(the Gaussian mean) for ``"mse"``. Training draws z with :func:`vae_ext.reparameterize` and scores it
-with :class:`vae_ext.FusedELBOLoss`; ``fused=False`` uses :mod:`vae_ext.reference` for both, for
-comparison. All log densities are in nats.
-"""
+"""``VAE``, the base class of the VAE modules and, called directly, their factory: everything but the
+encoder's and the decoder's layers (sampling, the loss, the ELBO and the likelihood estimate)."""
 from __future__ import annotations
 
 import math
@@ -31,19 +7,23 @@ import math
 import torch
 from torch import nn
 
-from . import functional, reference
-from .functional import _check_beta, _check_choice
-from .losses import FusedELBOLoss
+from .. import functional, reference
+from ..functional import _check_beta, _check_choice
+from ..losses import FusedELBOLoss
+from .conditional import ClassConditional, check_num_classes
 
-__all__ = ["VAE", "ReferenceELBOLoss", "RECON_MODES"]
+__all__ = ["VAE", "ReferenceELBOLoss", "RECON_MODES", "ARCHS"]
 
 # The reconstruction modes the models score: each needs its decoder mean and its log-likelihood's
 # constant below. ("l1" and "gaussian" are loss modes of vae_ext.elbo_loss; "gaussian" needs a
 # decoder log-variance these models do not have.)
 RECON_MODES = ("bce", "bce_logits", "mse")
 
+# arch name -> VAE subclass: what ``VAE(arch=...)`` builds. vae_ext/models/__init__.py fills it once
+# it has imported every family (they subclass VAE: this module cannot import them).
+ARCHS: dict = {}
+
 _LOG_2PI = math.log(2.0 * math.pi)
-_LABEL_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 class ReferenceELBOLoss(FusedELBOLoss):
@@ -73,12 +53,12 @@ def _positive_ints(name: str, values) -> tuple:
     return values
 
 
-class VAE(nn.Module):
+class VAE(ClassConditional, nn.Module):
     """Base class of the VAE modules; ``VAE(arch="mlp"|"conv", **kwargs)`` builds one.
 
     Subclasses define ``encoder`` and ``_features`` ((x, one-hot y or None) -> features), ``fc_mu``,
     ``fc_logvar`` and ``_decode`` (z, or z and the one-hot y concatenated -> raw output of shape
-    (M, *input_shape)); everything else lives here, the conditional prior ``prior_net`` included.
+    (M, *input_shape)); everything else lives here (the labels and the prior p(z|y) in conditional.py).
 
     Attributes:
         criterion: the loss module, ``FusedELBOLoss`` (or ``ReferenceELBOLoss`` when ``fused=False``)
@@ -95,8 +75,6 @@ class VAE(nn.Module):
 
     def __new__(cls, *args, arch: str | None = None, **kwargs):
         if cls is VAE:
-            from .architectures import ARCHS  # (they subclass VAE: imported when first needed)
-
             arch = "mlp" if arch is None else arch
             if arch not in ARCHS:
                 raise ValueError(f"arch: expected one of {', '.join(map(repr, ARCHS))}, got {arch!r}")
@@ -114,27 +92,17 @@ class VAE(nn.Module):
             raise ValueError(f"input_shape: expected positive sizes, got {input_shape!r}")
         (self.latent_size,) = _positive_ints("latent_size", (latent_size,))
         self.in_features = math.prod(self.input_shape)
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes: expected an int >= 0 (0: not conditional), got {num_classes!r}")
-        self.num_classes = num_classes
+        self.num_classes = check_num_classes(num_classes)
         self.recon = recon
         self.fused = bool(fused)
         # free_bits is part of the training objective, not of the model: not in ``config``
         self.criterion = (FusedELBOLoss if self.fused else ReferenceELBOLoss)(recon=recon, reduction="sum",
                                                                              free_bits=free_bits)
-        if self.conditional:
-            # p(z|y): one learned (mu, logvar) row per class; zeros, so training starts from N(0, I)
-            self.prior_net = nn.Embedding(num_classes, 2 * self.latent_size)
-            nn.init.zeros_(self.prior_net.weight)
+        self._init_prior()
         self.generator: torch.Generator | None = None
         self.eps_sampler = None
 
     # ------------------------------------------------------------------ configuration
-
-    @property
-    def conditional(self) -> bool:
-        """A class-conditional VAE (``num_classes > 0``): every method takes the labels ``y``."""
-        return self.num_classes > 0
 
     @property
     def config(self) -> dict:
@@ -182,40 +150,6 @@ class VAE(nn.Module):
             raise ValueError(f"x: expected a batch of {shape} images ({self.in_features} values each), "
                              f"got shape {tuple(x.shape)}")
         return x.reshape(x.shape[0], *self.input_shape)
-
-    def one_hot(self, y) -> torch.Tensor | None:
-        """Labels (N,) -> their one-hot (N, num_classes) in the parameters' dtype; None for a model
-        that is not conditional (which must get no labels)."""
-        if not self.conditional:
-            if y is not None:
-                raise ValueError("y: this model is not class-conditional (num_classes=0); pass no labels")
-            return None
-        return torch.nn.functional.one_hot(self._labels(y), self.num_classes).to(next(self.parameters()).dtype)
-
-    def _labels(self, y) -> torch.Tensor:
-        """Checked class labels, int64 (N,) on the parameters' device."""
-        if y is None:
-            raise ValueError(f"y: a class-conditional model needs the class labels (0..{self.num_classes - 1})")
-        if not isinstance(y, torch.Tensor) or y.dtype not in _LABEL_DTYPES or y.dim() != 1:
-            what = f"a {y.dtype} tensor of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ValueError(f"y: expected an integer tensor of class labels of shape (N,), got {what}")
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-            raise ValueError(f"y: class labels must lie in 0..{self.num_classes - 1}, found "
-                             f"{int(y.min())}..{int(y.max())}")
-        return y.to(next(self.parameters()).device, torch.int64)
-
-    def prior(self, y=None):
-        """p(z|y) = N(prior_mu, exp(prior_logvar)), each (N, latent_size); ``(None, None)`` (N(0, I))
-        for a model that is not conditional."""
-        if not self.conditional:
-            self.one_hot(y)  # refuses labels
-            return None, None
-        prior_mu, prior_logvar = self.prior_net(self._labels(y)).chunk(2, dim=-1)
-        return prior_mu, prior_logvar
-
-    def _prior_kwargs(self, y) -> dict:
-        prior_mu, prior_logvar = self.prior(y)
-        return {} if prior_mu is None else {"prior_mu": prior_mu, "prior_logvar": prior_logvar}
 
     def encode(self, x: torch.Tensor, y=None):
         """q(z|x[, y]) = N(mu, exp(logvar)): returns ``(mu, logvar)``, each (N, latent_size)."""

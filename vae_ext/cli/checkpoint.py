@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
+from ..models import VAE
 from .config import FIXED_ON_RESUME, TrainConfig
 from .data import ImageData
 from .errors import CheckpointError, ConfigError, DataError
 from .memory import check_fits
-from .models import VAE
 from .runfiles import atomic_write
 
 __all__ = [

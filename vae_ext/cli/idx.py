@@ -2,7 +2,7 @@
 
 The header (magic, type code, dimension count, big-endian uint32 dimensions) says how big the data
 is, so a file is refused before its data is read or inflated when it cannot be what it claims: too
-many dimensions, more memory than :mod:`vae_ext.memory` allows, or (raw) a file size that does not
+many dimensions, more memory than :mod:`vae_ext.cli.memory` allows, or (raw) a file size that does not
 match. A gzip stream is read into an array of exactly the promised size and stopped there, so a
 decompression bomb costs no more than its header admits to.
 """

@@ -1,4 +1,4 @@
-"""The ``vae-ext`` command (also ``python -m vae_ext``): train | eval | sweep.
+"""The command line of ``vae-ext``: its options, the dispatch to train | eval | sweep, and its exit statuses.
 
 See docs/cli.md. Mistakes in the input (options, data files, checkpoints, devices) end the command
 with one line on stderr naming the problem and a non-zero exit status: 2 for an unusable option
@@ -108,9 +108,8 @@ def _device(text: str) -> str:
 def _train_options(p: argparse.ArgumentParser, latent: bool = True, sweep: bool = False) -> None:
     """The options of `train` (and `sweep`). Defaults are None here: TrainConfig fills them in, and
     on --resume only the options given explicitly override the checkpoint's."""
-    from .architectures import ARCHS
+    from ..models import ARCHS, RECON_MODES
     from .data import BINARIZE_MODES
-    from .models import RECON_MODES
 
     d = p.add_argument_group("data")
     d.add_argument("--data", metavar="SPEC", help="digits (default: scikit-learn's 8x8 digits), mnist:DIR "
@@ -226,7 +225,7 @@ def _cmd_sweep(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
 
     parser = _Parser(prog=PROG, description="Train and evaluate VAEs on the fused vae_ext kernels.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -326,7 +325,7 @@ def _main(argv, command) -> int:
     except OSError as e:  # writing into --out: permission denied, disk full ...
         print(f"{PROG} {command}: error: {e}", file=sys.stderr)
         return 1
-    except MemoryError as e:  # what the memory limit (vae_ext.memory) did not foresee: still one line
+    except MemoryError as e:  # what the memory limit (vae_ext.cli.memory) did not foresee: still one line
         what = str(e).strip().splitlines()[0] if str(e).strip() else "an allocation failed"
         print(f"{PROG} {command}: error: out of memory ({what})", file=sys.stderr)
         return 1

@@ -9,11 +9,11 @@ import time
 import torch
 from tqdm import tqdm
 
+from ..models import VAE
 from .checkpoint import check_image_shape, check_labels, config_of, load_checkpoint, model_from_checkpoint
 from .data import TEST_BINARIZE_SEED, ImageData, binarize, load_data
 from .distributed import DistributedContext, resolve_device
 from .errors import ConfigError
-from .models import VAE
 
 __all__ = ["EVAL_SEED", "evaluate", "eval_images", "eval_labels", "importance_weighted_nll", "evaluate_checkpoint"]
 

@@ -38,7 +38,7 @@ def resolve_device(name: str, *, fused: bool = True, local_rank: int = 0) -> tor
         if dev.index >= torch.cuda.device_count():
             raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
         if fused:
-            from . import build_info
+            from .. import build_info
 
             if not build_info()["cuda_kernels"]:
                 raise DeviceError(f"--device {name}: vae_ext was built without CUDA kernels; "

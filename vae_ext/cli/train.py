@@ -4,9 +4,9 @@ A run folder holds ``checkpoint.pt`` (model, optimizer, config, epoch, history),
 (a row per epoch, with the number of active latent units: batch-mean KL above
 :data:`ACTIVE_UNIT_NATS`) and the PNGs ``reconstructions.png``, ``samples.png`` and
 ``loss_curves.png``. Every file is written to a temporary name and renamed into place
-(``vae_ext.runfiles``), so an interruption never leaves a half-written file: what is there is the
+(``vae_ext.cli.runfiles``), so an interruption never leaves a half-written file: what is there is the
 last complete version.
-User mistakes raise :class:`vae_ext.errors.VaeExtError` subclasses with a one-line message.
+User mistakes raise :class:`vae_ext.cli.errors.VaeExtError` subclasses with a one-line message.
 """
 from __future__ import annotations
 
@@ -21,13 +21,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DistributedSampler
 from tqdm import tqdm
 
+from ..models import VAE
 from .checkpoint import CHECKPOINT_NAME, check_image_shape, check_labels, fmt_option, load_model_state, save_checkpoint
 from .config import TrainConfig
 from .data import ImageData, binarize, load_data
 from .distributed import DistributedContext, setup
 from .errors import CheckpointError, ConfigError, VaeExtError
 from .evaluate import evaluate
-from .models import VAE
 from .plots import save_plots
 from .runfiles import write_csv
 from .runlock import RunLock

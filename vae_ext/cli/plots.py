@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
+from ..models import VAE
 from .data import ImageData
 from .evaluate import EVAL_SEED
-from .models import VAE
 from .runfiles import atomic_write
 
 __all__ = ["save_image_grid", "save_loss_curves", "save_plots", "save_sweep_plot"]
