@@ -180,7 +180,7 @@ class VAE(nn.Module):
         if x.dim() < 1 or x[0].numel() != self.in_features:
             shape = "x".join(map(str, self.input_shape))
             raise ValueError(f"x: expected a batch of {shape} images ({self.in_features} values each), "
-                             f"got shape {tuple(x.shape)}")
+                             f"got shape {list(x.shape)}")
         return x.reshape(x.shape[0], *self.input_shape)
 
     def one_hot(self, y) -> torch.Tensor | None:
@@ -197,7 +197,7 @@ class VAE(nn.Module):
         if y is None:
             raise ValueError(f"y: a class-conditional model needs the class labels (0..{self.num_classes - 1})")
         if not isinstance(y, torch.Tensor) or y.dtype not in _LABEL_DTYPES or y.dim() != 1:
-            what = f"a {y.dtype} tensor of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+            what = f"a {y.dtype} tensor of shape {list(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
             raise ValueError(f"y: expected an integer tensor of class labels of shape (N,), got {what}")
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             raise ValueError(f"y: class labels must lie in 0..{self.num_classes - 1}, found "
@@ -229,7 +229,7 @@ class VAE(nn.Module):
         c = self.one_hot(y)
         if c is not None:
             if lead[-1:] != c.shape[:1]:
-                raise ValueError(f"y: expected {lead[-1] if lead else 0} labels for z of shape {tuple(z.shape)}, "
+                raise ValueError(f"y: expected {lead[-1] if lead else 0} labels for z of shape {list(z.shape)}, "
                                  f"got {c.shape[0]}")
             z = torch.cat([z, c.expand(*lead, self.num_classes)], dim=-1)
         out = self._decode(z.reshape(-1, z.shape[-1]))

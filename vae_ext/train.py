@@ -51,7 +51,7 @@ def build_model(cfg: TrainConfig, image_shape, num_classes: int = 0) -> VAE:
                   num_classes=num_classes if cfg.conditional else 0, free_bits=cfg.free_bits)
     if cfg.arch == "conv":
         if len(image_shape) != 3:
-            raise ConfigError(f"--arch conv: expected (C, H, W) images, got shape {tuple(image_shape)}")
+            raise ConfigError(f"--arch conv: expected (C, H, W) images, got shape {list(image_shape)}")
         kwargs["channels"] = cfg.channels
     try:
         return VAE(**kwargs)
