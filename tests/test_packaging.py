@@ -1,5 +1,6 @@
 """Installing and importing vae_ext the ways users do: from the repository root after
-`pip install .`, without build isolation, without torch, and the README's code as it stands."""
+`pip install .`, without build isolation, without torch, and the code of the README and docs/*.md
+as it stands."""
 from __future__ import annotations
 
 import os
@@ -72,23 +73,26 @@ def test_build_without_torch_names_a_pinned_cpu_install(tmp_path):
     assert not re.search(r"pip install torch(?![=\w])", msg), f"suggests an unpinned torch: {msg}"
 
 
-def _readme_python_blocks():
-    text = (REPO / "README.md").read_text()
-    return re.findall(r"```python\n(.*?)```", text, flags=re.S)
+DOCS = ["README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md"))]
+
+
+def _python_blocks(doc):
+    return re.findall(r"```python\n(.*?)```", (REPO / doc).read_text(), flags=re.S)
 
 
 def test_readme_has_python_blocks():
-    assert _readme_python_blocks(), "README.md has no python code block"
+    assert _python_blocks("README.md"), "README.md has no python code block"
+    assert len(DOCS) > 1 and _python_blocks("docs/porting.md"), "no docs/*.md found, or porting.md lost its code"
 
 
-@pytest.mark.parametrize("index", range(len(_readme_python_blocks())))
-def test_readme_python_block_runs_as_written(index, tmp_path):
-    """Every ```python block of the README runs as it stands, in a fresh interpreter (a user copies
-    it into a file), from a folder outside the checkout."""
-    code = _readme_python_blocks()[index]
+@pytest.mark.parametrize("doc,index", [(d, i) for d in DOCS for i in range(len(_python_blocks(d)))])
+def test_docs_python_block_runs_as_written(doc, index, tmp_path):
+    """Every ```python block of the README and of docs/*.md runs as it stands, in a fresh
+    interpreter (a user copies it into a file), from a folder outside the checkout."""
+    code = _python_blocks(doc)[index]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     r = _run(code, tmp_path, timeout=300, env=env)
-    assert r.returncode == 0, f"README python block {index} failed:\n{code}\n--- stderr:\n{r.stderr[-3000:]}"
+    assert r.returncode == 0, f"{doc} python block {index} failed:\n{code}\n--- stderr:\n{r.stderr[-3000:]}"
 
 
 def test_readme_says_how_long_the_build_takes_and_how_to_watch_it():
