@@ -100,3 +100,12 @@ def test_readme_says_how_long_the_build_takes_and_how_to_watch_it():
     text = (REPO / "README.md").read_text()
     assert "pip install -v ." in text
     assert re.search(r"about (two|\d+) minutes on a 2-core machine", text)
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_docs_name_the_machine_they_measured_on(doc):
+    """A time or a size measured "on this machine" means nothing to a reader on another one: the docs
+    name the machine (AMD EPYC VM, H100, ...) instead."""
+    text = (REPO / doc).read_text()
+    found = re.findall(r".{0,60}\bthis (?:shared |\d-core |busy )*(?:machine|VM|box|computer|server)\b", text)
+    assert not found, f"{doc} speaks of a machine without naming it: {found}"
