@@ -7,8 +7,10 @@ pytest's own hooks).
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -387,3 +389,21 @@ def check_objective(inputs, *, dtype=None, fused=None, ref=None, upstream=None, 
             continue
         assert_grad_like(g, rg, t, tol, f"{what}: grad {name}")
     return out, grads
+
+
+# The tests on real MNIST read its folder from one variable, $MNIST (a folder of MNIST IDX files,
+# such as the t10k pair bundled beside the project: MNIST=../shared/data/mnist pytest tests).
+MNIST_VAR = "MNIST"
+
+
+def mnist_dir(*files: str):
+    """The folder $MNIST names, holding ``files``. Without $MNIST the test skips, saying what to
+    set; a $MNIST without those files fails it (a folder named on purpose is not silently ignored)."""
+    folder = os.environ.get(MNIST_VAR)
+    if not folder:
+        pytest.skip(f"needs real MNIST: set {MNIST_VAR} to a folder holding {', '.join(files)} "
+                    f"(e.g. {MNIST_VAR}=../shared/data/mnist; README: Tests)")
+    missing = [f for f in files if not (Path(folder) / f).is_file()]
+    if missing:
+        pytest.fail(f"{MNIST_VAR}={folder}: no {', '.join(missing)} there")
+    return Path(folder).resolve()

@@ -63,6 +63,34 @@ def test_train_one_epoch_writes_everything(capsys, tmp_path):
     assert set(ck) >= {"model_state", "optimizer_state", "config", "epoch", "history"}
 
 
+class _Terminal:
+    """A stderr that says it is a terminal (tqdm draws its bar only on one)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def isatty(self):
+        return True
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@pytest.mark.parametrize("tty", [False, True], ids=["redirected", "terminal"])
+def test_progress_bar_only_on_a_terminal(capsys, monkeypatch, tmp_path, tty):
+    """A redirected stderr (a log file, CI) gets no \\r frames of the bar; a terminal gets the bar.
+    The last line names every file it wrote by its path in the run folder."""
+    if tty:
+        monkeypatch.setattr(sys, "stderr", _Terminal(sys.stderr))
+    out = tmp_path / "run"
+    rc, stdout, err = run_cli(capsys, "train", "--epochs", "1", "--out", out,
+                              *[a for a in TINY if a != "--no-progress"])
+    assert rc == 0
+    assert ("\r" in err) == tty, err[:500]
+    names = ("checkpoint.pt", "metrics.csv", "reconstructions.png", "samples.png", "loss_curves.png")
+    assert stdout.splitlines()[-1] == "wrote " + ", ".join(str(out / n) for n in names)
+
+
 def test_resume_continues_exactly(capsys, tmp_path):
     """1 epoch + resume to 2 gives the same weights as 2 epochs straight: each epoch's randomness
     depends on (seed, epoch) only, and the checkpoint holds the optimizer state."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import math
-import os
 import struct
 from pathlib import Path
 
@@ -21,9 +20,8 @@ from vae_ext.cli.errors import ConfigError, DataError
 from vae_ext.cli.train import METRIC_COLUMNS, train_step
 from vae_ext.models import MLPVAE, ConvVAE
 
-from helpers import assert_one_line_error, read_csv, run_cli
+from helpers import assert_one_line_error, mnist_dir, read_csv, run_cli
 
-MNIST_DIR = Path(os.environ.get("MNIST") or Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist")
 TINY = ["--hidden", "16", "--latent", "2", "--batch-size", "256", "--no-progress"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -72,9 +70,9 @@ def test_idx_labels_pool_and_pair(tmp_path, gz):
     assert d.num_classes == 6
 
 
-@pytest.mark.skipif(not (MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file(), reason=f"{MNIST_DIR} is absent")
 def test_real_mnist_labels():
-    d = load_data(f"mnist:{MNIST_DIR}", train_split=8000, binarize_mode="none", labels=True)
+    folder = mnist_dir("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+    d = load_data(f"mnist:{folder}", train_split=8000, binarize_mode="none", labels=True)
     assert d.train_labels[:8].tolist() == [7, 2, 1, 0, 4, 1, 4, 9] and d.num_classes == 10
     assert len(d.train_labels) == 8000 and len(d.test_labels) == 2000
     assert torch.bincount(d.test_labels).min() > 150  # every digit is in the test part

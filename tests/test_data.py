@@ -13,7 +13,7 @@ from vae_ext.cli.data import load_data, load_mnist, parse_split
 from vae_ext.cli.errors import ConfigError, DataError
 from vae_ext.cli.idx import parse_idx, read_idx
 
-MNIST_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist"  # <repo>/../shared/data/mnist
+from helpers import mnist_dir
 
 
 def idx_bytes(arr: np.ndarray, code: int = 0x08) -> bytes:
@@ -219,13 +219,13 @@ def test_unreadable_npz(tmp_path):
 # --------------------------------------------------------------------------- the real MNIST test set
 
 
-@pytest.mark.skipif(not (MNIST_DIR / "t10k-images-idx3-ubyte.gz").is_file(), reason=f"{MNIST_DIR} is absent")
 def test_real_mnist_t10k():
-    imgs = read_idx(MNIST_DIR / "t10k-images-idx3-ubyte.gz")
-    labels = read_idx(MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
+    folder = mnist_dir("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+    imgs = read_idx(folder / "t10k-images-idx3-ubyte.gz")
+    labels = read_idx(folder / "t10k-labels-idx1-ubyte.gz")
     assert imgs.shape == (10000, 28, 28) and imgs.dtype == np.uint8
     # the well-known first test digits
     assert labels.shape == (10000,) and labels[:8].tolist() == [7, 2, 1, 0, 4, 1, 4, 9]
-    d = load_data(f"mnist:{MNIST_DIR}", train_split=8000, binarize_mode="none")
+    d = load_data(f"mnist:{folder}", train_split=8000, binarize_mode="none")
     assert d.train.shape == (8000, 1, 28, 28) and d.test.shape == (2000, 1, 28, 28)
     torch.testing.assert_close(d.test[-1, 0], torch.from_numpy(imgs[-1]).float() / 255)

@@ -186,3 +186,35 @@ def test_no_range_check_outside_bce(mode):
 def test_fused_elbo_loss_module_bad_args(kwargs, exc, name):
     with pytest.raises(exc, match=arg_re(name)):
         vae_ext.FusedELBOLoss(**kwargs)
+
+
+@pytest.mark.parametrize("dtype,hint", [(torch.uint8, "x.to(recon_x.dtype) / 255"),
+                                        (torch.int64, "x.to(recon_x.dtype)"), (torch.bool, "x.to(recon_x.dtype)")],
+                         ids=str)
+def test_integer_target_says_how_to_convert(dtype, hint):
+    """Pixels as an image loader returns them (uint8, 0..255): the error says to convert and scale."""
+    r, x, mu, lv = _good()
+    for call in (vae_ext.elbo_loss, vae_ext.FusedELBOLoss()):
+        with pytest.raises(TypeError, match=arg_re("x")) as e:
+            call(r, (x * 255).to(dtype), mu, lv)
+        msg = str(e.value)
+        assert "recon_x (torch.float32)" in msg and str(dtype) in msg and hint in msg, msg
+        assert ("/ 255" in msg) == (dtype == torch.uint8), msg
+
+
+def test_shapes_print_as_torch_prints_sizes():
+    """Every shape in a message is written [4, 10], as torch.Size prints (csrc/checks.cpp's and the
+    Python checks' alike), never (4, 10)."""
+    r, x, mu, lv = _good()
+    cases = [(lambda: vae_ext.elbo_loss(r, torch.rand(4, 11), mu, lv), "[4, 10]", "[4, 11]"),  # Python
+             (lambda: vae_ext.elbo_loss(r, x, mu, lv[:, :2]), "[4, 3]", "[4, 2]"),  # C++
+             (lambda: vae_ext.gaussian_kl(mu, lv[:, :2]), "[4, 3]", "[4, 2]"),
+             (lambda: vae_ext.elbo_loss(r, x, mu, lv, prior_mu=mu[:, :2], prior_logvar=lv[:, :2]), "[4, 3]", "[4, 2]"),
+             (lambda: vae_ext.MLPVAE(input_shape=(1, 2, 5), latent_size=2, hidden_sizes=(4,)).elbo(x[:, :9]),
+              "[4, 9]", None)]
+    for call, *shapes in cases:
+        with pytest.raises(ValueError) as e:
+            call()
+        msg = str(e.value)
+        assert all(s in msg for s in shapes if s), msg
+        assert "(4, " not in msg, msg

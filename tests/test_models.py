@@ -76,7 +76,7 @@ def test_shapes_of_every_method(arch, shape, kw):
 
 def test_wrong_input_size_names_the_shapes():
     m = MLPVAE(input_shape=(1, 8, 8), hidden_sizes=(8,), latent_size=2)
-    with pytest.raises(ValueError, match=r"8x8 images.*\(3, 1, 28, 28\)"):
+    with pytest.raises(ValueError, match=r"8x8 images.*\[3, 1, 28, 28\]"):
         m.encode(torch.rand(3, 1, 28, 28))
     with pytest.raises(ValueError, match="too small"):
         ConvVAE(input_shape=(1, 3, 3), channels=(4, 8))

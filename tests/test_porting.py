@@ -1,10 +1,10 @@
 """docs/porting.md: each loss of the codebases people port from, against its vae_ext equivalent.
 
-Every original formula is written here as its project writes it (pytorch/examples vae/main.py,
-PyTorch-VAE's VanillaVAE.loss_function, pythae's VAE.loss_function, diffusers'
-DiagonalGaussianDistribution.kl as AutoencoderKL's training uses it), evaluated in float64, and
-compared with the one vae_ext call docs/porting.md gives for it: the value, every term it returns and
-the gradient of every input.
+Every original formula is written here as its project writes it in the version docs/porting.md
+names (pytorch/examples vae/main.py, PyTorch-VAE's VanillaVAE.loss_function, pythae's
+VAE.loss_function from 0.1.2 on and before it, diffusers' DiagonalGaussianDistribution.kl as
+AutoencoderKL's training uses it), evaluated in float64, and compared with the one vae_ext call
+docs/porting.md gives for it: the value, every term it returns and the gradient of every input.
 """
 from __future__ import annotations
 
@@ -80,10 +80,31 @@ def test_pytorch_vae_vanilla_vae(kld_weight):
              "PyTorch-VAE")
 
 
+def test_pythae_vae_since_0_1_2():
+    """pythae >= 0.1.2 (its "Unify gaussian likelihoods", the current release): the "mse"
+    reconstruction is half the squared error, so the port is half of elbo_loss with beta=2."""
+    def loss_function(recon_x, x, mu, log_var):
+        recon_loss = 0.5 * F.mse_loss(recon_x.reshape(x.shape[0], -1), x.reshape(x.shape[0], -1),
+                                      reduction="none").sum(dim=-1)
+        KLD = -0.5 * torch.sum(1 + log_var - mu.pow(2) - log_var.exp(), dim=-1)
+        return (recon_loss + KLD).mean(dim=0), recon_loss.mean(dim=0), KLD.mean(dim=0)
+
+    x = _images((6, 1, 28, 28), 14)
+
+    def ported(r, m, lv):
+        loss, rec, kl = vae_ext.elbo_loss(r, x, m, lv, recon="mse", reduction="mean", beta=2.0, return_terms=True)
+        return 0.5 * loss, 0.5 * rec, kl
+
+    _compare(lambda r, m, lv: loss_function(r, x, m, lv), ported,
+             (_images((6, 1, 28, 28), 15), _images((6, 16), 16, "normal"), _images((6, 16), 17, "normal")),
+             "pythae >= 0.1.2 mse")
+
+
 @pytest.mark.parametrize("reconstruction_loss", ["mse", "bce"])
 def test_pythae_vae(reconstruction_loss):
-    """pythae VAE.loss_function: per-sample sums, averaged over the batch; it returns the loss and
-    the batch means of the reconstruction term and of the KL."""
+    """pythae VAE.loss_function before 0.1.2 ("mse": the plain squared error) and its "bce" in every
+    version: per-sample sums, averaged over the batch; it returns the loss and the batch means of
+    the reconstruction term and of the KL."""
     def loss_function(recon_x, x, mu, log_var):
         if reconstruction_loss == "mse":
             recon_loss = F.mse_loss(recon_x.reshape(x.shape[0], -1), x.reshape(x.shape[0], -1),

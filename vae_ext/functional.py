@@ -41,6 +41,14 @@ def _check_tensor(name: str, t) -> None:
         )
 
 
+def _check_target_dtype(x, recon_x) -> None:
+    """An integer target (uint8 pixels as an image loader returns them) says how to convert it; the
+    op would only say that the dtypes differ. (Off the fast path: mixed dtypes never take it.)"""
+    if recon_x.dtype in _FLOAT_DTYPES and not (x.dtype.is_floating_point or x.dtype.is_complex):
+        how = "x.to(recon_x.dtype)" + (" / 255 (8-bit pixels into [0, 1])" if x.dtype == torch.uint8 else "")
+        raise TypeError(f"x: expected the same dtype as recon_x ({recon_x.dtype}), got {x.dtype}; convert it: {how}")
+
+
 def _check_same(names_tensors, what: str) -> None:
     (n0, t0), *rest = names_tensors
     for n, t in rest:
@@ -213,6 +221,7 @@ def elbo_loss(
         given = [(n, t) for (n, _), t in zip(given, tensors[4:])]
         for name, t in (("recon_x", recon_x), ("x", x), ("mu", mu), ("logvar", logvar)):
             _check_is_tensor(name, t)
+        _check_target_dtype(x, recon_x)
         _check_same((("recon_x", recon_x), ("x", x), ("mu", mu), ("logvar", logvar), *given), "device")
         _check_choice("recon", recon, RECON_MODES)
         _check_choice("reduction", reduction, REDUCTIONS)
@@ -227,8 +236,8 @@ def elbo_loss(
         n = recon_x.shape[0]
         if x.dim() < 1 or x.shape[0] != n or x.numel() != recon_x.numel():
             raise ValueError(
-                f"x: expected the shape of recon_x {tuple(recon_x.shape)} (or the same batch size "
-                f"and number of elements per sample), got {tuple(x.shape)}"
+                f"x: expected the shape of recon_x {list(recon_x.shape)} (or the same batch size "
+                f"and number of elements per sample), got {list(x.shape)}"
             )
         x = x.reshape(recon_x.shape)
     grad_on = torch.is_grad_enabled()
@@ -308,7 +317,7 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor |
     if mu.dim() < 1:
         raise ValueError("mu: expected a tensor of shape (N, ...), got a 0-d tensor")
     if logvar.shape != mu.shape:
-        raise ValueError(f"logvar: expected the shape of mu {tuple(mu.shape)}, got {tuple(logvar.shape)}")
+        raise ValueError(f"logvar: expected the shape of mu {list(mu.shape)}, got {list(logvar.shape)}")
     empty = mu.new_empty(mu.shape[0], 0)  # no reconstruction term: the kernel's KL part alone
     grad_latent = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                   for t in (mu, logvar, prior_mu, prior_logvar))

@@ -136,8 +136,8 @@ def _check_structure(ckpt: dict, path: str) -> None:
         bad("model_state", f"does not fit model_config (missing {missing[:3]}, unexpected {unexpected[:3]})")
     for k, shape in expected.items():
         if tuple(model_state[k].shape) != shape:
-            bad("model_state", f"does not fit model_config: {k} has shape {tuple(model_state[k].shape)}, "
-                f"expected {shape}")
+            bad("model_state", f"does not fit model_config: {k} has shape {list(model_state[k].shape)}, "
+                f"expected {list(shape)}")
 
     # Adam's state: one entry per parameter, in the order of model.parameters().
     shapes = [tuple(p.shape) for p in meta.parameters()]

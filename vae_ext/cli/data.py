@@ -108,6 +108,11 @@ class ImageData:
 # --------------------------------------------------------------------------- IDX
 
 
+def _size(shape) -> str:
+    """An image size as the messages write it: 28x28, 1x28x28 (an array's shape prints as a list)."""
+    return "x".join(map(str, shape))
+
+
 def _find_idx(folder: Path, prefix: str, kind: str = "idx3") -> Path | None:
     for stem in (f"{prefix}-{kind}-ubyte", f"{prefix}.{kind}-ubyte"):
         for suffix in (".gz", ""):
@@ -120,7 +125,7 @@ def _find_idx(folder: Path, prefix: str, kind: str = "idx3") -> Path | None:
 def _idx_images(path: Path) -> np.ndarray:
     arr = read_idx(path, extra_bytes_per_value=EXTRA_BYTES_PER_VALUE)
     if arr.ndim != 3:
-        raise DataError(f"{path}: expected images of shape (N, H, W), got an IDX array of shape {arr.shape}")
+        raise DataError(f"{path}: expected images of shape (N, H, W), got an IDX array of shape {list(arr.shape)}")
     return arr
 
 
@@ -140,7 +145,7 @@ def load_mnist_labels(folder, train: np.ndarray | None, test: np.ndarray | None)
                             f"(class labels are needed for --conditional)")
         arr = read_idx(p, extra_bytes_per_value=8)  # read as int64
         if arr.ndim != 1:
-            raise DataError(f"{p}: expected labels of shape (N,), got an IDX array of shape {arr.shape}")
+            raise DataError(f"{p}: expected labels of shape (N,), got an IDX array of shape {list(arr.shape)}")
         out.append(_to_labels(arr, len(imgs), str(p)))
     return tuple(out)
 
@@ -160,7 +165,8 @@ def load_mnist(folder) -> tuple:
     train = _idx_images(train_p) if train_p else None
     test = _idx_images(test_p) if test_p else None
     if train is not None and test is not None and train.shape[1:] != test.shape[1:]:
-        raise DataError(f"{folder}: train images are {train.shape[1:]} but test images are {test.shape[1:]}")
+        raise DataError(f"{folder}: train images are {_size(train.shape[1:])} but test images are "
+                        f"{_size(test.shape[1:])}")
     return train, test
 
 
@@ -178,11 +184,11 @@ def _to_images(arr: np.ndarray, name: str) -> torch.Tensor:
     elif arr.ndim == 3:
         arr = arr[:, None]
     elif arr.ndim != 4:
-        raise DataError(f"{name}: expected images of shape (N, H, W) or (N, C, H, W), got {arr.shape}")
+        raise DataError(f"{name}: expected images of shape (N, H, W) or (N, C, H, W), got {list(arr.shape)}")
     if len(arr) == 0:
         raise DataError(f"{name}: no images")
     if 0 in arr.shape[1:]:
-        raise DataError(f"{name}: images of shape {'x'.join(map(str, arr.shape[1:]))} have no pixels")
+        raise DataError(f"{name}: images of size {_size(arr.shape[1:])} have no pixels")
     if arr.dtype == np.bool_:
         arr = arr.astype(np.uint8)
     if np.issubdtype(arr.dtype, np.integer):
@@ -296,7 +302,7 @@ def _to_labels(arr: np.ndarray, n_images: int, name: str) -> torch.Tensor:
     """Class labels, (N,) integers 0..MAX_CLASSES-1, one per image -> int64 (N,)."""
     arr = np.asarray(arr)
     if arr.ndim != 1:
-        raise DataError(f"{name}: expected labels of shape (N,), got {arr.shape}")
+        raise DataError(f"{name}: expected labels of shape (N,), got {list(arr.shape)}")
     if not np.issubdtype(arr.dtype, np.integer):
         raise DataError(f"{name}: expected integer class labels, got dtype {arr.dtype}")
     if len(arr) != n_images:
@@ -396,8 +402,8 @@ def load_data(spec: str = "digits", *, train_split=None, binarize_mode: str = "d
         train = _to_images(tr, f"{path}")
         test = None if te is None else _to_images(te, f"{path}")
         if test is not None and train.shape[1:] != test.shape[1:]:
-            raise DataError(f"{path}: train images are {tuple(train.shape[1:])} but test images are "
-                            f"{tuple(test.shape[1:])}")
+            raise DataError(f"{path}: train images are {_size(train.shape[1:])} but test images are "
+                            f"{_size(test.shape[1:])}")
         if labels:
             train_y = _to_labels(ltr, len(train), f"{path}: labels")
             test_y = None if test is None else _to_labels(lte, len(test), f"{path}: test labels")

@@ -73,7 +73,7 @@ def importance_weighted_nll(model: VAE, images: torch.Tensor, k: int, *, batch_s
     out = []
     batches = torch.split(images, batch_size)
     ys = [None] * len(batches) if labels is None else torch.split(labels, batch_size)
-    for b, y in tqdm(list(zip(batches, ys)), desc=desc, unit="batch", leave=False, disable=not progress,
+    for b, y in tqdm(list(zip(batches, ys)), desc=desc, unit="batch", leave=False, disable=None if progress else True,
                      dynamic_ncols=True):
         out.append(-model.log_likelihood(b.to(dev), k, y=y, generator=g).double().cpu())
     return torch.cat(out)

@@ -51,7 +51,7 @@ def build_model(cfg: TrainConfig, image_shape, num_classes: int = 0) -> VAE:
                   num_classes=num_classes if cfg.conditional else 0, free_bits=cfg.free_bits)
     if cfg.arch == "conv":
         if len(image_shape) != 3:
-            raise ConfigError(f"--arch conv: expected (C, H, W) images, got shape {tuple(image_shape)}")
+            raise ConfigError(f"--arch conv: expected (C, H, W) images, got shape {list(image_shape)}")
         kwargs["channels"] = cfg.channels
     try:
         return VAE(**kwargs)
@@ -236,8 +236,9 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
         units = torch.zeros(cfg.latent + 1, dtype=torch.float64, device=dev)
         skipped = 0
         beta = cfg.beta
+        # disable=None: no bar when stderr is not a terminal (a log file gets no \r frames)
         bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
-                   disable=not (ctx.is_main and cfg.progress), dynamic_ncols=True)
+                   disable=None if (ctx.is_main and cfg.progress) else True, dynamic_ncols=True)
         with bar:
             for i, idx in enumerate(BatchSampler(sampler, cfg.batch_size, drop_last=False)):
                 idx = torch.as_tensor(idx, device=dev)
@@ -299,7 +300,7 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
             save_checkpoint(ckpt_path, model, optimizer, cfg, start, history, data)
             write_csv(out / METRICS_NAME, METRIC_COLUMNS, history)
         save_plots(out, model, data, history)
-        log(f"wrote {ckpt_path}, {out / METRICS_NAME}, reconstructions.png, samples.png"
-            + (", loss_curves.png" if history else ""))
+        names = [METRICS_NAME, "reconstructions.png", "samples.png"] + (["loss_curves.png"] if history else [])
+        log("wrote " + ", ".join(str(p) for p in [ckpt_path, *(out / n for n in names)]))
     ctx.barrier()
     return TrainResult(model=model, config=cfg, history=history, out=out, checkpoint=ckpt_path, data=data)

@@ -148,7 +148,7 @@ class VAE(ClassConditional, nn.Module):
         if x.dim() < 1 or x[0].numel() != self.in_features:
             shape = "x".join(map(str, self.input_shape))
             raise ValueError(f"x: expected a batch of {shape} images ({self.in_features} values each), "
-                             f"got shape {tuple(x.shape)}")
+                             f"got shape {list(x.shape)}")
         return x.reshape(x.shape[0], *self.input_shape)
 
     def encode(self, x: torch.Tensor, y=None):
@@ -163,7 +163,7 @@ class VAE(ClassConditional, nn.Module):
         c = self.one_hot(y)
         if c is not None:
             if lead[-1:] != c.shape[:1]:
-                raise ValueError(f"y: expected {lead[-1] if lead else 0} labels for z of shape {tuple(z.shape)}, "
+                raise ValueError(f"y: expected {lead[-1] if lead else 0} labels for z of shape {list(z.shape)}, "
                                  f"got {c.shape[0]}")
             z = torch.cat([z, c.expand(*lead, self.num_classes)], dim=-1)
         out = self._decode(z.reshape(-1, z.shape[-1]))

@@ -50,7 +50,7 @@ class ClassConditional:
         if y is None:
             raise ValueError(f"y: a class-conditional model needs the class labels (0..{self.num_classes - 1})")
         if not isinstance(y, torch.Tensor) or y.dtype not in _LABEL_DTYPES or y.dim() != 1:
-            what = f"a {y.dtype} tensor of shape {tuple(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
+            what = f"a {y.dtype} tensor of shape {list(y.shape)}" if isinstance(y, torch.Tensor) else type(y).__name__
             raise ValueError(f"y: expected an integer tensor of class labels of shape (N,), got {what}")
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
             raise ValueError(f"y: class labels must lie in 0..{self.num_classes - 1}, found "
