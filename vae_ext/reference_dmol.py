@@ -32,12 +32,17 @@ The math (per channel c, component m): ``s = clamp(s_raw, min=log_scale_min)`` (
 means above (on the true, observed lower channels), ``h = 1 / (2^num_bits - 1)``, ``i = exp(-s)``,
 ``u = x - mu``, ``A = i (u + h)``, ``B = i (u - h)``, and
 
-- ``x < -0.999``: ``log sigmoid(A)``, computed as ``-softplus(-A)``;
-- else ``x > 0.999``: ``log(1 - sigmoid(B))``, computed as ``-softplus(B)``;
+- ``x < -0.999``: ``log sigmoid(A) = -softplus(-A)``;
+- else ``x > 0.999``: ``log(1 - sigmoid(B)) = -softplus(B)``;
 - else, if the bin's mass ``D = sigmoid(A) - sigmoid(B)`` is above 1e-5: ``log D``, computed without
   the difference's cancellation as ``-softplus(-A) - softplus(B) + log(-expm1(-d))`` with
   ``d = 2 h i`` (which is ``A - B`` exactly, and not rounded through A and B);
 - else the bin-centre density ``t - s - 2 softplus(t) - log((2^num_bits - 1) / 2)``, ``t = i u``.
+
+Every ``-softplus(y)`` is evaluated as ``F.logsigmoid(-y)`` (``t - 2 softplus(t)`` as
+``logsigmoid(t) + logsigmoid(-t)``): ``F.softplus`` returns ``y`` itself above 20, whose gradient is
+then 1 instead of ``sigmoid(y)``, an error of up to 2e-9 that a float64 oracle should not have (the
+originals have it: their ``log sigmoid(A)`` is ``A - softplus(A)``, whose gradient is exactly 0 for A > 20).
 
 **The branch test** ``D > 1e-5`` is evaluated as ``log D > log(1e-5)``, ``log D`` being the value just
 above, in the compute dtype (the threshold ``math.log(1e-5)`` rounded to that dtype by the comparison).
@@ -146,7 +151,8 @@ def dmol_log_prob_channels(params: torch.Tensor, x: torch.Tensor, *, num_bits: i
     b = inv * (u - h)
     left = (x < -0.999).expand_as(u)
     right = (x > 0.999).expand_as(u) & ~left
-    log_edges = -F.softplus(-a) - F.softplus(b)           # log sigmoid(A) + log(1 - sigmoid(B))
+    log_left, log_right = F.logsigmoid(a), F.logsigmoid(-b)
+    log_edges = log_left + log_right                      # log sigmoid(A) + log(1 - sigmoid(B))
     d = (2.0 * h) * inv                                   # A - B, > 0
     with torch.no_grad():
         mid = (log_edges + torch.log(-torch.expm1(-d))) > _LOG_MID_THRESHOLD
@@ -154,9 +160,8 @@ def dmol_log_prob_channels(params: torch.Tensor, x: torch.Tensor, *, num_bits: i
     d_safe = torch.where(mid, d, torch.ones_like(d))      # the unselected mid branch sees log(1 - e^-1)
     log_mid = log_edges + torch.log(-torch.expm1(-d_safe))
     t = inv * u
-    log_centre = t - s - 2.0 * F.softplus(t) - math.log(levels / 2.0)
-    return torch.where(left, -F.softplus(-a),
-                       torch.where(right, -F.softplus(b), torch.where(mid, log_mid, log_centre)))
+    log_centre = F.logsigmoid(t) + F.logsigmoid(-t) - s - math.log(levels / 2.0)
+    return torch.where(left, log_left, torch.where(right, log_right, torch.where(mid, log_mid, log_centre)))
 
 
 def dmol_nll(params: torch.Tensor, x: torch.Tensor, *, num_bits: int = 8, reduction: str = "sum",
