@@ -19,14 +19,16 @@ def write_chart(results: dict, path) -> Optional[str]:
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
     benches = results.get("benchmarks", {})
-    panels = [n for n in ("loss", "objectives", "reparam", "step") if benches.get(n, {}).get("results")]
+    # a benchmark without a single speedup (dmol where the build lacks the fused op) has nothing to plot
+    panels = [n for n in ("loss", "objectives", "reparam", "dmol", "step")
+              if any(v for r in benches.get(n, {}).get("results", []) for v in (r.get("speedup") or {}).values())]
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
     for ax, name in zip(axes[0], panels):
         recs = benches[name]["results"]
         series, ticks = {}, {}
-        if name in ("loss", "objectives", "reparam"):
+        if name in ("loss", "objectives", "reparam", "dmol"):
             for r in recs:
                 kind = {"loss": r.get("recon"), "objectives": r.get("case")}.get(name)
                 tag = (f"{kind} " if kind else "") + (r["dtype"] if r["dtype"] != "float32" else "")
@@ -34,9 +36,10 @@ def write_chart(results: dict, path) -> Optional[str]:
                     v = r["speedup"].get(base)
                     if v:
                         series.setdefault(f"{tag.strip()} vs {base}".strip(), []).append((r["elements"], v))
-                ticks[r["elements"]] = ("x".join(map(str, r["shape"])) if r.get("case") == "kl_prior"
+                ticks[r["elements"]] = ("x".join(map(str, r["shape"])) if r.get("case") == "kl_prior" or name == "dmol"
                                         else f"{r['N']}x{r['D']}" if "D" in r else f"{r['N']}x{r['L']}")
-            ax.set_xlabel({"loss": "size, N x D (log of elements)", "reparam": "size, N x L (log of elements)"}
+            ax.set_xlabel({"loss": "size, N x D (log of elements)", "reparam": "size, N x L (log of elements)",
+                           "dmol": "x's shape (log of params' elements)"}
                           .get(name, "size: mu's shape (KL) or N x D (ELBO) (log of elements)"))
         else:
             for r in recs:

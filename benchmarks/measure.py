@@ -136,15 +136,18 @@ OP_IMPLS = ("fused", "eager", "compile")
 OP_BASELINES = ("eager", "compile")
 
 
-def op_case(settings: Settings, label: str, fused: Callable, ref: Callable, inputs: tuple, leaves: tuple, *,
+def op_case(settings: Settings, label: str, fused: Optional[Callable], ref: Callable, inputs: tuple, leaves: tuple, *,
             grad: Optional[torch.Tensor] = None, nbytes: int, generator: torch.Generator, fields: dict,
             check: dict) -> dict:
     """One case of an op benchmark: the fused op, the eager reference and ``torch.compile`` of it, each
     called on ``inputs`` then backward, timed beside the copy floor of ``nbytes``. Returns the case as
     the JSON keeps it: ``fields`` (its sizes), the timings, speedups, percent of the floor, achieved
-    bandwidth, peak memory and the correctness ``check``."""
-    fns = {"fused": backward_step(fused, inputs, leaves, grad), "eager": backward_step(ref, inputs, leaves, grad),
-           "compile": backward_step(compile_fn(ref, settings), inputs, leaves, grad)}
+    bandwidth, peak memory and the correctness ``check``. ``fused=None`` (an op this build lacks) times
+    the baselines alone; the fused figures are then absent."""
+    fns = {"fused": backward_step(fused, inputs, leaves, grad)} if fused is not None else {}
+    fns.update({"eager": backward_step(ref, inputs, leaves, grad),
+                "compile": backward_step(compile_fn(ref, settings), inputs, leaves, grad)})
+    impls = [k for k in OP_IMPLS if k in fns]
 
     def reset():
         for t in leaves:
@@ -158,13 +161,13 @@ def op_case(settings: Settings, label: str, fused: Callable, ref: Callable, inpu
         "times": times,
         "first_call_s": m["first_call_s"],
         "other_cpu_load": m["other_cpu_load"],
-        "speedup": {b: ratio(times.get(b), times["fused"]) for b in OP_BASELINES},
-        "pct_floor": {k: 100.0 * ratio(floor, times[k]) for k in OP_IMPLS} if floor else {},
-        "GBps": {k: nbytes / (times[k]["median_ms"] * 1e-3) / 1e9 for k in (*OP_IMPLS, "floor")},
+        "speedup": {b: ratio(times.get(b), times.get("fused")) for b in OP_BASELINES},
+        "pct_floor": {k: 100.0 * ratio(floor, times[k]) for k in impls} if floor else {},
+        "GBps": {k: nbytes / (times[k]["median_ms"] * 1e-3) / 1e9 for k in (*impls, "floor")},
         "peak_mem_bytes": peak,
         "check": check,
     })
-    if peak:
+    if peak and "fused" in peak:
         rec["mem_fused_le"] = {b: peak["fused"] <= peak[b] for b in OP_BASELINES}
     return rec
 

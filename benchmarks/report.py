@@ -131,7 +131,14 @@ def step_table(bench: dict) -> Table:
     return _table(title, _STEP_COLUMNS, bench["results"])
 
 
-TABLES = {"loss": loss_table, "objectives": objectives_table, "reparam": reparam_table, "step": step_table}
+def dmol_table(bench: dict) -> Table:
+    return _op_table(bench, [("x shape, M", lambda r: f"{'x'.join(map(str, r['shape']))}, {r['M']}"),
+                             ("bits", lambda r: str(r["num_bits"])),
+                             ("params", lambda r: fmt_count(r["elements"]))])
+
+
+TABLES = {"loss": loss_table, "objectives": objectives_table, "reparam": reparam_table, "dmol": dmol_table,
+          "step": step_table}
 
 
 def tables(results: dict) -> List[Table]:
@@ -225,7 +232,7 @@ def markdown_section(results: dict) -> str:
         "divided by the fused time (> 1: fused is faster). *floor*: a `copy_` of as many bytes as any forward + "
         "backward must read and write (loss: recon, x and the gradient, 3 x N x D; gaussian_kl with a prior: mu, "
         "logvar, the prior and their 4 gradients, 8 x numel(mu); a per-pixel recon_logvar adds 2 x N x D; "
-        "reparameterize: 6 x N x L); "
+        "reparameterize: 6 x N x L; dmol: params, x and the gradient of params, 2 x numel(params) + numel(x)); "
         "*% of floor*: floor time / fused time. Peak memory: "
         f"{results.get('memory_method', '-')}.",
         "",

@@ -10,10 +10,16 @@ from typing import List
 from table import Table, fmt_pct, fmt_x
 
 # (device, description, benchmark, which records, metric, minimum). metric: a baseline name (speedup of
-# the fused path over it) or "floor" (percent of the copy floor the fused path reaches). The CPU
-# targets are the issues' figures for the 2-core CPU, the CUDA ones those for an H100.
+# the fused path over it), "floor" (percent of the copy floor the fused path reaches) or "mem_" and a
+# baseline name (the baseline's peak memory over the fused path's). The CPU targets are the issues'
+# figures for the 2-core CPU, the CUDA ones those for an H100.
 _BIG = 16 * 2**20
 _OBJ_BIG = 4 * 2**20
+_DMOL_BIG = 500_000  # params elements: the issue's sizes (the smallest, 64x1x28x28 with M = 5, has 752,640)
+
+
+def _dmol(r) -> bool:
+    return r["elements"] >= _DMOL_BIG
 TARGETS = [
     ("cpu", "loss bce: fused >= 10x eager reference at >= 0.8M elements", "loss",
      lambda r: r["recon"] == "bce" and r["elements"] >= 800_000, "eager", 10.0),
@@ -35,6 +41,10 @@ TARGETS = [
        (lambda r, b=b, recon=recon: r["model"] == "mlp" and r["batch"] == b
         and r.get("recon", "bce_logits") == recon), "eager", x)
       for recon in ("bce", "bce_logits") for b, x in ((128, 1.3), (1024, 1.2))),
+    *(("cpu", f"dmol: fused >= {x:g}x {name} at >= 500K params", "dmol", _dmol, base, x)
+      for base, name, x in (("eager", "eager reference", 10.0), ("compile", "torch.compile(reference)", 3.0))),
+    ("cpu", "dmol: fused peak memory <= 1/4 of eager's at >= 500K params", "dmol", _dmol, "mem_eager", 4.0),
+    ("cpu", "dmol: fused peak memory <= torch.compile's at >= 500K params", "dmol", _dmol, "mem_compile", 1.0),
     ("cuda", "loss bce: fused >= 85% of the copy floor at >= 16M elements", "loss",
      lambda r: r["recon"] == "bce" and r["elements"] >= _BIG, "floor", 85.0),
     ("cuda", "loss bce: fused >= 1.5x torch.compile(reference) at >= 16M elements", "loss",
@@ -55,13 +65,17 @@ def check_targets(results: dict) -> List[dict]:
                 if r.get("dtype", "float32") == "float32" and keep(r)]
         if metric == "floor":
             vals = [r.get("pct_floor", {}).get("fused") for r in recs]
+        elif metric.startswith("mem_"):
+            peaks = [r.get("peak_mem_bytes") or {} for r in recs]
+            vals = [p[metric[4:]] / p["fused"] if p.get("fused") and metric[4:] in p else None for p in peaks]
         else:
             vals = [r["speedup"].get(metric) for r in recs]
         vals = [v for v in vals if v is not None]
         worst = min(vals) if vals else None
         out.append({
             "target": desc,
-            "metric": "percent_of_floor" if metric == "floor" else f"speedup_vs_{metric}",
+            "metric": "percent_of_floor" if metric == "floor" else (
+                f"memory_ratio_vs_{metric[4:]}" if metric.startswith("mem_") else f"speedup_vs_{metric}"),
             "minimum": minimum,
             "measured_worst": worst,
             "cases": len(vals),

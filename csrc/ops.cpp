@@ -36,6 +36,13 @@ TORCH_LIBRARY(vae_ext, m) {
       "reparameterize_backward(Tensor grad_z, Tensor logvar, Tensor rng_state, int num_samples, "
       "bool grad_mu=True) -> (Tensor, Tensor)");
   m.def("philox_normal(Tensor like, int seed, int offset) -> Tensor");
+  // The discretized mixture of logistics (csrc/dmol.h): the reduced NLL and, when grad, its
+  // gradient with respect to params (params' layout, times 1/N for mean; else empty).
+  m.def(
+      "dmol_nll(Tensor params, Tensor x, int num_bits, str reduction, float log_scale_min, bool grad, "
+      "bool validate) -> (Tensor, Tensor)");
+  m.def("dmol_sample(Tensor params, int num_channels, float log_scale_min, Generator? generator=None) -> Tensor",
+        {at::Tag::nondeterministic_seeded});
 }
 
 }  // namespace vae_ext

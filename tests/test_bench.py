@@ -29,6 +29,7 @@ SIZES = {
     "loss": ["--sizes", "loss=8x64:4,4x33:3"],
     "objectives": ["--sizes", "objectives=2x3x4x5,4x33:3"],
     "reparam": ["--sizes", "reparam=16x8,3x5"],
+    "dmol": ["--sizes", "dmol=2x3x4x5:2,3x1x7:3"],
     "step": ["--sizes", "step=mlp:4"],
 }
 
@@ -82,7 +83,7 @@ def test_machine_and_settings(results):
     assert r["copy_bandwidth"]["GBps_peak"] > 0
     assert r["memory_method"]
     assert r["errors"] == {}
-    assert set(r["benchmarks"]) == {"loss", "objectives", "reparam", "step"}
+    assert set(r["benchmarks"]) == {"loss", "objectives", "reparam", "dmol", "step"}
     assert len(r["targets"]) >= 12 and all("met" in t for t in r["targets"])
 
 
@@ -170,6 +171,64 @@ def test_reparam_records(results):
         assert set(x["speedup"]) == {"eager", "compile"}
         assert set(x["peak_mem_bytes"]) == {"fused", "eager", "compile"}
         assert x["check"]["grad_mu_rel_err"] < 1e-6 and x["check"]["grad_logvar_rel_err"] < 1e-4
+
+
+def test_dmol_records(results):
+    """x (N, C, *S) and M from --sizes; the fused op timed where this build has it, the baselines always."""
+    import vae_ext
+
+    _, r = results
+    bench = r["benchmarks"]["dmol"]
+    recs = bench["results"]
+    assert [(x["shape"], x["M"], x["P"], x["num_bits"]) for x in recs] == [([2, 3, 4, 5], 2, 20, 8),
+                                                                           ([3, 1, 7], 3, 9, 16)]
+    fused = hasattr(vae_ext, "dmol_nll")
+    for x in recs:
+        assert x["fused_available"] is fused
+        impls = ("fused", "eager", "compile") if fused else ("eager", "compile")
+        for impl in (*impls, "floor"):
+            assert _is_time(x["times"][impl]), impl
+        assert ("fused" in x["times"]) is fused
+        # read params and x, write the gradient of params
+        assert x["elements"] == x["P"] * x["pixels"]
+        assert x["bytes_fused"] == (2 * x["elements"] + x["pixels"] * x["C"]) * 4
+        assert set(x["peak_mem_bytes"]) == set(impls) and set(x["pct_floor"]) == set(impls)
+        assert set(x["speedup"]) == {"eager", "compile"}
+        if fused:
+            assert x["check"]["loss_rel_err"] < 1e-4 and x["check"]["grad_rel_err"] < 1e-3
+        else:
+            assert x["speedup"] == {"eager": None, "compile": None} and x["check"] == {}
+    targets = [t for t in r["targets"] if t["target"].startswith("dmol")]
+    assert len(targets) == 4 and all(t["cases"] == 0 for t in targets)  # every case here is under 500K params
+
+
+def test_dmol_sizes_and_targets():
+    dmol = _harness("dmol")
+    assert dmol.parse_size("16x3x32x32:10") == ((16, 3, 32, 32), 10)
+    assert dmol.parse_size(" 8 x 1 x 16000 : 10 ") == ((8, 1, 16000), 10)
+    assert dmol.parse_size("4x3:2") == ((4, 3), 2)
+    for bad in ("16x3x32x32", "16x2x8:3", "16:3", "4x3:0", "ax3:2"):
+        with pytest.raises(ValueError, match="dmol size"):
+            dmol.parse_size(bad)
+    import torch
+
+    settings = _harness("settings").Settings(device=torch.device("cpu"), dtypes=[torch.float32])
+    assert [(c["shape"], c["M"]) for c in dmol.cases(settings)] == [
+        ((16, 3, 32, 32), 10), ((4, 3, 64, 64), 10), ((64, 1, 28, 28), 5), ((8, 1, 16000), 10)]
+    assert [dmol.num_bits(c["shape"]) for c in dmol.cases(settings)] == [8, 8, 8, 16]
+    # the memory targets: the baseline's peak over the fused op's, worst case among the issue's sizes
+    targets = _harness("targets")
+    t = {"median_ms": 1.0, "iqr_ms": 0.1, "min_ms": 0.9, "blocks": 3}
+    rec = {"dtype": "float32", "shape": [16, 3, 32, 32], "M": 10, "num_bits": 8, "elements": 1_638_400,
+           "times": {"fused": t, "eager": t, "compile": t}, "speedup": {"eager": 12.0, "compile": 2.5},
+           "peak_mem_bytes": {"fused": 10, "eager": 50, "compile": 9}}
+    small = {**rec, "elements": 1000, "speedup": {"eager": 1.0, "compile": 1.0},
+             "peak_mem_bytes": {"fused": 10, "eager": 10, "compile": 1}}
+    res = {"machine": {"device": "cpu"}, "benchmarks": {"dmol": {"results": [rec, small]}}}
+    got = [x for x in targets.check_targets(res) if x["target"].startswith("dmol")]
+    assert [(x["metric"], x["measured_worst"], x["met"], x["cases"]) for x in got] == [
+        ("speedup_vs_eager", 12.0, True, 1), ("speedup_vs_compile", 2.5, False, 1),
+        ("memory_ratio_vs_eager", 5.0, True, 1), ("memory_ratio_vs_compile", 0.9, False, 1)]
 
 
 def test_step_records(results):

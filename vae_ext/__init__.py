@@ -17,6 +17,7 @@ with warnings.catch_warnings():
 
 from . import reference
 from ._build import build_info, cpu_capability
+from .dmol import dmol_nll, dmol_sample
 from .functional import elbo_loss, gaussian_kl, reparameterize
 from .losses import FusedELBOLoss
 
@@ -27,6 +28,8 @@ __all__ = [
     "elbo_loss",
     "gaussian_kl",
     "reparameterize",
+    "dmol_nll",
+    "dmol_sample",
     "reference",
     "build_info",
     "cpu_capability",

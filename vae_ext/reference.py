@@ -11,9 +11,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .reference_dmol import dmol_nll, dmol_sample
+
 __all__ = [
-    "elbo_loss", "gaussian_kl", "kl_divergence", "kl_elements", "reconstruction_loss", "reparameterize",
-    "unit_kl",
+    "dmol_nll", "dmol_sample", "elbo_loss", "gaussian_kl", "kl_divergence", "kl_elements", "reconstruction_loss",
+    "reparameterize", "unit_kl",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)

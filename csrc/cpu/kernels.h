@@ -77,6 +77,35 @@ struct ReparamBackwardArgs {
   uint64_t seed, offset;
 };
 
+// The discretized mixture of logistics (dmol_kernel.h). params (and grad, in the same layout) and x
+// are read with element strides: sample, parameter (channel for x) and pixel, the spatial
+// dimensions flattened into one pixel index (contiguous: parameter stride S, pixel stride 1;
+// channels_last: 1 and P).
+struct DmolArgs {
+  DType dtype;
+  const void* params;
+  void* grad;  // d NLL / d params * grad_scale, params' strides; nullptr: no gradient
+  const void* x;
+  int64_t n, s, nmix, channels;
+  int64_t p_sample, p_param, p_pixel;
+  int64_t x_sample, x_channel, x_pixel;
+  int64_t num_bits;
+  double log_scale_min;
+  double grad_scale;
+  double* row_nll;             // out: [n] each sample's NLL, summed in a fixed order
+  std::atomic<bool>* bad_x;    // out: set when an x lies outside [-1, 1] (NaN is not flagged)
+};
+
+struct DmolSampleArgs {
+  DType dtype;
+  const void* params;  // strides as DmolArgs
+  void* out;           // (n, channels, s) contiguous
+  int64_t n, s, nmix, channels;
+  int64_t p_sample, p_param, p_pixel;
+  double log_scale_min;
+  uint64_t seed, offset;
+};
+
 struct KernelTable {
   const char* name;
   void (*elbo)(const ElboArgs&);
@@ -85,6 +114,8 @@ struct KernelTable {
   void (*normal)(float* out, int64_t n, uint64_t seed, uint64_t offset);
   // g[r * d + i] *= s[r] for rows r < rows, i < d, in float and rounded once (Float16, BFloat16 only)
   void (*scale_rows)(DType dtype, void* g, int64_t rows, int64_t d, const float* s);
+  void (*dmol)(const DmolArgs&);
+  void (*dmol_sample)(const DmolSampleArgs&);
 };
 
 namespace DEFAULT {

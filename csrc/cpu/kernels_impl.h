@@ -1,7 +1,7 @@
 // CPU kernels, written once over at::vec::Vectorized and compiled once per CPU capability:
 // kernels_{default,avx2,avx512}.cpp define CPU_CAPABILITY (and the matching target) and include
 // this file, which puts everything in vae_ext::cpu::CPU_CAPABILITY and gathers the kernels (one
-// header per job: vec_math.h, vec_io.h, reduce.h, elbo_kernel.h, normals.h, reparam_kernel.h) into
+// header per job: vec_math.h, vec_io.h, reduce.h, elbo_kernel.h, normals.h, reparam_kernel.h, dmol_kernel.h) into
 // that capability's KernelTable.
 //
 // Every element goes through the same vector code (tails are padded, never a scalar path), and
@@ -11,6 +11,7 @@
 #error "define CPU_CAPABILITY before including kernels_impl.h"
 #endif
 
+#include "dmol_kernel.h"
 #include "elbo_kernel.h"
 #include "kernels.h"
 #include "normals.h"
@@ -23,7 +24,8 @@ namespace vae_ext::cpu::CPU_CAPABILITY {
 
 const KernelTable& kernel_table() {
   static const KernelTable table{VAE_EXT_STR(CPU_CAPABILITY), &elbo_kernel,   &reparam_kernel,
-                                 &reparam_backward_kernel,    &normal_kernel, &scale_rows_kernel};
+                                 &reparam_backward_kernel,    &normal_kernel, &scale_rows_kernel,
+                                 &dmol_kernel,                &dmol_sample_kernel};
   return table;
 }
 

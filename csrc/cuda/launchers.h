@@ -107,5 +107,36 @@ cudaError_t launch_reparam_backward(const ReparamBackwardLaunch& a, cudaStream_t
 
 cudaError_t launch_philox_normal(float* out, int64_t n, uint64_t seed, uint64_t offset, cudaStream_t stream);
 
+// The discretized mixture of logistics (dmol.cu). params (and grad, in the same strides) and x are
+// read with element strides per sample, per parameter (channel) and per pixel, as cpu::DmolArgs.
+struct DmolLaunch {
+  DType dtype;
+  Reduction reduction;
+  const void* params;
+  void* grad;  // d NLL / d params * grad_scale, or nullptr
+  const void* x;
+  int64_t n, s, nmix, channels;
+  int64_t p_sample, p_param, p_pixel;
+  int64_t x_sample, x_channel, x_pixel;
+  int64_t num_bits;
+  double log_scale_min, grad_scale;
+  void* out;        // the loss: float (f32/f16/bf16 inputs) or double (f64), shape () or (n,)
+  void* workspace;  // dmol_workspace_bytes(n, s) bytes
+  int* bad_x;       // zeroed int, set to 1 for an x outside [-1, 1]; nullptr: no check
+};
+size_t dmol_workspace_bytes(int64_t n, int64_t s);
+cudaError_t launch_dmol(const DmolLaunch& a, cudaStream_t stream);
+
+struct DmolSampleLaunch {
+  DType dtype;
+  const void* params;  // strides as DmolLaunch
+  void* out;           // (n, channels, s) contiguous
+  int64_t n, s, nmix, channels;
+  int64_t p_sample, p_param, p_pixel;
+  double log_scale_min;
+  PhiloxArgs rng;
+};
+cudaError_t launch_dmol_sample(const DmolSampleLaunch& a, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace vae_ext

@@ -1,0 +1,250 @@
+// The discretized mixture of logistics on the CPU: the NLL per sample and (when wanted) its
+// gradient in one pass, and the sampler. The formulas are csrc/common/dmol_math.h's, run on SIMD
+// vectors whose lanes are W consecutive pixels of one sample.
+//
+// A tile of W pixels is gathered into a small buffer, parameter-major (param p of lane j at
+// p W + j), from either layout: a channels-first tensor row by row with vector loads, a
+// channels_last one (each pixel's P parameters contiguous) by a transposing copy. The gradient is
+// built in a second buffer of that shape and scattered back in the params' layout. Pass 1 over the
+// components keeps each one's local derivatives (dl/dmu, dl/ds, the tanh'd coefficients) in the
+// gradient buffer's own slots and its log-likelihood in the logit's slot; pass 2, once the
+// responsibilities are known, turns them into the gradient: no recomputation, no M- or C-sized
+// tensor, scratch of two P x W tiles per thread.
+//
+// Determinism: each sample's pixels are split into fixed kDmolChunk-pixel chunks, each summed in
+// lane order, the chunks added in order: the sums depend on the shapes alone, not on the threads.
+#pragma once
+#include "capability.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+
+#include "../common/dmol_math.h"
+#include "../common/dtype.h"
+#include "kernels.h"
+#include "vec_io.h"
+#include "vec_math.h"
+
+namespace vae_ext::cpu::CPU_CAPABILITY {
+
+// Pixels per partial sum (a multiple of every vector width); also the unit threads share out: one
+// chunk of a C = 3, M = 10 mixture is about 80 thousand transcendentals.
+constexpr int64_t kDmolChunk = 256;
+
+// dmol_math.h's policy over SIMD vectors: VecMath plus expm1 and all.
+template <class V>
+struct DmolVecMath : VecMath<V> {
+  using T = V;
+  using Mask = V;
+  static T expm1(const T& v) { return v.expm1(); }
+  static bool all(const Mask& m) { return m.zero_mask() == 0; }  // set lanes are all ones (never 0)
+  static T recip(const T& v) { return T(1) / v; }
+};
+
+// float: inline, as vec_math.h's exp and log. |v| < 0.5: the series v + v^2/2! + ... + v^9/9!
+// (truncation < 5e-10 relative); else exp(v) - 1, which loses at most 1.4 bits there.
+template <>
+inline VecF DmolVecMath<VecF>::expm1(const VecF& v) {
+  VecF p(1.0f / 362880);
+  for (const float c : {1.0f / 40320, 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f})
+    p = at::vec::fmadd(p, v, VecF(c));
+  p = at::vec::fmadd(p * v, v, v);
+  return VecF::blendv(fast_exp(v) - VecF(1.0f), p, v.abs() < VecF(0.5f));
+}
+
+// Gathers n (<= W) pixels' `rows` values (row stride rs, pixel stride ps, in elements) into
+// buf[row * W + lane], the lanes past n zero.
+template <typename scalar_t, typename acc_t, int64_t W>
+void gather_tile(const scalar_t* src, int64_t rows, int64_t rs, int64_t ps, int64_t n, acc_t* buf) {
+  if (ps == 1) {
+    for (int64_t p = 0; p < rows; ++p) load_n(src + p * rs, n).store(buf + p * W);
+    return;
+  }
+  if (n < W) std::fill(buf, buf + rows * W, acc_t(0));
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t p = 0; p < rows; ++p) buf[p * W + j] = static_cast<acc_t>(src[j * ps + p * rs]);
+}
+
+// The reverse: buf's first n lanes of every row to dst, in dst's strides.
+template <typename scalar_t, typename acc_t, int64_t W>
+void scatter_tile(const acc_t* buf, int64_t rows, int64_t rs, int64_t ps, int64_t n, scalar_t* dst) {
+  using V = typename VecIO<scalar_t>::V;
+  if (ps == 1) {
+    for (int64_t p = 0; p < rows; ++p) store_n(dst + p * rs, V::loadu(buf + p * W), n);
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t p = 0; p < rows; ++p) dst[j * ps + p * rs] = static_cast<scalar_t>(buf[p * W + j]);
+}
+
+// The NLL summed over pixels [s0, s1) of sample r; the gradient of those pixels when Grad.
+template <typename scalar_t, int C, bool Grad>
+double dmol_chunk(const DmolArgs& a, int64_t r, int64_t s0, int64_t s1, typename VecIO<scalar_t>::acc_t* pbuf,
+                  typename VecIO<scalar_t>::acc_t* gbuf, typename VecIO<scalar_t>::acc_t* fbuf, bool* bad) {
+  using acc_t = typename VecIO<scalar_t>::acc_t;
+  using V = typename VecIO<scalar_t>::V;
+  using M = DmolVecMath<V>;
+  constexpr int64_t W = V::size();
+  const int64_t nmix = a.nmix, np = nmix * (C == 3 ? 10 : 3);
+  const auto* params = static_cast<const scalar_t*>(a.params) + r * a.p_sample;
+  const auto* xs = static_cast<const scalar_t*>(a.x) + r * a.x_sample;
+  auto* grad = Grad ? static_cast<scalar_t*>(a.grad) + r * a.p_sample : nullptr;
+  const DmolConsts<V> k{V(static_cast<acc_t>(dmol_half_bin(a.num_bits))),
+                        V(static_cast<acc_t>(dmol_log_half_bins(a.num_bits))), V(static_cast<acc_t>(a.log_scale_min))};
+  const V scale(static_cast<acc_t>(a.grad_scale)), zero(0), edge(static_cast<acc_t>(kDmolEdge));
+  V out_of_range(0);
+  double total = 0.0;
+  for (int64_t t0 = s0; t0 < s1; t0 += W) {
+    const int64_t cnt = std::min(W, s1 - t0);
+    gather_tile<scalar_t, acc_t, W>(params + t0 * a.p_pixel, np, a.p_param, a.p_pixel, cnt, pbuf);
+    acc_t xbuf[3 * W];
+    gather_tile<scalar_t, acc_t, W>(xs + t0 * a.x_pixel, C, a.x_channel, a.x_pixel, cnt, xbuf);
+    V x[C], left[C], right[C];
+    for (int c = 0; c < C; ++c) {
+      x[c] = V::loadu(xbuf + c * W);
+      left[c] = x[c] < zero - edge;
+      right[c] = x[c] > edge;
+      out_of_range = out_of_range | (x[c] < V(-1)) | (x[c] > V(1));
+    }
+    const auto row = [&](int64_t p) { return V::loadu(pbuf + p * W); };
+    // pass 1: each component's log-likelihood (to the logit's gradient slot) and local derivatives
+    V vmax(-INFINITY), lmax(-INFINITY);
+    for (int64_t m = 0; m < nmix; ++m) {
+      V mean[C], sraw[C], coef[C], gmu[C], gs[C], alpha[C];
+      for (int c = 0; c < C; ++c) {
+        const int64_t pm = nmix * (1 + 3 * c) + m;
+        mean[c] = row(pm);
+        sraw[c] = row(pm + nmix);
+        if constexpr (C == 3) coef[c] = row(pm + 2 * nmix);
+      }
+      const V logit = row(m);
+      const V v = logit + dmol_component<M, C, Grad>(mean, sraw, coef, x, left, right, k, gmu, gs, alpha);
+      v.store(gbuf + m * W);
+      vmax = V::blendv(vmax, v, v > vmax);  // a NaN v is skipped here and reaches the sum below
+      lmax = V::blendv(lmax, logit, logit > lmax);
+      if constexpr (Grad) {
+        for (int c = 0; c < C; ++c) {
+          const int64_t pm = nmix * (1 + 3 * c) + m;
+          gmu[c].store(gbuf + pm * W);
+          gs[c].store(gbuf + (pm + nmix) * W);
+          if constexpr (C == 3) alpha[c].store(gbuf + (pm + 2 * nmix) * W);
+        }
+      }
+    }
+    const V vshift = dmol_lse_shift<M>(vmax), lshift = dmol_lse_shift<M>(lmax);
+    V sv(0), sl(0);
+    for (int64_t m = 0; m < nmix; ++m) {
+      const V e = M::exp(V::loadu(gbuf + m * W) - vshift), f = M::exp(row(m) - lshift);
+      sv = sv + e;
+      sl = sl + f;
+      if constexpr (Grad) {
+        e.store(gbuf + m * W);
+        f.store(fbuf + m * W);
+      }
+    }
+    const V nll = (lshift + M::log(sl)) - (vshift + M::log(sv));
+    total += hsum(cnt == W ? nll : V::set(zero, nll, cnt));
+    if constexpr (Grad) {
+      // pass 2: responsibilities r_m = e_m / sum e, softmax f_m / sum f
+      const V inv_sv = V(1) / sv, inv_sl = V(1) / sl;
+      for (int64_t m = 0; m < nmix; ++m) {
+        const V resp = V::loadu(gbuf + m * W) * inv_sv;
+        (V::loadu(fbuf + m * W) * inv_sl - resp).store(gbuf + m * W);
+        V gmu[C], gs[C], alpha[C], g_mean[C], g_scale[C], g_coef[C];
+        for (int c = 0; c < C; ++c) {
+          const int64_t pm = nmix * (1 + 3 * c) + m;
+          gmu[c] = V::loadu(gbuf + pm * W);
+          gs[c] = V::loadu(gbuf + (pm + nmix) * W);
+          if constexpr (C == 3) alpha[c] = V::loadu(gbuf + (pm + 2 * nmix) * W);
+        }
+        dmol_component_grads<M, C>(resp, gmu, gs, alpha, x, g_mean, g_scale, g_coef);
+        for (int c = 0; c < C; ++c) {
+          const int64_t pm = nmix * (1 + 3 * c) + m;
+          g_mean[c].store(gbuf + pm * W);
+          g_scale[c].store(gbuf + (pm + nmix) * W);
+          if constexpr (C == 3) g_coef[c].store(gbuf + (pm + 2 * nmix) * W);
+        }
+      }
+      if (a.grad_scale != 1.0)
+        for (int64_t p = 0; p < np; ++p) (V::loadu(gbuf + p * W) * scale).store(gbuf + p * W);
+      scatter_tile<scalar_t, acc_t, W>(gbuf, np, a.p_param, a.p_pixel, cnt, grad + t0 * a.p_pixel);
+    }
+  }
+  if (out_of_range.zero_mask() != (1 << W) - 1) *bad = true;  // a lane not 0: some x outside [-1, 1]
+  return total;
+}
+
+template <typename scalar_t, int C, bool Grad>
+void dmol_typed(const DmolArgs& a) {
+  using acc_t = typename VecIO<scalar_t>::acc_t;
+  constexpr int64_t W = VecIO<scalar_t>::V::size();
+  const int64_t cpr = (a.s + kDmolChunk - 1) / kDmolChunk;  // chunks per sample
+  const int64_t np = a.nmix * (C == 3 ? 10 : 3);
+  std::vector<double> part(static_cast<size_t>(a.n * cpr));
+  at::parallel_for(0, a.n * cpr, 1, [&](int64_t b, int64_t e) {
+    std::vector<acc_t> scratch(static_cast<size_t>((2 * np + a.nmix) * W));
+    bool bad = false;
+    for (int64_t u = b; u < e; ++u) {
+      const int64_t r = u / cpr, c = u % cpr;
+      part[u] = dmol_chunk<scalar_t, C, Grad>(a, r, c * kDmolChunk, std::min(a.s, (c + 1) * kDmolChunk),
+                                              scratch.data(), scratch.data() + np * W,
+                                              scratch.data() + 2 * np * W, &bad);
+    }
+    if (bad) a.bad_x->store(true, std::memory_order_relaxed);
+  });
+  for (int64_t r = 0; r < a.n; ++r) {
+    double s = 0.0;
+    for (int64_t c = 0; c < cpr; ++c) s += part[r * cpr + c];
+    a.row_nll[r] = s;
+  }
+}
+
+void dmol_kernel(const DmolArgs& a) {
+  dispatch_dtype<c10::Half, c10::BFloat16>(a.dtype, [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    const bool grad = a.grad != nullptr;
+    if (a.channels == 3)
+      grad ? dmol_typed<scalar_t, 3, true>(a) : dmol_typed<scalar_t, 3, false>(a);
+    else
+      grad ? dmol_typed<scalar_t, 1, true>(a) : dmol_typed<scalar_t, 1, false>(a);
+  });
+}
+
+// One sample per pixel, pixel by pixel (scalar: the sampler is cheap beside the loss). Each
+// pixel's numbers depend only on (seed, offset, pixel index).
+template <typename scalar_t, int C>
+void dmol_sample_typed(const DmolSampleArgs& a) {
+  using acc_t = typename VecIO<scalar_t>::acc_t;
+  using M = DmolScalarMath<acc_t>;
+  const auto* params = static_cast<const scalar_t*>(a.params);
+  auto* out = static_cast<scalar_t*>(a.out);
+  const int64_t total = a.n * a.s;
+  at::parallel_for(0, total, 256, [&](int64_t b, int64_t e) {
+    for (int64_t q = b; q < e; ++q) {
+      const int64_t r = q / a.s, s = q % a.s;
+      const scalar_t* px = params + r * a.p_sample + s * a.p_pixel;
+      const auto param = [&](int64_t p) { return static_cast<acc_t>(px[p * a.p_param]); };
+      acc_t v[C];
+      dmol_sample_pixel<M, C>(param, a.nmix, a.seed, a.offset, static_cast<uint64_t>(q),
+                              static_cast<acc_t>(a.log_scale_min), v);
+      for (int c = 0; c < C; ++c) out[(r * C + c) * a.s + s] = static_cast<scalar_t>(v[c]);
+    }
+  });
+}
+
+void dmol_sample_kernel(const DmolSampleArgs& a) {
+  dispatch_dtype<c10::Half, c10::BFloat16>(a.dtype, [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    if (a.channels == 3)
+      dmol_sample_typed<scalar_t, 3>(a);
+    else
+      dmol_sample_typed<scalar_t, 1>(a);
+  });
+}
+
+}  // namespace vae_ext::cpu::CPU_CAPABILITY

@@ -1,0 +1,104 @@
+// The CUDA implementations of the DMoL ops (compiled only in CUDA builds): the checks and layouts of
+// csrc/dmol.h, the device guard, the stream, the generator's graph-safe Philox state, then the
+// launchers of dmol.cu. The twin of cpu/ops_dmol.cpp.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAGeneratorImpl.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <vector>
+
+#include "../dmol.h"
+#include "launchers.h"
+
+namespace vae_ext {
+namespace {
+
+std::tuple<Tensor, Tensor> dmol_nll_cuda(const Tensor& params, const Tensor& x, int64_t num_bits,
+                                         c10::string_view reduction, double log_scale_min, bool grad, bool validate) {
+  const Reduction red = parse_reduction(reduction);
+  const DmolInputs in = prepare_dmol(params, x, num_bits, log_scale_min);  // before the guard: names a CPU x
+  const c10::cuda::CUDAGuard guard(params.device());
+  const auto out_opts = params.options().dtype(loss_dtype(params.scalar_type()));
+  Tensor loss = red == Reduction::None ? at::empty({in.n}, out_opts) : at::empty({}, out_opts);
+  Tensor g = grad ? empty_in_layout(in.params) : at::empty({0}, params.options());
+  const size_t ws_bytes = cuda::dmol_workspace_bytes(in.n, in.s);
+  Tensor ws = at::empty({static_cast<int64_t>(ws_bytes > 0 ? ws_bytes : 1)}, params.options().dtype(at::kByte));
+  Tensor bad = validate ? at::zeros({1}, params.options().dtype(at::kInt)) : Tensor();
+  cuda::DmolLaunch a{};
+  a.dtype = kernel_dtype(params.scalar_type());
+  a.reduction = red;
+  a.params = in.params.t.const_data_ptr();
+  a.grad = grad && g.numel() > 0 ? g.data_ptr() : nullptr;
+  a.x = in.x.t.const_data_ptr();
+  a.n = in.n;
+  a.s = in.s;
+  a.nmix = in.nmix;
+  a.channels = in.channels;
+  a.p_sample = in.params.sample;
+  a.p_param = in.params.k;
+  a.p_pixel = in.params.pixel;
+  a.x_sample = in.x.sample;
+  a.x_channel = in.x.k;
+  a.x_pixel = in.x.pixel;
+  a.num_bits = num_bits;
+  a.log_scale_min = log_scale_min;
+  a.grad_scale = red == Reduction::Mean && in.n > 0 ? 1.0 / static_cast<double>(in.n) : 1.0;
+  a.out = loss.data_ptr();
+  a.workspace = ws.data_ptr();
+  a.bad_x = bad.defined() ? bad.data_ptr<int>() : nullptr;
+  C10_CUDA_CHECK(cuda::launch_dmol(a, c10::cuda::getCurrentCUDAStream()));
+  if (bad.defined() && bad.item<int>() != 0) throw_dmol_x_out_of_range();  // validate=True: one sync
+  return {loss, g};
+}
+
+Tensor dmol_sample_cuda(const Tensor& params, int64_t num_channels, double log_scale_min,
+                        std::optional<at::Generator> generator) {
+  const DmolInputs in = prepare_dmol_sample(params, num_channels, log_scale_min);
+  const c10::cuda::CUDAGuard guard(params.device());
+  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
+      generator, at::cuda::detail::getDefaultCUDAGenerator(params.device().index()));
+  at::PhiloxCudaState philox;
+  {
+    std::lock_guard<std::mutex> lock(gen->mutex_);
+    philox = gen->philox_cuda_state(4);  // 4 offsets per call, as reparameterize (csrc/common/philox.h)
+  }
+  std::vector<int64_t> shape(params.sizes().begin(), params.sizes().end());
+  shape[1] = num_channels;
+  Tensor out = at::empty(shape, params.options());
+  cuda::DmolSampleLaunch a{};
+  a.dtype = kernel_dtype(params.scalar_type());
+  a.params = in.params.t.const_data_ptr();
+  a.out = out.numel() ? out.data_ptr() : nullptr;
+  a.n = in.n;
+  a.s = in.s;
+  a.nmix = in.nmix;
+  a.channels = in.channels;
+  a.p_sample = in.params.sample;
+  a.p_param = in.params.k;
+  a.p_pixel = in.params.pixel;
+  a.log_scale_min = log_scale_min;
+  a.rng.captured = philox.captured_;
+  if (philox.captured_) {
+    a.rng.seed_ptr = philox.seed_.ptr;
+    a.rng.offset_ptr = philox.offset_.ptr;
+    a.rng.offset_intragraph = philox.offset_intragraph_;
+  } else {
+    a.rng.seed = philox.seed_.val;
+    a.rng.offset = philox.offset_.val;
+  }
+  C10_CUDA_CHECK(cuda::launch_dmol_sample(a, c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vae_ext, CUDA, m) {
+  m.impl("dmol_nll", &dmol_nll_cuda);
+  m.impl("dmol_sample", &dmol_sample_cuda);
+}
+
+}  // namespace vae_ext
