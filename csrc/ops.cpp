@@ -36,6 +36,16 @@ TORCH_LIBRARY(vae_ext, m) {
       "reparameterize_backward(Tensor grad_z, Tensor logvar, Tensor rng_state, int num_samples, "
       "bool grad_mu=True) -> (Tensor, Tensor)");
   m.def("philox_normal(Tensor like, int seed, int offset) -> Tensor");
+  // A hierarchical VAE's latent layer: (z, kl, rng_state, unit_w); unit_w: free bits' per-unit
+  // weights (1 kept, 0 floored) for the backward, else empty (csrc/latent_autograd.cpp).
+  m.def(
+      "gaussian_latent(Tensor mu, Tensor logscale, Tensor? prior_mu, Tensor? prior_logscale, str scale, str kl, "
+      "str reduction, float free_bits, int num_samples, Generator? generator=None) -> (Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::nondeterministic_seeded});
+  m.def(
+      "gaussian_latent_backward(Tensor? grad_z, Tensor? row_w, Tensor mu, Tensor logscale, Tensor? prior_mu, "
+      "Tensor? prior_logscale, Tensor rng_state, Tensor unit_w, str scale, str kl, int num_samples, bool grad_prior) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace vae_ext
