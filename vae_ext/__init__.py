@@ -18,6 +18,7 @@ with warnings.catch_warnings():
 from . import reference
 from ._build import build_info, cpu_capability
 from .functional import elbo_loss, gaussian_kl, reparameterize
+from .latent import gaussian_latent
 from .losses import FusedELBOLoss
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __all__ = [
     "FusedELBOLoss",
     "elbo_loss",
     "gaussian_kl",
+    "gaussian_latent",
     "reparameterize",
     "reference",
     "build_info",

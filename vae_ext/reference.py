@@ -11,8 +11,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .reference_latent import gaussian_latent, latent_kl_elements
+
 __all__ = [
-    "elbo_loss", "gaussian_kl", "kl_divergence", "kl_elements", "reconstruction_loss", "reparameterize",
+    "elbo_loss", "gaussian_kl", "gaussian_latent", "kl_divergence", "kl_elements", "latent_kl_elements",
+    "reconstruction_loss", "reparameterize",
     "unit_kl",
 ]
 
