@@ -27,18 +27,24 @@ VAE_HD typename M::T latent_z(typename M::T mu, typename M::T ls, typename M::T 
   return mu + M::exp(c * ls) * eps;
 }
 
-// The analytic KL per element, kl_prior_elem on the log-variances 2c ls and 2c pls; gradients to mu,
-// ls, pmu and pls. (With no prior the kernels read pmu = pls = 0: N(0, I).)
+// The analytic KL per element, kl_prior_elem's formula on the log-variances lv = 2c ls and
+// plv = 2c pls, with exp(lv) = sigma^2 from the sigma = exp(c ls) that z needs (one exp fewer):
+// 0.5 (plv - lv) + (sigma^2 + d^2) exp(-plv) / 2 - 1/2, d = mu - pmu; gradients to mu, ls, pmu, pls.
+// (With no prior the kernels read pmu = pls = 0: N(0, I).)
 template <class M>
-VAE_HD typename M::T latent_kl_analytic(typename M::T mu, typename M::T ls, typename M::T pmu, typename M::T pls,
-                                        typename M::T two_c, typename M::T* g_mu, typename M::T* g_ls,
+VAE_HD typename M::T latent_kl_analytic(typename M::T mu, typename M::T ls, typename M::T sigma, typename M::T pmu,
+                                        typename M::T pls, typename M::T c, typename M::T* g_mu, typename M::T* g_ls,
                                         typename M::T* g_pmu, typename M::T* g_pls) {
-  typename M::T g_lv, g_plv;
-  const typename M::T kl = kl_prior_elem<M>(mu, two_c * ls, pmu, two_c * pls, g_mu, &g_lv, &g_plv);
-  *g_ls = two_c * g_lv;
-  *g_pls = two_c * g_plv;
+  using T = typename M::T;
+  const T half = M::fill(0.5), two_c = c + c;
+  const T inv = M::exp(M::fill(0.0) - two_c * pls), d = mu - pmu;
+  const T half_inv = half * inv;
+  const T half_s = (sigma * sigma + d * d) * half_inv;
+  *g_mu = d * inv;
   *g_pmu = M::fill(0.0) - *g_mu;
-  return kl;
+  *g_ls = two_c * (sigma * sigma * half_inv - half);
+  *g_pls = two_c * (half - half_s);
+  return (c * (pls - ls) + half_s) - half;
 }
 
 // The single-sample KL at the drawn z: log q(z) - log p(z) with q's log density written at
@@ -73,8 +79,8 @@ VAE_HD void latent_sample_grads(typename M::T g, typename M::T b, typename M::T 
 
 // The gradient of ls through z alone: c sigma sum_k g_k eps_k.
 template <class M>
-VAE_HD typename M::T latent_grad_ls_z(typename M::T ls, typename M::T c, typename M::T sum_g_eps) {
-  return c * M::exp(c * ls) * sum_g_eps;
+VAE_HD typename M::T latent_grad_ls_z(typename M::T sigma, typename M::T c, typename M::T sum_g_eps) {
+  return c * sigma * sum_g_eps;
 }
 
 // Element strides of a tensor over the kernels' logical index (k, n, c, s): draw k (0 for the

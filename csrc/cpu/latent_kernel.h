@@ -20,7 +20,7 @@
 
 namespace vae_ext::cpu::CPU_CAPABILITY {
 
-inline int64_t latent_at(const LatentStrides& st, int64_t k, int64_t n, int64_t c, int64_t s) {
+VAE_HD int64_t latent_at(const LatentStrides& st, int64_t k, int64_t n, int64_t c, int64_t s) {
   return k * st.k + n * st.n + c * st.c + s * st.s;
 }
 
@@ -30,14 +30,14 @@ template <typename scalar_t>
 struct StridedIO {
   using V = typename VecIO<scalar_t>::V;
   using acc_t = typename VecIO<scalar_t>::acc_t;
-  static V load(const scalar_t* p, int64_t st, int64_t cnt) {
+  VAE_HD static V load(const scalar_t* p, int64_t st, int64_t cnt) {
     if (st == 1) return load_n(p, cnt);
     if (st == 0) return V(static_cast<acc_t>(*p));
     acc_t buf[V::size()] = {};
     for (int64_t i = 0; i < cnt; ++i) buf[i] = static_cast<acc_t>(p[i * st]);
     return V::loadu(buf);
   }
-  static void store(scalar_t* p, int64_t st, const V& v, int64_t cnt) {
+  VAE_HD static void store(scalar_t* p, int64_t st, const V& v, int64_t cnt) {
     if (st == 1) {
       store_n(p, v, cnt);
       return;
@@ -64,7 +64,7 @@ struct LatentRun {
         sls(a.ls_st.s),
         spmu(a.pmu_st.s),
         spls(a.pls_st.s) {}
-  void load(int64_t j, int64_t cnt, V* m, V* l, V* pm, V* pl) const {
+  VAE_HD void load(int64_t j, int64_t cnt, V* m, V* l, V* pm, V* pl) const {
     *m = IO::load(mu + j * smu, smu, cnt);
     *l = IO::load(ls + j * sls, sls, cnt);
     *pm = IO::load(pmu + j * spmu, spmu, cnt);
@@ -82,8 +82,8 @@ void latent_forward_typed(const LatentArgs& a, double* row_kl) {
   scalar_t* z = static_cast<scalar_t*>(a.z);
   acc_t* kl_el = static_cast<acc_t*>(a.kl_elems);
   const int64_t len = a.c * a.s, rows = a.k * a.n;
-  const V c(static_cast<acc_t>(latent_c(a.scale))), two_c = c + c;
-  reduce_rows(rows, len, row_kl, [&](int64_t r, int64_t b, int64_t e) {
+  const V c(static_cast<acc_t>(latent_c(a.scale)));
+  reduce_rows(rows, len, row_kl, [&](int64_t r, int64_t b, int64_t e) VAE_ALWAYS_INLINE {
     const int64_t kk = r / a.n, n = r - kk * a.n;
     acc_t eps[kTile];
     V acc(0);
@@ -103,7 +103,7 @@ void latent_forward_typed(const LatentArgs& a, double* row_kl) {
         V kl;
         if constexpr (kKL == LatentKL::Analytic) {
           V g0, g1, g2, g3;
-          kl = latent_kl_analytic<M>(m, l, pm, pl, two_c, &g0, &g1, &g2, &g3);
+          kl = latent_kl_analytic<M>(m, l, M::exp(c * l), pm, pl, c, &g0, &g1, &g2, &g3);
         } else {
           kl = latent_kl_sample<M>(zv, ev, c * l, pm, c * pl);
         }
@@ -132,8 +132,8 @@ void latent_backward_typed(const LatentArgs& a) {
   acc_t* gpmu = static_cast<acc_t*>(a.g_pmu);
   acc_t* gpls = static_cast<acc_t*>(a.g_pls);
   const int64_t len = a.c * a.s, per_ch = (a.s + kTile - 1) / kTile, units = a.n * a.c * per_ch;
-  const V c(static_cast<acc_t>(latent_c(a.scale))), two_c = c + c;
-  const auto unit_weight = [&](int64_t l, int64_t cnt) { return unit_w ? V::loadu(unit_w + l, cnt) : V(1); };
+  const V c(static_cast<acc_t>(latent_c(a.scale)));
+  const auto unit_weight = [&](int64_t l, int64_t cnt) VAE_ALWAYS_INLINE { return unit_w ? V::loadu(unit_w + l, cnt) : V(1); };
   const int64_t grain = std::max<int64_t>(1, kGrainElems / (a.k * std::min(a.s, kTile)));
   at::parallel_for(0, units, grain, [&](int64_t ub, int64_t ue) {
     // per element, summed over the draws: analytic g and g eps (s0_, s1_); sample the gradients to
@@ -184,12 +184,13 @@ void latent_backward_typed(const LatentArgs& a) {
         if constexpr (kKL == LatentKL::Analytic) {
           V m, l, pm, pl;
           in.load(j, cnt, &m, &l, &pm, &pl);
+          const V sigma = M::exp(c * l);
           d_mu = V::loadu(s0_ + j, cnt);
-          d_ls = latent_grad_ls_z<M>(l, c, V::loadu(s1_ + j, cnt));
+          d_ls = latent_grad_ls_z<M>(sigma, c, V::loadu(s1_ + j, cnt));
           d_pmu = d_pls = V(0);
           if (row_w) {  // the KL's, once for the draws' summed weight
             V km, kl, kpm, kpl;
-            latent_kl_analytic<M>(m, l, pm, pl, two_c, &km, &kl, &kpm, &kpl);
+            latent_kl_analytic<M>(m, l, sigma, pm, pl, c, &km, &kl, &kpm, &kpl);
             const V b = V(b_sum) * unit_weight(l0 + j, cnt);
             d_mu = d_mu + b * km;
             d_ls = d_ls + b * kl;

@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) latent_forward_kernel
   const T* pls = static_cast<const T*>(a.pls);
   T* z = static_cast<T*>(a.z);
   A* kl_el = static_cast<A*>(a.kl_elems);
-  const A c = static_cast<A>(latent_c(a.scale)), two_c = c + c;
+  const A c = static_cast<A>(latent_c(a.scale));
   const int64_t len = a.c * a.s, chunks = (len + kChunk - 1) / kChunk, units = a.k * a.n * chunks;
   for (int64_t u = blockIdx.x; u < units; u += gridDim.x) {
     const int64_t r = u / chunks, lo = (u - r * chunks) * kChunk;
@@ -88,7 +88,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) latent_forward_kernel
         A kl;
         if constexpr (KL == LatentKL::Analytic) {
           A g0, g1, g2, g3;
-          kl = latent_kl_analytic<M>(m, lv, pm, pl, two_c, &g0, &g1, &g2, &g3);
+          kl = latent_kl_analytic<M>(m, lv, M::exp(c * lv), pm, pl, c, &g0, &g1, &g2, &g3);
         } else {
           kl = latent_kl_sample<M>(zv, ev, c * lv, pm, c * pl);
         }
@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kThreads) latent_backward_kernel(LatentLaunch 
   T* gls = static_cast<T*>(a.g_ls);
   A* gpmu = static_cast<A*>(a.g_pmu);
   A* gpls = static_cast<A*>(a.g_pls);
-  const A c = static_cast<A>(latent_c(a.scale)), two_c = c + c;
+  const A c = static_cast<A>(latent_c(a.scale));
   const int64_t len = a.c * a.s, numel = a.n * len;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -163,12 +163,13 @@ __global__ void __launch_bounds__(kThreads) latent_backward_kernel(LatentLaunch 
     }
     A d_mu, d_ls, d_pmu, d_pls;
     if constexpr (KL == LatentKL::Analytic) {
+      const A sigma = M::exp(c * lv);
       d_mu = s0;
-      d_ls = latent_grad_ls_z<M>(lv, c, s1);
+      d_ls = latent_grad_ls_z<M>(sigma, c, s1);
       d_pmu = d_pls = A(0);
       if (row_w) {
         A km, kl, kpm, kpl;
-        latent_kl_analytic<M>(m, lv, pm, pl, two_c, &km, &kl, &kpm, &kpl);
+        latent_kl_analytic<M>(m, lv, sigma, pm, pl, c, &km, &kl, &kpm, &kpl);
         const A b = b_sum * uw;
         d_mu += b * km;
         d_ls += b * kl;
