@@ -29,6 +29,7 @@ SIZES = {
     "loss": ["--sizes", "loss=8x64:4,4x33:3"],
     "objectives": ["--sizes", "objectives=2x3x4x5,4x33:3"],
     "reparam": ["--sizes", "reparam=16x8,3x5"],
+    "latent": ["--sizes", "latent=2x3x4x5"],
     "step": ["--sizes", "step=mlp:4"],
 }
 
@@ -82,7 +83,7 @@ def test_machine_and_settings(results):
     assert r["copy_bandwidth"]["GBps_peak"] > 0
     assert r["memory_method"]
     assert r["errors"] == {}
-    assert set(r["benchmarks"]) == {"loss", "objectives", "reparam", "step"}
+    assert set(r["benchmarks"]) == {"loss", "objectives", "reparam", "latent", "step"}
     assert len(r["targets"]) >= 12 and all("met" in t for t in r["targets"])
 
 
@@ -170,6 +171,20 @@ def test_reparam_records(results):
         assert set(x["speedup"]) == {"eager", "compile"}
         assert set(x["peak_mem_bytes"]) == {"fused", "eager", "compile"}
         assert x["check"]["grad_mu_rel_err"] < 1e-6 and x["check"]["grad_logvar_rel_err"] < 1e-4
+
+
+def test_latent_records(results):
+    _, r = results
+    recs = r["benchmarks"]["latent"]["results"]
+    assert [x["shape"] for x in recs] == [[2, 3, 4, 5]]
+    for x in recs:
+        for impl in ("fused", "two_call", "eager", "compile", "floor"):
+            assert _is_time(x["times"][impl]), impl
+        assert x["bytes_fused"] == 14 * 120 * 4
+        assert set(x["speedup"]) == {"two_call", "eager", "compile"}
+        assert set(x["peak_mem_bytes"]) == {"fused", "two_call", "eager", "compile"}
+        assert x["check"]["kl_rel_err"] < 1e-5 and x["check"]["z_equal_reparameterize"]
+    assert any(t["target"].startswith("gaussian_latent") for t in r["targets"])
 
 
 def test_step_records(results):
