@@ -83,6 +83,7 @@ cpp_sources = [rel(p) for p in sorted(glob.glob(os.path.join(here, "csrc", "*.cp
 # The CPU ops, and the kernels built for every CPU (the other capabilities: CAPABILITY_SOURCES).
 cpp_sources += [os.path.join("csrc", "cpu", "ops_cpu.cpp"), os.path.join("csrc", "cpu", "ops_dmol.cpp"),
                 os.path.join("csrc", "cpu", "kernels_default.cpp")]
+cpp_sources += [os.path.join("csrc", "cpu", "latent_ops_cpu.cpp")]
 
 # The CPU kernels are compiled once more per x86 capability, each file with its own ISA flags, and
 # chosen at run time from the CPU's features (cpu::kernels() in csrc/cpu/ops_cpu.cpp). Never

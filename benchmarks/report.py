@@ -111,6 +111,23 @@ def reparam_table(bench: dict) -> Table:
                              ("elements", lambda r: fmt_count(r["elements"]))])
 
 
+_LATENT_COLUMNS: List[Column] = [
+    ("mu shape", lambda r: "x".join(map(str, r["shape"]))), ("elements", lambda r: fmt_count(r["elements"])),
+    _ms_col("fused ms", "fused"), _ms_col("two-call ms", "two_call"), _ms_col("eager ms", "eager"),
+    _ms_col("compile ms", "compile"), _ms_col("floor ms", "floor"), _x_col("vs two-call", "two_call"),
+    _x_col("vs eager", "eager"), _x_col("vs compile", "compile"),
+    ("fused % of floor", lambda r: fmt_pct((r.get("pct_floor") or {}).get("fused"))),
+    ("peak MiB fused / two-call / eager / compile", lambda r: _mem_cols(r, ("fused", "two_call", "eager", "compile"))),
+]
+
+
+def latent_table(bench: dict) -> Table:
+    """gaussian_latent beside reparameterize + gaussian_kl (this package's two calls)."""
+    dtypes = sorted({r.get("dtype", "") for r in bench["results"]})
+    columns = _LATENT_COLUMNS if len(dtypes) == 1 else [("dtype", lambda r: r.get("dtype", "")), *_LATENT_COLUMNS]
+    return _table(f"{bench['title']}, {', '.join(dtypes)}", columns, bench["results"])
+
+
 _STEP_COLUMNS: List[Column] = [
     ("model", lambda r: r["model"]), ("loss", lambda r: r.get("recon", "bce_logits")),
     ("batch", lambda r: str(r["batch"])),
@@ -138,6 +155,7 @@ def dmol_table(bench: dict) -> Table:
 
 
 TABLES = {"loss": loss_table, "objectives": objectives_table, "reparam": reparam_table, "dmol": dmol_table,
+          "latent": latent_table,
           "step": step_table}
 
 

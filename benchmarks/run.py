@@ -5,6 +5,7 @@
     python benchmarks/run.py --quick            # smoke run (small sizes, short timings)
     python benchmarks/run.py --only loss --device cpu --out results.json
     python benchmarks/run.py --only reparam --sizes reparam=4096x256,16384x1024
+    python benchmarks/run.py --only latent --sizes latent=64x16x16x16
     python benchmarks/run.py --only objectives --sizes objectives=64x16x64x64,256x12288:128
     python benchmarks/run.py --only dmol --sizes dmol=16x3x32x32:10,8x1x16000:10
 
@@ -38,6 +39,7 @@ except ImportError as e:
 
 import cpu_allocator  # noqa: E402
 import dmol  # noqa: E402
+import latent  # noqa: E402
 import loss  # noqa: E402
 import machine  # noqa: E402
 import objectives  # noqa: E402
@@ -52,7 +54,7 @@ from targets import check_targets  # noqa: E402
 
 PROG = "python benchmarks/run.py"
 BENCHMARKS = {"loss": loss, "objectives": objectives, "reparam": reparameterize, "dmol": dmol,  # --only name: module
-              "step": step}
+              "latent": latent, "step": step}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="smoke run: small sizes, short timings")
     p.add_argument("--sizes", action="append", default=[], metavar="BENCH=LIST",
                    help="override sizes: loss=NxD:L,...  objectives=NxD:L,NxCxHxW,... (ELBO sizes, KL latent "
-                   "shapes)  reparam=NxL,...  dmol=NxCx...:M,... (x's shape, M components)  step=BATCH,... "
-                   "(repeatable)")
+                   "shapes)  reparam=NxL,...  dmol=NxCx...:M,... (x's shape, M components)  latent=NxCxHxW,...  "
+                   "step=BATCH,... (repeatable)")
     p.add_argument("--recon", default="bce,bce_logits", help="loss modes (comma list; default: bce,bce_logits)")
     p.add_argument("--models", default=None,
                    help="step benchmark models, comma list (default: mlp,conv; mlp with --quick)")

@@ -35,6 +35,9 @@ TARGETS = [
        (lambda r, op=op: r["op"] == op and r["elements"] >= 65536), base, x)
       for op, what in (("gaussian_kl", "gaussian_kl with a prior"), ("elbo_loss", "elbo_loss l1 / gaussian"))
       for base, name, x in (("eager", "eager reference", 3.0), ("compile", "torch.compile(reference)", 1.3))),
+    *(("cpu", f"gaussian_latent: fused >= {x:g}x {name} at (64, 16, 16, 16)", "latent",
+       lambda r: r["shape"] == [64, 16, 16, 16], base, x)
+      for base, name, x in (("two_call", "reparameterize + gaussian_kl", 1.3), ("eager", "eager reference", 3.0))),
     ("cpu", "objectives: fused >= 80% of the copy floor at >= 4M elements", "objectives",
      lambda r: r["elements"] >= _OBJ_BIG, "floor", 80.0),
     *(("cpu", f"MLP train step, {recon}: fused >= {x}x eager reference at batch {b}", "step",

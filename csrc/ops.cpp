@@ -43,6 +43,16 @@ TORCH_LIBRARY(vae_ext, m) {
       "bool validate) -> (Tensor, Tensor)");
   m.def("dmol_sample(Tensor params, int num_channels, float log_scale_min, Generator? generator=None) -> Tensor",
         {at::Tag::nondeterministic_seeded});
+  // A hierarchical VAE's latent layer: (z, kl, rng_state, unit_w); unit_w: free bits' per-unit
+  // weights (1 kept, 0 floored) for the backward, else empty (csrc/latent_autograd.cpp).
+  m.def(
+      "gaussian_latent(Tensor mu, Tensor logscale, Tensor? prior_mu, Tensor? prior_logscale, str scale, str kl, "
+      "str reduction, float free_bits, int num_samples, Generator? generator=None) -> (Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::nondeterministic_seeded});
+  m.def(
+      "gaussian_latent_backward(Tensor? grad_z, Tensor? row_w, Tensor mu, Tensor logscale, Tensor? prior_mu, "
+      "Tensor? prior_logscale, Tensor rng_state, Tensor unit_w, str scale, str kl, int num_samples, bool grad_prior) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 }  // namespace vae_ext

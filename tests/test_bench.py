@@ -30,6 +30,7 @@ SIZES = {
     "objectives": ["--sizes", "objectives=2x3x4x5,4x33:3"],
     "reparam": ["--sizes", "reparam=16x8,3x5"],
     "dmol": ["--sizes", "dmol=2x3x4x5:2,3x1x7:3"],
+    "latent": ["--sizes", "latent=2x3x4x5"],
     "step": ["--sizes", "step=mlp:4"],
 }
 
@@ -83,7 +84,7 @@ def test_machine_and_settings(results):
     assert r["copy_bandwidth"]["GBps_peak"] > 0
     assert r["memory_method"]
     assert r["errors"] == {}
-    assert set(r["benchmarks"]) == {"loss", "objectives", "reparam", "dmol", "step"}
+    assert set(r["benchmarks"]) == {"loss", "objectives", "reparam", "dmol", "latent", "step"}
     assert len(r["targets"]) >= 12 and all("met" in t for t in r["targets"])
 
 
@@ -229,6 +230,20 @@ def test_dmol_sizes_and_targets():
     assert [(x["metric"], x["measured_worst"], x["met"], x["cases"]) for x in got] == [
         ("speedup_vs_eager", 12.0, True, 1), ("speedup_vs_compile", 2.5, False, 1),
         ("memory_ratio_vs_eager", 5.0, True, 1), ("memory_ratio_vs_compile", 0.9, False, 1)]
+
+
+def test_latent_records(results):
+    _, r = results
+    recs = r["benchmarks"]["latent"]["results"]
+    assert [x["shape"] for x in recs] == [[2, 3, 4, 5]]
+    for x in recs:
+        for impl in ("fused", "two_call", "eager", "compile", "floor"):
+            assert _is_time(x["times"][impl]), impl
+        assert x["bytes_fused"] == 14 * 120 * 4
+        assert set(x["speedup"]) == {"two_call", "eager", "compile"}
+        assert set(x["peak_mem_bytes"]) == {"fused", "two_call", "eager", "compile"}
+        assert x["check"]["kl_rel_err"] < 1e-5 and x["check"]["z_equal_reparameterize"]
+    assert any(t["target"].startswith("gaussian_latent") for t in r["targets"])
 
 
 def test_step_records(results):

@@ -19,6 +19,7 @@ from . import reference
 from ._build import build_info, cpu_capability
 from .dmol import dmol_nll, dmol_sample
 from .functional import elbo_loss, gaussian_kl, reparameterize
+from .latent import gaussian_latent
 from .losses import FusedELBOLoss
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __all__ = [
     "FusedELBOLoss",
     "elbo_loss",
     "gaussian_kl",
+    "gaussian_latent",
     "reparameterize",
     "dmol_nll",
     "dmol_sample",

@@ -7,6 +7,8 @@ backward of reparameterize recomputes eps from the rng_state). Users call :mod:`
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._build import _C  # noqa: F401  (loads the library: registers torch.ops.vae_ext.*)
@@ -138,3 +140,51 @@ def _dmol_nll_fake(params, x, num_bits, reduction, log_scale_min, grad, validate
 @torch.library.register_fake("vae_ext::dmol_sample")
 def _dmol_sample_fake(params, num_channels, log_scale_min, generator=None):
     return params.new_empty((params.shape[0], num_channels, *params.shape[2:]))
+
+
+# --------------------------------------------------------------------------- gaussian_latent
+# vae_ext::gaussian_latent(mu, logscale, prior_mu, prior_logscale, scale, kl, reduction, free_bits,
+#                          num_samples, generator) -> (z, kl, rng_state, unit_w)
+# z takes mu's layout (contiguous; channels_last(_3d) where mu's strides suggest it, a channel slice of
+# a channels_last tensor too), as csrc/latent.cpp latent_format; kl is (K, N) / (N,) or 0-d in the
+# loss dtype; unit_w the free-bits weights per unit (empty without free bits).
+
+
+def _latent_format(mu):
+    if mu.is_contiguous():
+        return torch.contiguous_format
+    from torch._prims_common import suggest_memory_format
+
+    return suggest_memory_format(mu)
+
+
+def _latent_empty(mu, num_samples, fmt):
+    if num_samples == 0:
+        return mu.new_empty(mu.shape).contiguous(memory_format=fmt)
+    if fmt == torch.contiguous_format:
+        return mu.new_empty((num_samples, *mu.shape))
+    flat = mu.new_empty((num_samples * mu.shape[0], *mu.shape[1:])).contiguous(memory_format=fmt)
+    return flat.view(num_samples, *mu.shape)
+
+
+@torch.library.register_fake("vae_ext::gaussian_latent")
+def _gaussian_latent_fake(mu, logscale, prior_mu, prior_logscale, scale, kl, reduction, free_bits, num_samples,
+                          generator=None):
+    out = _out_dtype(mu.dtype)
+    z = _latent_empty(mu, num_samples, _latent_format(mu))
+    rows = (num_samples, mu.shape[0]) if num_samples else (mu.shape[0],)
+    kl_out = mu.new_empty(rows if reduction == "none" else (), dtype=out)
+    units = math.prod(mu.shape[1:]) if free_bits > 0 else 0
+    return z, kl_out, mu.new_empty(2, dtype=torch.int64), mu.new_empty(units, dtype=out)
+
+
+@torch.library.register_fake("vae_ext::gaussian_latent_backward")
+def _gaussian_latent_backward_fake(grad_z, row_w, mu, logscale, prior_mu, prior_logscale, rng_state, unit_w, scale,
+                                   kl, num_samples, grad_prior):
+    fmt = _latent_format(mu)
+    g_mu = mu.new_empty(mu.shape).contiguous(memory_format=fmt)
+    g_ls = mu.new_empty(mu.shape).contiguous(memory_format=fmt)
+    out = _out_dtype(mu.dtype)
+    prior = grad_prior and prior_mu is not None and row_w is not None
+    shape = mu.shape if prior else (0,)
+    return g_mu, g_ls, mu.new_empty(shape, dtype=out), mu.new_empty(shape, dtype=out)

@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from .reference_dmol import dmol_nll, dmol_sample
+from .reference_latent import gaussian_latent, latent_kl_elements
 
 __all__ = [
-    "dmol_nll", "dmol_sample", "elbo_loss", "gaussian_kl", "kl_divergence", "kl_elements", "reconstruction_loss",
-    "reparameterize", "unit_kl",
+    "dmol_nll", "dmol_sample", "elbo_loss", "gaussian_kl", "gaussian_latent", "kl_divergence", "kl_elements",
+    "latent_kl_elements", "reconstruction_loss", "reparameterize", "unit_kl",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)

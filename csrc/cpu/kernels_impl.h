@@ -14,6 +14,7 @@
 #include "dmol_kernel.h"
 #include "elbo_kernel.h"
 #include "kernels.h"
+#include "latent_kernel.h"  // its own table: latent_kernel_table()
 #include "normals.h"
 #include "reparam_kernel.h"
 

@@ -10,6 +10,7 @@
 
 #include "../common/dtype.h"
 #include "../common/elbo_math.h"
+#include "../common/latent_math.h"
 
 namespace vae_ext {
 namespace cuda {
@@ -137,6 +138,20 @@ struct DmolSampleLaunch {
   PhiloxArgs rng;
 };
 cudaError_t launch_dmol_sample(const DmolSampleLaunch& a, cudaStream_t stream);
+
+// gaussian_latent (gaussian_latent.cu): the kernels' arguments (common/latent_math.h LatentArgs; its
+// seed and offset unused) and the launch's own.
+struct LatentLaunch {
+  LatentArgs a;
+  PhiloxArgs rng;        // forward: the generator's state (read on the device under graph capture)
+  int64_t* state_out;    // forward: [2] on the device, the (seed, offset) used
+  const int64_t* state;  // backward: [2] on the device, from the forward
+  double* partials;      // forward: [K N * latent_chunks(C S)] workspace
+  double* row_kl;        // forward: [K N], each row's KL sum
+};
+int64_t latent_chunks(int64_t len);  // the forward's blocks per row of len elements
+cudaError_t launch_latent_forward(const LatentLaunch& l, cudaStream_t stream);
+cudaError_t launch_latent_backward(const LatentLaunch& l, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace vae_ext

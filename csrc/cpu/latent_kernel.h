@@ -1,0 +1,243 @@
+// The gaussian_latent kernels (a hierarchical VAE's latent layer): the forward draws eps from the
+// Philox stream as reparameterize does, writes z and sums each row's KL in fixed kChunk pieces;
+// the backward draws eps again and sums each element's gradients over the draws in order. Every
+// tensor is read and written through its strides (common/latent_math.h LatentStrides).
+#pragma once
+#include "capability.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "../common/latent_math.h"
+#include "kernels.h"
+#include "latent_kernels.h"
+#include "reduce.h"
+#include "reparam_kernel.h"  // eps_tile, kTile
+#include "vec_io.h"
+#include "vec_math.h"
+
+namespace vae_ext::cpu::CPU_CAPABILITY {
+
+VAE_HD int64_t latent_at(const LatentStrides& st, int64_t k, int64_t n, int64_t c, int64_t s) {
+  return k * st.k + n * st.n + c * st.c + s * st.s;
+}
+
+// cnt <= W elements at p, `st` apart: a vector load where they are contiguous, one value where the
+// stride is 0 (a broadcast prior), a gather otherwise (a channels_last channel slice).
+template <typename scalar_t>
+struct StridedIO {
+  using V = typename VecIO<scalar_t>::V;
+  using acc_t = typename VecIO<scalar_t>::acc_t;
+  VAE_HD static V load(const scalar_t* p, int64_t st, int64_t cnt) {
+    if (st == 1) return load_n(p, cnt);
+    if (st == 0) return V(static_cast<acc_t>(*p));
+    acc_t buf[V::size()] = {};
+    for (int64_t i = 0; i < cnt; ++i) buf[i] = static_cast<acc_t>(p[i * st]);
+    return V::loadu(buf);
+  }
+  VAE_HD static void store(scalar_t* p, int64_t st, const V& v, int64_t cnt) {
+    if (st == 1) {
+      store_n(p, v, cnt);
+      return;
+    }
+    acc_t buf[V::size()];
+    v.store(buf);
+    for (int64_t i = 0; i < cnt; ++i) p[i * st] = static_cast<scalar_t>(buf[i]);
+  }
+};
+
+// The inputs of one run of elements (n, ch, s0 ..): mu, logscale and the prior, with their strides.
+template <typename scalar_t>
+struct LatentRun {
+  using IO = StridedIO<scalar_t>;
+  using V = typename IO::V;
+  const scalar_t *mu, *ls, *pmu, *pls;
+  int64_t smu, sls, spmu, spls;
+  LatentRun(const LatentArgs& a, int64_t n, int64_t ch, int64_t s0)
+      : mu(static_cast<const scalar_t*>(a.mu) + latent_at(a.mu_st, 0, n, ch, s0)),
+        ls(static_cast<const scalar_t*>(a.ls) + latent_at(a.ls_st, 0, n, ch, s0)),
+        pmu(static_cast<const scalar_t*>(a.pmu) + latent_at(a.pmu_st, 0, n, ch, s0)),
+        pls(static_cast<const scalar_t*>(a.pls) + latent_at(a.pls_st, 0, n, ch, s0)),
+        smu(a.mu_st.s),
+        sls(a.ls_st.s),
+        spmu(a.pmu_st.s),
+        spls(a.pls_st.s) {}
+  VAE_HD void load(int64_t j, int64_t cnt, V* m, V* l, V* pm, V* pl) const {
+    *m = IO::load(mu + j * smu, smu, cnt);
+    *l = IO::load(ls + j * sls, sls, cnt);
+    *pm = IO::load(pmu + j * spmu, spmu, cnt);
+    *pl = IO::load(pls + j * spls, spls, cnt);
+  }
+};
+
+template <typename scalar_t, LatentKL kKL>
+void latent_forward_typed(const LatentArgs& a, double* row_kl) {
+  using IO = StridedIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  using M = VecMath<V>;
+  constexpr int64_t W = V::size();
+  scalar_t* z = static_cast<scalar_t*>(a.z);
+  acc_t* kl_el = static_cast<acc_t*>(a.kl_elems);
+  const int64_t len = a.c * a.s, rows = a.k * a.n;
+  const V c(static_cast<acc_t>(latent_c(a.scale)));
+  reduce_rows(rows, len, row_kl, [&](int64_t r, int64_t b, int64_t e) VAE_ALWAYS_INLINE {
+    const int64_t kk = r / a.n, n = r - kk * a.n;
+    acc_t eps[kTile];
+    V acc(0);
+    for (int64_t p = b; p < e;) {  // runs inside one channel: constant strides
+      const int64_t ch = p / a.s, s0 = p - ch * a.s;
+      const int64_t run = std::min({e - p, a.s - s0, kTile});
+      eps_tile<scalar_t, acc_t>(a.seed, a.offset, r * len + p, run, eps);
+      const LatentRun<scalar_t> in(a, n, ch, s0);
+      scalar_t* zp = z + latent_at(a.z_st, kk, n, ch, s0);
+      for (int64_t j = 0; j < run; j += W) {
+        const int64_t cnt = std::min(W, run - j);
+        V m, l, pm, pl;
+        in.load(j, cnt, &m, &l, &pm, &pl);
+        const V ev = V::loadu(eps + j, cnt);
+        const V zv = latent_z<M>(m, l, c, ev);
+        IO::store(zp + j * a.z_st.s, a.z_st.s, zv, cnt);
+        V kl;
+        if constexpr (kKL == LatentKL::Analytic) {
+          V g0, g1, g2, g3;
+          kl = latent_kl_analytic<M>(m, l, M::exp(c * l), pm, pl, c, &g0, &g1, &g2, &g3);
+        } else {
+          kl = latent_kl_sample<M>(zv, ev, c * l, pm, c * pl);
+        }
+        if (cnt < W) kl = V::set(V(0), kl, cnt);  // padded lanes add nothing
+        if (kl_el) kl.store(kl_el + r * len + p + j, cnt);
+        acc = acc + kl;
+      }
+      p += run;
+    }
+    return hsum(acc);
+  });
+}
+
+template <typename scalar_t, LatentKL kKL>
+void latent_backward_typed(const LatentArgs& a) {
+  using IO = StridedIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  using M = VecMath<V>;
+  constexpr int64_t W = V::size();
+  const scalar_t* gz = static_cast<const scalar_t*>(a.grad_z);
+  const acc_t* row_w = static_cast<const acc_t*>(a.row_w);
+  const acc_t* unit_w = static_cast<const acc_t*>(a.unit_w);
+  scalar_t* gmu = static_cast<scalar_t*>(a.g_mu);
+  scalar_t* gls = static_cast<scalar_t*>(a.g_ls);
+  acc_t* gpmu = static_cast<acc_t*>(a.g_pmu);
+  acc_t* gpls = static_cast<acc_t*>(a.g_pls);
+  const int64_t len = a.c * a.s, per_ch = (a.s + kTile - 1) / kTile, units = a.n * a.c * per_ch;
+  const V c(static_cast<acc_t>(latent_c(a.scale)));
+  const auto unit_weight = [&](int64_t l, int64_t cnt) VAE_ALWAYS_INLINE { return unit_w ? V::loadu(unit_w + l, cnt) : V(1); };
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / (a.k * std::min(a.s, kTile)));
+  at::parallel_for(0, units, grain, [&](int64_t ub, int64_t ue) {
+    // per element, summed over the draws: analytic g and g eps (s0_, s1_); sample the gradients to
+    // mu, h, pmu and ph (s0_ .. s3_)
+    acc_t eps[kTile], s0_[kTile], s1_[kTile], s2_[kTile], s3_[kTile];
+    for (int64_t u = ub; u < ue; ++u) {
+      const int64_t t = u % per_ch, nc = u / per_ch, ch = nc % a.c, n = nc / a.c;
+      const int64_t s0 = t * kTile, run = std::min(kTile, a.s - s0), l0 = ch * a.s + s0;
+      const LatentRun<scalar_t> in(a, n, ch, s0);
+      std::fill(s0_, s0_ + run, acc_t(0));
+      std::fill(s1_, s1_ + run, acc_t(0));
+      std::fill(s2_, s2_ + run, acc_t(0));
+      std::fill(s3_, s3_ + run, acc_t(0));
+      acc_t b_sum = 0;
+      for (int64_t kk = 0; kk < a.k; ++kk) {  // draws in order: a fixed summation order
+        const int64_t r = kk * a.n + n;
+        const acc_t b_row = row_w ? row_w[r] : acc_t(0);
+        b_sum += b_row;
+        if (!gz && (kKL == LatentKL::Analytic || !row_w)) continue;
+        eps_tile<scalar_t, acc_t>(a.seed, a.offset, r * len + l0, run, eps);
+        const scalar_t* gp = gz ? gz + latent_at(a.gz_st, kk, n, ch, s0) : nullptr;
+        for (int64_t j = 0; j < run; j += W) {
+          const int64_t cnt = std::min(W, run - j);
+          const V gv = gp ? IO::load(gp + j * a.gz_st.s, a.gz_st.s, cnt) : V(0);
+          const V ev = V::loadu(eps + j, cnt);
+          if constexpr (kKL == LatentKL::Analytic) {
+            (V::loadu(s0_ + j, cnt) + gv).store(s0_ + j, cnt);
+            at::vec::fmadd(gv, ev, V::loadu(s1_ + j, cnt)).store(s1_ + j, cnt);
+          } else {
+            V m, l, pm, pl, dm, dh, dpm, dph;
+            in.load(j, cnt, &m, &l, &pm, &pl);
+            const V zv = latent_z<M>(m, l, c, ev);
+            const V b = row_w ? V(b_row) * unit_weight(l0 + j, cnt) : V(0);
+            latent_sample_grads<M>(gv, b, zv, M::exp(c * l) * ev, pm, c * pl, &dm, &dh, &dpm, &dph);
+            (V::loadu(s0_ + j, cnt) + dm).store(s0_ + j, cnt);
+            (V::loadu(s1_ + j, cnt) + dh).store(s1_ + j, cnt);
+            (V::loadu(s2_ + j, cnt) + dpm).store(s2_ + j, cnt);
+            (V::loadu(s3_ + j, cnt) + dph).store(s3_ + j, cnt);
+          }
+        }
+      }
+      scalar_t* gm = gmu + latent_at(a.g_st, 0, n, ch, s0);
+      scalar_t* gl = gls + latent_at(a.g_st, 0, n, ch, s0);
+      const int64_t pe = n * len + l0;  // the prior's gradients: (N, C S) contiguous
+      for (int64_t j = 0; j < run; j += W) {
+        const int64_t cnt = std::min(W, run - j);
+        V d_mu, d_ls, d_pmu, d_pls;
+        if constexpr (kKL == LatentKL::Analytic) {
+          V m, l, pm, pl;
+          in.load(j, cnt, &m, &l, &pm, &pl);
+          const V sigma = M::exp(c * l);
+          d_mu = V::loadu(s0_ + j, cnt);
+          d_ls = latent_grad_ls_z<M>(sigma, c, V::loadu(s1_ + j, cnt));
+          d_pmu = d_pls = V(0);
+          if (row_w) {  // the KL's, once for the draws' summed weight
+            V km, kl, kpm, kpl;
+            latent_kl_analytic<M>(m, l, sigma, pm, pl, c, &km, &kl, &kpm, &kpl);
+            const V b = V(b_sum) * unit_weight(l0 + j, cnt);
+            d_mu = d_mu + b * km;
+            d_ls = d_ls + b * kl;
+            d_pmu = b * kpm;
+            d_pls = b * kpl;
+          }
+        } else {
+          d_mu = V::loadu(s0_ + j, cnt);
+          d_ls = c * V::loadu(s1_ + j, cnt);
+          d_pmu = V::loadu(s2_ + j, cnt);
+          d_pls = c * V::loadu(s3_ + j, cnt);
+        }
+        IO::store(gm + j * a.g_st.s, a.g_st.s, d_mu, cnt);
+        IO::store(gl + j * a.g_st.s, a.g_st.s, d_ls, cnt);
+        if (gpmu) {
+          d_pmu.store(gpmu + pe + j, cnt);
+          d_pls.store(gpls + pe + j, cnt);
+        }
+      }
+    }
+  });
+}
+
+inline void latent_forward_kernel(const LatentArgs& a, double* row_kl) {
+  dispatch_dtype<c10::Half, c10::BFloat16>(a.dtype, [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    if (a.kl == LatentKL::Analytic)
+      latent_forward_typed<scalar_t, LatentKL::Analytic>(a, row_kl);
+    else
+      latent_forward_typed<scalar_t, LatentKL::Sample>(a, row_kl);
+  });
+}
+
+inline void latent_backward_kernel(const LatentArgs& a) {
+  dispatch_dtype<c10::Half, c10::BFloat16>(a.dtype, [&](auto* tag) {
+    using scalar_t = std::remove_pointer_t<decltype(tag)>;
+    if (a.kl == LatentKL::Analytic)
+      latent_backward_typed<scalar_t, LatentKL::Analytic>(a);
+    else
+      latent_backward_typed<scalar_t, LatentKL::Sample>(a);
+  });
+}
+
+// This capability's latent kernels (latent_kernels() in csrc/cpu/latent_ops_cpu.cpp picks the CPU's).
+const LatentKernelTable& latent_kernel_table() {
+  static const LatentKernelTable table{&latent_forward_kernel, &latent_backward_kernel};
+  return table;
+}
+
+}  // namespace vae_ext::cpu::CPU_CAPABILITY

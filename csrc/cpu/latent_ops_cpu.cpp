@@ -1,0 +1,114 @@
+// The CPU implementations of the gaussian_latent ops: check the arguments and describe the tensors
+// (csrc/latent.h), draw the Philox key, call the kernels of this CPU's capability (latent_kernels.h).
+#include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Context.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <string>
+
+#include "../checks.h"
+#include "../latent.h"
+#include "../layout.h"
+#include "latent_kernels.h"
+
+namespace vae_ext {
+
+namespace cpu {
+const LatentKernelTable& latent_kernels() {
+  static const LatentKernelTable* table = [] {
+    const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY, as kernels()
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    if (cap == "AVX512") return &AVX512::latent_kernel_table();
+    if (cap == "AVX2") return &AVX2::latent_kernel_table();
+#endif
+    return &DEFAULT::latent_kernel_table();
+  }();
+  return *table;
+}
+}  // namespace cpu
+
+namespace {
+
+// As reparameterize: a fresh 64-bit key from the CPU generator per call, offset 0.
+uint64_t draw_seed(const std::optional<at::Generator>& generator) {
+  auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
+  std::lock_guard<std::mutex> lock(gen->mutex_);
+  return gen->random64();
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gaussian_latent_cpu(const Tensor& mu, const Tensor& logscale,
+                                                               const c10::optional<Tensor>& prior_mu,
+                                                               const c10::optional<Tensor>& prior_logscale,
+                                                               c10::string_view scale, c10::string_view kl,
+                                                               c10::string_view reduction, double free_bits,
+                                                               int64_t num_samples,
+                                                               std::optional<at::Generator> generator) {
+  LatentInputs in = prepare_latent(mu, logscale, prior_mu, prior_logscale, scale, kl, num_samples);
+  check_latent_reduction(reduction, free_bits);
+  LatentArgs& a = in.a;
+  const Tensor z = reparam_empty(mu, latent_format(mu), num_samples);
+  TORCH_INTERNAL_ASSERT(latent_strides(z, num_samples > 0, &a.z_st));
+  a.z = z.data_ptr();
+  const int64_t rows = a.k * a.n, len = a.c * a.s;
+  const Tensor kl_elems = free_bits > 0.0 ? at::empty({rows, len}, mu.options().dtype(loss_dtype(mu.scalar_type())))
+                                          : Tensor();
+  a.kl_elems = kl_elems.defined() ? kl_elems.data_ptr() : nullptr;
+  merge_latent_channels(a, {&a.mu_st, &a.ls_st, &a.pmu_st, &a.pls_st, &a.z_st});
+  a.seed = draw_seed(generator);
+  a.offset = 0;
+  Tensor state = at::empty({2}, at::kLong);
+  state.data_ptr<int64_t>()[0] = static_cast<int64_t>(a.seed);
+  state.data_ptr<int64_t>()[1] = static_cast<int64_t>(a.offset);
+  Tensor row_kl = at::zeros({rows}, at::kDouble);
+  if (rows > 0 && len > 0) cpu::latent_kernels().forward(a, row_kl.data_ptr<double>());
+  auto [kl_out, unit_w] = latent_kl_outputs(row_kl, kl_elems, mu, num_samples, reduction, free_bits);
+  return {z, kl_out, state, unit_w};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> gaussian_latent_backward_cpu(
+    const c10::optional<Tensor>& grad_z, const c10::optional<Tensor>& row_w, const Tensor& mu, const Tensor& logscale,
+    const c10::optional<Tensor>& prior_mu, const c10::optional<Tensor>& prior_logscale, const Tensor& rng_state,
+    const Tensor& unit_w, c10::string_view scale, c10::string_view kl, int64_t num_samples, bool grad_prior) {
+  LatentInputs in = prepare_latent(mu, logscale, prior_mu, prior_logscale, scale, kl, num_samples);
+  check_latent_backward(grad_z, row_w, mu, rng_state, unit_w, num_samples);
+  LatentArgs& a = in.a;
+  const auto fmt = latent_format(mu);
+  Tensor g_mu = at::empty(mu.sizes(), mu.options().memory_format(fmt));
+  Tensor g_ls = at::empty(mu.sizes(), mu.options().memory_format(fmt));
+  TORCH_INTERNAL_ASSERT(latent_strides(g_mu, false, &a.g_st));
+  a.g_mu = g_mu.data_ptr();
+  a.g_ls = g_ls.data_ptr();
+  Tensor gz;
+  if (grad_z.has_value()) {
+    gz = latent_readable(*grad_z, num_samples > 0, &a.gz_st);
+    a.grad_z = gz.const_data_ptr();
+  } else {
+    a.gz_st = a.g_st;  // unread
+  }
+  const Tensor rw = row_w.has_value() ? row_w->contiguous() : Tensor();
+  const Tensor uw = unit_w.numel() > 0 ? unit_w.contiguous() : Tensor();
+  a.row_w = rw.defined() ? rw.const_data_ptr() : nullptr;
+  a.unit_w = uw.defined() ? uw.const_data_ptr() : nullptr;
+  const auto lopts = mu.options().dtype(loss_dtype(mu.scalar_type()));
+  const bool prior_grads = grad_prior && in.prior && rw.defined();
+  Tensor g_pmu = prior_grads ? at::empty(mu.sizes(), lopts) : at::empty({0}, lopts);
+  Tensor g_pls = prior_grads ? at::empty(mu.sizes(), lopts) : at::empty({0}, lopts);
+  a.g_pmu = prior_grads ? g_pmu.data_ptr() : nullptr;
+  a.g_pls = prior_grads ? g_pls.data_ptr() : nullptr;
+  merge_latent_channels(a, {&a.mu_st, &a.ls_st, &a.pmu_st, &a.pls_st, &a.gz_st, &a.g_st});
+  const Tensor st = rng_state.cpu();
+  a.seed = static_cast<uint64_t>(st.const_data_ptr<int64_t>()[0]);
+  a.offset = static_cast<uint64_t>(st.const_data_ptr<int64_t>()[1]);
+  if (mu.numel() > 0) cpu::latent_kernels().backward(a);
+  return {g_mu, g_ls, g_pmu, g_pls};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vae_ext, CPU, m) {
+  m.impl("gaussian_latent", &gaussian_latent_cpu);
+  m.impl("gaussian_latent_backward", &gaussian_latent_backward_cpu);
+}
+
+}  // namespace vae_ext

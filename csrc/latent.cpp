@@ -1,0 +1,204 @@
+#include "latent.h"
+
+#include <cmath>
+#include <vector>
+
+#include "checks.h"
+#include "layout.h"
+#include "ops.h"
+
+namespace vae_ext {
+
+LatentScale parse_latent_scale(c10::string_view s) {
+  if (s == "logvar") return LatentScale::LogVar;
+  if (s == "logsigma") return LatentScale::LogSigma;
+  TORCH_CHECK_VALUE(false, "scale: expected 'logvar' (log sigma^2) or 'logsigma' (log sigma), got '", s, "'");
+}
+
+LatentKL parse_latent_kl(c10::string_view s) {
+  if (s == "analytic") return LatentKL::Analytic;
+  if (s == "sample") return LatentKL::Sample;
+  TORCH_CHECK_VALUE(false, "kl: expected 'analytic' or 'sample', got '", s, "'");
+}
+
+Reduction check_latent_reduction(c10::string_view reduction, double free_bits) {
+  const Reduction red = parse_reduction(reduction);
+  TORCH_CHECK_VALUE(free_bits >= 0.0 && std::isfinite(free_bits),
+                    "free_bits: expected a finite float >= 0 (nats per latent unit), got ", free_bits);
+  TORCH_CHECK_VALUE(free_bits == 0.0 || red != Reduction::None,
+                    "free_bits: the floor applies to each unit's KL averaged over the batch, so it needs "
+                    "reduction 'sum' or 'mean', not 'none'");
+  return red;
+}
+
+at::MemoryFormat latent_format(const Tensor& mu) {
+  if (mu.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (mu.dim() == 4 || mu.dim() == 5) return mu.suggest_memory_format();
+  return at::MemoryFormat::Contiguous;
+}
+
+bool latent_strides(const Tensor& t, bool samples, LatentStrides* st) {
+  const int64_t lead = samples ? 1 : 0, dims = t.dim();
+  st->k = samples ? t.stride(0) : 0;
+  st->n = t.stride(lead);
+  // spatial dimensions lead+2.. merged: the innermost one of size > 1 gives the stride, each outer
+  // one must step over the inner ones
+  int64_t ss = 0, inner = 1;
+  bool first = true;
+  for (int64_t d = dims - 1; d >= lead + 2; --d) {
+    if (t.size(d) == 1) continue;
+    if (first) {
+      ss = t.stride(d);
+      first = false;
+    } else if (t.stride(d) != ss * inner) {
+      return false;
+    }
+    inner *= t.size(d);
+  }
+  st->c = dims > lead + 1 ? t.stride(lead + 1) : 0;
+  st->s = first ? st->c : ss;  // S == 1: any stride; the c one lets (c, s) merge
+  return true;
+}
+
+Tensor latent_readable(const Tensor& t, bool samples, LatentStrides* st) {
+  if (latent_strides(t, samples, st)) return t;
+  Tensor c = t.contiguous();
+  TORCH_INTERNAL_ASSERT(latent_strides(c, samples, st));
+  return c;
+}
+
+void merge_latent_channels(LatentArgs& a, std::initializer_list<LatentStrides*> strides) {
+  if (a.c == 1) return;
+  for (const LatentStrides* st : strides)
+    if (st->c != st->s * a.s) return;
+  for (LatentStrides* st : strides) st->c = 0;  // only channel 0 is left
+  a.s *= a.c;
+  a.c = 1;
+}
+
+static void check_float(const char* name, const Tensor& t) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, name,
+                   ": expected a float32, float64, float16 or bfloat16 tensor, got ", st);
+}
+
+static void check_like(const char* name, const Tensor& t, const Tensor& mu) {
+  TORCH_CHECK_TYPE(t.scalar_type() == mu.scalar_type(), name, ": expected the same dtype as mu (",
+                   mu.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.device() == mu.device(), name, ": expected the same device as mu (", mu.device(), "), got ",
+                    t.device());
+}
+
+LatentInputs prepare_latent(const Tensor& mu, const Tensor& logscale, const c10::optional<Tensor>& prior_mu,
+                            const c10::optional<Tensor>& prior_logscale, c10::string_view scale, c10::string_view kl,
+                            int64_t num_samples) {
+  check_float("mu", mu);
+  check_like("logscale", logscale, mu);
+  TORCH_CHECK_VALUE(mu.dim() >= 1, "mu: expected a tensor of shape (N, ...), got a 0-d tensor");
+  TORCH_CHECK_VALUE(logscale.sizes() == mu.sizes(), "logscale: expected the shape of mu ", mu.sizes(), ", got ",
+                    logscale.sizes());
+  TORCH_CHECK_VALUE(prior_mu.has_value() == prior_logscale.has_value(),
+                    prior_mu.has_value() ? "prior_logscale" : "prior_mu",
+                    ": expected a tensor, as prior_mu and prior_logscale go together (both or neither)");
+  for (const auto& [name, p] : {std::make_pair("prior_mu", &prior_mu), std::make_pair("prior_logscale", &prior_logscale)}) {
+    if (!p->has_value()) continue;
+    check_like(name, **p, mu);
+    TORCH_CHECK_VALUE((*p)->dim() <= mu.dim() && at::is_expandable_to((*p)->sizes(), mu.sizes()), name,
+                      ": expected a shape that broadcasts to mu's ", mu.sizes(), " (mu's own, or one like ",
+                      "mu.shape[1:] shared by every sample), got ", (*p)->sizes());
+  }
+  TORCH_CHECK_VALUE(num_samples >= 0, "num_samples: expected None or an int >= 1, got ", num_samples);
+  LatentInputs in;
+  LatentArgs& a = in.a;
+  a = LatentArgs{};
+  a.dtype = kernel_dtype(mu.scalar_type());
+  a.scale = parse_latent_scale(scale);
+  a.kl = parse_latent_kl(kl);
+  a.k = std::max<int64_t>(num_samples, 1);
+  a.n = mu.size(0);
+  a.c = mu.dim() > 1 ? mu.size(1) : 1;
+  a.s = 1;
+  for (int64_t d = 2; d < mu.dim(); ++d) a.s *= mu.size(d);
+  in.mu = latent_readable(mu, false, &a.mu_st);
+  in.ls = latent_readable(logscale, false, &a.ls_st);
+  in.prior = prior_mu.has_value();
+  if (in.prior) {
+    in.pmu = latent_readable(prior_mu->expand(mu.sizes()), false, &a.pmu_st);
+    in.pls = latent_readable(prior_logscale->expand(mu.sizes()), false, &a.pls_st);
+  } else {
+    in.pmu = in.pls = at::zeros({1}, mu.options());  // N(0, I): 0 and 0, read with stride 0
+    a.pmu_st = a.pls_st = LatentStrides{0, 0, 0, 0};
+  }
+  a.mu = in.mu.const_data_ptr();
+  a.ls = in.ls.const_data_ptr();
+  a.pmu = in.pmu.const_data_ptr();
+  a.pls = in.pls.const_data_ptr();
+  return in;
+}
+
+std::tuple<Tensor, Tensor> latent_kl_outputs(const Tensor& row_kl, const Tensor& kl_elems, const Tensor& mu,
+                                             int64_t num_samples, c10::string_view reduction, double free_bits) {
+  const Reduction red = parse_reduction(reduction);
+  const at::ScalarType out = loss_dtype(mu.scalar_type());
+  const auto opts = row_kl.options().dtype(out);
+  const int64_t rows = row_kl.numel();
+  if (red == Reduction::None) {
+    std::vector<int64_t> shape = {mu.size(0)};
+    if (num_samples > 0) shape.insert(shape.begin(), num_samples);
+    return {row_kl.to(out).view(shape), at::empty({0}, opts)};
+  }
+  // A float32 result whose double sum exceeds float's range is inf, as a float32 sum gives (a
+  // double scalar would be checked on its conversion).
+  const auto scalar = [&](double v) {
+    return at::scalar_tensor(out == at::kFloat ? static_cast<double>(static_cast<float>(v)) : v,
+                             opts.device(at::kCPU))
+        .to(row_kl.device());
+  };
+  if (free_bits > 0.0) {
+    Tensor floored;
+    const Tensor units = unit_kl_and_free_bits(kl_elems, mu.sizes().slice(1), free_bits, red, {}, &floored);
+    // clamp's gradient: a unit at the floor keeps its gradient, a NaN one loses it
+    Tensor unit_w = units.reshape({-1}).ge(free_bits).to(out);
+    return {floored.to(out), unit_w};
+  }
+  Tensor total;
+  if (row_kl.is_cpu()) {  // rows in order: the same sum for any thread count
+    double s = 0.0;
+    const double* p = row_kl.const_data_ptr<double>();
+    for (int64_t r = 0; r < rows; ++r) s += p[r];
+    if (red == Reduction::Mean) s /= static_cast<double>(rows);  // 0 / 0 = NaN for an empty batch
+    total = scalar(s);
+  } else {
+    total = row_kl.sum();
+    if (red == Reduction::Mean) total = total.div(static_cast<double>(rows));
+    total = total.to(out);
+  }
+  return {total, at::empty({0}, opts)};
+}
+
+void check_latent_backward(const c10::optional<Tensor>& grad_z, const c10::optional<Tensor>& row_w, const Tensor& mu,
+                           const Tensor& rng_state, const Tensor& unit_w, int64_t num_samples) {
+  const int64_t k = std::max<int64_t>(num_samples, 1);
+  if (grad_z.has_value()) {
+    std::vector<int64_t> shape(mu.sizes().begin(), mu.sizes().end());
+    if (num_samples > 0) shape.insert(shape.begin(), num_samples);
+    TORCH_CHECK_VALUE(grad_z->sizes() == at::IntArrayRef(shape), "grad_z: expected shape ", at::IntArrayRef(shape),
+                      ", got ", grad_z->sizes());
+    check_like("grad_z", *grad_z, mu);
+  }
+  if (row_w.has_value()) {
+    TORCH_CHECK_VALUE(row_w->numel() == k * mu.size(0) && row_w->device() == mu.device(),
+                      "row_w: expected ", k * mu.size(0), " elements on ", mu.device(), ", got ", row_w->sizes());
+    TORCH_CHECK_TYPE(row_w->scalar_type() == loss_dtype(mu.scalar_type()), "row_w: expected dtype ",
+                     loss_dtype(mu.scalar_type()), ", got ", row_w->scalar_type());
+  }
+  TORCH_CHECK_VALUE(rng_state.scalar_type() == at::kLong && rng_state.numel() == 2,
+                    "rng_state: expected the 2 int64 values the forward returned");
+  int64_t units = 1;
+  for (int64_t d = 1; d < mu.dim(); ++d) units *= mu.size(d);
+  TORCH_CHECK_VALUE(unit_w.numel() == 0 || (unit_w.numel() == units && unit_w.device() == mu.device() &&
+                                            unit_w.scalar_type() == loss_dtype(mu.scalar_type())),
+                    "unit_w: expected the free-bits weights the forward returned (", units, " elements)");
+}
+
+}  // namespace vae_ext

@@ -1,0 +1,165 @@
+// Autograd of gaussian_latent, in C++ on the Autograd dispatch key (as csrc/autograd.cpp for the
+// other ops): the forward saves the inputs and the (seed, offset) it drew from, never eps; the
+// backward calls gaussian_latent_backward, which draws eps again and sums both outputs' gradients.
+#include <ATen/FuncTorchTLS.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "latent.h"
+#include "ops.h"
+
+namespace vae_ext {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using LatentOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+// The helpers below are those of csrc/autograd.cpp (there in an anonymous namespace).
+
+template <class Ptr, class T, class... Args>
+Ptr make_node(Args&&... args) {
+  if constexpr (std::is_same_v<Ptr, std::shared_ptr<torch::autograd::Node>>)
+    return std::make_shared<T>(std::forward<Args>(args)...);
+  else
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+}
+
+// Under create_graph=True the gradients get a grad_fn that raises `msg` if differentiated again.
+variable_list first_order_only(variable_list grads, const char* msg) {
+  if (!at::GradMode::is_enabled()) return grads;
+  const auto node = torch::autograd::get_current_node();
+  TORCH_INTERNAL_ASSERT(node, "first_order_only: called outside a backward");
+  auto err = make_node<std::decay_t<decltype(node)>, torch::autograd::Error>(
+      msg, torch::autograd::edge_list(node->next_edges()));
+  for (auto& g : grads) {
+    if (!g.defined()) continue;
+    g = g.detach();
+    torch::autograd::set_history(g, err);
+  }
+  return grads;
+}
+
+// A broadcast prior's gradient: g (per element, mu's shape, the loss dtype) summed over the
+// dimensions the prior was broadcast along (over the batch in a fixed order), rounded to `out`.
+Tensor prior_grad(const Tensor& g, at::IntArrayRef shape, at::ScalarType out) {
+  if (g.sizes() == shape) return g.to(out);
+  const auto dims = static_cast<int64_t>(shape.size());
+  const bool shared = dims < g.dim() || (shape[0] == 1 && g.size(0) != 1);
+  if (!shared) return g.sum_to_size(shape).to(out);
+  const Tensor s = sum_over_batch(g);  // g.shape[1:]
+  if (dims == g.dim()) return s.sum_to_size(shape.slice(1)).reshape(shape).to(out);
+  return s.sum_to_size(shape).to(out);
+}
+
+void check_functorch() {
+  const auto& tls = at::functorch::functorchTLSAccessor();
+  if (!tls) return;
+  try {
+    tls->checkSupportsCppAutogradFunction();
+  } catch (const c10::Error&) {
+    TORCH_CHECK(false,
+                "vae_ext.gaussian_latent cannot run inside torch.func transforms (grad, vjp, jacrev, ...): its "
+                "autograd is written in C++, which functorch does not support. Use "
+                "vae_ext.reference.gaussian_latent (plain PyTorch ops) inside torch.func transforms.");
+  }
+}
+
+struct GaussianLatentFunction : public torch::autograd::Function<GaussianLatentFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& mu, const Tensor& logscale,
+                               const std::optional<Tensor>& prior_mu, const std::optional<Tensor>& prior_logscale,
+                               const std::string& scale, const std::string& kl, const std::string& reduction,
+                               double free_bits, int64_t num_samples, const std::optional<at::Generator>& generator) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("vae_ext::gaussian_latent", "")
+                         .typed<LatentOutputs(const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                              const std::optional<Tensor>&, c10::string_view, c10::string_view,
+                                              c10::string_view, double, int64_t, std::optional<at::Generator>)>();
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [z, kl_out, state, unit_w] =
+        op.call(mu, logscale, prior_mu, prior_logscale, scale, kl, reduction, free_bits, num_samples, generator);
+    const bool prior = prior_mu.has_value();
+    ctx->save_for_backward({mu, logscale, prior ? *prior_mu : Tensor(), prior ? *prior_logscale : Tensor(), state,
+                            unit_w});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["kl"] = kl;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["num_samples"] = num_samples;
+    ctx->saved_data["prior"] = prior;
+    if (prior) {
+      ctx->saved_data["prior_mu_shape"] = prior_mu->sizes();
+      ctx->saved_data["prior_logscale_shape"] = prior_logscale->sizes();
+    }
+    ctx->mark_non_differentiable({state, unit_w});
+    ctx->set_materialize_grads(false);
+    return {z, kl_out, state, unit_w};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("vae_ext::gaussian_latent_backward", "")
+                         .typed<LatentOutputs(const std::optional<Tensor>&, const std::optional<Tensor>&,
+                                              const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                              const std::optional<Tensor>&, const Tensor&, const Tensor&,
+                                              c10::string_view, c10::string_view, int64_t, bool)>();
+    const Tensor &grad_z = grads[0], &grad_kl = grads[1];
+    variable_list out(10);
+    if (!grad_z.defined() && !grad_kl.defined()) return out;
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &mu = saved[0], &logscale = saved[1];
+    const bool prior = ctx->saved_data["prior"].toBool();
+    const int64_t k = ctx->saved_data["num_samples"].toInt();
+    const std::string reduction = ctx->saved_data["reduction"].toStringRef();
+    // d loss / d (each row's KL), rows k * N + n, in the loss dtype: the reduction's backward
+    std::optional<Tensor> row_w;
+    if (grad_kl.defined()) {
+      const int64_t rows = std::max<int64_t>(k, 1) * mu.size(0);
+      const Tensor g = grad_kl.to(loss_dtype(mu.scalar_type()));
+      if (reduction == "none")
+        row_w = g.reshape({rows});
+      else if (reduction == "sum")
+        row_w = g.reshape({1}).expand({rows});
+      else
+        row_w = g.div(static_cast<double>(rows)).reshape({1}).expand({rows});
+    }
+    const auto needs = [&](size_t i) { return ctx->needs_input_grad(i); };  // mu, logscale, then the prior
+    const bool grad_prior = prior && (needs(2) || needs(3));
+    const std::optional<Tensor> pm = prior ? std::optional<Tensor>(saved[2]) : std::nullopt;
+    const std::optional<Tensor> pl = prior ? std::optional<Tensor>(saved[3]) : std::nullopt;
+    auto [g_mu, g_ls, g_pmu, g_pls] =
+        op.call(grad_z.defined() ? std::optional<Tensor>(grad_z) : std::nullopt, row_w, mu, logscale, pm, pl,
+                saved[4], saved[5], ctx->saved_data["scale"].toStringRef(), ctx->saved_data["kl"].toStringRef(), k,
+                grad_prior);
+    if (needs(0)) out[0] = g_mu;
+    if (needs(1)) out[1] = g_ls;
+    if (grad_prior && g_pmu.numel() > 0) {
+      const auto dtype = mu.scalar_type();
+      if (needs(2)) out[2] = prior_grad(g_pmu, ctx->saved_data["prior_mu_shape"].toIntVector(), dtype);
+      if (needs(3)) out[3] = prior_grad(g_pls, ctx->saved_data["prior_logscale_shape"].toIntVector(), dtype);
+    }
+    return first_order_only(out,
+                            "vae_ext.gaussian_latent supports first derivatives only. For higher-order gradients "
+                            "(create_graph=True) use vae_ext.reference.gaussian_latent.");
+  }
+};
+
+LatentOutputs gaussian_latent_autograd(const Tensor& mu, const Tensor& logscale, const c10::optional<Tensor>& prior_mu,
+                                       const c10::optional<Tensor>& prior_logscale, c10::string_view scale,
+                                       c10::string_view kl, c10::string_view reduction, double free_bits,
+                                       int64_t num_samples, std::optional<at::Generator> generator) {
+  check_functorch();
+  auto out = GaussianLatentFunction::apply(mu, logscale, prior_mu, prior_logscale, std::string(scale), std::string(kl),
+                                           std::string(reduction), free_bits, num_samples, generator);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vae_ext, Autograd, m) { m.impl("gaussian_latent", &gaussian_latent_autograd); }
+
+}  // namespace vae_ext
