@@ -38,6 +38,9 @@ def sweep(latents, base: TrainConfig, *, k: int = 1000, overrides: dict | None =
     latents = list(latents)
     if not latents:
         raise ConfigError("--latent: expected at least one latent size")
+    twice = sorted({v for v in latents if latents.count(v) > 1})
+    if twice:  # each size has one folder and one row: a repeat would train nothing and duplicate the row
+        raise ConfigError(f"--latent: each latent size once: {', '.join(map(str, twice))} is given more than once")
     out = Path(base.out or os.path.join("runs", time.strftime("sweep-%Y%m%d-%H%M%S")))
     with RunLock(out):  # one sweep per folder (each model's folder is locked by train)
         return _sweep(latents, base, out, k, overrides, log)

@@ -27,6 +27,8 @@ from .data import ImageData, binarize, load_data
 from .distributed import DistributedContext, setup
 from .errors import CheckpointError, ConfigError, VaeExtError
 from .evaluate import evaluate
+from .memory import check_fits
+from .model_memory import first_line, is_out_of_memory, training_bytes
 from .models import VAE
 from .plots import save_plots
 from .runfiles import write_csv
@@ -44,19 +46,38 @@ METRIC_COLUMNS = ("epoch", "step", "beta", "train_loss", "train_nelbo", "train_r
 ACTIVE_UNIT_NATS = 0.01
 
 
-def build_model(cfg: TrainConfig, image_shape, num_classes: int = 0) -> VAE:
-    """The run's model; ``num_classes`` > 0 (with ``cfg.conditional``) for a class-conditional one."""
+def build_model(cfg: TrainConfig, image_shape, num_classes: int = 0, *, batch: int | None = None) -> VAE:
+    """The run's model; ``num_classes`` > 0 (with ``cfg.conditional``) for a class-conditional one.
+
+    First built on the meta device: a model that cannot be trained in the memory available, with
+    batches of ``batch`` images (default ``cfg.batch_size``), is refused (ConfigError naming the
+    options) before anything is allocated."""
     kwargs = dict(arch=cfg.arch, input_shape=tuple(image_shape), latent_size=cfg.latent,
                   hidden_sizes=cfg.hidden, recon=cfg.recon, fused=not cfg.reference,
                   num_classes=num_classes if cfg.conditional else 0, free_bits=cfg.free_bits)
+    sizes = f"--arch {cfg.arch} --hidden {fmt_option(cfg.hidden)} --latent {cfg.latent}"
     if cfg.arch == "conv":
         if len(image_shape) != 3:
             raise ConfigError(f"--arch conv: expected (C, H, W) images, got shape {tuple(image_shape)}")
         kwargs["channels"] = cfg.channels
+        sizes += f" --channels {fmt_option(cfg.channels)}"
+    batch = cfg.batch_size if batch is None else batch
     try:
-        return VAE(**kwargs)
+        with torch.device("meta"):
+            meta = VAE(**kwargs)
+        need = training_bytes(meta, batch)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    except (RuntimeError, OverflowError, TypeError) as e:  # a size beyond what a tensor can hold
+        raise ConfigError(f"{sizes}: the model is too large to build ({first_line(e)})") from None
+    check_fits(need, f"{sizes} --batch-size {cfg.batch_size}: training this model ({meta.num_parameters():,} "
+               f"parameters)", ConfigError)
+    try:
+        return VAE(**kwargs)
+    except RuntimeError as e:  # the memory was taken meanwhile, or there was no limit to check
+        if not is_out_of_memory(e):
+            raise
+        raise ConfigError(f"{sizes}: out of memory building the model ({first_line(e)})") from None
 
 
 @dataclass
@@ -187,7 +208,9 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
 
     dev = ctx.device
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data.image_shape, num_classes)
+    # the largest batch a step takes: a rank's share of the training set caps --batch-size
+    model = build_model(cfg, data.image_shape, num_classes,
+                        batch=min(cfg.batch_size, math.ceil(len(data.train) / ctx.world_size)))
     if checkpoint is not None:
         load_model_state(model, checkpoint)
     model.to(dev)
