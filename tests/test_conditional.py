@@ -195,7 +195,7 @@ def test_a_label_count_other_than_the_batch_is_named(cls, kw, n_labels):
     calls = {"forward": lambda: m(x, y), "encode": lambda: m.encode(x, y), "loss": lambda: m.loss(x, y=y),
              "elbo": lambda: m.elbo(x, y=y), "log_likelihood": lambda: m.log_likelihood(x, 2, y=y),
              "reconstruct": lambda: m.reconstruct(x, y)}
-    for name, call in calls.items():
+    for call in calls.values():
         with pytest.raises(ValueError, match=rf"^y: expected 5 labels \(one per image of x\), got {n_labels}$"):
             call()
 
