@@ -189,28 +189,40 @@ def _config_names():
 
 
 def _cmd_train(args) -> int:
+    import os
     from pathlib import Path
 
-    from .checkpoint import load_checkpoint, resume_config
+    from .checkpoint import checkpoint_file, load_checkpoint, resume_config
     from .config import TrainConfig
     from .errors import ConfigError
+    from .runlock import RunLock
     from .train import train
 
     opts = _explicit(args, _config_names())
-    if args.resume is not None:
-        if args.resume is True:
-            if "out" not in opts:
-                raise ConfigError("--resume without a RUN needs --out DIR (the run folder to continue)")
-            where = opts["out"]
-        else:
-            where = args.resume
-        ckpt = load_checkpoint(where)
-        opts.setdefault("out", str(Path(ckpt["path"]).parent))
-        cfg = resume_config(ckpt, opts)
+    if args.resume is None:
+        train(TrainConfig(**opts))
+        return 0
+    if args.resume is True:
+        if "out" not in opts:
+            raise ConfigError("--resume without a RUN needs --out DIR (the run folder to continue)")
+        where = opts["out"]
     else:
-        ckpt = None
-        cfg = TrainConfig(**opts)
-    train(cfg, ckpt)
+        where = args.resume
+    opts.setdefault("out", str(checkpoint_file(where).parent))
+    # The folder this run writes is locked before anything in it is read: a checkpoint read first
+    # could be replaced by another run's newer epoch, which this run would then overwrite. (A new
+    # folder holds nothing to read: train locks it once the data and the model are known to work.
+    # Under torchrun rank 0 alone locks; train checks that every rank read the same checkpoint.)
+    out = Path(opts["out"])
+    lock = RunLock(out) if out.is_dir() and os.environ.get("RANK", "0") == "0" else None
+    try:
+        if lock is not None:
+            lock.acquire()
+        ckpt = load_checkpoint(where)
+        train(resume_config(ckpt, opts), ckpt, lock=lock)
+    finally:
+        if lock is not None:
+            lock.release()
     return 0
 
 

@@ -21,7 +21,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DistributedSampler
 from tqdm import tqdm
 
-from .checkpoint import CHECKPOINT_NAME, check_image_shape, check_labels, fmt_option, load_model_state, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    check_image_shape,
+    check_labels,
+    checkpoint_stamp,
+    fmt_option,
+    load_model_state,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .data import ImageData, binarize, load_data
 from .distributed import DistributedContext, setup
@@ -144,15 +152,20 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 10_007 + rank * 101) % (1 << 63)
 
 
-def train(cfg: TrainConfig, checkpoint: dict | None = None, *, log=print) -> TrainResult:
+def train(cfg: TrainConfig, checkpoint: dict | None = None, *, log=print, lock: RunLock | None = None) -> TrainResult:
     """Train (or, given a loaded ``checkpoint``, resume) a VAE; see the module docstring for outputs.
 
     Under ``torchrun`` (WORLD_SIZE > 1) this is one rank of a DistributedDataParallel job; rank 0
     logs and writes files. ``log`` receives the progress lines (rank 0 only).
+
+    ``lock``: the RunLock of ``cfg.out``, taken by a caller before it read ``checkpoint`` from that
+    folder (``vae-ext train --resume`` does), held through training and released by the caller.
+    Without it train takes the lock itself, and refuses a ``checkpoint`` that another run replaced
+    between its reading and the lock (resuming it would overwrite that run's newer epochs).
     """
     ctx = setup(cfg.device, fused=not cfg.reference)
     try:
-        return _train(cfg, checkpoint, ctx, log if ctx.is_main else (lambda *a, **k: None))
+        return _train(cfg, checkpoint, ctx, log if ctx.is_main else (lambda *a, **k: None), lock)
     finally:
         ctx.close()
 
@@ -170,15 +183,33 @@ def _on_main(ctx: DistributedContext, fn):
         raise error[0](error[1])
 
 
-def _train(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log) -> TrainResult:
+def _train(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, lock: RunLock | None) -> TrainResult:
     if cfg.out is None:
         cfg = replace(cfg, out=ctx.broadcast_object(os.path.join("runs", time.strftime("vae-%Y%m%d-%H%M%S"))))
     out = Path(cfg.out)
-    lock = RunLock(out)  # rank 0 alone writes, so rank 0 alone takes it
+    if lock is not None and lock.folder.resolve() != out.resolve():
+        raise ValueError(f"lock: expected the RunLock of cfg.out ({out}), got one of {lock.folder}")
+    own = lock is None
+    lock = lock or RunLock(out)  # rank 0 alone writes, so rank 0 alone takes it
     try:
         return _train_locked(cfg, checkpoint, ctx, log, out, lock)
     finally:
-        lock.release()
+        if own:
+            lock.release()
+
+
+def _replaced(checkpoint: dict) -> CheckpointError:
+    return CheckpointError(f"{checkpoint['path']} was replaced by another run after this one read it (at epoch "
+                           f"{checkpoint['epoch']}); run the command again to resume from the newer epoch")
+
+
+def _same_checkpoint_on_every_rank(ctx: DistributedContext, checkpoint: dict) -> None:
+    """Rank 0 read its checkpoint holding the run folder's lock, the others perhaps just before
+    another run replaced it: every rank must start from the same one."""
+    main = ctx.broadcast_object(checkpoint.get("stamp"))
+    differs = torch.tensor([float(checkpoint.get("stamp") != main)], device=ctx.device)
+    if ctx.all_reduce_sum(differs).item() > 0:
+        raise _replaced(checkpoint)
 
 
 def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, out: Path, lock: RunLock) -> TrainResult:
@@ -197,8 +228,13 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
             return
         lock.acquire()
         refuse_another_run()  # again: another run may have finished here while this one waited
+        if checkpoint is not None and checkpoint.get("stamp") is not None and ckpt_path.exists() \
+                and checkpoint_stamp(ckpt_path) != checkpoint["stamp"]:  # resuming in place, read unlocked
+            raise _replaced(checkpoint)
 
     _on_main(ctx, lambda: claim_folder(early=True))
+    if checkpoint is not None and ctx.distributed:
+        _same_checkpoint_on_every_rank(ctx, checkpoint)
     data = load_data(cfg.data, train_split=cfg.train_split, binarize_mode=cfg.binarize, labels=cfg.conditional)
     num_classes = data.num_classes
     if checkpoint is not None:
