@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,41 @@ def test_eval(capsys, trained):
                         "--no-progress")
     r = json.loads(stdout)
     assert rc == 0 and r["kernels"] == "reference" and r["n"] == 1438
+
+
+def _strict_json(text):
+    def refuse(constant):
+        raise AssertionError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_eval_json_of_one_image_is_strict_and_says_why(capsys, trained):
+    """Issue 30, bug 6: one test image gave "nll_sem": NaN and a raw std() UserWarning on stderr."""
+    argv = ["eval", trained, "--k", "4", "--data", "digits", "--train-split", "1796", "--no-progress"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning would end the command with a traceback
+        rc, stdout, err = run_cli(capsys, *argv, "--json")
+        assert rc == 0 and err == "", err
+        r = _strict_json(stdout)
+        assert r["n"] == 1 and r["nll_sem"] is None and math.isfinite(r["nll"]) and math.isfinite(r["nelbo"])
+        assert r["notes"] == {"nll_sem": "undefined: a standard error needs 2 images or more; the test set has 1"}
+        rc, stdout, err = run_cli(capsys, *argv)
+    assert rc == 0 and err == "" and "note: nll_sem: undefined: a standard error needs 2 images" in stdout
+
+
+def test_eval_json_of_a_diverged_checkpoint_is_strict_and_says_why(capsys, tmp_path, trained):
+    ckpt = torch.load(trained / "checkpoint.pt", weights_only=True)
+    next(iter(ckpt["model_state"].values())).view(-1)[0] = math.nan
+    (tmp_path / "bad").mkdir()
+    torch.save(ckpt, tmp_path / "bad" / "checkpoint.pt")
+    rc, stdout, err = run_cli(capsys, "eval", tmp_path / "bad", "--k", "4", "--json", "--no-progress")
+    r = _strict_json(stdout)
+    assert rc == 0 and err == "" and r["nelbo"] is None and r["nll"] is None and r["nll_sem"] is None
+    assert r["notes"]["nelbo"] == "NaN: the checkpoint's weights are not all finite"
+    assert set(r["notes"]) == {"nelbo", "nll", "nll_sem"}
+    rc, stdout, _ = run_cli(capsys, "eval", trained, "--k", "4", "--json", "--no-progress")
+    assert _strict_json(stdout)["notes"] == {}  # and none for a good one
 
 
 def test_sweep_two_latents(capsys, tmp_path):

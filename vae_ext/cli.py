@@ -227,13 +227,13 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .evaluate import evaluate_checkpoint
+    from .evaluate import evaluate_checkpoint, json_safe
 
     r = evaluate_checkpoint(args.checkpoint, k=args.k, data=args.data, train_split=args.train_split,
                             split=args.split, device=args.device, reference=args.reference, seed=args.seed,
                             batch_size=args.batch_size, progress=args.progress)
     if args.json:
-        print(json.dumps(r))
+        print(json.dumps(json_safe(r), allow_nan=False))  # strict JSON: null, with a note, for NaN
     else:
         print(f"{r['checkpoint']} (epoch {r['epoch']}), {r['split']} set of {r['data']}: {r['n']} images, "
               f"{r['kernels']} kernels on {r['device']}")
@@ -242,6 +242,8 @@ def _cmd_eval(args) -> int:
         print(f"{r['split']} negative ELBO{given}:  {r['nelbo']:.3f} nats/image  ({r['seconds_elbo']:.1f} s)")
         print(f"{r['split']} NLL{given}, k={r['k']}:  {r['nll']:.3f} +- {r['nll_sem']:.3f} nats/image "
               f"(importance-weighted estimate +- standard error over images; {r['seconds_nll']:.1f} s)")
+        for key, why in r["notes"].items():
+            print(f"note: {key}: {why}")
     return 0
 
 
