@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 import vae_ext
+from vae_ext.evaluate import evaluate_checkpoint
 
 # The workers import the vae_ext this process imported (in-place build or installed package).
 PKG_ROOT = Path(vae_ext.__file__).resolve().parents[1]
@@ -70,4 +71,13 @@ def test_two_gloo_processes_end_with_identical_weights_and_lower_loss(tmp_path):
     assert "rank 0 of 2 done" in p.stdout and "rank 1 of 2 done" in p.stdout
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)  # written by rank 0
     assert ckpt["epoch"] == 3 and all(torch.equal(ckpt["model_state"][k], w0[k]) for k in w0)
+    # Every rank scores the whole test set with the same eps: `vae-ext eval` in one process gives the
+    # last row's test -ELBO (issue 30: each rank used to score its shard with eps seeded seed + rank).
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers ran
+    try:
+        r = evaluate_checkpoint(run, k=1, device="cpu", progress=False)
+    finally:
+        torch.set_num_threads(old)
+    assert r["nelbo"] == ckpt["history"][-1]["test_nelbo"] and f"{r['nelbo']:.6g}" == rows[-1]["test_nelbo"]
     assert not [q for q in run.iterdir() if q.name.endswith(".tmp")]
