@@ -1,5 +1,6 @@
 """Reliability of `vae-ext train` (issue 16, items 4-7): SIGKILL at random moments and resume, one
-writer per run folder, bit-for-bit reproducibility across thread counts, and --skip-nonfinite."""
+writer per run folder (locked before it is read: issue 30), bit-for-bit reproducibility at a fixed
+thread count, and --skip-nonfinite."""
 from __future__ import annotations
 
 import math
@@ -227,12 +228,14 @@ def test_the_lock_is_refused_within_one_process_too(tmp_path):
 # --------------------------------------------------------------------------- 6: reproducible to the bit
 
 
-def test_same_seed_same_bits_with_one_or_two_threads(capsys, tmp_path):
-    """Identical metrics.csv (but for `seconds`, wall-clock time) and weights, --threads 1 vs 2."""
+def test_a_run_repeated_at_a_fixed_thread_count_gives_the_same_bits(capsys, tmp_path):
+    """Identical metrics.csv (but for `seconds`, wall-clock time) and weights, the same command twice
+    on 2 threads: what the README promises. (Not across thread counts: the fused ops give the same
+    bits on any, tests/test_loss_numerics.py, but PyTorch's matrix multiplies need not.)"""
     argv = ["train", "--epochs", "2", "--hidden", "64", "--latent", "4", "--batch-size", "512", "--warmup", "1",
-            "--seed", "3", "--no-progress"]
-    for threads in (1, 2):
-        assert run_cli(capsys, *argv, "--threads", threads, "--out", tmp_path / f"t{threads}")[0] == 0
+            "--seed", "3", "--threads", "2", "--no-progress"]
+    for run in ("t1", "t2"):
+        assert run_cli(capsys, *argv, "--out", tmp_path / run)[0] == 0
     a, b = read_csv(tmp_path / "t1" / "metrics.csv"), read_csv(tmp_path / "t2" / "metrics.csv")
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(a) == strip(b) and len(a) == 2
