@@ -36,6 +36,11 @@ WORKER = textwrap.dedent("""
 """)
 
 
+def read_rows(run):
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -59,8 +64,7 @@ def test_two_gloo_processes_end_with_identical_weights_and_lower_loss(tmp_path):
         assert torch.equal(w0[k], w1[k]), k
 
     run = tmp_path / "run"
-    with open(run / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(run)
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert float(rows[-1]["train_nelbo"]) < float(rows[0]["train_nelbo"])
     assert float(rows[-1]["test_nelbo"]) < float(rows[0]["test_nelbo"])
@@ -80,4 +84,12 @@ def test_two_gloo_processes_end_with_identical_weights_and_lower_loss(tmp_path):
     finally:
         torch.set_num_threads(old)
     assert r["nelbo"] == ckpt["history"][-1]["test_nelbo"] and f"{r['nelbo']:.6g}" == rows[-1]["test_nelbo"]
+
+    # `vae-ext train --resume` under torchrun: rank 0 locks the folder before it reads, every rank
+    # checks that it read the checkpoint rank 0 read, and the run goes on from epoch 3
+    cmd = [*cmd[:6], f"--master-port={_free_port()}", "-m", "vae_ext", "train", "--resume", str(run), "--epochs", "4",
+           "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "resuming after epoch 3" in p.stdout and len(read_rows(run)) == 4
     assert not [q for q in run.iterdir() if q.name.endswith(".tmp")]

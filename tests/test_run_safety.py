@@ -204,17 +204,19 @@ def test_every_rank_must_have_read_the_same_checkpoint(tmp_path):
     from vae_ext.distributed import DistributedContext
     from vae_ext.train import _same_checkpoint_on_every_rank
 
-    class OtherRank(DistributedContext):  # rank 1 of 2, whose rank 0 read another version of the file
+    rows = [{"epoch": 1, "seconds": 0.5}, {"epoch": 2, "seconds": 0.6}]
+
+    class OtherRank(DistributedContext):  # rank 1 of 2, whose rank 0 read epoch 2
         def broadcast_object(self, obj):
-            return (1, 2, 3)
+            return repr((2, rows[1]))
 
         def all_reduce_sum(self, t):
             return t
 
-    ckpt = {"path": str(tmp_path / "checkpoint.pt"), "epoch": 2, "stamp": (1, 2, 4)}
+    ckpt = {"path": str(tmp_path / "checkpoint.pt"), "epoch": 1, "history": rows[:1]}
     with pytest.raises(vae_ext.errors.CheckpointError, match="was replaced by another run"):
         _same_checkpoint_on_every_rank(OtherRank(rank=1, world_size=2), ckpt)
-    _same_checkpoint_on_every_rank(OtherRank(rank=1, world_size=2), {**ckpt, "stamp": (1, 2, 3)})
+    _same_checkpoint_on_every_rank(OtherRank(rank=1, world_size=2), {**ckpt, "epoch": 2, "history": rows})
 
 
 def test_the_lock_is_refused_within_one_process_too(tmp_path):

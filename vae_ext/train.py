@@ -205,9 +205,12 @@ def _replaced(checkpoint: dict) -> CheckpointError:
 
 def _same_checkpoint_on_every_rank(ctx: DistributedContext, checkpoint: dict) -> None:
     """Rank 0 read its checkpoint holding the run folder's lock, the others perhaps just before
-    another run replaced it: every rank must start from the same one."""
-    main = ctx.broadcast_object(checkpoint.get("stamp"))
-    differs = torch.tensor([float(checkpoint.get("stamp") != main)], device=ctx.device)
+    another run replaced it: every rank must start from the same one. Compared by content (its epoch
+    and last metrics row, whose wall-clock seconds tell two runs apart), not by the file's stamp,
+    which differs between the copies of a run folder on several machines."""
+    history = checkpoint.get("history") or [None]
+    mine = repr((checkpoint.get("epoch"), history[-1]))
+    differs = torch.tensor([float(mine != ctx.broadcast_object(mine))], device=ctx.device)
     if ctx.all_reduce_sum(differs).item() > 0:
         raise _replaced(checkpoint)
 
