@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -185,6 +186,41 @@ def test_eval(capsys, trained):
     assert rc == 0 and r["kernels"] == "reference" and r["n"] == 1438
 
 
+def _strict_json(text):
+    def refuse(constant):
+        raise AssertionError(f"not strict JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_eval_json_of_one_image_is_strict_and_says_why(capsys, trained):
+    """Issue 30, bug 6: one test image gave "nll_sem": NaN and a raw std() UserWarning on stderr."""
+    argv = ["eval", trained, "--k", "4", "--data", "digits", "--train-split", "1796", "--no-progress"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning would end the command with a traceback
+        rc, stdout, err = run_cli(capsys, *argv, "--json")
+        assert rc == 0 and err == "", err
+        r = _strict_json(stdout)
+        assert r["n"] == 1 and r["nll_sem"] is None and math.isfinite(r["nll"]) and math.isfinite(r["nelbo"])
+        assert r["notes"] == {"nll_sem": "undefined: a standard error needs 2 images or more; the test set has 1"}
+        rc, stdout, err = run_cli(capsys, *argv)
+    assert rc == 0 and err == "" and "note: nll_sem: undefined: a standard error needs 2 images" in stdout
+
+
+def test_eval_json_of_a_diverged_checkpoint_is_strict_and_says_why(capsys, tmp_path, trained):
+    ckpt = torch.load(trained / "checkpoint.pt", weights_only=True)
+    next(iter(ckpt["model_state"].values())).view(-1)[0] = math.nan
+    (tmp_path / "bad").mkdir()
+    torch.save(ckpt, tmp_path / "bad" / "checkpoint.pt")
+    rc, stdout, err = run_cli(capsys, "eval", tmp_path / "bad", "--k", "4", "--json", "--no-progress")
+    r = _strict_json(stdout)
+    assert rc == 0 and err == "" and r["nelbo"] is None and r["nll"] is None and r["nll_sem"] is None
+    assert r["notes"]["nelbo"] == "NaN: the checkpoint's weights are not all finite"
+    assert set(r["notes"]) == {"nelbo", "nll", "nll_sem"}
+    rc, stdout, _ = run_cli(capsys, "eval", trained, "--k", "4", "--json", "--no-progress")
+    assert _strict_json(stdout)["notes"] == {}  # and none for a good one
+
+
 def test_sweep_two_latents(capsys, tmp_path):
     out = tmp_path / "sweep"
     rc, stdout, _ = run_cli(capsys, "sweep", "--latent", "1,2", "--epochs", "1", "--k", "4", "--out", out,
@@ -255,10 +291,13 @@ def test_bad_input_is_one_line_and_nonzero(capsys, tmp_path, trained, argv, matc
     for kind in ("magic", "truncated", "28x28"):
         if "{" + kind + "}" in " ".join(argv):
             paths[kind] = _bad_mnist(tmp_path, kind)
-    before = {p: p.stat().st_mtime_ns for p in trained.iterdir()}
+    # nothing already written is touched (the lock file takes the pid of each run that holds the folder:
+    # a --resume locks it before it reads the checkpoint)
+    written = lambda: {p: p.stat().st_mtime_ns for p in trained.iterdir() if p.name != ".vae-ext.lock"}  # noqa: E731
+    before = written()
     rc, _, err = run_cli(capsys, *[a.format(**paths) for a in argv])
     assert_one_line_error(rc, err, match, status=None)
-    assert {p: p.stat().st_mtime_ns for p in trained.iterdir()} == before  # nothing already written was touched
+    assert written() == before
 
 
 def test_resume_into_a_folder_holding_another_run_is_refused(capsys, tmp_path, trained):

@@ -180,6 +180,24 @@ def test_conditional_model_uses_the_label_everywhere(cls, kw):
         cls(input_shape=(1, 8, 8), latent_size=3, **kw).encode(x, y)
 
 
+@pytest.mark.parametrize("cls,kw", [
+    (MLPVAE, dict(hidden_sizes=(16,))),
+    (ConvVAE, dict(hidden_sizes=(16,), channels=(4,))),
+    (ConvVAE, dict(hidden_sizes=(), channels=(4, 8))),
+])
+@pytest.mark.parametrize("n_labels", [1, 3, 6])
+def test_a_label_count_other_than_the_batch_is_named(cls, kw, n_labels):
+    """Issue 30: not torch.cat's "Sizes of tensors must match" from inside the encoder."""
+    m = cls(input_shape=(1, 8, 8), latent_size=3, num_classes=4, **kw)
+    x, y = torch.rand(5, 1, 8, 8).bernoulli(), torch.zeros(n_labels, dtype=torch.long)
+    calls = {"forward": lambda: m(x, y), "encode": lambda: m.encode(x, y), "loss": lambda: m.loss(x, y=y),
+             "elbo": lambda: m.elbo(x, y=y), "log_likelihood": lambda: m.log_likelihood(x, 2, y=y),
+             "reconstruct": lambda: m.reconstruct(x, y)}
+    for call in calls.values():
+        with pytest.raises(ValueError, match=rf"^y: expected 5 labels \(one per image of x\), got {n_labels}$"):
+            call()
+
+
 def test_conditional_elbo_and_sample_use_the_class_prior():
     torch.manual_seed(0)
     m = MLPVAE(input_shape=(1, 8, 8), hidden_sizes=(16,), latent_size=3, num_classes=3)

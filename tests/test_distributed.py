@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 import vae_ext
+from vae_ext.cli.evaluate import evaluate_checkpoint
 
 # The workers import the vae_ext this process imported (in-place build or installed package).
 PKG_ROOT = Path(vae_ext.__file__).resolve().parents[1]
@@ -33,6 +34,11 @@ WORKER = textwrap.dedent("""
     torch.save({k: v.clone() for k, v in res.model.state_dict().items()}, os.path.join(out, f"rank{rank}.pt"))
     print(f"rank {rank} of {os.environ['WORLD_SIZE']} done, {len(res.history)} epochs")
 """)
+
+
+def read_rows(run):
+    with open(run / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def _free_port() -> int:
@@ -58,8 +64,7 @@ def test_two_gloo_processes_end_with_identical_weights_and_lower_loss(tmp_path):
         assert torch.equal(w0[k], w1[k]), k
 
     run = tmp_path / "run"
-    with open(run / "metrics.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(run)
     assert [r["epoch"] for r in rows] == ["1", "2", "3"]
     assert float(rows[-1]["train_nelbo"]) < float(rows[0]["train_nelbo"])
     assert float(rows[-1]["test_nelbo"]) < float(rows[0]["test_nelbo"])
@@ -70,4 +75,21 @@ def test_two_gloo_processes_end_with_identical_weights_and_lower_loss(tmp_path):
     assert "rank 0 of 2 done" in p.stdout and "rank 1 of 2 done" in p.stdout
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)  # written by rank 0
     assert ckpt["epoch"] == 3 and all(torch.equal(ckpt["model_state"][k], w0[k]) for k in w0)
+    # Every rank scores the whole test set with the same eps: `vae-ext eval` in one process gives the
+    # last row's test -ELBO (issue 30: each rank used to score its shard with eps seeded seed + rank).
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers ran
+    try:
+        r = evaluate_checkpoint(run, k=1, device="cpu", progress=False)
+    finally:
+        torch.set_num_threads(old)
+    assert r["nelbo"] == ckpt["history"][-1]["test_nelbo"] and f"{r['nelbo']:.6g}" == rows[-1]["test_nelbo"]
+
+    # `vae-ext train --resume` under torchrun: rank 0 locks the folder before it reads, every rank
+    # checks that it read the checkpoint rank 0 read, and the run goes on from epoch 3
+    cmd = [*cmd[:6], f"--master-port={_free_port()}", "-m", "vae_ext", "train", "--resume", str(run), "--epochs", "4",
+           "--no-progress"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, cwd=tmp_path)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "resuming after epoch 3" in p.stdout and len(read_rows(run)) == 4
     assert not [q for q in run.iterdir() if q.name.endswith(".tmp")]

@@ -2,6 +2,7 @@
 ``weights_only``), and the configuration and model it holds."""
 from __future__ import annotations
 
+import os
 import pickle
 import warnings
 from dataclasses import asdict, fields
@@ -20,6 +21,8 @@ __all__ = [
     "CHECKPOINT_NAME",
     "save_checkpoint",
     "load_checkpoint",
+    "checkpoint_file",
+    "checkpoint_stamp",
     "config_of",
     "resume_config",
     "model_from_checkpoint",
@@ -53,17 +56,36 @@ def save_checkpoint(path, model, optimizer, cfg: TrainConfig, epoch: int, histor
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load_checkpoint(path) -> dict:
-    """Read and check a checkpoint (a file, or a run folder holding checkpoint.pt)."""
+def checkpoint_file(path) -> Path:
+    """The checkpoint file that ``path`` names (a file, or a run folder holding checkpoint.pt); nothing
+    is read, so a caller can lock the folder first."""
     path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
+    return path / CHECKPOINT_NAME if path.is_dir() else path
+
+
+def checkpoint_stamp(path) -> tuple | None:
+    """What changes when a checkpoint file is replaced (each save renames a new file into place):
+    its inode, size and modification time; None when there is no file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def load_checkpoint(path) -> dict:
+    """Read and check a checkpoint (a file, or a run folder holding checkpoint.pt).
+
+    The result holds the file's ``path`` and its ``stamp`` (:func:`checkpoint_stamp` of the file
+    read), by which a run that resumes it can tell whether another run replaced it meanwhile."""
+    path = checkpoint_file(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:
-        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the one-line error says it all
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings(), open(path, "rb") as f:
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the one-line error says it all
+            st = os.fstat(f.fileno())  # of the file read, even if another is renamed into place meanwhile
+            ckpt = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, foreign pickle, random bytes ...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights only load failed" in msg.lower() or isinstance(e, pickle.UnpicklingError):
@@ -75,6 +97,7 @@ def load_checkpoint(path) -> dict:
         raise CheckpointError(f"{path}: not a vae-ext checkpoint")
     _check_structure(ckpt, str(path))
     ckpt["path"] = str(path)
+    ckpt["stamp"] = (st.st_ino, st.st_size, st.st_mtime_ns)
     return ckpt
 
 

@@ -18,6 +18,7 @@ import sys
 
 from ._interrupts import raise_interrupt
 from .errors import VaeExtError
+from .limits import FLOAT32_MAX, LR_WHY, MAX_INT, MAX_LR, MAX_SEED, MAX_THREADS
 
 __all__ = ["main", "build_parser", "CLI_REQUIREMENTS"]
 
@@ -59,6 +60,8 @@ def _int_list(text: str, allow_empty: bool = False) -> list:
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
     if (not values and not allow_empty) or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+    if any(v > MAX_INT for v in values):
+        raise argparse.ArgumentTypeError(f"expected sizes below 2^63, got {text!r}")
     return values
 
 
@@ -66,27 +69,40 @@ def _hidden(text: str) -> list:
     return _int_list(text, allow_empty=True)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+def _latents(text: str) -> list:
+    values = _int_list(text)
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"each latent size once: {', '.join(map(str, twice))} is given more "
+                                         f"than once in {text!r}")
+    return values
 
 
-def _nonneg_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = -1
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return v
+def _int_in(lo: int, hi: int = MAX_INT, why: str = ""):
+    """An integer lo..hi; above hi the message says the bound (and ``why``)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or v < lo:
+            what = "a positive integer" if lo == 1 else f"an integer >= {lo}"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        if v > hi:
+            bound = "2^63 - 1" if hi == MAX_INT else f"{hi:,}"
+            raise argparse.ArgumentTypeError(f"expected at most {bound}{why}, got {text!r}")
+        return v
+
+    return parse
 
 
-def _float(lo: float, strict: bool):
+_positive_int = _int_in(1)
+_nonneg_int = _int_in(0)
+_seed = _int_in(0, MAX_SEED)
+_threads = _int_in(1, MAX_THREADS, " (OpenMP fails with far more threads than cores)")
+
+
+def _float(lo: float, strict: bool, hi: float = FLOAT32_MAX, why: str = "the largest float32"):
     def parse(text: str) -> float:
         try:
             v = float(text)
@@ -94,6 +110,8 @@ def _float(lo: float, strict: bool):
             v = float("nan")
         if not (v > lo if strict else v >= lo) or v == float("inf"):
             raise argparse.ArgumentTypeError(f"expected a number {'>' if strict else '>='} {lo:g}, got {text!r}")
+        if v > hi:
+            raise argparse.ArgumentTypeError(f"expected at most {hi:.3g} ({why}), got {text!r}")
         return v
 
     return parse
@@ -134,16 +152,16 @@ def _train_options(p: argparse.ArgumentParser, latent: bool = True, sweep: bool 
     t.add_argument("--epochs", type=_nonneg_int, help="total epochs (default 50" + (
         ", for each model)" if sweep else "; on --resume, the new total)"))
     t.add_argument("--batch-size", type=_positive_int, help="images per step and process (default 128)")
-    t.add_argument("--lr", type=_float(0, strict=True), help="Adam learning rate (default 1e-3)")
+    t.add_argument("--lr", type=_float(0, strict=True, hi=MAX_LR, why=LR_WHY), help="Adam learning rate (default 1e-3)")
     t.add_argument("--beta", type=_float(0, strict=False), help="KL weight (default 1)")
-    t.add_argument("--warmup", type=_float(0, strict=False), metavar="EPOCHS",
+    t.add_argument("--warmup", type=_float(0, strict=False, hi=float("inf")), metavar="EPOCHS",
                    help="KL warm-up: beta rises linearly from 0 over this many epochs (default 0: none)")
     t.add_argument("--free-bits", type=_float(0, strict=False), metavar="LAMBDA",
                    help="free bits: each latent unit's KL term is at least LAMBDA nats (its batch mean; "
                    "units under the floor get no KL gradient); default 0: off")
     t.add_argument("--device", type=_device, help="cpu, cuda, cuda:N or auto (default: cuda if available)")
-    t.add_argument("--seed", type=_nonneg_int, help="random seed (default 0)")
-    t.add_argument("--threads", type=_positive_int, help="CPU threads (default: PyTorch's choice; tiny models on "
+    t.add_argument("--seed", type=_seed, help="random seed (default 0)")
+    t.add_argument("--threads", type=_threads, help="CPU threads (default: PyTorch's choice; tiny models on "
                    "a busy machine run faster with 1)")
     t.add_argument("--skip-nonfinite", type=_nonneg_int, metavar="N",
                    help="skip a step whose loss or gradient norm is not finite (no optimizer step; counted in "
@@ -170,39 +188,51 @@ def _config_names():
 
 
 def _cmd_train(args) -> int:
+    import os
     from pathlib import Path
 
-    from .checkpoint import load_checkpoint, resume_config
+    from .checkpoint import checkpoint_file, load_checkpoint, resume_config
     from .config import TrainConfig
     from .errors import ConfigError
+    from .runlock import RunLock
     from .train import train
 
     opts = _explicit(args, _config_names())
-    if args.resume is not None:
-        if args.resume is True:
-            if "out" not in opts:
-                raise ConfigError("--resume without a RUN needs --out DIR (the run folder to continue)")
-            where = opts["out"]
-        else:
-            where = args.resume
-        ckpt = load_checkpoint(where)
-        opts.setdefault("out", str(Path(ckpt["path"]).parent))
-        cfg = resume_config(ckpt, opts)
+    if args.resume is None:
+        train(TrainConfig(**opts))
+        return 0
+    if args.resume is True:
+        if "out" not in opts:
+            raise ConfigError("--resume without a RUN needs --out DIR (the run folder to continue)")
+        where = opts["out"]
     else:
-        ckpt = None
-        cfg = TrainConfig(**opts)
-    train(cfg, ckpt)
+        where = args.resume
+    opts.setdefault("out", str(checkpoint_file(where).parent))
+    # The folder this run writes is locked before anything in it is read: a checkpoint read first
+    # could be replaced by another run's newer epoch, which this run would then overwrite. (A new
+    # folder holds nothing to read: train locks it once the data and the model are known to work.
+    # Under torchrun rank 0 alone locks; train checks that every rank read the same checkpoint.)
+    out = Path(opts["out"])
+    lock = RunLock(out) if out.is_dir() and os.environ.get("RANK", "0") == "0" else None
+    try:
+        if lock is not None:
+            lock.acquire()
+        ckpt = load_checkpoint(where)
+        train(resume_config(ckpt, opts), ckpt, lock=lock)
+    finally:
+        if lock is not None:
+            lock.release()
     return 0
 
 
 def _cmd_eval(args) -> int:
-    from .evaluate import evaluate_checkpoint
+    from .evaluate import evaluate_checkpoint, json_safe
 
     r = evaluate_checkpoint(args.checkpoint, k=args.k, data=args.data, train_split=args.train_split,
                             split=args.split, device=args.device, reference=args.reference, seed=args.seed,
                             batch_size=args.batch_size, progress=args.progress)
     if args.json:
-        print(json.dumps(r))
+        print(json.dumps(json_safe(r), allow_nan=False))  # strict JSON: null, with a note, for NaN
     else:
         print(f"{r['checkpoint']} (epoch {r['epoch']}), {r['split']} set of {r['data']}: {r['n']} images, "
               f"{r['kernels']} kernels on {r['device']}")
@@ -211,6 +241,8 @@ def _cmd_eval(args) -> int:
         print(f"{r['split']} negative ELBO{given}:  {r['nelbo']:.3f} nats/image  ({r['seconds_elbo']:.1f} s)")
         print(f"{r['split']} NLL{given}, k={r['k']}:  {r['nll']:.3f} +- {r['nll_sem']:.3f} nats/image "
               f"(importance-weighted estimate +- standard error over images; {r['seconds_nll']:.1f} s)")
+        for key, why in r["notes"].items():
+            print(f"note: {key}: {why}")
     return 0
 
 
@@ -250,8 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", choices=("test", "train"), default="test", help="which set to score (default test)")
     p.add_argument("--batch-size", type=_positive_int, default=100, help="images per batch (default 100)")
     p.add_argument("--device", type=_device, default="auto", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the importance samples (default 0)")
-    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: PyTorch's choice)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the importance samples (default 0)")
+    p.add_argument("--threads", type=_threads, help="CPU threads (default: PyTorch's choice)")
     p.add_argument("--reference", action="store_true", help="score with vae_ext.reference")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
@@ -260,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="one model per latent size: ELBO and BIC curves",
                        description="Train one model per latent size into OUT/latent-L and draw the ELBO "
                        "and BIC curves (OUT/sweep.png, OUT/sweep.csv). Takes the train options.")
-    p.add_argument("--latent", type=_int_list, default=[2, 5, 10, 20, 50], metavar="L1,L2,...",
+    p.add_argument("--latent", type=_latents, default=[2, 5, 10, 20, 50], metavar="L1,L2,...",
                    help="latent sizes (default 2,5,10,20,50)")
     p.add_argument("--k", type=_positive_int, default=1000,
                    help="importance samples for the NLL and BIC (default 1000)")
@@ -328,6 +360,14 @@ def _main(argv, command) -> int:
     except MemoryError as e:  # what the memory limit (vae_ext.cli.memory) did not foresee: still one line
         what = str(e).strip().splitlines()[0] if str(e).strip() else "an allocation failed"
         print(f"{PROG} {command}: error: out of memory ({what})", file=sys.stderr)
+        return 1
+    except RuntimeError as e:  # the allocator's refusal (CPU: a RuntimeError; CUDA: torch.OutOfMemoryError)
+        from .model_memory import first_line, is_out_of_memory
+
+        if not is_out_of_memory(e):
+            raise
+        print(f"{PROG} {command}: error: out of memory ({first_line(e)}); a smaller --batch-size, --hidden, "
+              f"--latent or --channels needs less", file=sys.stderr)
         return 1
     except KeyboardInterrupt as e:
         what = "terminated" if isinstance(e, _Terminated) else "interrupted"

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from ..models import ARCHS, RECON_MODES
 from .data import BINARIZE_MODES, parse_split
 from .errors import ConfigError
+from .limits import FLOAT32_MAX, LR_WHY, MAX_INT, MAX_LR, MAX_SEED
 
 __all__ = ["TrainConfig", "FIXED_ON_RESUME", "DEFAULT_HIDDEN", "DEFAULT_CHANNELS"]
 
@@ -63,7 +64,7 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')}: expected one of {', '.join(options)}, "
                                   f"got {getattr(self, name)!r}")
 
-        def number(name, kind, lo, lo_ok=True):
+        def number(name, kind, lo, lo_ok=True, hi=None, why=None):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
                 what = "a number" if kind is float else "an integer"
@@ -71,6 +72,11 @@ class TrainConfig:
             if not math.isfinite(v) or v < lo or (v == lo and not lo_ok):
                 rel = ">=" if lo_ok else ">"
                 raise ConfigError(f"--{name.replace('_', '-')}: expected a value {rel} {lo}, got {v!r}")
+            hi = hi if hi is not None else (FLOAT32_MAX if kind is float else MAX_INT)
+            if v > hi:
+                why = why or ("the largest float32" if kind is float else "PyTorch's int64")
+                bound = f"{hi:.3g}" if kind is float else ("2^63 - 1" if hi == MAX_INT else f"{hi:,}")
+                raise ConfigError(f"--{name.replace('_', '-')}: expected at most {bound} ({why}), got {v!r}")
             setattr(self, name, kind(v))
 
         choice("arch", tuple(ARCHS))
@@ -79,13 +85,13 @@ class TrainConfig:
         number("latent", int, 1)
         number("epochs", int, 0)
         number("batch_size", int, 1)
-        number("lr", float, 0.0, lo_ok=False)
+        number("lr", float, 0.0, lo_ok=False, hi=MAX_LR, why=LR_WHY)
         number("beta", float, 0.0)
-        number("warmup", float, 0.0)
+        number("warmup", float, 0.0, hi=math.inf)
         number("free_bits", float, 0.0)
         if not isinstance(self.conditional, bool):
             raise ConfigError(f"--conditional: expected True or False, got {self.conditional!r}")
-        number("seed", int, 0)
+        number("seed", int, 0, hi=MAX_SEED, why="the seed plus an epoch must fit in uint64")
         number("plot_every", int, 0)
         number("skip_nonfinite", int, 0)
         self.train_split = parse_split(self.train_split)
@@ -98,6 +104,8 @@ class TrainConfig:
                 v = [int(s) for s in v]
                 if any(s < 1 for s in v):
                     raise ConfigError(f"--{name}: expected positive sizes, got {v}")
+                if any(s > MAX_INT for s in v):
+                    raise ConfigError(f"--{name}: expected sizes below 2^63, got {v}")
                 setattr(self, name, v)
         if self.hidden is None:
             self.hidden = list(DEFAULT_HIDDEN[self.arch])

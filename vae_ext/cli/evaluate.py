@@ -15,7 +15,8 @@ from .data import TEST_BINARIZE_SEED, ImageData, binarize, load_data
 from .distributed import DistributedContext, resolve_device
 from .errors import ConfigError
 
-__all__ = ["EVAL_SEED", "evaluate", "eval_images", "eval_labels", "importance_weighted_nll", "evaluate_checkpoint"]
+__all__ = ["EVAL_SEED", "evaluate", "eval_images", "eval_labels", "importance_weighted_nll", "evaluate_checkpoint",
+           "json_safe"]
 
 EVAL_SEED = 1234  # the eps of the test ELBO: fixed, so epochs and runs are compared on the same draws
 
@@ -26,20 +27,21 @@ def evaluate(model: VAE, images: torch.Tensor, ctx: DistributedContext | None = 
     """Mean negative ELBO (and its terms) per image over ``images``, in nats; one z per image, drawn
     from a generator seeded with ``seed`` (so repeated evaluations use the same eps). A conditional
     model takes the images' ``labels``: the bound on -log p(x|y), KL to the class's prior.
-    Under torchrun each rank takes every world_size-th image and the sums are all-reduced."""
-    ctx = ctx or DistributedContext()
+
+    Under torchrun every rank scores every image with the same draws, so the result is the one a
+    single process gives (``vae-ext eval`` reproduces the last row of a torchrun run's metrics.csv);
+    a test set is small next to an epoch of training. ``ctx`` is accepted for that reason and unused.
+    """
+    del ctx  # sharding the images (and seeding each rank's eps apart) made the result depend on the ranks
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
-    shard = images[ctx.rank::ctx.world_size]
-    ys = [None] * math.ceil(len(shard) / batch_size) if labels is None else \
-        torch.split(labels[ctx.rank::ctx.world_size], batch_size)
-    g = torch.Generator(device=dev).manual_seed(seed + ctx.rank)
+    ys = [None] * math.ceil(len(images) / batch_size) if labels is None else torch.split(labels, batch_size)
+    g = torch.Generator(device=dev).manual_seed(seed)
     sums = torch.zeros(4, dtype=torch.float64, device=dev)
-    for b, y in zip(torch.split(shard, batch_size), ys):
+    for b, y in zip(torch.split(images, batch_size), ys):
         elbo, log_px_z, kl = model.elbo(b.to(dev), generator=g, return_terms=True, y=y)
         sums += torch.stack([-elbo.sum(), -log_px_z.sum(), kl.sum(), elbo.new_tensor(len(b))]).double()
-    ctx.all_reduce_sum(sums)
     model.train(was_training)
     s = sums.tolist()
     n = max(s[3], 1.0)
@@ -84,7 +86,8 @@ def evaluate_checkpoint(path, *, k: int = 5000, data: str | None = None, train_s
                         progress: bool = True) -> dict:
     """Test negative ELBO and the k-sample importance-weighted NLL of a checkpoint, in nats per image;
     for a class-conditional checkpoint both are conditional on the images' labels (-log p(x|y)),
-    with the class prior p(z|y)."""
+    with the class prior p(z|y). ``notes`` maps each of ``nelbo``, ``nll``, ``nll_sem`` that is not a
+    finite number (NaN: a standard error of one image, a diverged checkpoint) to the reason."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("eval runs as one process; start it without torchrun")
     if k < 1:
@@ -105,7 +108,28 @@ def evaluate_checkpoint(path, *, k: int = 5000, data: str | None = None, train_s
     nll = importance_weighted_nll(model, images, k, batch_size=batch_size, seed=seed, progress=progress,
                                   labels=labels)
     t2 = time.perf_counter()
-    return {"checkpoint": ckpt["path"], "epoch": ckpt["epoch"], "data": d.name, "split": split, "n": len(images),
-            "k": k, "nelbo": nelbo, "nll": nll.mean().item(), "nll_sem": (nll.std() / math.sqrt(len(nll))).item(),
-            "seconds_elbo": t1 - t0, "seconds_nll": t2 - t1, "kernels": "reference" if reference else "fused",
-            "device": str(dev), "conditional": num_classes > 0}
+    r = {"checkpoint": ckpt["path"], "epoch": ckpt["epoch"], "data": d.name, "split": split, "n": len(images),
+         "k": k, "nelbo": nelbo, "nll": nll.mean().item(), "nll_sem": math.nan,
+         "seconds_elbo": t1 - t0, "seconds_nll": t2 - t1, "kernels": "reference" if reference else "fused",
+         "device": str(dev), "conditional": num_classes > 0, "notes": {}}
+    if len(nll) < 2:  # (torch's std of one value is NaN, with a UserWarning)
+        r["notes"]["nll_sem"] = f"undefined: a standard error needs 2 images or more; the {split} set has {len(nll)}"
+    else:
+        r["nll_sem"] = (nll.std() / math.sqrt(len(nll))).item()
+    for key in ("nelbo", "nll", "nll_sem"):
+        if not math.isfinite(r[key]) and key not in r["notes"]:
+            r["notes"][key] = _why_not_finite(model, r[key])
+    return r
+
+
+def _why_not_finite(model: VAE, value: float) -> str:
+    what = "NaN" if math.isnan(value) else f"{value}"
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        return f"{what}: the checkpoint's weights are not all finite"
+    return f"{what}: the model gives a non-finite value on some image"
+
+
+def json_safe(results: dict) -> dict:
+    """:func:`evaluate_checkpoint`'s results for strict JSON: a number that is not finite becomes
+    None (``null``); ``results["notes"]`` says why it is missing."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in results.items()}

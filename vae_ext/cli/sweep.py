@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
@@ -38,6 +39,9 @@ def sweep(latents, base: TrainConfig, *, k: int = 1000, overrides: dict | None =
     latents = list(latents)
     if not latents:
         raise ConfigError("--latent: expected at least one latent size")
+    twice = sorted({v for v in latents if latents.count(v) > 1})
+    if twice:  # each size has one folder and one row: a repeat would train nothing and duplicate the row
+        raise ConfigError(f"--latent: each latent size once: {', '.join(map(str, twice))} is given more than once")
     out = Path(base.out or os.path.join("runs", time.strftime("sweep-%Y%m%d-%H%M%S")))
     with RunLock(out):  # one sweep per folder (each model's folder is locked by train)
         return _sweep(latents, base, out, k, overrides, log)
@@ -49,10 +53,12 @@ def _sweep(latents, base: TrainConfig, out: Path, k: int, overrides, log) -> lis
     for lat in latents:
         run = out / f"latent-{lat}"
         opts = {**overrides, "latent": lat, "out": str(run)}
-        ckpt = load_checkpoint(run) if (run / CHECKPOINT_NAME).exists() else None
-        cfg = resume_config(ckpt, opts) if ckpt else TrainConfig(**{**asdict(base), **opts})
-        log(f"--- latent size {lat}: {run}")
-        res = train(cfg, ckpt, log=log)
+        # the model's folder is locked before its checkpoint is read (see vae_ext.cli's train)
+        with RunLock(run) if run.is_dir() else nullcontext() as lock:
+            ckpt = load_checkpoint(run) if (run / CHECKPOINT_NAME).exists() else None
+            cfg = resume_config(ckpt, opts) if ckpt else TrainConfig(**{**asdict(base), **opts})
+            log(f"--- latent size {lat}: {run}")
+            res = train(cfg, ckpt, log=log, lock=lock)
         model, data = res.model, res.data
         train_imgs, test_imgs = eval_images(data, "train"), eval_images(data, "test")
         # a conditional model is scored on -log p(x|y): its labels go along

@@ -22,12 +22,22 @@ from torch.utils.data import BatchSampler, DistributedSampler
 from tqdm import tqdm
 
 from ..models import VAE
-from .checkpoint import CHECKPOINT_NAME, check_image_shape, check_labels, fmt_option, load_model_state, save_checkpoint
+from .checkpoint import (
+    CHECKPOINT_NAME,
+    check_image_shape,
+    check_labels,
+    checkpoint_stamp,
+    fmt_option,
+    load_model_state,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .data import ImageData, binarize, load_data
 from .distributed import DistributedContext, setup
 from .errors import CheckpointError, ConfigError, VaeExtError
 from .evaluate import evaluate
+from .memory import check_fits
+from .model_memory import first_line, is_out_of_memory, training_bytes
 from .plots import save_plots
 from .runfiles import write_csv
 from .runlock import RunLock
@@ -44,19 +54,38 @@ METRIC_COLUMNS = ("epoch", "step", "beta", "train_loss", "train_nelbo", "train_r
 ACTIVE_UNIT_NATS = 0.01
 
 
-def build_model(cfg: TrainConfig, image_shape, num_classes: int = 0) -> VAE:
-    """The run's model; ``num_classes`` > 0 (with ``cfg.conditional``) for a class-conditional one."""
+def build_model(cfg: TrainConfig, image_shape, num_classes: int = 0, *, batch: int | None = None) -> VAE:
+    """The run's model; ``num_classes`` > 0 (with ``cfg.conditional``) for a class-conditional one.
+
+    First built on the meta device: a model that cannot be trained in the memory available, with
+    batches of ``batch`` images (default ``cfg.batch_size``), is refused (ConfigError naming the
+    options) before anything is allocated."""
     kwargs = dict(arch=cfg.arch, input_shape=tuple(image_shape), latent_size=cfg.latent,
                   hidden_sizes=cfg.hidden, recon=cfg.recon, fused=not cfg.reference,
                   num_classes=num_classes if cfg.conditional else 0, free_bits=cfg.free_bits)
+    sizes = f"--arch {cfg.arch} --hidden {fmt_option(cfg.hidden)} --latent {cfg.latent}"
     if cfg.arch == "conv":
         if len(image_shape) != 3:
             raise ConfigError(f"--arch conv: expected (C, H, W) images, got shape {list(image_shape)}")
         kwargs["channels"] = cfg.channels
+        sizes += f" --channels {fmt_option(cfg.channels)}"
+    batch = cfg.batch_size if batch is None else batch
     try:
-        return VAE(**kwargs)
+        with torch.device("meta"):
+            meta = VAE(**kwargs)
+        need = training_bytes(meta, batch)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    except (RuntimeError, OverflowError, TypeError) as e:  # a size beyond what a tensor can hold
+        raise ConfigError(f"{sizes}: the model is too large to build ({first_line(e)})") from None
+    check_fits(need, f"{sizes} --batch-size {cfg.batch_size}: training this model ({meta.num_parameters():,} "
+               f"parameters)", ConfigError)
+    try:
+        return VAE(**kwargs)
+    except RuntimeError as e:  # the memory was taken meanwhile, or there was no limit to check
+        if not is_out_of_memory(e):
+            raise
+        raise ConfigError(f"{sizes}: out of memory building the model ({first_line(e)})") from None
 
 
 @dataclass
@@ -123,15 +152,20 @@ def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 10_007 + rank * 101) % (1 << 63)
 
 
-def train(cfg: TrainConfig, checkpoint: dict | None = None, *, log=print) -> TrainResult:
+def train(cfg: TrainConfig, checkpoint: dict | None = None, *, log=print, lock: RunLock | None = None) -> TrainResult:
     """Train (or, given a loaded ``checkpoint``, resume) a VAE; see the module docstring for outputs.
 
     Under ``torchrun`` (WORLD_SIZE > 1) this is one rank of a DistributedDataParallel job; rank 0
     logs and writes files. ``log`` receives the progress lines (rank 0 only).
+
+    ``lock``: the RunLock of ``cfg.out``, taken by a caller before it read ``checkpoint`` from that
+    folder (``vae-ext train --resume`` does), held through training and released by the caller.
+    Without it train takes the lock itself, and refuses a ``checkpoint`` that another run replaced
+    between its reading and the lock (resuming it would overwrite that run's newer epochs).
     """
     ctx = setup(cfg.device, fused=not cfg.reference)
     try:
-        return _train(cfg, checkpoint, ctx, log if ctx.is_main else (lambda *a, **k: None))
+        return _train(cfg, checkpoint, ctx, log if ctx.is_main else (lambda *a, **k: None), lock)
     finally:
         ctx.close()
 
@@ -149,15 +183,36 @@ def _on_main(ctx: DistributedContext, fn):
         raise error[0](error[1])
 
 
-def _train(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log) -> TrainResult:
+def _train(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, lock: RunLock | None) -> TrainResult:
     if cfg.out is None:
         cfg = replace(cfg, out=ctx.broadcast_object(os.path.join("runs", time.strftime("vae-%Y%m%d-%H%M%S"))))
     out = Path(cfg.out)
-    lock = RunLock(out)  # rank 0 alone writes, so rank 0 alone takes it
+    if lock is not None and lock.folder.resolve() != out.resolve():
+        raise ValueError(f"lock: expected the RunLock of cfg.out ({out}), got one of {lock.folder}")
+    own = lock is None
+    lock = lock or RunLock(out)  # rank 0 alone writes, so rank 0 alone takes it
     try:
         return _train_locked(cfg, checkpoint, ctx, log, out, lock)
     finally:
-        lock.release()
+        if own:
+            lock.release()
+
+
+def _replaced(checkpoint: dict) -> CheckpointError:
+    return CheckpointError(f"{checkpoint['path']} was replaced by another run after this one read it (at epoch "
+                           f"{checkpoint['epoch']}); run the command again to resume from the newer epoch")
+
+
+def _same_checkpoint_on_every_rank(ctx: DistributedContext, checkpoint: dict) -> None:
+    """Rank 0 read its checkpoint holding the run folder's lock, the others perhaps just before
+    another run replaced it: every rank must start from the same one. Compared by content (its epoch
+    and last metrics row, whose wall-clock seconds tell two runs apart), not by the file's stamp,
+    which differs between the copies of a run folder on several machines."""
+    history = checkpoint.get("history") or [None]
+    mine = repr((checkpoint.get("epoch"), history[-1]))
+    differs = torch.tensor([float(mine != ctx.broadcast_object(mine))], device=ctx.device)
+    if ctx.all_reduce_sum(differs).item() > 0:
+        raise _replaced(checkpoint)
 
 
 def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, out: Path, lock: RunLock) -> TrainResult:
@@ -176,8 +231,13 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
             return
         lock.acquire()
         refuse_another_run()  # again: another run may have finished here while this one waited
+        if checkpoint is not None and checkpoint.get("stamp") is not None and ckpt_path.exists() \
+                and checkpoint_stamp(ckpt_path) != checkpoint["stamp"]:  # resuming in place, read unlocked
+            raise _replaced(checkpoint)
 
     _on_main(ctx, lambda: claim_folder(early=True))
+    if checkpoint is not None and ctx.distributed:
+        _same_checkpoint_on_every_rank(ctx, checkpoint)
     data = load_data(cfg.data, train_split=cfg.train_split, binarize_mode=cfg.binarize, labels=cfg.conditional)
     num_classes = data.num_classes
     if checkpoint is not None:
@@ -187,7 +247,9 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
 
     dev = ctx.device
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, data.image_shape, num_classes)
+    # the largest batch a step takes: a rank's share of the training set caps --batch-size
+    model = build_model(cfg, data.image_shape, num_classes,
+                        batch=min(cfg.batch_size, math.ceil(len(data.train) / ctx.world_size)))
     if checkpoint is not None:
         load_model_state(model, checkpoint)
     model.to(dev)

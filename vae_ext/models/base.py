@@ -153,7 +153,10 @@ class VAE(ClassConditional, nn.Module):
 
     def encode(self, x: torch.Tensor, y=None):
         """q(z|x[, y]) = N(mu, exp(logvar)): returns ``(mu, logvar)``, each (N, latent_size)."""
-        h = self._features(self._as_images(x), self.one_hot(y))
+        x, c = self._as_images(x), self.one_hot(y)
+        if c is not None and c.shape[0] != x.shape[0]:
+            raise ValueError(f"y: expected {x.shape[0]} labels (one per image of x), got {c.shape[0]}")
+        h = self._features(x, c)
         return self.fc_mu(h), self.fc_logvar(h)
 
     def decode(self, z: torch.Tensor, y=None) -> torch.Tensor:
