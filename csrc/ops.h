@@ -65,6 +65,12 @@ void fill_elbo_args(Args& a, const ElboBuffers& b, Recon mode, Reduction red, bo
   a.l = b.l;
   a.grad_scale = (red == Reduction::Mean && b.n > 0) ? 1.0 / static_cast<double>(b.n) : 1.0;
 }
+// The sum of every element of t, 0-d, in double: on CPU in index order, whatever the thread count.
+Tensor sum_all(const Tensor& t);
+// g (N, ...) summed to `shape` (which broadcasts to g's), in double: on CPU over the batch by
+// sum_over_batch, then each output's elements in index order. A broadcast prior's gradient.
+Tensor sum_to_shape(const Tensor& g, at::IntArrayRef shape);
+Tensor sum_to_shape_cpu(const Tensor& g, at::IntArrayRef shape);
 
 // The sums of g (N, ...) over its first dimension, shape g.shape[1:], in double: on CPU each in a
 // fixed order (the same for any thread count). For the KL per unit and a broadcast prior's gradient.

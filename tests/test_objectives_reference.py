@@ -377,6 +377,19 @@ def test_free_bits_unit_exactly_at_the_floor_keeps_its_gradient():
         assert kl.item() == 3.0
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean", "pixel_mean"])
+def test_free_bits_empty_batch_matches_reference(reduction):
+    """N = 0 under free bits: every output as the reference's; the true KL of "sum" is 0 (an empty
+    sum), not 0 / 0 times 0 from the per-unit KL."""
+    args = (torch.rand(0, 4), torch.rand(0, 4), torch.randn(0, 3), torch.randn(0, 3))
+    got = vae_ext.elbo_loss(*args, free_bits=0.5, return_terms=True, reduction=reduction)
+    want = reference.elbo_loss(*args, free_bits=0.5, return_terms=True, reduction=reduction)
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True, msg=f"output {i}: {g} vs {w}")
+    if reduction == "sum":
+        assert got[2].item() == 0.0
+
+
 def test_free_bits_zero_is_no_free_bits():
     inputs = make_objective_inputs("bce", (4, 10), (4, 3), F64, seed=21, prior_shape=(3,))
     for reduction in REDUCTIONS:

@@ -131,9 +131,15 @@ def _optional_tensors(names_tensors):
 
 def _kl_true(kl, units, n, reduction):
     """With free bits, the true KL under ``reduction`` (the op's kl is the floored one), from the
-    per-unit KL; detached: it is for logging."""
-    total = units.sum()
-    return (total * n if reduction == "sum" else total).detach()
+    per-unit KL; detached: it is for logging. Summed in float64 in index order (a cumulative sum is
+    one sequential scan), as the kernels' sums: ``Tensor.sum`` would split a long sum over threads,
+    and its bits would depend on their number. An empty batch: 0 for "sum", NaN for a mean (the
+    reference's empty sum and mean; its units are 0 / 0)."""
+    if n == 0:
+        return torch.full((), 0.0 if reduction == "sum" else math.nan, dtype=kl.dtype, device=kl.device)
+    flat = units.detach().reshape(-1).to(torch.float64)
+    total = flat.cumsum(0)[-1] if flat.numel() else flat.new_zeros(())
+    return (total * n if reduction == "sum" else total).to(kl.dtype)
 
 
 def elbo_loss(

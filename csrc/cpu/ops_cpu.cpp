@@ -5,9 +5,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "../ops.h"
 #include "kernels.h"
@@ -206,6 +208,47 @@ Tensor philox_normal_cpu(const Tensor& like, int64_t seed, int64_t offset) {
 Tensor sum_over_batch_cpu(const Tensor& g) {
   TORCH_CHECK(g.is_cpu() && g.dim() >= 1, "sum_over_batch_cpu: expected a CPU tensor of shape (N, ...)");
   return sum_over_batch_cpu_impl(g);
+}
+
+Tensor sum_to_shape_cpu(const Tensor& g, at::IntArrayRef shape) {
+  const int64_t dims = g.dim(), pad = dims - static_cast<int64_t>(shape.size());
+  TORCH_CHECK(g.is_cpu() && dims >= 1 && pad >= 0 && at::is_expandable_to(shape, g.sizes()),
+              "sum_to_shape_cpu: expected a CPU tensor of shape (N, ...) and a shape that broadcasts to it");
+  std::vector<int64_t> to(static_cast<size_t>(dims), 1);  // shape with g's rank
+  std::copy(shape.begin(), shape.end(), to.begin() + pad);
+  // rows: g's samples, or one row (the sums over the batch) when the batch is summed
+  const Tensor s = (to[0] == 1 && g.size(0) != 1) ? sum_over_batch_cpu_impl(g).unsqueeze(0)
+                                                  : g.to(at::kDouble).contiguous();
+  Tensor out = at::zeros(to, g.options().dtype(at::kDouble));
+  std::vector<int64_t> sizes(s.sizes().begin() + 1, s.sizes().end()), ostride(sizes.size());
+  int64_t inner = 1, out_inner = 1;
+  for (int64_t k = 1; k < dims; ++k) {
+    inner *= s.size(k);
+    out_inner *= to[static_cast<size_t>(k)];
+  }
+  const int64_t rows = s.size(0);
+  for (size_t k = 0; k < sizes.size(); ++k) ostride[k] = to[k + 1] == 1 ? 0 : out.stride(static_cast<int64_t>(k) + 1);
+  const double* p = s.const_data_ptr<double>();
+  double* o = out.data_ptr<double>();
+  // Each row on one thread, its elements in index order: the same bits for any thread count.
+  at::parallel_for(0, rows, std::max<int64_t>(1, cpu::kGrainElems / std::max<int64_t>(inner, 1)),
+                   [&](int64_t b, int64_t e) {
+                     std::vector<int64_t> idx(sizes.size());
+                     for (int64_t r = b; r < e; ++r) {
+                       std::fill(idx.begin(), idx.end(), 0);
+                       int64_t off = 0;  // the output offset of element i of the row
+                       for (int64_t i = 0; i < inner; ++i) {
+                         o[r * out_inner + off] += p[r * inner + i];
+                         for (int64_t k = static_cast<int64_t>(sizes.size()) - 1; k >= 0; --k) {  // next index
+                           off += ostride[k];
+                           if (++idx[k] < sizes[k]) break;
+                           off -= ostride[k] * sizes[k];
+                           idx[k] = 0;
+                         }
+                       }
+                     }
+                   });
+  return out.view(shape);
 }
 
 TORCH_LIBRARY_IMPL(vae_ext, CPU, m) {
