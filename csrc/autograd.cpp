@@ -76,12 +76,6 @@ Tensor scale_grad(const Tensor& g, const Tensor& d, bool per_sample, at::ScalarT
     return g;
   }
 #endif
-  // A half g scaled per sample on CPU: TensorIterator would compute in float32 through float32
-  // copies of g; the kernel converts in registers.
-  if (per_sample && g.is_cpu() && (out == at::kHalf || out == at::kBFloat16)) {
-    scale_rows_cpu(g, s.reshape({-1}));
-    return g;
-  }
   return g.mul_(s);
 }
 

@@ -469,10 +469,9 @@ def check_objective_case(case):
         floor = abs_floor(dtype) * up_max * (max(1.0, case["beta"]) if latent else 1.0)
         floor = to_input_shape(torch.full_like(mag[name], floor), name, case)
         bound = tol.grad * (rg.abs() + cancel) + to_input_shape(per_elem_abs, name, case) + floor
-        # README: the op writes each local gradient (at grad_output 1) in the forward, in the
-        # kernel's arithmetic (float32 for half types), and stores recon_x's and a per-element
-        # recon_logvar's in the input dtype, after the reduction's 1/N; the backward then scales it.
-        # Where that local gradient is beyond the range, the result is +-inf whatever scales it
+        # README: the op writes each local gradient (at grad_output 1, after the reduction's 1/N)
+        # in the forward, in the kernel's arithmetic (float32 for half types); the backward then
+        # scales it. Where that local gradient is beyond the range, the result is +-inf whatever scales it
         # (NaN for a zero scale), where plain PyTorch, scaling first, may be finite: at grad_output
         # 0.37, mu - prior_mu = -1.5 and prior_logvar -87.9, the float32 gradient of mu is -1.39e38,
         # the local one -3.76e38.
@@ -481,9 +480,6 @@ def check_objective_case(case):
             big_c = torch.finfo(torch.float64 if dtype == F64 else torch.float32).max
             loc = local[name] * (1 + 1e-4)  # a value that rounds up past the largest float
             may = loc >= big_c
-            if not latent:
-                scale = 1 / n if red in ("mean", "pixel_mean") else 1.0  # pixel_mean's 1/D: in the backward
-                may |= loc * scale >= torch.finfo(dtype).max
             over = to_input_shape(may.to(F64), name, case)
             may = over > 0
             # a sum of local gradients (an expanded leaf, a broadcast prior) of which one is +-inf

@@ -22,8 +22,8 @@ namespace vae_ext::cpu::CPU_CAPABILITY {
 #define VAE_EXT_STR(x) VAE_EXT_STR2(x)
 
 const KernelTable& kernel_table() {
-  static const KernelTable table{VAE_EXT_STR(CPU_CAPABILITY), &elbo_kernel,   &reparam_kernel,
-                                 &reparam_backward_kernel,    &normal_kernel, &scale_rows_kernel};
+  static const KernelTable table{VAE_EXT_STR(CPU_CAPABILITY), &elbo_kernel, &reparam_kernel, &reparam_backward_kernel,
+                                 &normal_kernel};
   return table;
 }
 

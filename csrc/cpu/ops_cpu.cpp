@@ -30,20 +30,6 @@ const KernelTable& kernels() {
 }
 }  // namespace cpu
 
-void scale_rows_cpu(const Tensor& g, const Tensor& s) {
-  const auto st = g.scalar_type();
-  TORCH_CHECK(g.is_cpu() && (st == at::kHalf || st == at::kBFloat16) && g.dim() >= 1 &&
-                  g.is_non_overlapping_and_dense() &&
-                  (g.size(0) <= 1 || g.numel() == 0 || g.stride(0) == g.numel() / g.size(0)) &&
-                  s.scalar_type() == at::kFloat && s.dim() == 1 && s.numel() == g.size(0),
-              "scale_rows_cpu: expected a dense float16/bfloat16 CPU g whose samples are blocks, and float32 s of ",
-              "one value per sample");
-  if (g.numel() == 0) return;
-  const Tensor sc = s.contiguous();
-  cpu::kernels().scale_rows(kernel_dtype(st), g.data_ptr(), g.size(0), g.numel() / g.size(0),
-                            sc.const_data_ptr<float>());
-}
-
 namespace {
 
 // The two outputs from the kernel's sums over the batch (sum and mean): (rec, kl), or with
