@@ -90,6 +90,28 @@ def test_l1_gradient_is_zero_at_a_tie():
     assert r.grad.tolist() == [[0.0, 2.0, -2.0, 0.0], [0.0, -3.0, 0.0, 3.0]]
 
 
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=dtype_id)
+def test_l1_gradient_at_a_nan_difference_is_the_reference_s(dtype):
+    """r - x NaN (a NaN input, inf - inf): the loss is NaN, the gradient there 0, as F.l1_loss's
+    backward and the reference's (torch.sign(NaN) is 0); the other elements keep theirs."""
+    nan, inf = float("nan"), float("inf")
+    r = torch.tensor([[nan, 1.0, inf, 0.25, 2.0, -1.0, 0.5, 0.5, 1.0, 3.0]], dtype=dtype)
+    x = torch.tensor([[0.0, nan, inf, 0.0, 1.0, 0.0, 0.5, nan, -2.0, nan]], dtype=dtype)
+    mu = lv = torch.zeros(1, 1, dtype=dtype)
+    grads = []
+    for fn in (vae_ext.elbo_loss, reference.elbo_loss):
+        leaf = r.detach().requires_grad_(True)
+        out = fn(leaf, x, mu, lv, recon="l1", reduction="none")
+        assert torch.isnan(out).all()
+        (out * 3.0).sum().backward()
+        grads.append(leaf.grad)
+    leaf = r.detach().requires_grad_(True)
+    (torch.nn.functional.l1_loss(leaf, x, reduction="sum") * 3.0).backward()
+    assert torch.equal(grads[0], grads[1]), grads
+    assert torch.equal(grads[0], leaf.grad), (grads[0], leaf.grad)
+    assert grads[0].tolist()[0] == [0.0, 0.0, 0.0, 3.0, 3.0, -3.0, 0.0, 0.0, 3.0, 0.0]
+
+
 @pytest.mark.parametrize("rlv", ["scalar", "pixel"])
 def test_gaussian_recon_logvar_alone_requires_grad(rlv):
     """Only recon_logvar requires grad (a learned output variance, fixed decoder): its gradient alone."""

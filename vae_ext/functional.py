@@ -171,7 +171,8 @@ def elbo_loss(
             (N, C, H, W) as they are; summed per sample over every non-batch dimension.
         recon: ``"bce"`` (PyTorch's ``binary_cross_entropy``, with its log clamp at -100),
             ``"bce_logits"`` (stable BCE on logits), ``"mse"`` (sum of squared errors), ``"l1"``
-            (sum of absolute errors, gradient ``sign(r - x)``) or ``"gaussian"`` (the Gaussian
+            (sum of absolute errors, gradient ``sign(r - x)``, 0 at a tie or a NaN difference as
+            ``F.l1_loss``'s) or ``"gaussian"`` (the Gaussian
             negative log-likelihood ``0.5 * ((x - r)^2 * exp(-recon_logvar) + recon_logvar +
             log(2 pi))`` per element).
         beta: weight of the KL term, a float >= 0; changing it needs no rebuild.
