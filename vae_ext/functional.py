@@ -90,6 +90,11 @@ def _check_choice(name: str, value, choices) -> None:
 def _check_beta(beta) -> float:
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
         raise TypeError(f"beta: expected a Python float >= 0, got {type(beta).__name__}")
+    if isinstance(beta, numbers.Integral):  # beta * kl would read an int as a 64-bit int: 10**30 overflows
+        try:
+            beta = float(beta)
+        except OverflowError:
+            raise ValueError("beta: expected a finite float >= 0, got a number beyond float's range") from None
     # Comparisons only (no math.isfinite): under torch.compile beta may be a symbolic float.
     if not (beta >= 0.0 and beta < math.inf):
         raise ValueError(f"beta: expected a finite float >= 0, got {beta}")
@@ -101,7 +106,11 @@ def _check_free_bits(free_bits) -> float:
     if isinstance(free_bits, bool) or not isinstance(free_bits, numbers.Real):
         raise TypeError("free_bits: expected a Python float >= 0 (nats per latent unit), got "
                         f"{type(free_bits).__name__}")
-    return float(free_bits)
+    try:
+        return float(free_bits)
+    except OverflowError:  # an int beyond float's range, 10**400
+        raise ValueError("free_bits: expected a finite float >= 0 (nats per latent unit), got a number beyond "
+                         "float's range") from None
 
 
 def _elbo_args_ok(recon_x, x, mu, logvar, recon, reduction, beta, extra) -> bool:
@@ -223,7 +232,7 @@ def elbo_loss(
         _check_same((("recon_x", recon_x), ("x", x), ("mu", mu), ("logvar", logvar), *given), "device")
         _check_choice("recon", recon, RECON_MODES)
         _check_choice("reduction", reduction, REDUCTIONS)
-        _check_beta(beta)
+        beta = _check_beta(beta)
         free_bits = _check_free_bits(free_bits)
         named = dict(given)
         prior_mu, prior_logvar, recon_logvar = (named.get(n) for n in ("prior_mu", "prior_logvar", "recon_logvar"))
@@ -232,7 +241,8 @@ def elbo_loss(
         if recon_x.dim() < 1:
             raise ValueError("recon_x: expected a tensor of shape (N, ...), got a 0-d tensor")
         n = recon_x.shape[0]
-        if x.dim() < 1 or x.shape[0] != n or x.numel() != recon_x.numel():
+        # elements per sample, not numel: an empty batch has 0 of any size
+        if x.dim() < 1 or x.shape[0] != n or math.prod(x.shape[1:]) != math.prod(recon_x.shape[1:]):
             raise ValueError(
                 f"x: expected the shape of recon_x {tuple(recon_x.shape)} (or the same batch size "
                 f"and number of elements per sample), got {tuple(x.shape)}"
