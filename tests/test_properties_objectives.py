@@ -347,6 +347,16 @@ def check_objective_case(case):
     ref_case = dict(case, ups=[u / 2**k for u in case["ups"]], makes=makes)
     ref, ref_g = run_objective(reference.elbo_loss, reference.gaussian_kl, ref_case, F64)
     ref_g = {name: None if g is None else g * 2**k for name, g in ref_g.items()}
+    # The latent gradients' scale is grad_output * beta, which needs 2^k_lat <= 2^k: with a beta of
+    # 5e-324, grad_output * beta / 2^k underflows to 0 (the long profile's counterexample), so they
+    # come from a run at their own k_lat (0 where grad_output * beta <= 1).
+    k_lat = math.ceil(math.log2(max(1.0, up_max * case["beta"])))
+    if k_lat != k:
+        _, lat_g = run_objective(reference.elbo_loss, reference.gaussian_kl,
+                                 dict(ref_case, ups=[u / 2**k_lat for u in case["ups"]]), F64)
+        for name in ("mu", "logvar", "prior_mu", "prior_logvar"):
+            if name in lat_g:
+                ref_g[name] = None if lat_g[name] is None else lat_g[name] * 2**k_lat
     # plain PyTorch refuses to clamp a float32 tensor at a floor beyond float32's range (RuntimeError:
     # value cannot be converted): it gets the floor rounded to the loss dtype (inf)
     fb_native = float(torch.tensor(case["free_bits"], dtype=F64).to(out_dtype(dtype)))
@@ -422,7 +432,7 @@ def check_objective_case(case):
               f"{'near' if near.any() else ''}")
         if near.any():
             # the unfloored gradients (the KL returned, now differentiable, takes no grad_output)
-            ups0 = [u / 2**k for u in case["ups"]][:2] + [0 * u for u in case["ups"][2:]]
+            ups0 = [u / 2**k_lat for u in case["ups"]][:2] + [0 * u for u in case["ups"][2:]]
             _, kept_g = run_objective(reference.elbo_loss, reference.gaussian_kl,
                                       dict(ref_case, free_bits=0.0, ups=ups0), F64)
     for name in GRAD_NAMES:
@@ -446,7 +456,7 @@ def check_objective_case(case):
             # or 0 where it is 0 (0 * the unfloored one, NaN where that is not finite); one that sums over
             # units (a broadcast prior, (C, 1, 1)) against its own value.
             near_in = to_input_shape(near.expand(full["mu"].shape).to(F64), name, case) > 0
-            kept = kept_g[name] * 2**k
+            kept = kept_g[name] * 2**k_lat
             unit_dims = full["mu"].dim() - 1
             logical = tuple(case["makes"][name](case["leaves"][name]).shape)
             # (an expanded leaf sums its logical dimension 0: the batch, or a prior's unit dimension)
