@@ -347,10 +347,14 @@ def check_objective_case(case):
     ref_case = dict(case, ups=[u / 2**k for u in case["ups"]], makes=makes)
     ref, ref_g = run_objective(reference.elbo_loss, reference.gaussian_kl, ref_case, F64)
     ref_g = {name: None if g is None else g * 2**k for name, g in ref_g.items()}
-    # The latent gradients' scale is grad_output * beta, which needs 2^k_lat <= 2^k: with a beta of
-    # 5e-324, grad_output * beta / 2^k underflows to 0 (the long profile's counterexample), so they
-    # come from a run at their own k_lat (0 where grad_output * beta <= 1).
-    k_lat = math.ceil(math.log2(max(1.0, up_max * case["beta"])))
+    # The latent gradients' scale is the KL's weight, grad_output * beta (plus the KL term's own
+    # grad_output with return_terms), often far below grad_output: at a beta of 5e-324,
+    # grad_output * beta / 2^k underflowed to 0, and at beta 4.2e-120 times a subnormal
+    # exp(-prior_logvar) / 2 autograd's first product did (the long profile's counterexamples). They
+    # come from a run at their own k_lat, where that weight is about 1.
+    ups_max = [u.abs().max().item() if u.numel() else 0.0 for u in case["ups"]]
+    kl_up = ups_max[0] * (1.0 if case["kl_only"] else case["beta"]) + (ups_max[2] if len(ups_max) > 2 else 0.0)
+    k_lat = math.ceil(math.log2(kl_up)) if kl_up > 0 else 0
     if k_lat != k:
         _, lat_g = run_objective(reference.elbo_loss, reference.gaussian_kl,
                                  dict(ref_case, ups=[u / 2**k_lat for u in case["ups"]]), F64)
