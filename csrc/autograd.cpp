@@ -76,12 +76,6 @@ Tensor scale_grad(const Tensor& g, const Tensor& d, bool per_sample, at::ScalarT
     return g;
   }
 #endif
-  // A half g scaled per sample on CPU: TensorIterator would compute in float32 through float32
-  // copies of g; the kernel converts in registers.
-  if (per_sample && g.is_cpu() && (out == at::kHalf || out == at::kBFloat16)) {
-    scale_rows_cpu(g, s.reshape({-1}));
-    return g;
-  }
   return g.mul_(s);
 }
 
@@ -113,16 +107,11 @@ variable_list first_order_only(variable_list grads, const char* msg) {
 }
 
 // A broadcast prior's gradient: g (per element, mu's shape, scaled, in the loss dtype) summed over
-// the dimensions the prior was broadcast along, then rounded once to `out`. A prior shared by every
-// sample is summed over the batch in a fixed order (csrc/ops.h sum_over_batch).
+// the dimensions the prior was broadcast along, in double and a fixed order (csrc/ops.h
+// sum_to_shape), then rounded once to `out`.
 Tensor prior_grad(const Tensor& g, at::IntArrayRef shape, at::ScalarType out) {
   if (g.sizes() == shape) return g.to(out);
-  const auto dims = static_cast<int64_t>(shape.size());
-  const bool shared = dims < g.dim() || (shape[0] == 1 && g.size(0) != 1);
-  if (!shared) return g.sum_to_size(shape).to(out);
-  const Tensor s = sum_over_batch(g);  // g.shape[1:]
-  if (dims == g.dim()) return s.sum_to_size(shape.slice(1)).reshape(shape).to(out);
-  return s.sum_to_size(shape).to(out);
+  return sum_to_shape(g, shape).to(out);
 }
 
 struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
@@ -195,9 +184,10 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
       if (needs(0)) g_recon = scale_grad(saved[0], d_rec, per_sample, dtype, device);
       if (needs(6)) {
         const Tensor& g = saved[5];
-        // a 0-d recon_logvar: its gradient per sample (none) or over the batch, in the loss dtype
+        // a 0-d recon_logvar: its gradient per sample (none) or over the batch, in the loss dtype;
+        // the per-sample ones scaled and summed in double, in a fixed order
         if (ctx->saved_data["rlv_scalar"].toBool())
-          g_recon_logvar = at::mul(g, d_rec).sum().to(dtype);
+          g_recon_logvar = sum_all(at::mul(g.to(at::kDouble), d_rec.to(at::kDouble))).to(dtype);
         else
           g_recon_logvar = scale_grad(g, d_rec, per_sample, dtype, device);
       }
@@ -302,8 +292,11 @@ struct ReparameterizeFunction : public torch::autograd::Function<ReparameterizeF
                            .to(logvar.scalar_type());  // the kernels' eps: float32, then the input dtype
     Tensor g_eps = grad_z * eps, g_mu = grad_z;
     if (k > 0) {
-      g_eps = g_eps.sum(0);
-      g_mu = grad_z.sum(0);
+      // summed over the samples as a cumulative sum, one sequential scan per element: Tensor.sum
+      // splits a long sum (one element, more than 32768 samples) over threads, and its bits would
+      // depend on their number
+      g_eps = g_eps.cumsum(0).select(0, -1);
+      g_mu = grad_z.cumsum(0).select(0, -1);
     }
     const Tensor g_logvar = 0.5 * at::exp(0.5 * logvar) * g_eps;
     return {ctx->needs_input_grad(0) ? g_mu : Tensor(), ctx->needs_input_grad(1) ? g_logvar : Tensor(), Tensor(),

@@ -129,7 +129,10 @@ ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu,
   // beta = 0 must still give 0. They are N x L, small beside recon's.
   const auto lopts = b.mu.options().dtype(loss_dtype(mu.scalar_type()));
   const auto latent_buf = [&](bool wanted) { return wanted ? at::empty(mu.sizes(), lopts) : at::empty({0}, lopts); };
-  b.g_recon = grad_recon ? at::empty_like(b.recon, fmt) : at::empty({0}, b.recon.options());
+  // The recon gradients too (docs/design.md, "Half precision"): stored in half precision already
+  // divided by N (mean), they would underflow before a loss scale could rescue them.
+  const auto ropts = b.recon.options().dtype(loss_dtype(recon.scalar_type()));
+  b.g_recon = grad_recon ? at::empty_like(b.recon, ropts, fmt) : at::empty({0}, ropts);
   b.g_mu = latent_buf(grad_latent);
   b.g_logvar = latent_buf(grad_latent);
   const bool prior = opt.prior_mu.has_value();
@@ -153,8 +156,8 @@ ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu,
     b.rlv_scalar = rlv.dim() == 0;
     b.recon_logvar = b.rlv_scalar ? rlv : rlv.contiguous(fmt);
   }
-  b.g_recon_logvar = (grad_recon && mode == Recon::Gaussian && !b.rlv_scalar) ? at::empty_like(b.recon, fmt)
-                                                                              : at::empty({0}, b.recon.options());
+  b.g_recon_logvar = (grad_recon && mode == Recon::Gaussian && !b.rlv_scalar) ? at::empty_like(b.recon, ropts, fmt)
+                                                                              : at::empty({0}, ropts);
   return b;
 }
 

@@ -67,10 +67,8 @@ Tensor scale(const Tensor& g, const Tensor& d, bool per_sample) {
   }
 #endif
   const auto st = g.scalar_type();
-  if (per_sample && g.is_cpu() && (st == at::kHalf || st == at::kBFloat16)) {
-    scale_rows_cpu(g, s.reshape({-1}));
-    return g;
-  }
+  // half g, float32 per-sample s: multiplied in float32 and rounded once
+  if (per_sample && (st == at::kHalf || st == at::kBFloat16)) return at::mul(g, s).to(st);
   return g.mul_(s);
 }
 

@@ -4,11 +4,32 @@
 
 namespace vae_ext {
 
+// Our own fixed-order sums on CPU: ATen's split a long sum over the threads, so its bits depend on
+// their number. (ATen's CUDA sums add in a fixed order: run-to-run deterministic.) A traced
+// backward (torch.compile, opcheck) sees wrapped tensors with no data: ATen's sums there.
+static bool own_sum(const Tensor& t) {
+  return t.is_cpu() && !t.key_set().has(c10::DispatchKey::Python) &&
+         !t.key_set().has(c10::DispatchKey::Functionalize);
+}
+
 Tensor sum_over_batch(const Tensor& g) {
-  // A traced backward (torch.compile, opcheck) sees wrapped tensors with no data: ATen's sum there.
-  const bool traced = g.key_set().has(c10::DispatchKey::Python) || g.key_set().has(c10::DispatchKey::Functionalize);
-  if (g.is_cpu() && !traced) return sum_over_batch_cpu(g);
+  if (own_sum(g)) return sum_over_batch_cpu(g);
   return at::sum(g, {0}, /*keepdim=*/false, at::kDouble);
+}
+
+Tensor sum_all(const Tensor& t) {
+  if (own_sum(t)) return sum_over_batch_cpu(t.reshape({-1, 1})).squeeze(0);  // one column: in index order
+  return at::sum(t, at::kDouble);
+}
+
+Tensor sum_to_shape(const Tensor& g, at::IntArrayRef shape) {
+  if (own_sum(g)) return sum_to_shape_cpu(g, shape);
+  const auto dims = static_cast<int64_t>(shape.size());
+  if (dims < g.dim() || (shape[0] == 1 && g.size(0) != 1)) {  // summed over the batch
+    const Tensor s = sum_over_batch(g);                        // g.shape[1:]
+    return dims == g.dim() ? s.sum_to_size(shape.slice(1)).reshape(shape) : s.sum_to_size(shape);
+  }
+  return g.to(at::kDouble).sum_to_size(shape);
 }
 
 Tensor unit_kl_and_free_bits(const Tensor& kl_elems, at::IntArrayRef unit_shape, double free_bits, Reduction red,
@@ -17,7 +38,7 @@ Tensor unit_kl_and_free_bits(const Tensor& kl_elems, at::IntArrayRef unit_shape,
   Tensor unit = sum_over_batch(kl_elems).div_(static_cast<double>(n));  // 0 / 0: NaN for an empty batch
   if (free_bits > 0.0) {
     // clamp's gradient: a unit exactly at the floor keeps its gradient, a NaN one loses it
-    Tensor term = unit.clamp_min(free_bits).sum();
+    Tensor term = sum_all(unit.clamp_min(free_bits));
     if (red == Reduction::Sum) term.mul_(static_cast<double>(n));
     *floored = term;
     const Tensor keep = unit.ge(free_bits);

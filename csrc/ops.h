@@ -26,11 +26,6 @@ using ElboOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, T
       const c10::optional<Tensor>&recon_logvar, double free_bits, bool unit_kl
 using ReparamOutputs = std::tuple<Tensor, Tensor, Tensor>;
 
-// g[r, :] *= s[r] in place, computed in float32 and rounded once: g a dense float16/bfloat16 CPU
-// tensor whose samples (first dimension) are blocks of memory (contiguous or channels_last), s
-// float32 of one value per sample. The backward's per-sample scaling of a half recon gradient.
-void scale_rows_cpu(const Tensor& g, const Tensor& s);
-
 // The kernel arguments that both backends' structs (cpu::ElboArgs, cuda::ElboLaunch) share, from
 // the prepared buffers (a gradient pointer only where its buffer is non-empty). g_recon_logvar: the
 // recon log-variance's gradient buffer the kernel writes (b's per element, or a backend's own for
@@ -70,6 +65,13 @@ void fill_elbo_args(Args& a, const ElboBuffers& b, Recon mode, Reduction red, bo
 // fixed order (the same for any thread count). For the KL per unit and a broadcast prior's gradient.
 Tensor sum_over_batch(const Tensor& g);
 Tensor sum_over_batch_cpu(const Tensor& g);
+
+// The sum of every element of t, 0-d, in double: on CPU in index order, whatever the thread count.
+Tensor sum_all(const Tensor& t);
+// g (N, ...) summed to `shape` (which broadcasts to g's), in double: on CPU over the batch by
+// sum_over_batch, then each output's elements in index order. A broadcast prior's gradient.
+Tensor sum_to_shape(const Tensor& g, at::IntArrayRef shape);
+Tensor sum_to_shape_cpu(const Tensor& g, at::IntArrayRef shape);
 
 // From each latent element's KL (kl_elems, (n, l)): each unit's KL averaged over the batch, in
 // double, shape `unit_shape` (mu.shape[1:]). With free_bits > 0, also the KL term that floors each

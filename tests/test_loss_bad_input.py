@@ -76,7 +76,20 @@ BAD_INPUTS = [
     ("beta_bool", dict(beta=True), TypeError, "beta"),
     ("beta_none", dict(beta=None), TypeError, "beta"),
     ("beta_complex", dict(beta=1j), TypeError, "beta"),
+    # numbers beyond float's range (an int beta was read as a 64-bit int by beta * kl: 10**30 overflowed it)
+    ("beta_huge_int", dict(beta=10**400), ValueError, "beta"),
+    ("free_bits_huge_int", dict(free_bits=10**400), ValueError, "free_bits"),
+    # an empty batch of another size per sample (binary_cross_entropy refuses it too)
+    ("x_empty_batch_other_size", dict(recon_x=torch.rand(0, 4), x=torch.rand(0, 5), mu=torch.zeros(0, 3),
+                                      logvar=torch.zeros(0, 3)), ValueError, "x"),
 ]
+
+
+def test_int_beta_beyond_int64_is_a_float():
+    """beta = 10**30 (an int past 64 bits, within float's range) weights the KL as 1e30 does."""
+    r, x, mu, lv = _good()
+    a = vae_ext.elbo_loss(r, x, mu, lv, beta=10**30, reduction="none")
+    torch.testing.assert_close(a, vae_ext.elbo_loss(r, x, mu, lv, beta=1e30, reduction="none"), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("over,exc,name", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
@@ -182,7 +195,9 @@ def test_no_range_check_outside_bce(mode):
     (dict(beta=float("nan")), ValueError, "beta"),
     (dict(beta="0.5"), TypeError, "beta"),
     (dict(beta=False), TypeError, "beta"),
-], ids=["recon", "reduction", "beta_neg", "beta_nan", "beta_str", "beta_bool"])
+    (dict(beta=10**400), ValueError, "beta"),
+    (dict(free_bits=10**400), ValueError, "free_bits"),
+], ids=["recon", "reduction", "beta_neg", "beta_nan", "beta_str", "beta_bool", "beta_huge", "free_bits_huge"])
 def test_fused_elbo_loss_module_bad_args(kwargs, exc, name):
     with pytest.raises(exc, match=arg_re(name)):
         vae_ext.FusedELBOLoss(**kwargs)

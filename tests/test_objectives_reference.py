@@ -90,6 +90,28 @@ def test_l1_gradient_is_zero_at_a_tie():
     assert r.grad.tolist() == [[0.0, 2.0, -2.0, 0.0], [0.0, -3.0, 0.0, 3.0]]
 
 
+@pytest.mark.parametrize("dtype", [F32, F64, BF16], ids=dtype_id)
+def test_l1_gradient_at_a_nan_difference_is_the_reference_s(dtype):
+    """r - x NaN (a NaN input, inf - inf): the loss is NaN, the gradient there 0, as F.l1_loss's
+    backward and the reference's (torch.sign(NaN) is 0); the other elements keep theirs."""
+    nan, inf = float("nan"), float("inf")
+    r = torch.tensor([[nan, 1.0, inf, 0.25, 2.0, -1.0, 0.5, 0.5, 1.0, 3.0]], dtype=dtype)
+    x = torch.tensor([[0.0, nan, inf, 0.0, 1.0, 0.0, 0.5, nan, -2.0, nan]], dtype=dtype)
+    mu = lv = torch.zeros(1, 1, dtype=dtype)
+    grads = []
+    for fn in (vae_ext.elbo_loss, reference.elbo_loss):
+        leaf = r.detach().requires_grad_(True)
+        out = fn(leaf, x, mu, lv, recon="l1", reduction="none")
+        assert torch.isnan(out).all()
+        (out * 3.0).sum().backward()
+        grads.append(leaf.grad)
+    leaf = r.detach().requires_grad_(True)
+    (torch.nn.functional.l1_loss(leaf, x, reduction="sum") * 3.0).backward()
+    assert torch.equal(grads[0], grads[1]), grads
+    assert torch.equal(grads[0], leaf.grad), (grads[0], leaf.grad)
+    assert grads[0].tolist()[0] == [0.0, 0.0, 0.0, 3.0, 3.0, -3.0, 0.0, 0.0, 3.0, 0.0]
+
+
 @pytest.mark.parametrize("rlv", ["scalar", "pixel"])
 def test_gaussian_recon_logvar_alone_requires_grad(rlv):
     """Only recon_logvar requires grad (a learned output variance, fixed decoder): its gradient alone."""
@@ -375,6 +397,19 @@ def test_free_bits_unit_exactly_at_the_floor_keeps_its_gradient():
         assert mu.grad.tolist() == [[1.0, 0.0, 2.0], [-1.0, 0.0, 2.0]], mu.grad
         kl = vae_ext.gaussian_kl(mu.detach(), lv.detach(), reduction="mean", free_bits=0.5)
         assert kl.item() == 3.0
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "pixel_mean"])
+def test_free_bits_empty_batch_matches_reference(reduction):
+    """N = 0 under free bits: every output as the reference's; the true KL of "sum" is 0 (an empty
+    sum), not 0 / 0 times 0 from the per-unit KL."""
+    args = (torch.rand(0, 4), torch.rand(0, 4), torch.randn(0, 3), torch.randn(0, 3))
+    got = vae_ext.elbo_loss(*args, free_bits=0.5, return_terms=True, reduction=reduction)
+    want = reference.elbo_loss(*args, free_bits=0.5, return_terms=True, reduction=reduction)
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, rtol=0, atol=0, equal_nan=True, msg=f"output {i}: {g} vs {w}")
+    if reduction == "sum":
+        assert got[2].item() == 0.0
 
 
 def test_free_bits_zero_is_no_free_bits():

@@ -827,17 +827,21 @@ def test_philox4x32_10_known_answers():
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
 def test_cpu_vector_normals_match_the_scalar_definition(capability, tmp_path):
     """The CPU kernels' SIMD Philox + Box-Muller give, element by element, the numbers of the scalar
-    philox_normal_at that the CUDA kernels run (to float rounding: both use the same polynomials)."""
+    philox_normal_at that the CUDA kernels run, to within 4 ulps (csrc/cpu/normals.h: the same
+    polynomials, but the vector log and FMA contraction differ; at most 3 ulps measured, about 14% of
+    draws differ on AVX2/AVX-512). Not bitwise: bitwise is promised across thread counts
+    (tests/test_thread_counts.py)."""
     import os
     import subprocess
     import sys
     script = (
         "import numpy as np, torch, vae_ext\n"
         "e = torch.ops.vae_ext.philox_normal(torch.empty(70001), 987654321987, 40).numpy()\n"
-        "idx = list(range(130)) + list(range(69870, 70001)) + [4097, 33333]\n"
+        "idx = list(range(70001))\n"
         "s = np.array([vae_ext._C._philox_normal_scalar(987654321987, 40, i) for i in idx], dtype=np.float32)\n"
-        "d = np.abs(e[idx] - s)\n"
-        "assert (d <= 2.5e-7 * np.maximum(1, np.abs(s))).all(), d.max()\n"
+        "d = np.abs(e[idx].astype(np.float64) - s)\n"
+        "ulps = d / np.spacing(np.abs(s)).astype(np.float64)\n"
+        "assert ulps.max() <= 4, ulps.max()\n"
         "print(vae_ext.cpu_capability())\n"
     )
     env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)

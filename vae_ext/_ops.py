@@ -27,8 +27,8 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 #   -> (rec, kl, unit_kl, g_recon, g_mu, g_logvar, g_prior_mu, g_prior_logvar, g_recon_logvar)
 # rec and kl are the reduced reconstruction and KL terms (with free bits, the floored KL); unit_kl is
 # each latent unit's KL averaged over the batch (mu.shape[1:]; empty unless unit_kl or free bits);
-# g_* are d(term)/d(input), written in the same pass (empty when their flag is False; the latent and
-# prior ones per element, mu's shape, in the loss dtype, float32 for half inputs; a 0-d
+# g_* are d(term)/d(input), written in the same pass (empty when their flag is False; all in the loss
+# dtype, float32 for half inputs; the latent and prior ones per element, mu's shape; a 0-d
 # recon_logvar's per sample for "none", else 0-d); the backward only scales them by grad_output
 # (and sums a broadcast prior's). Through autograd, when a graph is recorded, they come back empty:
 # the backward scales the saved buffers in place.
@@ -56,19 +56,20 @@ def _elbo_loss_fake(recon, x, mu, logvar, recon_mode, reduction, grad_recon, gra
     rec = recon.new_empty(shape, dtype=out_dtype)
     kl = recon.new_empty(0 if total else shape, dtype=out_dtype)
     units = mu.new_empty(mu.shape[1:] if unit_kl or free_bits > 0 else 0, dtype=out_dtype)
-    g_recon = torch.empty_like(recon, memory_format=_flat_format(recon)) if grad_recon else recon.new_empty(0)
+    # every gradient buffer in the loss dtype (float32 for half inputs), as csrc/checks.cpp prepare_elbo
+    g_recon = (torch.empty_like(recon, dtype=out_dtype, memory_format=_flat_format(recon)) if grad_recon
+               else recon.new_empty(0, dtype=out_dtype))
 
-    # the latent gradients in the loss dtype (float32 for half inputs), as csrc/checks.cpp prepare_elbo
     def latent(wanted):
         return mu.new_empty(mu.shape if wanted else 0, dtype=out_dtype)
 
     prior = prior_mu is not None and grad_latent
     if recon_logvar is None or not grad_recon:
-        g_rlv = recon.new_empty(0)
+        g_rlv = recon.new_empty(0, dtype=out_dtype)
     elif recon_logvar.dim() == 0:
         g_rlv = recon.new_empty(shape, dtype=out_dtype)
     else:
-        g_rlv = torch.empty_like(recon, memory_format=_flat_format(recon))
+        g_rlv = torch.empty_like(recon, dtype=out_dtype, memory_format=_flat_format(recon))
     return rec, kl, units, g_recon, latent(grad_latent), latent(grad_latent), latent(prior), latent(prior), g_rlv
 
 

@@ -98,6 +98,11 @@ def _check_choice(name: str, value, choices) -> None:
 def _check_beta(beta) -> float:
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
         raise TypeError(f"beta: expected a Python float >= 0, got {type(beta).__name__}")
+    if isinstance(beta, numbers.Integral):  # beta * kl would read an int as a 64-bit int: 10**30 overflows
+        try:
+            beta = float(beta)
+        except OverflowError:
+            raise ValueError("beta: expected a finite float >= 0, got a number beyond float's range") from None
     # Comparisons only (no math.isfinite): under torch.compile beta may be a symbolic float.
     if not (beta >= 0.0 and beta < math.inf):
         raise ValueError(f"beta: expected a finite float >= 0, got {beta}")
@@ -109,7 +114,11 @@ def _check_free_bits(free_bits) -> float:
     if isinstance(free_bits, bool) or not isinstance(free_bits, numbers.Real):
         raise TypeError("free_bits: expected a Python float >= 0 (nats per latent unit), got "
                         f"{type(free_bits).__name__}")
-    return float(free_bits)
+    try:
+        return float(free_bits)
+    except OverflowError:  # an int beyond float's range, 10**400
+        raise ValueError("free_bits: expected a finite float >= 0 (nats per latent unit), got a number beyond "
+                         "float's range") from None
 
 
 def _elbo_args_ok(recon_x, x, mu, logvar, recon, reduction, beta, extra) -> bool:
@@ -139,9 +148,15 @@ def _optional_tensors(names_tensors):
 
 def _kl_true(kl, units, n, reduction):
     """With free bits, the true KL under ``reduction`` (the op's kl is the floored one), from the
-    per-unit KL; detached: it is for logging."""
-    total = units.sum()
-    return (total * n if reduction == "sum" else total).detach()
+    per-unit KL; detached: it is for logging. Summed in float64 in index order (a cumulative sum is
+    one sequential scan), as the kernels' sums: ``Tensor.sum`` would split a long sum over threads,
+    and its bits would depend on their number. An empty batch: 0 for "sum", NaN for a mean (the
+    reference's empty sum and mean; its units are 0 / 0)."""
+    if n == 0:
+        return torch.full((), 0.0 if reduction == "sum" else math.nan, dtype=kl.dtype, device=kl.device)
+    flat = units.detach().reshape(-1).to(torch.float64)
+    total = flat.cumsum(0)[-1] if flat.numel() else flat.new_zeros(())
+    return (total * n if reduction == "sum" else total).to(kl.dtype)
 
 
 def elbo_loss(
@@ -173,7 +188,8 @@ def elbo_loss(
             (N, C, H, W) as they are; summed per sample over every non-batch dimension.
         recon: ``"bce"`` (PyTorch's ``binary_cross_entropy``, with its log clamp at -100),
             ``"bce_logits"`` (stable BCE on logits), ``"mse"`` (sum of squared errors), ``"l1"``
-            (sum of absolute errors, gradient ``sign(r - x)``) or ``"gaussian"`` (the Gaussian
+            (sum of absolute errors, gradient ``sign(r - x)``, 0 at a tie or a NaN difference as
+            ``F.l1_loss``'s) or ``"gaussian"`` (the Gaussian
             negative log-likelihood ``0.5 * ((x - r)^2 * exp(-recon_logvar) + recon_logvar +
             log(2 pi))`` per element).
         beta: weight of the KL term, a float >= 0; changing it needs no rebuild.
@@ -225,7 +241,7 @@ def elbo_loss(
         _check_same((("recon_x", recon_x), ("x", x), ("mu", mu), ("logvar", logvar), *given), "device")
         _check_choice("recon", recon, RECON_MODES)
         _check_choice("reduction", reduction, REDUCTIONS)
-        _check_beta(beta)
+        beta = _check_beta(beta)
         free_bits = _check_free_bits(free_bits)
         named = dict(given)
         prior_mu, prior_logvar, recon_logvar = (named.get(n) for n in ("prior_mu", "prior_logvar", "recon_logvar"))
@@ -234,7 +250,8 @@ def elbo_loss(
         if recon_x.dim() < 1:
             raise ValueError("recon_x: expected a tensor of shape (N, ...), got a 0-d tensor")
         n = recon_x.shape[0]
-        if x.dim() < 1 or x.shape[0] != n or x.numel() != recon_x.numel():
+        # elements per sample, not numel: an empty batch has 0 of any size
+        if x.dim() < 1 or x.shape[0] != n or math.prod(x.shape[1:]) != math.prod(recon_x.shape[1:]):
             raise ValueError(
                 f"x: expected the shape of recon_x {list(recon_x.shape)} (or the same batch size "
                 f"and number of elements per sample), got {list(x.shape)}"

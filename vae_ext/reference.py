@@ -74,7 +74,9 @@ def kl_elements(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor |
         # exact), so a sum near the largest float does not overflow on its way
         return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp())
     pmu, plv = prior_mu.to(dt), prior_logvar.to(dt)
-    return 0.5 * (plv - logvar + (logvar.exp() + (mu - pmu).pow(2)) * torch.exp(-plv) - 1)
+    # the product halved through exp(-plv), as the kernels do: (exp(lv) + d^2) exp(-plv) may
+    # overflow where its half (the KL) does not; elsewhere the same numbers (halving is exact)
+    return (0.5 * (plv - logvar) + (logvar.exp() + (mu - pmu).pow(2)) * (0.5 * torch.exp(-plv))) - 0.5
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, prior_mu: torch.Tensor | None = None,

@@ -90,13 +90,13 @@ VAE_HD typename M::T mse_elem(typename M::T r, typename M::T x, typename M::T* g
   return d * d;
 }
 
-// Absolute error |r - x|; gradient sign(r - x): 0 at a tie, as torch.sign (d - d is 0 there, and
-// NaN for a NaN d).
+// Absolute error |r - x|; gradient sign(r - x), 0 at a tie and at a NaN difference, as
+// F.l1_loss's backward and the reference's abs() give (the loss there is NaN).
 template <class M>
 VAE_HD typename M::T l1_elem(typename M::T r, typename M::T x, typename M::T* grad) {
   using T = typename M::T;
   const T zero = M::fill(0.0), d = r - x;
-  *grad = M::select(d > zero, M::fill(1.0), M::select(d < zero, M::fill(-1.0), d - d));
+  *grad = M::select(d > zero, M::fill(1.0), M::select(d < zero, M::fill(-1.0), zero));
   return M::abs(d);
 }
 

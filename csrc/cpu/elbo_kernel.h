@@ -1,5 +1,4 @@
-// The fused ELBO loss kernel: reconstruction and KL sums with their gradients in one pass, and the
-// per-sample scaling of a half gradient (the backward of reduction="none").
+// The fused ELBO loss kernel: reconstruction and KL sums with their gradients in one pass.
 #pragma once
 #include "capability.h"
 
@@ -67,14 +66,16 @@ struct ProbRange<VecF> {
 #endif
 
 // One pass over a row segment of recon/x: returns the segment's loss sum and writes the scaled
-// gradient when g is not null. Checks "bce" probabilities on the fly.
+// gradient, in the accumulation type (float for half types), when g is not null. Checks "bce"
+// probabilities on the fly.
 // Recon::Gaussian: rlv is the log-variance per element (g_rlv its gradient, or nullptr), or, when
 // scalar_rlv, the segment returns the sum of q = (x - r)^2 inv (gaussian_q_elem) with inv = exp(-rlv)
 // of the one log-variance.
 template <typename scalar_t, Recon mode, bool scalar_rlv = false>
-double recon_segment(const scalar_t* r, const scalar_t* x, scalar_t* g, int64_t len, double scale,
-                     std::atomic<bool>* bad_prob, std::atomic<bool>* bad_target, const scalar_t* rlv = nullptr,
-                     scalar_t* g_rlv = nullptr, typename VecIO<scalar_t>::acc_t inv = 0) {
+double recon_segment(const scalar_t* r, const scalar_t* x, typename VecIO<scalar_t>::acc_t* g, int64_t len,
+                     double scale, std::atomic<bool>* bad_prob, std::atomic<bool>* bad_target,
+                     const scalar_t* rlv = nullptr, typename VecIO<scalar_t>::acc_t* g_rlv = nullptr,
+                     typename VecIO<scalar_t>::acc_t inv = 0) {
   using IO = VecIO<scalar_t>;
   using V = typename IO::V;
   using M = VecMath<V>;
@@ -236,9 +237,9 @@ void elbo_typed(const ElboArgs& a) {
   using acc_t = typename VecIO<scalar_t>::acc_t;
   const auto* r = static_cast<const scalar_t*>(a.recon);
   const auto* x = static_cast<const scalar_t*>(a.x);
-  auto* g = static_cast<scalar_t*>(a.grad_recon);
+  auto* g = static_cast<acc_t*>(a.grad_recon);
   const auto* rlv = static_cast<const scalar_t*>(a.recon_logvar);
-  auto* g_rlv = static_cast<scalar_t*>(a.grad_recon_logvar);
+  auto* g_rlv = static_cast<acc_t*>(a.grad_recon_logvar);
   const double rlv0 = scalar_rlv ? static_cast<double>(static_cast<acc_t>(rlv[0])) : 0.0;
   const acc_t inv = scalar_rlv ? std::exp(-static_cast<acc_t>(rlv0)) : acc_t(0);
   const int64_t d = a.d;
@@ -274,33 +275,6 @@ void elbo_kernel(const ElboArgs& a) {
         break;
     }
   });
-}
-
-// g *= s[row], in float, rounded once to the half type (the backward of reduction="none").
-template <typename scalar_t>
-void scale_rows_typed(scalar_t* g, int64_t rows, int64_t d, const float* s) {
-  using IO = VecIO<scalar_t>;
-  using V = typename IO::V;
-  constexpr int64_t W = V::size();
-  at::parallel_for(0, rows * d, kGrainElems, [&](int64_t b, int64_t e) {
-    for (int64_t i = b; i < e;) {
-      const int64_t row = i / d, end = std::min(e, (row + 1) * d);
-      const V sv(s[row]);
-      while (i < end) {
-        const int64_t cnt = std::min(W, end - i);
-        if (cnt == W)
-          IO::store(g + i, IO::load(g + i) * sv);
-        else
-          IO::store(g + i, IO::load(g + i, cnt) * sv, cnt);
-        i += cnt;
-      }
-    }
-  });
-}
-
-void scale_rows_kernel(DType dtype, void* g, int64_t rows, int64_t d, const float* s) {
-  if (dtype == DType::Float16) scale_rows_typed(static_cast<c10::Half*>(g), rows, d, s);
-  if (dtype == DType::BFloat16) scale_rows_typed(static_cast<c10::BFloat16*>(g), rows, d, s);
 }
 
 }  // namespace vae_ext::cpu::CPU_CAPABILITY

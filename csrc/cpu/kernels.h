@@ -25,7 +25,7 @@ struct ElboArgs {
   Recon mode;
   const void* recon;  // (n, d) contiguous
   const void* x;      // (n, d) contiguous
-  void* grad_recon;   // (n, d) or nullptr: d(recon term)/d(recon) * grad_scale
+  void* grad_recon;   // (n, d) in the accumulation type, or nullptr: d(recon term)/d(recon) * grad_scale
   // Recon::Gaussian: the log-variance, (n, d) like recon, or one value when rlv_scalar.
   const void* recon_logvar;
   bool rlv_scalar;
@@ -112,8 +112,6 @@ struct KernelTable {
   void (*reparam)(const ReparamArgs&);
   void (*reparam_backward)(const ReparamBackwardArgs&);
   void (*normal)(float* out, int64_t n, uint64_t seed, uint64_t offset);
-  // g[r * d + i] *= s[r] for rows r < rows, i < d, in float and rounded once (Float16, BFloat16 only)
-  void (*scale_rows)(DType dtype, void* g, int64_t rows, int64_t d, const float* s);
   void (*dmol)(const DmolArgs&);
   void (*dmol_sample)(const DmolSampleArgs&);
 };

@@ -25,8 +25,8 @@ namespace vae_ext::cpu::CPU_CAPABILITY {
 
 const KernelTable& kernel_table() {
   static const KernelTable table{VAE_EXT_STR(CPU_CAPABILITY), &elbo_kernel,   &reparam_kernel,
-                                 &reparam_backward_kernel,    &normal_kernel, &scale_rows_kernel,
-                                 &dmol_kernel,                &dmol_sample_kernel};
+                                 &reparam_backward_kernel,    &normal_kernel, &dmol_kernel,
+                                 &dmol_sample_kernel};
   return table;
 }
 

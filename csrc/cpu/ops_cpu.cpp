@@ -5,9 +5,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "../ops.h"
 #include "kernels.h"
@@ -27,20 +29,6 @@ const KernelTable& kernels() {
   return *table;
 }
 }  // namespace cpu
-
-void scale_rows_cpu(const Tensor& g, const Tensor& s) {
-  const auto st = g.scalar_type();
-  TORCH_CHECK(g.is_cpu() && (st == at::kHalf || st == at::kBFloat16) && g.dim() >= 1 &&
-                  g.is_non_overlapping_and_dense() &&
-                  (g.size(0) <= 1 || g.numel() == 0 || g.stride(0) == g.numel() / g.size(0)) &&
-                  s.scalar_type() == at::kFloat && s.dim() == 1 && s.numel() == g.size(0),
-              "scale_rows_cpu: expected a dense float16/bfloat16 CPU g whose samples are blocks, and float32 s of ",
-              "one value per sample");
-  if (g.numel() == 0) return;
-  const Tensor sc = s.contiguous();
-  cpu::kernels().scale_rows(kernel_dtype(st), g.data_ptr(), g.size(0), g.numel() / g.size(0),
-                            sc.const_data_ptr<float>());
-}
 
 namespace {
 
@@ -206,6 +194,47 @@ Tensor philox_normal_cpu(const Tensor& like, int64_t seed, int64_t offset) {
 Tensor sum_over_batch_cpu(const Tensor& g) {
   TORCH_CHECK(g.is_cpu() && g.dim() >= 1, "sum_over_batch_cpu: expected a CPU tensor of shape (N, ...)");
   return sum_over_batch_cpu_impl(g);
+}
+
+Tensor sum_to_shape_cpu(const Tensor& g, at::IntArrayRef shape) {
+  const int64_t dims = g.dim(), pad = dims - static_cast<int64_t>(shape.size());
+  TORCH_CHECK(g.is_cpu() && dims >= 1 && pad >= 0 && at::is_expandable_to(shape, g.sizes()),
+              "sum_to_shape_cpu: expected a CPU tensor of shape (N, ...) and a shape that broadcasts to it");
+  std::vector<int64_t> to(static_cast<size_t>(dims), 1);  // shape with g's rank
+  std::copy(shape.begin(), shape.end(), to.begin() + pad);
+  // rows: g's samples, or one row (the sums over the batch) when the batch is summed
+  const Tensor s = (to[0] == 1 && g.size(0) != 1) ? sum_over_batch_cpu_impl(g).unsqueeze(0)
+                                                  : g.to(at::kDouble).contiguous();
+  Tensor out = at::zeros(to, g.options().dtype(at::kDouble));
+  std::vector<int64_t> sizes(s.sizes().begin() + 1, s.sizes().end()), ostride(sizes.size());
+  int64_t inner = 1, out_inner = 1;
+  for (int64_t k = 1; k < dims; ++k) {
+    inner *= s.size(k);
+    out_inner *= to[static_cast<size_t>(k)];
+  }
+  const int64_t rows = s.size(0);
+  for (size_t k = 0; k < sizes.size(); ++k) ostride[k] = to[k + 1] == 1 ? 0 : out.stride(static_cast<int64_t>(k) + 1);
+  const double* p = s.const_data_ptr<double>();
+  double* o = out.data_ptr<double>();
+  // Each row on one thread, its elements in index order: the same bits for any thread count.
+  at::parallel_for(0, rows, std::max<int64_t>(1, cpu::kGrainElems / std::max<int64_t>(inner, 1)),
+                   [&](int64_t b, int64_t e) {
+                     std::vector<int64_t> idx(sizes.size());
+                     for (int64_t r = b; r < e; ++r) {
+                       std::fill(idx.begin(), idx.end(), 0);
+                       int64_t off = 0;  // the output offset of element i of the row
+                       for (int64_t i = 0; i < inner; ++i) {
+                         o[r * out_inner + off] += p[r * inner + i];
+                         for (int64_t k = static_cast<int64_t>(sizes.size()) - 1; k >= 0; --k) {  // next index
+                           off += ostride[k];
+                           if (++idx[k] < sizes[k]) break;
+                           off -= ostride[k] * sizes[k];
+                           idx[k] = 0;
+                         }
+                       }
+                     }
+                   });
+  return out.view(shape);
 }
 
 TORCH_LIBRARY_IMPL(vae_ext, CPU, m) {

@@ -132,6 +132,25 @@ __device__ __forceinline__ typename Acc<T>::type kl_segment(const ElboLaunch& a,
 template <typename T>
 constexpr int kMinBlocks = std::is_same_v<T, double> ? 2 : 0;
 
+// The VEC gradients of one vector of elements to g, in the accumulation type: as 16-byte stores
+// where VEC fills them (g + 0 then 16-byte aligned, launch_partials_aligned), one by one otherwise.
+template <typename A, int VEC>
+__device__ __forceinline__ void store_grads(A* g, const A (&v)[VEC]) {
+  constexpr int kPer = static_cast<int>(16 / sizeof(A));
+  if constexpr (VEC % kPer == 0) {
+#pragma unroll
+    for (int k = 0; k < VEC / kPer; ++k) {
+      Vec<A, kPer> w;
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) w.v[j] = v[k * kPer + j];
+      reinterpret_cast<Vec<A, kPer>*>(g)[k] = w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) g[j] = v[j];
+  }
+}
+
 template <typename T, int VEC, Recon mode, Variant V>
 __global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
     elbo_partials(ElboLaunch a, Layout u, double* part_rec, double* part_kl) {
@@ -154,10 +173,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
       const auto [base, len, col] = segment(unit, u.rec_cpr, a.d);
       const T* r = static_cast<const T*>(a.recon) + base;
       const T* x = static_cast<const T*>(a.x) + base;
-      T* g = a.grad_recon ? static_cast<T*>(a.grad_recon) + base : nullptr;
+      // the gradients in the accumulation type (float for half types: launchers.h)
+      A* g = a.grad_recon ? static_cast<A*>(a.grad_recon) + base : nullptr;
       // kRlv: the log-variance and its gradient, laid out as recon and its gradient
       const T* s = kRlv ? static_cast<const T*>(a.recon_logvar) + base : nullptr;
-      T* gs = (kRlv && a.grad_recon_logvar) ? static_cast<T*>(a.grad_recon_logvar) + base : nullptr;
+      A* gs = (kRlv && a.grad_recon_logvar) ? static_cast<A*>(a.grad_recon_logvar) + base : nullptr;
       // The loss (ScalarLogvar: q) of one element, added to acc; its gradients * scale go to *gr
       // and (kRlv) *gsv.
       auto one = [&](A rv, A xv, A sv, A* gr, A* gsv) {
@@ -183,9 +203,9 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
           one(to_acc(r[i]), to_acc(x[i]), to_acc(s[i]), &gr, &gsv);
         else
           one(to_acc(r[i]), to_acc(x[i]), A(0), &gr, &gsv);
-        if (g) g[i] = from_acc<T>(gr);
+        if (g) g[i] = gr;
         if constexpr (kRlv) {
-          if (gs) gs[i] = from_acc<T>(gsv);
+          if (gs) gs[i] = gsv;
         }
       };
       int64_t head = 0;
@@ -199,26 +219,23 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
       const auto* rv = reinterpret_cast<const TV*>(r + head);
       const auto* xv = reinterpret_cast<const TV*>(x + head);
       const auto* sv = kRlv ? reinterpret_cast<const TV*>(s + head) : nullptr;
-      auto* gvec = g ? reinterpret_cast<TV*>(g + head) : nullptr;
-      auto* gsvec = gs ? reinterpret_cast<TV*>(gs + head) : nullptr;
+      A* gvec = g ? g + head : nullptr;  // vector v's gradients start at gvec + v * VEC
+      A* gsvec = gs ? gs + head : nullptr;
       // kUnroll vectors of each input per thread are loaded before the first is used, so that
       // enough bytes are in flight to keep HBM busy; the elements are still summed in the order of
       // the plain loop (v, v + blockDim.x, ...).
       auto body = [&](const TV& rr, const TV& xx, const TV& ss, int64_t v) {
-        TV gg, gl;
+        A gg[VEC], gl[VEC];
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
-          A gr, gsv;
           if constexpr (kRlv)
-            one(to_acc(rr.v[j]), to_acc(xx.v[j]), to_acc(ss.v[j]), &gr, &gsv);
+            one(to_acc(rr.v[j]), to_acc(xx.v[j]), to_acc(ss.v[j]), &gg[j], &gl[j]);
           else
-            one(to_acc(rr.v[j]), to_acc(xx.v[j]), A(0), &gr, &gsv);
-          gg.v[j] = from_acc<T>(gr);
-          if constexpr (kRlv) gl.v[j] = from_acc<T>(gsv);
+            one(to_acc(rr.v[j]), to_acc(xx.v[j]), A(0), &gg[j], &gl[j]);
         }
-        if (gvec) gvec[v] = gg;
+        if (gvec) store_grads<A, VEC>(gvec + v * VEC, gg);
         if constexpr (kRlv) {
-          if (gsvec) gsvec[v] = gl;
+          if (gsvec) store_grads<A, VEC>(gsvec + v * VEC, gl);
         }
       };
       const int64_t stride = blockDim.x;
@@ -329,15 +346,25 @@ void launch_partials(const ElboLaunch& a, const Layout& u, double* part_rec, dou
   elbo_partials<T, VEC, mode, V><<<grid, kThreads, 0, s>>>(a, u, part_rec, part_kl);
 }
 
-// 16-byte vectors when every (n, d) stream shares recon's alignment and it is a whole element.
+// 16-byte vectors when every (n, d) input shares recon's alignment and it is a whole element, and
+// each gradient (in the accumulation type, whose 16-byte vectors hold fewer elements for half
+// types) has its 16-byte boundaries at the same elements.
 template <typename T, Recon mode, Variant V>
 void launch_partials_aligned(const ElboLaunch& a, const Layout& u, double* pr, double* pk, cudaStream_t s) {
+  using A = typename Acc<T>::type;
   constexpr int kVec = 16 / sizeof(T);
   const auto mis = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16; };
-  const auto like_recon = [&](const void* p) { return p == nullptr || mis(p) == mis(a.recon); };
-  bool same = mis(a.recon) == mis(a.x) && like_recon(a.grad_recon);
+  // where p's elements of `size` bytes sit on the grid of n-element steps: two arrays of the same
+  // phase reach a boundary of that grid at the same element index
+  const auto phase = [](const void* p, size_t size, size_t n) { return (reinterpret_cast<uintptr_t>(p) / size) % n; };
+  const auto grad_like_recon = [&](const void* p) {
+    constexpr size_t kPer = 16 / sizeof(A);  // gradient elements per 16-byte store
+    const bool whole = reinterpret_cast<uintptr_t>(p) % sizeof(A) == 0;
+    return p == nullptr || (whole && phase(p, sizeof(A), kPer) == phase(a.recon, sizeof(T), kPer));
+  };
+  bool same = mis(a.recon) == mis(a.x) && grad_like_recon(a.grad_recon);
   if (mode == Recon::Gaussian && V == Variant::Plain)
-    same = same && mis(a.recon_logvar) == mis(a.recon) && like_recon(a.grad_recon_logvar);
+    same = same && mis(a.recon_logvar) == mis(a.recon) && grad_like_recon(a.grad_recon_logvar);
   if (same && mis(a.recon) % sizeof(T) == 0)
     launch_partials<T, kVec, mode, V>(a, u, pr, pk, s);
   else
