@@ -127,6 +127,7 @@ def _train_options(p: argparse.ArgumentParser, latent: bool = True, sweep: bool 
     """The options of `train` (and `sweep`). Defaults are None here: TrainConfig fills them in, and
     on --resume only the options given explicitly override the checkpoint's."""
     from ..models import ARCHS, RECON_MODES
+    from .config import MAX_MIXTURES
     from .data import BINARIZE_MODES
 
     d = p.add_argument_group("data")
@@ -136,7 +137,7 @@ def _train_options(p: argparse.ArgumentParser, latent: bool = True, sweep: bool 
                    "a folder with only the t10k files, a one-array .npz): the first N images (or this fraction) "
                    "train, the rest test; default 0.8")
     d.add_argument("--binarize", choices=BINARIZE_MODES, help="dynamic (default): a fresh Bernoulli draw of "
-                   "every training batch; static: drawn once; none: grey levels")
+                   "every training batch; static: drawn once; none: grey levels (--recon dmol: always)")
     m = p.add_argument_group("model")
     m.add_argument("--arch", choices=tuple(ARCHS), help="mlp (default) or conv")
     if latent:
@@ -144,7 +145,13 @@ def _train_options(p: argparse.ArgumentParser, latent: bool = True, sweep: bool 
     m.add_argument("--hidden", type=_hidden, metavar="H1,H2",
                    help="hidden layer sizes (default 400 for mlp, 256 for conv)")
     m.add_argument("--channels", type=_int_list, metavar="C1,C2", help="conv channels (default 32,64)")
-    m.add_argument("--recon", choices=RECON_MODES, help="reconstruction loss (default bce_logits)")
+    m.add_argument("--recon", choices=RECON_MODES, help="reconstruction loss (default bce_logits); dmol: a "
+                   "discretized mixture of logistics per pixel on the grey levels scaled to [-1, 1] (not binarized)")
+    m.add_argument("--mixtures", type=_int_in(1, MAX_MIXTURES), metavar="M",
+                   help="with --recon dmol: mixture components per pixel (default 10)")
+    m.add_argument("--num-bits", type=_int_in(1, 16), metavar="B",
+                   help="with --recon dmol: the data's grid, 2^B levels in [-1, 1] (default 8; 8x8 digits' 17 "
+                   "levels are rounded to it)")
     m.add_argument("--conditional", action="store_true", default=None,
                    help="class-conditional VAE (CVAE) on the data's labels: the encoder and decoder see the "
                    "one-hot class, the prior p(z|y) is learned per class")
@@ -238,8 +245,12 @@ def _cmd_eval(args) -> int:
               f"{r['kernels']} kernels on {r['device']}")
         # a class-conditional model scores -log p(x|y): each image given its label, z from the class prior
         given = " (given the class: -log p(x|y))" if r["conditional"] else ""
-        print(f"{r['split']} negative ELBO{given}:  {r['nelbo']:.3f} nats/image  ({r['seconds_elbo']:.1f} s)")
-        print(f"{r['split']} NLL{given}, k={r['k']}:  {r['nll']:.3f} +- {r['nll_sem']:.3f} nats/image "
+        elbo, nll = f"{r['nelbo']:.3f} nats/image", f"{r['nll']:.3f} +- {r['nll_sem']:.3f} nats/image"
+        if "dims" in r:  # a --recon dmol model: also in bits per dimension
+            elbo += f" = {r['nelbo_bpd']:.4f} bits/dim"
+            nll += f" = {r['nll_bpd']:.4f} +- {r['nll_sem_bpd']:.4f} bits/dim"
+        print(f"{r['split']} negative ELBO{given}:  {elbo}  ({r['seconds_elbo']:.1f} s)")
+        print(f"{r['split']} NLL{given}, k={r['k']}:  {nll} "
               f"(importance-weighted estimate +- standard error over images; {r['seconds_nll']:.1f} s)")
         for key, why in r["notes"].items():
             print(f"note: {key}: {why}")

@@ -11,13 +11,18 @@ from .data import BINARIZE_MODES, parse_split
 from .errors import ConfigError
 from .limits import FLOAT32_MAX, LR_WHY, MAX_INT, MAX_LR, MAX_SEED
 
-__all__ = ["TrainConfig", "FIXED_ON_RESUME", "DEFAULT_HIDDEN", "DEFAULT_CHANNELS"]
+__all__ = ["TrainConfig", "FIXED_ON_RESUME", "DEFAULT_HIDDEN", "DEFAULT_CHANNELS", "DMOL_MIXTURES", "DMOL_NUM_BITS",
+           "MAX_MIXTURES"]
 
 DEFAULT_HIDDEN = {"mlp": (400,), "conv": (256,)}
 DEFAULT_CHANNELS = (32, 64)
+DMOL_MIXTURES, DMOL_NUM_BITS = 10, 8  # --recon dmol: VDVAE's and PixelCNN++'s M = 10, 8-bit images
+# More components than any published model uses by far (PixelCNN++: 10, VDVAE: 10, NVAE: 10);
+# a bound keeps a typo from building a decoder of billions of outputs.
+MAX_MIXTURES = 1024
 # Options that define the model and its data: a resumed run must keep them.
 FIXED_ON_RESUME = ("data", "train_split", "binarize", "arch", "latent", "hidden", "channels", "recon",
-                   "conditional")
+                   "conditional", "mixtures", "num_bits")
 
 
 def _normalize_data_spec(spec: str) -> str:
@@ -37,12 +42,14 @@ class TrainConfig:
 
     data: str = "digits"
     train_split: int | float | None = None  # a single pool of images: first N (or fraction) to train
-    binarize: str = "dynamic"
+    binarize: str | None = None  # None: "dynamic", or "none" for recon "dmol" (which models grey levels)
     arch: str = "mlp"
     latent: int = 20
     hidden: list | None = None  # None: 400 (mlp) or 256 (conv)
     channels: list | None = None  # conv only; None: 32,64
     recon: str = "bce_logits"
+    mixtures: int | None = None  # recon "dmol" only: mixture components per pixel (None: 10)
+    num_bits: int | None = None  # recon "dmol" only: the data's grid, 2^num_bits levels in [-1, 1] (None: 8)
     conditional: bool = False  # a class-conditional VAE: q(z|x,y), p(x|z,y) and a learned prior p(z|y)
     epochs: int = 50
     batch_size: int = 128
@@ -81,6 +88,7 @@ class TrainConfig:
 
         choice("arch", tuple(ARCHS))
         choice("recon", RECON_MODES)
+        self._dmol_options()
         choice("binarize", BINARIZE_MODES)
         number("latent", int, 1)
         number("epochs", int, 0)
@@ -117,3 +125,24 @@ class TrainConfig:
             raise ConfigError("--channels: only the conv architecture has convolutions (pass --arch conv)")
         if self.out is not None:
             self.out = str(self.out)
+
+    def _dmol_options(self) -> None:
+        """--mixtures and --num-bits belong to --recon dmol, which models the grey levels: it refuses
+        a binarization, and the other modes refuse the two options."""
+        if self.recon != "dmol":
+            for name in ("mixtures", "num_bits"):
+                if getattr(self, name) is not None:
+                    opt = "--" + name.replace("_", "-")
+                    raise ConfigError(f"{opt}: only --recon dmol (a mixture of logistics) takes it; "
+                                      f"got --recon {self.recon}")
+            self.binarize = "dynamic" if self.binarize is None else self.binarize
+            return
+        if self.binarize not in (None, "none"):
+            raise ConfigError(f"--binarize {self.binarize}: --recon dmol models the grey levels (on the "
+                              f"--num-bits grid, scaled to [-1, 1]), not binary pixels; leave --binarize out")
+        self.binarize = "none"
+        for name, default, hi in (("mixtures", DMOL_MIXTURES, MAX_MIXTURES), ("num_bits", DMOL_NUM_BITS, 16)):
+            v = default if getattr(self, name) is None else getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi:
+                raise ConfigError(f"--{name.replace('_', '-')}: expected an integer in 1..{hi:,}, got {v!r}")
+            setattr(self, name, v)

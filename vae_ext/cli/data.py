@@ -36,6 +36,11 @@ are read by :mod:`vae_ext.cli.idx`; of an ``.npz``, only the arrays used are rea
 draws x ~ Bernoulli(image) afresh for every batch; ``"static"`` draws the training set once;
 ``"none"`` keeps grey levels. With ``dynamic`` and ``static`` the test set is drawn once from a
 fixed seed (:data:`TEST_BINARIZE_SEED`), so every run and every evaluation sees the same test set.
+
+**A grid in [-1, 1]** (``num_bits=B``, for ``--recon dmol``; no binarization): every value is rounded
+to the nearest of the 2^B levels ``2 k / (2^B - 1) - 1``, the convention of PixelCNN++, VDVAE and
+NVAE. MNIST's 8-bit pixels (v / 255) land exactly on the 8-bit grid; the digits' 17 levels (v / 16)
+are rounded to the nearest 8-bit level (with B = 4, to one of 16 levels: two of them merge).
 """
 from __future__ import annotations
 
@@ -62,6 +67,7 @@ __all__ = [
     "parse_split",
     "MAX_CLASSES",
     "binarize",
+    "to_signed_grid",
 ]
 
 BINARIZE_MODES = ("dynamic", "static", "none")
@@ -88,6 +94,11 @@ class ImageData:
     binarize: str = "none"
     train_labels: torch.Tensor | None = None
     test_labels: torch.Tensor | None = None
+    num_bits: int | None = None  # set: the images are on the 2^num_bits-level grid in [-1, 1] instead
+
+    def to_unit(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (or samples, reconstructions) of this data -> [0, 1], for drawing them."""
+        return images if self.num_bits is None else (images + 1.0) * 0.5
 
     @property
     def image_shape(self) -> tuple:
@@ -102,7 +113,8 @@ class ImageData:
 
     def describe(self) -> str:
         c, h, w = self.image_shape
-        return f"{self.name} ({len(self.train)} train / {len(self.test)} test, {c}x{h}x{w})"
+        grid = "" if self.num_bits is None else f", {self.num_bits}-bit levels in [-1, 1]"
+        return f"{self.name} ({len(self.train)} train / {len(self.test)} test, {c}x{h}x{w}{grid})"
 
 
 # --------------------------------------------------------------------------- IDX
@@ -360,21 +372,30 @@ def _split_pool(pool: torch.Tensor, split, name: str) -> tuple:
     return pool[:n_train], pool[n_train:]
 
 
+def to_signed_grid(x: torch.Tensor, num_bits: int) -> torch.Tensor:
+    """Images in [0, 1] -> the nearest of the 2^num_bits levels ``2 k / (2^num_bits - 1) - 1`` in [-1, 1]."""
+    top = float(2 ** num_bits - 1)
+    return torch.round(x * top) * (2.0 / top) - 1.0
+
+
 def binarize(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """x ~ Bernoulli(x): one binary draw per pixel."""
     return torch.bernoulli(x, generator=generator)
 
 
 def load_data(spec: str = "digits", *, train_split=None, binarize_mode: str = "dynamic",
-              labels: bool = False) -> ImageData:
+              labels: bool = False, num_bits: int | None = None) -> ImageData:
     """Load a data source (see the module docstring) and split and binarize it; with ``labels``,
-    its class labels too (a source without them is refused).
+    its class labels too (a source without them is refused); with ``num_bits`` (and
+    ``binarize_mode="none"``), on the 2^num_bits-level grid in [-1, 1] (:func:`to_signed_grid`).
 
     Raises :class:`~vae_ext.cli.errors.DataError` for a missing or malformed file and
     :class:`~vae_ext.cli.errors.ConfigError` for an unusable option.
     """
     if binarize_mode not in BINARIZE_MODES:
         raise ConfigError(f"--binarize: expected one of {', '.join(BINARIZE_MODES)}, got {binarize_mode!r}")
+    if num_bits is not None and binarize_mode != "none":
+        raise ConfigError(f"--binarize {binarize_mode}: the {num_bits}-bit grid in [-1, 1] keeps grey levels")
     split = parse_split(train_split)
     train_y = test_y = None
     if spec == "digits":
@@ -423,5 +444,7 @@ def load_data(spec: str = "digits", *, train_split=None, binarize_mode: str = "d
         test = binarize(test, g)
         if binarize_mode == "static":
             train = binarize(train, g)
+    if num_bits is not None:
+        train, test = to_signed_grid(train, num_bits), to_signed_grid(test, num_bits)
     return ImageData(train=train.contiguous(), test=test.contiguous(), name=name, binarize=binarize_mode,
-                     train_labels=train_y, test_labels=test_y)
+                     train_labels=train_y, test_labels=test_y, num_bits=num_bits)

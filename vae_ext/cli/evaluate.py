@@ -10,6 +10,7 @@ import torch
 from tqdm import tqdm
 
 from ..models import VAE
+from ..models.dmol import bits_per_dim
 from .checkpoint import check_image_shape, check_labels, config_of, load_checkpoint, model_from_checkpoint
 from .data import TEST_BINARIZE_SEED, ImageData, binarize, load_data
 from .distributed import DistributedContext, resolve_device
@@ -84,7 +85,8 @@ def importance_weighted_nll(model: VAE, images: torch.Tensor, k: int, *, batch_s
 def evaluate_checkpoint(path, *, k: int = 5000, data: str | None = None, train_split=None, split: str = "test",
                         device: str = "auto", reference: bool = False, seed: int = 0, batch_size: int = 100,
                         progress: bool = True) -> dict:
-    """Test negative ELBO and the k-sample importance-weighted NLL of a checkpoint, in nats per image;
+    """Test negative ELBO and the k-sample importance-weighted NLL of a checkpoint, in nats per image
+    (for a ``--recon dmol`` model also in bits per dimension: ``nelbo_bpd``, ``nll_bpd``, ``nll_sem_bpd``);
     for a class-conditional checkpoint both are conditional on the images' labels (-log p(x|y)),
     with the class prior p(z|y). ``notes`` maps each of ``nelbo``, ``nll``, ``nll_sem`` that is not a
     finite number (NaN: a standard error of one image, a diverged checkpoint) to the reason."""
@@ -96,8 +98,9 @@ def evaluate_checkpoint(path, *, k: int = 5000, data: str | None = None, train_s
     cfg = config_of(ckpt)
     dev = resolve_device(device, fused=not reference)
     num_classes = int(ckpt["model_config"].get("num_classes", 0))
+    dmol = ckpt["model_config"].get("recon") == "dmol"
     d = load_data(data or cfg.data, train_split=train_split if data else cfg.train_split, binarize_mode=cfg.binarize,
-                  labels=num_classes > 0)
+                  labels=num_classes > 0, num_bits=ckpt["model_config"].get("num_bits") if dmol else None)
     check_image_shape(d, ckpt["model_config"]["input_shape"], f"the model in {ckpt['path']}")
     check_labels(d, num_classes, f"the model in {ckpt['path']}")
     model = model_from_checkpoint(ckpt, fused=not reference, device=dev)
@@ -119,6 +122,10 @@ def evaluate_checkpoint(path, *, k: int = 5000, data: str | None = None, train_s
     for key in ("nelbo", "nll", "nll_sem"):
         if not math.isfinite(r[key]) and key not in r["notes"]:
             r["notes"][key] = _why_not_finite(model, r[key])
+    if dmol:  # the same three in bits per dimension, nats / (D ln 2), as image likelihoods are compared
+        r["dims"] = model.in_features
+        for key in ("nelbo", "nll", "nll_sem"):
+            r[f"{key}_bpd"] = bits_per_dim(r[key], model.in_features)
     return r
 
 

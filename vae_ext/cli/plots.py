@@ -89,7 +89,9 @@ def save_plots(out: Path, model: VAE, data: ImageData, history) -> None:
     n = min(32, len(data.test)) // ncol * ncol
     x = data.test[:n].to(dev)
     y = data.test_labels[:n] if model.conditional else None
-    rec = model.reconstruct(x, y)
+    # drawn in [0, 1]: data on a grid in [-1, 1] (--recon dmol) is mapped there (data.to_unit)
+    rec = data.to_unit(model.reconstruct(x, y))
+    x = data.to_unit(x)
     rows = torch.stack([x.reshape(-1, ncol, *x.shape[1:]), rec.reshape(-1, ncol, *x.shape[1:])], 1)
     save_image_grid(out / "reconstructions.png", rows.reshape(-1, *x.shape[1:]), ncol=ncol,
                     title="test images (odd rows) and reconstructions (even rows)")
@@ -98,10 +100,12 @@ def save_plots(out: Path, model: VAE, data: ImageData, history) -> None:
         classes = min(model.num_classes, MAX_CLASS_ROWS)
         y = torch.arange(classes, device=dev).repeat_interleave(SAMPLES_PER_CLASS)
         more = f" (first {classes} of {model.num_classes})" if classes < model.num_classes else ""
-        save_image_grid(out / "samples.png", model.sample(len(y), generator=g, y=y), ncol=SAMPLES_PER_CLASS,
+        samples = data.to_unit(model.sample(len(y), generator=g, y=y))
+        save_image_grid(out / "samples.png", samples, ncol=SAMPLES_PER_CLASS,
                         title=f"samples, one row per class 0..{classes - 1}{more}, z ~ p(z|y)")
     else:
-        save_image_grid(out / "samples.png", model.sample(64, generator=g), ncol=8, title="samples")
+        what = "samples x ~ p(x|z) (dmol_sample)" if model.recon == "dmol" else "samples"
+        save_image_grid(out / "samples.png", data.to_unit(model.sample(64, generator=g)), ncol=8, title=what)
     if history:
         save_loss_curves(out / "loss_curves.png", history)
     model.train(was_training)

@@ -22,6 +22,7 @@ from torch.utils.data import BatchSampler, DistributedSampler
 from tqdm import tqdm
 
 from ..models import VAE
+from ..models.dmol import bits_per_dim
 from .checkpoint import (
     CHECKPOINT_NAME,
     check_image_shape,
@@ -43,12 +44,15 @@ from .runfiles import write_csv
 from .runlock import RunLock
 
 __all__ = ["TrainResult", "train", "train_step", "guarded_train_step", "build_model", "METRICS_NAME", "METRIC_COLUMNS",
-           "ACTIVE_UNIT_NATS"]
+           "DMOL_METRIC_COLUMNS", "ACTIVE_UNIT_NATS", "metric_columns"]
 
 METRICS_NAME = "metrics.csv"
 # New columns go at the end: scripts that read the file by position keep working.
 METRIC_COLUMNS = ("epoch", "step", "beta", "train_loss", "train_nelbo", "train_rec", "train_kl",
                   "test_nelbo", "test_rec", "test_kl", "skipped", "lr", "seconds", "active_units")
+# A --recon dmol run also has its negative ELBOs in bits per dimension, nats / (D ln 2): the unit in
+# which image likelihoods are compared (the other modes' files keep their columns).
+DMOL_METRIC_COLUMNS = METRIC_COLUMNS + ("train_bpd", "test_bpd")
 # A latent unit is "active" when its KL to the prior, averaged over the epoch's batches, exceeds
 # this many nats (Burda et al. measure activity by a variance; the KL threshold is the issue's).
 ACTIVE_UNIT_NATS = 0.01
@@ -64,6 +68,9 @@ def build_model(cfg: TrainConfig, image_shape, num_classes: int = 0, *, batch: i
                   hidden_sizes=cfg.hidden, recon=cfg.recon, fused=not cfg.reference,
                   num_classes=num_classes if cfg.conditional else 0, free_bits=cfg.free_bits)
     sizes = f"--arch {cfg.arch} --hidden {fmt_option(cfg.hidden)} --latent {cfg.latent}"
+    if cfg.recon == "dmol":
+        kwargs.update(mixtures=cfg.mixtures, num_bits=cfg.num_bits)
+        sizes += f" --mixtures {cfg.mixtures}"
     if cfg.arch == "conv":
         if len(image_shape) != 3:
             raise ConfigError(f"--arch conv: expected (C, H, W) images, got shape {list(image_shape)}")
@@ -96,6 +103,11 @@ class TrainResult:
     out: Path
     checkpoint: Path
     data: ImageData
+
+
+def metric_columns(cfg: TrainConfig) -> tuple:
+    """The columns of a run's metrics.csv: :data:`DMOL_METRIC_COLUMNS` for --recon dmol."""
+    return DMOL_METRIC_COLUMNS if cfg.recon == "dmol" else METRIC_COLUMNS
 
 
 def _loss_and_gradients(net, model: VAE, optimizer, x: torch.Tensor, beta: float, y=None):
@@ -238,7 +250,8 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
     _on_main(ctx, lambda: claim_folder(early=True))
     if checkpoint is not None and ctx.distributed:
         _same_checkpoint_on_every_rank(ctx, checkpoint)
-    data = load_data(cfg.data, train_split=cfg.train_split, binarize_mode=cfg.binarize, labels=cfg.conditional)
+    data = load_data(cfg.data, train_split=cfg.train_split, binarize_mode=cfg.binarize, labels=cfg.conditional,
+                     num_bits=cfg.num_bits if cfg.recon == "dmol" else None)
     num_classes = data.num_classes
     if checkpoint is not None:
         check_image_shape(data, checkpoint["model_config"]["input_shape"], f"the model in {checkpoint['path']}")
@@ -277,10 +290,11 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
     in_a_row = 0  # consecutive skipped steps (--skip-nonfinite)
 
     kernels = "vae_ext.reference (plain PyTorch)" if cfg.reference else "fused vae_ext kernels"
-    log(f"data: {data.describe()}, binarize {cfg.binarize}")
+    log(f"data: {data.describe()}" + ("" if cfg.recon == "dmol" else f", binarize {cfg.binarize}"))
     cond = f"class-conditional ({model.num_classes} classes) " if model.conditional else ""
     log(f"model: {cond}{type(model).__name__} {'x'.join(map(str, data.image_shape))} -> hidden "
         f"{fmt_option(cfg.hidden)} -> latent {cfg.latent} ({model.num_parameters():,} parameters), recon {cfg.recon}"
+        + (f" ({cfg.mixtures} logistics per pixel)" if cfg.recon == "dmol" else "")
         + (f", free bits {cfg.free_bits:g} nats/unit" if cfg.free_bits else "") + f", {kernels}")
     where = f"{ctx.world_size} processes (DDP), " if ctx.distributed else ""
     log(f"training on {where}{dev}; writing {out}" + (f"; resuming after epoch {start}" if checkpoint else ""))
@@ -347,20 +361,24 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
                "test_nelbo": test["nelbo"], "test_rec": test["rec"], "test_kl": test["kl"], "skipped": skipped,
                "lr": cfg.lr,
                "seconds": time.perf_counter() - t0, "active_units": active}
+        if cfg.recon == "dmol":
+            dims = math.prod(data.image_shape)
+            row.update(train_bpd=bits_per_dim(row["train_nelbo"], dims), test_bpd=bits_per_dim(row["test_nelbo"], dims))
         history.append(row)
         if ctx.is_main:
             save_checkpoint(ckpt_path, model, optimizer, cfg, epoch, history, data)
-            write_csv(out / METRICS_NAME, METRIC_COLUMNS, history)
+            write_csv(out / METRICS_NAME, metric_columns(cfg), history)
             if cfg.plot_every and epoch % cfg.plot_every == 0 and epoch != cfg.epochs:
                 save_plots(out, model, data, history)
+        bpd = f" = {row['test_bpd']:.4f} bits/dim" if cfg.recon == "dmol" else ""
         log(f"epoch {epoch:3d}/{cfg.epochs}  train -ELBO {row['train_nelbo']:8.3f}  test -ELBO "
-            f"{row['test_nelbo']:8.3f} nats/image  (KL {row['test_kl']:.2f}, beta {beta:.2f}, active units "
+            f"{row['test_nelbo']:8.3f} nats/image{bpd}  (KL {row['test_kl']:.2f}, beta {beta:.2f}, active units "
             f"{active}/{cfg.latent}, {row['seconds']:.1f} s)")
 
     if ctx.is_main:
         if not ckpt_path.exists():  # resumed past the end, or --epochs 0: still leave a checkpoint
             save_checkpoint(ckpt_path, model, optimizer, cfg, start, history, data)
-            write_csv(out / METRICS_NAME, METRIC_COLUMNS, history)
+            write_csv(out / METRICS_NAME, metric_columns(cfg), history)
         save_plots(out, model, data, history)
         names = [METRICS_NAME, "reconstructions.png", "samples.png"] + (["loss_curves.png"] if history else [])
         log("wrote " + ", ".join(str(p) for p in [ckpt_path, *(out / n for n in names)]))

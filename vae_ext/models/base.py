@@ -8,16 +8,19 @@ import torch
 from torch import nn
 
 from .. import functional, reference
+from ..dmol import dmol_nll, dmol_sample
 from ..functional import _check_beta, _check_choice
 from ..losses import FusedELBOLoss
 from .conditional import ClassConditional, check_num_classes
+from .dmol import DMoLELBOLoss, check_dmol_options, dmol_param_channels, mixture_mean, to_grid
 
 __all__ = ["VAE", "ReferenceELBOLoss", "RECON_MODES", "ARCHS"]
 
 # The reconstruction modes the models score: each needs its decoder mean and its log-likelihood's
 # constant below. ("l1" and "gaussian" are loss modes of vae_ext.elbo_loss; "gaussian" needs a
-# decoder log-variance these models do not have.)
-RECON_MODES = ("bce", "bce_logits", "mse")
+# decoder log-variance these models do not have.) "dmol": a mixture of discretized logistics per
+# pixel (models/dmol.py), on data scaled to [-1, 1].
+RECON_MODES = ("bce", "bce_logits", "mse", "dmol")
 
 # arch name -> VAE subclass: what ``VAE(arch=...)`` builds. vae_ext/models/__init__.py fills it once
 # it has imported every family (they subclass VAE: this module cannot import them).
@@ -82,7 +85,8 @@ class VAE(ClassConditional, nn.Module):
         return super().__new__(cls)
 
     def __init__(self, input_shape, latent_size: int, recon: str, fused: bool, arch: str | None,
-                 num_classes: int = 0, free_bits: float = 0.0):
+                 num_classes: int = 0, free_bits: float = 0.0, mixtures: int | None = None,
+                 num_bits: int | None = None):
         super().__init__()
         if arch is not None and arch != self.arch:
             raise ValueError(f"arch: {type(self).__name__} is arch {self.arch!r}, got {arch!r}")
@@ -95,9 +99,16 @@ class VAE(ClassConditional, nn.Module):
         self.num_classes = check_num_classes(num_classes)
         self.recon = recon
         self.fused = bool(fused)
+        self.mixtures, self.num_bits = check_dmol_options(recon, mixtures, num_bits, self.input_shape)
+        # what the decoder outputs per image: the mixture's parameters (P channels) for "dmol"
+        self.output_shape = self.input_shape if recon != "dmol" else (
+            dmol_param_channels(self.input_shape[0], self.mixtures), *self.input_shape[1:])
         # free_bits is part of the training objective, not of the model: not in ``config``
-        self.criterion = (FusedELBOLoss if self.fused else ReferenceELBOLoss)(recon=recon, reduction="sum",
-                                                                             free_bits=free_bits)
+        if recon == "dmol":
+            self.criterion = DMoLELBOLoss(self.num_bits, fused=self.fused, free_bits=free_bits)
+        else:
+            self.criterion = (FusedELBOLoss if self.fused else ReferenceELBOLoss)(recon=recon, reduction="sum",
+                                                                                 free_bits=free_bits)
         self._init_prior()
         self.generator: torch.Generator | None = None
         self.eps_sampler = None
@@ -111,6 +122,8 @@ class VAE(ClassConditional, nn.Module):
              "recon": self.recon}
         if self.conditional:
             c["num_classes"] = self.num_classes
+        if self.recon == "dmol":
+            c["mixtures"], c["num_bits"] = self.mixtures, self.num_bits
         return c
 
     @classmethod
@@ -139,7 +152,8 @@ class VAE(ClassConditional, nn.Module):
     @property
     def log_norm_const(self) -> float:
         """What the summed loss leaves out of -log p(x|z): D/2 * log(pi) for ``"mse"`` (a Gaussian
-        with variance 1/2, whose -log density is sum (x - r)^2 + D/2 log pi), 0 for Bernoulli."""
+        with variance 1/2, whose -log density is sum (x - r)^2 + D/2 log pi), 0 for Bernoulli and
+        for ``"dmol"`` (a probability of the pixels' bins)."""
         return 0.5 * self.in_features * math.log(math.pi) if self.recon == "mse" else 0.0
 
     # ------------------------------------------------------------------ the model
@@ -160,7 +174,8 @@ class VAE(ClassConditional, nn.Module):
         return self.fc_mu(h), self.fc_logvar(h)
 
     def decode(self, z: torch.Tensor, y=None) -> torch.Tensor:
-        """Decoder output (logits for the Bernoulli modes) of shape (*z.shape[:-1], *input_shape).
+        """Decoder output (logits for the Bernoulli modes) of shape (*z.shape[:-1], *output_shape):
+        ``input_shape``, or for ``"dmol"`` (P, H, W), the mixture's P parameters per pixel.
         For a conditional model, ``y`` (N,) goes with z's last batch dimension (z may be (K, N, L))."""
         lead = z.shape[:-1]
         c = self.one_hot(y)
@@ -170,14 +185,19 @@ class VAE(ClassConditional, nn.Module):
                                  f"got {c.shape[0]}")
             z = torch.cat([z, c.expand(*lead, self.num_classes)], dim=-1)
         out = self._decode(z.reshape(-1, z.shape[-1]))
-        return out.reshape(*lead, *self.input_shape)
+        return out.reshape(*lead, *self.output_shape)
 
     def loss_input(self, out: torch.Tensor) -> torch.Tensor:
         """Decoder output -> what the loss's ``recon`` mode takes (probabilities for ``"bce"``)."""
         return torch.sigmoid(out) if self.recon == "bce" else out
 
     def mean(self, out: torch.Tensor) -> torch.Tensor:
-        """Decoder output -> the mean of p(x|z): pixel probabilities, or the Gaussian mean."""
+        """Decoder output -> the mean of p(x|z): pixel probabilities, the Gaussian mean, or for
+        ``"dmol"`` the mixture's mean in [-1, 1] (:func:`vae_ext.models.dmol.mixture_mean`)."""
+        if self.recon == "dmol":
+            lead = out.shape[:-len(self.output_shape)]
+            m = mixture_mean(out.reshape(-1, *self.output_shape), self.input_shape[0])
+            return m.reshape(*lead, *self.input_shape)
         return out if self.recon == "mse" else torch.sigmoid(out)
 
     def reparameterize(self, mu, logvar, *, num_samples=None, generator=None, return_eps=False):
@@ -223,6 +243,9 @@ class VAE(ClassConditional, nn.Module):
         dummies), plus the Gaussian's normalizing constant for ``"mse"``.
         """
         m = out.shape[0]
+        if self.recon == "dmol":
+            nll = dmol_nll if self.fused else reference.dmol_nll
+            return -nll(out, x.reshape(m, *self.input_shape), num_bits=self.num_bits, reduction="none")
         dummy = out.new_zeros(m, 1)
         _, rec, _ = self._elbo_fn()(self.loss_input(out), x.reshape(out.shape), dummy, dummy,
                                     recon=self.recon, reduction="none", return_terms=True)
@@ -239,6 +262,12 @@ class VAE(ClassConditional, nn.Module):
         mu, logvar = self.encode(x, y)
         z = self.reparameterize(mu, logvar, generator=generator)
         out = self.decode(z, y)
+        if self.recon == "dmol":
+            log_px_z = self.recon_log_prob(out, x)
+            kl_fn = functional.gaussian_kl if self.fused else reference.gaussian_kl
+            kl = kl_fn(mu, logvar, **self._prior_kwargs(y), reduction="none")
+            elbo = log_px_z - kl
+            return (elbo, log_px_z, kl) if return_terms else elbo
         _, rec, kl = self._elbo_fn()(self.loss_input(out), x, mu, logvar, recon=self.recon,
                                      reduction="none", return_terms=True, **self._prior_kwargs(y))
         log_px_z = -(rec + self.log_norm_const)
@@ -262,7 +291,7 @@ class VAE(ClassConditional, nn.Module):
         n = x.shape[0]
         mu, logvar = self.encode(x, y)
         prior_mu, prior_logvar = self.prior(y)
-        chunk = max(1, min(k, max_elements // max(1, n * self.in_features)))
+        chunk = max(1, min(k, max_elements // max(1, n * math.prod(self.output_shape))))
         acc = torch.full((n,), -math.inf, dtype=mu.dtype, device=mu.device)
         done = 0
         while done < k:
@@ -270,7 +299,7 @@ class VAE(ClassConditional, nn.Module):
             z, eps = self.reparameterize(mu, logvar, num_samples=kc, generator=generator, return_eps=True)
             out = self.decode(z, y)  # (kc, n, *input_shape)
             x_rep = x.unsqueeze(0).expand(kc, *x.shape).reshape(kc * n, *self.input_shape)
-            log_px_z = self.recon_log_prob(out.reshape(kc * n, *self.input_shape), x_rep).view(kc, n)
+            log_px_z = self.recon_log_prob(out.reshape(kc * n, *self.output_shape), x_rep).view(kc, n)
             if prior_mu is None:
                 log_pz = -0.5 * (z.pow(2) + _LOG_2PI).sum(-1)
             else:
@@ -283,12 +312,19 @@ class VAE(ClassConditional, nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, y=None) -> torch.Tensor:
         """n images from the model: z ~ p(z) (N(0, I), or for a conditional model the prior of each
-        label of ``y``, shape (n,)), then the mean of p(x|z[, y]); shape (n, *input_shape)."""
+        label of ``y``, shape (n,)), then the mean of p(x|z[, y]); shape (n, *input_shape). For
+        ``"dmol"``, a draw x ~ p(x|z) (:func:`vae_ext.dmol_sample`, from ``generator`` too) rounded to
+        the ``num_bits`` grid in [-1, 1], as the data is."""
         p = next(self.parameters())
         z = torch.randn(n, self.latent_size, generator=generator, device=p.device, dtype=p.dtype)
         prior_mu, prior_logvar = self.prior(y)
         if prior_mu is not None:
             z = prior_mu + torch.exp(0.5 * prior_logvar) * z
+        if self.recon == "dmol":
+            draw = dmol_sample if self.fused else reference.dmol_sample
+            params = self.decode(z, y).reshape(n, *self.output_shape)
+            x = draw(params, num_channels=self.input_shape[0], generator=generator)
+            return to_grid(x, self.num_bits)
         return self.mean(self.decode(z, y))
 
     @torch.no_grad()

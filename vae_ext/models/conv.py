@@ -16,7 +16,8 @@ class ConvVAE(VAE):
 
     Encoder: one 4x4 stride-2 convolution (ReLU) per entry of ``channels``, halving H and W each time,
     then the fully connected ``hidden_sizes`` layers. The decoder mirrors it with transposed
-    convolutions (their ``output_padding`` restores odd sizes), ending in C channels of logits.
+    convolutions (their ``output_padding`` restores odd sizes), ending in C channels of logits
+    (for ``recon="dmol"``, the mixture's P channels).
     Conditional (``num_classes > 0``): the one-hot label joins the flattened convolution features
     and z at the decoder's input.
     """
@@ -25,8 +26,9 @@ class ConvVAE(VAE):
 
     def __init__(self, input_shape=(1, 28, 28), latent_size: int = 20, hidden_sizes=(256,),
                  channels=(32, 64), recon: str = "bce_logits", fused: bool = True, arch: str | None = None,
-                 num_classes: int = 0, free_bits: float = 0.0):
-        super().__init__(input_shape, latent_size, recon, fused, arch, num_classes, free_bits)
+                 num_classes: int = 0, free_bits: float = 0.0, mixtures: int | None = None,
+                 num_bits: int | None = None):
+        super().__init__(input_shape, latent_size, recon, fused, arch, num_classes, free_bits, mixtures, num_bits)
         if len(self.input_shape) != 3:
             raise ValueError(f"input_shape: ConvVAE expects (C, H, W), got {self.input_shape}")
         self.hidden_sizes = _positive_ints("hidden_sizes", hidden_sizes)
@@ -59,7 +61,8 @@ class ConvVAE(VAE):
         dec = []
         for i in range(len(self.channels), 0, -1):  # sizes[i] -> sizes[i-1]
             (oh, ow), (ih, iw) = sizes[i - 1], sizes[i]
-            dec.append(nn.ConvTranspose2d(chans[i], chans[i - 1], 4, stride=2, padding=1,
+            out_c = chans[i - 1] if i > 1 else self.output_shape[0]  # P channels for "dmol"
+            dec.append(nn.ConvTranspose2d(chans[i], out_c, 4, stride=2, padding=1,
                                           output_padding=(oh - 2 * ih, ow - 2 * iw)))
             if i > 1:
                 dec.append(nn.ReLU())
