@@ -19,7 +19,8 @@ from . import _ops  # noqa: F401  (loads the kernels, registers their fake kerne
 
 __all__ = ["elbo_loss", "gaussian_kl", "reparameterize", "RECON_MODES", "REDUCTIONS", "KL_REDUCTIONS"]
 
-RECON_MODES = ("bce", "bce_logits", "mse", "l1", "gaussian")
+# "dmol": the discretized mixture of logistics, vae_ext.dmol_nll beside gaussian_kl (vae_ext/dmol.py)
+RECON_MODES = ("bce", "bce_logits", "mse", "l1", "gaussian", "dmol")
 KL_REDUCTIONS = ("sum", "mean", "none")
 # "pixel_mean": the reconstruction term averaged over every element, as F.mse_loss(recon, x) and
 # the codebases built on it do (docs/porting.md); the KL term as "mean".
@@ -175,12 +176,15 @@ def elbo_loss(
     recon_logvar: torch.Tensor | None = None,
     free_bits: float = 0.0,
     return_unit_kl: bool = False,
+    num_bits: int | None = None,
+    log_scale_min: float | None = None,
 ):
     """Negative ELBO ``recon_loss(recon_x, x) + beta * KL(q(z|x) || p(z))``, fused.
 
     Args:
         recon_x: decoder output, shape (N, ...): probabilities for ``recon="bce"``, logits for
-            ``"bce_logits"``, values for ``"mse"``, ``"l1"`` and ``"gaussian"``.
+            ``"bce_logits"``, values for ``"mse"``, ``"l1"`` and ``"gaussian"``; for ``"dmol"`` the
+            mixture's ``params`` (N, P, *S), as :func:`vae_ext.dmol_nll` takes them.
         x: target, the shape of ``recon_x`` (or any shape with the same batch size and the same
             number of elements per sample, as the classic example's ``x.view(-1, 784)``).
             It is treated as a constant: it must not require grad.
@@ -191,7 +195,11 @@ def elbo_loss(
             (sum of absolute errors, gradient ``sign(r - x)``, 0 at a tie or a NaN difference as
             ``F.l1_loss``'s) or ``"gaussian"`` (the Gaussian
             negative log-likelihood ``0.5 * ((x - r)^2 * exp(-recon_logvar) + recon_logvar +
-            log(2 pi))`` per element).
+            log(2 pi))`` per element) or ``"dmol"`` (the discretized mixture of logistics,
+            :func:`vae_ext.dmol_nll` of ``recon_x`` as params and x (N, C, *S) in [-1, 1], computed
+            by its own fused op beside :func:`vae_ext.gaussian_kl`'s; ``"pixel_mean"`` and
+            ``recon_logvar`` do not apply and are refused: VDVAE's per-dimension loss is the
+            ``"mean"`` loss divided by ``x[0].numel()``).
         beta: weight of the KL term, a float >= 0; changing it needs no rebuild.
         reduction: ``"sum"`` over everything, ``"mean"`` (per-sample sums averaged over the
             batch), ``"none"`` (one value per sample, shape (N,)) or ``"pixel_mean"`` (the
@@ -219,6 +227,8 @@ def elbo_loss(
             ``reduction="none"`` (the floor is a batch statistic).
         return_unit_kl: also return each unit's KL averaged over the batch, shape mu.shape[1:]
             (detached; the true KL): posterior-collapse diagnostics (a unit near 0 nats is inactive).
+        num_bits, log_scale_min: ``recon="dmol"`` only (default 8 and -7.0): the bit depth of x's grid
+            and the floor of the log-scales, as :func:`vae_ext.dmol_nll` takes them.
 
     Returns:
         ``loss``, ``(loss, recon_term, kl_term)`` with ``return_terms``, and ``unit_kl`` appended
@@ -226,6 +236,16 @@ def elbo_loss(
         for float16/bfloat16 (computed and summed in float32); the gradients have the dtype of the
         tensors they belong to.
     """
+    if type(recon) is str and recon == "dmol":  # two fused ops: vae_ext/dmol.py
+        from .dmol import elbo_loss_dmol
+
+        return elbo_loss_dmol(recon_x, x, mu, logvar, beta=beta, reduction=reduction, return_terms=return_terms,
+                              validate=validate, prior_mu=prior_mu, prior_logvar=prior_logvar,
+                              recon_logvar=recon_logvar, free_bits=free_bits, return_unit_kl=return_unit_kl,
+                              num_bits=num_bits, log_scale_min=log_scale_min)
+    if num_bits is not None or log_scale_min is not None:
+        name = "num_bits" if num_bits is not None else "log_scale_min"
+        raise ValueError(f"{name}: only recon='dmol' takes it, got recon={recon!r}")
     options = (prior_mu, prior_logvar, recon_logvar)
     extra = None if (prior_mu is None and prior_logvar is None and recon_logvar is None and type(free_bits) is float
                      and free_bits == 0.0 and not return_unit_kl) else options

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .dmol import check_dmol_options
 from .functional import RECON_MODES, REDUCTIONS, _check_beta, _check_choice, _check_free_bits, elbo_loss
 
 __all__ = ["FusedELBOLoss"]
@@ -25,14 +26,17 @@ class FusedELBOLoss(nn.Module):
     ``free_bits`` (nats per latent unit) is one too. A learned prior and a Gaussian decoder's
     log-variance are passed per call: ``loss_fn(recon_x, x, mu, logvar, prior_mu=pm,
     prior_logvar=pl)``, ``FusedELBOLoss("gaussian")(recon_x, x, mu, logvar, recon_logvar=rlv)``.
+    ``FusedELBOLoss("dmol", num_bits=8)`` is the discretized mixture of logistics (VDVAE, NVAE), called
+    with the mixture's params in recon_x's place: ``loss_fn(params, x, mu, logvar)``.
     See :func:`vae_ext.elbo_loss` for the arguments.
     """
 
     def __init__(self, recon: str = "bce", beta: float = 1.0, reduction: str = "sum", validate: bool = False,
-                 free_bits: float = 0.0):
+                 free_bits: float = 0.0, num_bits: int | None = None, log_scale_min: float | None = None):
         super().__init__()
         _check_choice("recon", recon, RECON_MODES)
         _check_choice("reduction", reduction, REDUCTIONS)
+        self.num_bits, self.log_scale_min = check_dmol_options(recon, reduction, num_bits, log_scale_min)
         self.recon = recon
         self.beta = float(_check_beta(beta))
         self.reduction = reduction
@@ -51,8 +55,10 @@ class FusedELBOLoss(nn.Module):
         return elbo_loss(recon_x, x, mu, logvar, recon=self.recon, beta=self.beta,
                          reduction=self.reduction, return_terms=return_terms, validate=self.validate,
                          prior_mu=prior_mu, prior_logvar=prior_logvar, recon_logvar=recon_logvar,
-                         free_bits=self.free_bits, return_unit_kl=return_unit_kl)
+                         free_bits=self.free_bits, return_unit_kl=return_unit_kl, num_bits=self.num_bits,
+                         log_scale_min=self.log_scale_min)
 
     def extra_repr(self) -> str:
         fb = f", free_bits={self.free_bits}" if self.free_bits else ""
-        return f"recon={self.recon!r}, beta={self.beta}, reduction={self.reduction!r}{fb}"
+        dmol = f", num_bits={self.num_bits}, log_scale_min={self.log_scale_min}" if self.recon == "dmol" else ""
+        return f"recon={self.recon!r}, beta={self.beta}, reduction={self.reduction!r}{fb}{dmol}"

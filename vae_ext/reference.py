@@ -133,14 +133,22 @@ def elbo_loss(
     recon_logvar: torch.Tensor | None = None,
     free_bits: float = 0.0,
     return_unit_kl: bool = False,
+    num_bits: int | None = None,
+    log_scale_min: float | None = None,
 ):
     """Negative ELBO: reconstruction loss + beta * KL, reduced by ``reduction``.
 
     Same contract as :func:`vae_ext.elbo_loss` (``validate`` is accepted and ignored: the
-    stock ops check what they check).
+    stock ops check what they check). ``recon="dmol"``: :func:`dmol_nll` of ``recon_x`` as params.
     """
     del validate
-    per_sample = reconstruction_loss(recon_x, x, recon, recon_logvar)
+    if recon == "dmol":
+        if reduction == "pixel_mean":
+            raise ValueError("reduction: 'pixel_mean' does not apply to recon='dmol'")
+        per_sample = dmol_nll(recon_x, x, num_bits=8 if num_bits is None else num_bits, reduction="none",
+                              log_scale_min=-7.0 if log_scale_min is None else log_scale_min)
+    else:
+        per_sample = reconstruction_loss(recon_x, x, recon, recon_logvar)
     if reduction == "pixel_mean":  # the reconstruction averaged over every element, the KL over samples
         rec = per_sample.sum() / recon_x.numel()
     else:
