@@ -76,10 +76,13 @@ struct LatentRun {
   // kMain: how mu and logscale are read; kPrior: the prior
   template <int kMain = kStrided, int kPrior = kStrided>
   VAE_HD void load(int64_t j, int64_t cnt, V* m, V* l, V* pm, V* pl) const {
-    *m = IO::template load<kMain>(mu + j * smu, smu, cnt);
-    *l = IO::template load<kMain>(ls + j * sls, sls, cnt);
-    *pm = IO::template load<kPrior>(pmu + j * spmu, spmu, cnt);
-    *pl = IO::template load<kPrior>(pls + j * spls, spls, cnt);
+    const auto at = [j](const scalar_t* p, int64_t st, int kMode) {
+      return p + (kMode == kUnit ? j : kMode == kBroadcast ? 0 : j * st);
+    };
+    *m = IO::template load<kMain>(at(mu, smu, kMain), smu, cnt);
+    *l = IO::template load<kMain>(at(ls, sls, kMain), sls, cnt);
+    *pm = IO::template load<kPrior>(at(pmu, spmu, kPrior), spmu, cnt);
+    *pl = IO::template load<kPrior>(at(pls, spls, kPrior), spls, cnt);
   }
 };
 
@@ -124,6 +127,9 @@ void latent_forward_typed(const LatentArgs& a, double* row_kl) {
         eps_tile<scalar_t, acc_t>(a.seed, a.offset, r * len + p, run, eps);
         const LatentRun<scalar_t> in(a, n, ch, s0);
         scalar_t* zp = z + latent_at(a.z_st, kk, n, ch, s0);
+        // in registers for the loop (stores through float pointers could alias a's fields)
+        const int64_t sz = kMain == kUnit ? 1 : a.z_st.s;
+        acc_t* const klp = kl_el ? kl_el + r * len + p : nullptr;
         for (int64_t j = 0; j < run; j += W) {
           const int64_t cnt = std::min(W, run - j);
           V m, l, pm, pl;
@@ -131,7 +137,7 @@ void latent_forward_typed(const LatentArgs& a, double* row_kl) {
           const V ev = V::loadu(eps + j, cnt);
           const V sigma = M::exp(c * l);
           const V zv = latent_z_sigma<M>(m, sigma, ev);
-          IO::template store<kMain>(zp + j * a.z_st.s, a.z_st.s, zv, cnt);
+          IO::template store<kMain>(zp + j * sz, sz, zv, cnt);
           V kl;
           if constexpr (kKL == LatentKL::Analytic) {
             V g0, g1, g2, g3;
@@ -140,7 +146,7 @@ void latent_forward_typed(const LatentArgs& a, double* row_kl) {
             kl = latent_kl_sample<M>(zv, ev, c * l, pm, c * pl);
           }
           if (cnt < W) kl = V::set(V(0), kl, cnt);  // padded lanes add nothing
-          if (kl_el) kl.store(kl_el + r * len + p + j, cnt);
+          if (klp) kl.store(klp + j, cnt);
           acc = acc + kl;
         }
         p += run;
@@ -185,12 +191,16 @@ void latent_backward_one(const LatentArgs& a) {
         const scalar_t* gp = gz ? gz + latent_at(a.gz_st, 0, n, ch, s0) : nullptr;
         scalar_t* gm = gmu + latent_at(a.g_st, 0, n, ch, s0);
         scalar_t* gl = gls + latent_at(a.g_st, 0, n, ch, s0);
-        const int64_t pe = n * len + l0;  // the prior's gradients: (N, C S) contiguous
+        // the prior's gradients: (N, C S) contiguous; all in registers for the loop (stores through
+        // float pointers could alias a's fields)
+        acc_t* const pmo = gpmu ? gpmu + n * len + l0 : nullptr;
+        acc_t* const plo = gpls ? gpls + n * len + l0 : nullptr;
+        const int64_t sgz = kMain == kUnit ? 1 : a.gz_st.s, sg = kMain == kUnit ? 1 : a.g_st.s;
         for (int64_t j = 0; j < run; j += W) {
           const int64_t cnt = std::min(W, run - j);
           V m, l, pm, pl, d_mu, d_ls, d_pmu, d_pls;
           in.template load<kMain, kPrior>(j, cnt, &m, &l, &pm, &pl);
-          const V gv = gp ? IO::template load<kMain>(gp + j * a.gz_st.s, a.gz_st.s, cnt) : V(0);
+          const V gv = gp ? IO::template load<kMain>(gp + j * sgz, sgz, cnt) : V(0);
           const V ev = draw ? V::loadu(eps + j, cnt) : V(0);
           const V sigma = M::exp(c * l);
           const V b = row_w ? (unit_w ? b_row * V::loadu(unit_w + l0 + j, cnt) : b_row) : V(0);
@@ -213,11 +223,11 @@ void latent_backward_one(const LatentArgs& a) {
             d_ls = c * dh;
             d_pls = c * dph;
           }
-          IO::template store<kMain>(gm + j * a.g_st.s, a.g_st.s, d_mu, cnt);
-          IO::template store<kMain>(gl + j * a.g_st.s, a.g_st.s, d_ls, cnt);
-          if (gpmu) {
-            d_pmu.store(gpmu + pe + j, cnt);
-            d_pls.store(gpls + pe + j, cnt);
+          IO::template store<kMain>(gm + j * sg, sg, d_mu, cnt);
+          IO::template store<kMain>(gl + j * sg, sg, d_ls, cnt);
+          if (pmo) {
+            d_pmu.store(pmo + j, cnt);
+            d_pls.store(plo + j, cnt);
           }
         }
       }
