@@ -125,14 +125,19 @@ LatentInputs prepare_latent(const Tensor& mu, const Tensor& logscale, const c10:
   if (in.prior) {
     in.pmu = latent_readable(prior_mu->expand(mu.sizes()), false, &a.pmu_st);
     in.pls = latent_readable(prior_logscale->expand(mu.sizes()), false, &a.pls_st);
-  } else {
+  } else if (!mu.is_cpu()) {
     in.pmu = in.pls = at::zeros({1}, mu.options());  // N(0, I): 0 and 0, read with stride 0
-    a.pmu_st = a.pls_st = LatentStrides{0, 0, 0, 0};
   }
   a.mu = in.mu.const_data_ptr();
   a.ls = in.ls.const_data_ptr();
-  a.pmu = in.pmu.const_data_ptr();
-  a.pls = in.pls.const_data_ptr();
+  if (in.pmu.defined()) {
+    a.pmu = in.pmu.const_data_ptr();
+    a.pls = in.pls.const_data_ptr();
+  } else {  // N(0, I) on the CPU: a static zero (all-zero bytes are 0 in every float dtype), no tensor
+    alignas(16) static const double kZero[1] = {0.0};
+    a.pmu = a.pls = kZero;
+  }
+  if (!in.prior) a.pmu_st = a.pls_st = LatentStrides{0, 0, 0, 0};
   return in;
 }
 

@@ -342,8 +342,8 @@ def test_doc_table_script_needs_no_torch(results):
     assert "#### ELBO loss" in p.stdout and "#### Targets" in p.stdout
 
 
-@pytest.mark.parametrize("section,json_name", [("", "cpu"), ("cpu-dmol", "cpu-dmol"), ("h100", "h100"),
-                                               ("h100-graph", "h100-graph")])
+@pytest.mark.parametrize("section,json_name", [("", "cpu"), ("cpu-dmol", "cpu-dmol"), ("cpu-latent", "cpu-latent"),
+                                               ("h100", "h100"), ("h100-graph", "h100-graph")])
 def test_docs_benchmarks_tables_are_current(section, json_name):
     """docs/benchmarks.md holds what make_tables.py renders from benchmarks/results/: a change to the
     renderer or to a results file is followed by `make_tables.py --json ... --write`."""

@@ -21,10 +21,15 @@ enum class LatentKL : int { Analytic = 0, Sample = 1 };
 // c: log sigma = c * logscale.
 VAE_HD double latent_c(LatentScale s) { return s == LatentScale::LogVar ? 0.5 : 1.0; }
 
-// z = mu + exp(c ls) eps: for "logvar" the arithmetic of reparam_z, so z is bitwise reparameterize's.
+// z = mu + sigma eps with sigma = exp(c ls): for "logvar" the arithmetic of reparam_z, so z is
+// bitwise reparameterize's. latent_z_sigma takes the sigma the KL needs too (one exp per element).
+template <class M>
+VAE_HD typename M::T latent_z_sigma(typename M::T mu, typename M::T sigma, typename M::T eps) {
+  return mu + sigma * eps;
+}
 template <class M>
 VAE_HD typename M::T latent_z(typename M::T mu, typename M::T ls, typename M::T c, typename M::T eps) {
-  return mu + M::exp(c * ls) * eps;
+  return latent_z_sigma<M>(mu, M::exp(c * ls), eps);
 }
 
 // The analytic KL per element, kl_prior_elem's formula on the log-variances lv = 2c ls and

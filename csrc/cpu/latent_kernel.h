@@ -8,6 +8,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <initializer_list>
 #include <type_traits>
 
 #include "../common/latent_math.h"
@@ -24,21 +25,29 @@ VAE_HD int64_t latent_at(const LatentStrides& st, int64_t k, int64_t n, int64_t 
   return k * st.k + n * st.n + c * st.c + s * st.s;
 }
 
+// How a run of elements is read or written: through its stride (any: a gather for a channels_last
+// channel slice), or known to be contiguous (kUnit) or one value broadcast (kBroadcast, a prior of
+// stride 0). The known cases are template arguments, chosen once per call from the strides
+// (latent_modes), so the inner loops carry no per-vector test.
+enum LoadMode : int { kStrided = 0, kUnit = 1, kBroadcast = 2 };
+
 // cnt <= W elements at p, `st` apart: a vector load where they are contiguous, one value where the
 // stride is 0 (a broadcast prior), a gather otherwise (a channels_last channel slice).
 template <typename scalar_t>
 struct StridedIO {
   using V = typename VecIO<scalar_t>::V;
   using acc_t = typename VecIO<scalar_t>::acc_t;
+  template <int kMode = kStrided>
   VAE_HD static V load(const scalar_t* p, int64_t st, int64_t cnt) {
-    if (st == 1) return load_n(p, cnt);
-    if (st == 0) return V(static_cast<acc_t>(*p));
+    if (kMode == kUnit || (kMode == kStrided && st == 1)) return load_n(p, cnt);
+    if (kMode == kBroadcast || st == 0) return V(static_cast<acc_t>(*p));
     acc_t buf[V::size()] = {};
     for (int64_t i = 0; i < cnt; ++i) buf[i] = static_cast<acc_t>(p[i * st]);
     return V::loadu(buf);
   }
+  template <int kMode = kStrided>
   VAE_HD static void store(scalar_t* p, int64_t st, const V& v, int64_t cnt) {
-    if (st == 1) {
+    if (kMode == kUnit || st == 1) {
       store_n(p, v, cnt);
       return;
     }
@@ -64,13 +73,36 @@ struct LatentRun {
         sls(a.ls_st.s),
         spmu(a.pmu_st.s),
         spls(a.pls_st.s) {}
+  // kMain: how mu and logscale are read; kPrior: the prior
+  template <int kMain = kStrided, int kPrior = kStrided>
   VAE_HD void load(int64_t j, int64_t cnt, V* m, V* l, V* pm, V* pl) const {
-    *m = IO::load(mu + j * smu, smu, cnt);
-    *l = IO::load(ls + j * sls, sls, cnt);
-    *pm = IO::load(pmu + j * spmu, spmu, cnt);
-    *pl = IO::load(pls + j * spls, spls, cnt);
+    const auto at = [j](const scalar_t* p, int64_t st, int kMode) {
+      return p + (kMode == kUnit ? j : kMode == kBroadcast ? 0 : j * st);
+    };
+    *m = IO::template load<kMain>(at(mu, smu, kMain), smu, cnt);
+    *l = IO::template load<kMain>(at(ls, sls, kMain), sls, cnt);
+    *pm = IO::template load<kPrior>(at(pmu, spmu, kPrior), spmu, cnt);
+    *pl = IO::template load<kPrior>(at(pls, spls, kPrior), spls, cnt);
   }
 };
+
+// Calls f(integral_constant<kMain>, integral_constant<kPrior>) with the modes of this call: kUnit
+// for mu, logscale and `outs` (the other big tensors' strides) when all are contiguous runs, the
+// prior kUnit or kBroadcast when both of its tensors are; float only (elsewhere kStrided, to keep
+// the build small: float is what a model trains in).
+template <typename scalar_t, class F>
+void latent_modes(const LatentArgs& a, std::initializer_list<int64_t> outs, const F& f) {
+  using M0 = std::integral_constant<int, kStrided>;
+  using M1 = std::integral_constant<int, kUnit>;
+  using M2 = std::integral_constant<int, kBroadcast>;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    bool unit = a.mu_st.s == 1 && a.ls_st.s == 1;
+    for (int64_t st : outs) unit = unit && st == 1;
+    if (unit && a.pmu_st.s == 1 && a.pls_st.s == 1) return f(M1{}, M1{});
+    if (unit && a.pmu_st.s == 0 && a.pls_st.s == 0) return f(M1{}, M2{});
+  }
+  f(M0{}, M0{});
+}
 
 template <typename scalar_t, LatentKL kKL>
 void latent_forward_typed(const LatentArgs& a, double* row_kl) {
@@ -83,42 +115,132 @@ void latent_forward_typed(const LatentArgs& a, double* row_kl) {
   acc_t* kl_el = static_cast<acc_t*>(a.kl_elems);
   const int64_t len = a.c * a.s, rows = a.k * a.n;
   const V c(static_cast<acc_t>(latent_c(a.scale)));
-  reduce_rows(rows, len, row_kl, [&](int64_t r, int64_t b, int64_t e) VAE_ALWAYS_INLINE {
-    const int64_t kk = r / a.n, n = r - kk * a.n;
-    acc_t eps[kTile];
-    V acc(0);
-    for (int64_t p = b; p < e;) {  // runs inside one channel: constant strides
-      const int64_t ch = p / a.s, s0 = p - ch * a.s;
-      const int64_t run = std::min({e - p, a.s - s0, kTile});
-      eps_tile<scalar_t, acc_t>(a.seed, a.offset, r * len + p, run, eps);
-      const LatentRun<scalar_t> in(a, n, ch, s0);
-      scalar_t* zp = z + latent_at(a.z_st, kk, n, ch, s0);
-      for (int64_t j = 0; j < run; j += W) {
-        const int64_t cnt = std::min(W, run - j);
-        V m, l, pm, pl;
-        in.load(j, cnt, &m, &l, &pm, &pl);
-        const V ev = V::loadu(eps + j, cnt);
-        const V zv = latent_z<M>(m, l, c, ev);
-        IO::store(zp + j * a.z_st.s, a.z_st.s, zv, cnt);
-        V kl;
-        if constexpr (kKL == LatentKL::Analytic) {
-          V g0, g1, g2, g3;
-          kl = latent_kl_analytic<M>(m, l, M::exp(c * l), pm, pl, c, &g0, &g1, &g2, &g3);
-        } else {
-          kl = latent_kl_sample<M>(zv, ev, c * l, pm, c * pl);
+  latent_modes<scalar_t>(a, {a.z_st.s}, [&](auto main_mode, auto prior_mode) {
+    constexpr int kMain = decltype(main_mode)::value, kPrior = decltype(prior_mode)::value;
+    reduce_rows(rows, len, row_kl, [&](int64_t r, int64_t b, int64_t e) VAE_ALWAYS_INLINE {
+      const int64_t kk = r / a.n, n = r - kk * a.n;
+      acc_t eps[kTile];
+      V acc(0);
+      for (int64_t p = b; p < e;) {  // runs inside one channel: constant strides
+        const int64_t ch = p / a.s, s0 = p - ch * a.s;
+        const int64_t run = std::min({e - p, a.s - s0, kTile});
+        eps_tile<scalar_t, acc_t>(a.seed, a.offset, r * len + p, run, eps);
+        const LatentRun<scalar_t> in(a, n, ch, s0);
+        scalar_t* zp = z + latent_at(a.z_st, kk, n, ch, s0);
+        // in registers for the loop (stores through float pointers could alias a's fields)
+        const int64_t sz = kMain == kUnit ? 1 : a.z_st.s;
+        acc_t* const klp = kl_el ? kl_el + r * len + p : nullptr;
+        for (int64_t j = 0; j < run; j += W) {
+          const int64_t cnt = std::min(W, run - j);
+          V m, l, pm, pl;
+          in.template load<kMain, kPrior>(j, cnt, &m, &l, &pm, &pl);
+          const V ev = V::loadu(eps + j, cnt);
+          const V sigma = M::exp(c * l);
+          const V zv = latent_z_sigma<M>(m, sigma, ev);
+          IO::template store<kMain>(zp + j * sz, sz, zv, cnt);
+          V kl;
+          if constexpr (kKL == LatentKL::Analytic) {
+            V g0, g1, g2, g3;
+            kl = latent_kl_analytic<M>(m, l, sigma, pm, pl, c, &g0, &g1, &g2, &g3);
+          } else {
+            kl = latent_kl_sample<M>(zv, ev, c * l, pm, c * pl);
+          }
+          if (cnt < W) kl = V::set(V(0), kl, cnt);  // padded lanes add nothing
+          if (klp) kl.store(klp + j, cnt);
+          acc = acc + kl;
         }
-        if (cnt < W) kl = V::set(V(0), kl, cnt);  // padded lanes add nothing
-        if (kl_el) kl.store(kl_el + r * len + p + j, cnt);
-        acc = acc + kl;
+        p += run;
       }
-      p += run;
-    }
-    return hsum(acc);
+      return hsum(acc);
+    });
+  });
+}
+
+// One draw (no num_samples: a layer's usual call): one pass per tile that draws eps once and writes
+// every gradient straight from it, no per-element sums over the draws in between (their values:
+// a sum of one draw is that draw).
+template <typename scalar_t, LatentKL kKL>
+void latent_backward_one(const LatentArgs& a) {
+  using IO = StridedIO<scalar_t>;
+  using V = typename IO::V;
+  using acc_t = typename IO::acc_t;
+  using M = VecMath<V>;
+  constexpr int64_t W = V::size();
+  const scalar_t* gz = static_cast<const scalar_t*>(a.grad_z);
+  const acc_t* row_w = static_cast<const acc_t*>(a.row_w);
+  const acc_t* unit_w = static_cast<const acc_t*>(a.unit_w);
+  scalar_t* gmu = static_cast<scalar_t*>(a.g_mu);
+  scalar_t* gls = static_cast<scalar_t*>(a.g_ls);
+  acc_t* gpmu = static_cast<acc_t*>(a.g_pmu);
+  acc_t* gpls = static_cast<acc_t*>(a.g_pls);
+  const int64_t len = a.c * a.s, per_ch = (a.s + kTile - 1) / kTile, units = a.n * a.c * per_ch;
+  const V c(static_cast<acc_t>(latent_c(a.scale)));
+  // eps is needed for z's gradient, and for the sampled KL's
+  const bool draw = gz != nullptr || (kKL == LatentKL::Sample && row_w != nullptr);
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::min(a.s, kTile));
+  latent_modes<scalar_t>(a, {a.g_st.s, gz ? a.gz_st.s : 1}, [&](auto main_mode, auto prior_mode) {
+    constexpr int kMain = decltype(main_mode)::value, kPrior = decltype(prior_mode)::value;
+    at::parallel_for(0, units, grain, [&](int64_t ub, int64_t ue) {
+      acc_t eps[kTile];
+      for (int64_t u = ub; u < ue; ++u) {
+        const int64_t t = u % per_ch, nc = u / per_ch, ch = nc % a.c, n = nc / a.c;
+        const int64_t s0 = t * kTile, run = std::min(kTile, a.s - s0), l0 = ch * a.s + s0;
+        const LatentRun<scalar_t> in(a, n, ch, s0);
+        if (draw) eps_tile<scalar_t, acc_t>(a.seed, a.offset, n * len + l0, run, eps);
+        const V b_row(row_w ? row_w[n] : acc_t(0));
+        const scalar_t* gp = gz ? gz + latent_at(a.gz_st, 0, n, ch, s0) : nullptr;
+        scalar_t* gm = gmu + latent_at(a.g_st, 0, n, ch, s0);
+        scalar_t* gl = gls + latent_at(a.g_st, 0, n, ch, s0);
+        // the prior's gradients: (N, C S) contiguous; all in registers for the loop (stores through
+        // float pointers could alias a's fields)
+        acc_t* const pmo = gpmu ? gpmu + n * len + l0 : nullptr;
+        acc_t* const plo = gpls ? gpls + n * len + l0 : nullptr;
+        const int64_t sgz = kMain == kUnit ? 1 : a.gz_st.s, sg = kMain == kUnit ? 1 : a.g_st.s;
+        for (int64_t j = 0; j < run; j += W) {
+          const int64_t cnt = std::min(W, run - j);
+          V m, l, pm, pl, d_mu, d_ls, d_pmu, d_pls;
+          in.template load<kMain, kPrior>(j, cnt, &m, &l, &pm, &pl);
+          const V gv = gp ? IO::template load<kMain>(gp + j * sgz, sgz, cnt) : V(0);
+          const V ev = draw ? V::loadu(eps + j, cnt) : V(0);
+          const V sigma = M::exp(c * l);
+          const V b = row_w ? (unit_w ? b_row * V::loadu(unit_w + l0 + j, cnt) : b_row) : V(0);
+          if constexpr (kKL == LatentKL::Analytic) {
+            d_mu = gv;
+            d_ls = latent_grad_ls_z<M>(sigma, c, gv * ev);
+            d_pmu = d_pls = V(0);
+            if (row_w) {
+              V km, kl, kpm, kpl;
+              latent_kl_analytic<M>(m, l, sigma, pm, pl, c, &km, &kl, &kpm, &kpl);
+              d_mu = d_mu + b * km;
+              d_ls = d_ls + b * kl;
+              d_pmu = b * kpm;
+              d_pls = b * kpl;
+            }
+          } else {
+            V dh, dph;
+            latent_sample_grads<M>(gv, b, latent_z_sigma<M>(m, sigma, ev), sigma * ev, pm, c * pl, &d_mu, &dh, &d_pmu,
+                                   &dph);
+            d_ls = c * dh;
+            d_pls = c * dph;
+          }
+          IO::template store<kMain>(gm + j * sg, sg, d_mu, cnt);
+          IO::template store<kMain>(gl + j * sg, sg, d_ls, cnt);
+          if (pmo) {
+            d_pmu.store(pmo + j, cnt);
+            d_pls.store(plo + j, cnt);
+          }
+        }
+      }
+    });
   });
 }
 
 template <typename scalar_t, LatentKL kKL>
 void latent_backward_typed(const LatentArgs& a) {
+  if (a.k == 1) {
+    latent_backward_one<scalar_t, kKL>(a);
+    return;
+  }
   using IO = StridedIO<scalar_t>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
