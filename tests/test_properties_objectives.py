@@ -355,6 +355,10 @@ def check_objective_case(case):
     ups_max = [u.abs().max().item() if u.numel() else 0.0 for u in case["ups"]]
     kl_up = ups_max[0] * (1.0 if case["kl_only"] else case["beta"]) + (ups_max[2] if len(ups_max) > 2 else 0.0)
     k_lat = math.ceil(math.log2(kl_up)) if kl_up > 0 else 0
+    # ... but never so far that a grad_output divided by 2^k_lat overflows (a subnormal beta, 2.2e-313,
+    # asked for 2^1038): there the weight stays small, far above where its products underflow
+    if max(ups_max, default=0.0) > 0:
+        k_lat = max(k_lat, math.ceil(math.log2(max(ups_max))) - 1020)
     if k_lat != k:
         _, lat_g = run_objective(reference.elbo_loss, reference.gaussian_kl,
                                  dict(ref_case, ups=[u / 2**k_lat for u in case["ups"]]), F64)

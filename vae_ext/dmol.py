@@ -14,16 +14,7 @@ import numbers
 import torch
 
 from . import _ops  # noqa: F401  (loads the kernels, registers their fake kernels)
-from .functional import (
-    _autocast_common_dtype,
-    _check_beta,
-    _check_choice,
-    _check_free_bits,
-    _check_is_tensor,
-    _check_same,
-    _kl_true,
-    gaussian_kl,
-)
+from ._checks import _autocast_common_dtype, _check_choice, _check_is_tensor, _check_same
 
 __all__ = ["dmol_nll", "dmol_sample"]
 
@@ -135,46 +126,3 @@ def check_dmol_options(recon: str, reduction: str, num_bits, log_scale_min) -> t
         raise ValueError(f"num_bits: expected an int in 1..16, got {num_bits}")
     log_scale_min = -7.0 if log_scale_min is None else _check_log_scale_min(log_scale_min)
     return num_bits, log_scale_min
-
-
-def elbo_loss_dmol(params, x, mu, logvar, *, beta, reduction, return_terms, validate, prior_mu, prior_logvar,
-                   recon_logvar, free_bits, return_unit_kl, num_bits, log_scale_min):
-    """``vae_ext.elbo_loss(recon="dmol")``: :func:`dmol_nll` beside :func:`vae_ext.gaussian_kl`, two fused
-    ops (the loss kernel has no DMoL term: its gradient is written by the DMoL kernel's own pass), with
-    elbo_loss's semantics for beta, the reductions, the terms, priors, free bits and unit KL."""
-    if recon_logvar is not None:
-        raise ValueError("recon_logvar: only for recon='gaussian'; recon='dmol' takes its scales from params")
-    num_bits, log_scale_min = check_dmol_options("dmol", reduction, num_bits, log_scale_min)
-    _check_choice("reduction", reduction, _REDUCTIONS)
-    _check_beta(beta)
-    free_bits = _check_free_bits(free_bits)
-    # before the DMoL kernel runs (gaussian_kl's op would refuse them only after it)
-    if not (free_bits >= 0.0 and free_bits < math.inf):
-        raise ValueError(f"free_bits: expected a finite float >= 0 (nats per latent unit), got {free_bits}")
-    if free_bits > 0.0 and reduction == "none":
-        raise ValueError("free_bits: the floor applies to each unit's KL averaged over the batch, so it needs "
-                         "reduction 'sum' or 'mean', not 'none'")
-    for name, t in (("params", params), ("x", x), ("mu", mu), ("logvar", logvar)):
-        _check_is_tensor(name, t)
-    _check_same((("params", params), ("x", x), ("mu", mu), ("logvar", logvar)), "device")
-    if params.dim() < 1 or mu.dim() < 1:
-        raise ValueError(f"{'params' if params.dim() < 1 else 'mu'}: expected a tensor of shape (N, ...), "
-                         "got a 0-d tensor")
-    if mu.shape[0] != params.shape[0]:
-        raise ValueError(f"mu: expected the batch size of params ({params.shape[0]}), got {mu.shape[0]}")
-    if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
-        raise ValueError("x: the target must not require grad (the fused loss treats it as a constant); "
-                         "pass x.detach()")
-    rec = dmol_nll(params, x, num_bits=num_bits, reduction=reduction, log_scale_min=log_scale_min,
-                   validate=validate)
-    units_wanted = bool(return_unit_kl) or (return_terms and free_bits > 0)
-    kl = gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction=reduction, free_bits=free_bits,
-                     return_unit_kl=units_wanted)
-    kl, units = kl if units_wanted else (kl, None)
-    loss = rec + beta * kl
-    extra_out = (units,) if return_unit_kl else ()
-    if return_terms:
-        if free_bits > 0:
-            kl = _kl_true(kl, units, mu.shape[0], reduction)
-        return (loss, rec, kl, *extra_out)
-    return (loss, *extra_out) if extra_out else loss

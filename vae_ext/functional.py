@@ -16,6 +16,20 @@ import numbers
 import torch
 
 from . import _ops  # noqa: F401  (loads the kernels, registers their fake kernels)
+from ._checks import (  # noqa: F401  (re-exported: the models and losses take them from here)
+    _FLOAT_DTYPES,
+    _autocast_common_dtype,
+    _autocast_enabled,
+    _check_beta,
+    _check_choice,
+    _check_free_bits,
+    _check_is_tensor,
+    _check_same,
+    _check_target_dtype,
+    _check_tensor,
+)
+from .dmol import _REDUCTIONS as _DMOL_REDUCTIONS
+from .dmol import check_dmol_options, dmol_nll
 
 __all__ = ["elbo_loss", "gaussian_kl", "reparameterize", "RECON_MODES", "REDUCTIONS", "KL_REDUCTIONS"]
 
@@ -25,101 +39,6 @@ KL_REDUCTIONS = ("sum", "mean", "none")
 # "pixel_mean": the reconstruction term averaged over every element, as F.mse_loss(recon, x) and
 # the codebases built on it do (docs/porting.md); the KL term as "mean".
 REDUCTIONS = ("sum", "mean", "pixel_mean", "none")
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def _check_is_tensor(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-
-
-def _check_tensor(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"{name}: expected a float32, float64, float16 or bfloat16 tensor, got dtype {t.dtype}"
-        )
-
-
-def _check_target_dtype(x, recon_x) -> None:
-    """An integer target (uint8 pixels as an image loader returns them) says how to convert it; the
-    op would only say that the dtypes differ. (Off the fast path: mixed dtypes never take it.)"""
-    if recon_x.dtype in _FLOAT_DTYPES and not (x.dtype.is_floating_point or x.dtype.is_complex):
-        how = "x.to(recon_x.dtype)" + (" / 255 (8-bit pixels into [0, 1])" if x.dtype == torch.uint8 else "")
-        raise TypeError(f"x: expected the same dtype as recon_x ({recon_x.dtype}), got {x.dtype}; convert it: {how}")
-
-
-def _check_same(names_tensors, what: str) -> None:
-    (n0, t0), *rest = names_tensors
-    for n, t in rest:
-        a, b = (t0.dtype, t.dtype) if what == "dtype" else (t0.device, t.device)
-        if a != b:
-            err = TypeError if what == "dtype" else ValueError
-            raise err(f"{n}: expected the same {what} as {n0} ({a}), got {b}")
-
-
-def _autocast_enabled(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type`` (False for a type autocast does not know, "meta").
-
-    Not ``torch.amp.is_autocast_available``: torch.compile cannot trace it before torch 2.13
-    (fullgraph=True fails on torch 2.11), while it traces ``torch.is_autocast_enabled``, which
-    raises RuntimeError for an unknown type."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:
-        return False
-
-
-def _autocast_common_dtype(tensors):
-    """Under ``torch.autocast`` for their device, float tensors of mixed dtypes (a bfloat16 decoder
-    output beside a float32 batch x) are brought to their promoted dtype, as autocast's "promote"
-    ops do; otherwise they are returned as they are (and a mismatch is an error below).
-
-    The kernels compute in float32 for half inputs whatever happens, and widening a half tensor is
-    exact, so this gives what autocast's float32 policy for losses gives, without widening inputs
-    that all share a half dtype.
-    """
-    dev = tensors[0].device if isinstance(tensors[0], torch.Tensor) else None
-    if (dev is None or not all(isinstance(t, torch.Tensor) and t.device == dev and t.dtype in _FLOAT_DTYPES
-                               for t in tensors)
-            or not _autocast_enabled(dev.type)):
-        return tensors
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return tuple(t.to(dtype) for t in tensors)
-
-
-def _check_choice(name: str, value, choices) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
-def _check_beta(beta) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
-        raise TypeError(f"beta: expected a Python float >= 0, got {type(beta).__name__}")
-    if isinstance(beta, numbers.Integral):  # beta * kl would read an int as a 64-bit int: 10**30 overflows
-        try:
-            beta = float(beta)
-        except OverflowError:
-            raise ValueError("beta: expected a finite float >= 0, got a number beyond float's range") from None
-    # Comparisons only (no math.isfinite): under torch.compile beta may be a symbolic float.
-    if not (beta >= 0.0 and beta < math.inf):
-        raise ValueError(f"beta: expected a finite float >= 0, got {beta}")
-    return beta
-
-
-def _check_free_bits(free_bits) -> float:
-    # its value is checked by the op (csrc/checks.cpp); the type must be right to reach it
-    if isinstance(free_bits, bool) or not isinstance(free_bits, numbers.Real):
-        raise TypeError("free_bits: expected a Python float >= 0 (nats per latent unit), got "
-                        f"{type(free_bits).__name__}")
-    try:
-        return float(free_bits)
-    except OverflowError:  # an int beyond float's range, 10**400
-        raise ValueError("free_bits: expected a finite float >= 0 (nats per latent unit), got a number beyond "
-                         "float's range") from None
 
 
 def _elbo_args_ok(recon_x, x, mu, logvar, recon, reduction, beta, extra) -> bool:
@@ -237,9 +156,8 @@ def elbo_loss(
         tensors they belong to.
     """
     if type(recon) is str and recon == "dmol":  # two fused ops: vae_ext/dmol.py
-        from .dmol import elbo_loss_dmol
 
-        return elbo_loss_dmol(recon_x, x, mu, logvar, beta=beta, reduction=reduction, return_terms=return_terms,
+        return _elbo_loss_dmol(recon_x, x, mu, logvar, beta=beta, reduction=reduction, return_terms=return_terms,
                               validate=validate, prior_mu=prior_mu, prior_logvar=prior_logvar,
                               recon_logvar=recon_logvar, free_bits=free_bits, return_unit_kl=return_unit_kl,
                               num_bits=num_bits, log_scale_min=log_scale_min)
@@ -416,3 +334,46 @@ def reparameterize(
     if return_eps:
         return z, eps
     return z
+
+
+def _elbo_loss_dmol(params, x, mu, logvar, *, beta, reduction, return_terms, validate, prior_mu, prior_logvar,
+                   recon_logvar, free_bits, return_unit_kl, num_bits, log_scale_min):
+    """``vae_ext.elbo_loss(recon="dmol")``: :func:`dmol_nll` beside :func:`vae_ext.gaussian_kl`, two fused
+    ops (the loss kernel has no DMoL term: its gradient is written by the DMoL kernel's own pass), with
+    elbo_loss's semantics for beta, the reductions, the terms, priors, free bits and unit KL."""
+    if recon_logvar is not None:
+        raise ValueError("recon_logvar: only for recon='gaussian'; recon='dmol' takes its scales from params")
+    num_bits, log_scale_min = check_dmol_options("dmol", reduction, num_bits, log_scale_min)
+    _check_choice("reduction", reduction, _DMOL_REDUCTIONS)
+    _check_beta(beta)
+    free_bits = _check_free_bits(free_bits)
+    # before the DMoL kernel runs (gaussian_kl's op would refuse them only after it)
+    if not (free_bits >= 0.0 and free_bits < math.inf):
+        raise ValueError(f"free_bits: expected a finite float >= 0 (nats per latent unit), got {free_bits}")
+    if free_bits > 0.0 and reduction == "none":
+        raise ValueError("free_bits: the floor applies to each unit's KL averaged over the batch, so it needs "
+                         "reduction 'sum' or 'mean', not 'none'")
+    for name, t in (("params", params), ("x", x), ("mu", mu), ("logvar", logvar)):
+        _check_is_tensor(name, t)
+    _check_same((("params", params), ("x", x), ("mu", mu), ("logvar", logvar)), "device")
+    if params.dim() < 1 or mu.dim() < 1:
+        raise ValueError(f"{'params' if params.dim() < 1 else 'mu'}: expected a tensor of shape (N, ...), "
+                         "got a 0-d tensor")
+    if mu.shape[0] != params.shape[0]:
+        raise ValueError(f"mu: expected the batch size of params ({params.shape[0]}), got {mu.shape[0]}")
+    if torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad:
+        raise ValueError("x: the target must not require grad (the fused loss treats it as a constant); "
+                         "pass x.detach()")
+    rec = dmol_nll(params, x, num_bits=num_bits, reduction=reduction, log_scale_min=log_scale_min,
+                   validate=validate)
+    units_wanted = bool(return_unit_kl) or (return_terms and free_bits > 0)
+    kl = gaussian_kl(mu, logvar, prior_mu, prior_logvar, reduction=reduction, free_bits=free_bits,
+                     return_unit_kl=units_wanted)
+    kl, units = kl if units_wanted else (kl, None)
+    loss = rec + beta * kl
+    extra_out = (units,) if return_unit_kl else ()
+    if return_terms:
+        if free_bits > 0:
+            kl = _kl_true(kl, units, mu.shape[0], reduction)
+        return (loss, rec, kl, *extra_out)
+    return (loss, *extra_out) if extra_out else loss
