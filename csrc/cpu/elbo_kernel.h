@@ -69,7 +69,7 @@ struct ProbRange<VecF> {
 // gradient, in the accumulation type (float for half types), when g is not null. Checks "bce"
 // probabilities on the fly.
 // Recon::Gaussian: rlv is the log-variance per element (g_rlv its gradient, or nullptr), or, when
-// scalar_rlv, the segment returns the sum of q / 2 = (x - r)^2 inv / 2 (gaussian_q_elem) with inv = exp(-rlv)
+// scalar_rlv, the segment returns the sum of q = (x - r)^2 inv (gaussian_q_elem) with inv = exp(-rlv)
 // of the one log-variance.
 template <typename scalar_t, Recon mode, bool scalar_rlv = false>
 double recon_segment(const scalar_t* r, const scalar_t* x, typename VecIO<scalar_t>::acc_t* g, int64_t len,
@@ -216,7 +216,7 @@ void kl_typed(const ElboArgs& a) {
   }
 }
 
-// A 0-d Gaussian log-variance: the reconstruction sums are sums of q / 2; turn them into the loss and
+// A 0-d Gaussian log-variance: the reconstruction sums are sums of q; turn them into the loss and
 // the log-variance's gradient (gaussian_scalar_terms).
 template <typename scalar_t>
 void finish_scalar_gaussian(const ElboArgs& a, double rlv) {

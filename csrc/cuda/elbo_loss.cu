@@ -281,7 +281,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
 // Adds each row's partials in a fixed order and reduces over the rows; writes the outputs in the
 // loss dtype (float for f32/f16/bf16, double for f64). kl_out == nullptr: the caller wants the
 // total, rec_out gets rec + kl (ElboLaunch::kl_out). A scalar Gaussian log-variance: the rec
-// partials are sums of q / 2, turned into the loss and rlv's gradient here (gaussian_scalar_terms).
+// partials are sums of q, turned into the loss and rlv's gradient here (gaussian_scalar_terms).
 template <typename T>
 __global__ void __launch_bounds__(kFinalizeThreads)
     elbo_finalize(ElboLaunch a, Layout u, const double* part_rec, const double* part_kl) {
@@ -293,7 +293,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   const bool scalar_rlv = a.mode == Recon::Gaussian && a.rlv_scalar;
   OutT* g_rlv_out = scalar_rlv ? static_cast<OutT*>(a.grad_recon_logvar) : nullptr;
   const double rlv = scalar_rlv ? static_cast<double>(to_acc(*static_cast<const T*>(a.recon_logvar))) : 0.0;
-  // The loss of `count` elements whose q / 2 sum to q_sum, and (to *g) its gradient to rlv.
+  // The loss of `count` elements whose q sum to q_sum, and (to *g) its gradient to rlv.
   auto gaussian = [&](double q_sum, double count, double* g) { return gaussian_scalar_terms(q_sum, count, rlv, g); };
   double sr = 0.0, sk = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
