@@ -81,7 +81,8 @@ MAX_CLASS_ROWS = 20
 
 def save_plots(out: Path, model: VAE, data: ImageData, history) -> None:
     """reconstructions.png (rows of test images above their reconstructions), samples.png (for a
-    class-conditional model one row per class, z from that class's prior), loss_curves.png."""
+    class-conditional model one row per class, z from that class's prior; for a hierarchical VAE one
+    row per temperature), loss_curves.png, and for a hierarchical VAE kl_per_layer.png."""
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
@@ -103,6 +104,12 @@ def save_plots(out: Path, model: VAE, data: ImageData, history) -> None:
         samples = data.to_unit(model.sample(len(y), generator=g, y=y))
         save_image_grid(out / "samples.png", samples, ncol=SAMPLES_PER_CLASS,
                         title=f"samples, one row per class 0..{classes - 1}{more}, z ~ p(z|y)")
+    elif getattr(model, "hierarchical", False):  # rows at several temperatures, and the KL per layer
+        from .hvae_plots import save_kl_per_layer, save_temperature_samples
+
+        save_temperature_samples(out / "samples.png", model, data, g)
+        if history:
+            save_kl_per_layer(out / "kl_per_layer.png", model, history)
     else:
         what = "samples x ~ p(x|z) (dmol_sample)" if model.recon == "dmol" else "samples"
         save_image_grid(out / "samples.png", data.to_unit(model.sample(64, generator=g)), ncol=8, title=what)
