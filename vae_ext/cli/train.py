@@ -369,8 +369,9 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
                     continue
                 in_a_row = 0
                 sums += torch.stack([loss, rec, kl, loss.new_tensor(len(idx))]).double()
-                units[:-1] += unit_kl.reshape(-1).double()
-                units[-1] += 1
+                w = len(idx) if hierarchical else 1  # an HVAE's layer KLs: nats per image over the epoch
+                units[:-1] += unit_kl.reshape(-1).double() * w
+                units[-1] += w
                 if (i % 10 == 9 or i == steps - 1) and sums[3] > 0:
                     running = (sums[0] / sums[3]).item()
                     if not math.isfinite(running):

@@ -1,6 +1,6 @@
 """The VAE modules on the fused functional API, one file per family: base.py (``VAE``), mlp.py
-(``MLPVAE``), conv.py (``ConvVAE``), conditional.py (the class-conditional side of both), hvae.py (``HVAE``, a VDVAE-style hierarchical VAE,
-``arch="hvae"``).
+(``MLPVAE``), conv.py (``ConvVAE``), conditional.py (the class-conditional side of both), hvae.py and
+hvae_blocks.py (``HVAE``, a VDVAE-style hierarchical VAE, ``arch="hvae"``).
 
 ``VAE`` is the shared base class and, called directly, the factory::
 
