@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ..models import ARCHS, RECON_MODES
 from .data import BINARIZE_MODES, parse_split
 from .errors import ConfigError
-from .hvae import check_model_options
+from .hvae_config import check_model_options
 from .limits import FLOAT32_MAX, LR_WHY, MAX_INT, MAX_LR, MAX_SEED
 
 __all__ = ["TrainConfig", "FIXED_ON_RESUME", "DEFAULT_HIDDEN", "DEFAULT_CHANNELS", "DMOL_MIXTURES", "DMOL_NUM_BITS",
@@ -44,7 +44,7 @@ class TrainConfig:
     data: str = "digits"
     train_split: int | float | None = None  # a single pool of images: first N (or fraction) to train
     binarize: str | None = None  # None: "dynamic", or "none" for recon "dmol" (which models grey levels)
-    model: str = "vae"  # "hvae": the hierarchical VAE (vae_ext.models.HVAE; options in cli/hvae.py)
+    model: str = "vae"  # "hvae": the hierarchical VAE (vae_ext.models.HVAE; options in cli/hvae_config.py)
     arch: str | None = None  # None: "mlp" (a --model hvae run stores "hvae")
     latent: int | None = None  # None: 20 (hvae: 4 channels per latent layer)
     width: int | None = None  # hvae only: channels at every resolution (None: 16)
