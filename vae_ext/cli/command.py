@@ -139,9 +139,18 @@ def _train_options(p: argparse.ArgumentParser, latent: bool = True, sweep: bool 
     d.add_argument("--binarize", choices=BINARIZE_MODES, help="dynamic (default): a fresh Bernoulli draw of "
                    "every training batch; static: drawn once; none: grey levels (--recon dmol: always)")
     m = p.add_argument_group("model")
+    if not sweep:
+        m.add_argument("--model", choices=("vae", "hvae"), help="vae (default: one latent vector) or hvae (a "
+                       "VDVAE-style hierarchical VAE: a latent layer per block over several resolutions, --recon dmol)")
     m.add_argument("--arch", choices=tuple(ARCHS), help="mlp (default) or conv")
     if latent:
-        m.add_argument("--latent", type=_positive_int, metavar="L", help="latent size (default 20)")
+        m.add_argument("--latent", type=_positive_int, metavar="L",
+                       help="latent size (default 20; --model hvae: channels of each latent layer, default 4)")
+    if not sweep:
+        m.add_argument("--width", type=_positive_int, metavar="W",
+                       help="--model hvae: channels at every resolution (default 16)")
+        m.add_argument("--layers", type=_positive_int, metavar="N",
+                       help="--model hvae: latent layers (and encoder blocks) per resolution (default 1)")
     m.add_argument("--hidden", type=_hidden, metavar="H1,H2",
                    help="hidden layer sizes (default 400 for mlp, 256 for conv)")
     m.add_argument("--channels", type=_int_list, metavar="C1,C2", help="conv channels (default 32,64)")
@@ -173,6 +182,13 @@ def _train_options(p: argparse.ArgumentParser, latent: bool = True, sweep: bool 
     t.add_argument("--skip-nonfinite", type=_nonneg_int, metavar="N",
                    help="skip a step whose loss or gradient norm is not finite (no optimizer step; counted in "
                    "metrics.csv) and stop after N such steps in a row (default 0: stop on a non-finite loss)")
+    if not sweep:
+        t.add_argument("--skip-threshold", type=_float(0, strict=True), metavar="G",
+                       help="skip an update whose gradient norm exceeds G (VDVAE's skip_threshold; counted in "
+                       "metrics.csv's skipped and skipped_norm); default: off")
+        t.add_argument("--eval-k", type=_nonneg_int, metavar="K",
+                       help="after training, the test NLL with K importance samples per image (default 0; "
+                       "--model hvae: 16)")
     t.add_argument("--reference", action="store_true", default=None,
                    help="use vae_ext.reference (plain PyTorch) instead of the fused kernels")
     o = p.add_argument_group("output")

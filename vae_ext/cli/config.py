@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from ..models import ARCHS, RECON_MODES
 from .data import BINARIZE_MODES, parse_split
 from .errors import ConfigError
+from .hvae_config import check_model_options
 from .limits import FLOAT32_MAX, LR_WHY, MAX_INT, MAX_LR, MAX_SEED
 
 __all__ = ["TrainConfig", "FIXED_ON_RESUME", "DEFAULT_HIDDEN", "DEFAULT_CHANNELS", "DMOL_MIXTURES", "DMOL_NUM_BITS",
@@ -22,7 +23,7 @@ DMOL_MIXTURES, DMOL_NUM_BITS = 10, 8  # --recon dmol: VDVAE's and PixelCNN++'s M
 MAX_MIXTURES = 1024
 # Options that define the model and its data: a resumed run must keep them.
 FIXED_ON_RESUME = ("data", "train_split", "binarize", "arch", "latent", "hidden", "channels", "recon",
-                   "conditional", "mixtures", "num_bits")
+                   "conditional", "mixtures", "num_bits", "model", "width", "layers")
 
 
 def _normalize_data_spec(spec: str) -> str:
@@ -43,11 +44,14 @@ class TrainConfig:
     data: str = "digits"
     train_split: int | float | None = None  # a single pool of images: first N (or fraction) to train
     binarize: str | None = None  # None: "dynamic", or "none" for recon "dmol" (which models grey levels)
-    arch: str = "mlp"
-    latent: int = 20
+    model: str = "vae"  # "hvae": the hierarchical VAE (vae_ext.models.HVAE; options in cli/hvae_config.py)
+    arch: str | None = None  # None: "mlp" (a --model hvae run stores "hvae")
+    latent: int | None = None  # None: 20 (hvae: 4 channels per latent layer)
+    width: int | None = None  # hvae only: channels at every resolution (None: 16)
+    layers: int | None = None  # hvae only: latent layers per resolution (None: 1)
     hidden: list | None = None  # None: 400 (mlp) or 256 (conv)
     channels: list | None = None  # conv only; None: 32,64
-    recon: str = "bce_logits"
+    recon: str | None = None  # None: "bce_logits" ("dmol" for hvae)
     mixtures: int | None = None  # recon "dmol" only: mixture components per pixel (None: 10)
     num_bits: int | None = None  # recon "dmol" only: the data's grid, 2^num_bits levels in [-1, 1] (None: 8)
     conditional: bool = False  # a class-conditional VAE: q(z|x,y), p(x|z,y) and a learned prior p(z|y)
@@ -64,6 +68,8 @@ class TrainConfig:
     progress: bool = True
     plot_every: int = 0  # also write the PNGs every N epochs (0: only at the end)
     skip_nonfinite: int = 0  # skip steps with a non-finite loss or gradient; stop after this many in a row (0: off)
+    skip_threshold: float = 0.0  # skip steps whose gradient norm exceeds this (VDVAE's skip_threshold; 0: off)
+    eval_k: int | None = None  # importance samples per test image in the final summary (None: 0; hvae: 16)
 
     def __post_init__(self):
         def choice(name, options):
@@ -86,7 +92,9 @@ class TrainConfig:
                 raise ConfigError(f"--{name.replace('_', '-')}: expected at most {bound} ({why}), got {v!r}")
             setattr(self, name, kind(v))
 
-        choice("arch", tuple(ARCHS))
+        check_model_options(self)
+        if self.model == "vae":
+            choice("arch", tuple(ARCHS))
         choice("recon", RECON_MODES)
         self._dmol_options()
         choice("binarize", BINARIZE_MODES)
@@ -102,6 +110,8 @@ class TrainConfig:
         number("seed", int, 0, hi=MAX_SEED, why="the seed plus an epoch must fit in uint64")
         number("plot_every", int, 0)
         number("skip_nonfinite", int, 0)
+        number("skip_threshold", float, 0.0)
+        number("eval_k", int, 0)
         self.train_split = parse_split(self.train_split)
         if not isinstance(self.data, str) or not self.data:
             raise ConfigError(f"--data: expected 'digits', 'mnist:DIR' or FILE.npz, got {self.data!r}")
@@ -115,7 +125,7 @@ class TrainConfig:
                 if any(s > MAX_INT for s in v):
                     raise ConfigError(f"--{name}: expected sizes below 2^63, got {v}")
                 setattr(self, name, v)
-        if self.hidden is None:
+        if self.hidden is None and self.model == "vae":
             self.hidden = list(DEFAULT_HIDDEN[self.arch])
         if self.arch == "mlp" and not self.hidden:
             raise ConfigError("--hidden: the mlp needs at least one hidden layer")

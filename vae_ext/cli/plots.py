@@ -1,4 +1,5 @@
-"""The PNGs of a run and of a sweep (matplotlib, drawn off-screen and written atomically)."""
+"""The PNGs of a run and of a sweep (matplotlib, drawn off-screen and written atomically); a
+hierarchical VAE's samples at several temperatures and the KL of its latent layers."""
 from __future__ import annotations
 
 import math
@@ -7,11 +8,13 @@ from pathlib import Path
 import torch
 
 from ..models import VAE
+from ..models.hvae import SAMPLE_TEMPERATURES
 from .data import ImageData
 from .evaluate import EVAL_SEED
 from .runfiles import atomic_write
 
-__all__ = ["save_image_grid", "save_loss_curves", "save_plots", "save_sweep_plot"]
+__all__ = ["save_image_grid", "save_loss_curves", "save_plots", "save_sweep_plot", "save_temperature_samples",
+           "save_kl_per_layer"]
 
 
 def _grid(images: torch.Tensor, ncol: int):
@@ -81,7 +84,8 @@ MAX_CLASS_ROWS = 20
 
 def save_plots(out: Path, model: VAE, data: ImageData, history) -> None:
     """reconstructions.png (rows of test images above their reconstructions), samples.png (for a
-    class-conditional model one row per class, z from that class's prior), loss_curves.png."""
+    class-conditional model one row per class, z from that class's prior; for a hierarchical VAE one
+    row per temperature), loss_curves.png, and for a hierarchical VAE kl_per_layer.png."""
     was_training = model.training
     model.eval()
     dev = next(model.parameters()).device
@@ -103,12 +107,53 @@ def save_plots(out: Path, model: VAE, data: ImageData, history) -> None:
         samples = data.to_unit(model.sample(len(y), generator=g, y=y))
         save_image_grid(out / "samples.png", samples, ncol=SAMPLES_PER_CLASS,
                         title=f"samples, one row per class 0..{classes - 1}{more}, z ~ p(z|y)")
+    elif getattr(model, "hierarchical", False):  # rows at several temperatures, and the KL per layer
+        save_temperature_samples(out / "samples.png", model, data, g)
+        if history:
+            save_kl_per_layer(out / "kl_per_layer.png", model, history)
     else:
         what = "samples x ~ p(x|z) (dmol_sample)" if model.recon == "dmol" else "samples"
         save_image_grid(out / "samples.png", data.to_unit(model.sample(64, generator=g)), ncol=8, title=what)
     if history:
         save_loss_curves(out / "loss_curves.png", history)
     model.train(was_training)
+
+
+# --------------------------------------------------------------------------- a hierarchical VAE's (--model hvae)
+TEMPERATURE_SAMPLES = 8
+
+
+def save_temperature_samples(path, model, data, generator: torch.Generator) -> None:
+    """A row of samples per temperature of SAMPLE_TEMPERATURES (each prior's sigma times t, VDVAE's
+    way), each row from the same draws of the generator's state."""
+    state = generator.get_state()
+    rows = []
+    for t in SAMPLE_TEMPERATURES:
+        generator.set_state(state)
+        rows.append(data.to_unit(model.sample(TEMPERATURE_SAMPLES, generator=generator, temperature=t)))
+    temps = ", ".join(f"{t:g}" for t in SAMPLE_TEMPERATURES)
+    save_image_grid(path, torch.cat(rows), ncol=TEMPERATURE_SAMPLES,
+                    title=f"samples, prior temperature t = {temps} (rows)")
+
+
+def save_kl_per_layer(path, model, history) -> None:
+    """Bars: the last epoch's training KL of each latent layer (nats per image), top layer first,
+    labelled by resolution; the layers whose KL stays under 0.01 nats are unused."""
+    names = [f"kl_{i + 1}_{r}x{r}" for i, r in enumerate(model.layer_resolutions)]
+    last = history[-1]
+    values = [float(last.get(n, math.nan)) for n in names]
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(names) + 2), 3.5))
+    ax.bar(range(len(names)), values, color="tab:blue")
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels([f"{i + 1}\n{r}x{r}" for i, r in enumerate(model.layer_resolutions)], fontsize=7)
+    ax.set_xlabel("latent layer (top-down) and resolution")
+    ax.set_ylabel("KL (nats / image)")
+    ax.set_yscale("symlog", linthresh=0.01)
+    ax.set_title(f"KL of each latent layer, epoch {last['epoch']} (training)", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    _save_figure(fig, path)
 
 
 def save_sweep_plot(path, rows) -> None:

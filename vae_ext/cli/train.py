@@ -37,6 +37,7 @@ from .data import ImageData, binarize, load_data
 from .distributed import DistributedContext, setup
 from .errors import CheckpointError, ConfigError, VaeExtError
 from .evaluate import evaluate
+from .hvae import build_hvae, layer_columns, layer_row, test_summary
 from .memory import check_fits
 from .model_memory import first_line, is_out_of_memory, training_bytes
 from .plots import save_plots
@@ -68,7 +69,9 @@ def build_model(cfg: TrainConfig, image_shape, num_classes: int = 0, *, batch: i
                   hidden_sizes=cfg.hidden, recon=cfg.recon, fused=not cfg.reference,
                   num_classes=num_classes if cfg.conditional else 0, free_bits=cfg.free_bits)
     sizes = f"--arch {cfg.arch} --hidden {fmt_option(cfg.hidden)} --latent {cfg.latent}"
-    if cfg.recon == "dmol":
+    if cfg.model == "hvae":
+        kwargs, sizes = build_hvae(cfg, image_shape)
+    elif cfg.recon == "dmol":
         kwargs.update(mixtures=cfg.mixtures, num_bits=cfg.num_bits)
         sizes += f" --mixtures {cfg.mixtures}"
     if cfg.arch == "conv":
@@ -105,14 +108,23 @@ class TrainResult:
     data: ImageData
 
 
-def metric_columns(cfg: TrainConfig) -> tuple:
-    """The columns of a run's metrics.csv: :data:`DMOL_METRIC_COLUMNS` for --recon dmol."""
-    return DMOL_METRIC_COLUMNS if cfg.recon == "dmol" else METRIC_COLUMNS
+def metric_columns(cfg: TrainConfig, model: VAE | None = None) -> tuple:
+    """The columns of a run's metrics.csv: :data:`DMOL_METRIC_COLUMNS` for --recon dmol; a --model hvae
+    run's ``model`` adds ``skipped_norm`` and each latent layer's KL (cli/hvae.py)."""
+    columns = DMOL_METRIC_COLUMNS if cfg.recon == "dmol" else METRIC_COLUMNS
+    extra = layer_columns(model)
+    if cfg.skip_threshold and not extra:
+        extra = ("skipped_norm",)
+    return columns + extra
 
 
 def _loss_and_gradients(net, model: VAE, optimizer, x: torch.Tensor, beta: float, y=None):
     model.criterion.beta = beta
     optimizer.zero_grad(set_to_none=True)
+    if getattr(model, "hierarchical", False):  # HVAE: its forward is the loss (one KL per latent layer)
+        loss, stats = net(x)
+        loss.backward()
+        return loss.detach(), stats["rec"], stats["kl"], stats["layer_kl"]
     recon, mu, logvar, *prior = net(x) if y is None else net(x, y)
     kw = {"prior_mu": prior[0], "prior_logvar": prior[1]} if prior else {}
     # kl is the true KL (with free bits the loss uses the floored one); unit_kl: each unit's batch mean
@@ -141,15 +153,21 @@ def _total_norm(grads, device) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
-def guarded_train_step(net, model: VAE, optimizer, x: torch.Tensor, beta: float, ctx: DistributedContext, y=None):
+def guarded_train_step(net, model: VAE, optimizer, x: torch.Tensor, beta: float, ctx: DistributedContext, y=None,
+                       *, skip_threshold: float = 0.0):
     """:func:`train_step`, skipped (no optimizer step) when the loss or the gradient norm is not
-    finite on any rank; returns (loss, rec, kl, unit_kl, skipped)."""
+    finite on any rank, or (``skip_threshold`` > 0, VDVAE's skip_threshold) when the gradient norm
+    exceeds it; returns (loss, rec, kl, unit_kl, skipped): skipped is False, True (not finite) or
+    ``"norm"`` (over the threshold)."""
     loss, rec, kl, unit_kl = _loss_and_gradients(net, model, optimizer, x, beta, y)
     norm = _total_norm([p.grad for p in model.parameters() if p.grad is not None], loss.device)
     bad = (~torch.isfinite(loss) | ~torch.isfinite(norm)).to(torch.float32)
-    if ctx.all_reduce_sum(bad).item() > 0:  # every rank skips together (DDP's gradients are shared)
+    over = (norm > skip_threshold).to(torch.float32) if skip_threshold else torch.zeros_like(bad)
+    # every rank skips together (DDP's gradients are shared, so are their norms)
+    bad, over = ctx.all_reduce_sum(torch.stack([bad, over])).tolist()
+    if bad > 0 or over > 0:
         optimizer.zero_grad(set_to_none=True)
-        return loss, rec, kl, unit_kl, True
+        return loss, rec, kl, unit_kl, True if bad > 0 else "norm"
     optimizer.step()
     return loss, rec, kl, unit_kl, False
 
@@ -288,12 +306,19 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
     warmup_steps = cfg.warmup * steps
     step = int(history[-1]["step"]) if history else 0
     in_a_row = 0  # consecutive skipped steps (--skip-nonfinite)
+    hierarchical = getattr(model, "hierarchical", False)
+    # the KL's units: latent units, or an HVAE's latent layers (each one unit in active_units)
+    n_units = len(model.latent_layers) if hierarchical else cfg.latent
+    unit_name = "layers" if hierarchical else "units"
 
     kernels = "vae_ext.reference (plain PyTorch)" if cfg.reference else "fused vae_ext kernels"
     log(f"data: {data.describe()}" + ("" if cfg.recon == "dmol" else f", binarize {cfg.binarize}"))
     cond = f"class-conditional ({model.num_classes} classes) " if model.conditional else ""
-    log(f"model: {cond}{type(model).__name__} {'x'.join(map(str, data.image_shape))} -> hidden "
-        f"{fmt_option(cfg.hidden)} -> latent {cfg.latent} ({model.num_parameters():,} parameters), recon {cfg.recon}"
+    shape = f"{type(model).__name__} {'x'.join(map(str, data.image_shape))}"
+    what = (f"{shape}, width {cfg.width}, {n_units} latent layers of {cfg.latent} channels at resolutions "
+            f"{','.join(map(str, model.layer_resolutions))}" if hierarchical else
+            f"{shape} -> hidden {fmt_option(cfg.hidden)} -> latent {cfg.latent}")
+    log(f"model: {cond}{what} ({model.num_parameters():,} parameters), recon {cfg.recon}"
         + (f" ({cfg.mixtures} logistics per pixel)" if cfg.recon == "dmol" else "")
         + (f", free bits {cfg.free_bits:g} nats/unit" if cfg.free_bits else "") + f", {kernels}")
     where = f"{ctx.world_size} processes (DDP), " if ctx.distributed else ""
@@ -309,8 +334,8 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
         model.train()
         sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss, rec, kl, images (of steps taken)
         # each unit's batch-mean KL summed over the steps taken, and the number of those steps
-        units = torch.zeros(cfg.latent + 1, dtype=torch.float64, device=dev)
-        skipped = 0
+        units = torch.zeros(n_units + 1, dtype=torch.float64, device=dev)
+        skipped = skipped_norm = 0
         beta = cfg.beta
         # disable=None: no bar when stderr is not a terminal (a log file gets no \r frames)
         bar = tqdm(total=steps, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
@@ -323,12 +348,17 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
                 if cfg.binarize == "dynamic":
                     x = binarize(x)
                 beta = cfg.beta * min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else cfg.beta
-                if cfg.skip_nonfinite:
-                    loss, rec, kl, unit_kl, skip = guarded_train_step(net, model, optimizer, x, beta, ctx, y)
+                if cfg.skip_nonfinite or cfg.skip_threshold:
+                    loss, rec, kl, unit_kl, skip = guarded_train_step(net, model, optimizer, x, beta, ctx, y,
+                                                                      skip_threshold=cfg.skip_threshold)
                 else:
                     (loss, rec, kl, unit_kl), skip = train_step(net, model, optimizer, x, beta, y), False
                 step += 1
                 bar.update()
+                if skip == "norm":  # an outlier gradient norm (--skip-threshold): counted, never fatal
+                    skipped += 1
+                    skipped_norm += 1
+                    continue
                 if skip:
                     skipped += 1
                     in_a_row += 1
@@ -339,8 +369,9 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
                     continue
                 in_a_row = 0
                 sums += torch.stack([loss, rec, kl, loss.new_tensor(len(idx))]).double()
-                units[:-1] += unit_kl.reshape(-1).double()
-                units[-1] += 1
+                w = len(idx) if hierarchical else 1  # an HVAE's layer KLs: nats per image over the epoch
+                units[:-1] += unit_kl.reshape(-1).double() * w
+                units[-1] += w
                 if (i % 10 == 9 or i == steps - 1) and sums[3] > 0:
                     running = (sums[0] / sums[3]).item()
                     if not math.isfinite(running):
@@ -364,23 +395,31 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
         if cfg.recon == "dmol":
             dims = math.prod(data.image_shape)
             row.update(train_bpd=bits_per_dim(row["train_nelbo"], dims), test_bpd=bits_per_dim(row["test_nelbo"], dims))
+        if cfg.skip_threshold or hierarchical:
+            row["skipped_norm"] = skipped_norm
+        if hierarchical:
+            row.update(layer_row(model, (units[:-1] / units[-1]).tolist() if units[-1] > 0 else [math.nan] * n_units))
         history.append(row)
         if ctx.is_main:
             save_checkpoint(ckpt_path, model, optimizer, cfg, epoch, history, data)
-            write_csv(out / METRICS_NAME, metric_columns(cfg), history)
+            write_csv(out / METRICS_NAME, metric_columns(cfg, model), history)
             if cfg.plot_every and epoch % cfg.plot_every == 0 and epoch != cfg.epochs:
                 save_plots(out, model, data, history)
         bpd = f" = {row['test_bpd']:.4f} bits/dim" if cfg.recon == "dmol" else ""
+        skips = f", {skipped_norm} updates skipped (gradient norm > {cfg.skip_threshold:g})" if skipped_norm else ""
         log(f"epoch {epoch:3d}/{cfg.epochs}  train -ELBO {row['train_nelbo']:8.3f}  test -ELBO "
-            f"{row['test_nelbo']:8.3f} nats/image{bpd}  (KL {row['test_kl']:.2f}, beta {beta:.2f}, active units "
-            f"{active}/{cfg.latent}, {row['seconds']:.1f} s)")
+            f"{row['test_nelbo']:8.3f} nats/image{bpd}  (KL {row['test_kl']:.2f}, beta {beta:.2f}, active {unit_name} "
+            f"{active}/{n_units}{skips}, {row['seconds']:.1f} s)")
 
     if ctx.is_main:
         if not ckpt_path.exists():  # resumed past the end, or --epochs 0: still leave a checkpoint
             save_checkpoint(ckpt_path, model, optimizer, cfg, start, history, data)
-            write_csv(out / METRICS_NAME, metric_columns(cfg), history)
+            write_csv(out / METRICS_NAME, metric_columns(cfg, model), history)
         save_plots(out, model, data, history)
         names = [METRICS_NAME, "reconstructions.png", "samples.png"] + (["loss_curves.png"] if history else [])
+        names += ["kl_per_layer.png"] if hierarchical and history else []
+        if cfg.eval_k or hierarchical:
+            log(test_summary(model, data.test, cfg.eval_k, seed=cfg.seed, progress=cfg.progress))
         log("wrote " + ", ".join(str(p) for p in [ckpt_path, *(out / n for n in names)]))
     ctx.barrier()
     return TrainResult(model=model, config=cfg, history=history, out=out, checkpoint=ckpt_path, data=data)

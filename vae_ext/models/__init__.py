@@ -1,5 +1,6 @@
 """The VAE modules on the fused functional API, one file per family: base.py (``VAE``), mlp.py
-(``MLPVAE``), conv.py (``ConvVAE``), conditional.py (the class-conditional side of both).
+(``MLPVAE``), conv.py (``ConvVAE``), conditional.py (the class-conditional side of both), hvae.py and
+hvae_blocks.py (``HVAE``, a VDVAE-style hierarchical VAE, ``arch="hvae"``).
 
 ``VAE`` is the shared base class and, called directly, the factory::
 
@@ -25,12 +26,14 @@ the logits for ``"bce_logits"`` (the default), ``sigmoid(logits)`` for ``"bce"``
 with :class:`vae_ext.FusedELBOLoss`; ``fused=False`` uses :mod:`vae_ext.reference` for both, for
 comparison. All log densities are in nats.
 """
-from .base import ARCHS, RECON_MODES, VAE, ReferenceELBOLoss
+from .base import ARCHS, MODELS, RECON_MODES, VAE, ReferenceELBOLoss
 from .conv import ConvVAE
+from .hvae import HVAE
 from .mlp import MLPVAE
 
 # What VAE(arch=...) builds and the command's --arch offers, the default first. Filled here, where
 # every family is imported, so that base.py need not import its subclasses.
 ARCHS.update(mlp=MLPVAE, conv=ConvVAE)
+MODELS.update(hvae=HVAE)
 
-__all__ = ["VAE", "MLPVAE", "ConvVAE", "ReferenceELBOLoss", "RECON_MODES", "ARCHS"]
+__all__ = ["VAE", "MLPVAE", "ConvVAE", "HVAE", "ReferenceELBOLoss", "RECON_MODES", "ARCHS", "MODELS"]

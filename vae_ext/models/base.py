@@ -14,7 +14,7 @@ from ..losses import FusedELBOLoss
 from .conditional import ClassConditional, check_num_classes
 from .dmol import DMoLELBOLoss, check_dmol_options, dmol_param_channels, mixture_mean, to_grid
 
-__all__ = ["VAE", "ReferenceELBOLoss", "RECON_MODES", "ARCHS"]
+__all__ = ["VAE", "ReferenceELBOLoss", "RECON_MODES", "ARCHS", "MODELS"]
 
 # The reconstruction modes the models score: each needs its decoder mean and its log-likelihood's
 # constant below. ("l1" and "gaussian" are loss modes of vae_ext.elbo_loss; "gaussian" needs a
@@ -25,6 +25,9 @@ RECON_MODES = ("bce", "bce_logits", "mse", "dmol")
 # arch name -> VAE subclass: what ``VAE(arch=...)`` builds. vae_ext/models/__init__.py fills it once
 # it has imported every family (they subclass VAE: this module cannot import them).
 ARCHS: dict = {}
+# The families ``VAE(arch=...)`` also builds that the command offers as a --model, not an --arch
+# (the hierarchical VAE, models/hvae.py); filled there too.
+MODELS: dict = {}
 
 _LOG_2PI = math.log(2.0 * math.pi)
 
@@ -79,9 +82,10 @@ class VAE(ClassConditional, nn.Module):
     def __new__(cls, *args, arch: str | None = None, **kwargs):
         if cls is VAE:
             arch = "mlp" if arch is None else arch
-            if arch not in ARCHS:
-                raise ValueError(f"arch: expected one of {', '.join(map(repr, ARCHS))}, got {arch!r}")
-            cls = ARCHS[arch]
+            families = {**ARCHS, **MODELS}
+            if arch not in families:
+                raise ValueError(f"arch: expected one of {', '.join(map(repr, families))}, got {arch!r}")
+            cls = families[arch]
         return super().__new__(cls)
 
     def __init__(self, input_shape, latent_size: int, recon: str, fused: bool, arch: str | None,
