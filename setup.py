@@ -84,6 +84,12 @@ cpp_sources = [rel(p) for p in sorted(glob.glob(os.path.join(here, "csrc", "*.cp
 cpp_sources += [os.path.join("csrc", "cpu", "ops_cpu.cpp"), os.path.join("csrc", "cpu", "ops_dmol.cpp"),
                 os.path.join("csrc", "cpu", "kernels_default.cpp")]
 cpp_sources += [os.path.join("csrc", "cpu", "latent_ops_cpu.cpp")]
+# Every header under csrc/: setuptools builds the extension only when a file of its sources or
+# `depends` is newer than the built library, so without them a change to a header alone
+# (csrc/cpu/elbo_kernel.h) left the library as it was, neither recompiled nor relinked. Which
+# objects then recompile is ninja's choice, from the compiler's dependency files.
+headers = [rel(p) for pattern in ("*.h", "*.cuh")
+           for p in sorted(glob.glob(os.path.join(here, "csrc", "**", pattern), recursive=True))]
 
 # The CPU kernels are compiled once more per x86 capability, each file with its own ISA flags, and
 # chosen at run time from the CPU's features (cpu::kernels() in csrc/cpu/ops_cpu.cpp). Never
@@ -148,6 +154,7 @@ if use_cuda:
         "vae_ext._C",
         cpp_sources + cuda_sources,
         define_macros=[("VAE_EXT_WITH_CUDA", None)],
+        depends=headers,
         extra_compile_args={
             "cxx": cxx_flags,
             "nvcc": ["-O3", "-std=c++17", "-lineinfo"],
@@ -157,7 +164,8 @@ if use_cuda:
     print(f"vae_ext: building CPU and CUDA kernels (CUDA {torch.version.cuda}, "
           f"TORCH_CUDA_ARCH_LIST={arch or 'auto'})")
 else:
-    ext = CppExtension("vae_ext._C", cpp_sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
+    ext = CppExtension("vae_ext._C", cpp_sources, depends=headers, extra_compile_args={"cxx": cxx_flags},
+                       extra_link_args=link_flags)
     why = "this torch has no CUDA" if not torch.version.cuda else "no CUDA toolkit found (CUDA_HOME)"
     print(f"vae_ext: building CPU kernels only ({why})")
 

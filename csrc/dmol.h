@@ -1,5 +1,5 @@
-// What the backends' DMoL ops (cpu/ops_dmol.cpp, cuda/ops_cuda.cpp) share: the argument checks and
-// the layouts the kernels read. The math: csrc/common/dmol_math.h.
+// What the backends' DMoL ops (cpu/ops_dmol.cpp, cuda/ops_dmol_cuda.cpp) share: the argument checks,
+// the layouts the kernels read and the kernel arguments they give. The math: csrc/common/dmol_math.h.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -31,5 +31,47 @@ DmolInputs prepare_dmol(const Tensor& params, const Tensor& x, int64_t num_bits,
 DmolInputs prepare_dmol_sample(const Tensor& params, int64_t num_channels, double log_scale_min);
 
 [[noreturn]] void throw_dmol_x_out_of_range();
+
+// The kernel arguments that both backends' structs share (cpu::DmolArgs, cuda::DmolLaunch), from
+// the laid-out inputs: g is the gradient buffer the kernel writes (a pointer only where `grad` and
+// g is non-empty); grad_scale is 1/N for the mean.
+template <class Args>
+void fill_dmol_args(Args& a, const DmolInputs& in, const Tensor& g, bool grad, int64_t num_bits, double log_scale_min,
+                    Reduction red) {
+  a.dtype = kernel_dtype(in.params.t.scalar_type());
+  a.params = in.params.t.const_data_ptr();
+  a.grad = grad && g.numel() > 0 ? g.data_ptr() : nullptr;
+  a.x = in.x.t.const_data_ptr();
+  a.n = in.n;
+  a.s = in.s;
+  a.nmix = in.nmix;
+  a.channels = in.channels;
+  a.p_sample = in.params.sample;
+  a.p_param = in.params.k;
+  a.p_pixel = in.params.pixel;
+  a.x_sample = in.x.sample;
+  a.x_channel = in.x.k;
+  a.x_pixel = in.x.pixel;
+  a.num_bits = num_bits;
+  a.log_scale_min = log_scale_min;
+  a.grad_scale = red == Reduction::Mean && in.n > 0 ? 1.0 / static_cast<double>(in.n) : 1.0;
+}
+
+// dmol_sample's (cpu::DmolSampleArgs, cuda::DmolSampleLaunch; the generator's state is each
+// backend's): out is the samples' tensor (a pointer only where it is non-empty).
+template <class Args>
+void fill_dmol_sample_args(Args& a, const DmolInputs& in, const Tensor& out, double log_scale_min) {
+  a.dtype = kernel_dtype(in.params.t.scalar_type());
+  a.params = in.params.t.const_data_ptr();
+  a.out = out.numel() ? out.data_ptr() : nullptr;
+  a.n = in.n;
+  a.s = in.s;
+  a.nmix = in.nmix;
+  a.channels = in.channels;
+  a.p_sample = in.params.sample;
+  a.p_param = in.params.k;
+  a.p_pixel = in.params.pixel;
+  a.log_scale_min = log_scale_min;
+}
 
 }  // namespace vae_ext

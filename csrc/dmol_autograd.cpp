@@ -2,14 +2,9 @@
 // gradient with respect to params in the same pass as the loss (it needs the values of every
 // component first; recomputing them in the backward costs a second forward: docs/design.md), and
 // the backward scales that buffer by grad_output. Nothing else is saved: no M- or C-sized tensor.
-#include <ATen/FuncTorchTLS.h>
-#include <torch/autograd.h>
-#include <torch/csrc/autograd/function.h>
-#include <torch/csrc/autograd/functions/basic_ops.h>
-#include <torch/csrc/autograd/functions/utils.h>
-#include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
+#include "autograd_common.h"
 #include "ops.h"
 
 namespace vae_ext {
@@ -21,56 +16,6 @@ using torch::autograd::variable_list;
 constexpr const char* kFirstOrder =
     "vae_ext.dmol_nll supports first derivatives only: its backward scales the gradient its forward wrote. For "
     "higher-order gradients (create_graph=True) use vae_ext.reference.dmol_nll.";
-
-template <class Ptr, class T, class... Args>
-Ptr make_node(Args&&... args) {
-  if constexpr (std::is_same_v<Ptr, std::shared_ptr<torch::autograd::Node>>)
-    return std::make_shared<T>(std::forward<Args>(args)...);
-  else
-    return c10::make_intrusive<T>(std::forward<Args>(args)...);
-}
-
-// Under create_graph=True the gradient gets a grad_fn that raises kFirstOrder when a higher-order
-// backward reaches it (never a silent zero), as elbo_loss's.
-Tensor first_order_only(Tensor g) {
-  if (!at::GradMode::is_enabled() || !g.defined()) return g;
-  const auto node = torch::autograd::get_current_node();
-  TORCH_INTERNAL_ASSERT(node, "first_order_only: called outside a backward");
-  auto err = make_node<std::decay_t<decltype(node)>, torch::autograd::Error>(
-      kFirstOrder, torch::autograd::edge_list(node->next_edges()));
-  g = g.detach();
-  torch::autograd::set_history(g, err);
-  return g;
-}
-
-// g * d rounded once to g's dtype, d 0-d or (N,) (reduction none) in the loss dtype. In place when
-// the graph is not kept (g is the forward's buffer, freed after this backward), as elbo_loss's.
-Tensor scale(const Tensor& g, const Tensor& d, bool per_sample) {
-  Tensor s = d;
-  if (per_sample) {
-    std::vector<int64_t> shape(static_cast<size_t>(g.dim()), 1);
-    shape[0] = -1;
-    s = s.reshape(shape);
-  } else if (!s.device().is_cpu()) {
-    s = s.reshape({1});  // a 0-d device tensor would be rounded to a half g's dtype first
-  }
-  const auto plain = [](const Tensor& t) {
-    return !t.key_set().has(c10::DispatchKey::Python) && !t.key_set().has(c10::DispatchKey::Functionalize);
-  };
-  if (torch::autograd::get_current_graph_task_keep_graph() || !plain(g) || !plain(s))
-    return at::mul(g, s).to(g.scalar_type());
-  if (s.numel() == 1 && s.device().is_cpu() && s.item<double>() == 1.0) return g;
-#if defined(VAE_EXT_WITH_CUDA)
-  if (g.is_cuda() && g.is_contiguous() && s.numel() == 1 && s.device() == g.device()) {
-    scale_unless_one_cuda({g}, {s});
-    return g;
-  }
-#endif
-  const auto st = g.scalar_type();
-  // half g, float32 per-sample s: multiplied in float32 and rounded once
-  if (per_sample && (st == at::kHalf || st == at::kBFloat16)) return at::mul(g, s).to(st);
-  return g.mul_(s);
-}
 
 struct DmolNllFunction : public torch::autograd::Function<DmolNllFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& params, const Tensor& x, int64_t num_bits,
@@ -100,27 +45,18 @@ struct DmolNllFunction : public torch::autograd::Function<DmolNllFunction> {
     TORCH_CHECK(ctx->saved_data["grad"].toBool(),
                 "vae_ext::dmol_nll: backward needs the gradient buffer, but the op was called with grad=False; "
                 "call it through vae_ext.dmol_nll");
-    const Tensor g = scale(ctx->get_saved_variables()[0], d, ctx->saved_data["per_sample"].toBool());
-    return {first_order_only(g), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    const Tensor saved = ctx->get_saved_variables()[0];
+    DeviceScales device;
+    const Tensor g = scale_grad(saved, d, ctx->saved_data["per_sample"].toBool(), saved.scalar_type(), device);
+    device.launch();
+    return first_order_only({g, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()}, kFirstOrder);
   }
 };
-
-void check_functorch() {
-  const auto& tls = at::functorch::functorchTLSAccessor();
-  if (!tls) return;
-  try {
-    tls->checkSupportsCppAutogradFunction();
-  } catch (const c10::Error&) {
-    TORCH_CHECK(false,
-                "vae_ext.dmol_nll cannot run inside torch.func transforms (grad, vjp, jacrev, ...): its autograd "
-                "is written in C++, which functorch does not support. Use vae_ext.reference.dmol_nll there.");
-  }
-}
 
 std::tuple<Tensor, Tensor> dmol_nll_autograd(const Tensor& params, const Tensor& x, int64_t num_bits,
                                              c10::string_view reduction, double log_scale_min, bool grad,
                                              bool validate) {
-  check_functorch();
+  check_functorch("vae_ext.dmol_nll", "vae_ext.reference.dmol_nll");
   TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && x.requires_grad()),
                     "x: the data must not require grad (dmol_nll treats it as a constant); pass x.detach()");
   const bool recorded = at::GradMode::is_enabled() && params.requires_grad();

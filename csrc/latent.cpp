@@ -206,4 +206,47 @@ void check_latent_backward(const c10::optional<Tensor>& grad_z, const c10::optio
                     "unit_w: expected the free-bits weights the forward returned (", units, " elements)");
 }
 
+LatentForwardBuffers fill_latent_forward_args(LatentArgs& a, const Tensor& mu, int64_t num_samples,
+                                              double free_bits) {
+  LatentForwardBuffers b;
+  b.z = reparam_empty(mu, latent_format(mu), num_samples);
+  TORCH_INTERNAL_ASSERT(latent_strides(b.z, num_samples > 0, &a.z_st));
+  a.z = b.z.numel() ? b.z.data_ptr() : nullptr;
+  const int64_t rows = a.k * a.n, len = a.c * a.s;
+  if (free_bits > 0.0) b.kl_elems = at::empty({rows, len}, mu.options().dtype(loss_dtype(mu.scalar_type())));
+  a.kl_elems = b.kl_elems.defined() && b.kl_elems.numel() ? b.kl_elems.data_ptr() : nullptr;
+  merge_latent_channels(a, {&a.mu_st, &a.ls_st, &a.pmu_st, &a.pls_st, &a.z_st});
+  return b;
+}
+
+LatentBackwardBuffers fill_latent_backward_args(LatentArgs& a, bool prior, const c10::optional<Tensor>& grad_z,
+                                                const c10::optional<Tensor>& row_w, const Tensor& mu,
+                                                const Tensor& unit_w, int64_t num_samples, bool grad_prior) {
+  LatentBackwardBuffers b;
+  const auto fmt = latent_format(mu);
+  b.g_mu = at::empty(mu.sizes(), mu.options().memory_format(fmt));
+  b.g_ls = at::empty(mu.sizes(), mu.options().memory_format(fmt));
+  TORCH_INTERNAL_ASSERT(latent_strides(b.g_mu, false, &a.g_st));
+  a.g_mu = b.g_mu.numel() ? b.g_mu.data_ptr() : nullptr;
+  a.g_ls = b.g_ls.numel() ? b.g_ls.data_ptr() : nullptr;
+  if (grad_z.has_value()) {
+    b.gz = latent_readable(*grad_z, num_samples > 0, &a.gz_st);
+    a.grad_z = b.gz.numel() ? b.gz.const_data_ptr() : nullptr;
+  } else {
+    a.gz_st = a.g_st;  // unread
+  }
+  b.rw = row_w.has_value() ? row_w->contiguous() : Tensor();
+  b.uw = unit_w.numel() > 0 ? unit_w.contiguous() : Tensor();
+  a.row_w = b.rw.defined() && b.rw.numel() ? b.rw.const_data_ptr() : nullptr;
+  a.unit_w = b.uw.defined() ? b.uw.const_data_ptr() : nullptr;
+  const auto lopts = mu.options().dtype(loss_dtype(mu.scalar_type()));
+  const bool prior_grads = grad_prior && prior && b.rw.defined();
+  b.g_pmu = prior_grads ? at::empty(mu.sizes(), lopts) : at::empty({0}, lopts);
+  b.g_pls = prior_grads ? at::empty(mu.sizes(), lopts) : at::empty({0}, lopts);
+  a.g_pmu = prior_grads && b.g_pmu.numel() ? b.g_pmu.data_ptr() : nullptr;
+  a.g_pls = prior_grads && b.g_pls.numel() ? b.g_pls.data_ptr() : nullptr;
+  merge_latent_channels(a, {&a.mu_st, &a.ls_st, &a.pmu_st, &a.pls_st, &a.gz_st, &a.g_st});
+  return b;
+}
+
 }  // namespace vae_ext

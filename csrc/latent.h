@@ -53,6 +53,25 @@ Reduction check_latent_reduction(c10::string_view reduction, double free_bits);
 std::tuple<Tensor, Tensor> latent_kl_outputs(const Tensor& row_kl, const Tensor& kl_elems, const Tensor& mu,
                                              int64_t num_samples, c10::string_view reduction, double free_bits);
 
+// The forward's outputs that the kernels write, on mu's device: z and, with free bits, each
+// element's KL ((K N, C S), the loss dtype); their pointers and z's strides go into `a`, whose
+// channels are then merged where every tensor allows (merge_latent_channels). Both backends'.
+struct LatentForwardBuffers {
+  Tensor z, kl_elems;
+};
+LatentForwardBuffers fill_latent_forward_args(LatentArgs& a, const Tensor& mu, int64_t num_samples,
+                                              double free_bits);
+
+// The backward's: the gradients of mu and logscale (in latent_format(mu)) and, where grad_prior and
+// a prior and row_w are given, the prior's (mu's shape, the loss dtype; else empty), with grad_z,
+// row_w and unit_w as the kernels read them (kept alive here); the pointers and strides into `a`.
+struct LatentBackwardBuffers {
+  Tensor g_mu, g_ls, g_pmu, g_pls, gz, rw, uw;
+};
+LatentBackwardBuffers fill_latent_backward_args(LatentArgs& a, bool prior, const c10::optional<Tensor>& grad_z,
+                                                const c10::optional<Tensor>& row_w, const Tensor& mu,
+                                                const Tensor& unit_w, int64_t num_samples, bool grad_prior);
+
 // The backward's argument checks (shapes of grad_z, row_w, rng_state and unit_w).
 void check_latent_backward(const c10::optional<Tensor>& grad_z, const c10::optional<Tensor>& row_w, const Tensor& mu,
                            const Tensor& rng_state, const Tensor& unit_w, int64_t num_samples);

@@ -1,15 +1,11 @@
 // Autograd of gaussian_latent, in C++ on the Autograd dispatch key (as csrc/autograd.cpp for the
 // other ops): the forward saves the inputs and the (seed, offset) it drew from, never eps; the
 // backward calls gaussian_latent_backward, which draws eps again and sums both outputs' gradients.
-#include <ATen/FuncTorchTLS.h>
-#include <torch/autograd.h>
-#include <torch/csrc/autograd/function.h>
-#include <torch/csrc/autograd/functions/basic_ops.h>
-#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
 #include <string>
 
+#include "autograd_common.h"
 #include "latent.h"
 #include "ops.h"
 
@@ -19,56 +15,6 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using LatentOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor>;
-
-// The helpers below are those of csrc/autograd.cpp (there in an anonymous namespace).
-
-template <class Ptr, class T, class... Args>
-Ptr make_node(Args&&... args) {
-  if constexpr (std::is_same_v<Ptr, std::shared_ptr<torch::autograd::Node>>)
-    return std::make_shared<T>(std::forward<Args>(args)...);
-  else
-    return c10::make_intrusive<T>(std::forward<Args>(args)...);
-}
-
-// Under create_graph=True the gradients get a grad_fn that raises `msg` if differentiated again.
-variable_list first_order_only(variable_list grads, const char* msg) {
-  if (!at::GradMode::is_enabled()) return grads;
-  const auto node = torch::autograd::get_current_node();
-  TORCH_INTERNAL_ASSERT(node, "first_order_only: called outside a backward");
-  auto err = make_node<std::decay_t<decltype(node)>, torch::autograd::Error>(
-      msg, torch::autograd::edge_list(node->next_edges()));
-  for (auto& g : grads) {
-    if (!g.defined()) continue;
-    g = g.detach();
-    torch::autograd::set_history(g, err);
-  }
-  return grads;
-}
-
-// A broadcast prior's gradient: g (per element, mu's shape, the loss dtype) summed over the
-// dimensions the prior was broadcast along (over the batch in a fixed order), rounded to `out`.
-Tensor prior_grad(const Tensor& g, at::IntArrayRef shape, at::ScalarType out) {
-  if (g.sizes() == shape) return g.to(out);
-  const auto dims = static_cast<int64_t>(shape.size());
-  const bool shared = dims < g.dim() || (shape[0] == 1 && g.size(0) != 1);
-  if (!shared) return g.sum_to_size(shape).to(out);
-  const Tensor s = sum_over_batch(g);  // g.shape[1:]
-  if (dims == g.dim()) return s.sum_to_size(shape.slice(1)).reshape(shape).to(out);
-  return s.sum_to_size(shape).to(out);
-}
-
-void check_functorch() {
-  const auto& tls = at::functorch::functorchTLSAccessor();
-  if (!tls) return;
-  try {
-    tls->checkSupportsCppAutogradFunction();
-  } catch (const c10::Error&) {
-    TORCH_CHECK(false,
-                "vae_ext.gaussian_latent cannot run inside torch.func transforms (grad, vjp, jacrev, ...): its "
-                "autograd is written in C++, which functorch does not support. Use "
-                "vae_ext.reference.gaussian_latent (plain PyTorch ops) inside torch.func transforms.");
-  }
-}
 
 struct GaussianLatentFunction : public torch::autograd::Function<GaussianLatentFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& mu, const Tensor& logscale,
@@ -152,7 +98,7 @@ LatentOutputs gaussian_latent_autograd(const Tensor& mu, const Tensor& logscale,
                                        const c10::optional<Tensor>& prior_logscale, c10::string_view scale,
                                        c10::string_view kl, c10::string_view reduction, double free_bits,
                                        int64_t num_samples, std::optional<at::Generator> generator) {
-  check_functorch();
+  check_functorch("vae_ext.gaussian_latent", "vae_ext.reference.gaussian_latent");
   auto out = GaussianLatentFunction::apply(mu, logscale, prior_mu, prior_logscale, std::string(scale), std::string(kl),
                                            std::string(reduction), free_bits, num_samples, generator);
   return {out[0], out[1], out[2], out[3]};

@@ -1,6 +1,6 @@
 """The argument checks the functional API and the fused ops' own modules share (vae_ext.functional,
-vae_ext.dmol, vae_ext.latent): Python types, devices, autocast's dtypes, option strings, beta and
-free bits, each a ``TypeError``/``ValueError`` that names the argument."""
+vae_ext.dmol, vae_ext.latent): Python types, devices, autocast's dtypes, option strings, beta,
+free bits, ``num_samples`` and ``generator``, each a ``TypeError``/``ValueError`` that names the argument."""
 from __future__ import annotations
 
 import math
@@ -103,3 +103,25 @@ def _check_free_bits(free_bits) -> float:
     except OverflowError:  # an int beyond float's range, 10**400
         raise ValueError("free_bits: expected a finite float >= 0 (nats per latent unit), got a number beyond "
                          "float's range") from None
+
+
+def _check_num_samples(num_samples) -> int:
+    """The op's draws per element: 0 for None (no samples dimension), else an int >= 1."""
+    if num_samples is None:
+        return 0
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
+        raise TypeError(f"num_samples: expected None or an int >= 1, got {type(num_samples).__name__}")
+    if num_samples < 1:
+        raise ValueError(f"num_samples: expected None or an int >= 1, got {num_samples}")
+    return int(num_samples)
+
+
+def _check_generator(generator, mu) -> None:
+    """None, or a torch.Generator of mu's device type."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
+    if generator.device.type != mu.device.type:
+        raise ValueError(f"generator: expected a generator on {mu.device.type} (mu's device), "
+                         f"got one on {generator.device.type}")

@@ -11,7 +11,6 @@ reshape of an ``x`` of another shape, refusing an ``x`` that requires grad, the 
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
@@ -23,7 +22,9 @@ from ._checks import (  # noqa: F401  (re-exported: the models and losses take t
     _check_beta,
     _check_choice,
     _check_free_bits,
+    _check_generator,
     _check_is_tensor,
+    _check_num_samples,
     _check_same,
     _check_target_dtype,
     _check_tensor,
@@ -314,22 +315,8 @@ def reparameterize(
     _check_is_tensor("logvar", logvar)
     _check_same((("mu", mu), ("logvar", logvar)), "device")
     # dtypes and shapes: checked by the op (csrc/checks.cpp)
-    if num_samples is None:
-        k = 0
-    else:
-        if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
-            raise TypeError(f"num_samples: expected None or an int >= 1, got {type(num_samples).__name__}")
-        if num_samples < 1:
-            raise ValueError(f"num_samples: expected None or an int >= 1, got {num_samples}")
-        k = int(num_samples)
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
-        if generator.device.type != mu.device.type:
-            raise ValueError(
-                f"generator: expected a generator on {mu.device.type} (mu's device), "
-                f"got one on {generator.device.type}"
-            )
+    k = _check_num_samples(num_samples)
+    _check_generator(generator, mu)
     z, eps, _ = torch.ops.vae_ext.reparameterize(mu, logvar, k, bool(return_eps), generator)
     if return_eps:
         return z, eps

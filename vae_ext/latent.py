@@ -6,11 +6,10 @@ Python types, devices, ``num_samples`` and ``generator``).
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from . import _ops  # noqa: F401  (loads the kernels, registers their fake kernels)
+from ._checks import _check_generator, _check_num_samples
 from .functional import (
     KL_REDUCTIONS,
     _autocast_common_dtype,
@@ -25,26 +24,6 @@ __all__ = ["gaussian_latent", "LATENT_SCALES", "LATENT_KLS"]
 
 LATENT_SCALES = ("logvar", "logsigma")
 LATENT_KLS = ("analytic", "sample")
-
-
-def _check_num_samples(num_samples) -> int:
-    if num_samples is None:
-        return 0
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral):
-        raise TypeError(f"num_samples: expected None or an int >= 1, got {type(num_samples).__name__}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples: expected None or an int >= 1, got {num_samples}")
-    return int(num_samples)
-
-
-def _check_generator(generator, mu) -> None:
-    if generator is None:
-        return
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator: expected a torch.Generator, got {type(generator).__name__}")
-    if generator.device.type != mu.device.type:
-        raise ValueError(f"generator: expected a generator on {mu.device.type} (mu's device), "
-                         f"got one on {generator.device.type}")
 
 
 def gaussian_latent(

@@ -47,14 +47,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gaussian_latent_cpu(const Tensor& mu,
   LatentInputs in = prepare_latent(mu, logscale, prior_mu, prior_logscale, scale, kl, num_samples);
   check_latent_reduction(reduction, free_bits);
   LatentArgs& a = in.a;
-  const Tensor z = reparam_empty(mu, latent_format(mu), num_samples);
-  TORCH_INTERNAL_ASSERT(latent_strides(z, num_samples > 0, &a.z_st));
-  a.z = z.data_ptr();
+  const auto [z, kl_elems] = fill_latent_forward_args(a, mu, num_samples, free_bits);
   const int64_t rows = a.k * a.n, len = a.c * a.s;
-  const Tensor kl_elems = free_bits > 0.0 ? at::empty({rows, len}, mu.options().dtype(loss_dtype(mu.scalar_type())))
-                                          : Tensor();
-  a.kl_elems = kl_elems.defined() ? kl_elems.data_ptr() : nullptr;
-  merge_latent_channels(a, {&a.mu_st, &a.ls_st, &a.pmu_st, &a.pls_st, &a.z_st});
   a.seed = draw_seed(generator);
   a.offset = 0;
   Tensor state = at::empty({2}, at::kLong);
@@ -73,35 +67,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gaussian_latent_backward_cpu(
   LatentInputs in = prepare_latent(mu, logscale, prior_mu, prior_logscale, scale, kl, num_samples);
   check_latent_backward(grad_z, row_w, mu, rng_state, unit_w, num_samples);
   LatentArgs& a = in.a;
-  const auto fmt = latent_format(mu);
-  Tensor g_mu = at::empty(mu.sizes(), mu.options().memory_format(fmt));
-  Tensor g_ls = at::empty(mu.sizes(), mu.options().memory_format(fmt));
-  TORCH_INTERNAL_ASSERT(latent_strides(g_mu, false, &a.g_st));
-  a.g_mu = g_mu.data_ptr();
-  a.g_ls = g_ls.data_ptr();
-  Tensor gz;
-  if (grad_z.has_value()) {
-    gz = latent_readable(*grad_z, num_samples > 0, &a.gz_st);
-    a.grad_z = gz.const_data_ptr();
-  } else {
-    a.gz_st = a.g_st;  // unread
-  }
-  const Tensor rw = row_w.has_value() ? row_w->contiguous() : Tensor();
-  const Tensor uw = unit_w.numel() > 0 ? unit_w.contiguous() : Tensor();
-  a.row_w = rw.defined() ? rw.const_data_ptr() : nullptr;
-  a.unit_w = uw.defined() ? uw.const_data_ptr() : nullptr;
-  const auto lopts = mu.options().dtype(loss_dtype(mu.scalar_type()));
-  const bool prior_grads = grad_prior && in.prior && rw.defined();
-  Tensor g_pmu = prior_grads ? at::empty(mu.sizes(), lopts) : at::empty({0}, lopts);
-  Tensor g_pls = prior_grads ? at::empty(mu.sizes(), lopts) : at::empty({0}, lopts);
-  a.g_pmu = prior_grads ? g_pmu.data_ptr() : nullptr;
-  a.g_pls = prior_grads ? g_pls.data_ptr() : nullptr;
-  merge_latent_channels(a, {&a.mu_st, &a.ls_st, &a.pmu_st, &a.pls_st, &a.gz_st, &a.g_st});
+  const LatentBackwardBuffers b =
+      fill_latent_backward_args(a, in.prior, grad_z, row_w, mu, unit_w, num_samples, grad_prior);
   const Tensor st = rng_state.cpu();
   a.seed = static_cast<uint64_t>(st.const_data_ptr<int64_t>()[0]);
   a.offset = static_cast<uint64_t>(st.const_data_ptr<int64_t>()[1]);
   if (mu.numel() > 0) cpu::latent_kernels().backward(a);
-  return {g_mu, g_ls, g_pmu, g_pls};
+  return {b.g_mu, b.g_ls, b.g_pmu, b.g_pls};
 }
 
 }  // namespace

@@ -33,23 +33,7 @@ std::tuple<Tensor, Tensor> dmol_nll_cpu(const Tensor& params, const Tensor& x, i
   std::atomic<bool> bad{false};
   if (in.n > 0) {
     cpu::DmolArgs a{};
-    a.dtype = kernel_dtype(params.scalar_type());
-    a.params = in.params.t.const_data_ptr();
-    a.grad = grad && g.numel() > 0 ? g.data_ptr() : nullptr;
-    a.x = in.x.t.const_data_ptr();
-    a.n = in.n;
-    a.s = in.s;
-    a.nmix = in.nmix;
-    a.channels = in.channels;
-    a.p_sample = in.params.sample;
-    a.p_param = in.params.k;
-    a.p_pixel = in.params.pixel;
-    a.x_sample = in.x.sample;
-    a.x_channel = in.x.k;
-    a.x_pixel = in.x.pixel;
-    a.num_bits = num_bits;
-    a.log_scale_min = log_scale_min;
-    a.grad_scale = red == Reduction::Mean ? 1.0 / static_cast<double>(in.n) : 1.0;
+    fill_dmol_args(a, in, g, grad, num_bits, log_scale_min, red);
     a.row_nll = rows.data_ptr<double>();
     a.bad_x = &bad;
     cpu::kernels().dmol(a);
@@ -73,17 +57,7 @@ Tensor dmol_sample_cpu(const Tensor& params, int64_t num_channels, double log_sc
   }
   if (out.numel() > 0) {
     cpu::DmolSampleArgs a{};
-    a.dtype = kernel_dtype(params.scalar_type());
-    a.params = in.params.t.const_data_ptr();
-    a.out = out.data_ptr();
-    a.n = in.n;
-    a.s = in.s;
-    a.nmix = in.nmix;
-    a.channels = in.channels;
-    a.p_sample = in.params.sample;
-    a.p_param = in.params.k;
-    a.p_pixel = in.params.pixel;
-    a.log_scale_min = log_scale_min;
+    fill_dmol_sample_args(a, in, out, log_scale_min);
     a.seed = seed;
     a.offset = 0;
     cpu::kernels().dmol_sample(a);

@@ -1,8 +1,10 @@
 // Fused ELBO loss on CUDA: one pass over recon/x writes the reconstruction gradient and a
-// partial sum per (row, chunk); the KL rows ride in the same launch; a one-block second stage adds
-// the partials in a fixed order (no floating-point atomics: run-to-run deterministic).
+// partial sum per (row, chunk); the KL rows ride in the same launch; a one-block second stage
+// (elbo_finalize.cu) adds the partials in a fixed order (no floating-point atomics: run-to-run
+// deterministic).
 #include "../common/elbo_math.h"
 #include "device_utils.cuh"
+#include "elbo_layout.cuh"
 #include "launchers.h"
 
 #include <type_traits>
@@ -40,14 +42,8 @@ struct LossMath<float> {
 #endif
 
 constexpr int kThreads = 256;
-constexpr int kFinalizeThreads = 1024;
-constexpr int64_t kChunk = 16384;       // elements of one row per block
 constexpr int kUnroll = 4;              // 16-byte vectors of each input loaded per thread before use
 constexpr int64_t kScaleBlocks = 2048;  // 16 blocks per SM of a 128-SM GPU
-
-struct Layout {
-  int64_t rec_cpr, kl_cpr, rec_units, kl_units;  // chunks per row and units of each part
-};
 
 // The piece of a row that unit k covers, for rows of `width` elements cut in `cpr` chunks.
 struct Segment {
@@ -56,15 +52,6 @@ struct Segment {
 __device__ __forceinline__ Segment segment(int64_t k, int64_t cpr, int64_t width) {
   const int64_t row = k / cpr, begin = (k % cpr) * kChunk;
   return {row * width + begin, (width - begin) < kChunk ? (width - begin) : kChunk, begin};
-}
-
-inline Layout layout(int64_t n, int64_t d, int64_t l) {
-  Layout u;
-  u.rec_cpr = d > 0 ? (d + kChunk - 1) / kChunk : 1;
-  u.kl_cpr = l > 0 ? (l + kChunk - 1) / kChunk : 1;
-  u.rec_units = n * u.rec_cpr;
-  u.kl_units = n * u.kl_cpr;
-  return u;
 }
 
 // What a loss kernel computes beside its dtype and mode, fixed at compile time. Each mode is
@@ -278,67 +265,6 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
   }
 }
 
-// Adds each row's partials in a fixed order and reduces over the rows; writes the outputs in the
-// loss dtype (float for f32/f16/bf16, double for f64). kl_out == nullptr: the caller wants the
-// total, rec_out gets rec + kl (ElboLaunch::kl_out). A scalar Gaussian log-variance: the rec
-// partials are sums of q, turned into the loss and rlv's gradient here (gaussian_scalar_terms).
-template <typename T>
-__global__ void __launch_bounds__(kFinalizeThreads)
-    elbo_finalize(ElboLaunch a, Layout u, const double* part_rec, const double* part_kl) {
-  using OutT = typename Acc<T>::type;
-  const int64_t n = a.n;
-  const Reduction red = a.reduction;
-  OutT* rec_out = static_cast<OutT*>(a.rec_out);
-  OutT* kl_out = static_cast<OutT*>(a.kl_out);
-  const bool scalar_rlv = a.mode == Recon::Gaussian && a.rlv_scalar;
-  OutT* g_rlv_out = scalar_rlv ? static_cast<OutT*>(a.grad_recon_logvar) : nullptr;
-  const double rlv = scalar_rlv ? static_cast<double>(to_acc(*static_cast<const T*>(a.recon_logvar))) : 0.0;
-  // The loss of `count` elements whose q sum to q_sum, and (to *g) its gradient to rlv.
-  auto gaussian = [&](double q_sum, double count, double* g) { return gaussian_scalar_terms(q_sum, count, rlv, g); };
-  double sr = 0.0, sk = 0.0;
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    double r = 0.0, k = 0.0;
-    for (int64_t c = 0; c < u.rec_cpr; ++c) r += part_rec[i * u.rec_cpr + c];
-    for (int64_t c = 0; c < u.kl_cpr; ++c) k += part_kl[i * u.kl_cpr + c];
-    sr += r;  // scalar_rlv: the sum of q over the batch, turned into the loss below
-    sk += k;
-    if (red == Reduction::None) {
-      if (scalar_rlv) {
-        double g;
-        r = gaussian(r, static_cast<double>(a.d), &g);
-        if (g_rlv_out) g_rlv_out[i] = static_cast<OutT>(g * a.grad_scale);
-      }
-      if (kl_out) {
-        rec_out[i] = static_cast<OutT>(r);
-        kl_out[i] = static_cast<OutT>(k);
-      } else {
-        rec_out[i] = static_cast<OutT>(r + k);
-      }
-    }
-  }
-  if (red == Reduction::None) return;
-  sr = block_sum(sr);
-  __syncthreads();
-  sk = block_sum(sk);
-  if (threadIdx.x == 0) {
-    if (scalar_rlv) {
-      double g;
-      sr = gaussian(sr, static_cast<double>(n) * static_cast<double>(a.d), &g);
-      if (g_rlv_out) g_rlv_out[0] = static_cast<OutT>(g * a.grad_scale);  // grad_scale: 1/n for mean
-    }
-    if (red == Reduction::Mean) {  // 0 / 0 = NaN for an empty batch, as Tensor.mean()
-      sr /= static_cast<double>(n);
-      sk /= static_cast<double>(n);
-    }
-    if (kl_out) {
-      rec_out[0] = static_cast<OutT>(sr);
-      kl_out[0] = static_cast<OutT>(sk);
-    } else {
-      rec_out[0] = static_cast<OutT>(sr + sk);
-    }
-  }
-}
-
 template <typename T, int VEC, Recon mode, Variant V>
 void launch_partials(const ElboLaunch& a, const Layout& u, double* part_rec, double* part_kl, cudaStream_t s) {
   const int64_t total = u.rec_units + u.kl_units;
@@ -446,9 +372,8 @@ cudaError_t launch_elbo(const ElboLaunch& a, cudaStream_t s) {
           break;
       }
     }
-    elbo_finalize<T><<<1, kFinalizeThreads, 0, s>>>(a, u, part_rec, part_kl);
   });
-  return cudaGetLastError();
+  return launch_elbo_finalize(a, u, part_rec, part_kl, s);
 }
 
 }  // namespace cuda

@@ -13,11 +13,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from .. import reference
-from ..dmol import dmol_nll
-from ..functional import _check_beta, _check_free_bits, gaussian_kl
+from ..losses import FusedELBOLoss
 
 __all__ = ["DMoLELBOLoss", "dmol_param_channels", "mixture_mean", "to_grid", "bits_per_dim", "check_dmol_options"]
 
@@ -84,41 +82,31 @@ def mixture_mean(params: torch.Tensor, num_channels: int) -> torch.Tensor:
     return (weights.unsqueeze(1) * means).sum(2).clamp(-1.0, 1.0)
 
 
-class DMoLELBOLoss(nn.Module):
-    """The negative ELBO with a DMoL decoder: :func:`vae_ext.dmol_nll` + beta * :func:`vae_ext.gaussian_kl`
-    (with ``fused=False`` their :mod:`vae_ext.reference` twins), the criterion of a ``recon="dmol"``
-    model. Called as :class:`~vae_ext.FusedELBOLoss` is, with the decoder's ``params`` in the place of
-    ``recon_x``: ``loss(params, x, mu, logvar, return_terms=..., prior_mu=..., prior_logvar=...)``.
+class DMoLELBOLoss(FusedELBOLoss):
+    """The negative ELBO with a DMoL decoder, the criterion of a ``recon="dmol"`` model:
+    ``FusedELBOLoss("dmol", num_bits=...)`` (:func:`vae_ext.elbo_loss`, ``recon="dmol"``), or with
+    ``fused=False`` :func:`vae_ext.reference.elbo_loss`. Called as :class:`~vae_ext.FusedELBOLoss` is, with
+    the decoder's ``params`` in the place of ``recon_x``: ``loss(params, x, mu, logvar, return_terms=...,
+    prior_mu=..., prior_logvar=...)``; x may be images or flat rows (reshaped to (N, C, *S)).
 
     ``beta`` and ``free_bits`` are plain attributes, as FusedELBOLoss's; ``reduction`` is ``"sum"``
     (the models' loss). With ``return_terms`` the KL returned is the true one (not floored).
     """
 
-    recon = "dmol"
-    reduction = "sum"
-
     def __init__(self, num_bits: int, *, fused: bool = True, beta: float = 1.0, free_bits: float = 0.0):
-        super().__init__()
-        self.num_bits = num_bits
+        super().__init__("dmol", beta=beta, reduction="sum", free_bits=free_bits, num_bits=num_bits)
         self.fused = bool(fused)
-        self.beta = float(_check_beta(beta))
-        self.free_bits = _check_free_bits(free_bits)
 
     def forward(self, params, x, mu, logvar, return_terms: bool = False, *, prior_mu=None, prior_logvar=None,
                 return_unit_kl: bool = False):
-        nll = dmol_nll if self.fused else reference.dmol_nll
-        kl_fn = gaussian_kl if self.fused else reference.gaussian_kl
         x = x.reshape(params.shape[0], -1, *params.shape[2:])  # (N, C, *S), from images or flat rows
-        rec = nll(params, x, num_bits=self.num_bits, reduction="sum")
-        kl, units = kl_fn(mu, logvar, prior_mu, prior_logvar, reduction="sum", free_bits=self.free_bits,
-                          return_unit_kl=True)
-        loss = rec + self.beta * kl
-        if not (return_terms or return_unit_kl):
-            return loss
-        # the true KL: with free bits the loss's is floored (units' batch means summed, times N)
-        kl_true = kl.detach() if not self.free_bits else units.sum() * mu.shape[0]
-        out = (loss, rec.detach(), kl_true) if return_terms else (loss,)
-        return out + (units,) if return_unit_kl else out
+        if self.fused:
+            return super().forward(params, x, mu, logvar, return_terms, prior_mu=prior_mu, prior_logvar=prior_logvar,
+                                   return_unit_kl=return_unit_kl)
+        return reference.elbo_loss(params, x, mu, logvar, recon="dmol", beta=self.beta, reduction=self.reduction,
+                                   return_terms=return_terms, prior_mu=prior_mu, prior_logvar=prior_logvar,
+                                   free_bits=self.free_bits, return_unit_kl=return_unit_kl, num_bits=self.num_bits,
+                                   log_scale_min=self.log_scale_min)
 
     def extra_repr(self) -> str:
         fb = f", free_bits={self.free_bits}" if self.free_bits else ""
