@@ -43,9 +43,11 @@ Tensor first_order_only(Tensor g) {
   return g;
 }
 
-// g * d rounded once to g's dtype, d 0-d or (N,) (reduction none) in the loss dtype. In place when
-// the graph is not kept (g is the forward's buffer, freed after this backward), as elbo_loss's.
-Tensor scale(const Tensor& g, const Tensor& d, bool per_sample) {
+// g * d rounded once to `out` (params' dtype), d 0-d or (N,) (reduction none) in the loss dtype. g
+// is in the loss dtype too (float32 for half params: a local gradient below half's range, or the 1/N of
+// mean, survives until grad_output, e.g. GradScaler's 65536, scales it). In place when the graph
+// is not kept (g is the forward's buffer, freed after this backward) and g has the dtype of `out`.
+Tensor scale(const Tensor& g, const Tensor& d, bool per_sample, at::ScalarType out) {
   Tensor s = d;
   if (per_sample) {
     std::vector<int64_t> shape(static_cast<size_t>(g.dim()), 1);
@@ -57,8 +59,13 @@ Tensor scale(const Tensor& g, const Tensor& d, bool per_sample) {
   const auto plain = [](const Tensor& t) {
     return !t.key_set().has(c10::DispatchKey::Python) && !t.key_set().has(c10::DispatchKey::Functionalize);
   };
+  if (g.scalar_type() != out) {  // half params: scaled in float32 and rounded once, in g's strides
+    Tensor r = at::empty_like(g, g.options().dtype(out));
+    at::mul_out(r, g, s);
+    return r;
+  }
   if (torch::autograd::get_current_graph_task_keep_graph() || !plain(g) || !plain(s))
-    return at::mul(g, s).to(g.scalar_type());
+    return at::mul(g, s).to(out);
   if (s.numel() == 1 && s.device().is_cpu() && s.item<double>() == 1.0) return g;
 #if defined(VAE_EXT_WITH_CUDA)
   if (g.is_cuda() && g.is_contiguous() && s.numel() == 1 && s.device() == g.device()) {
@@ -66,9 +73,6 @@ Tensor scale(const Tensor& g, const Tensor& d, bool per_sample) {
     return g;
   }
 #endif
-  const auto st = g.scalar_type();
-  // half g, float32 per-sample s: multiplied in float32 and rounded once
-  if (per_sample && (st == at::kHalf || st == at::kBFloat16)) return at::mul(g, s).to(st);
   return g.mul_(s);
 }
 
@@ -85,6 +89,7 @@ struct DmolNllFunction : public torch::autograd::Function<DmolNllFunction> {
     ctx->save_for_backward({g});
     ctx->saved_data["per_sample"] = reduction == "none";
     ctx->saved_data["grad"] = grad;
+    ctx->saved_data["dtype"] = static_cast<int64_t>(params.scalar_type());
     ctx->set_materialize_grads(false);
     // the backward scales g in place: while a graph can reach it, the caller gets an empty stand-in
     Tensor g_out = recorded ? at::empty({0}, g.options()) : g;
@@ -100,7 +105,8 @@ struct DmolNllFunction : public torch::autograd::Function<DmolNllFunction> {
     TORCH_CHECK(ctx->saved_data["grad"].toBool(),
                 "vae_ext::dmol_nll: backward needs the gradient buffer, but the op was called with grad=False; "
                 "call it through vae_ext.dmol_nll");
-    const Tensor g = scale(ctx->get_saved_variables()[0], d, ctx->saved_data["per_sample"].toBool());
+    const Tensor g = scale(ctx->get_saved_variables()[0], d, ctx->saved_data["per_sample"].toBool(),
+                           static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt()));
     return {first_order_only(g), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
