@@ -30,9 +30,10 @@ PixelLayout pixel_layout(const Tensor& t) {
   return l;
 }
 
-Tensor empty_in_layout(const PixelLayout& l) {
+Tensor empty_in_layout(const PixelLayout& l, std::optional<at::ScalarType> dtype) {
   const Tensor& t = l.t;
-  if (!l.channels_last) return at::empty(t.sizes(), t.options());
+  const auto opts = t.options().dtype(dtype.value_or(t.scalar_type()));
+  if (!l.channels_last) return at::empty(t.sizes(), opts);
   std::vector<int64_t> shape{t.size(0)}, perm(static_cast<size_t>(t.dim()));
   for (int64_t i = 2; i < t.dim(); ++i) shape.push_back(t.size(i));
   shape.push_back(t.size(1));
@@ -40,7 +41,7 @@ Tensor empty_in_layout(const PixelLayout& l) {
   perm[0] = 0;
   perm[1] = t.dim() - 1;
   for (int64_t i = 2; i < t.dim(); ++i) perm[i] = i - 1;
-  return at::empty(shape, t.options()).permute(perm);
+  return at::empty(shape, opts).permute(perm);
 }
 
 static void check_float(const char* name, const Tensor& t) {

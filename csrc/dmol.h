@@ -18,8 +18,8 @@ struct PixelLayout {
   int64_t sample = 0, k = 0, pixel = 0;
 };
 PixelLayout pixel_layout(const Tensor& t);
-// An uninitialized tensor of t's shape and dtype whose strides are those of a PixelLayout of t.
-Tensor empty_in_layout(const PixelLayout& l);
+// An uninitialized tensor of t's shape and dtype (or `dtype`) whose strides are those of a PixelLayout of t.
+Tensor empty_in_layout(const PixelLayout& l, std::optional<at::ScalarType> dtype = std::nullopt);
 
 struct DmolInputs {
   PixelLayout params, x;

@@ -30,6 +30,7 @@ struct DmolNllFunction : public torch::autograd::Function<DmolNllFunction> {
     ctx->save_for_backward({g});
     ctx->saved_data["per_sample"] = reduction == "none";
     ctx->saved_data["grad"] = grad;
+    ctx->saved_data["dtype"] = static_cast<int64_t>(params.scalar_type());
     ctx->set_materialize_grads(false);
     // the backward scales g in place: while a graph can reach it, the caller gets an empty stand-in
     Tensor g_out = recorded ? at::empty({0}, g.options()) : g;
@@ -47,7 +48,8 @@ struct DmolNllFunction : public torch::autograd::Function<DmolNllFunction> {
                 "call it through vae_ext.dmol_nll");
     const Tensor saved = ctx->get_saved_variables()[0];
     DeviceScales device;
-    const Tensor g = scale_grad(saved, d, ctx->saved_data["per_sample"].toBool(), saved.scalar_type(), device);
+    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());  // params'
+    const Tensor g = scale_grad(saved, d, ctx->saved_data["per_sample"].toBool(), dtype, device);
     device.launch();
     return first_order_only({g, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()}, kFirstOrder);
   }

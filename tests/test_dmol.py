@@ -72,6 +72,21 @@ def test_value_and_every_gradient_f64(c, m, bits):
         assert rest[:, :, 2].abs().sum() > 0  # coefficients
 
 
+@pytest.mark.parametrize("bits,floor", [(1, -7.0), (3, -7.0), (4, -7.0), (8, -12.0)])
+@pytest.mark.parametrize("c", [1, 3])
+def test_wide_bins(c, bits, floor):
+    """Half-bins wider than 40 logistic scales somewhere above the floor (h exp(-log_scale_min) > 40)
+    take dmol_math.h's other exact form (the one without exp(-delta), which could underflow there)."""
+    params, x = _inputs(3, c, (5, 7), 5, num_bits=bits, seed=bits)
+    if floor < -7:
+        rest = params[:, 5:].view(3, c, 3 if c == 3 else 2, 5, 5, 7)
+        rest[:, :, 1] = rest[:, :, 1] * 1.5 - 1.0  # log-scales down to -13, some below the floor
+    counts, margin = branch_counts(params, x, num_bits=bits, log_scale_min=floor)
+    assert margin > 1e-8, counts
+    _check(params, x, num_bits=bits, log_scale_min=floor)
+    _check(params.float(), x.float(), dtype=F32, num_bits=bits, log_scale_min=floor)
+
+
 def test_bin_centre_branch():
     """Parameters far from x (tiny scales): the mass under 1e-5, the bin-centre density taken."""
     params, x = _inputs(2, 3, (4, 4), 5, seed=3)

@@ -115,27 +115,27 @@ def _philox_normal_fake(like, seed, offset):
 
 # --------------------------------------------------------------------------- dmol_nll, dmol_sample
 # vae_ext::dmol_nll(params, x, num_bits, reduction, log_scale_min, grad, validate) -> (loss, g_params)
-# loss: () or (N,) in the loss dtype; g_params: d loss / d params (times 1/N for mean) in params'
-# layout when grad (csrc/dmol.cpp pixel_layout: channels-first, or channels_last (N, *S, P) memory,
-# else a channels-first copy's), else empty. Through autograd with a graph recorded it comes back
-# empty: the backward scales the saved buffer in place.
+# loss: () or (N,) in the loss dtype; g_params: d loss / d params (times 1/N for mean) in the loss
+# dtype (float32 for half params) and params' layout when grad (csrc/dmol.cpp pixel_layout:
+# channels-first, or channels_last (N, *S, P) memory, else a channels-first copy's), else empty.
+# Through autograd with a graph recorded it comes back empty: the backward scales the saved buffer.
 
 
-def _pixel_layout_empty(t: torch.Tensor) -> torch.Tensor:
-    """An empty tensor of t's shape in the layout csrc/dmol.cpp's kernels read t in."""
+def _pixel_layout_empty(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An empty tensor of t's shape and ``dtype`` in the layout csrc/dmol.cpp's kernels read t in."""
     if t.is_contiguous():
-        return t.new_empty(t.shape)
+        return t.new_empty(t.shape, dtype=dtype)
     perm = (0, *range(2, t.dim()), 1)
     if t.permute(perm).is_contiguous():
         inverse = (0, t.dim() - 1, *range(1, t.dim() - 1))
-        return t.new_empty([t.shape[i] for i in perm]).permute(inverse)
-    return t.new_empty(t.shape)
+        return t.new_empty([t.shape[i] for i in perm], dtype=dtype).permute(inverse)
+    return t.new_empty(t.shape, dtype=dtype)
 
 
 @torch.library.register_fake("vae_ext::dmol_nll")
 def _dmol_nll_fake(params, x, num_bits, reduction, log_scale_min, grad, validate):
     loss = params.new_empty((params.shape[0],) if reduction == "none" else (), dtype=_out_dtype(params.dtype))
-    return loss, (_pixel_layout_empty(params) if grad else params.new_empty(0))
+    return loss, (_pixel_layout_empty(params, _out_dtype(params.dtype)) if grad else params.new_empty(0))
 
 
 @torch.library.register_fake("vae_ext::dmol_sample")

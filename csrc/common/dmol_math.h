@@ -3,8 +3,8 @@
 // policy, lanes = pixels, csrc/cpu/dmol_kernel.h) and the CUDA kernels (M = DmolScalarMath<float|
 // double>, one thread per pixel, csrc/cuda/dmol.cu). The math and its derivatives: docs/design.md.
 //
-// Besides elbo_math.h's primitives M supplies expm1(v), recip(v) (1 / v) and all(mask) (whether every
-// lane is set).
+// Besides elbo_math.h's primitives M supplies expm1(v), exp_expm1(v, &ex, &em) (exp(v) and expm1(v),
+// both to a few ulps), recip(v) (1 / v) and all(mask) (whether every lane is set).
 //
 // Parameter layout per pixel (P = M (3C + 1) for C = 3, 3M for C = 1): M logits, then per channel c
 // a block of M means, M log-scales and (C = 3) M coupling coefficients: the mean of (c, m) is at
@@ -24,12 +24,19 @@ namespace vae_ext {
 constexpr double kDmolEdge = 0.999;     // x < -edge: the left tail's mass; x > edge: the right tail's
 constexpr double kDmolMinProb = 1e-5;   // below it the bin's mass gives way to the bin-centre density
 constexpr double kDmolUniformLo = 1e-5;  // the sampler's uniforms lie in [lo, 1 - lo], as VDVAE's
+// Half-bins up to this many logistic scales (delta = h exp(-s) for every s >= log_scale_min) take
+// dmol_channel_narrow: its exp(-delta) stays far above float's underflow.
+constexpr double kDmolNarrow = 40.0;
 
 // The scalar policy with the two extra primitives.
 template <typename T_>
 struct DmolScalarMath : ScalarMath<T_> {
   using T = T_;
   static VAE_HD T expm1(T v) { return std::expm1(v); }
+  static VAE_HD void exp_expm1(T v, T* ex, T* em) {
+    *ex = std::exp(v);
+    *em = std::expm1(v);
+  }
   static VAE_HD bool all(bool m) { return m; }
   static VAE_HD T recip(T v) { return T(1) / v; }
 };
@@ -47,15 +54,22 @@ __device__ __forceinline__ double DmolScalarMath<double>::recip(double v) {
 #endif
 
 // The per-call constants: the half-bin h = 1 / (2^bits - 1), log((2^bits - 1) / 2) and the
-// log-scale floor, in the computation type.
+// log-scale floor, in the computation type, and whether every half-bin is narrow (dmol_narrow_bins).
 template <class T>
 struct DmolConsts {
   T h, log_half_bins, smin;
+  bool narrow;
 };
 
 VAE_HD double dmol_half_bin(int64_t num_bits) { return 1.0 / (std::ldexp(1.0, static_cast<int>(num_bits)) - 1.0); }
 VAE_HD double dmol_log_half_bins(int64_t num_bits) {
   return std::log((std::ldexp(1.0, static_cast<int>(num_bits)) - 1.0) / 2.0);
+}
+
+// Whether h exp(-s) <= kDmolNarrow for every s >= log_scale_min: true for num_bits >= 5 at the
+// usual floor -7 (5 bits: 35.4), false for 1..4 bits there.
+VAE_HD bool dmol_narrow_bins(int64_t num_bits, double log_scale_min) {
+  return std::exp(-log_scale_min) * dmol_half_bin(num_bits) <= kDmolNarrow;
 }
 
 // tanh(r) = -e / (2 + e) with e = expm1(-2|r|), the sign of r restored: no cancellation near 0,
@@ -72,20 +86,21 @@ VAE_HD typename M::T dmol_tanh(typename M::T r) {
 // l = log P(x | one logistic of mean mu and clamped log-scale s) for one channel: the left tail
 // where `left` (x < -0.999), the right tail where `right` (x > 0.999), else the bin's mass
 // sigmoid(A) - sigmoid(B) where that exceeds 1e-5, else the bin-centre density. With Grad,
-// *g_mu = dl/dmu and *g_s = dl/ds (s the clamped log-scale).
+// *g_mu = dl/dmu and *g_s = dl/ds (s the clamped log-scale). i = exp(-s), u = x - mu,
+// A = i (u + h), B = i (u - h). Unselected branches are dropped by select, never multiplied by 0:
+// their infinities and NaNs never reach the result. Two exact forms of the same l: _narrow, the
+// one taken for bins no wider than kDmolNarrow scales (num_bits >= 5 at the usual floor), and _wide.
 //
-// i = exp(-s), u = x - mu, A = i (u + h), B = i (u - h). Every tail and the mass come from
-// eA = exp(-|A|) and eB = exp(-|B|), which never overflow: sigmoid(A) = 1 / (1 + eA) for A >= 0,
-// eA / (1 + eA) otherwise. The mass has no cancellation: D = sigmoid(A) - sigmoid(B) =
+// _wide: every tail and the mass come from eA = exp(-|A|) and eB = exp(-|B|), which never overflow:
+// sigmoid(A) = 1 / (1 + eA) for A >= 0, eA / (1 + eA) otherwise. The mass has no cancellation: D = sigmoid(A) - sigmoid(B) =
 // E sigmoid(A) sigmoid(-B) with E = 1 - exp(-(A - B)) = -expm1(-2 h i), a product of accurate
 // factors (rounded 4 times), so log D is accurate wherever D is a normal number. The three
 // logarithms (two tails' log1p, log D) are one log of a selected argument, log1p's rounding of
-// 1 + e corrected. Unselected branches are dropped by select, never multiplied by 0: their
-// infinities and NaNs never reach the result.
+// 1 + e corrected.
 template <class M, bool Grad>
-VAE_HD typename M::T dmol_channel(typename M::T x, typename M::T mu, typename M::T s, const DmolConsts<typename M::T>& k,
-                                  typename M::Mask left, typename M::Mask right, typename M::T* g_mu,
-                                  typename M::T* g_s) {
+VAE_HD typename M::T dmol_channel_wide(typename M::T x, typename M::T mu, typename M::T s,
+                                       const DmolConsts<typename M::T>& k, typename M::Mask left,
+                                       typename M::Mask right, typename M::T* g_mu, typename M::T* g_s) {
   using T = typename M::T;
   const T zero = M::fill(0.0), one = M::fill(1.0);
   const T i = M::exp(zero - s);
@@ -130,6 +145,80 @@ VAE_HD typename M::T dmol_channel(typename M::T x, typename M::T mu, typename M:
     *g_s = zero - weighted;
   }
   return M::select(left, lsig_a, M::select(right, lsig_nb, M::select(mid, lg, lpdf)));
+}
+
+// _narrow: with t = i u (the bin's centre), delta = i h, E = exp(-|t|), p = exp(-delta) and
+// e = 1 - p^2 = -expm1(-2 delta) (from expm1(-delta)), every sigmoid of the bin's edges is a ratio of
+// P1 = 1 + E p, P2 = p + E and P3 = 1 + E, positive sums without cancellation (t >= 0; t < 0 is its
+// mirror): sigmoid(A) = 1 / P1, sigmoid(-A) = E p / P1, sigmoid(B) = p / P2, sigmoid(-B) = E / P2, so
+//   the tail nearer the centre   log sigmoid(A) (t >= 0) = -log(P1) = -log1p(E p),
+//   the tail beyond it           log sigmoid(-B) (t >= 0) = -(|t| + log(P2)) = -(|t| + log1p(expm1(-delta) + E)),
+//   the mass                     D = E e / (P1 P2), its log where D > 1e-5 (a product of accurate factors),
+//   the bin-centre density       -|t| - s - 2 log1p(E) - log((2^bits - 1) / 2).
+// Each lane takes one of them: one log of the selected argument, log1p's rounding of 1 + y
+// corrected (as vec_math.h's log1p), and one division, 1 / (P1 P2 P3 e'), for every reciprocal
+// (e' = e where the mass is taken: the gradient there needs 1 / e). Three exponentials in all,
+// where _wide takes up to five and three logs. It needs p far from underflow (delta <= 40): with
+// delta larger, E and p could both underflow while E / p = exp(-B) does not.
+// The derivatives, with sg = sign(t) (1 - E) and W = 1 / (P1 P2 P3):
+//   tails: dl/dt = sigmoid(-A) (left), -sigmoid(B) (right); t-weighted sums A dl/dA + B dl/dB as A, -B times them
+//   mass: dl/dt = -sg p P3^2 W (= dl/dA + dl/dB without their cancellation),
+//         A dl/dA + B dl/dB = t dl/dt + delta p (P1^2 + P2^2) / (P1 P2 e)
+//   density: dl/dt = -sg / P3 (1 - 2 sigmoid(t)), A dl/dA + B dl/dB = t dl/dt + 1.
+template <class M, bool Grad>
+VAE_HD typename M::T dmol_channel_narrow(typename M::T x, typename M::T mu, typename M::T s,
+                                         const DmolConsts<typename M::T>& k, typename M::Mask left,
+                                         typename M::Mask right, typename M::T* g_mu, typename M::T* g_s) {
+  using T = typename M::T;
+  using Mask = typename M::Mask;
+  const T zero = M::fill(0.0), one = M::fill(1.0), two = M::fill(2.0);
+  const T i = M::exp(zero - s);
+  const T t = i * (x - mu), delta = i * k.h;
+  T p, em;
+  M::exp_expm1(zero - delta, &p, &em);
+  const T e = zero - em * (two + em);  // 1 - p^2
+  const T abs_t = M::abs(t);
+  const T big_e = M::exp(zero - abs_t);
+  const T ep = big_e * p;
+  const T p1 = one + ep, p2 = p + big_e, p3 = one + big_e;
+  const Mask t_pos = t >= zero, t_neg = t < zero;
+  const Mask close = (left & t_pos) | (right & t_neg), beyond = (left & t_neg) | (right & t_pos);
+  // D > 1e-5 without the division (a NaN compares false: the density, NaN)
+  const Mask mid = big_e * e > M::fill(kDmolMinProb) * (p1 * p2);
+  const T e1 = M::select(mid, e, one);
+  const T q = M::recip(((p1 * p2) * p3) * e1);  // 1 / (P1 P2 P3 e')
+  const T w = e1 * q;                            // 1 / (P1 P2 P3)
+  const T d = (big_e * e) * (p3 * w);
+  // one log: log1p(y) = log(1 + y) - ((1 + y) - 1 - y) / (1 + y) for y = E p, expm1(-delta) + E, E;
+  // log D as it is (y = D - 1: no correction)
+  const T arg = M::select(close, p1, M::select(beyond, p2, M::select(mid, d, p3)));
+  const T y = M::select(close, ep, M::select(beyond, em + big_e, M::select(mid, d - one, big_e)));
+  const T lg = M::log(arg) - ((arg - one) - y) * (two - arg);
+  if constexpr (Grad) {
+    const T r1 = (p2 * p3) * w, r2 = (p1 * p3) * w, r3 = (p1 * p2) * w;
+    const T a = t + delta, b = t - delta;
+    const T sv = M::select(close, ep * r1, p * r2);  // sigmoid(-A) (left), sigmoid(B) (right)
+    const T om = one - big_e;
+    const T sg = M::select(t_pos, om, zero - om);
+    const T mid_sum = zero - (p * sg) * ((p3 * p3) * w);
+    const T mid_w = t * mid_sum + (delta * p) * ((p3 * q) * (p1 * p1 + p2 * p2));
+    const T pdf_sum = zero - sg * r3;
+    const T sum = M::select(left, sv, M::select(right, zero - sv, M::select(mid, mid_sum, pdf_sum)));
+    const T weighted = M::select(left, a * sv, M::select(right, zero - b * sv,
+                                                         M::select(mid, mid_w, t * pdf_sum + one)));
+    *g_mu = zero - i * sum;
+    *g_s = zero - weighted;
+  }
+  const T lpdf = zero - ((abs_t + s) + k.log_half_bins) - (lg + lg);
+  return M::select(close, zero - lg, M::select(beyond, zero - (abs_t + lg), M::select(mid, lg, lpdf)));
+}
+
+template <class M, bool Grad>
+VAE_HD typename M::T dmol_channel(typename M::T x, typename M::T mu, typename M::T s, const DmolConsts<typename M::T>& k,
+                                  typename M::Mask left, typename M::Mask right, typename M::T* g_mu,
+                                  typename M::T* g_s) {
+  if (k.narrow) return dmol_channel_narrow<M, Grad>(x, mu, s, k, left, right, g_mu, g_s);
+  return dmol_channel_wide<M, Grad>(x, mu, s, k, left, right, g_mu, g_s);
 }
 
 // The log-likelihood sum_c l_cm of one component m at one pixel: its C means, raw log-scales and

@@ -5,7 +5,8 @@
 // A tile of W pixels is gathered into a small buffer, parameter-major (param p of lane j at
 // p W + j), from either layout: a channels-first tensor row by row with vector loads, a
 // channels_last one (each pixel's P parameters contiguous) by a transposing copy. The gradient is
-// built in a second buffer of that shape and scattered back in the params' layout. Pass 1 over the
+// built in a second buffer of that shape and scattered back in the params' layout (in the computation
+// type: float32 for half params, rounded once when the backward scales it). Pass 1 over the
 // components keeps each one's local derivatives (dl/dmu, dl/ds, the tanh'd coefficients) in the
 // gradient buffer's own slots and its log-likelihood in the logit's slot; pass 2, once the
 // responsibilities are known, turns them into the gradient: no recomputation, no M- or C-sized
@@ -36,26 +37,59 @@ namespace vae_ext::cpu::CPU_CAPABILITY {
 // chunk of a C = 3, M = 10 mixture is about 80 thousand transcendentals.
 constexpr int64_t kDmolChunk = 256;
 
-// dmol_math.h's policy over SIMD vectors: VecMath plus expm1 and all.
+// dmol_math.h's policy over SIMD vectors: VecMath plus expm1, exp_expm1, recip and all.
 template <class V>
 struct DmolVecMath : VecMath<V> {
   using T = V;
   using Mask = V;
   static T expm1(const T& v) { return v.expm1(); }
+  static void exp_expm1(const T& v, T* ex, T* em) {
+    *ex = v.exp();
+    *em = v.expm1();
+  }
   static bool all(const Mask& m) { return m.zero_mask() == 0; }  // set lanes are all ones (never 0)
   static T recip(const T& v) { return T(1) / v; }
 };
 
-// float: inline, as vec_math.h's exp and log. |v| < 0.5: the series v + v^2/2! + ... + v^9/9!
-// (truncation < 5e-10 relative); else exp(v) - 1, which loses at most 1.4 bits there.
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// float exp(v) and expm1(v) from one reduction v = n ln2 + r, |r| <= ln2 / 2 (as vec_math.h's
+// fast_exp): q = exp(r) - 1 is the series without its constant term (relative truncation error
+// < 2e-8), expm1(v) = 2^n q + (2^n - 1) and exp(v) = 2^n q + 2^n, each rounded once after exact
+// scalings. expm1 has no cancellation for n = 0 (|v| <= 0.35) and loses at most ~1.5 bits for
+// n = -1 and 1; exp is as accurate as fast_exp. NaN gives NaN, v beyond [-104, 89] is clamped.
+inline void fast_exp_expm1(VecF v, VecF* ex, VecF* em) {
+  v = at::vec::clamp_max(at::vec::clamp_min(v, VecF(-104.0f)), VecF(89.0f));
+  const VecF n = (v * VecF(1.44269504088896341f)).round();
+  VecF r = at::vec::fmadd(n, VecF(-0.693359375f), v);
+  r = at::vec::fmadd(n, VecF(2.12194440e-4f), r);
+  VecF c(1.0f / 5040);
+  for (const float k : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f}) c = at::vec::fmadd(c, r, VecF(k));
+  const VecF q = c * r;
+#if defined(CPU_CAPABILITY_AVX512)
+  const VecF scaled(_mm512_scalef_ps(q, n)), pow2(_mm512_scalef_ps(VecF(1.0f), n));
+#else
+  const __m256i ni = _mm256_cvtps_epi32(n), bias = _mm256_set1_epi32(127);
+  const __m256i n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+  const VecF s1(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23)));
+  const VecF s2(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23)));
+  const VecF scaled = (q * s1) * s2, pow2 = s1 * s2;
+#endif
+  *ex = scaled + pow2;
+  *em = scaled + (pow2 - VecF(1.0f));
+}
+
 template <>
 inline VecF DmolVecMath<VecF>::expm1(const VecF& v) {
-  VecF p(1.0f / 362880);
-  for (const float c : {1.0f / 40320, 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f})
-    p = at::vec::fmadd(p, v, VecF(c));
-  p = at::vec::fmadd(p * v, v, v);
-  return VecF::blendv(fast_exp(v) - VecF(1.0f), p, v.abs() < VecF(0.5f));
+  VecF ex, em;
+  fast_exp_expm1(v, &ex, &em);
+  return em;
 }
+
+template <>
+inline void DmolVecMath<VecF>::exp_expm1(const VecF& v, VecF* ex, VecF* em) {
+  fast_exp_expm1(v, ex, em);
+}
+#endif
 
 // Gathers n (<= W) pixels' `rows` values (row stride rs, pixel stride ps, in elements) into
 // buf[row * W + lane], the lanes past n zero.
@@ -93,9 +127,10 @@ double dmol_chunk(const DmolArgs& a, int64_t r, int64_t s0, int64_t s1, typename
   const int64_t nmix = a.nmix, np = nmix * (C == 3 ? 10 : 3);
   const auto* params = static_cast<const scalar_t*>(a.params) + r * a.p_sample;
   const auto* xs = static_cast<const scalar_t*>(a.x) + r * a.x_sample;
-  auto* grad = Grad ? static_cast<scalar_t*>(a.grad) + r * a.p_sample : nullptr;
+  auto* grad = Grad ? static_cast<acc_t*>(a.grad) + r * a.p_sample : nullptr;
   const DmolConsts<V> k{V(static_cast<acc_t>(dmol_half_bin(a.num_bits))),
-                        V(static_cast<acc_t>(dmol_log_half_bins(a.num_bits))), V(static_cast<acc_t>(a.log_scale_min))};
+                        V(static_cast<acc_t>(dmol_log_half_bins(a.num_bits))), V(static_cast<acc_t>(a.log_scale_min)),
+                        dmol_narrow_bins(a.num_bits, a.log_scale_min)};
   const V scale(static_cast<acc_t>(a.grad_scale)), zero(0), edge(static_cast<acc_t>(kDmolEdge));
   V out_of_range(0);
   double total = 0.0;
@@ -172,7 +207,7 @@ double dmol_chunk(const DmolArgs& a, int64_t r, int64_t s0, int64_t s1, typename
       }
       if (a.grad_scale != 1.0)
         for (int64_t p = 0; p < np; ++p) (V::loadu(gbuf + p * W) * scale).store(gbuf + p * W);
-      scatter_tile<scalar_t, acc_t, W>(gbuf, np, a.p_param, a.p_pixel, cnt, grad + t0 * a.p_pixel);
+      scatter_tile<acc_t, acc_t, W>(gbuf, np, a.p_param, a.p_pixel, cnt, grad + t0 * a.p_pixel);
     }
   }
   if (out_of_range.zero_mask() != (1 << W) - 1) *bad = true;  // a lane not 0: some x outside [-1, 1]

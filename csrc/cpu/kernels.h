@@ -84,7 +84,8 @@ struct ReparamBackwardArgs {
 struct DmolArgs {
   DType dtype;
   const void* params;
-  void* grad;  // d NLL / d params * grad_scale, params' strides; nullptr: no gradient
+  void* grad;  // d NLL / d params * grad_scale in the accumulation type (float for f16/bf16), params'
+              // strides; nullptr: no gradient
   const void* x;
   int64_t n, s, nmix, channels;
   int64_t p_sample, p_param, p_pixel;

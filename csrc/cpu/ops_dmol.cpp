@@ -29,7 +29,8 @@ std::tuple<Tensor, Tensor> dmol_nll_cpu(const Tensor& params, const Tensor& x, i
   const Reduction red = parse_reduction(reduction);
   const DmolInputs in = prepare_dmol(params, x, num_bits, log_scale_min);
   Tensor rows = at::empty({in.n}, at::kDouble);
-  Tensor g = grad ? empty_in_layout(in.params) : at::empty({0}, params.options());
+  // the gradient in the loss dtype (float32 for half params) until the backward scales it: one rounding
+  Tensor g = grad ? empty_in_layout(in.params, loss_dtype(params.scalar_type())) : at::empty({0}, params.options());
   std::atomic<bool> bad{false};
   if (in.n > 0) {
     cpu::DmolArgs a{};

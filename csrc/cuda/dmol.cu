@@ -42,16 +42,19 @@ struct RunningLse {
   __device__ __forceinline__ A value() const { return mx + ::log(sum); }
 };
 
-template <typename T, int C, bool Grad>
+// Narrow: dmol_narrow_bins(num_bits, log_scale_min), a constant here so that each kernel holds one
+// of dmol_channel's two forms (both in one would spill registers). float64 takes the wide form
+// always: the narrow one spills there (both are exact; the CPU's float64 takes the narrow one).
+template <typename T, int C, bool Grad, bool Narrow>
 __global__ void __launch_bounds__(kThreads) dmol_kernel(DmolLaunch a, double* pixel_nll) {
   using A = typename Acc<T>::type;
   using M = DmolScalarMath<A>;
   const T* params = static_cast<const T*>(a.params);
   const T* xs = static_cast<const T*>(a.x);
-  T* grad = static_cast<T*>(a.grad);
+  A* grad = static_cast<A*>(a.grad);  // the accumulation type: float for half params
   const int64_t nmix = a.nmix, total = a.n * a.s;
   const DmolConsts<A> k{static_cast<A>(dmol_half_bin(a.num_bits)), static_cast<A>(dmol_log_half_bins(a.num_bits)),
-                        static_cast<A>(a.log_scale_min)};
+                        static_cast<A>(a.log_scale_min), Narrow};
   const A scale = static_cast<A>(a.grad_scale), edge = static_cast<A>(kDmolEdge);
   // (sample, pixel) of q kept by additions: a 64-bit division is a subroutine call in SASS, whose
   // saved registers would spill inside the loop
@@ -99,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) dmol_kernel(DmolLaunch a, double* pi
     const A lse = mix.value(), lse_logits = logits.value();
     pixel_nll[q] = static_cast<double>(lse_logits - lse);
     if constexpr (Grad) {
-      T* gp = grad + base;
+      A* gp = grad + base;
 #pragma unroll 1
       for (int64_t m = 0; m < nmix; ++m) {
         A mean[C], sraw[C], coef[C], gmu[C], gs[C], alpha[C], g_mean[C], g_scale[C], g_coef[C];
@@ -107,14 +110,14 @@ __global__ void __launch_bounds__(kThreads) dmol_kernel(DmolLaunch a, double* pi
         const A logit = to_acc(pp[m * a.p_param]);
         const A v = logit + dmol_component<M, C, true>(mean, sraw, coef, x, left, right, k, gmu, gs, alpha);
         const A resp = ::exp(v - lse);
-        gp[m * a.p_param] = from_acc<T>((::exp(logit - lse_logits) - resp) * scale);
+        gp[m * a.p_param] = (::exp(logit - lse_logits) - resp) * scale;
         dmol_component_grads<M, C>(resp, gmu, gs, alpha, x, g_mean, g_scale, g_coef);
 #pragma unroll
         for (int c = 0; c < C; ++c) {
           const int64_t pm = nmix * (1 + 3 * c) + m;
-          gp[pm * a.p_param] = from_acc<T>(g_mean[c] * scale);
-          gp[(pm + nmix) * a.p_param] = from_acc<T>(g_scale[c] * scale);
-          if constexpr (C == 3) gp[(pm + 2 * nmix) * a.p_param] = from_acc<T>(g_coef[c] * scale);
+          gp[pm * a.p_param] = g_mean[c] * scale;
+          gp[(pm + nmix) * a.p_param] = g_scale[c] * scale;
+          if constexpr (C == 3) gp[(pm + 2 * nmix) * a.p_param] = g_coef[c] * scale;
         }
       }
     }
@@ -169,6 +172,14 @@ __global__ void __launch_bounds__(kThreads) dmol_sample_kernel(DmolSampleLaunch 
   }
 }
 
+template <typename T, int C, bool Grad>
+void launch_nll(const DmolLaunch& a, double* pixel_nll, unsigned blocks, cudaStream_t stream) {
+  if (!std::is_same_v<T, double> && dmol_narrow_bins(a.num_bits, a.log_scale_min))
+    dmol_kernel<T, C, Grad, !std::is_same_v<T, double>><<<blocks, kThreads, 0, stream>>>(a, pixel_nll);
+  else
+    dmol_kernel<T, C, Grad, false><<<blocks, kThreads, 0, stream>>>(a, pixel_nll);
+}
+
 }  // namespace
 
 size_t dmol_workspace_bytes(int64_t n, int64_t s) { return static_cast<size_t>(n * s + n) * sizeof(double); }
@@ -181,17 +192,10 @@ cudaError_t launch_dmol(const DmolLaunch& a, cudaStream_t stream) {
     const unsigned blocks = blocks_for(a.n * a.s, kThreads);
     if (a.n * a.s > 0) {
       const bool g = a.grad != nullptr;
-      if (a.channels == 3) {
-        if (g)
-          dmol_kernel<T, 3, true><<<blocks, kThreads, 0, stream>>>(a, pixel_nll);
-        else
-          dmol_kernel<T, 3, false><<<blocks, kThreads, 0, stream>>>(a, pixel_nll);
-      } else {
-        if (g)
-          dmol_kernel<T, 1, true><<<blocks, kThreads, 0, stream>>>(a, pixel_nll);
-        else
-          dmol_kernel<T, 1, false><<<blocks, kThreads, 0, stream>>>(a, pixel_nll);
-      }
+      if (a.channels == 3)
+        g ? launch_nll<T, 3, true>(a, pixel_nll, blocks, stream) : launch_nll<T, 3, false>(a, pixel_nll, blocks, stream);
+      else
+        g ? launch_nll<T, 1, true>(a, pixel_nll, blocks, stream) : launch_nll<T, 1, false>(a, pixel_nll, blocks, stream);
     }
     if (a.n > 0) {
       const unsigned row_blocks = static_cast<unsigned>(a.n < 65535 * 8 ? a.n : 65535 * 8);

@@ -114,7 +114,7 @@ struct DmolLaunch {
   DType dtype;
   Reduction reduction;
   const void* params;
-  void* grad;  // d NLL / d params * grad_scale, or nullptr
+  void* grad;  // d NLL / d params * grad_scale in the accumulation type (float for f16/bf16), or nullptr
   const void* x;
   int64_t n, s, nmix, channels;
   int64_t p_sample, p_param, p_pixel;

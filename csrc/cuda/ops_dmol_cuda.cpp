@@ -24,7 +24,8 @@ std::tuple<Tensor, Tensor> dmol_nll_cuda(const Tensor& params, const Tensor& x, 
   const c10::cuda::CUDAGuard guard(params.device());
   const auto out_opts = params.options().dtype(loss_dtype(params.scalar_type()));
   Tensor loss = red == Reduction::None ? at::empty({in.n}, out_opts) : at::empty({}, out_opts);
-  Tensor g = grad ? empty_in_layout(in.params) : at::empty({0}, params.options());
+  // the gradient in the loss dtype (float32 for half params) until the backward scales it: one rounding
+  Tensor g = grad ? empty_in_layout(in.params, loss_dtype(params.scalar_type())) : at::empty({0}, params.options());
   const size_t ws_bytes = cuda::dmol_workspace_bytes(in.n, in.s);
   Tensor ws = at::empty({static_cast<int64_t>(ws_bytes > 0 ? ws_bytes : 1)}, params.options().dtype(at::kByte));
   Tensor bad = validate ? at::zeros({1}, params.options().dtype(at::kInt)) : Tensor();
