@@ -32,17 +32,30 @@ VAE_HD typename M::T latent_z(typename M::T mu, typename M::T ls, typename M::T 
   return latent_z_sigma<M>(mu, M::exp(c * ls), eps);
 }
 
+// The prior's 1 / psigma^2 = exp(-2c pls), and 1 / psigma = exp(-c pls) = exp(-ph): once per prior
+// value (a prior broadcast along a run, or none, takes it once per run, not per element).
+template <class M>
+VAE_HD typename M::T latent_prior_inv_var(typename M::T pls, typename M::T c) {
+  return M::exp(M::fill(0.0) - (c + c) * pls);
+}
+template <class M>
+VAE_HD typename M::T latent_prior_inv_sigma(typename M::T ph) {
+  return M::exp(M::fill(0.0) - ph);
+}
+
 // The analytic KL per element, kl_prior_elem's formula on the log-variances lv = 2c ls and
-// plv = 2c pls, with exp(lv) = sigma^2 from the sigma = exp(c ls) that z needs (one exp fewer):
-// 0.5 (plv - lv) + (sigma^2 + d^2) exp(-plv) / 2 - 1/2, d = mu - pmu; gradients to mu, ls, pmu, pls.
+// plv = 2c pls, with exp(lv) = sigma^2 from the sigma = exp(c ls) that z needs (one exp fewer) and
+// inv = exp(-plv) (latent_prior_inv_var): 0.5 (plv - lv) + (sigma^2 + d^2) inv / 2 - 1/2, d = mu - pmu;
+// gradients to mu, ls, pmu, pls. The log-ratio is c (pls - ls): no log of an exp.
 // (With no prior the kernels read pmu = pls = 0: N(0, I).)
 template <class M>
-VAE_HD typename M::T latent_kl_analytic(typename M::T mu, typename M::T ls, typename M::T sigma, typename M::T pmu,
-                                        typename M::T pls, typename M::T c, typename M::T* g_mu, typename M::T* g_ls,
-                                        typename M::T* g_pmu, typename M::T* g_pls) {
+VAE_HD typename M::T latent_kl_analytic_inv(typename M::T mu, typename M::T ls, typename M::T sigma,
+                                            typename M::T pmu, typename M::T pls, typename M::T inv, typename M::T c,
+                                            typename M::T* g_mu, typename M::T* g_ls, typename M::T* g_pmu,
+                                            typename M::T* g_pls) {
   using T = typename M::T;
   const T half = M::fill(0.5), two_c = c + c;
-  const T inv = M::exp(M::fill(0.0) - two_c * pls), d = mu - pmu;
+  const T d = mu - pmu;
   const T half_inv = half * inv;
   const T half_s = (sigma * sigma + d * d) * half_inv;
   *g_mu = d * inv;
@@ -51,35 +64,52 @@ VAE_HD typename M::T latent_kl_analytic(typename M::T mu, typename M::T ls, type
   *g_pls = two_c * (half - half_s);
   return (c * (pls - ls) + half_s) - half;
 }
+template <class M>
+VAE_HD typename M::T latent_kl_analytic(typename M::T mu, typename M::T ls, typename M::T sigma, typename M::T pmu,
+                                        typename M::T pls, typename M::T c, typename M::T* g_mu, typename M::T* g_ls,
+                                        typename M::T* g_pmu, typename M::T* g_pls) {
+  return latent_kl_analytic_inv<M>(mu, ls, sigma, pmu, pls, latent_prior_inv_var<M>(pls, c), c, g_mu, g_ls, g_pmu,
+                                   g_pls);
+}
 
 // The single-sample KL at the drawn z: log q(z) - log p(z) with q's log density written at
 // z = mu + sigma eps, -eps^2/2 - h, and p's -w^2/2 - ph, w = (z - pmu) / psigma (h = c ls, ph = c pls
-// the log-scales; the log(2 pi) / 2 of the two cancel).
+// the log-scales, pinv = 1 / psigma = latent_prior_inv_sigma(ph); the log(2 pi) / 2 of the two cancel).
+template <class M>
+VAE_HD typename M::T latent_kl_sample_inv(typename M::T z, typename M::T eps, typename M::T h, typename M::T pmu,
+                                          typename M::T ph, typename M::T pinv) {
+  using T = typename M::T;
+  const T half = M::fill(0.5);
+  const T w = (z - pmu) * pinv;
+  return (half * (w * w) + ph) - (half * (eps * eps) + h);
+}
 template <class M>
 VAE_HD typename M::T latent_kl_sample(typename M::T z, typename M::T eps, typename M::T h, typename M::T pmu,
                                       typename M::T ph) {
-  using T = typename M::T;
-  const T half = M::fill(0.5);
-  const T w = (z - pmu) * M::exp(M::fill(0.0) - ph);
-  return (half * (w * w) + ph) - (half * (eps * eps) + h);
+  return latent_kl_sample_inv<M>(z, eps, h, pmu, ph, latent_prior_inv_sigma<M>(ph));
 }
 
 // The pathwise gradients of g z + b kl_sample for one draw, through z = mu + exp(h) eps:
 // log q(z) is -eps^2/2 - h there, so mu reaches the KL through log p(z) alone. With
 // t = (z - pmu) / psigma^2: to mu g + b t; to h (g + b t) sigma eps - b; to pmu -b t; to ph
-// b (1 - w^2). se = sigma eps, recomputed from the Philox stream.
+// b (1 - w^2). se = sigma eps, recomputed from the Philox stream; pinv = 1 / psigma.
 template <class M>
-VAE_HD void latent_sample_grads(typename M::T g, typename M::T b, typename M::T z, typename M::T se,
-                                typename M::T pmu, typename M::T ph, typename M::T* d_mu, typename M::T* d_h,
-                                typename M::T* d_pmu, typename M::T* d_ph) {
+VAE_HD void latent_sample_grads_inv(typename M::T g, typename M::T b, typename M::T z, typename M::T se,
+                                    typename M::T pmu, typename M::T pinv, typename M::T* d_mu, typename M::T* d_h,
+                                    typename M::T* d_pmu, typename M::T* d_ph) {
   using T = typename M::T;
-  const T inv = M::exp(M::fill(0.0) - ph);
-  const T w = (z - pmu) * inv;
-  const T bt = b * (w * inv);
+  const T w = (z - pmu) * pinv;
+  const T bt = b * (w * pinv);
   *d_mu = g + bt;
   *d_h = *d_mu * se - b;
   *d_pmu = M::fill(0.0) - bt;
   *d_ph = b * (M::fill(1.0) - w * w);
+}
+template <class M>
+VAE_HD void latent_sample_grads(typename M::T g, typename M::T b, typename M::T z, typename M::T se,
+                                typename M::T pmu, typename M::T ph, typename M::T* d_mu, typename M::T* d_h,
+                                typename M::T* d_pmu, typename M::T* d_ph) {
+  latent_sample_grads_inv<M>(g, b, z, se, pmu, latent_prior_inv_sigma<M>(ph), d_mu, d_h, d_pmu, d_ph);
 }
 
 // The gradient of ls through z alone: c sigma sum_k g_k eps_k.

@@ -104,6 +104,15 @@ void latent_modes(const LatentArgs& a, std::initializer_list<int64_t> outs, cons
   f(M0{}, M0{});
 }
 
+// 1 / psigma^2 (analytic) or 1 / psigma (sample) of prior log-scales pl: the KL's one exp of the prior.
+template <class M, LatentKL kKL>
+VAE_HD typename M::T latent_prior_inv(const typename M::T& pl, const typename M::T& c) {
+  if constexpr (kKL == LatentKL::Analytic)
+    return latent_prior_inv_var<M>(pl, c);
+  else
+    return latent_prior_inv_sigma<M>(c * pl);
+}
+
 template <typename scalar_t, LatentKL kKL>
 void latent_forward_typed(const LatentArgs& a, double* row_kl) {
   using IO = StridedIO<scalar_t>;
@@ -126,6 +135,9 @@ void latent_forward_typed(const LatentArgs& a, double* row_kl) {
         const int64_t run = std::min({e - p, a.s - s0, kTile});
         eps_tile<scalar_t, acc_t>(a.seed, a.offset, r * len + p, run, eps);
         const LatentRun<scalar_t> in(a, n, ch, s0);
+        // a prior broadcast along the run (or none): its exp once for the run
+        const V pinv_run = kPrior == kBroadcast ? latent_prior_inv<M, kKL>(IO::template load<kBroadcast>(in.pls, 0, 1), c)
+                                                : V(0);
         scalar_t* zp = z + latent_at(a.z_st, kk, n, ch, s0);
         // in registers for the loop (stores through float pointers could alias a's fields)
         const int64_t sz = kMain == kUnit ? 1 : a.z_st.s;
@@ -135,15 +147,16 @@ void latent_forward_typed(const LatentArgs& a, double* row_kl) {
           V m, l, pm, pl;
           in.template load<kMain, kPrior>(j, cnt, &m, &l, &pm, &pl);
           const V ev = V::loadu(eps + j, cnt);
-          const V sigma = M::exp(c * l);
+          const V sigma = M::exp(c * l);  // z's and the KL's: one exp of q per element
           const V zv = latent_z_sigma<M>(m, sigma, ev);
           IO::template store<kMain>(zp + j * sz, sz, zv, cnt);
+          const V pinv = kPrior == kBroadcast ? pinv_run : latent_prior_inv<M, kKL>(pl, c);
           V kl;
           if constexpr (kKL == LatentKL::Analytic) {
             V g0, g1, g2, g3;
-            kl = latent_kl_analytic<M>(m, l, sigma, pm, pl, c, &g0, &g1, &g2, &g3);
+            kl = latent_kl_analytic_inv<M>(m, l, sigma, pm, pl, pinv, c, &g0, &g1, &g2, &g3);
           } else {
-            kl = latent_kl_sample<M>(zv, ev, c * l, pm, c * pl);
+            kl = latent_kl_sample_inv<M>(zv, ev, c * l, pm, c * pl, pinv);
           }
           if (cnt < W) kl = V::set(V(0), kl, cnt);  // padded lanes add nothing
           if (klp) kl.store(klp + j, cnt);
@@ -156,16 +169,18 @@ void latent_forward_typed(const LatentArgs& a, double* row_kl) {
   });
 }
 
-// One draw (no num_samples: a layer's usual call): one pass per tile that draws eps once and writes
-// every gradient straight from it, no per-element sums over the draws in between (their values:
-// a sum of one draw is that draw).
+// The backward, per tile of one channel run: for each draw in order, eps drawn again (where z's
+// gradient or the sampled KL needs it) and its terms; with one draw (a layer's usual call) the
+// gradients are written straight from them, with K summed per element over the draws first (a
+// fixed summation order), then written.
 template <typename scalar_t, LatentKL kKL>
-void latent_backward_one(const LatentArgs& a) {
+void latent_backward_typed(const LatentArgs& a) {
   using IO = StridedIO<scalar_t>;
   using V = typename IO::V;
   using acc_t = typename IO::acc_t;
   using M = VecMath<V>;
   constexpr int64_t W = V::size();
+  constexpr bool kAnalytic = kKL == LatentKL::Analytic;
   const scalar_t* gz = static_cast<const scalar_t*>(a.grad_z);
   const acc_t* row_w = static_cast<const acc_t*>(a.row_w);
   const acc_t* unit_w = static_cast<const acc_t*>(a.unit_w);
@@ -175,53 +190,56 @@ void latent_backward_one(const LatentArgs& a) {
   acc_t* gpls = static_cast<acc_t*>(a.g_pls);
   const int64_t len = a.c * a.s, per_ch = (a.s + kTile - 1) / kTile, units = a.n * a.c * per_ch;
   const V c(static_cast<acc_t>(latent_c(a.scale)));
+  const bool one = a.k == 1;
   // eps is needed for z's gradient, and for the sampled KL's
-  const bool draw = gz != nullptr || (kKL == LatentKL::Sample && row_w != nullptr);
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / std::min(a.s, kTile));
+  const bool draw = gz != nullptr || (!kAnalytic && row_w != nullptr);
+  const int64_t grain = std::max<int64_t>(1, kGrainElems / (a.k * std::min(a.s, kTile)));
   latent_modes<scalar_t>(a, {a.g_st.s, gz ? a.gz_st.s : 1}, [&](auto main_mode, auto prior_mode) {
     constexpr int kMain = decltype(main_mode)::value, kPrior = decltype(prior_mode)::value;
     at::parallel_for(0, units, grain, [&](int64_t ub, int64_t ue) {
-      acc_t eps[kTile];
+      // with K draws, per element summed over them: analytic g and g eps (s0_, s1_); sample the
+      // gradients to mu, h, pmu and ph (s0_ .. s3_)
+      acc_t eps[kTile], s0_[kTile], s1_[kTile], s2_[kTile], s3_[kTile];
       for (int64_t u = ub; u < ue; ++u) {
         const int64_t t = u % per_ch, nc = u / per_ch, ch = nc % a.c, n = nc / a.c;
         const int64_t s0 = t * kTile, run = std::min(kTile, a.s - s0), l0 = ch * a.s + s0;
         const LatentRun<scalar_t> in(a, n, ch, s0);
-        if (draw) eps_tile<scalar_t, acc_t>(a.seed, a.offset, n * len + l0, run, eps);
-        const V b_row(row_w ? row_w[n] : acc_t(0));
-        const scalar_t* gp = gz ? gz + latent_at(a.gz_st, 0, n, ch, s0) : nullptr;
-        scalar_t* gm = gmu + latent_at(a.g_st, 0, n, ch, s0);
-        scalar_t* gl = gls + latent_at(a.g_st, 0, n, ch, s0);
+        scalar_t* const gm = gmu + latent_at(a.g_st, 0, n, ch, s0);
+        scalar_t* const gl = gls + latent_at(a.g_st, 0, n, ch, s0);
         // the prior's gradients: (N, C S) contiguous; all in registers for the loop (stores through
         // float pointers could alias a's fields)
         acc_t* const pmo = gpmu ? gpmu + n * len + l0 : nullptr;
         acc_t* const plo = gpls ? gpls + n * len + l0 : nullptr;
         const int64_t sgz = kMain == kUnit ? 1 : a.gz_st.s, sg = kMain == kUnit ? 1 : a.g_st.s;
-        for (int64_t j = 0; j < run; j += W) {
-          const int64_t cnt = std::min(W, run - j);
-          V m, l, pm, pl, d_mu, d_ls, d_pmu, d_pls;
-          in.template load<kMain, kPrior>(j, cnt, &m, &l, &pm, &pl);
-          const V gv = gp ? IO::template load<kMain>(gp + j * sgz, sgz, cnt) : V(0);
-          const V ev = draw ? V::loadu(eps + j, cnt) : V(0);
-          const V sigma = M::exp(c * l);
-          const V b = row_w ? (unit_w ? b_row * V::loadu(unit_w + l0 + j, cnt) : b_row) : V(0);
-          if constexpr (kKL == LatentKL::Analytic) {
-            d_mu = gv;
-            d_ls = latent_grad_ls_z<M>(sigma, c, gv * ev);
+        const V pinv_run = kPrior == kBroadcast ? latent_prior_inv<M, kKL>(IO::template load<kBroadcast>(in.pls, 0, 1), c)
+                                                : V(0);
+        // the KL's weight of elements [j, j + cnt): the row's (summed over the draws), free bits' mask
+        const auto weight = [&](acc_t b_row, int64_t j, int64_t cnt) VAE_ALWAYS_INLINE {
+          if (!row_w) return V(0);
+          return unit_w ? V(b_row) * V::loadu(unit_w + l0 + j, cnt) : V(b_row);
+        };
+        // Elements [j, j + cnt): the gradients from z's terms (analytic: sum g, sum g eps; sample: the
+        // four sums) and, analytic, the KL's at weight b, written.
+        const auto write = [&](int64_t j, int64_t cnt, const V& t0, const V& t1, const V& t2, const V& t3,
+                               const V& b) VAE_ALWAYS_INLINE {
+          V d_mu = t0, d_ls, d_pmu = t2, d_pls;
+          if constexpr (kAnalytic) {
+            V m, l, pm, pl, km, kl, kpm, kpl;
+            in.template load<kMain, kPrior>(j, cnt, &m, &l, &pm, &pl);
+            const V sigma = M::exp(c * l);
+            d_ls = latent_grad_ls_z<M>(sigma, c, t1);
             d_pmu = d_pls = V(0);
             if (row_w) {
-              V km, kl, kpm, kpl;
-              latent_kl_analytic<M>(m, l, sigma, pm, pl, c, &km, &kl, &kpm, &kpl);
+              const V pinv = kPrior == kBroadcast ? pinv_run : latent_prior_inv<M, kKL>(pl, c);
+              latent_kl_analytic_inv<M>(m, l, sigma, pm, pl, pinv, c, &km, &kl, &kpm, &kpl);
               d_mu = d_mu + b * km;
               d_ls = d_ls + b * kl;
               d_pmu = b * kpm;
               d_pls = b * kpl;
             }
           } else {
-            V dh, dph;
-            latent_sample_grads<M>(gv, b, latent_z_sigma<M>(m, sigma, ev), sigma * ev, pm, c * pl, &d_mu, &dh, &d_pmu,
-                                   &dph);
-            d_ls = c * dh;
-            d_pls = c * dph;
+            d_ls = c * t1;
+            d_pls = c * t3;
           }
           IO::template store<kMain>(gm + j * sg, sg, d_mu, cnt);
           IO::template store<kMain>(gl + j * sg, sg, d_ls, cnt);
@@ -229,110 +247,60 @@ void latent_backward_one(const LatentArgs& a) {
             d_pmu.store(pmo + j, cnt);
             d_pls.store(plo + j, cnt);
           }
+        };
+        if (!one) {
+          std::fill(s0_, s0_ + run, acc_t(0));
+          std::fill(s1_, s1_ + run, acc_t(0));
+          if (!kAnalytic) {
+            std::fill(s2_, s2_ + run, acc_t(0));
+            std::fill(s3_, s3_ + run, acc_t(0));
+          }
+        }
+        acc_t b_sum = 0;
+        for (int64_t kk = 0; kk < a.k; ++kk) {  // draws in order: a fixed summation order
+          const int64_t r = kk * a.n + n;
+          const acc_t b_row = row_w ? row_w[r] : acc_t(0);
+          b_sum += b_row;
+          if (!draw && !one) continue;  // the draw adds nothing (analytic, z not differentiated)
+          if (draw) eps_tile<scalar_t, acc_t>(a.seed, a.offset, r * len + l0, run, eps);
+          const scalar_t* gp = gz ? gz + latent_at(a.gz_st, kk, n, ch, s0) : nullptr;
+          for (int64_t j = 0; j < run; j += W) {
+            const int64_t cnt = std::min(W, run - j);
+            const V gv = gp ? IO::template load<kMain>(gp + j * sgz, sgz, cnt) : V(0);
+            const V ev = draw ? V::loadu(eps + j, cnt) : V(0);
+            if constexpr (kAnalytic) {
+              if (one) {
+                write(j, cnt, gv, gv * ev, V(0), V(0), weight(b_row, j, cnt));
+              } else {
+                (V::loadu(s0_ + j, cnt) + gv).store(s0_ + j, cnt);
+                at::vec::fmadd(gv, ev, V::loadu(s1_ + j, cnt)).store(s1_ + j, cnt);
+              }
+            } else {
+              V m, l, pm, pl, dm, dh, dpm, dph;
+              in.template load<kMain, kPrior>(j, cnt, &m, &l, &pm, &pl);
+              const V sigma = M::exp(c * l);
+              const V pinv = kPrior == kBroadcast ? pinv_run : latent_prior_inv<M, kKL>(pl, c);
+              latent_sample_grads_inv<M>(gv, weight(b_row, j, cnt), latent_z_sigma<M>(m, sigma, ev), sigma * ev, pm,
+                                         pinv, &dm, &dh, &dpm, &dph);
+              if (one) {
+                write(j, cnt, dm, dh, dpm, dph, V(0));
+              } else {
+                (V::loadu(s0_ + j, cnt) + dm).store(s0_ + j, cnt);
+                (V::loadu(s1_ + j, cnt) + dh).store(s1_ + j, cnt);
+                (V::loadu(s2_ + j, cnt) + dpm).store(s2_ + j, cnt);
+                (V::loadu(s3_ + j, cnt) + dph).store(s3_ + j, cnt);
+              }
+            }
+          }
+        }
+        if (one) continue;
+        for (int64_t j = 0; j < run; j += W) {
+          const int64_t cnt = std::min(W, run - j);
+          const V t2 = kAnalytic ? V(0) : V::loadu(s2_ + j, cnt), t3 = kAnalytic ? V(0) : V::loadu(s3_ + j, cnt);
+          write(j, cnt, V::loadu(s0_ + j, cnt), V::loadu(s1_ + j, cnt), t2, t3, weight(b_sum, j, cnt));
         }
       }
     });
-  });
-}
-
-template <typename scalar_t, LatentKL kKL>
-void latent_backward_typed(const LatentArgs& a) {
-  if (a.k == 1) {
-    latent_backward_one<scalar_t, kKL>(a);
-    return;
-  }
-  using IO = StridedIO<scalar_t>;
-  using V = typename IO::V;
-  using acc_t = typename IO::acc_t;
-  using M = VecMath<V>;
-  constexpr int64_t W = V::size();
-  const scalar_t* gz = static_cast<const scalar_t*>(a.grad_z);
-  const acc_t* row_w = static_cast<const acc_t*>(a.row_w);
-  const acc_t* unit_w = static_cast<const acc_t*>(a.unit_w);
-  scalar_t* gmu = static_cast<scalar_t*>(a.g_mu);
-  scalar_t* gls = static_cast<scalar_t*>(a.g_ls);
-  acc_t* gpmu = static_cast<acc_t*>(a.g_pmu);
-  acc_t* gpls = static_cast<acc_t*>(a.g_pls);
-  const int64_t len = a.c * a.s, per_ch = (a.s + kTile - 1) / kTile, units = a.n * a.c * per_ch;
-  const V c(static_cast<acc_t>(latent_c(a.scale)));
-  const auto unit_weight = [&](int64_t l, int64_t cnt) VAE_ALWAYS_INLINE { return unit_w ? V::loadu(unit_w + l, cnt) : V(1); };
-  const int64_t grain = std::max<int64_t>(1, kGrainElems / (a.k * std::min(a.s, kTile)));
-  at::parallel_for(0, units, grain, [&](int64_t ub, int64_t ue) {
-    // per element, summed over the draws: analytic g and g eps (s0_, s1_); sample the gradients to
-    // mu, h, pmu and ph (s0_ .. s3_)
-    acc_t eps[kTile], s0_[kTile], s1_[kTile], s2_[kTile], s3_[kTile];
-    for (int64_t u = ub; u < ue; ++u) {
-      const int64_t t = u % per_ch, nc = u / per_ch, ch = nc % a.c, n = nc / a.c;
-      const int64_t s0 = t * kTile, run = std::min(kTile, a.s - s0), l0 = ch * a.s + s0;
-      const LatentRun<scalar_t> in(a, n, ch, s0);
-      std::fill(s0_, s0_ + run, acc_t(0));
-      std::fill(s1_, s1_ + run, acc_t(0));
-      std::fill(s2_, s2_ + run, acc_t(0));
-      std::fill(s3_, s3_ + run, acc_t(0));
-      acc_t b_sum = 0;
-      for (int64_t kk = 0; kk < a.k; ++kk) {  // draws in order: a fixed summation order
-        const int64_t r = kk * a.n + n;
-        const acc_t b_row = row_w ? row_w[r] : acc_t(0);
-        b_sum += b_row;
-        if (!gz && (kKL == LatentKL::Analytic || !row_w)) continue;
-        eps_tile<scalar_t, acc_t>(a.seed, a.offset, r * len + l0, run, eps);
-        const scalar_t* gp = gz ? gz + latent_at(a.gz_st, kk, n, ch, s0) : nullptr;
-        for (int64_t j = 0; j < run; j += W) {
-          const int64_t cnt = std::min(W, run - j);
-          const V gv = gp ? IO::load(gp + j * a.gz_st.s, a.gz_st.s, cnt) : V(0);
-          const V ev = V::loadu(eps + j, cnt);
-          if constexpr (kKL == LatentKL::Analytic) {
-            (V::loadu(s0_ + j, cnt) + gv).store(s0_ + j, cnt);
-            at::vec::fmadd(gv, ev, V::loadu(s1_ + j, cnt)).store(s1_ + j, cnt);
-          } else {
-            V m, l, pm, pl, dm, dh, dpm, dph;
-            in.load(j, cnt, &m, &l, &pm, &pl);
-            const V zv = latent_z<M>(m, l, c, ev);
-            const V b = row_w ? V(b_row) * unit_weight(l0 + j, cnt) : V(0);
-            latent_sample_grads<M>(gv, b, zv, M::exp(c * l) * ev, pm, c * pl, &dm, &dh, &dpm, &dph);
-            (V::loadu(s0_ + j, cnt) + dm).store(s0_ + j, cnt);
-            (V::loadu(s1_ + j, cnt) + dh).store(s1_ + j, cnt);
-            (V::loadu(s2_ + j, cnt) + dpm).store(s2_ + j, cnt);
-            (V::loadu(s3_ + j, cnt) + dph).store(s3_ + j, cnt);
-          }
-        }
-      }
-      scalar_t* gm = gmu + latent_at(a.g_st, 0, n, ch, s0);
-      scalar_t* gl = gls + latent_at(a.g_st, 0, n, ch, s0);
-      const int64_t pe = n * len + l0;  // the prior's gradients: (N, C S) contiguous
-      for (int64_t j = 0; j < run; j += W) {
-        const int64_t cnt = std::min(W, run - j);
-        V d_mu, d_ls, d_pmu, d_pls;
-        if constexpr (kKL == LatentKL::Analytic) {
-          V m, l, pm, pl;
-          in.load(j, cnt, &m, &l, &pm, &pl);
-          const V sigma = M::exp(c * l);
-          d_mu = V::loadu(s0_ + j, cnt);
-          d_ls = latent_grad_ls_z<M>(sigma, c, V::loadu(s1_ + j, cnt));
-          d_pmu = d_pls = V(0);
-          if (row_w) {  // the KL's, once for the draws' summed weight
-            V km, kl, kpm, kpl;
-            latent_kl_analytic<M>(m, l, sigma, pm, pl, c, &km, &kl, &kpm, &kpl);
-            const V b = V(b_sum) * unit_weight(l0 + j, cnt);
-            d_mu = d_mu + b * km;
-            d_ls = d_ls + b * kl;
-            d_pmu = b * kpm;
-            d_pls = b * kpl;
-          }
-        } else {
-          d_mu = V::loadu(s0_ + j, cnt);
-          d_ls = c * V::loadu(s1_ + j, cnt);
-          d_pmu = V::loadu(s2_ + j, cnt);
-          d_pls = c * V::loadu(s3_ + j, cnt);
-        }
-        IO::store(gm + j * a.g_st.s, a.g_st.s, d_mu, cnt);
-        IO::store(gl + j * a.g_st.s, a.g_st.s, d_ls, cnt);
-        if (gpmu) {
-          d_pmu.store(gpmu + pe + j, cnt);
-          d_pls.store(gpls + pe + j, cnt);
-        }
-      }
-    }
   });
 }
 
