@@ -9,6 +9,8 @@ from typing import Callable, Dict, Optional
 
 import torch
 
+import glibc_process
+
 from floor import CopyFloor
 from machine import cpu_snapshot, other_load
 from memory import peak_memory_bytes
@@ -133,6 +135,7 @@ def ratio(base: Optional[dict], new: Optional[dict]) -> Optional[float]:
 
 
 OP_IMPLS = ("fused", "eager", "compile")
+_current: list = []  # [benchmark name, case] while run_benchmark runs a case
 OP_BASELINES = ("eager", "compile")
 
 
@@ -148,6 +151,11 @@ def op_case(settings: Settings, label: str, fused: Optional[Callable], ref: Call
     fns.update({"eager": backward_step(ref, inputs, leaves, grad),
                 "compile": backward_step(compile_fn(ref, settings), inputs, leaves, grad)})
     impls = [k for k in OP_IMPLS if k in fns]
+    if settings.glibc_child:  # glibc_process.py: the timings alone
+        for fn in fns.values():
+            warm_up(fn, settings)
+        times = time_interleaved(fns, settings, label)
+        return {"times": times, "speedup": {b: ratio(times.get(b), times.get("fused")) for b in OP_BASELINES}}
 
     def reset():
         for t in leaves:
@@ -169,6 +177,8 @@ def op_case(settings: Settings, label: str, fused: Optional[Callable], ref: Call
     })
     if peak and "fused" in peak:
         rec["mem_fused_le"] = {b: peak["fused"] <= peak[b] for b in OP_BASELINES}
+    if settings.glibc_process and _current:
+        rec["glibc_process"] = glibc_process.measure(*_current, settings)
     return rec
 
 
@@ -180,6 +190,10 @@ def run_benchmark(settings: Settings, progress, bench, **fields) -> dict:
     results = []
     for c in cases if progress is None else progress(cases, bench.NAME, bench.case_label):
         reset_compiled()
-        results.append(bench.run_case(c, settings))
+        _current[:] = [bench.NAME, c]  # op_case measures the same case in a fresh process too
+        try:
+            results.append(bench.run_case(c, settings))
+        finally:
+            _current.clear()
     return {"name": bench.NAME, "title": bench.TITLE, "impls": list(bench.IMPLS),
             "baselines": list(bench.BASELINES), **fields, "results": results}

@@ -73,8 +73,40 @@ _OP_COLUMNS: List[Column] = [
 ]
 
 
-def _op_table(bench: dict, size_columns: List[Column]) -> Table:
-    """Sizes, then the op columns; a dtype column after the first size column when the dtypes differ."""
+def _faults(times: dict, impls: Sequence[str]) -> str:
+    """Minor page faults per call of each implementation, ' / ' between them."""
+    def one(impl):
+        v = (times.get(impl) or {}).get("minflt_per_call")
+        return "-" if v is None else (f"{v:.0f}" if v >= 10 or v == 0 else f"{v:.1f}")
+
+    return " / ".join(one(i) for i in impls)
+
+
+_FAULT_HEADER = "faults/call fused / eager / compile"
+
+
+def _glibc(r: dict) -> dict:
+    return r.get("glibc_process") or {}
+
+
+def _glibc_ms(impl: str) -> Column:
+    return f"{impl} ms", lambda r: fmt_ms(_ms(_glibc(r), impl))
+
+
+# A fresh process per case under glibc's malloc defaults (benchmarks/glibc_process.py).
+_GLIBC_COLUMNS: List[Column] = [
+    _glibc_ms("fused"), _glibc_ms("eager"), _glibc_ms("compile"),
+    ("vs eager", lambda r: fmt_x((_glibc(r).get("speedup") or {}).get("eager"))),
+    ("vs compile", lambda r: fmt_x((_glibc(r).get("speedup") or {}).get("compile"))),
+    (_FAULT_HEADER, lambda r: _faults(_glibc(r).get("times") or {}, ("fused", "eager", "compile"))
+     if _glibc(r).get("times") else _glibc(r).get("error", "-")),
+]
+
+
+def _op_table(bench: dict, size_columns: List[Column]) -> List[Table]:
+    """Sizes, then the op columns; a dtype column after the first size column when the dtypes differ.
+    Where the run counted page faults, a column of them; where it measured the cases in fresh
+    processes under glibc's defaults, a second table of those."""
     dtypes = {r.get("dtype") for r in bench["results"]}
     if len(dtypes) > 1:
         at = 1 if size_columns[0][0] in ("recon", "case") else 0
@@ -82,10 +114,18 @@ def _op_table(bench: dict, size_columns: List[Column]) -> Table:
         title = bench["title"]
     else:
         title = f"{bench['title']}, {next(iter(dtypes))}"
-    return _table(title, size_columns + _OP_COLUMNS, bench["results"])
+    recs = bench["results"]
+    columns = list(_OP_COLUMNS)
+    if any("minflt_per_call" in (r.get("times") or {}).get("fused", {}) for r in recs):
+        columns.insert(7, (_FAULT_HEADER, lambda r: _faults(r.get("times") or {}, ("fused", "eager", "compile"))))
+    out = [_table(title, size_columns + columns, recs)]
+    if any("glibc_process" in r for r in recs):
+        out.append(_table(f"{title}: glibc's malloc defaults, a fresh process per case", size_columns + _GLIBC_COLUMNS,
+                          recs))
+    return out
 
 
-def loss_table(bench: dict) -> Table:
+def loss_table(bench: dict) -> List[Table]:
     return _op_table(bench, [("recon", lambda r: r["recon"]), ("N x D, L", lambda r: f"{r['N']}x{r['D']}, {r['L']}"),
                              ("elements", lambda r: fmt_count(r["elements"]))])
 
@@ -100,13 +140,13 @@ def _objective_size(r: dict) -> str:
     return f"{r['N']}x{r['D']}, {r['L']}"
 
 
-def objectives_table(bench: dict) -> Table:
+def objectives_table(bench: dict) -> List[Table]:
     return _op_table(bench, [("case", lambda r: _OBJECTIVE_NAMES.get(r["case"], r["case"])),
                              ("mu shape / N x D, L", _objective_size),
                              ("elements", lambda r: fmt_count(r["elements"]))])
 
 
-def reparam_table(bench: dict) -> Table:
+def reparam_table(bench: dict) -> List[Table]:
     return _op_table(bench, [("N x L", lambda r: f"{r['N']}x{r['L']}"),
                              ("elements", lambda r: fmt_count(r["elements"]))])
 
@@ -148,7 +188,7 @@ def step_table(bench: dict) -> Table:
     return _table(title, _STEP_COLUMNS, bench["results"])
 
 
-def dmol_table(bench: dict) -> Table:
+def dmol_table(bench: dict) -> List[Table]:
     return _op_table(bench, [("x shape, M", lambda r: f"{'x'.join(map(str, r['shape']))}, {r['M']}"),
                              ("bits", lambda r: str(r["num_bits"])),
                              ("params", lambda r: fmt_count(r["elements"]))])
@@ -160,8 +200,12 @@ TABLES = {"loss": loss_table, "objectives": objectives_table, "reparam": reparam
 
 
 def tables(results: dict) -> List[Table]:
-    return [TABLES[name](bench) for name, bench in results.get("benchmarks", {}).items()
-            if bench.get("results") and name in TABLES]
+    out = []
+    for name, bench in results.get("benchmarks", {}).items():
+        if bench.get("results") and name in TABLES:
+            t = TABLES[name](bench)
+            out += t if isinstance(t, list) else [t]
+    return out
 
 
 # --------------------------------------------------------------------------- whole reports
@@ -211,6 +255,8 @@ def settings_line(results: dict) -> str:
             + ("; --cuda-graph: the op benchmarks timed as CUDA-graph replays of one call (device time, "
                "no host overhead)" if st.get("cuda_graph") else "")
             + _allocator_text(results)
+            + ("; each loss, objectives, reparam and dmol case also in a fresh process under glibc's malloc "
+               "defaults (benchmarks/glibc_process.py)" if st.get("glibc_process") else "")
             + ("; environment: " + ", ".join(f"{k}={v}" for k, v in env.items()) if env else "") + ".")
 
 
@@ -234,6 +280,20 @@ def render_console(results: dict) -> str:
     return "\n".join(parts + _tables_and_notes(results, markdown=False))
 
 
+_FAULTS_TEXT = (
+    "*faults/call*: minor page faults (`resource.getrusage` ru_minflt) over an implementation's timed calls, "
+    "divided by their number: each is a page the kernel hands the process afresh, zeroed. The second table "
+    "of an op times each case again in a fresh process (`benchmarks/glibc_process.py`) under glibc's malloc "
+    "defaults, as a user's script runs: inputs built, fused, eager and compiled warmed up and timed "
+    "interleaved in that one process, in fewer rounds.")
+
+
+def _counted_faults(results: dict) -> bool:
+    return any("minflt_per_call" in t or "glibc_process" in r
+               for b in results.get("benchmarks", {}).values() for r in b.get("results", [])
+               for t in (r.get("times") or {}).values() if isinstance(t, dict))
+
+
 def markdown_section(results: dict) -> str:
     """The benchmark tables of docs/benchmarks.md, one machine's section (without the markers)."""
     date = str(results.get("date", ""))[:10]
@@ -253,6 +313,7 @@ def markdown_section(results: dict) -> str:
         "reparameterize: 6 x N x L; dmol: params, x and the gradient of params, 2 x numel(params) + numel(x)); "
         "*% of floor*: floor time / fused time. Peak memory: "
         f"{results.get('memory_method', '-')}.",
+        *(["", _FAULTS_TEXT] if _counted_faults(results) else []),
         "",
         f"Settings: {settings_line(results)}",
     ]

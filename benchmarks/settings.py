@@ -44,6 +44,8 @@ class Settings:
     adam: str = "default"  # step benchmark: "default", "foreach" or "fused"
     cuda_graph: bool = False  # op benchmarks on CUDA: time replays of one captured call (device time)
     seed: int = 0
+    glibc_process: bool = False  # op benchmarks on CPU: each case again in a fresh process, glibc defaults
+    glibc_child: bool = False  # this process is that fresh process (glibc_process.py): time, nothing else
 
     @property
     def is_cuda(self) -> bool:
@@ -77,6 +79,7 @@ class Settings:
             adam=args.adam,
             cuda_graph=args.cuda_graph,
             seed=args.seed,
+            glibc_process=device.type == "cpu" and args.glibc_process and args.cpu_allocator != "glibc",
         )
 
     def as_json(self) -> dict:
@@ -97,5 +100,6 @@ class Settings:
             "models": self.models,
             "adam": self.adam,
             "cuda_graph": self.cuda_graph,
+            "glibc_process": self.glibc_process,
             "timer": "torch.utils.benchmark.Timer.blocked_autorange, interleaved rounds; median over all blocks",
         }

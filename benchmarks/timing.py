@@ -7,6 +7,7 @@ Imports torch alone: the CUDA tests use ``capture_cuda_graph`` too (tests/confte
 from __future__ import annotations
 
 import gc
+import resource
 import time
 from typing import Callable, Dict, Iterable, List
 
@@ -46,16 +47,32 @@ def time_interleaved(fns: Dict[str, Callable], settings, label: str = "") -> Dic
     """Median per-call time of each fn, measured in ``settings.rounds`` interleaved rounds.
 
     Each round runs ``Timer.blocked_autorange(min_run_time)`` once per fn, alternating the order
-    every round; the medians are over all the blocks of all rounds. Call ``warm_up`` first.
+    every round; the medians are over all the blocks of all rounds. Call ``warm_up`` first. Each
+    fn's ``minflt_per_call`` is the minor page faults (``resource.getrusage``) over its timed calls
+    (the timer's calibration calls included) divided by their number.
     """
     names = list(fns)
     times: Dict[str, List[float]] = {n: [] for n in names}
+    faults = {n: 0 for n in names}
+    calls = {n: 0 for n in names}
     for r in range(settings.rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            timer = tbench.Timer(stmt="fn()", globals={"fn": fns[name]}, num_threads=settings.threads,
+            def counted(fn=fns[name], name=name):
+                calls[name] += 1
+                fn()
+
+            timer = tbench.Timer(stmt="fn()", globals={"fn": counted}, num_threads=settings.threads,
                                  label=label, description=name)
+            f0 = minor_faults()
             times[name].extend(timer.blocked_autorange(min_run_time=settings.min_run_time).times)
-    return {n: summarize(times[n]) for n in names}
+            faults[name] += minor_faults() - f0
+    return {n: {**summarize(times[n]), "minflt_per_call": faults[n] / calls[n] if calls[n] else None}
+            for n in names}
+
+
+def minor_faults() -> int:
+    """The process's minor page faults so far (getrusage ru_minflt): a fresh page touched the first time."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def capture_cuda_graph(fn: Callable, warmups: int = 3):

@@ -98,6 +98,8 @@ def test_loss_records(results):
     for x in recs:
         for impl in ("fused", "eager", "compile", "floor", "floor_alloc"):
             assert _is_time(x["times"][impl]), impl
+            assert x["times"][impl]["minflt_per_call"] >= 0, impl
+        assert "glibc_process" not in x  # the run itself is under glibc's defaults
         assert x["bytes_fused"] == (3 * x["N"] * x["D"] + 4 * x["N"] * x["L"]) * 4
         t = x["times"]
         assert x["speedup"]["eager"] == pytest.approx(t["eager"]["median_ms"] / t["fused"]["median_ms"])
@@ -427,7 +429,22 @@ def test_cpu_allocator_modes(mode, tmp_path):
     assert rec["peak_mem_bytes"] == {}
     # a copy into a fresh buffer is timed only where it can cost more than the copy
     assert ("floor_alloc" in rec["times"]) == (mode == "fresh")
-    assert "CPU allocator" in report.markdown_section(r)
+    md = report.markdown_section(r)
+    assert "CPU allocator" in md
+    # the case again in a fresh process under glibc's defaults, with its page faults, in the tables
+    # and held to the targets
+    g = rec["glibc_process"]
+    assert r["settings"]["glibc_process"] is True and "error" not in g, g
+    for impl in ("fused", "eager", "compile"):
+        assert _is_time(g["times"][impl]) and g["times"][impl]["minflt_per_call"] >= 0, impl
+        assert rec["times"][impl]["minflt_per_call"] >= 0, impl
+    t = g["times"]
+    assert g["speedup"]["compile"] == pytest.approx(t["compile"]["median_ms"] / t["fused"]["median_ms"])
+    assert "glibc's malloc defaults, a fresh process per case" in md and "faults/call" in md
+    glibc_targets = [t for t in r["targets"] if t["glibc_process"]]
+    assert len(glibc_targets) == 2  # reparam's two speedup targets (this size is below their 64K elements)
+    assert all(t["benchmark"] == "reparam" and t["target"].endswith("(glibc defaults, fresh process)")
+               for t in glibc_targets)
 
 
 def test_run_script_help():
@@ -503,3 +520,28 @@ def test_objectives_targets():
     md = report.markdown_section(res)
     assert "| gaussian_kl, prior | 64x16x64x64 | 4Mi |" in md
     assert "| elbo gaussian, per-pixel rlv | 1024x784, 32 |" in md
+
+
+def test_glibc_process_targets_and_tables():
+    """A record's fresh-process figures (glibc defaults) are held to the same speedup targets, in rows
+    of their own, and shown in a second table with the page faults per call."""
+    _load_table_script()
+    report, targets = importlib.import_module("report"), importlib.import_module("targets")
+    t = {"median_ms": 1.0, "iqr_ms": 0.1, "min_ms": 0.9, "blocks": 3, "minflt_per_call": 0.0}
+    slow = {**t, "median_ms": 2.0, "minflt_per_call": 1024.0}
+    rec = {"dtype": "float32", "N": 4096, "L": 256, "elements": 4096 * 256,
+           "times": {"fused": t, "eager": t, "compile": t, "floor": t}, "speedup": {"eager": 6.0, "compile": 6.0},
+           "glibc_process": {"times": {"fused": slow, "eager": t, "compile": t}, "rounds": 2,
+                             "speedup": {"eager": 0.5, "compile": 0.5}}}
+    res = {"machine": {"device": "cpu"}, "benchmarks": {"reparam": {"title": "Reparameterize", "results": [rec]}}}
+    got = [x for x in targets.check_targets(res) if x["benchmark"] == "reparam"]
+    assert [(x["glibc_process"], x["measured_worst"], x["met"]) for x in got] == [
+        (False, 6.0, True), (False, 6.0, True), (True, 0.5, False), (True, 0.5, False)]
+    md = report.markdown_section(res)
+    assert "#### Reparameterize, float32: glibc's malloc defaults, a fresh process per case" in md
+    assert "| 4096x256 | 1Mi | 2.00 | 1.00 | 1.00 | 0.50x | 0.50x | 1024 / 0 / 0 |" in md
+    assert "fresh process) | 0.50x | 1 | NOT MET |" in md
+    # without the fresh-process figures, the table and the targets are as before
+    del rec["glibc_process"]
+    assert not any(x["glibc_process"] for x in targets.check_targets(res))
+    assert "fresh process per case" not in report.markdown_section(res)
