@@ -328,8 +328,9 @@ struct ElboBasicFunction : public torch::autograd::Function<ElboBasicFunction> {
     // dtype, then one bit each: per sample, grad_recon, grad_latent
     ctx->saved_data["flags"] = static_cast<int64_t>(recon.scalar_type()) | (reduction == "none" ? 256 : 0) |
                                (grad_recon ? 512 : 0) | (grad_latent ? 1024 : 0);
-    ctx->saved_data["recon_scale"] =
-        reduction == "pixel_mean" ? 1.0 / static_cast<double>(values_per_sample(recon)) : 1.0;
+    // pixel_mean's divisor of the recon term (1: none), applied to grad_output as autograd's
+    // division of the full op's path would (the same bits either way)
+    ctx->saved_data["recon_div"] = reduction == "pixel_mean" ? static_cast<double>(values_per_sample(recon)) : 1.0;
     ctx->saved_data["beta"] = beta;
     ctx->set_materialize_grads(false);
     // as ElboLossFunction: while a graph can reach the buffers, empty tensors stand in for them
@@ -353,12 +354,14 @@ struct ElboBasicFunction : public torch::autograd::Function<ElboBasicFunction> {
                 "grad_recon/grad_latent=False; call it through vae_ext.elbo_loss");
     const auto dtype = static_cast<at::ScalarType>(flags & 255);
     const auto saved = ctx->get_saved_variables();
-    const auto times = [&](double c) { return c == 1.0 ? d : d * c; };
     DeviceScales device;
-    if (need_recon) out[0] = scale_grad(saved[0], times(ctx->saved_data["recon_scale"].toDouble()), per_sample, dtype,
-                                        device);
+    if (need_recon) {
+      const double div = ctx->saved_data["recon_div"].toDouble();
+      out[0] = scale_grad(saved[0], div == 1.0 ? d : d / div, per_sample, dtype, device);
+    }
     if (need_latent) {
-      const Tensor dk = times(ctx->saved_data["beta"].toDouble());
+      const double beta = ctx->saved_data["beta"].toDouble();
+      const Tensor dk = beta == 1.0 ? d : d * beta;
       if (ctx->needs_input_grad(2)) out[2] = scale_grad(saved[1], dk, per_sample, dtype, device);
       if (ctx->needs_input_grad(3)) out[3] = scale_grad(saved[2], dk, per_sample, dtype, device);
     }

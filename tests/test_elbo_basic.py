@@ -90,7 +90,7 @@ def test_half_gradients_are_the_float32_buffers_scaled_then_rounded_once(dtype, 
     loss = vae_ext.elbo_loss(leaves[0], x, leaves[1], leaves[2], recon="bce", reduction=reduction, beta=0.75)
     (loss * up).sum().backward()
     per = up.reshape(-1, 1, 1, 1) if reduction == "none" else up
-    d_rec = per * (1.0 / 30) if reduction == "pixel_mean" else per
+    d_rec = per / 30 if reduction == "pixel_mean" else per
     d_kl = (up.reshape(-1, 1) if reduction == "none" else up) * 0.75
     assert torch.equal(leaves[0].grad, (g_r * d_rec).to(dtype))
     assert leaves[0].grad.stride() == r.stride()

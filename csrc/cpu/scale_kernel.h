@@ -26,8 +26,14 @@ void scale_round_typed(const ScaleRoundArgs& a) {
       const int64_t r = i / len, end = std::min(e, (r + 1) * len);
       const V s(a.scale[a.per_row ? r : 0]);
       int64_t j = i;
-      for (; j + V::size() <= end; j += V::size()) IO::store(out + j, V::loadu(a.g + j) * s);
-      if (j < end) IO::store(out + j, V::loadu(a.g + j, end - j) * s, end - j);
+      // two float vectors make one vector of the half type: a full store (a partial one goes by
+      // way of a buffer)
+      for (; j + 2 * V::size() <= end; j += 2 * V::size())
+        at::vec::convert_from_float<half_t>(V::loadu(a.g + j) * s, V::loadu(a.g + j + V::size()) * s).store(out + j);
+      for (; j < end; j += V::size()) {
+        const int64_t k = std::min<int64_t>(V::size(), end - j);
+        IO::store(out + j, V::loadu(a.g + j, k) * s, k);
+      }
       i = end;
     }
   });
