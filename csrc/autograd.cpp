@@ -7,6 +7,7 @@
 #include <algorithm>
 
 #include "autograd_common.h"
+#include "elbo_basic.h"
 #include "ops.h"
 
 namespace vae_ext {
@@ -196,10 +197,83 @@ ReparamOutputs reparameterize_autograd(const Tensor& mu, const Tensor& logvar, i
   return {out[0], out[1], out[2]};
 }
 
+// elbo_loss_basic (csrc/elbo_basic.h): the common call's autograd, as ElboLossFunction's with three
+// buffers. Its backward applies pixel_mean's 1/D to the recon gradient and beta to the latent ones
+// together with the incoming gradient: one scaling each, none at all when the product is 1.
+struct ElboBasicFunction : public torch::autograd::Function<ElboBasicFunction> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& recon, const Tensor& x, const Tensor& mu,
+                               const Tensor& logvar, c10::string_view recon_mode, c10::string_view reduction,
+                               double beta, bool grad_recon, bool grad_latent, bool validate, bool recorded) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("vae_ext::elbo_loss_basic", "")
+                         .typed<BasicOutputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                             c10::string_view, c10::string_view, double, bool, bool, bool)>();
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [loss, g_recon, g_mu, g_logvar] =
+        op.call(recon, x, mu, logvar, recon_mode, reduction, beta, grad_recon, grad_latent, validate);
+    ctx->save_for_backward({g_recon, g_mu, g_logvar});
+    // dtype, then one bit each: per sample, grad_recon, grad_latent
+    ctx->saved_data["flags"] = static_cast<int64_t>(recon.scalar_type()) | (reduction == "none" ? 256 : 0) |
+                               (grad_recon ? 512 : 0) | (grad_latent ? 1024 : 0);
+    // pixel_mean's divisor of the recon term (1: none), applied to grad_output as autograd's
+    // division of the full op's path would (the same bits either way)
+    ctx->saved_data["recon_div"] = reduction == "pixel_mean" ? static_cast<double>(values_per_sample(recon)) : 1.0;
+    ctx->saved_data["beta"] = beta;
+    ctx->set_materialize_grads(false);
+    // as ElboLossFunction: while a graph can reach the buffers, empty tensors stand in for them
+    variable_list bufs = {g_recon, g_mu, g_logvar};
+    if (recorded)
+      for (auto& t : bufs) t = at::empty({0}, t.options());
+    ctx->mark_non_differentiable(bufs);
+    return {loss, bufs[0], bufs[1], bufs[2]};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor& d = grads[0];
+    variable_list out(11);
+    if (!d.defined()) return out;
+    TORCH_CHECK(!ctx->needs_input_grad(1), "vae_ext::elbo_loss does not differentiate with respect to the target x");
+    const int64_t flags = ctx->saved_data["flags"].toInt();
+    const bool per_sample = flags & 256, need_recon = ctx->needs_input_grad(0),
+               need_latent = ctx->needs_input_grad(2) || ctx->needs_input_grad(3);
+    TORCH_CHECK((!need_recon || (flags & 512)) && (!need_latent || (flags & 1024)),
+                "vae_ext::elbo_loss_basic: backward needs the gradient buffers, but the op was called with "
+                "grad_recon/grad_latent=False; call it through vae_ext.elbo_loss");
+    const auto dtype = static_cast<at::ScalarType>(flags & 255);
+    const auto saved = ctx->get_saved_variables();
+    DeviceScales device;
+    if (need_recon) {
+      const double div = ctx->saved_data["recon_div"].toDouble();
+      out[0] = scale_grad(saved[0], div == 1.0 ? d : d / div, per_sample, dtype, device);
+    }
+    if (need_latent) {
+      const double beta = ctx->saved_data["beta"].toDouble();
+      const Tensor dk = beta == 1.0 ? d : d * beta;
+      if (ctx->needs_input_grad(2)) out[2] = scale_grad(saved[1], dk, per_sample, dtype, device);
+      if (ctx->needs_input_grad(3)) out[3] = scale_grad(saved[2], dk, per_sample, dtype, device);
+    }
+    device.launch();
+    return first_order_only(std::move(out),
+                            "vae_ext.elbo_loss supports first derivatives only: its backward scales the gradients "
+                            "its forward wrote. For higher-order gradients (create_graph=True) use "
+                            "vae_ext.reference.elbo_loss.");
+  }
+};
+
+BasicOutputs elbo_loss_basic_autograd(VAE_EXT_ELBO_BASIC_ARGS) {
+  check_functorch("vae_ext.elbo_loss (torch.ops.vae_ext.elbo_loss_basic)", "vae_ext.reference.elbo_loss");
+  const bool recorded =
+      at::GradMode::is_enabled() && (recon.requires_grad() || mu.requires_grad() || logvar.requires_grad());
+  auto out = ElboBasicFunction::apply(recon, x, mu, logvar, recon_mode, reduction, beta, grad_recon, grad_latent,
+                                      validate, recorded);
+  return {out[0], out[1], out[2], out[3]};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vae_ext, Autograd, m) {
   m.impl("elbo_loss", &elbo_loss_autograd);
+  m.impl("elbo_loss_basic", &elbo_loss_basic_autograd);
   m.impl("reparameterize", &reparameterize_autograd);
   // The normals depend on (seed, offset) alone: `like` gives only the shape and device.
   m.impl("philox_normal", torch::CppFunction::makeFallthrough());

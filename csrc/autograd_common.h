@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "ops.h"
+#include "scale_round.h"
 
 namespace vae_ext {
 
@@ -59,11 +60,8 @@ inline Tensor scale_grad(const Tensor& g, const Tensor& d, bool per_sample, at::
   const auto plain = [](const Tensor& t) {
     return !t.key_set().has(c10::DispatchKey::Python) && !t.key_set().has(c10::DispatchKey::Functionalize);
   };
-  if (g.scalar_type() != out) {  // the float32 latent gradients of half inputs: scaled and rounded in one pass
-    Tensor r = at::empty_like(g, g.options().dtype(out));
-    at::mul_out(r, g, s);
-    return r;
-  }
+  // the float32 gradients of half inputs: scaled and rounded in one pass (csrc/scale_round.h)
+  if (g.scalar_type() != out) return scale_round(g, s, per_sample, out);
   if (torch::autograd::get_current_graph_task_keep_graph() || !plain(g) || !plain(s)) return at::mul(g, s).to(out);
   // loss.backward() on a sum or mean sends exactly 1: nothing to scale (read only from a CPU
   // scalar, which costs no device sync).

@@ -148,16 +148,20 @@ ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu,
     b.prior_mu = lay(pm);
     b.prior_logvar = lay(pl);
   }
-  b.g_prior_mu = latent_buf(prior && grad_latent);
-  b.g_prior_logvar = latent_buf(prior && grad_latent);
-  b.kl_elems = (opt.unit_kl || opt.free_bits > 0.0) ? at::empty({n, l}, lopts) : at::empty({0}, lopts);
+  if (!opt.lean || prior) {
+    b.g_prior_mu = latent_buf(prior && grad_latent);
+    b.g_prior_logvar = latent_buf(prior && grad_latent);
+  }
+  const bool kl_elems = opt.unit_kl || opt.free_bits > 0.0;
+  if (!opt.lean || kl_elems) b.kl_elems = kl_elems ? at::empty({n, l}, lopts) : at::empty({0}, lopts);
   if (mode == Recon::Gaussian) {
     const Tensor& rlv = *opt.recon_logvar;
     b.rlv_scalar = rlv.dim() == 0;
     b.recon_logvar = b.rlv_scalar ? rlv : rlv.contiguous(fmt);
   }
-  b.g_recon_logvar = (grad_recon && mode == Recon::Gaussian && !b.rlv_scalar) ? at::empty_like(b.recon, ropts, fmt)
-                                                                              : at::empty({0}, ropts);
+  if (!opt.lean || mode == Recon::Gaussian)
+    b.g_recon_logvar = (grad_recon && mode == Recon::Gaussian && !b.rlv_scalar) ? at::empty_like(b.recon, ropts, fmt)
+                                                                                : at::empty({0}, ropts);
   return b;
 }
 

@@ -29,6 +29,9 @@ struct ElboOptions {
   c10::optional<Tensor> prior_mu, prior_logvar, recon_logvar;
   double free_bits = 0.0;
   bool unit_kl = false;  // the per-unit KL (free bits need it too)
+  // The buffers of options not given (prior, per-element KL, recon log-variance) left undefined
+  // instead of empty: for a caller that returns none of them (csrc/elbo_basic.cpp).
+  bool lean = false;
 };
 struct ElboBuffers {
   Tensor recon, x, mu, logvar;

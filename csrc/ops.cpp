@@ -27,6 +27,13 @@ TORCH_LIBRARY(vae_ext, m) {
       "bool grad_recon, bool grad_latent, bool validate, bool total=False, Tensor? prior_mu=None, "
       "Tensor? prior_logvar=None, Tensor? recon_logvar=None, float free_bits=0., bool unit_kl=False) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The common call, lean (csrc/elbo_basic.h): no prior, free bits or recon log-variance, the loss
+  // rec + beta * kl alone; reduction may be "pixel_mean" (the recon term over every element). Its
+  // outputs: (loss, g_recon, g_mu, g_logvar), the gradient buffers as elbo_loss's ("mean"'s for
+  // pixel_mean; its backward applies the 1/D and beta).
+  m.def(
+      "elbo_loss_basic(Tensor recon, Tensor x, Tensor mu, Tensor logvar, str recon_mode, str reduction, "
+      "float beta, bool grad_recon, bool grad_latent, bool validate) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "reparameterize(Tensor mu, Tensor logvar, int num_samples, bool return_eps, Generator? generator=None) "
       "-> (Tensor, Tensor, Tensor)",

@@ -73,6 +73,20 @@ def _elbo_loss_fake(recon, x, mu, logvar, recon_mode, reduction, grad_recon, gra
     return rec, kl, units, g_recon, latent(grad_latent), latent(grad_latent), latent(prior), latent(prior), g_rlv
 
 
+# vae_ext::elbo_loss_basic(recon, x, mu, logvar, recon_mode, reduction, beta, grad_recon, grad_latent,
+#                          validate) -> (loss, g_recon, g_mu, g_logvar)
+# The common call (csrc/elbo_basic.h): no prior, free bits or recon_logvar; loss = rec + beta * kl
+# (reduction may be "pixel_mean"); the buffers as elbo_loss's.
+
+
+@torch.library.register_fake("vae_ext::elbo_loss_basic")
+def _elbo_loss_basic_fake(recon, x, mu, logvar, recon_mode, reduction, beta, grad_recon, grad_latent, validate):
+    loss, _kl, _units, g_recon, g_mu, g_logvar, *_ = _elbo_loss_fake(
+        recon, x, mu, logvar, recon_mode, "mean" if reduction == "pixel_mean" else reduction, grad_recon,
+        grad_latent, validate)
+    return loss, g_recon, g_mu, g_logvar
+
+
 # --------------------------------------------------------------------------- reparameterize
 # vae_ext::reparameterize(mu, logvar, num_samples, return_eps, generator) -> (z, eps, rng_state)
 # num_samples == 0 means "no samples dimension". rng_state holds the (seed, offset) the kernel

@@ -42,6 +42,22 @@ KL_REDUCTIONS = ("sum", "mean", "none")
 REDUCTIONS = ("sum", "mean", "pixel_mean", "none")
 
 
+# The common call's lean op (csrc/elbo_basic.h): the loss alone, no option but beta and pixel_mean.
+_ELBO_BASIC = torch.ops.vae_ext.elbo_loss_basic.default
+_BASIC_MODES = ("bce", "bce_logits", "mse", "l1")
+
+
+def _basic_tensors_ok(recon_x, x, mu, logvar) -> bool:
+    """Plain CPU tensors of one float dtype, x of recon_x's shape: the common call's lean op takes
+    them, and it checks the rest (shapes, what the kernel finds) itself."""
+    t = torch.Tensor
+    if not (type(recon_x) is t and type(x) is t and type(mu) is t and type(logvar) is t):
+        return False
+    dt = recon_x.dtype
+    return (dt in _FLOAT_DTYPES and x.dtype is dt and mu.dtype is dt and logvar.dtype is dt and recon_x.is_cpu
+            and x.is_cpu and mu.is_cpu and logvar.is_cpu and x.shape == recon_x.shape)
+
+
 def _elbo_args_ok(recon_x, x, mu, logvar, recon, reduction, beta, extra) -> bool:
     """True when every argument passes the checks below: the usual call then skips them (they cost
     as much as a tenth of a small loss call). Anything unusual (beta an int, a tensor subclass, a
@@ -57,6 +73,9 @@ def _elbo_args_ok(recon_x, x, mu, logvar, recon, reduction, beta, extra) -> bool
         and type(recon) is str and recon in RECON_MODES and type(reduction) is str and reduction in REDUCTIONS
         and 0.0 <= beta < math.inf
     )
+
+
+_X_REQUIRES_GRAD = "x: the target must not require grad (the fused loss treats it as a constant); pass x.detach()"
 
 
 def _optional_tensors(names_tensors):
@@ -156,6 +175,19 @@ def elbo_loss(
         for float16/bfloat16 (computed and summed in float32); the gradients have the dtype of the
         tensors they belong to.
     """
+    # The common call (CPU, eager, no option but beta and pixel_mean, the usual types): one lean op,
+    # about a tenth fewer instructions than the full one at MNIST sizes (docs/design.md). Anything
+    # else takes the checks and the op below.
+    if (not return_terms and not return_unit_kl and prior_mu is None and prior_logvar is None
+            and recon_logvar is None and num_bits is None and log_scale_min is None and type(free_bits) is float
+            and free_bits == 0.0 and type(beta) is float and 0.0 <= beta < math.inf and type(recon) is str
+            and recon in _BASIC_MODES and type(reduction) is str and reduction in REDUCTIONS
+            and _basic_tensors_ok(recon_x, x, mu, logvar) and not torch.compiler.is_compiling()):
+        grad_on = torch.is_grad_enabled()
+        if grad_on and x.requires_grad:
+            raise ValueError(_X_REQUIRES_GRAD)
+        return _ELBO_BASIC(recon_x, x, mu, logvar, recon, reduction, beta, grad_on and recon_x.requires_grad,
+                           grad_on and (mu.requires_grad or logvar.requires_grad), bool(validate))[0]
     if type(recon) is str and recon == "dmol":  # two fused ops: vae_ext/dmol.py
 
         return _elbo_loss_dmol(recon_x, x, mu, logvar, beta=beta, reduction=reduction, return_terms=return_terms,
@@ -198,10 +230,7 @@ def elbo_loss(
         x = x.reshape(recon_x.shape)
     grad_on = torch.is_grad_enabled()
     if grad_on and x.requires_grad:
-        raise ValueError(
-            "x: the target must not require grad (the fused loss treats it as a constant); "
-            "pass x.detach()"
-        )
+        raise ValueError(_X_REQUIRES_GRAD)
 
     def req(t):
         return t is not None and t.requires_grad
@@ -214,7 +243,7 @@ def elbo_loss(
     # (When compiling, beta is never compared, so the graph does not specialize on 1.0.)
     # "pixel_mean" is "mean" with the reconstruction term divided by the values per sample (a 0-d
     # op; its backward scales the recon gradient once more, where a per-term scale in the kernel
-    # would not: a cost only this porting aid pays).
+    # would not: a cost only this porting aid pays; the common call's lean op above divides itself).
     pixel_mean = reduction == "pixel_mean"
     total = not return_terms and not pixel_mean and not torch.compiler.is_compiling() and beta == 1.0
     units_wanted = return_unit_kl or (return_terms and free_bits > 0)

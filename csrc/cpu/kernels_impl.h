@@ -17,6 +17,7 @@
 #include "latent_kernel.h"  // its own table: latent_kernel_table()
 #include "normals.h"
 #include "reparam_kernel.h"
+#include "scale_kernel.h"  // its own table: scale_kernel_table()
 
 namespace vae_ext::cpu::CPU_CAPABILITY {
 
