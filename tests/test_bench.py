@@ -308,6 +308,7 @@ def test_step_hvae(tmp_path):
     assert "| hvae 4x1 | dmol | 2 |" in md and "objectives % of step" in md
 
 
+@pytest.mark.slow
 def test_step_hvae_compiled(tmp_path, request):
     """The hvae step's compiled pair (aot_eager): compiling the model takes minutes: runs with -m slow."""
     if "slow" not in (request.config.getoption("-m") or ""):
