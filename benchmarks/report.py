@@ -180,12 +180,27 @@ _STEP_COLUMNS: List[Column] = [
 ]
 
 
+def _step_model(r: dict) -> str:
+    cfg = r.get("model_config") or {}
+    return f"{r['model']} {cfg['width']}x{cfg['layers']}" if r["model"] == "hvae" else r["model"]
+
+
+def _shares(r: dict) -> str:
+    share = r.get("objective_share") or {}
+    return " / ".join(fmt_pct(None if share.get(i) is None else 100 * share[i])
+                      for i in ("ref_eager", "fused_eager", "ref_compile", "fused_compile"))
+
+
 def step_table(bench: dict) -> Table:
     dtypes = {r.get("dtype") for r in bench["results"]}
     adam = bench.get("adam", "default")
     adam = "Adam" if adam == "default" else f"Adam({adam}=True)"
     title = f"{bench['title']}, {', '.join(sorted(d for d in dtypes if d))}, {adam}"
-    return _table(title, _STEP_COLUMNS, bench["results"])
+    columns = _STEP_COLUMNS
+    if any("objective_share" in r for r in bench["results"]):  # the hierarchical VAE (width x layers)
+        columns = [("model", _step_model), *columns[1:],
+                   ("objectives % of step: ref / fused / c. ref / c. fused", _shares)]
+    return _table(title, columns, bench["results"])
 
 
 def dmol_table(bench: dict) -> List[Table]:

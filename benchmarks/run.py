@@ -73,10 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", action="append", default=[], metavar="BENCH=LIST",
                    help="override sizes: loss=NxD:L,...  objectives=NxD:L,NxCxHxW,... (ELBO sizes, KL latent "
                    "shapes)  reparam=NxL,...  dmol=NxCx...:M,... (x's shape, M components)  latent=NxCxHxW,...  "
-                   "step=BATCH,... (repeatable)")
+                   "step=BATCH,... or MODEL:BATCH, hvae:BATCH[:WIDTHxLAYERS][:eager] (repeatable)")
     p.add_argument("--recon", default="bce,bce_logits", help="loss modes (comma list; default: bce,bce_logits)")
     p.add_argument("--models", default=None,
-                   help="step benchmark models, comma list (default: mlp,conv; mlp with --quick)")
+                   help="step benchmark models, comma list: mlp, conv, hvae (default: mlp,conv; mlp with --quick)")
     p.add_argument("--adam", default="default", choices=("default", "foreach", "fused"),
                    help="step benchmark: Adam implementation (default: PyTorch's default for the device)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5; 2 with --quick)")

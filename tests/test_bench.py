@@ -277,6 +277,76 @@ def test_step_conv(tmp_path, request):
     assert all(_is_time(t) for t in rec["times"].values())
 
 
+def test_step_hvae(tmp_path):
+    """The hierarchical VAE's step, eager pair only (the compiled pair: test_step_hvae_compiled): its
+    record, the objectives' share by the profiler, and the module names the profiling replaced restored."""
+    import vae_ext.models.hvae as hvae_mod
+    import vae_ext.models.hvae_blocks as blocks_mod
+
+    names = {(m, n): getattr(m, n) for m, n in ((blocks_mod, "gaussian_latent"), (blocks_mod, "reparameterize"),
+                                                (blocks_mod, "reference"), (hvae_mod, "dmol_nll"),
+                                                (hvae_mod, "reference"))}
+    main = _harness().main
+    out = tmp_path / "r.json"
+    assert main([*FAST, "--only", "step", "--models", "hvae", "--sizes", "step=hvae:2:4x1:eager", "--no-chart",
+                 "--out", str(out)]) == 0
+    assert all(getattr(m, n) is v for (m, n), v in names.items())
+    r = json.loads(out.read_text())
+    bench = r["benchmarks"]["step"]
+    (rec,) = bench["results"]
+    assert (rec["model"], rec["recon"], rec["batch"]) == ("hvae", "dmol", 2)
+    assert rec["model_config"] == {"input_shape": [1, 32, 32], "width": 4, "layers": 1}
+    assert set(rec["times"]) == {"ref_eager", "fused_eager"} and all(_is_time(t) for t in rec["times"].values())
+    assert rec["speedup"]["eager"] > 0 and rec["speedup"]["compile"] is None
+    assert set(rec["mem_fused_le_step"]) == {"eager"}
+    shares = rec["objective_share"]
+    assert set(shares) == {"ref_eager", "fused_eager"} and all(0 < v < 1 for v in shares.values())
+    assert 0 < rec["objective_share_ops"]["fused_eager"] < 1 and "record_function" in bench["objective_method"]
+    t = {x["target"]: x for x in r["targets"] if x["target"].startswith("hvae")}
+    share = t["hvae train step: latent layers + likelihood <= 10% of the fused step"]
+    assert share["cases"] == 1 and share["measured_worst"] == pytest.approx(100 * shares["fused_eager"])
+    assert t["hvae train step: fused peak memory <= the reference's"]["cases"] == 1
+    md = _harness("report").markdown_section(r)
+    assert "| hvae 4x1 | dmol | 2 |" in md and "objectives % of step" in md
+
+
+@pytest.mark.slow
+def test_step_hvae_compiled(tmp_path, request):
+    """The hvae step's compiled pair (aot_eager): compiling the model takes minutes: runs with -m slow."""
+    if "slow" not in (request.config.getoption("-m") or ""):
+        pytest.skip("slow: select with -m slow")
+    main = _harness().main
+    out = tmp_path / "r.json"
+    assert main([*FAST, *AOT_EAGER, "--only", "step", "--models", "hvae", "--sizes", "step=hvae:2:4x1",
+                 "--no-chart", "--out", str(out)]) == 0
+    (rec,) = json.loads(out.read_text())["benchmarks"]["step"]["results"]
+    assert set(rec["times"]) == {"ref_eager", "fused_eager", "ref_compile", "fused_compile"}
+    assert rec["objective_share"]["ref_compile"] is None and 0 < rec["objective_share"]["fused_compile"] < 1
+
+
+def test_step_sizes_and_hvae_targets():
+    step = _harness("step")
+    assert step.parse_size("128") == (None, 128, None, True)
+    assert step.parse_size("conv:16") == ("conv", 16, None, True)
+    assert step.parse_size("hvae:16") == ("hvae", 16, (16, 1), True)
+    assert step.parse_size(" hvae : 16 : 64x3 : eager ") == ("hvae", 16, (64, 3), False)
+    for bad in ("mlp:16:64x3", "conv:8:eager", "hvae:16:64", "hvae", "x"):
+        with pytest.raises(ValueError, match="step size"):
+            step.parse_size(bad)
+    targets = _harness("targets")
+    rec = {"model": "hvae", "dtype": "float32", "objective_share": {"ref_eager": 0.3, "fused_eager": 0.08},
+           "peak_mem_step_bytes": {"ref_eager": 30, "fused_eager": 20}, "speedup": {}}
+    big = {**rec, "objective_share": {"fused_eager": 0.12}, "peak_mem_step_bytes": {"ref_eager": 30, "fused_eager": 40}}
+    got = {x["target"]: x for x in targets.check_targets(
+        {"machine": {"device": "cpu"}, "benchmarks": {"step": {"results": [rec, big]}}})}
+    share = got["hvae train step: latent layers + likelihood <= 10% of the fused step"]
+    mem = got["hvae train step: fused peak memory <= the reference's"]
+    assert (share["measured_worst"], share["maximum"], share["met"]) == (pytest.approx(12.0), 10.0, False)
+    assert (mem["measured_worst"], mem["met"], mem["cases"]) == (0.75, False, 2)
+    got = targets.check_targets({"machine": {"device": "cpu"}, "benchmarks": {"step": {"results": [rec]}}})
+    assert all(x["met"] for x in got if x["target"].startswith("hvae"))
+
+
 def test_inductor_baseline(tmp_path):
     """The default torch.compile (inductor) baseline, one tiny loss case."""
     main = _harness().main
@@ -345,6 +415,7 @@ def test_doc_table_script_needs_no_torch(results):
 
 
 @pytest.mark.parametrize("section,json_name", [("", "cpu"), ("cpu-dmol", "cpu-dmol"), ("cpu-latent", "cpu-latent"),
+                                               ("cpu-hvae", "cpu-hvae"),
                                                ("h100", "h100"), ("h100-graph", "h100-graph")])
 def test_docs_benchmarks_tables_are_current(section, json_name):
     """docs/benchmarks.md holds what make_tables.py renders from benchmarks/results/: a change to the
