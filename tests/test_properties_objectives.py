@@ -506,6 +506,14 @@ def check_objective_case(case):
             may = loc >= big_c
             over = to_input_shape(may.to(F64), name, case)
             may = over > 0
+            if name == "recon_logvar" and case["leaves"][name].dim() == 0:
+                # a 0-d recon_logvar's local gradient is the sum of the elements' over a row ("none")
+                # or the batch, formed in double (gaussian_scalar_terms): past float64's range it is
+                # +-inf too (float64, five elements of q / 2 = 4.4e307 at grad_output 0.37: the
+                # reference's -8.1e307, the long profile's)
+                half = local[name] / 2
+                sums = per_row(half) if red == "none" else half.sum()
+                may = may | (sums >= torch.finfo(F64).max / 2).any()
             # a sum of local gradients (an expanded leaf, a broadcast prior) of which one is +-inf
             # is that infinity, whatever the others (sign included), or NaN (+inf and -inf)
             summed = to_input_shape(torch.ones_like(local[name]), name, case) > 1
