@@ -86,8 +86,8 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
       if (needs(0)) g_recon = scale_grad(saved[0], d_rec, per_sample, dtype, device);
       if (needs(6)) {
         const Tensor& g = saved[5];
-        // a 0-d recon_logvar: its gradient per sample (none) or over the batch, in the loss dtype;
-        // the per-sample ones scaled and summed in double, in a fixed order
+        // a 0-d recon_logvar: its gradient per sample (none) or over the batch, in double (past
+        // float's range unscaled, it may be finite scaled); scaled and summed in a fixed order
         if (ctx->saved_data["rlv_scalar"].toBool())
           g_recon_logvar = sum_all(at::mul(g.to(at::kDouble), d_rec.to(at::kDouble))).to(dtype);
         else

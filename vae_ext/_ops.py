@@ -29,7 +29,8 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 # each latent unit's KL averaged over the batch (mu.shape[1:]; empty unless unit_kl or free bits);
 # g_* are d(term)/d(input), written in the same pass (empty when their flag is False; all in the loss
 # dtype, float32 for half inputs; the latent and prior ones per element, mu's shape; a 0-d
-# recon_logvar's per sample for "none", else 0-d); the backward only scales them by grad_output
+# recon_logvar's per sample for "none", else 0-d, in float64: scaled, a sum past float32's range may
+# be finite); the backward only scales them by grad_output
 # (and sums a broadcast prior's). Through autograd, when a graph is recorded, they come back empty:
 # the backward scales the saved buffers in place.
 # total=True: the first output is the loss rec + kl (beta = 1) and the second is empty, which
@@ -57,6 +58,7 @@ def _elbo_loss_fake(recon, x, mu, logvar, recon_mode, reduction, grad_recon, gra
     kl = recon.new_empty(0 if total else shape, dtype=out_dtype)
     units = mu.new_empty(mu.shape[1:] if unit_kl or free_bits > 0 else 0, dtype=out_dtype)
     # every gradient buffer in the loss dtype (float32 for half inputs), as csrc/checks.cpp prepare_elbo
+    # (a 0-d recon_logvar's, a sum, in float64: below)
     g_recon = (torch.empty_like(recon, dtype=out_dtype, memory_format=_flat_format(recon)) if grad_recon
                else recon.new_empty(0, dtype=out_dtype))
 
@@ -66,8 +68,8 @@ def _elbo_loss_fake(recon, x, mu, logvar, recon_mode, reduction, grad_recon, gra
     prior = prior_mu is not None and grad_latent
     if recon_logvar is None or not grad_recon:
         g_rlv = recon.new_empty(0, dtype=out_dtype)
-    elif recon_logvar.dim() == 0:
-        g_rlv = recon.new_empty(shape, dtype=out_dtype)
+    elif recon_logvar.dim() == 0:  # a sum, in float64 until the backward scales it
+        g_rlv = recon.new_empty(shape, dtype=torch.float64)
     else:
         g_rlv = torch.empty_like(recon, dtype=out_dtype, memory_format=_flat_format(recon))
     return rec, kl, units, g_recon, latent(grad_latent), latent(grad_latent), latent(prior), latent(prior), g_rlv

@@ -122,25 +122,28 @@ VAE_HD typename M::T gaussian_elem(typename M::T r, typename M::T x, typename M:
 }
 
 // The same with one log-variance for every element (a 0-d recon_logvar): inv = exp(-rlv) is
-// computed once by the caller, and the element returns only q = (x - r)^2 inv; the sums of q over a
-// row (or the batch) give the loss and rlv's gradient by gaussian_scalar_terms.
+// computed once by the caller, and the element returns only q / 2 = (x - r)^2 inv / 2; the sums of
+// q / 2 over a row (or the batch) give the loss and rlv's gradient by gaussian_scalar_terms. Halved
+// per element, as in gaussian_elem, so that the sum overflows only where the loss does (a row of
+// q summed before halving is inf from 1.8e308, where the loss is finite up to twice that).
 template <class M>
 VAE_HD typename M::T gaussian_q_elem(typename M::T r, typename M::T x, typename M::T inv, typename M::T* g_r) {
-  const typename M::T d = r - x;
+  using T = typename M::T;
+  const T d = r - x;
   *g_r = d * inv;
-  return (d * d) * inv;
+  return (d * d) * (M::fill(0.5) * inv);
 }
 
-// From Q, the sum of q over `count` elements: their loss 0.5 (Q + count (rlv + log(2 pi))), and
-// d loss / d rlv = 0.5 (count - Q) to *g_rlv. In double: count may be large. No elements: 0 and 0,
+// From H, the sum of q / 2 over `count` elements: their loss H + count (rlv + log(2 pi)) / 2, and
+// d loss / d rlv = count / 2 - H to *g_rlv. In double: count may be large. No elements: 0 and 0,
 // as the reference's empty sum (0 (rlv + log(2 pi)) would be NaN for an infinite rlv).
-VAE_HD double gaussian_scalar_terms(double q_sum, double count, double rlv, double* g_rlv) {
+VAE_HD double gaussian_scalar_terms(double half_q_sum, double count, double rlv, double* g_rlv) {
   if (count == 0.0) {
     *g_rlv = 0.0;
     return 0.0;
   }
-  *g_rlv = 0.5 * (count - q_sum);
-  return 0.5 * (q_sum + count * (rlv + kLog2Pi));
+  *g_rlv = 0.5 * count - half_q_sum;
+  return half_q_sum + 0.5 * (count * (rlv + kLog2Pi));
 }
 
 template <Recon mode, class M>

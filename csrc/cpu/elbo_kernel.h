@@ -69,8 +69,9 @@ struct ProbRange<VecF> {
 // gradient, in the accumulation type (float for half types), when g is not null. Checks "bce"
 // probabilities on the fly.
 // Recon::Gaussian: rlv is the log-variance per element (g_rlv its gradient, or nullptr), or, when
-// scalar_rlv, the segment returns the sum of q = (x - r)^2 inv (gaussian_q_elem) with inv = exp(-rlv)
-// of the one log-variance.
+// scalar_rlv, the segment returns the sum of q / 2 = (x - r)^2 inv / 2 (gaussian_q_elem) with inv = exp(-rlv)
+// of the one log-variance, added per lane in double: rlv's gradient, count / 2 minus that sum, is
+// scaled by grad_output later and may be finite where a float lane's sum would be inf.
 template <typename scalar_t, Recon mode, bool scalar_rlv = false>
 double recon_segment(const scalar_t* r, const scalar_t* x, typename VecIO<scalar_t>::acc_t* g, int64_t len,
                      double scale, std::atomic<bool>* bad_prob, std::atomic<bool>* bad_target,
@@ -84,6 +85,9 @@ double recon_segment(const scalar_t* r, const scalar_t* x, typename VecIO<scalar
   const V vinv(inv);
   const bool scaled = scale != 1.0;  // "mean" only
   V acc0(0), acc1(0);
+  // scalar_rlv with a float accumulator: q / 2 summed per lane in double instead (acc0, acc1 unused)
+  constexpr bool wide = scalar_rlv && !std::is_same_v<typename IO::acc_t, double>;
+  double wacc[wide ? 2 * W : 1] = {};
   ProbRange<V> range, target_range;  // recon_x's and x's (binary x vectors are in range: skipped)
   // always inline: called as a function the step passes every vector through memory
   auto step = [&](int64_t i, int64_t cnt, V& acc) VAE_ALWAYS_INLINE {
@@ -109,7 +113,14 @@ double recon_segment(const scalar_t* r, const scalar_t* x, typename VecIO<scalar
       lv = recon_elem<mode, M>(rv, xv, &gv);
     }
     if (!full) lv = V::set(V(0), lv, cnt);  // padded lanes add nothing
-    acc = acc + lv;
+    if constexpr (wide) {
+      typename IO::acc_t buf[W];
+      lv.store(buf);
+      double* w = wacc + (&acc == &acc0 ? 0 : W);
+      for (int64_t k = 0; k < W; ++k) w[k] += static_cast<double>(buf[k]);
+    } else {
+      acc = acc + lv;
+    }
     if constexpr (mode == Recon::BCE) range.add(rv);
     if (g != nullptr) store_n(g + i, scaled ? gv * vscale : gv, cnt);
   };
@@ -123,6 +134,12 @@ double recon_segment(const scalar_t* r, const scalar_t* x, typename VecIO<scalar
   if constexpr (mode == Recon::BCE) {
     if (range.out_of_range()) bad_prob->store(true, std::memory_order_relaxed);
     if (target_range.out_of_range()) bad_target->store(true, std::memory_order_relaxed);
+  }
+  if constexpr (wide) {  // lane order, acc0's then acc1's, as hsum(acc0) + hsum(acc1)
+    double s0 = 0.0, s1 = 0.0;
+    for (int64_t k = 0; k < W; ++k) s0 += wacc[k];
+    for (int64_t k = 0; k < W; ++k) s1 += wacc[W + k];
+    return s0 + s1;
   }
   return hsum(acc0) + hsum(acc1);
 }
@@ -216,7 +233,7 @@ void kl_typed(const ElboArgs& a) {
   }
 }
 
-// A 0-d Gaussian log-variance: the reconstruction sums are sums of q; turn them into the loss and
+// A 0-d Gaussian log-variance: the reconstruction sums are sums of q / 2; turn them into the loss and
 // the log-variance's gradient (gaussian_scalar_terms).
 template <typename scalar_t>
 void finish_scalar_gaussian(const ElboArgs& a, double rlv) {

@@ -61,7 +61,8 @@ ElboOutputs elbo_loss_cpu(VAE_EXT_ELBO_ARGS) {
   const bool per_sample = red == Reduction::None;
   Tensor row_rec = per_sample ? at::empty({n}, at::kDouble) : Tensor();
   Tensor row_kl = per_sample ? at::empty({n}, at::kDouble) : Tensor();
-  // a 0-d recon_logvar's gradient: per sample (none) or over the batch, in double until the end
+  // a 0-d recon_logvar's gradient: per sample (none) or over the batch, returned in double: scaled
+  // by grad_output in the backward it may be finite where this sum is past float's range
   const bool rlv_grad = grad_recon && b.rlv_scalar;
   Tensor row_grad_rlv = rlv_grad && per_sample ? at::empty({n}, at::kDouble) : Tensor();
   double total_rec = 0.0, total_kl = 0.0, total_grad_rlv = 0.0;
@@ -81,7 +82,7 @@ ElboOutputs elbo_loss_cpu(VAE_EXT_ELBO_ARGS) {
   if (bad_target.load()) throw_bce_target_out_of_range();
   const at::ScalarType out = loss_dtype(recon.scalar_type());
   Tensor g_rlv = b.g_recon_logvar;
-  if (rlv_grad) g_rlv = per_sample ? row_grad_rlv.to(out) : at::scalar_tensor(total_grad_rlv, at::dtype(out));
+  if (rlv_grad) g_rlv = per_sample ? row_grad_rlv : at::scalar_tensor(total_grad_rlv, at::dtype(at::kDouble));
   Tensor units = at::empty({0}, at::dtype(out));
   if (unit_kl || free_bits > 0.0) {
     Tensor floored;

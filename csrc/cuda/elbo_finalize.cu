@@ -16,7 +16,7 @@ constexpr int kFinalizeThreads = 1024;
 // Adds each row's partials in a fixed order and reduces over the rows; writes the outputs in the
 // loss dtype (float for f32/f16/bf16, double for f64). kl_out == nullptr: the caller wants the
 // total, rec_out gets rec + kl (ElboLaunch::kl_out). A scalar Gaussian log-variance: the rec
-// partials are sums of q, turned into the loss and rlv's gradient here (gaussian_scalar_terms).
+// partials are sums of q / 2, turned into the loss and rlv's gradient here (gaussian_scalar_terms).
 template <typename T>
 __global__ void __launch_bounds__(kFinalizeThreads)
     elbo_finalize(ElboLaunch a, Layout u, const double* part_rec, const double* part_kl) {
@@ -26,22 +26,24 @@ __global__ void __launch_bounds__(kFinalizeThreads)
   OutT* rec_out = static_cast<OutT*>(a.rec_out);
   OutT* kl_out = static_cast<OutT*>(a.kl_out);
   const bool scalar_rlv = a.mode == Recon::Gaussian && a.rlv_scalar;
-  OutT* g_rlv_out = scalar_rlv ? static_cast<OutT*>(a.grad_recon_logvar) : nullptr;
+  // rlv's gradient in double whatever T: scaled by grad_output in the backward, it may be finite
+  // where this unscaled sum is past float's range
+  double* g_rlv_out = scalar_rlv ? static_cast<double*>(a.grad_recon_logvar) : nullptr;
   const double rlv = scalar_rlv ? static_cast<double>(to_acc(*static_cast<const T*>(a.recon_logvar))) : 0.0;
-  // The loss of `count` elements whose q sum to q_sum, and (to *g) its gradient to rlv.
-  auto gaussian = [&](double q_sum, double count, double* g) { return gaussian_scalar_terms(q_sum, count, rlv, g); };
+  // The loss of `count` elements whose q / 2 sum to h, and (to *g) its gradient to rlv.
+  auto gaussian = [&](double h, double count, double* g) { return gaussian_scalar_terms(h, count, rlv, g); };
   double sr = 0.0, sk = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     double r = 0.0, k = 0.0;
     for (int64_t c = 0; c < u.rec_cpr; ++c) r += part_rec[i * u.rec_cpr + c];
     for (int64_t c = 0; c < u.kl_cpr; ++c) k += part_kl[i * u.kl_cpr + c];
-    sr += r;  // scalar_rlv: the sum of q over the batch, turned into the loss below
+    sr += r;  // scalar_rlv: the sum of q / 2 over the batch, turned into the loss below
     sk += k;
     if (red == Reduction::None) {
       if (scalar_rlv) {
         double g;
         r = gaussian(r, static_cast<double>(a.d), &g);
-        if (g_rlv_out) g_rlv_out[i] = static_cast<OutT>(g * a.grad_scale);
+        if (g_rlv_out) g_rlv_out[i] = g * a.grad_scale;
       }
       if (kl_out) {
         rec_out[i] = static_cast<OutT>(r);
@@ -59,7 +61,7 @@ __global__ void __launch_bounds__(kFinalizeThreads)
     if (scalar_rlv) {
       double g;
       sr = gaussian(sr, static_cast<double>(n) * static_cast<double>(a.d), &g);
-      if (g_rlv_out) g_rlv_out[0] = static_cast<OutT>(g * a.grad_scale);  // grad_scale: 1/n for mean
+      if (g_rlv_out) g_rlv_out[0] = g * a.grad_scale;  // grad_scale: 1/n for mean
     }
     if (red == Reduction::Mean) {  // 0 / 0 = NaN for an empty batch, as Tensor.mean()
       sr /= static_cast<double>(n);

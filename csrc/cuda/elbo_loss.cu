@@ -153,8 +153,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
   A inv = A(0);  // ScalarLogvar: exp(-rlv), the same for every element
   if constexpr (kScalarRlv) inv = M::exp(M::fill(0.0) - to_acc(*static_cast<const T*>(a.recon_logvar)));
   const int64_t total = u.rec_units + u.kl_units;
+  // ScalarLogvar: each thread sums q / 2 in double (rlv's gradient, count / 2 minus that sum, is
+  // scaled by grad_output later and may be finite where a float sum would be inf), as the CPU's lanes
+  using S = std::conditional_t<kScalarRlv, double, A>;
   for (int64_t unit = blockIdx.x; unit < total; unit += gridDim.x) {
-    A acc = A(0);
+    S acc = S(0);
     bool bad = false, bad_x = false;
     if (unit < u.rec_units) {
       const auto [base, len, col] = segment(unit, u.rec_cpr, a.d);
@@ -181,7 +184,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
           bad |= static_cast<bool>(prob_out_of_range<M>(rv));
           bad_x |= static_cast<bool>(prob_out_of_range<M>(xv));
         }
-        acc += lv;
+        acc += static_cast<S>(lv);
         *gr *= scale;
       };
       auto at = [&](int64_t i) {  // one element outside the vectors
@@ -250,7 +253,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>)
       // One branch per unit, the same for the whole grid: each path's loop is specialized.
       acc = a.prior_mu ? kl_segment<T, true>(a, base, col, len, scale) : kl_segment<T, false>(a, base, col, len, scale);
     }
-    const A sum = block_sum(acc);
+    const S sum = block_sum(acc);
     if constexpr (kCheck) {
       const int flags = (__syncthreads_or(bad) ? 1 : 0) | (__syncthreads_or(bad_x) ? 2 : 0);
       if (flags && threadIdx.x == 0) atomicOr(a.bad_flag, flags);

@@ -27,7 +27,7 @@ struct ElboLaunch {
   const void* recon_logvar;
   bool rlv_scalar;
   void* grad_recon_logvar;  // per element: (n, d) like grad_recon (* grad_scale), nullptr when it is;
-                            // scalar: the loss dtype, shape (n,) for reduction none, () otherwise
+                            // scalar: double, shape (n,) for reduction none, () otherwise
   const void* mu;           // (n, l) contiguous
   const void* logvar;
   void* grad_mu;      // (n, l) in the accumulation type (float for f16/bf16), or nullptr (then

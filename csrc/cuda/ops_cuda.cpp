@@ -37,9 +37,12 @@ ElboOutputs elbo_loss_cuda(VAE_EXT_ELBO_ARGS) {
   Tensor rec = term();
   // total (and no free bits): the finalize kernel writes rec + kl into rec, and kl stays empty.
   Tensor kl = (total && !floored_kl) ? at::empty({0}, out_opts) : term();
-  // A 0-d recon_logvar's gradient, written by the finalize kernel: per sample (none) or over the batch.
+  // A 0-d recon_logvar's gradient, written by the finalize kernel: per sample (none) or over the
+  // batch, in double until the backward scales it (as the CPU op's).
   const bool rlv_grad = grad_recon && b.rlv_scalar;
-  Tensor g_rlv = rlv_grad ? term() : b.g_recon_logvar;
+  Tensor g_rlv = rlv_grad ? (red == Reduction::None ? at::empty({n}, out_opts.dtype(at::kDouble))
+                                                    : at::empty({}, out_opts.dtype(at::kDouble)))
+                          : b.g_recon_logvar;
   const size_t ws_bytes = cuda::elbo_workspace_bytes(n, d, l);
   Tensor ws = at::empty({static_cast<int64_t>(ws_bytes > 0 ? ws_bytes : 1)}, b.recon.options().dtype(at::kByte));
   Tensor bad = (validate && mode == Recon::BCE) ? at::zeros({1}, b.recon.options().dtype(at::kInt)) : Tensor();
