@@ -353,7 +353,10 @@ def check_objective_case(case):
     # exp(-prior_logvar) / 2 autograd's first product did (the long profile's counterexamples). They
     # come from a run at their own k_lat, where that weight is about 1.
     ups_max = [u.abs().max().item() if u.numel() else 0.0 for u in case["ups"]]
-    kl_up = ups_max[0] * (1.0 if case["kl_only"] else case["beta"]) + (ups_max[2] if len(ups_max) > 2 else 0.0)
+    # (the KL term's own grad_output only without free bits: the true KL returned then passes none;
+    # counted, it set beta = 2.2e-311 at a scale of 2^-10, where beta's product was subnormal)
+    kl_own = ups_max[2] if len(ups_max) > 2 and not case["free_bits"] else 0.0
+    kl_up = ups_max[0] * (1.0 if case["kl_only"] else case["beta"]) + kl_own
     k_lat = math.ceil(math.log2(kl_up)) if kl_up > 0 else 0
     # ... but never so far that a grad_output divided by 2^k_lat overflows (a subnormal beta, 2.2e-313,
     # asked for 2^1038): there the weight stays small, far above where its products underflow
