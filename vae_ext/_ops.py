@@ -11,7 +11,10 @@ import math
 
 import torch
 
-from ._build import _C  # noqa: F401  (loads the library: registers torch.ops.vae_ext.*)
+from ._build import _C  # loads the library: registers torch.ops.vae_ext.*
+from ._compile_cache import tag_compile_cache
+
+tag_compile_cache(_C.__file__, __file__)  # a rebuild compiles afresh (vae_ext/_compile_cache.py)
 
 _HALF = (torch.float16, torch.bfloat16)
 
