@@ -72,9 +72,11 @@ def main(spec_json: str) -> int:
     import torch
 
     import dmol
+    import latent
     import loss
     import objectives
     import reparameterize
+    import step
     from measure import configure_dynamo
     from settings import Settings
 
@@ -86,7 +88,7 @@ def main(spec_json: str) -> int:
                         threads=torch.get_num_threads(), compile_mode=spec["compile_mode"],
                         compile_backend=spec["compile_backend"], measure_memory=False, cpu_allocator="glibc",
                         seed=spec["seed"], glibc_child=True)
-    benches = {m.NAME: m for m in (loss, objectives, reparameterize, dmol)}
+    benches = {m.NAME: m for m in (loss, objectives, reparameterize, dmol, latent, step)}
     rec = benches[spec["bench"]].run_case(_decode_case(spec["case"]), settings)
     print(json.dumps(rec))
     return 0

@@ -105,6 +105,9 @@ def run_case(c: dict, settings: Settings) -> dict:
            "eager": _step(_ref, inputs, grad_z),
            "compile": _step(measure.compile_fn(_ref, settings), inputs, grad_z)}
 
+    if settings.glibc_child:  # glibc_process.py: the timings alone
+        return measure.child_times(fns, settings, case_label(c), {b: ("fused", b) for b in BASELINES})
+
     def reset():
         for t in inputs:
             t.grad = None
@@ -121,6 +124,7 @@ def run_case(c: dict, settings: Settings) -> dict:
            "peak_mem_bytes": peak, "check": check}
     if peak:
         rec["mem_fused_le"] = {b: peak["fused"] <= peak[b] for b in BASELINES}
+    measure.add_fresh_process(rec, settings)
     return rec
 
 

@@ -152,10 +152,7 @@ def op_case(settings: Settings, label: str, fused: Optional[Callable], ref: Call
                 "compile": backward_step(compile_fn(ref, settings), inputs, leaves, grad)})
     impls = [k for k in OP_IMPLS if k in fns]
     if settings.glibc_child:  # glibc_process.py: the timings alone
-        for fn in fns.values():
-            warm_up(fn, settings)
-        times = time_interleaved(fns, settings, label)
-        return {"times": times, "speedup": {b: ratio(times.get(b), times.get("fused")) for b in OP_BASELINES}}
+        return child_times(fns, settings, label, {b: ("fused", b) for b in OP_BASELINES})
 
     def reset():
         for t in leaves:
@@ -177,9 +174,24 @@ def op_case(settings: Settings, label: str, fused: Optional[Callable], ref: Call
     })
     if peak and "fused" in peak:
         rec["mem_fused_le"] = {b: peak["fused"] <= peak[b] for b in OP_BASELINES}
+    add_fresh_process(rec, settings)
+    return rec
+
+
+def child_times(fns: dict, settings: Settings, label: str, speedups: dict) -> dict:
+    """What a case returns in glibc_process.py's child: each fn warmed up and timed interleaved (with
+    its page faults per call), and ``speedups`` (name: (fused impl, baseline impl)) as ratios."""
+    for fn in fns.values():
+        warm_up(fn, settings)
+    times = time_interleaved(fns, settings, label)
+    return {"times": times, "speedup": {k: ratio(times.get(b), times.get(f)) for k, (f, b) in speedups.items()}}
+
+
+def add_fresh_process(rec: dict, settings: Settings) -> None:
+    """The case run_benchmark is running, measured again in a fresh process under glibc's malloc
+    defaults (benchmarks/glibc_process.py), as rec["glibc_process"], when the run asks for it."""
     if settings.glibc_process and _current:
         rec["glibc_process"] = glibc_process.measure(*_current, settings)
-    return rec
 
 
 def run_benchmark(settings: Settings, progress, bench, **fields) -> dict:

@@ -93,14 +93,27 @@ def _glibc_ms(impl: str) -> Column:
     return f"{impl} ms", lambda r: fmt_ms(_ms(_glibc(r), impl))
 
 
-# A fresh process per case under glibc's malloc defaults (benchmarks/glibc_process.py).
-_GLIBC_COLUMNS: List[Column] = [
-    _glibc_ms("fused"), _glibc_ms("eager"), _glibc_ms("compile"),
-    ("vs eager", lambda r: fmt_x((_glibc(r).get("speedup") or {}).get("eager"))),
-    ("vs compile", lambda r: fmt_x((_glibc(r).get("speedup") or {}).get("compile"))),
-    (_FAULT_HEADER, lambda r: _faults(_glibc(r).get("times") or {}, ("fused", "eager", "compile"))
-     if _glibc(r).get("times") else _glibc(r).get("error", "-")),
-]
+def _glibc_columns(impls: Sequence[Tuple[str, str]], speedups: Sequence[Tuple[str, str]]) -> List[Column]:
+    """A fresh process per case under glibc's malloc defaults (benchmarks/glibc_process.py): each
+    impl's time ((header, impl) pairs), the speedups ((header, key)), the page faults per call."""
+    names = [i for _, i in impls]
+    return [
+        *((f"{h} ms", lambda r, i=i: fmt_ms(_ms(_glibc(r), i))) for h, i in impls),
+        *((h, lambda r, k=k: fmt_x((_glibc(r).get("speedup") or {}).get(k))) for h, k in speedups),
+        (f"faults/call {' / '.join(h for h, _ in impls)}",
+         lambda r: _faults(_glibc(r)["times"], names) if _glibc(r).get("times") else _glibc(r).get("error", "-")),
+    ]
+
+
+def _glibc_table(title: str, columns: List[Column], recs: list) -> List[Table]:
+    """The glibc table of a benchmark, where its run measured any case in fresh processes."""
+    if not any("glibc_process" in r for r in recs):
+        return []
+    return [_table(f"{title}: glibc's malloc defaults, a fresh process per case", columns, recs)]
+
+
+_GLIBC_COLUMNS = _glibc_columns((("fused", "fused"), ("eager", "eager"), ("compile", "compile")),
+                                (("vs eager", "eager"), ("vs compile", "compile")))
 
 
 def _op_table(bench: dict, size_columns: List[Column]) -> List[Table]:
@@ -118,11 +131,7 @@ def _op_table(bench: dict, size_columns: List[Column]) -> List[Table]:
     columns = list(_OP_COLUMNS)
     if any("minflt_per_call" in (r.get("times") or {}).get("fused", {}) for r in recs):
         columns.insert(7, (_FAULT_HEADER, lambda r: _faults(r.get("times") or {}, ("fused", "eager", "compile"))))
-    out = [_table(title, size_columns + columns, recs)]
-    if any("glibc_process" in r for r in recs):
-        out.append(_table(f"{title}: glibc's malloc defaults, a fresh process per case", size_columns + _GLIBC_COLUMNS,
-                          recs))
-    return out
+    return [_table(title, size_columns + columns, recs), *_glibc_table(title, size_columns + _GLIBC_COLUMNS, recs)]
 
 
 def loss_table(bench: dict) -> List[Table]:
@@ -161,11 +170,18 @@ _LATENT_COLUMNS: List[Column] = [
 ]
 
 
-def latent_table(bench: dict) -> Table:
+_LATENT_GLIBC_COLUMNS = _glibc_columns(
+    (("fused", "fused"), ("two-call", "two_call"), ("eager", "eager"), ("compile", "compile")),
+    (("vs two-call", "two_call"), ("vs eager", "eager"), ("vs compile", "compile")))
+
+
+def latent_table(bench: dict) -> List[Table]:
     """gaussian_latent beside reparameterize + gaussian_kl (this package's two calls)."""
     dtypes = sorted({r.get("dtype", "") for r in bench["results"]})
-    columns = _LATENT_COLUMNS if len(dtypes) == 1 else [("dtype", lambda r: r.get("dtype", "")), *_LATENT_COLUMNS]
-    return _table(f"{bench['title']}, {', '.join(dtypes)}", columns, bench["results"])
+    lead = [] if len(dtypes) == 1 else [("dtype", lambda r: r.get("dtype", ""))]
+    title, recs = f"{bench['title']}, {', '.join(dtypes)}", bench["results"]
+    return [_table(title, lead + _LATENT_COLUMNS, recs),
+            *_glibc_table(title, lead + _LATENT_COLUMNS[:2] + _LATENT_GLIBC_COLUMNS, recs)]
 
 
 _STEP_COLUMNS: List[Column] = [
@@ -191,7 +207,13 @@ def _shares(r: dict) -> str:
                       for i in ("ref_eager", "fused_eager", "ref_compile", "fused_compile"))
 
 
-def step_table(bench: dict) -> Table:
+_STEP_GLIBC_COLUMNS = _glibc_columns(
+    (("reference", "ref_eager"), ("fused", "fused_eager"), ("compiled ref", "ref_compile"),
+     ("compiled fused", "fused_compile")),
+    (("vs reference", "eager"), ("vs compiled ref", "compile")))
+
+
+def step_table(bench: dict) -> List[Table]:
     dtypes = {r.get("dtype") for r in bench["results"]}
     adam = bench.get("adam", "default")
     adam = "Adam" if adam == "default" else f"Adam({adam}=True)"
@@ -200,7 +222,8 @@ def step_table(bench: dict) -> Table:
     if any("objective_share" in r for r in bench["results"]):  # the hierarchical VAE (width x layers)
         columns = [("model", _step_model), *columns[1:],
                    ("objectives % of step: ref / fused / c. ref / c. fused", _shares)]
-    return _table(title, columns, bench["results"])
+    recs = bench["results"]
+    return [_table(title, columns, recs), *_glibc_table(title, columns[:3] + _STEP_GLIBC_COLUMNS, recs)]
 
 
 def dmol_table(bench: dict) -> List[Table]:
@@ -257,6 +280,17 @@ def _allocator_text(results: dict) -> str:
             }.get(a.get("mode"), f"; CPU allocator: {a.get('mode')}")
 
 
+def _fresh_process_text(results: dict) -> str:
+    """Which benchmarks' cases were measured again in fresh processes (older runs did some only)."""
+    names = [name for name, bench in (results.get("benchmarks") or {}).items()
+             if any("glibc_process" in r for r in bench.get("results") or [])]
+    if not names:
+        return ""
+    which = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    return (f"; each {which} case also in a fresh process under glibc's malloc defaults "
+            "(benchmarks/glibc_process.py)")
+
+
 def settings_line(results: dict) -> str:
     st = results.get("settings") or {}
     if not st:
@@ -270,8 +304,7 @@ def settings_line(results: dict) -> str:
             + ("; --cuda-graph: the op benchmarks timed as CUDA-graph replays of one call (device time, "
                "no host overhead)" if st.get("cuda_graph") else "")
             + _allocator_text(results)
-            + ("; each loss, objectives, reparam and dmol case also in a fresh process under glibc's malloc "
-               "defaults (benchmarks/glibc_process.py)" if st.get("glibc_process") else "")
+            + _fresh_process_text(results)
             + ("; environment: " + ", ".join(f"{k}={v}" for k, v in env.items()) if env else "") + ".")
 
 

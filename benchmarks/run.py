@@ -95,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "retain (default; no page faults after warm-up), fresh (large blocks are new pages "
                    "every time), glibc (untouched defaults; large-size timings then depend on heap history)")
     p.add_argument("--no-glibc-process", dest="glibc_process", action="store_false",
-                   help="CPU: skip the second measurement of each loss, objectives, reparam and dmol case in a "
+                   help="CPU: skip the second measurement of each case in a "
                    "fresh process under glibc's malloc defaults (done unless --cpu-allocator glibc)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--cuda-graph", action="store_true",

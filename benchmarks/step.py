@@ -159,6 +159,9 @@ def run_case(c: dict, settings: Settings) -> dict:
 
         opts[impl], fns[impl], fwd_bwd[impl] = opt, step, forward_backward
 
+    if settings.glibc_child:  # glibc_process.py: the timings alone
+        return measure.child_times(fns, settings, case_label(c), {k: p for k, p in PAIRS.items() if p[0] in fns})
+
     def reset():
         for opt in opts.values():
             opt.zero_grad(set_to_none=True)
@@ -197,6 +200,7 @@ def run_case(c: dict, settings: Settings) -> dict:
             fns[impl], ranged=impl.endswith("eager")) for impl in fns}
         rec["objective_share_ops"] = {"fused_eager": step_profile.objective_share(fns["fused_eager"], ranged=False)}
         reset()
+    measure.add_fresh_process(rec, settings)
     return rec
 
 

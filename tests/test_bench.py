@@ -518,6 +518,32 @@ def test_cpu_allocator_modes(mode, tmp_path):
                for t in glibc_targets)
 
 
+@pytest.mark.parametrize("bench, sizes, impls", [
+    ("latent", ["--sizes", "latent=2x3x4x4"], ("fused", "two_call", "eager", "compile")),
+    ("step", ["--models", "mlp", "--sizes", "step=4"], ("ref_eager", "fused_eager", "ref_compile", "fused_compile")),
+])
+def test_latent_and_step_cases_in_a_fresh_process(bench, sizes, impls, tmp_path):
+    """The latent layer and the training step are measured as a user's process gets them too
+    (issue 28): each case again in a fresh process under glibc's defaults, with its page faults per
+    call, in the JSON and in a second table."""
+    out = tmp_path / "r.json"
+    argv = [a for a in FAST if a not in ("--cpu-allocator", "glibc")]
+    p = subprocess.run([sys.executable, str(BENCH_DIR / "run.py"), *argv, *AOT_EAGER, "--only", bench, *sizes,
+                        "--no-chart", "--no-memory", "--out", str(out)], capture_output=True, text=True, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())
+    g = r["benchmarks"][bench]["results"][0]["glibc_process"]
+    assert "error" not in g, g
+    for impl in impls:
+        assert _is_time(g["times"][impl]) and g["times"][impl]["minflt_per_call"] >= 0, impl
+    key, base, fused = ("two_call", "two_call", "fused") if bench == "latent" else ("eager", "ref_eager", "fused_eager")
+    t = g["times"]
+    assert g["speedup"][key] == pytest.approx(t[base]["median_ms"] / t[fused]["median_ms"])
+    md = _harness("report").markdown_section(r)
+    assert "glibc's malloc defaults, a fresh process per case" in md and "faults/call" in md
+    assert f"each {bench} case also in a fresh process" in md
+
+
 def test_run_script_help():
     _harness()
     p = subprocess.run([sys.executable, str(BENCH_DIR / "run.py"), "--help"], capture_output=True, text=True,
