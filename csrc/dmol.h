@@ -32,16 +32,12 @@ DmolInputs prepare_dmol_sample(const Tensor& params, int64_t num_channels, doubl
 
 [[noreturn]] void throw_dmol_x_out_of_range();
 
-// The kernel arguments that both backends' structs share (cpu::DmolArgs, cuda::DmolLaunch), from
-// the laid-out inputs: g is the gradient buffer the kernel writes (a pointer only where `grad` and
-// g is non-empty); grad_scale is 1/N for the mean.
+// What every DMoL kernel reads (cpu::DmolArgs and DmolSampleArgs, cuda::DmolLaunch and
+// DmolSampleLaunch): the params, the sizes and the params' strides.
 template <class Args>
-void fill_dmol_args(Args& a, const DmolInputs& in, const Tensor& g, bool grad, int64_t num_bits, double log_scale_min,
-                    Reduction red) {
+void fill_dmol_params(Args& a, const DmolInputs& in, double log_scale_min) {
   a.dtype = kernel_dtype(in.params.t.scalar_type());
   a.params = in.params.t.const_data_ptr();
-  a.grad = grad && g.numel() > 0 ? g.data_ptr() : nullptr;
-  a.x = in.x.t.const_data_ptr();
   a.n = in.n;
   a.s = in.s;
   a.nmix = in.nmix;
@@ -49,29 +45,30 @@ void fill_dmol_args(Args& a, const DmolInputs& in, const Tensor& g, bool grad, i
   a.p_sample = in.params.sample;
   a.p_param = in.params.k;
   a.p_pixel = in.params.pixel;
+  a.log_scale_min = log_scale_min;
+}
+
+// dmol_nll's, from the laid-out inputs: g is the gradient buffer the kernel writes (a pointer only
+// where `grad` and g is non-empty); grad_scale is 1/N for the mean.
+template <class Args>
+void fill_dmol_args(Args& a, const DmolInputs& in, const Tensor& g, bool grad, int64_t num_bits, double log_scale_min,
+                    Reduction red) {
+  fill_dmol_params(a, in, log_scale_min);
+  a.grad = grad && g.numel() > 0 ? g.data_ptr() : nullptr;
+  a.x = in.x.t.const_data_ptr();
   a.x_sample = in.x.sample;
   a.x_channel = in.x.k;
   a.x_pixel = in.x.pixel;
   a.num_bits = num_bits;
-  a.log_scale_min = log_scale_min;
   a.grad_scale = red == Reduction::Mean && in.n > 0 ? 1.0 / static_cast<double>(in.n) : 1.0;
 }
 
-// dmol_sample's (cpu::DmolSampleArgs, cuda::DmolSampleLaunch; the generator's state is each
-// backend's): out is the samples' tensor (a pointer only where it is non-empty).
+// dmol_sample's (the generator's state is each backend's): out is the samples' tensor (a pointer
+// only where it is non-empty).
 template <class Args>
 void fill_dmol_sample_args(Args& a, const DmolInputs& in, const Tensor& out, double log_scale_min) {
-  a.dtype = kernel_dtype(in.params.t.scalar_type());
-  a.params = in.params.t.const_data_ptr();
+  fill_dmol_params(a, in, log_scale_min);
   a.out = out.numel() ? out.data_ptr() : nullptr;
-  a.n = in.n;
-  a.s = in.s;
-  a.nmix = in.nmix;
-  a.channels = in.channels;
-  a.p_sample = in.params.sample;
-  a.p_param = in.params.k;
-  a.p_pixel = in.params.pixel;
-  a.log_scale_min = log_scale_min;
 }
 
 }  // namespace vae_ext

@@ -8,20 +8,14 @@
 #include <string>
 
 #include "cpu/scale_kernels.h"
+#include "cpu/table_choice.h"
 
 namespace vae_ext {
 
 namespace cpu {
 const ScaleKernelTable& scale_kernels() {
-  static const ScaleKernelTable* table = [] {
-    const std::string cap = at::get_cpu_capability();  // the capability kernels() chooses
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    if (cap == "AVX512") return &AVX512::scale_kernel_table();
-    if (cap == "AVX2") return &AVX2::scale_kernel_table();
-#endif
-    return &DEFAULT::scale_kernel_table();
-  }();
-  return *table;
+  static const ScaleKernelTable& table = VAE_EXT_CPU_TABLE(scale_kernel_table);
+  return table;
 }
 }  // namespace cpu
 

@@ -11,20 +11,14 @@
 #include "../latent.h"
 #include "../layout.h"
 #include "latent_kernels.h"
+#include "table_choice.h"
 
 namespace vae_ext {
 
 namespace cpu {
 const LatentKernelTable& latent_kernels() {
-  static const LatentKernelTable* table = [] {
-    const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY, as kernels()
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    if (cap == "AVX512") return &AVX512::latent_kernel_table();
-    if (cap == "AVX2") return &AVX2::latent_kernel_table();
-#endif
-    return &DEFAULT::latent_kernel_table();
-  }();
-  return *table;
+  static const LatentKernelTable& table = VAE_EXT_CPU_TABLE(latent_kernel_table);
+  return table;
 }
 }  // namespace cpu
 

@@ -13,20 +13,14 @@
 
 #include "../ops.h"
 #include "kernels.h"
+#include "table_choice.h"
 
 namespace vae_ext {
 
 namespace cpu {
 const KernelTable& kernels() {
-  static const KernelTable* table = [] {
-    const std::string cap = at::get_cpu_capability();  // honours ATEN_CPU_CAPABILITY
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    if (cap == "AVX512") return &AVX512::kernel_table();
-    if (cap == "AVX2") return &AVX2::kernel_table();
-#endif
-    return &DEFAULT::kernel_table();
-  }();
-  return *table;
+  static const KernelTable& table = VAE_EXT_CPU_TABLE(kernel_table);
+  return table;
 }
 }  // namespace cpu
 

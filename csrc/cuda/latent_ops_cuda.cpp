@@ -2,18 +2,17 @@
 // twins (cpu/latent_ops_cpu.cpp), with the device guard, the current stream and the generator's
 // graph-safe Philox state; the KL's reduction runs on the device, with no host sync.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <mutex>
 
 #include "../checks.h"
 #include "../latent.h"
 #include "../layout.h"
 #include "launchers.h"
+#include "philox_state.h"
 
 namespace vae_ext {
 namespace {
@@ -34,23 +33,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gaussian_latent_cuda(const Tensor& mu
   LatentArgs& a = l.a;
   const auto [z, kl_elems] = fill_latent_forward_args(a, mu, num_samples, free_bits);
   const int64_t rows = a.k * a.n, len = a.c * a.s;
-  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
-      generator, at::cuda::detail::getDefaultCUDAGenerator(mu.device().index()));
-  at::PhiloxCudaState philox;
-  {
-    // 4 offsets per call, as reparameterize: counters (offset / 4, group) of their own
-    std::lock_guard<std::mutex> lock(gen->mutex_);
-    philox = gen->philox_cuda_state(4);
-  }
-  l.rng.captured = philox.captured_;
-  if (philox.captured_) {
-    l.rng.seed_ptr = philox.seed_.ptr;
-    l.rng.offset_ptr = philox.offset_.ptr;
-    l.rng.offset_intragraph = philox.offset_intragraph_;
-  } else {
-    l.rng.seed = philox.seed_.val;
-    l.rng.offset = philox.offset_.val;
-  }
+  l.rng = reserve_philox(generator, mu.device().index());
   Tensor state = at::zeros({2}, mu.options().dtype(at::kLong));
   Tensor partials = at::empty({std::max<int64_t>(rows * cuda::latent_chunks(len), 1)}, mu.options().dtype(at::kDouble));
   Tensor row_kl = at::empty({rows}, mu.options().dtype(at::kDouble));

@@ -2,16 +2,15 @@
 // device guard, the current stream and the generator's graph-safe Philox state, then call the
 // launchers of the .cu files.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <mutex>
 
 #include "../ops.h"
 #include "launchers.h"
+#include "philox_state.h"
 
 namespace vae_ext {
 namespace {
@@ -81,15 +80,7 @@ ReparamOutputs reparameterize_cuda(const Tensor& mu, const Tensor& logvar, int64
                                    std::optional<at::Generator> generator) {
   check_reparam_inputs(mu, logvar, num_samples);
   const c10::cuda::CUDAGuard guard(mu.device());
-  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
-      generator, at::cuda::detail::getDefaultCUDAGenerator(mu.device().index()));
-  at::PhiloxCudaState philox;
-  {
-    // Each call reserves 4 offsets: our counters are (offset / 4, element group), disjoint from
-    // those of every other op that draws from this generator (csrc/common/philox.h).
-    std::lock_guard<std::mutex> lock(gen->mutex_);
-    philox = gen->philox_cuda_state(4);
-  }
+  const cuda::PhiloxArgs rng = reserve_philox(generator, mu.device().index());
   const auto fmt = kernel_format(mu);
   const Tensor mc = mu.contiguous(fmt), lc = logvar.contiguous(fmt);
   Tensor z = reparam_empty(mu, fmt, num_samples);
@@ -105,15 +96,7 @@ ReparamOutputs reparameterize_cuda(const Tensor& mu, const Tensor& logvar, int64
   a.numel = mu.numel();
   a.k = std::max<int64_t>(num_samples, 1);
   std::tie(a.layout.channels, a.layout.spatial) = reparam_channels_spatial(mu, fmt);
-  a.rng.captured = philox.captured_;
-  if (philox.captured_) {
-    a.rng.seed_ptr = philox.seed_.ptr;
-    a.rng.offset_ptr = philox.offset_.ptr;
-    a.rng.offset_intragraph = philox.offset_intragraph_;
-  } else {
-    a.rng.seed = philox.seed_.val;
-    a.rng.offset = philox.offset_.val;
-  }
+  a.rng = rng;
   a.state_out = state.data_ptr<int64_t>();
   C10_CUDA_CHECK(cuda::launch_reparam(a, c10::cuda::getCurrentCUDAStream()));
   return {z, eps, state};

@@ -2,17 +2,16 @@
 // csrc/dmol.h, the device guard, the stream, the generator's graph-safe Philox state, then the
 // launchers of dmol.cu. The twin of cpu/ops_dmol.cpp.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAGeneratorImpl.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <mutex>
 #include <vector>
 
 #include "../dmol.h"
 #include "launchers.h"
+#include "philox_state.h"
 
 namespace vae_ext {
 namespace {
@@ -44,27 +43,13 @@ Tensor dmol_sample_cuda(const Tensor& params, int64_t num_channels, double log_s
                         std::optional<at::Generator> generator) {
   const DmolInputs in = prepare_dmol_sample(params, num_channels, log_scale_min);
   const c10::cuda::CUDAGuard guard(params.device());
-  auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
-      generator, at::cuda::detail::getDefaultCUDAGenerator(params.device().index()));
-  at::PhiloxCudaState philox;
-  {
-    std::lock_guard<std::mutex> lock(gen->mutex_);
-    philox = gen->philox_cuda_state(4);  // 4 offsets per call, as reparameterize (csrc/common/philox.h)
-  }
+  const cuda::PhiloxArgs rng = reserve_philox(generator, params.device().index());
   std::vector<int64_t> shape(params.sizes().begin(), params.sizes().end());
   shape[1] = num_channels;
   Tensor out = at::empty(shape, params.options());
   cuda::DmolSampleLaunch a{};
   fill_dmol_sample_args(a, in, out, log_scale_min);
-  a.rng.captured = philox.captured_;
-  if (philox.captured_) {
-    a.rng.seed_ptr = philox.seed_.ptr;
-    a.rng.offset_ptr = philox.offset_.ptr;
-    a.rng.offset_intragraph = philox.offset_intragraph_;
-  } else {
-    a.rng.seed = philox.seed_.val;
-    a.rng.offset = philox.offset_.val;
-  }
+  a.rng = rng;
   C10_CUDA_CHECK(cuda::launch_dmol_sample(a, c10::cuda::getCurrentCUDAStream()));
   return out;
 }
