@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 #include "autograd_common.h"
 #include "latent.h"
@@ -15,6 +16,29 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using LatentOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+// The tensors the backward reads, as saved: each input itself, or a compact copy (in mu's layout)
+// of those that are views into a storage at least twice the bytes they are, which saving them would
+// keep alive. VDVAE's prior mean and log-scale are channel slices of the prior network's output,
+// whose other channels (the state update) are freed after the forward: the views would pin all of
+// it. A chunk(2) of a conv output (q's mean and log-scale) is the whole storage: saved as is.
+// Tensor subclasses (torch.compile's fake and functional tensors) are saved as they are.
+std::vector<Tensor> saved_inputs(const std::vector<Tensor>& ts, const Tensor& mu) {
+  std::vector<Tensor> out(ts);
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const Tensor& t = ts[i];
+    if (!t.defined() || !t.has_storage() || t.unsafeGetTensorImpl()->is_python_dispatch() ||
+        !(t.is_cpu() || t.is_cuda()))
+      continue;
+    const auto& st = t.storage();
+    int64_t need = 0;  // the bytes of the saved tensors that share t's storage
+    for (const Tensor& u : ts)
+      if (u.defined() && u.has_storage() && u.storage().is_alias_of(st)) need += u.numel() * u.element_size();
+    if (static_cast<int64_t>(st.nbytes()) >= 2 * need && need > 0)
+      out[i] = t.clone(t.dim() == mu.dim() ? latent_format(mu) : at::MemoryFormat::Contiguous);
+  }
+  return out;
+}
 
 struct GaussianLatentFunction : public torch::autograd::Function<GaussianLatentFunction> {
   static variable_list forward(AutogradContext* ctx, const Tensor& mu, const Tensor& logscale,
@@ -30,8 +54,8 @@ struct GaussianLatentFunction : public torch::autograd::Function<GaussianLatentF
     auto [z, kl_out, state, unit_w] =
         op.call(mu, logscale, prior_mu, prior_logscale, scale, kl, reduction, free_bits, num_samples, generator);
     const bool prior = prior_mu.has_value();
-    ctx->save_for_backward({mu, logscale, prior ? *prior_mu : Tensor(), prior ? *prior_logscale : Tensor(), state,
-                            unit_w});
+    auto ins = saved_inputs({mu, logscale, prior ? *prior_mu : Tensor(), prior ? *prior_logscale : Tensor()}, mu);
+    ctx->save_for_backward({ins[0], ins[1], ins[2], ins[3], state, unit_w});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["kl"] = kl;
     ctx->saved_data["reduction"] = reduction;

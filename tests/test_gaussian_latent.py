@@ -182,6 +182,38 @@ def test_slices_are_not_copied(layout):
     assert not big, [(e.name, e.input_shapes) for e in big]
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("kl", KLS)
+def test_prior_slices_saved_compact(layout, kl):
+    """VDVAE's prior mean and log-scale are channel slices of the prior network's output, whose other
+    channels (the state update) are freed after the forward: the op saves compact copies of the two
+    slices, not views that would keep that whole output alive. q's chunk(2), the whole of its
+    storage, is saved as it is. The gradients are the reference's either way."""
+    g = torch.Generator().manual_seed(3)
+    n, c, width, fmt = 3, 2, 12, getattr(torch, layout if layout == "channels_last" else "contiguous_format")
+    q = torch.randn(n, 2 * c, 4, 5, generator=g, dtype=F64).contiguous(memory_format=fmt).requires_grad_(True)
+    feats = torch.randn(n, 2 * c + width, 4, 5, generator=g, dtype=F64).contiguous(memory_format=fmt)
+    feats.requires_grad_(True)
+
+    def layer(fn, **kw):
+        mu, ls = q.chunk(2, dim=1)
+        return fn(mu, ls, feats[:, :c], feats[:, c:2 * c], scale="logsigma", kl=kl, **kw)
+
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        z, kl_n = layer(fused)
+    ptrs = [t.untyped_storage().data_ptr() for t in saved]
+    assert feats.untyped_storage().data_ptr() not in ptrs
+    assert q.untyped_storage().data_ptr() in ptrs
+    wz, wk = weights(z.shape, kl_n.shape)
+    got = torch.autograd.grad((z, kl_n), (q, feats), (wz, wk))
+    eps = eps_for(q[:, :c], None)
+    rz, rkl = layer(reference.gaussian_latent, eps=eps)
+    want = torch.autograd.grad((rz, rkl), (q, feats), (wz, wk))
+    for a, b, what in zip(got, want, ("q", "feats")):
+        assert_close(a, b, rtol=TOLS[F64].grad, atol_rel=TOLS[F64].grad_atol_rel, what=what)
+
+
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("kl", KLS)
 @pytest.mark.parametrize("k", [None, 2], ids=["k0", "k2"])
