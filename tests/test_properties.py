@@ -214,8 +214,8 @@ def check(what: str, got: torch.Tensor, ref: torch.Tensor, native: torch.Tensor,
     """Element by element, as the module docstring says. got: the op's result; ref: the float64
     reference; native: the reference in the input's precision; bound: the allowed |got - ref|;
     nan_in: where an input is NaN (the result must be NaN there); may_overflow: where an infinity
-    of the reference's sign is a documented limitation; may_nan: where NaN is one (such an infinity
-    times a scale that is 0 in the kernel's arithmetic)."""
+    of the reference's sign is a documented limitation; may_nan: where NaN or any infinity is one
+    (such an infinity times a scale that is 0 in the kernel's arithmetic; a sum of them)."""
     assert tuple(got.shape) == tuple(ref.shape), f"{what}: shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
     assert got.dtype == dtype, f"{what}: dtype {got.dtype}, expected {dtype}"
     g = got.detach().double()
@@ -245,7 +245,7 @@ def check(what: str, got: torch.Tensor, ref: torch.Tensor, native: torch.Tensor,
         # arithmetic: beta = 1e-195 in float32, where the reference's gradient is 1e-136)
         as_pytorch |= may_overflow & torch.isnan(g) & (expected == 0)
     if may_nan is not None:
-        as_pytorch |= may_nan & torch.isnan(g)
+        as_pytorch |= may_nan & ~torch.isfinite(g)
     ok = ok_nan | (~torch.isnan(r) & (ok_inf | within | window | as_pytorch | beyond))
     ok &= ~nan_in | torch.isnan(g)
     if not bool(ok.all()):

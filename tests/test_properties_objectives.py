@@ -541,15 +541,16 @@ def check_objective_case(case):
             # is that infinity, whatever the others (sign included), or NaN (+inf and -inf)
             summed = to_input_shape(torch.ones_like(local[name]), name, case) > 1
             rg = rg.masked_fill(summed & may, math.nan)
-            # The same where each scaled local gradient is finite in the kernel's arithmetic but
-            # past the input dtype's range: an expanded leaf's gradient is summed by autograd in that
-            # dtype, after the op rounded each to +-inf (float16, a unit at the free-bits floor kept:
-            # 7.5e9 and -7.6e10 summed over the batch, where the reference floored it: the long
-            # profile's). (0.99: the rounding to inf is not judged at its edge.)
+            # Where each scaled local gradient is finite in the kernel's arithmetic but may be past
+            # the input dtype's range, an expanded leaf's gradient is summed by autograd in that
+            # dtype after the op rounded each to +-inf: +-inf or NaN is allowed there (float16, a
+            # unit at the free-bits floor kept: 7.5e9 and -7.6e10 summed over the batch, where the
+            # reference floored it: the long profile's). (0.99: not judged at the edge of the range.)
+            # (w: |grad_output| summed over the outputs, an upper bound of the scale)
             past = (local[name] * w >= 0.99 * torch.finfo(dtype).max).to(F64)
             if latent:  # (a floored unit passes 0)
                 past = past * keep_e
-            rg = rg.masked_fill(summed & (to_input_shape(past, name, case) > 0), math.nan)
+            non_finite = summed & (to_input_shape(past, name, case) > 0)
         nan_e = isnan[name] | isnan["x"] if name == "recon_x" else isnan[name]
         nan_in = to_input_shape(nan_e.to(F64), name, case) > 0
         if name == "recon_x" and case["mode"] == "l1":
@@ -562,9 +563,9 @@ def check_objective_case(case):
             # derivative is not defined: NaN, as the op gives (0 * grad_output / 0), where the
             # reference's autograd gives a 0-d recon_logvar 0 (an empty sum's)
             rg = torch.full_like(rg, math.nan)
-        may_nan = None
+        may_nan = non_finite if name in local else None
         if latent and may is not None:
-            may_nan = may & (to_input_shape(zero_scale.expand(full["mu"].shape), name, case) > 0)
+            may_nan = may_nan | (may & (to_input_shape(zero_scale.expand(full["mu"].shape), name, case) > 0))
         check(f"grad {name}", g, rg, ng, bound, dtype, nan_in, may, may_nan)
 
 
