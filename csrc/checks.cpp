@@ -4,6 +4,7 @@
 #include <cmath>
 #include <tuple>
 
+#include "grad_block.h"
 #include "layout.h"
 
 namespace vae_ext {
@@ -133,9 +134,24 @@ ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu,
   // divided by N (mean), they would underflow before a loss scale could rescue them.
   const auto ropts = b.recon.options().dtype(loss_dtype(recon.scalar_type()));
   b.g_recon = grad_recon ? at::empty_like(b.recon, ropts, fmt) : at::empty({0}, ropts);
-  b.g_mu = latent_buf(grad_latent);
-  b.g_logvar = latent_buf(grad_latent);
   const bool prior = opt.prior_mu.has_value();
+  // The latent gradients the caller gets as they are and frees together (.grad = None, zero_grad):
+  // one block on the CPU (csrc/grad_block.h); a broadcast prior's are summed in the backward and
+  // freed there, so they stay blocks of their own.
+  const bool prior_whole = prior && grad_latent && opt.prior_mu->sizes() == mu.sizes() &&
+                           opt.prior_logvar->sizes() == mu.sizes();
+  if (grad_latent) {
+    auto g = empty_together(mu.sizes(), lopts, prior_whole ? 4 : 2);
+    b.g_mu = std::move(g[0]);
+    b.g_logvar = std::move(g[1]);
+    if (prior_whole) {
+      b.g_prior_mu = std::move(g[2]);
+      b.g_prior_logvar = std::move(g[3]);
+    }
+  } else {
+    b.g_mu = latent_buf(false);
+    b.g_logvar = latent_buf(false);
+  }
   if (prior) {
     const Tensor &pm = *opt.prior_mu, &pl = *opt.prior_logvar;
     // Both shared: (l) each, read for every row; otherwise both (n, l) (a copy where broadcast).
@@ -148,7 +164,7 @@ ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu,
     b.prior_mu = lay(pm);
     b.prior_logvar = lay(pl);
   }
-  if (!opt.lean || prior) {
+  if ((!opt.lean || prior) && !prior_whole) {
     b.g_prior_mu = latent_buf(prior && grad_latent);
     b.g_prior_logvar = latent_buf(prior && grad_latent);
   }
