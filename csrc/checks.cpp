@@ -133,7 +133,17 @@ ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu,
   // The recon gradients too (docs/design.md, "Half precision"): stored in half precision already
   // divided by N (mean), they would underflow before a loss scale could rescue them.
   const auto ropts = b.recon.options().dtype(loss_dtype(recon.scalar_type()));
-  b.g_recon = grad_recon ? at::empty_like(b.recon, ropts, fmt) : at::empty({0}, ropts);
+  // A per-element log-variance's gradient is recon_x's size and freed with it: one block for the
+  // two, as for the latents' below (contiguous ones; csrc/grad_block.h).
+  const bool rlv_grad = grad_recon && mode == Recon::Gaussian && opt.recon_logvar->dim() != 0;
+  const bool recon_together = rlv_grad && fmt == at::MemoryFormat::Contiguous;
+  if (recon_together) {
+    auto g = empty_together(b.recon.sizes(), ropts, 2);
+    b.g_recon = std::move(g[0]);
+    b.g_recon_logvar = std::move(g[1]);
+  } else {
+    b.g_recon = grad_recon ? at::empty_like(b.recon, ropts, fmt) : at::empty({0}, ropts);
+  }
   const bool prior = opt.prior_mu.has_value();
   // The latent gradients the caller gets as they are and frees together (.grad = None, zero_grad):
   // one block on the CPU (csrc/grad_block.h); a broadcast prior's are summed in the backward and
@@ -175,9 +185,8 @@ ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu,
     b.rlv_scalar = rlv.dim() == 0;
     b.recon_logvar = b.rlv_scalar ? rlv : rlv.contiguous(fmt);
   }
-  if (!opt.lean || mode == Recon::Gaussian)
-    b.g_recon_logvar = (grad_recon && mode == Recon::Gaussian && !b.rlv_scalar) ? at::empty_like(b.recon, ropts, fmt)
-                                                                                : at::empty({0}, ropts);
+  if (!recon_together && (!opt.lean || mode == Recon::Gaussian))
+    b.g_recon_logvar = rlv_grad ? at::empty_like(b.recon, ropts, fmt) : at::empty({0}, ropts);
   return b;
 }
 

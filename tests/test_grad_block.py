@@ -152,3 +152,38 @@ def test_outside_the_bounds_separate_blocks(latent):
     assert not _one_block([t.grad for t in leaves.values()])
     for k, t in leaves.items():
         assert_close(t.grad, refs[k], rtol=1e-5, atol_rel=1e-6, what=f"{latent}: grad {k}")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_recon_and_pixel_logvar_grads(layout):
+    """recon="gaussian" with a per-element log-variance: recon_x's and its gradients, each recon_x's
+    size and freed together, share a block when contiguous (a channels_last recon_x's keep their
+    layout in blocks of their own)."""
+    inputs = make_objective_inputs("gaussian", (16, 2, 32, 32), (16, 3), F32, seed=75, rlv="pixel")
+    if layout == "channels_last":
+        for k in ("recon_x", "x", "recon_logvar"):
+            inputs[k] = inputs[k].contiguous(memory_format=torch.channels_last)
+    names = ("recon_x", "mu", "logvar", "recon_logvar")
+    leaves = {k: inputs[k].detach().requires_grad_(True) for k in names}
+    w = upstream_for("none", 16)
+    out = vae_ext.elbo_loss(leaves["recon_x"], inputs["x"], leaves["mu"], leaves["logvar"], recon="gaussian",
+                            reduction="none", recon_logvar=leaves["recon_logvar"])
+    (out * w.to(out.dtype)).sum().backward()
+    refs = {k: t.detach().to(F64).requires_grad_(True) for k, t in leaves.items()}
+    ref = reference.elbo_loss(refs["recon_x"], inputs["x"].to(F64), refs["mu"], refs["logvar"], recon="gaussian",
+                              reduction="none", recon_logvar=refs["recon_logvar"])
+    (ref * w).sum().backward()
+    pair = [leaves["recon_x"].grad, leaves["recon_logvar"].grad]
+    assert _one_block(pair) == (layout == "contiguous")
+    if layout == "channels_last":
+        assert all(g.is_contiguous(memory_format=torch.channels_last) for g in pair)
+    for k, t in leaves.items():
+        assert_close(t.grad, refs[k].grad, rtol=1e-5, atol_rel=1e-6, what=f"{layout}: grad {k}")
+
+
+def test_opcheck_recon_pair():
+    inputs = make_objective_inputs("gaussian", (16, 2, 32, 32), (16, 3), F32, seed=76, rlv="pixel")
+    for k in ("recon_x", "mu", "logvar", "recon_logvar"):
+        inputs[k].requires_grad_(True)
+    torch.library.opcheck(ELBO_OP, (inputs["recon_x"], inputs["x"], inputs["mu"], inputs["logvar"], "gaussian",
+                                    "sum", True, True, False, False, None, None, inputs["recon_logvar"], 0.0, False))
