@@ -7,11 +7,12 @@ malloc defaults (never mallopt here), and the CPU allocations one call makes.
 
 Each implementation of a case runs in fresh processes of its own (as a user's script starts), --repeat
 of them: it is built and called once, then --calls times, and the faults (``resource.getrusage``
-ru_minflt) over those calls are divided by their number (``fresh``); then the same after a loop of
---loop calls (``steady``). Which block glibc hands back depends on the heap's history, which differs
-from one process to the next: the mean over the processes and the largest are printed. ``--trace``
-lists the allocations of one call through the CPU allocator (torch.profiler ``profile_memory``): size,
-when, and when freed (``kept`` = alive after it).
+ru_minflt) and the time over those calls are divided by their number (``fresh``); then the same
+after a loop of --loop calls (``steady``). Which block glibc hands back depends on the heap's
+history, which differs from one process to the next: the mean faults over the processes and the
+largest are printed, with the median time per call (one thread: run it under ``taskset`` on a
+quiet machine to compare times). ``--trace`` lists the allocations of one call through the CPU
+allocator (torch.profiler ``profile_memory``): size, when, and when freed (``kept`` = alive after it).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import os
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -107,10 +109,12 @@ def child(case: str, calls: int, loop: int, trace: bool, impls) -> dict:
         for name, fn in fns.items():
             for _ in range(n_loop):
                 fn()
-            f0 = _faults()
+            f0, t0 = _faults(), time.perf_counter()
             for _ in range(calls):
                 fn()
+            t1 = time.perf_counter()
             res.setdefault(phase, {})[name] = (_faults() - f0) / calls
+            res.setdefault(phase + "_ms", {})[name] = (t1 - t0) / calls * 1e3
     if trace:
         res["trace"] = {name: _trace(fn, leaves) for name, fn in fns.items()}
     return res
@@ -147,7 +151,8 @@ def main(argv=None) -> int:
         for phase in ("fresh", "steady"):
             for impl in a.impls.split(","):
                 v = [r[phase][impl] for r in runs if impl in r[phase]]
-                cells.append(f"{phase} {impl} {sum(v) / len(v):6.0f} (max {max(v):5.0f})")
+                ms = sorted(r[phase + "_ms"][impl] for r in runs if impl in r[phase])
+                cells.append(f"{phase} {impl} {sum(v) / len(v):6.0f} (max {max(v):5.0f}) {ms[len(ms) // 2]:6.2f} ms")
         print(f"{case:28s} " + "  ".join(cells), flush=True)
         for r in runs[:: a.repeat]:
             for name, rows in r.get("trace", {}).items():

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <tuple>
 
+#include "grad_block.h"
 #include "layout.h"
 
 namespace vae_ext {
@@ -132,10 +133,35 @@ ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu,
   // The recon gradients too (docs/design.md, "Half precision"): stored in half precision already
   // divided by N (mean), they would underflow before a loss scale could rescue them.
   const auto ropts = b.recon.options().dtype(loss_dtype(recon.scalar_type()));
-  b.g_recon = grad_recon ? at::empty_like(b.recon, ropts, fmt) : at::empty({0}, ropts);
-  b.g_mu = latent_buf(grad_latent);
-  b.g_logvar = latent_buf(grad_latent);
+  // A per-element log-variance's gradient is recon_x's size and freed with it: one block for the
+  // two, as for the latents' below (contiguous ones; csrc/grad_block.h).
+  const bool rlv_grad = grad_recon && mode == Recon::Gaussian && opt.recon_logvar->dim() != 0;
+  const bool recon_together = rlv_grad && fmt == at::MemoryFormat::Contiguous;
+  if (recon_together) {
+    auto g = empty_together(b.recon.sizes(), ropts, 2);
+    b.g_recon = std::move(g[0]);
+    b.g_recon_logvar = std::move(g[1]);
+  } else {
+    b.g_recon = grad_recon ? at::empty_like(b.recon, ropts, fmt) : at::empty({0}, ropts);
+  }
   const bool prior = opt.prior_mu.has_value();
+  // The latent gradients the caller gets as they are and frees together (.grad = None, zero_grad):
+  // one block on the CPU (csrc/grad_block.h); a broadcast prior's are summed in the backward and
+  // freed there, so they stay blocks of their own.
+  const bool prior_whole = prior && grad_latent && opt.prior_mu->sizes() == mu.sizes() &&
+                           opt.prior_logvar->sizes() == mu.sizes();
+  if (grad_latent) {
+    auto g = empty_together(mu.sizes(), lopts, prior_whole ? 4 : 2);
+    b.g_mu = std::move(g[0]);
+    b.g_logvar = std::move(g[1]);
+    if (prior_whole) {
+      b.g_prior_mu = std::move(g[2]);
+      b.g_prior_logvar = std::move(g[3]);
+    }
+  } else {
+    b.g_mu = latent_buf(false);
+    b.g_logvar = latent_buf(false);
+  }
   if (prior) {
     const Tensor &pm = *opt.prior_mu, &pl = *opt.prior_logvar;
     // Both shared: (l) each, read for every row; otherwise both (n, l) (a copy where broadcast).
@@ -148,7 +174,7 @@ ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu,
     b.prior_mu = lay(pm);
     b.prior_logvar = lay(pl);
   }
-  if (!opt.lean || prior) {
+  if ((!opt.lean || prior) && !prior_whole) {
     b.g_prior_mu = latent_buf(prior && grad_latent);
     b.g_prior_logvar = latent_buf(prior && grad_latent);
   }
@@ -159,9 +185,8 @@ ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu,
     b.rlv_scalar = rlv.dim() == 0;
     b.recon_logvar = b.rlv_scalar ? rlv : rlv.contiguous(fmt);
   }
-  if (!opt.lean || mode == Recon::Gaussian)
-    b.g_recon_logvar = (grad_recon && mode == Recon::Gaussian && !b.rlv_scalar) ? at::empty_like(b.recon, ropts, fmt)
-                                                                                : at::empty({0}, ropts);
+  if (!recon_together && (!opt.lean || mode == Recon::Gaussian))
+    b.g_recon_logvar = rlv_grad ? at::empty_like(b.recon, ropts, fmt) : at::empty({0}, ropts);
   return b;
 }
 

@@ -1,0 +1,189 @@
+"""The latent gradients of one call in one CPU block (csrc/grad_block.h, docs/design.md "Page faults
+under glibc's defaults"): each gradient still right against the float64 reference and a tensor of its
+own (its own storage: opcheck's no-alias rule), alive as long as any of them is, a broadcast prior's
+gradients outside the block, and the bounds on the block's size."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+
+import vae_ext
+from vae_ext import reference
+
+from helpers import F32, F64, assert_close, make_objective_inputs, upstream_for
+
+ELBO_OP = torch.ops.vae_ext.elbo_loss.default
+LATENT = (64, 4, 8, 8)  # 64 KiB per float32 gradient: 2 or 4 of them reach the block's 128 KiB minimum
+NAMES = ("mu", "logvar", "prior_mu", "prior_logvar")
+
+
+def _kl_grads(prior_shape, dtype=F32, reduction="mean", latent=LATENT):
+    """gaussian_kl forward + backward (grad_output != 1) on leaves; returns (leaves, their reference
+    gradients in float64)."""
+    inputs = make_objective_inputs("mse", (latent[0], 1), latent, dtype, seed=70, prior_shape=prior_shape)
+    names = NAMES if prior_shape is not None else NAMES[:2]
+    leaves = {k: inputs[k].detach().requires_grad_(True) for k in names}
+    w = upstream_for(reduction, latent[0])
+    out = vae_ext.gaussian_kl(*leaves.values(), reduction=reduction)
+    (out * w.to(out.dtype)).sum().backward()
+    refs = {k: t.detach().to(F64).requires_grad_(True) for k, t in leaves.items()}
+    (reference.gaussian_kl(*refs.values(), reduction=reduction) * w).sum().backward()
+    return leaves, {k: t.grad for k, t in refs.items()}
+
+
+def _one_block(grads):
+    """True when the gradients lie one after the other in memory, each with a storage of its own."""
+    ptrs = [g.data_ptr() for g in grads]
+    each = grads[0].untyped_storage().nbytes()
+    return (all(g.untyped_storage().nbytes() == each and g.untyped_storage().data_ptr() == g.data_ptr()
+                for g in grads)
+            and ptrs == [ptrs[0] + i * each for i in range(len(grads))])
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "none"])
+@pytest.mark.parametrize("prior", ["whole", "none"])
+def test_grads_in_one_block_match_reference(prior, reduction):
+    leaves, refs = _kl_grads(LATENT if prior == "whole" else None, reduction=reduction)
+    assert _one_block([t.grad for t in leaves.values()]), prior
+    for k, t in leaves.items():
+        assert_close(t.grad, refs[k], rtol=1e-5, atol_rel=1e-6, what=f"{prior} {reduction}: grad {k}")
+
+
+def test_broadcast_prior_grads_stay_outside():
+    """A broadcast prior's gradients are summed in the backward: mu's and logvar's block holds
+    neither of the per-element buffers they come from."""
+    leaves, refs = _kl_grads((4, 1, 1))
+    assert _one_block([leaves["mu"].grad, leaves["logvar"].grad])
+    for k, t in leaves.items():
+        assert_close(t.grad, refs[k], rtol=1e-5, atol_rel=1e-6, what=f"grad {k}")
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float16, torch.bfloat16])
+def test_other_dtypes(dtype):
+    """float64 gradients in the block; a half input's float32 buffers scaled and rounded into tensors
+    of its dtype."""
+    leaves, refs = _kl_grads(LATENT, dtype=dtype)
+    tol = 1e-12 if dtype == F64 else 1e-2
+    for k, t in leaves.items():
+        assert t.grad.dtype == dtype, k
+        assert_close(t.grad, refs[k], rtol=tol, atol_rel=tol, what=f"{dtype} grad {k}")
+    if dtype == F64:
+        assert _one_block([t.grad for t in leaves.values()])
+
+
+def test_each_gradient_outlives_the_others():
+    """The block is freed with the last of its tensors: one gradient kept after the others are
+    dropped keeps its values through new allocations."""
+    leaves, _ = _kl_grads(LATENT)
+    kept = leaves["prior_logvar"].grad
+    want = kept.clone()
+    for k in NAMES[:3]:
+        leaves[k].grad = None
+    gc.collect()
+    junk = [torch.full((LATENT[0] * 256,), 7.0) for _ in range(8)]  # the freed bytes' next users
+    assert torch.equal(kept, want)
+    del junk
+    kept.mul_(2.0)  # writable, and its neighbours' bytes are no longer read by anyone
+    assert torch.equal(kept, want * 2)
+
+
+def test_backward_twice_with_retain_graph():
+    """With the graph kept the buffers are not scaled in place: a second backward adds the same."""
+    inputs = make_objective_inputs("mse", (LATENT[0], 1), LATENT, F32, seed=74, prior_shape=LATENT)
+    leaves = [inputs[k].detach().requires_grad_(True) for k in NAMES]
+    loss = vae_ext.gaussian_kl(*leaves) * 3.7
+    loss.backward(retain_graph=True)
+    first = [t.grad.clone() for t in leaves]
+    loss.backward()
+    for name, t, g in zip(NAMES, leaves, first):
+        assert_close(t.grad, 2 * g, rtol=1e-6, what=f"grad {name} after two")
+
+
+def test_direct_op_outputs_are_separate_storages():
+    """Called with grad mode off, the op returns the buffers themselves: four tensors, four storages."""
+    inputs = make_objective_inputs("mse", (LATENT[0], 1), LATENT, F32, seed=71, prior_shape=LATENT)
+    empty = inputs["mu"].new_empty(LATENT[0], 0)
+    with torch.no_grad():
+        out = ELBO_OP(empty, empty, inputs["mu"], inputs["logvar"], "mse", "sum", False, True, False, True,
+                      inputs["prior_mu"], inputs["prior_logvar"], None, 0.0, False)
+    grads = out[4:8]
+    assert _one_block(grads)
+    assert len({g.untyped_storage()._cdata for g in grads}) == 4  # four StorageImpls
+    refs = [t.to(F64).requires_grad_(True) for t in (inputs[k] for k in NAMES)]
+    want = torch.autograd.grad(reference.gaussian_kl(*refs, reduction="sum"), refs)
+    for name, g, r in zip(NAMES, grads, want):
+        assert_close(g, r, rtol=1e-5, atol_rel=1e-6, what=f"op output: grad {name}")
+
+
+@pytest.mark.parametrize("case", ["whole_prior", "no_prior", "whole_prior_f16", "no_grads"])
+def test_opcheck(case):
+    """The outputs alias neither each other nor the inputs (schema), and the fake kernel agrees."""
+    dtype = torch.float16 if case.endswith("f16") else F32
+    prior = None if case == "no_prior" else LATENT
+    inputs = make_objective_inputs("mse", (LATENT[0], 3), LATENT, dtype, seed=72, prior_shape=prior)
+    grads = case != "no_grads"
+    for k in NAMES:
+        if inputs[k] is not None:
+            inputs[k].requires_grad_(grads)
+    torch.library.opcheck(ELBO_OP, (inputs["recon_x"], inputs["x"], inputs["mu"], inputs["logvar"], "mse", "mean",
+                                    False, grads, False, False, inputs["prior_mu"], inputs["prior_logvar"], None,
+                                    0.0, False))
+
+
+def test_torch_compile_fullgraph():
+    inputs = make_objective_inputs("mse", (LATENT[0], 1), LATENT, F32, seed=73, prior_shape=LATENT)
+    leaves = [inputs[k].detach().requires_grad_(True) for k in NAMES]
+    fn = torch.compile(lambda *t: vae_ext.gaussian_kl(*t, reduction="mean") * 3.7, fullgraph=True)
+    torch.autograd.grad(fn(*leaves), leaves)  # compiled; the second call runs the compiled graph
+    got = torch.autograd.grad(fn(*leaves), leaves)
+    refs = [t.detach().to(F64).requires_grad_(True) for t in leaves]
+    want = torch.autograd.grad(reference.gaussian_kl(*refs, reduction="mean") * 3.7, refs)
+    for name, g, r in zip(NAMES, got, want):
+        assert_close(g, r, rtol=1e-5, atol_rel=1e-6, what=f"compiled: grad {name}")
+
+
+@pytest.mark.parametrize("latent", [(4, 8), (2, 2, 1 << 19)], ids=["below_128KiB", "above_32MiB"])
+def test_outside_the_bounds_separate_blocks(latent):
+    """Below glibc's first mmap threshold the heap serves the buffers whatever their number; above
+    its largest one block would be mmapped on every call, where separate ones may be reused."""
+    leaves, refs = _kl_grads(latent, latent=latent, reduction="sum")
+    assert not _one_block([t.grad for t in leaves.values()])
+    for k, t in leaves.items():
+        assert_close(t.grad, refs[k], rtol=1e-5, atol_rel=1e-6, what=f"{latent}: grad {k}")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_recon_and_pixel_logvar_grads(layout):
+    """recon="gaussian" with a per-element log-variance: recon_x's and its gradients, each recon_x's
+    size and freed together, share a block when contiguous (a channels_last recon_x's keep their
+    layout in blocks of their own)."""
+    inputs = make_objective_inputs("gaussian", (16, 2, 32, 32), (16, 3), F32, seed=75, rlv="pixel")
+    if layout == "channels_last":
+        for k in ("recon_x", "x", "recon_logvar"):
+            inputs[k] = inputs[k].contiguous(memory_format=torch.channels_last)
+    names = ("recon_x", "mu", "logvar", "recon_logvar")
+    leaves = {k: inputs[k].detach().requires_grad_(True) for k in names}
+    w = upstream_for("none", 16)
+    out = vae_ext.elbo_loss(leaves["recon_x"], inputs["x"], leaves["mu"], leaves["logvar"], recon="gaussian",
+                            reduction="none", recon_logvar=leaves["recon_logvar"])
+    (out * w.to(out.dtype)).sum().backward()
+    refs = {k: t.detach().to(F64).requires_grad_(True) for k, t in leaves.items()}
+    ref = reference.elbo_loss(refs["recon_x"], inputs["x"].to(F64), refs["mu"], refs["logvar"], recon="gaussian",
+                              reduction="none", recon_logvar=refs["recon_logvar"])
+    (ref * w).sum().backward()
+    pair = [leaves["recon_x"].grad, leaves["recon_logvar"].grad]
+    assert _one_block(pair) == (layout == "contiguous")
+    if layout == "channels_last":
+        assert all(g.is_contiguous(memory_format=torch.channels_last) for g in pair)
+    for k, t in leaves.items():
+        assert_close(t.grad, refs[k].grad, rtol=1e-5, atol_rel=1e-6, what=f"{layout}: grad {k}")
+
+
+def test_opcheck_recon_pair():
+    inputs = make_objective_inputs("gaussian", (16, 2, 32, 32), (16, 3), F32, seed=76, rlv="pixel")
+    for k in ("recon_x", "mu", "logvar", "recon_logvar"):
+        inputs[k].requires_grad_(True)
+    torch.library.opcheck(ELBO_OP, (inputs["recon_x"], inputs["x"], inputs["mu"], inputs["logvar"], "gaussian",
+                                    "sum", True, True, False, False, None, None, inputs["recon_logvar"], 0.0, False))
