@@ -215,7 +215,8 @@ double dmol_chunk(const DmolArgs& a, int64_t r, int64_t s0, int64_t s1, typename
     const V vshift = dmol_lse_shift<M>(vmax), lshift = dmol_lse_shift<M>(lmax);
     V sv(0), sl(0);
     for (int64_t m = 0; m < nmix; ++m) {
-      const V e = M::exp(V::loadu(gbuf + m * W) - vshift), f = M::exp(row(m) - lshift);
+      // (no subnormal weights: dmol_exp_normal; the sums, at least 1, are the same)
+      const V e = dmol_exp_normal<M>(V::loadu(gbuf + m * W) - vshift), f = dmol_exp_normal<M>(row(m) - lshift);
       sv = sv + e;
       sl = sl + f;
       if constexpr (Grad) {
@@ -226,11 +227,15 @@ double dmol_chunk(const DmolArgs& a, int64_t r, int64_t s0, int64_t s1, typename
     const V nll = (lshift + M::log(sl)) - (vshift + M::log(sv));
     total += hsum(cnt == W ? nll : V::set(zero, nll, cnt));
     if constexpr (Grad) {
-      // pass 2: responsibilities r_m = e_m / sum e, softmax f_m / sum f
+      // pass 2: responsibilities r_m = e_m / sum e, softmax f_m / sum f, each 0 where it is below
+      // exp(dmol_exp_floor) (as CUDA's dmol_exp_normal(v_m - logsumexp)): e_m < that times sum e
       const V inv_sv = V(1) / sv, inv_sl = V(1) / sl;
+      const V least(static_cast<acc_t>(std::exp(dmol_exp_floor<V>())));
+      const V e_floor = sv * least, f_floor = sl * least;
       for (int64_t m = 0; m < nmix; ++m) {
-        const V resp = V::loadu(gbuf + m * W) * inv_sv;
-        (V::loadu(fbuf + m * W) * inv_sl - resp).store(gbuf + m * W);
+        const V e = V::loadu(gbuf + m * W), f = V::loadu(fbuf + m * W);
+        const V resp = M::select(e < e_floor, zero, e) * inv_sv;
+        (M::select(f < f_floor, zero, f) * inv_sl - resp).store(gbuf + m * W);
         V gmu[C], gs[C], alpha[C], g_mean[C], g_scale[C], g_coef[C];
         for (int c = 0; c < C; ++c) {
           const int64_t pm = nmix * (1 + 3 * c) + m;
