@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <type_traits>
 #include <vector>
 
@@ -116,6 +117,38 @@ void scatter_tile(const acc_t* buf, int64_t rows, int64_t rs, int64_t ps, int64_
     for (int64_t p = 0; p < rows; ++p) dst[j * ps + p * rs] = static_cast<scalar_t>(buf[p * W + j]);
 }
 
+// Tiles ahead of the one computed whose rows are prefetched (channels-first layouts). Each row of a
+// tile is a separate stream (P of them for params, P more for the gradient, S elements apart):
+// more than the hardware prefetchers follow, so without this each tile's gather (and the previous
+// tile's scatter) waits a full memory latency. Two tiles ahead cover it at M = 1 too.
+constexpr int64_t kDmolPrefetchTiles = 2;
+
+// Prefetches into L2 (not L1: image rows 4 KiB apart all fall into one L1 set) the `rows` rows of a
+// tile of W pixels whose pixels are contiguous (row stride rs elements): the line of each row's
+// first element, and of its last where the rows are not all 64-byte aligned (a row may then
+// straddle two lines). On x86 by inline asm: GCC 12 dropped __builtin_prefetch from some
+// instantiations (dmol_chunk<float, 3, true>). A read prefetch serves the gradient's stores too:
+// no other core holds those lines, so they arrive writable.
+template <int64_t W, typename T>
+inline void prefetch_tile_rows(const T* src, int64_t rows, int64_t rs) {
+  constexpr int64_t kLast = W * static_cast<int64_t>(sizeof(T)) - 1;
+  const bool aligned =
+      kLast < 64 && (reinterpret_cast<uintptr_t>(src) | static_cast<uintptr_t>(rs * sizeof(T))) % 64 == 0;
+  for (int64_t p = 0; p < rows; ++p) {
+    const char* row = reinterpret_cast<const char*>(src + p * rs);
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    asm volatile("prefetcht1 %0" : : "m"(*row));
+    if (!aligned) asm volatile("prefetcht1 %0" : : "m"(*(row + kLast)));
+#elif defined(__GNUC__)
+    __builtin_prefetch(row, 0, 2);
+    if (!aligned) __builtin_prefetch(row + kLast, 0, 2);
+#else
+    (void)row;
+    (void)aligned;
+#endif
+  }
+}
+
 // The NLL summed over pixels [s0, s1) of sample r; the gradient of those pixels when Grad.
 template <typename scalar_t, int C, bool Grad>
 double dmol_chunk(const DmolArgs& a, int64_t r, int64_t s0, int64_t s1, typename VecIO<scalar_t>::acc_t* pbuf,
@@ -136,6 +169,14 @@ double dmol_chunk(const DmolArgs& a, int64_t r, int64_t s0, int64_t s1, typename
   double total = 0.0;
   for (int64_t t0 = s0; t0 < s1; t0 += W) {
     const int64_t cnt = std::min(W, s1 - t0);
+    // (into the sample's next chunk too: this thread's next chunk, usually)
+    const int64_t ahead = t0 + kDmolPrefetchTiles * W;
+    if (ahead < a.s) {
+      if (a.p_pixel == 1) prefetch_tile_rows<W>(params + ahead, np, a.p_param);
+      if (a.x_pixel == 1) prefetch_tile_rows<W>(xs + ahead, C, a.x_channel);
+      if constexpr (Grad)
+        if (a.p_pixel == 1) prefetch_tile_rows<W>(grad + ahead, np, a.p_param);
+    }
     gather_tile<scalar_t, acc_t, W>(params + t0 * a.p_pixel, np, a.p_param, a.p_pixel, cnt, pbuf);
     acc_t xbuf[3 * W];
     gather_tile<scalar_t, acc_t, W>(xs + t0 * a.x_pixel, C, a.x_channel, a.x_pixel, cnt, xbuf);
@@ -174,7 +215,8 @@ double dmol_chunk(const DmolArgs& a, int64_t r, int64_t s0, int64_t s1, typename
     const V vshift = dmol_lse_shift<M>(vmax), lshift = dmol_lse_shift<M>(lmax);
     V sv(0), sl(0);
     for (int64_t m = 0; m < nmix; ++m) {
-      const V e = M::exp(V::loadu(gbuf + m * W) - vshift), f = M::exp(row(m) - lshift);
+      // (no subnormal weights: dmol_exp_normal; the sums, at least 1, are the same)
+      const V e = dmol_exp_normal<M>(V::loadu(gbuf + m * W) - vshift), f = dmol_exp_normal<M>(row(m) - lshift);
       sv = sv + e;
       sl = sl + f;
       if constexpr (Grad) {
@@ -185,11 +227,15 @@ double dmol_chunk(const DmolArgs& a, int64_t r, int64_t s0, int64_t s1, typename
     const V nll = (lshift + M::log(sl)) - (vshift + M::log(sv));
     total += hsum(cnt == W ? nll : V::set(zero, nll, cnt));
     if constexpr (Grad) {
-      // pass 2: responsibilities r_m = e_m / sum e, softmax f_m / sum f
+      // pass 2: responsibilities r_m = e_m / sum e, softmax f_m / sum f, each 0 where it is below
+      // exp(dmol_exp_floor) (as CUDA's dmol_exp_normal(v_m - logsumexp)): e_m < that times sum e
       const V inv_sv = V(1) / sv, inv_sl = V(1) / sl;
+      const V least(static_cast<acc_t>(std::exp(dmol_exp_floor<V>())));
+      const V e_floor = sv * least, f_floor = sl * least;
       for (int64_t m = 0; m < nmix; ++m) {
-        const V resp = V::loadu(gbuf + m * W) * inv_sv;
-        (V::loadu(fbuf + m * W) * inv_sl - resp).store(gbuf + m * W);
+        const V e = V::loadu(gbuf + m * W), f = V::loadu(fbuf + m * W);
+        const V resp = M::select(e < e_floor, zero, e) * inv_sv;
+        (M::select(f < f_floor, zero, f) * inv_sl - resp).store(gbuf + m * W);
         V gmu[C], gs[C], alpha[C], g_mean[C], g_scale[C], g_coef[C];
         for (int c = 0; c < C; ++c) {
           const int64_t pm = nmix * (1 + 3 * c) + m;

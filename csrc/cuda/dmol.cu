@@ -109,8 +109,9 @@ __global__ void __launch_bounds__(kThreads) dmol_kernel(DmolLaunch a, double* pi
         load(m, mean, sraw, coef);
         const A logit = to_acc(pp[m * a.p_param]);
         const A v = logit + dmol_component<M, C, true>(mean, sraw, coef, x, left, right, k, gmu, gs, alpha);
-        const A resp = ::exp(v - lse);
-        gp[m * a.p_param] = (::exp(logit - lse_logits) - resp) * scale;
+        // the CPU kernel's weights: 0 below exp(dmol_exp_floor), never subnormal
+        const A resp = dmol_exp_normal<M>(v - lse);
+        gp[m * a.p_param] = (dmol_exp_normal<M>(logit - lse_logits) - resp) * scale;
         dmol_component_grads<M, C>(resp, gmu, gs, alpha, x, g_mean, g_scale, g_coef);
 #pragma unroll
         for (int c = 0; c < C; ++c) {
