@@ -6,9 +6,7 @@
 
 #include <torch/library.h>
 
-#include <atomic>
-
-#include "cpu/kernels.h"
+#include "cpu/elbo_sums.h"
 #include "ops.h"
 
 namespace vae_ext {
@@ -53,21 +51,11 @@ BasicOutputs elbo_loss_basic_cpu(VAE_EXT_ELBO_BASIC_ARGS) {
   const ElboBuffers b = prepare_elbo(recon, x, mu, logvar, opt, mode, red, grad_recon, grad_latent);
   const int64_t n = b.n;
   const bool per_sample = red == Reduction::None;
-  Tensor row_rec = per_sample ? at::empty({n}, at::kDouble) : Tensor();
-  Tensor row_kl = per_sample ? at::empty({n}, at::kDouble) : Tensor();
-  double total_rec = 0.0, total_kl = 0.0;
-  std::atomic<bool> bad{false}, bad_target{false};
   cpu::ElboArgs args{};
   fill_elbo_args(args, b, mode, red, grad_recon, grad_latent, Tensor());
-  args.row_rec = per_sample ? row_rec.data_ptr<double>() : nullptr;
-  args.row_kl = per_sample ? row_kl.data_ptr<double>() : nullptr;
-  args.total_rec = &total_rec;
-  args.total_kl = &total_kl;
-  args.bad_prob = &bad;
-  args.bad_target = &bad_target;
-  cpu::kernels().elbo(args);
-  if (bad.load()) throw_bce_out_of_range();
-  if (bad_target.load()) throw_bce_target_out_of_range();
+  cpu::ElboSums sums = cpu::run_elbo_sums(args, n, per_sample, /*rlv_grad=*/false);
+  Tensor &row_rec = sums.row_rec, &row_kl = sums.row_kl;
+  double &total_rec = sums.rec, &total_kl = sums.kl;
   const at::ScalarType out = loss_dtype(recon.scalar_type());
   Tensor loss;
   // beta = 1 (not pixel_mean): rec + kl in double, rounded once, as the full op's total

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "elbo_sums.h"
 #include "kernels.h"
 #include "table_choice.h"
 
@@ -21,6 +22,28 @@ namespace cpu {
 const KernelTable& kernels() {
   static const KernelTable& table = VAE_EXT_CPU_TABLE(kernel_table);
   return table;
+}
+
+ElboSums run_elbo_sums(ElboArgs& args, int64_t n, bool per_sample, bool rlv_grad) {
+  ElboSums s;
+  if (per_sample) {
+    s.row_rec = at::empty({n}, at::kDouble);
+    s.row_kl = at::empty({n}, at::kDouble);
+    if (rlv_grad) s.row_grad_rlv = at::empty({n}, at::kDouble);
+  }
+  std::atomic<bool> bad{false}, bad_target{false};
+  args.row_rec = per_sample ? s.row_rec.data_ptr<double>() : nullptr;
+  args.row_kl = per_sample ? s.row_kl.data_ptr<double>() : nullptr;
+  args.total_rec = &s.rec;
+  args.total_kl = &s.kl;
+  args.row_grad_rlv = s.row_grad_rlv.defined() ? s.row_grad_rlv.data_ptr<double>() : nullptr;
+  args.total_grad_rlv = rlv_grad ? &s.grad_rlv : nullptr;
+  args.bad_prob = &bad;
+  args.bad_target = &bad_target;
+  kernels().elbo(args);
+  if (bad.load()) throw_bce_out_of_range();
+  if (bad_target.load()) throw_bce_target_out_of_range();
+  return s;
 }
 }  // namespace cpu
 
@@ -53,30 +76,17 @@ ElboOutputs elbo_loss_cpu(VAE_EXT_ELBO_ARGS) {
   const int64_t n = b.n;
   // Per-sample sums only for reduction="none"; sum and mean take one total each (no buffer of n).
   const bool per_sample = red == Reduction::None;
-  Tensor row_rec = per_sample ? at::empty({n}, at::kDouble) : Tensor();
-  Tensor row_kl = per_sample ? at::empty({n}, at::kDouble) : Tensor();
   // a 0-d recon_logvar's gradient: per sample (none) or over the batch, returned in double: scaled
   // by grad_output in the backward it may be finite where this sum is past float's range
   const bool rlv_grad = grad_recon && b.rlv_scalar;
-  Tensor row_grad_rlv = rlv_grad && per_sample ? at::empty({n}, at::kDouble) : Tensor();
-  double total_rec = 0.0, total_kl = 0.0, total_grad_rlv = 0.0;
-  std::atomic<bool> bad{false}, bad_target{false};
   cpu::ElboArgs args{};
   fill_elbo_args(args, b, mode, red, grad_recon, grad_latent, b.g_recon_logvar);
-  args.row_rec = per_sample ? row_rec.data_ptr<double>() : nullptr;
-  args.row_kl = per_sample ? row_kl.data_ptr<double>() : nullptr;
-  args.total_rec = &total_rec;
-  args.total_kl = &total_kl;
-  args.row_grad_rlv = row_grad_rlv.defined() ? row_grad_rlv.data_ptr<double>() : nullptr;
-  args.total_grad_rlv = rlv_grad ? &total_grad_rlv : nullptr;
-  args.bad_prob = &bad;
-  args.bad_target = &bad_target;
-  cpu::kernels().elbo(args);
-  if (bad.load()) throw_bce_out_of_range();
-  if (bad_target.load()) throw_bce_target_out_of_range();
+  cpu::ElboSums sums = cpu::run_elbo_sums(args, n, per_sample, rlv_grad);
+  Tensor &row_rec = sums.row_rec, &row_kl = sums.row_kl;
+  double &total_rec = sums.rec, &total_kl = sums.kl;
   const at::ScalarType out = loss_dtype(recon.scalar_type());
   Tensor g_rlv = b.g_recon_logvar;
-  if (rlv_grad) g_rlv = per_sample ? row_grad_rlv : at::scalar_tensor(total_grad_rlv, at::dtype(at::kDouble));
+  if (rlv_grad) g_rlv = per_sample ? sums.row_grad_rlv : at::scalar_tensor(sums.grad_rlv, at::dtype(at::kDouble));
   Tensor units = at::empty({0}, at::dtype(out));
   if (unit_kl || free_bits > 0.0) {
     Tensor floored;
