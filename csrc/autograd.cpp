@@ -79,7 +79,7 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
     const bool total = ctx->saved_data["total"].toBool();
     const Tensor &d_rec = grads[0], &d_kl = total ? grads[0] : grads[1];
     const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
-    const auto ldtype = saved[1].scalar_type();  // the loss dtype (float32 for half inputs)
+    const auto ldtype = loss_dtype(dtype);  // float32 for half inputs
     Tensor g_recon, g_mu, g_logvar, g_prior_mu, g_prior_logvar, g_recon_logvar;
     DeviceScales device;
     if (d_rec.defined()) {
@@ -97,9 +97,14 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
     if (d_kl.defined()) {
       if (needs(2)) g_mu = scale_grad(saved[1], d_kl, per_sample, dtype, device);
       if (needs(3)) g_logvar = scale_grad(saved[2], d_kl, per_sample, dtype, device);
-      // the prior's: scaled in the loss dtype, summed where it was broadcast, then rounded
-      if (needs(4)) g_prior_mu = scale_grad(saved[3], d_kl, per_sample, ldtype, device);
-      if (needs(5)) g_prior_logvar = scale_grad(saved[4], d_kl, per_sample, ldtype, device);
+      // the prior's: where it was broadcast, scaled in the loss dtype, summed, then rounded; one of
+      // mu's shape on the CPU scaled and rounded in one pass (CUDA: scaled, then rounded)
+      const auto pdtype = [&](const Tensor& g, const char* shape) {
+        return g.is_cpu() && g.sizes() == at::IntArrayRef(ctx->saved_data[shape].toIntVector()) ? dtype : ldtype;
+      };
+      if (needs(4)) g_prior_mu = scale_grad(saved[3], d_kl, per_sample, pdtype(saved[3], "prior_mu_shape"), device);
+      if (needs(5))
+        g_prior_logvar = scale_grad(saved[4], d_kl, per_sample, pdtype(saved[4], "prior_logvar_shape"), device);
     }
     device.launch();
     if (g_prior_mu.defined())

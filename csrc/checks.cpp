@@ -37,6 +37,10 @@ DType kernel_dtype(at::ScalarType st) {
 
 at::ScalarType loss_dtype(at::ScalarType t) { return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t; }
 
+at::ScalarType grad_buffer_dtype(at::ScalarType t, const at::Device& device) {
+  return t == at::kBFloat16 && device.is_cpu() ? t : loss_dtype(t);
+}
+
 static void check_float(const char* name, const Tensor& t) {
   const auto st = t.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, name,
@@ -125,14 +129,15 @@ ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu,
   b.x = x.contiguous(fmt);
   b.mu = mu.contiguous();
   b.logvar = logvar.contiguous();
-  // The latent gradients in the loss dtype (float32 for half inputs) until the backward has scaled
-  // them (csrc/autograd.cpp): 0.5 (exp(logvar) - 1) leaves float16's range at logvar > 11.8, and
-  // beta = 0 must still give 0. They are N x L, small beside recon's.
-  const auto lopts = b.mu.options().dtype(loss_dtype(mu.scalar_type()));
+  // The latent gradients of float16 inputs in float32 until the backward has scaled them
+  // (csrc/autograd.cpp): 0.5 (exp(logvar) - 1) leaves float16's range at logvar > 11.8, and beta = 0
+  // must still give 0. bfloat16 has float32's range: its buffers are bfloat16 on the CPU, half the
+  // bytes to write and read (docs/design.md, "Half precision"; grad_buffer_dtype).
+  const auto lopts = b.mu.options().dtype(grad_buffer_dtype(mu.scalar_type(), mu.device()));
   const auto latent_buf = [&](bool wanted) { return wanted ? at::empty(mu.sizes(), lopts) : at::empty({0}, lopts); };
-  // The recon gradients too (docs/design.md, "Half precision"): stored in half precision already
-  // divided by N (mean), they would underflow before a loss scale could rescue them.
-  const auto ropts = b.recon.options().dtype(loss_dtype(recon.scalar_type()));
+  // The recon gradients too: stored in float16 already divided by N (mean), they would underflow
+  // before a loss scale could rescue them.
+  const auto ropts = b.recon.options().dtype(grad_buffer_dtype(recon.scalar_type(), recon.device()));
   // A per-element log-variance's gradient is recon_x's size and freed with it: one block for the
   // two, as for the latents' below (contiguous ones; csrc/grad_block.h).
   const bool rlv_grad = grad_recon && mode == Recon::Gaussian && opt.recon_logvar->dim() != 0;
@@ -175,11 +180,16 @@ ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu,
     b.prior_logvar = lay(pl);
   }
   if ((!opt.lean || prior) && !prior_whole) {
-    b.g_prior_mu = latent_buf(prior && grad_latent);
-    b.g_prior_logvar = latent_buf(prior && grad_latent);
+    // a broadcast prior's, summed over the batch in the backward: in the loss dtype, where a
+    // bfloat16 rounding of each term would be amplified by the cancellation of the sum
+    const auto popts = b.mu.options().dtype(loss_dtype(mu.scalar_type()));
+    const bool wanted = prior && grad_latent;
+    b.g_prior_mu = wanted ? at::empty(mu.sizes(), popts) : at::empty({0}, lopts);
+    b.g_prior_logvar = wanted ? at::empty(mu.sizes(), popts) : at::empty({0}, lopts);
   }
   const bool kl_elems = opt.unit_kl || opt.free_bits > 0.0;
-  if (!opt.lean || kl_elems) b.kl_elems = kl_elems ? at::empty({n, l}, lopts) : at::empty({0}, lopts);
+  const auto kopts = b.mu.options().dtype(loss_dtype(mu.scalar_type()));  // each element's KL: summed later
+  if (!opt.lean || kl_elems) b.kl_elems = kl_elems ? at::empty({n, l}, kopts) : at::empty({0}, kopts);
   if (mode == Recon::Gaussian) {
     const Tensor& rlv = *opt.recon_logvar;
     b.rlv_scalar = rlv.dim() == 0;

@@ -21,6 +21,11 @@ DType kernel_dtype(at::ScalarType st);
 // float32 for half types, the input dtype otherwise.
 at::ScalarType loss_dtype(at::ScalarType t);
 
+// The dtype of the gradient buffers elbo_loss's forward writes for inputs of dtype t on `device`:
+// bfloat16 on the CPU for bfloat16 inputs, loss_dtype(t) otherwise (docs/design.md, "Half
+// precision").
+at::ScalarType grad_buffer_dtype(at::ScalarType t, const at::Device& device);
+
 // The elbo_loss inputs, checked (shapes, dtypes, devices, options: ValueError/TypeError naming the
 // argument) and laid out as the kernels read them (a flat (N, D) view of recon_x and x, each sample
 // one block of memory; latents (N, L) contiguous, L the product of mu.shape[1:]), with the gradient

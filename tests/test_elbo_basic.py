@@ -77,14 +77,17 @@ def test_direct_call_returns_the_buffers_unscaled_by_beta_and_pixel_mean():
 @pytest.mark.parametrize("dtype", h.HALF)
 @pytest.mark.parametrize("reduction", ("sum", "pixel_mean", "none"))
 @pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
-def test_half_gradients_are_the_float32_buffers_scaled_then_rounded_once(dtype, reduction, layout):
-    """The backward's one-pass kernel gives exactly round(buffer * (grad_output * scale)), the
-    product in float32, as ATen's mul then a cast would."""
+def test_half_gradients_are_the_buffers_scaled_then_rounded_once(dtype, reduction, layout):
+    """The backward gives exactly round(buffer * (grad_output * scale)), the product in float32, as
+    ATen's mul then a cast would; the buffers are float32 for float16 and bfloat16 for bfloat16
+    (csrc/checks.cpp grad_buffer_dtype: float32's range)."""
     r, x, mu, lv = h.make_elbo_inputs("bce", (6, 2 * 3 * 5), 4, dtype, seed=8)
     r, x = (t.reshape(6, 2, 3, 5) for t in (r, x))
     if layout == "channels_last":
         r, x = (t.contiguous(memory_format=torch.channels_last) for t in (r, x))
     _, g_r, g_mu, g_lv = BASIC_OP(r, x, mu, lv, "bce", reduction, 0.75, True, True, False)
+    buffer_dtype = dtype if dtype == torch.bfloat16 else torch.float32
+    assert g_r.dtype == g_mu.dtype == g_lv.dtype == buffer_dtype
     up = h.upstream_for("none" if reduction == "none" else "sum", 6).to(torch.float32) * 300.0
     leaves = [t.detach().requires_grad_(True) for t in (r, mu, lv)]
     loss = vae_ext.elbo_loss(leaves[0], x, leaves[1], leaves[2], recon="bce", reduction=reduction, beta=0.75)
@@ -96,6 +99,29 @@ def test_half_gradients_are_the_float32_buffers_scaled_then_rounded_once(dtype, 
     assert leaves[0].grad.stride() == r.stride()
     assert torch.equal(leaves[1].grad, (g_mu * d_kl).to(dtype))
     assert torch.equal(leaves[2].grad, (g_lv * d_kl).to(dtype))
+
+
+@pytest.mark.parametrize("prior_shape", [(5, 3), (3,), (1, 3)], ids=["per_sample", "L", "1xL"])
+def test_bfloat16_prior_buffers_stay_float32_where_the_backward_sums_them(prior_shape):
+    """bfloat16's gradient buffers are bfloat16 on the CPU, but a broadcast prior's are float32: the
+    backward sums them over the batch, where a bfloat16 rounding of each term is amplified when the
+    sum cancels (one of mu's shape is handed on: bfloat16)."""
+    bf = torch.bfloat16
+    _, _, mu, lv = h.make_elbo_inputs("bce", (5, 4), 3, bf, seed=9)
+    pm, pl = torch.zeros(prior_shape, dtype=bf), torch.zeros(prior_shape, dtype=bf)
+    empty = mu.new_empty(mu.shape[0], 0)  # no reconstruction term, as vae_ext.gaussian_kl calls it
+    out = torch.ops.vae_ext.elbo_loss(empty, empty, mu, lv, "mse", "sum", False, True, False, False, pm, pl)
+    g_mu, g_lv, g_pm, g_pl = out[4:8]
+    assert g_mu.dtype == g_lv.dtype == bf
+    whole = prior_shape == tuple(mu.shape)
+    assert g_pm.dtype == g_pl.dtype == (bf if whole else torch.float32)
+    # the fake kernel (torch.compile, opcheck) says the same
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = torch.ops.vae_ext.elbo_loss(*(mode.from_tensor(t) for t in (empty, empty, mu, lv)), "mse", "sum",
+                                           False, True, False, False, mode.from_tensor(pm), mode.from_tensor(pl))
+    assert [t.dtype for t in fake[3:9]] == [t.dtype for t in out[3:9]]
 
 
 def test_bad_reduction_and_mode_name_the_argument():

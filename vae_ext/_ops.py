@@ -23,6 +23,12 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in _HALF else dtype
 
 
+def _grad_dtype(t: torch.Tensor) -> torch.dtype:
+    """elbo_loss's gradient buffers (csrc/checks.cpp grad_buffer_dtype): bfloat16 on the CPU for
+    bfloat16 inputs, the loss dtype otherwise."""
+    return t.dtype if t.dtype == torch.bfloat16 and t.device.type == "cpu" else _out_dtype(t.dtype)
+
+
 # --------------------------------------------------------------------------- elbo_loss
 # vae_ext::elbo_loss(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent, validate,
 #                    total=False, prior_mu=None, prior_logvar=None, recon_logvar=None, free_bits=0.,
@@ -30,12 +36,12 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 #   -> (rec, kl, unit_kl, g_recon, g_mu, g_logvar, g_prior_mu, g_prior_logvar, g_recon_logvar)
 # rec and kl are the reduced reconstruction and KL terms (with free bits, the floored KL); unit_kl is
 # each latent unit's KL averaged over the batch (mu.shape[1:]; empty unless unit_kl or free bits);
-# g_* are d(term)/d(input), written in the same pass (empty when their flag is False; all in the loss
-# dtype, float32 for half inputs; the latent and prior ones per element, mu's shape; a 0-d
-# recon_logvar's per sample for "none", else 0-d, in float64: scaled, a sum past float32's range may
-# be finite); the backward only scales them by grad_output
-# (and sums a broadcast prior's). Through autograd, when a graph is recorded, they come back empty:
-# the backward scales the saved buffers in place.
+# g_* are d(term)/d(input), written in the same pass (empty when their flag is False; all in
+# _grad_dtype: float32 for float16 inputs, bfloat16 for bfloat16 ones on the CPU, except a broadcast
+# prior's, float32; the latent and prior ones per element, mu's shape; a 0-d recon_logvar's per
+# sample for "none", else 0-d, in float64: scaled, a sum past float32's range may be finite); the
+# backward only scales them by grad_output (and sums a broadcast prior's). Through autograd, when a
+# graph is recorded, they come back empty: the backward scales the saved buffers in place.
 # total=True: the first output is the loss rec + kl (beta = 1) and the second is empty, which
 # saves an add, its autograd node and a tensor in eager mode.
 
@@ -60,22 +66,27 @@ def _elbo_loss_fake(recon, x, mu, logvar, recon_mode, reduction, grad_recon, gra
     rec = recon.new_empty(shape, dtype=out_dtype)
     kl = recon.new_empty(0 if total else shape, dtype=out_dtype)
     units = mu.new_empty(mu.shape[1:] if unit_kl or free_bits > 0 else 0, dtype=out_dtype)
-    # every gradient buffer in the loss dtype (float32 for half inputs), as csrc/checks.cpp prepare_elbo
-    # (a 0-d recon_logvar's, a sum, in float64: below)
-    g_recon = (torch.empty_like(recon, dtype=out_dtype, memory_format=_flat_format(recon)) if grad_recon
-               else recon.new_empty(0, dtype=out_dtype))
+    # every gradient buffer in _grad_dtype, as csrc/checks.cpp prepare_elbo (a 0-d recon_logvar's, a
+    # sum, in float64: below)
+    g_dtype = _grad_dtype(recon)
+    g_recon = (torch.empty_like(recon, dtype=g_dtype, memory_format=_flat_format(recon)) if grad_recon
+               else recon.new_empty(0, dtype=g_dtype))
 
-    def latent(wanted):
-        return mu.new_empty(mu.shape if wanted else 0, dtype=out_dtype)
+    def latent(wanted, dtype=g_dtype):
+        return mu.new_empty(mu.shape if wanted else 0, dtype=dtype)
 
     prior = prior_mu is not None and grad_latent
+    # a broadcast prior's, summed in the backward, in the loss dtype
+    whole = prior and prior_mu.shape == mu.shape and prior_logvar.shape == mu.shape
+    p_dtype = out_dtype if prior and not whole else g_dtype
     if recon_logvar is None or not grad_recon:
-        g_rlv = recon.new_empty(0, dtype=out_dtype)
+        g_rlv = recon.new_empty(0, dtype=g_dtype)
     elif recon_logvar.dim() == 0:  # a sum, in float64 until the backward scales it
         g_rlv = recon.new_empty(shape, dtype=torch.float64)
     else:
-        g_rlv = torch.empty_like(recon, dtype=out_dtype, memory_format=_flat_format(recon))
-    return rec, kl, units, g_recon, latent(grad_latent), latent(grad_latent), latent(prior), latent(prior), g_rlv
+        g_rlv = torch.empty_like(recon, dtype=g_dtype, memory_format=_flat_format(recon))
+    return (rec, kl, units, g_recon, latent(grad_latent), latent(grad_latent), latent(prior, p_dtype),
+            latent(prior, p_dtype), g_rlv)
 
 
 # vae_ext::elbo_loss_basic(recon, x, mu, logvar, recon_mode, reduction, beta, grad_recon, grad_latent,

@@ -65,17 +65,24 @@ struct ProbRange<VecF> {
 };
 #endif
 
+// The type of the gradient buffers (csrc/checks.cpp grad_buffer_dtype): bfloat16 for bfloat16
+// inputs (float32's range: each local gradient rounded once here, and once more by the backward's
+// scaling unless that is by 1); the accumulation type otherwise (float32 for float16, whose range a
+// local gradient may leave and whose subnormals a loss scale could not bring back).
+template <typename scalar_t>
+using grad_t = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, c10::BFloat16, typename VecIO<scalar_t>::acc_t>;
+
 // One pass over a row segment of recon/x: returns the segment's loss sum and writes the scaled
-// gradient, in the accumulation type (float for half types), when g is not null. Checks "bce"
+// gradient, in grad_t, when g is not null. Checks "bce"
 // probabilities on the fly.
 // Recon::Gaussian: rlv is the log-variance per element (g_rlv its gradient, or nullptr), or, when
 // scalar_rlv, the segment returns the sum of q / 2 = (x - r)^2 inv / 2 (gaussian_q_elem) with inv = exp(-rlv)
 // of the one log-variance, added per lane in double: rlv's gradient, count / 2 minus that sum, is
 // scaled by grad_output later and may be finite where a float lane's sum would be inf.
 template <typename scalar_t, Recon mode, bool scalar_rlv = false>
-double recon_segment(const scalar_t* r, const scalar_t* x, typename VecIO<scalar_t>::acc_t* g, int64_t len,
-                     double scale, std::atomic<bool>* bad_prob, std::atomic<bool>* bad_target,
-                     const scalar_t* rlv = nullptr, typename VecIO<scalar_t>::acc_t* g_rlv = nullptr,
+double recon_segment(const scalar_t* r, const scalar_t* x, grad_t<scalar_t>* g, int64_t len, double scale,
+                     std::atomic<bool>* bad_prob, std::atomic<bool>* bad_target, const scalar_t* rlv = nullptr,
+                     grad_t<scalar_t>* g_rlv = nullptr,
                      typename VecIO<scalar_t>::acc_t inv = 0) {
   using IO = VecIO<scalar_t>;
   using V = typename IO::V;
@@ -144,14 +151,14 @@ double recon_segment(const scalar_t* r, const scalar_t* x, typename VecIO<scalar
   return hsum(acc0) + hsum(acc1);
 }
 
-// The KL of a run of latent units, with its gradients (to gmu and glv, in the accumulation type:
-// float for half types, * scale) and each element's KL (to kle, unscaled) where those are not null.
+// The KL of a run of latent units, with its gradients (to gmu and glv, in grad_t, * scale) and
+// each element's KL (to kle, unscaled) where those are not null.
 // has_prior: the prior N(pmu, exp(plv)), read at the same offsets as mu (a shared prior's caller
 // points them at the row's columns), its gradients to gpmu and gplv when not null.
-template <typename scalar_t, bool has_prior>
+// pgrad_t: the prior gradients' type (float for a broadcast bfloat16 prior's, summed later).
+template <typename scalar_t, bool has_prior, typename pgrad_t>
 double kl_segment(const scalar_t* mu, const scalar_t* lv, const scalar_t* pmu, const scalar_t* plv,
-                  typename VecIO<scalar_t>::acc_t* gmu, typename VecIO<scalar_t>::acc_t* glv,
-                  typename VecIO<scalar_t>::acc_t* gpmu, typename VecIO<scalar_t>::acc_t* gplv,
+                  grad_t<scalar_t>* gmu, grad_t<scalar_t>* glv, pgrad_t* gpmu, pgrad_t* gplv,
                   typename VecIO<scalar_t>::acc_t* kle, int64_t len, double scale) {
   using IO = VecIO<scalar_t>;
   using V = typename IO::V;
@@ -160,11 +167,11 @@ double kl_segment(const scalar_t* mu, const scalar_t* lv, const scalar_t* pmu, c
   const V vscale(static_cast<typename IO::acc_t>(scale));
   V acc(0);
   // the first n lanes of v to p (all of them when full)
-  const auto put = [](typename IO::acc_t* p, const V& v, bool full, int64_t n) {
+  const auto put = [](auto* p, const V& v, bool full, int64_t n) {
     if (full)
-      v.store(p);
+      VecIO<std::remove_pointer_t<decltype(p)>>::store(p, v);
     else
-      v.store(p, n);
+      VecIO<std::remove_pointer_t<decltype(p)>>::store(p, v, n);
   };
   for (int64_t i = 0; i < len; i += W) {
     const int64_t cnt = std::min(W, len - i);
@@ -197,23 +204,23 @@ double kl_segment(const scalar_t* mu, const scalar_t* lv, const scalar_t* pmu, c
 }
 
 // The KL part of elbo_typed: per-row sums (row_kl) or the total.
-template <typename scalar_t, bool has_prior>
+template <typename scalar_t, bool has_prior, typename pgrad_t = grad_t<scalar_t>>
 void kl_typed(const ElboArgs& a) {
   using acc_t = typename VecIO<scalar_t>::acc_t;
   const auto* mu = static_cast<const scalar_t*>(a.mu);
   const auto* lv = static_cast<const scalar_t*>(a.logvar);
   const auto* pmu = static_cast<const scalar_t*>(a.prior_mu);
   const auto* plv = static_cast<const scalar_t*>(a.prior_logvar);
-  auto* gmu = static_cast<acc_t*>(a.grad_mu);
-  auto* glv = static_cast<acc_t*>(a.grad_logvar);
-  auto* gpmu = static_cast<acc_t*>(a.grad_prior_mu);
-  auto* gplv = static_cast<acc_t*>(a.grad_prior_logvar);
+  auto* gmu = static_cast<grad_t<scalar_t>*>(a.grad_mu);
+  auto* glv = static_cast<grad_t<scalar_t>*>(a.grad_logvar);
+  auto* gpmu = static_cast<pgrad_t*>(a.grad_prior_mu);
+  auto* gplv = static_cast<pgrad_t*>(a.grad_prior_logvar);
   auto* kle = static_cast<acc_t*>(a.kl_elems);
   const int64_t l = a.l;
   const auto from = [](auto* p, int64_t off) { return p ? p + off : nullptr; };
   // units [off, off + len) of the flat (n, l) latents; the prior's offset is the column's when shared
   const auto seg = [&](int64_t off, int64_t len, int64_t prior_off) {
-    return kl_segment<scalar_t, has_prior>(mu + off, lv + off, from(pmu, prior_off), from(plv, prior_off),
+    return kl_segment<scalar_t, has_prior, pgrad_t>(mu + off, lv + off, from(pmu, prior_off), from(plv, prior_off),
                                            from(gmu, off), from(glv, off), from(gpmu, off), from(gplv, off),
                                            from(kle, off), len, a.grad_scale);
   };
@@ -254,9 +261,9 @@ void elbo_typed(const ElboArgs& a) {
   using acc_t = typename VecIO<scalar_t>::acc_t;
   const auto* r = static_cast<const scalar_t*>(a.recon);
   const auto* x = static_cast<const scalar_t*>(a.x);
-  auto* g = static_cast<acc_t*>(a.grad_recon);
+  auto* g = static_cast<grad_t<scalar_t>*>(a.grad_recon);
   const auto* rlv = static_cast<const scalar_t*>(a.recon_logvar);
-  auto* g_rlv = static_cast<acc_t*>(a.grad_recon_logvar);
+  auto* g_rlv = static_cast<grad_t<scalar_t>*>(a.grad_recon_logvar);
   const double rlv0 = scalar_rlv ? static_cast<double>(static_cast<acc_t>(rlv[0])) : 0.0;
   const acc_t inv = scalar_rlv ? std::exp(-static_cast<acc_t>(rlv0)) : acc_t(0);
   const int64_t d = a.d;
@@ -270,10 +277,12 @@ void elbo_typed(const ElboArgs& a) {
   else
     reduce_rows(a.n, d, a.row_rec, [&](int64_t row, int64_t b, int64_t e) { return rec_seg(row * d + b, e - b); });
   if constexpr (scalar_rlv) finish_scalar_gaussian<scalar_t>(a, rlv0);
-  if (a.prior_mu != nullptr)
-    kl_typed<scalar_t, true>(a);
-  else
+  if (a.prior_mu == nullptr)
     kl_typed<scalar_t, false>(a);
+  else if (a.prior_grads_wide && !std::is_same_v<grad_t<scalar_t>, acc_t>)
+    kl_typed<scalar_t, true, acc_t>(a);
+  else
+    kl_typed<scalar_t, true>(a);
 }
 
 void elbo_kernel(const ElboArgs& a) {

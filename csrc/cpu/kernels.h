@@ -25,21 +25,23 @@ struct ElboArgs {
   Recon mode;
   const void* recon;  // (n, d) contiguous
   const void* x;      // (n, d) contiguous
-  void* grad_recon;   // (n, d) in the accumulation type, or nullptr: d(recon term)/d(recon) * grad_scale
+  void* grad_recon;   // (n, d) in grad_t, or nullptr: d(recon term)/d(recon) * grad_scale
   // Recon::Gaussian: the log-variance, (n, d) like recon, or one value when rlv_scalar.
   const void* recon_logvar;
   bool rlv_scalar;
   void* grad_recon_logvar;  // per element: (n, d) like grad_recon, * grad_scale; nullptr when grad_recon is
   const void* mu;           // (n, l) contiguous
   const void* logvar;
-  void* grad_mu;      // (n, l) in the accumulation type (float for half types), or nullptr (then
-  void* grad_logvar;  // grad_logvar is nullptr too)
+  void* grad_mu;      // (n, l) in grad_t (elbo_kernel.h: bfloat16 or the accumulation type), or
+  void* grad_logvar;  // nullptr (then grad_logvar is nullptr too)
   // The prior: nullptr (both) for N(0, I); else (n, l), or (l) shared by every sample (prior_shared).
   const void* prior_mu;
   const void* prior_logvar;
   bool prior_shared;
-  void* grad_prior_mu;      // (n, l) in the accumulation type, per element (a shared prior's too:
-  void* grad_prior_logvar;  // the op sums them over the batch), * grad_scale; or nullptr (both)
+  void* grad_prior_mu;      // (n, l) in grad_t, or the accumulation type when prior_grads_wide, per
+  void* grad_prior_logvar;  // element (a shared prior's too: the op sums them over the batch), *
+                            // grad_scale; or nullptr (both)
+  bool prior_grads_wide;    // the prior's gradients in the accumulation type (a broadcast prior's)
   void* kl_elems;           // (n, l) in the accumulation type: each element's KL (free bits), or nullptr
   int64_t n, d, l;
   double grad_scale;  // 1 for sum/none, 1/n for mean

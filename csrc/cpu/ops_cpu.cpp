@@ -81,6 +81,7 @@ ElboOutputs elbo_loss_cpu(VAE_EXT_ELBO_ARGS) {
   const bool rlv_grad = grad_recon && b.rlv_scalar;
   cpu::ElboArgs args{};
   fill_elbo_args(args, b, mode, red, grad_recon, grad_latent, b.g_recon_logvar);
+  args.prior_grads_wide = b.g_prior_mu.defined() && b.g_prior_mu.scalar_type() != b.g_mu.scalar_type();
   cpu::ElboSums sums = cpu::run_elbo_sums(args, n, per_sample, rlv_grad);
   Tensor &row_rec = sums.row_rec, &row_kl = sums.row_kl;
   double &total_rec = sums.rec, &total_kl = sums.kl;
