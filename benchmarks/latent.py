@@ -82,15 +82,20 @@ def case_label(c: dict) -> str:
     return f"{dtype_name(c['dtype'])} {'x'.join(map(str, c['shape']))}"
 
 
+def make_inputs(shape, dtype, device, generator):
+    """The leaves ``(mu, logvar, prior_mu, prior_logvar)`` of a case and its ``grad_z``."""
+    mu = leaf(randn(shape, device=device, dtype=dtype, generator=generator))
+    lv = leaf(randn(shape, device=device, dtype=dtype, generator=generator, scale=0.5, shift=-1.0))
+    pmu = leaf(randn(shape, device=device, dtype=dtype, generator=generator))
+    plv = leaf(randn(shape, device=device, dtype=dtype, generator=generator, scale=0.5, shift=-1.0))
+    return (mu, lv, pmu, plv), randn(shape, device=device, dtype=dtype, generator=generator)
+
+
 def run_case(c: dict, settings: Settings) -> dict:
     g = torch.Generator().manual_seed(settings.seed)
     shape, dtype, dev = c["shape"], c["dtype"], settings.device
-    mu = leaf(randn(shape, device=dev, dtype=dtype, generator=g))
-    lv = leaf(randn(shape, device=dev, dtype=dtype, generator=g, scale=0.5, shift=-1.0))
-    pmu = leaf(randn(shape, device=dev, dtype=dtype, generator=g))
-    plv = leaf(randn(shape, device=dev, dtype=dtype, generator=g, scale=0.5, shift=-1.0))
-    inputs = (mu, lv, pmu, plv)
-    grad_z = randn(shape, device=dev, dtype=dtype, generator=g)
+    inputs, grad_z = make_inputs(shape, dtype, dev, g)
+    mu, lv, pmu, plv = inputs
 
     # Sanity: the fused op's KL is the two-call path's, and z is reparameterize's at the same seed.
     with torch.no_grad():

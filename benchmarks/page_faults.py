@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 CASES = ["kl_prior:256x4x32x32", "kl_prior:64x16x64x64", "l1:1024x784:32", "l1:256x12288:128",
          "gaussian:256x12288:128", "gaussian_pixel:256x12288:128", "bce:128x784:20", "bce:1024x784:32",
          "bce:256x12288:128", "bce_logits:256x12288:128", "bce:4096x4096:256", "reparam:4096x256",
-         "reparam:16384x1024", "reparam:1024x64"]
+         "reparam:16384x1024", "reparam:1024x64", "latent:8x4x8x8", "latent:64x16x16x16"]
 
 
 def _faults() -> int:
@@ -57,6 +57,15 @@ def _build(case: str, impls):
         lv = (0.5 * torch.randn(n, lat, generator=g) - 1).requires_grad_()
         gz = torch.randn(n, lat, generator=g)
         inputs, leaves, grad, fused, ref = (mu, lv), (mu, lv), gz, rp._fused, rp._ref
+    elif kind == "latent":
+        import latent
+
+        shape = latent.parse_size(size)
+        inputs, grad_z = latent.make_inputs(shape, torch.float32, "cpu", torch.Generator().manual_seed(0))
+        measure.configure_dynamo()
+        fns = {"fused": latent._fused, "two_call": latent._two_call, "eager": latent._ref,
+               "compile": measure.compile_fn(latent._ref, st) if "compile" in impls else None}
+        return {name: latent._step(fns[name], inputs, grad_z) for name in impls}, inputs
     elif kind in ("bce", "bce_logits"):
         import loss
 
@@ -126,8 +135,8 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=10)
     p.add_argument("--loop", type=int, default=50)
     p.add_argument("--trace", action="store_true")
-    p.add_argument("--impls", default="fused,compile", help="comma list of fused, compile, eager: each in a "
-                   "process of its own")
+    p.add_argument("--impls", default="fused,compile", help="comma list of fused, compile, eager (and, for "
+                   "latent, two_call: reparameterize + gaussian_kl): each in a process of its own")
     p.add_argument("--repeat", type=int, default=3, help="processes per implementation and case (the counts "
                    "vary from one process to the next: the mean and the largest are shown)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

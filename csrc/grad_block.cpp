@@ -1,7 +1,9 @@
 #include "grad_block.h"
 
 #include <c10/core/CPUAllocator.h>
+#include <c10/util/strides.h>
 
+#include <algorithm>
 #include <memory>
 
 namespace vae_ext {
@@ -13,16 +15,28 @@ namespace {
 constexpr size_t kJoinMin = size_t{128} << 10;
 constexpr size_t kJoinMax = (size_t{32} << 20) - (size_t{64} << 10);  // room for malloc's padding
 constexpr size_t kAlign = 64;  // c10's CPU alignment: each slice starts as a block of its own would
+
+std::vector<int64_t> dense_strides(at::IntArrayRef sizes, at::MemoryFormat fmt) {
+  if (fmt == at::MemoryFormat::ChannelsLast) return c10::get_channels_last_strides_2d(sizes);
+  if (fmt == at::MemoryFormat::ChannelsLast3d) return c10::get_channels_last_strides_3d(sizes);
+  const auto st = c10::contiguous_strides(sizes);
+  return {st.begin(), st.end()};
+}
 }  // namespace
 
-std::vector<Tensor> empty_together(at::IntArrayRef sizes, const at::TensorOptions& opts, size_t count) {
+std::vector<Tensor> empty_together(at::IntArrayRef sizes, at::ArrayRef<at::TensorOptions> opts) {
   std::vector<Tensor> out;
-  out.reserve(count);
-  const size_t bytes = static_cast<size_t>(c10::multiply_integers(sizes)) * opts.dtype().itemsize();
-  const size_t each = (bytes + kAlign - 1) / kAlign * kAlign;
-  const size_t total = each * count;
-  if (count < 2 || opts.device().type() != c10::DeviceType::CPU || total < kJoinMin || total > kJoinMax) {
-    for (size_t i = 0; i < count; ++i) out.push_back(at::empty(sizes, opts));
+  out.reserve(opts.size());
+  const size_t numel = static_cast<size_t>(c10::multiply_integers(sizes));
+  std::vector<size_t> start;  // each tensor's byte offset in the block
+  size_t total = 0;
+  for (const auto& o : opts) {
+    start.push_back(total);
+    total += (numel * o.dtype().itemsize() + kAlign - 1) / kAlign * kAlign;
+  }
+  const bool cpu = std::all_of(opts.begin(), opts.end(), [](const auto& o) { return o.device().is_cpu(); });
+  if (opts.size() < 2 || !cpu || total < kJoinMin || total > kJoinMax) {
+    for (const auto& o : opts) out.push_back(at::empty(sizes, o));
     return out;
   }
   // the block, shared by the slices' storages (each holds a reference as its context): freed
@@ -30,12 +44,18 @@ std::vector<Tensor> empty_together(at::IntArrayRef sizes, const at::TensorOption
   using Block = std::shared_ptr<c10::DataPtr>;
   const Block block = std::make_shared<c10::DataPtr>(c10::GetCPUAllocator()->allocate(total));
   auto* base = static_cast<char*>(block->get());
-  for (size_t i = 0; i < count; ++i)
-    out.push_back(at::for_blob(base + i * each, sizes)
+  for (size_t i = 0; i < opts.size(); ++i) {
+    out.push_back(at::for_blob(base + start[i], sizes)
+                      .strides(dense_strides(sizes, opts[i].memory_format_opt().value_or(at::MemoryFormat::Contiguous)))
                       .context(new Block(block), [](void* ref) { delete static_cast<Block*>(ref); })
-                      .options(opts)
+                      .options(opts[i].memory_format(std::nullopt))
                       .make_tensor());
+  }
   return out;
+}
+
+std::vector<Tensor> empty_together(at::IntArrayRef sizes, const at::TensorOptions& opts, size_t count) {
+  return empty_together(sizes, std::vector<at::TensorOptions>(count, opts));
 }
 
 }  // namespace vae_ext

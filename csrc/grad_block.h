@@ -16,11 +16,15 @@ namespace vae_ext {
 
 using at::Tensor;
 
-// `count` uninitialized contiguous tensors of `sizes` and `opts`. On the CPU, when their bytes
-// together lie between glibc's initial mmap threshold and its largest (128 KiB and 32 MiB), one
-// allocation from the CPU allocator holds them all: each tensor has a storage of its own (no two
-// alias, as the op schemas require) over its slice (64-byte aligned), and the block is freed when
-// the last of them dies. Otherwise (CUDA, or outside those bounds) `count` separate at::empty.
+// Uninitialized tensors of `sizes`, the i-th with opts[i] (its dtype, and its memory format where
+// one is given: contiguous otherwise). On the CPU, when their bytes together lie between glibc's
+// initial mmap threshold and its largest (128 KiB and 32 MiB), one allocation from the CPU
+// allocator holds them all: each tensor has a storage of its own (no two alias, as the op schemas
+// require) over its slice (64-byte aligned), and the block is freed when the last of them dies.
+// Otherwise (CUDA, or outside those bounds) one at::empty each.
+std::vector<Tensor> empty_together(at::IntArrayRef sizes, at::ArrayRef<at::TensorOptions> opts);
+
+// `count` contiguous tensors of `sizes` and `opts`, as above.
 std::vector<Tensor> empty_together(at::IntArrayRef sizes, const at::TensorOptions& opts, size_t count);
 
 }  // namespace vae_ext

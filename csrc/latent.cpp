@@ -1,5 +1,7 @@
 #include "latent.h"
 
+#include "grad_block.h"
+
 #include <cmath>
 #include <vector>
 
@@ -224,8 +226,22 @@ LatentBackwardBuffers fill_latent_backward_args(LatentArgs& a, bool prior, const
                                                 const Tensor& unit_w, int64_t num_samples, bool grad_prior) {
   LatentBackwardBuffers b;
   const auto fmt = latent_format(mu);
-  b.g_mu = at::empty(mu.sizes(), mu.options().memory_format(fmt));
-  b.g_ls = at::empty(mu.sizes(), mu.options().memory_format(fmt));
+  const auto lopts = mu.options().dtype(loss_dtype(mu.scalar_type()));
+  const bool prior_grads = grad_prior && prior && row_w.has_value();
+  // The gradients the caller gets as they are and frees together (.grad = None, zero_grad): mu's,
+  // logscale's and, where they are in mu's shape and dtype, the prior's. One block on the CPU
+  // (csrc/grad_block.h): four separate ones were new pages on every call under glibc's defaults.
+  // A broadcast prior's, or a half-precision one's, are summed or converted in the backward.
+  const auto per_element = [&](const LatentStrides& st) {  // no stride 0 over a dimension of size > 1
+    return (a.n == 1 || st.n != 0) && (a.c == 1 || st.c != 0) && (a.s == 1 || st.s != 0);
+  };
+  const bool prior_whole =
+      prior_grads && lopts.dtype() == mu.dtype() && per_element(a.pmu_st) && per_element(a.pls_st);
+  std::vector<at::TensorOptions> opts(2, mu.options().memory_format(fmt));
+  if (prior_whole) opts.insert(opts.end(), 2, lopts);
+  auto g = empty_together(mu.sizes(), opts);
+  b.g_mu = std::move(g[0]);
+  b.g_ls = std::move(g[1]);
   TORCH_INTERNAL_ASSERT(latent_strides(b.g_mu, false, &a.g_st));
   a.g_mu = b.g_mu.numel() ? b.g_mu.data_ptr() : nullptr;
   a.g_ls = b.g_ls.numel() ? b.g_ls.data_ptr() : nullptr;
@@ -239,10 +255,13 @@ LatentBackwardBuffers fill_latent_backward_args(LatentArgs& a, bool prior, const
   b.uw = unit_w.numel() > 0 ? unit_w.contiguous() : Tensor();
   a.row_w = b.rw.defined() && b.rw.numel() ? b.rw.const_data_ptr() : nullptr;
   a.unit_w = b.uw.defined() ? b.uw.const_data_ptr() : nullptr;
-  const auto lopts = mu.options().dtype(loss_dtype(mu.scalar_type()));
-  const bool prior_grads = grad_prior && prior && b.rw.defined();
-  b.g_pmu = prior_grads ? at::empty(mu.sizes(), lopts) : at::empty({0}, lopts);
-  b.g_pls = prior_grads ? at::empty(mu.sizes(), lopts) : at::empty({0}, lopts);
+  if (prior_whole) {
+    b.g_pmu = std::move(g[2]);
+    b.g_pls = std::move(g[3]);
+  } else {
+    b.g_pmu = prior_grads ? at::empty(mu.sizes(), lopts) : at::empty({0}, lopts);
+    b.g_pls = prior_grads ? at::empty(mu.sizes(), lopts) : at::empty({0}, lopts);
+  }
   a.g_pmu = prior_grads && b.g_pmu.numel() ? b.g_pmu.data_ptr() : nullptr;
   a.g_pls = prior_grads && b.g_pls.numel() ? b.g_pls.data_ptr() : nullptr;
   merge_latent_channels(a, {&a.mu_st, &a.ls_st, &a.pmu_st, &a.pls_st, &a.gz_st, &a.g_st});

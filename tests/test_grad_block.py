@@ -1,7 +1,8 @@
 """The latent gradients of one call in one CPU block (csrc/grad_block.h, docs/design.md "Page faults
 under glibc's defaults"): each gradient still right against the float64 reference and a tensor of its
 own (its own storage: opcheck's no-alias rule), alive as long as any of them is, a broadcast prior's
-gradients outside the block, and the bounds on the block's size."""
+gradients outside the block, and the bounds on the block's size; gaussian_latent's backward likewise,
+its gradients in mu's memory format."""
 from __future__ import annotations
 
 import gc
@@ -187,3 +188,62 @@ def test_opcheck_recon_pair():
         inputs[k].requires_grad_(True)
     torch.library.opcheck(ELBO_OP, (inputs["recon_x"], inputs["x"], inputs["mu"], inputs["logvar"], "gaussian",
                                     "sum", True, True, False, False, None, None, inputs["recon_logvar"], 0.0, False))
+
+
+def _latent_grads(layout, prior="same", dtype=F32, latent=LATENT):
+    """gaussian_latent forward + backward (grad_output != 1 on z and kl) on LATENT inputs laid out as
+    `layout` ("contiguous", "channels_last", or "slice_nhwc": mu, logscale = out.chunk(2, dim=1) of a
+    channels_last conv output); returns (inputs, their gradients, the float64 reference's)."""
+    g = torch.Generator().manual_seed(75)
+    n, c, h, w = latent
+
+    def pair():
+        if layout == "slice_nhwc":
+            out = torch.randn(n, 2 * c, h, w, generator=g, dtype=F64).to(memory_format=torch.channels_last)
+            return [t.to(dtype) for t in out.chunk(2, dim=1)]
+        a, b = (torch.randn(latent, generator=g, dtype=F64).to(dtype) for _ in range(2))
+        if layout == "channels_last":
+            return [t.contiguous(memory_format=torch.channels_last) for t in (a, b)]
+        return [a, b]
+
+    inputs = pair()
+    if prior == "same":
+        inputs += pair()
+    elif prior == "shared":
+        inputs += [torch.randn(c, 1, 1, generator=g, dtype=F64).to(dtype) for _ in range(2)]
+    wz, wk = torch.randn(latent, generator=g, dtype=F64), torch.rand(n, generator=g, dtype=F64) + 0.5
+    _, eps = vae_ext.reparameterize(inputs[0], inputs[0], generator=torch.Generator().manual_seed(9), return_eps=True)
+    leaves = [t.detach().requires_grad_(True) for t in inputs]
+    z, kl = vae_ext.gaussian_latent(*leaves, generator=torch.Generator().manual_seed(9))
+    grads = torch.autograd.grad((z, kl), leaves, (wz.to(dtype), wk.to(kl.dtype)))
+    refs = [t.detach().to(F64).requires_grad_(True) for t in inputs]
+    rz, rkl = reference.gaussian_latent(*refs, eps=eps.to(F64))
+    want = torch.autograd.grad((rz, rkl), refs, (wz, wk))
+    return inputs, grads, want
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "slice_nhwc"])
+def test_latent_grads_in_one_block(layout):
+    """mu's, logscale's and a per-sample prior's gradients: one block, each in mu's memory format."""
+    inputs, grads, want = _latent_grads(layout)
+    assert _one_block(grads), layout
+    fmt = torch.contiguous_format if layout == "contiguous" else torch.channels_last
+    for name, t, gr, w in zip(NAMES, inputs, grads, want):
+        want_fmt = fmt if name in NAMES[:2] else torch.contiguous_format  # the prior's: (N, C, S) per element
+        assert gr.shape == t.shape and gr.is_contiguous(memory_format=want_fmt), name
+        assert_close(gr, w, rtol=1e-5, atol_rel=1e-6, what=f"{layout}: grad {name}")
+
+
+@pytest.mark.parametrize("prior,dtype", [("shared", F32), (None, F32), ("same", torch.bfloat16)])
+def test_latent_prior_grads_outside_when_summed_or_converted(prior, dtype):
+    """A broadcast prior's per-element gradients are summed in the backward, a half one's converted:
+    mu's and logscale's block holds neither."""
+    # 128 KiB for the two half gradients: the block's minimum
+    inputs, grads, want = _latent_grads("contiguous", prior, dtype, (128, 4, 8, 8) if dtype != F32 else LATENT)
+    assert _one_block(grads[:2])
+    if len(grads) == 4:
+        assert not _one_block(grads), "the prior's gradients joined a block they do not live with"
+    tol = 1e-5 if dtype == F32 else 1e-2
+    for name, gr, w in zip(NAMES, grads, want):
+        assert gr.dtype == dtype
+        assert_close(gr, w, rtol=tol, atol_rel=tol, what=f"{prior} {dtype}: grad {name}")
