@@ -221,22 +221,26 @@ LatentForwardBuffers fill_latent_forward_args(LatentArgs& a, const Tensor& mu, i
   return b;
 }
 
-LatentBackwardBuffers fill_latent_backward_args(LatentArgs& a, bool prior, const c10::optional<Tensor>& grad_z,
+bool whole_prior(const Tensor& mu, const c10::optional<Tensor>& prior_mu, const c10::optional<Tensor>& prior_logscale) {
+  return prior_mu.has_value() && prior_logscale.has_value() && prior_mu->sizes() == mu.sizes() &&
+         prior_logscale->sizes() == mu.sizes();
+}
+
+LatentBackwardBuffers fill_latent_backward_args(LatentArgs& a, bool prior, bool whole, const c10::optional<Tensor>& grad_z,
                                                 const c10::optional<Tensor>& row_w, const Tensor& mu,
                                                 const Tensor& unit_w, int64_t num_samples, bool grad_prior) {
   LatentBackwardBuffers b;
   const auto fmt = latent_format(mu);
-  const auto lopts = mu.options().dtype(loss_dtype(mu.scalar_type()));
   const bool prior_grads = grad_prior && prior && row_w.has_value();
+  // A prior of mu's shape gets its gradients as the kernel writes them: on the CPU in mu's dtype
+  // (rounded once, no conversion pass for a half prior); a broadcast one's are summed over the
+  // batch in the loss dtype, then rounded (and CUDA's kernels write the loss dtype).
+  a.g_prior_in_dtype = whole && mu.is_cpu();
+  const auto lopts = mu.options().dtype(a.g_prior_in_dtype ? mu.scalar_type() : loss_dtype(mu.scalar_type()));
   // The gradients the caller gets as they are and frees together (.grad = None, zero_grad): mu's,
-  // logscale's and, where they are in mu's shape and dtype, the prior's. One block on the CPU
+  // logscale's and, where they are handed on as they are, the prior's. One block on the CPU
   // (csrc/grad_block.h): four separate ones were new pages on every call under glibc's defaults.
-  // A broadcast prior's, or a half-precision one's, are summed or converted in the backward.
-  const auto per_element = [&](const LatentStrides& st) {  // no stride 0 over a dimension of size > 1
-    return (a.n == 1 || st.n != 0) && (a.c == 1 || st.c != 0) && (a.s == 1 || st.s != 0);
-  };
-  const bool prior_whole =
-      prior_grads && lopts.dtype() == mu.dtype() && per_element(a.pmu_st) && per_element(a.pls_st);
+  const bool prior_whole = prior_grads && whole && lopts.dtype() == mu.dtype();
   std::vector<at::TensorOptions> opts(2, mu.options().memory_format(fmt));
   if (prior_whole) opts.insert(opts.end(), 2, lopts);
   auto g = empty_together(mu.sizes(), opts);

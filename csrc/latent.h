@@ -63,14 +63,18 @@ LatentForwardBuffers fill_latent_forward_args(LatentArgs& a, const Tensor& mu, i
                                               double free_bits);
 
 // The backward's: the gradients of mu and logscale (in latent_format(mu)) and, where grad_prior and
-// a prior and row_w are given, the prior's (mu's shape, the loss dtype; else empty), with grad_z,
+// a prior and row_w are given, the prior's (mu's shape; the loss dtype, or on the CPU mu's dtype
+// where the prior is mu's shape (`whole_prior`): handed on as they are; else empty), with grad_z,
 // row_w and unit_w as the kernels read them (kept alive here); the pointers and strides into `a`.
 struct LatentBackwardBuffers {
   Tensor g_mu, g_ls, g_pmu, g_pls, gz, rw, uw;
 };
-LatentBackwardBuffers fill_latent_backward_args(LatentArgs& a, bool prior, const c10::optional<Tensor>& grad_z,
+LatentBackwardBuffers fill_latent_backward_args(LatentArgs& a, bool prior, bool whole_prior,
+                                                const c10::optional<Tensor>& grad_z,
                                                 const c10::optional<Tensor>& row_w, const Tensor& mu,
                                                 const Tensor& unit_w, int64_t num_samples, bool grad_prior);
+// Whether both prior tensors are given and have mu's shape.
+bool whole_prior(const Tensor& mu, const c10::optional<Tensor>& prior_mu, const c10::optional<Tensor>& prior_logscale);
 
 // The backward's argument checks (shapes of grad_z, row_w, rng_state and unit_w).
 void check_latent_backward(const c10::optional<Tensor>& grad_z, const c10::optional<Tensor>& row_w, const Tensor& mu,

@@ -215,7 +215,9 @@ def _gaussian_latent_backward_fake(grad_z, row_w, mu, logscale, prior_mu, prior_
     fmt = _latent_format(mu)
     g_mu = mu.new_empty(mu.shape).contiguous(memory_format=fmt)
     g_ls = mu.new_empty(mu.shape).contiguous(memory_format=fmt)
-    out = _out_dtype(mu.dtype)
     prior = grad_prior and prior_mu is not None and row_w is not None
+    # a prior of mu's shape: its gradients in mu's dtype on the CPU (csrc/latent.cpp)
+    whole = prior_mu is not None and prior_mu.shape == mu.shape and prior_logscale.shape == mu.shape
+    out = mu.dtype if whole and mu.device.type == "cpu" else _out_dtype(mu.dtype)
     shape = mu.shape if prior else (0,)
     return g_mu, g_ls, mu.new_empty(shape, dtype=out), mu.new_empty(shape, dtype=out)

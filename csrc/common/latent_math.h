@@ -154,6 +154,7 @@ struct LatentArgs {
   LatentStrides g_st;
   void* g_pmu;  // (N, C, S) contiguous in the accumulation type, per element, or nullptr (both)
   void* g_pls;
+  bool g_prior_in_dtype = false;  // the CPU's, for a prior of mu's shape: g_pmu, g_pls in mu's dtype instead
 };
 
 }  // namespace vae_ext

@@ -88,14 +88,14 @@ struct LatentRun {
 
 // Calls f(integral_constant<kMain>, integral_constant<kPrior>) with the modes of this call: kUnit
 // for mu, logscale and `outs` (the other big tensors' strides) when all are contiguous runs, the
-// prior kUnit or kBroadcast when both of its tensors are; float only (elsewhere kStrided, to keep
-// the build small: float is what a model trains in).
+// prior kUnit or kBroadcast when both of its tensors are; float and the half types (double always
+// kStrided, to keep the build small).
 template <typename scalar_t, class F>
 void latent_modes(const LatentArgs& a, std::initializer_list<int64_t> outs, const F& f) {
   using M0 = std::integral_constant<int, kStrided>;
   using M1 = std::integral_constant<int, kUnit>;
   using M2 = std::integral_constant<int, kBroadcast>;
-  if constexpr (std::is_same_v<scalar_t, float>) {
+  if constexpr (!std::is_same_v<scalar_t, double>) {
     bool unit = a.mu_st.s == 1 && a.ls_st.s == 1;
     for (int64_t st : outs) unit = unit && st == 1;
     if (unit && a.pmu_st.s == 1 && a.pls_st.s == 1) return f(M1{}, M1{});
@@ -173,7 +173,8 @@ void latent_forward_typed(const LatentArgs& a, double* row_kl) {
 // gradient or the sampled KL needs it) and its terms; with one draw (a layer's usual call) the
 // gradients are written straight from them, with K summed per element over the draws first (a
 // fixed summation order), then written.
-template <typename scalar_t, LatentKL kKL>
+// pg_t: the prior gradients' type (the accumulation type, or scalar_t: LatentArgs::g_prior_in_dtype).
+template <typename scalar_t, LatentKL kKL, typename pg_t>
 void latent_backward_typed(const LatentArgs& a) {
   using IO = StridedIO<scalar_t>;
   using V = typename IO::V;
@@ -186,8 +187,8 @@ void latent_backward_typed(const LatentArgs& a) {
   const acc_t* unit_w = static_cast<const acc_t*>(a.unit_w);
   scalar_t* gmu = static_cast<scalar_t*>(a.g_mu);
   scalar_t* gls = static_cast<scalar_t*>(a.g_ls);
-  acc_t* gpmu = static_cast<acc_t*>(a.g_pmu);
-  acc_t* gpls = static_cast<acc_t*>(a.g_pls);
+  pg_t* gpmu = static_cast<pg_t*>(a.g_pmu);
+  pg_t* gpls = static_cast<pg_t*>(a.g_pls);
   const int64_t len = a.c * a.s, per_ch = (a.s + kTile - 1) / kTile, units = a.n * a.c * per_ch;
   const V c(static_cast<acc_t>(latent_c(a.scale)));
   const bool one = a.k == 1;
@@ -208,8 +209,8 @@ void latent_backward_typed(const LatentArgs& a) {
         scalar_t* const gl = gls + latent_at(a.g_st, 0, n, ch, s0);
         // the prior's gradients: (N, C S) contiguous; all in registers for the loop (stores through
         // float pointers could alias a's fields)
-        acc_t* const pmo = gpmu ? gpmu + n * len + l0 : nullptr;
-        acc_t* const plo = gpls ? gpls + n * len + l0 : nullptr;
+        pg_t* const pmo = gpmu ? gpmu + n * len + l0 : nullptr;
+        pg_t* const plo = gpls ? gpls + n * len + l0 : nullptr;
         const int64_t sgz = kMain == kUnit ? 1 : a.gz_st.s, sg = kMain == kUnit ? 1 : a.g_st.s;
         const V pinv_run = kPrior == kBroadcast ? latent_prior_inv<M, kKL>(IO::template load<kBroadcast>(in.pls, 0, 1), c)
                                                 : V(0);
@@ -244,8 +245,8 @@ void latent_backward_typed(const LatentArgs& a) {
           IO::template store<kMain>(gm + j * sg, sg, d_mu, cnt);
           IO::template store<kMain>(gl + j * sg, sg, d_ls, cnt);
           if (pmo) {
-            d_pmu.store(pmo + j, cnt);
-            d_pls.store(plo + j, cnt);
+            store_n(pmo + j, d_pmu, cnt);
+            store_n(plo + j, d_pls, cnt);
           }
         };
         if (!one) {
@@ -317,10 +318,20 @@ inline void latent_forward_kernel(const LatentArgs& a, double* row_kl) {
 inline void latent_backward_kernel(const LatentArgs& a) {
   dispatch_dtype<c10::Half, c10::BFloat16>(a.dtype, [&](auto* tag) {
     using scalar_t = std::remove_pointer_t<decltype(tag)>;
-    if (a.kl == LatentKL::Analytic)
-      latent_backward_typed<scalar_t, LatentKL::Analytic>(a);
+    using acc_t = typename VecIO<scalar_t>::acc_t;
+    const auto run = [&](auto* pg_tag) {
+      using pg_t = std::remove_pointer_t<decltype(pg_tag)>;
+      if (a.kl == LatentKL::Analytic)
+        latent_backward_typed<scalar_t, LatentKL::Analytic, pg_t>(a);
+      else
+        latent_backward_typed<scalar_t, LatentKL::Sample, pg_t>(a);
+    };
+    if constexpr (std::is_same_v<scalar_t, acc_t>)
+      run(static_cast<acc_t*>(nullptr));
+    else if (a.g_prior_in_dtype)
+      run(static_cast<scalar_t*>(nullptr));
     else
-      latent_backward_typed<scalar_t, LatentKL::Sample>(a);
+      run(static_cast<acc_t*>(nullptr));
   });
 }
 

@@ -62,7 +62,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gaussian_latent_backward_cpu(
   check_latent_backward(grad_z, row_w, mu, rng_state, unit_w, num_samples);
   LatentArgs& a = in.a;
   const LatentBackwardBuffers b =
-      fill_latent_backward_args(a, in.prior, grad_z, row_w, mu, unit_w, num_samples, grad_prior);
+      fill_latent_backward_args(a, in.prior, whole_prior(mu, prior_mu, prior_logscale), grad_z, row_w, mu, unit_w,
+                                num_samples, grad_prior);
   const Tensor st = rng_state.cpu();
   a.seed = static_cast<uint64_t>(st.const_data_ptr<int64_t>()[0]);
   a.offset = static_cast<uint64_t>(st.const_data_ptr<int64_t>()[1]);

@@ -57,7 +57,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> gaussian_latent_backward_cuda(
   l.a = in.a;
   LatentArgs& a = l.a;
   const LatentBackwardBuffers b =
-      fill_latent_backward_args(a, in.prior, grad_z, row_w, mu, unit_w, num_samples, grad_prior);
+      fill_latent_backward_args(a, in.prior, whole_prior(mu, prior_mu, prior_logscale), grad_z, row_w, mu, unit_w,
+                                num_samples, grad_prior);
   const Tensor st = rng_state.contiguous();
   l.state = st.const_data_ptr<int64_t>();
   C10_CUDA_CHECK(cuda::launch_latent_backward(l, c10::cuda::getCurrentCUDAStream()));
