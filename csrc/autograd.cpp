@@ -16,6 +16,50 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
+// Whether elbo_loss recomputes the latent gradients in its backward instead of writing them in the
+// forward: float16 on the CPU, where the forward's buffers would be float32 (twice the bytes of the
+// inputs, written then read) and the backward must round them to float16 anyway. Free bits keep
+// the forward's buffers (the units under the floor are known there).
+bool recomputes_kl(const Tensor& mu, double free_bits) {
+  return mu.is_cpu() && mu.scalar_type() == at::kHalf && free_bits == 0.0;
+}
+
+// The latent gradients of elbo_loss's KL at the incoming gradient d_kl, recomputed from the saved
+// inputs (saved[6..9]: mu, logvar, the prior or undefined) by gaussian_latent_backward: its analytic
+// KL at scale "logvar" is this KL, each row's weight d_kl (per sample), or d_kl (/ N for the mean)
+// for all. (g_mu, g_logvar, g_prior_mu, g_prior_logvar), the prior's summed to its shape.
+std::vector<Tensor> kl_grads_again(const variable_list& saved, const Tensor& d_kl, bool per_sample, bool mean,
+                                   bool grad_prior) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("vae_ext::gaussian_latent_backward", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+                           const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
+                           const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
+                           c10::string_view, c10::string_view, int64_t, bool)>();
+  const Tensor &mu = saved[6], &logvar = saved[7];
+  const bool prior = saved[8].defined();
+  const int64_t rows = mu.size(0);
+  const auto ldtype = loss_dtype(mu.scalar_type());
+  Tensor w = d_kl.to(ldtype);
+  if (per_sample)
+    w = w.reshape({rows});
+  else
+    w = (mean && rows > 0 ? w.div(static_cast<double>(rows)) : w).reshape({1}).expand({rows});
+  const std::optional<Tensor> pm = prior ? std::optional<Tensor>(saved[8]) : std::nullopt;
+  const std::optional<Tensor> pl = prior ? std::optional<Tensor>(saved[9]) : std::nullopt;
+  // no draw (z is not differentiated): the generator state is unread
+  const Tensor no_state = at::zeros({2}, at::kLong), no_units = at::empty({0}, mu.options().dtype(ldtype));
+  auto [g_mu, g_lv, g_pmu, g_plv] =
+      op.call(std::nullopt, w, mu, logvar, pm, pl, no_state, no_units, "logvar", "analytic", 0, prior && grad_prior);
+  if (prior && grad_prior && g_pmu.numel() > 0) {
+    g_pmu = prior_grad(g_pmu, saved[8].sizes(), mu.scalar_type());
+    g_plv = prior_grad(g_plv, saved[9].sizes(), mu.scalar_type());
+  } else {
+    g_pmu = g_plv = Tensor();
+  }
+  return {g_mu, g_lv, g_pmu, g_plv};
+}
+
 struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
   // An absent optional tensor is no input of the node: needs_input_grad counts the present ones
   // (ctx->saved_data["edges"] maps the inputs to them).
@@ -32,10 +76,18 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
                                c10::string_view, bool, bool, bool, bool, const c10::optional<Tensor>&,
                                const c10::optional<Tensor>&, const c10::optional<Tensor>&, double, bool)>();
     at::AutoDispatchBelowADInplaceOrView below;
-    auto out = op.call(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent, validate, total, prior_mu,
-                       prior_logvar, recon_logvar, free_bits, unit_kl);
+    // float16 on the CPU: the latent gradients are recomputed in the backward from the inputs
+    // (gaussian_latent_backward, the analytic KL's kernel), scaled and rounded once; the forward
+    // writes no float32 buffer for them (docs/design.md, "Half precision").
+    const bool kl_again = grad_latent && recomputes_kl(mu, free_bits);
+    auto out = op.call(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent && !kl_again, validate,
+                       total, prior_mu, prior_logvar, recon_logvar, free_bits, unit_kl);
     auto& [rec, kl, units, g_recon, g_mu, g_logvar, g_prior_mu, g_prior_logvar, g_recon_logvar] = out;
-    ctx->save_for_backward({g_recon, g_mu, g_logvar, g_prior_mu, g_prior_logvar, g_recon_logvar});
+    const auto input = [&](const std::optional<Tensor>& t) { return kl_again && t.has_value() ? *t : Tensor(); };
+    ctx->save_for_backward({g_recon, g_mu, g_logvar, g_prior_mu, g_prior_logvar, g_recon_logvar, input(mu),
+                            input(logvar), input(prior_mu), input(prior_logvar)});
+    ctx->saved_data["kl_again"] = kl_again;
+    ctx->saved_data["mean"] = reduction == "mean";
     ctx->saved_data["dtype"] = static_cast<int64_t>(recon.scalar_type());
     ctx->saved_data["per_sample"] = reduction == "none";
     ctx->saved_data["grad_recon"] = grad_recon;
@@ -94,7 +146,13 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
           g_recon_logvar = scale_grad(g, d_rec, per_sample, dtype, device);
       }
     }
-    if (d_kl.defined()) {
+    if (d_kl.defined() && ctx->saved_data["kl_again"].toBool()) {
+      auto g = kl_grads_again(saved, d_kl, per_sample, ctx->saved_data["mean"].toBool(), needs(4) || needs(5));
+      if (needs(2)) g_mu = std::move(g[0]);
+      if (needs(3)) g_logvar = std::move(g[1]);
+      if (needs(4)) g_prior_mu = std::move(g[2]);
+      if (needs(5)) g_prior_logvar = std::move(g[3]);
+    } else if (d_kl.defined()) {
       if (needs(2)) g_mu = scale_grad(saved[1], d_kl, per_sample, dtype, device);
       if (needs(3)) g_logvar = scale_grad(saved[2], d_kl, per_sample, dtype, device);
       // the prior's: where it was broadcast, scaled in the loss dtype, summed, then rounded; one of

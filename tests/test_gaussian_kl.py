@@ -110,3 +110,38 @@ def test_nan_gives_nan():
 def test_bad_input(args, kwargs, exc, name):
     with pytest.raises(exc, match=arg_re(name)):
         vae_ext.gaussian_kl(*args, **kwargs)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("prior", ["none", "same", "shared"])
+def test_float16_cpu_gradients_recomputed_from_the_inputs(reduction, prior):
+    """float16 on the CPU: the latent gradients are recomputed in the backward (csrc/autograd.cpp,
+    recomputes_kl), so the graph keeps the float16 inputs and no float32 tensor of mu's size; each
+    gradient is the float32 value times grad_output, rounded once: within an ulp of the exact one."""
+    f16, shape = torch.float16, (6, 3, 4, 5)
+    mu, lv = _latents(shape, f16, seed=21)
+    g = torch.Generator().manual_seed(22)
+    pshape = {"none": None, "same": shape, "shared": (3, 1, 1)}[prior]
+    pm, pl = ((None, None) if pshape is None else
+              ((torch.randn(pshape, generator=g) * 0.5).to(f16), (torch.randn(pshape, generator=g) * 0.5).to(f16)))
+    leaves = [t.detach().requires_grad_(True) for t in (mu, lv, pm, pl) if t is not None]
+    saved = []
+
+    def keep(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        kl = vae_ext.gaussian_kl(*leaves, reduction=reduction)
+    assert not any(t.dtype == torch.float32 and t.numel() >= mu.numel() for t in saved), [t.shape for t in saved]
+    assert any(t.data_ptr() == leaves[0].data_ptr() for t in saved)
+    up = upstream_for(reduction, shape[0]).to(torch.float32) * 300.0
+    grads = torch.autograd.grad((kl * up).sum(), leaves)
+    refs = [t.detach().to(F64).requires_grad_(True) for t in leaves]
+    want = torch.autograd.grad((reference.gaussian_kl(*refs, reduction=reduction) * up.to(F64)).sum(), refs)
+    for name, got, w in zip(("mu", "logvar", "prior_mu", "prior_logvar"), grads, want):
+        assert got.dtype == f16 and got.shape == w.shape, name
+        fits = w.abs() <= torch.finfo(f16).max  # beyond it (a summed prior's at 300x): inf of its sign
+        assert torch.equal(got[~fits].to(F64), w[~fits].sign() * float("inf")), name
+        ulp = torch.finfo(f16).eps * w[fits].abs().clamp_min(torch.finfo(f16).tiny)
+        assert ((got[fits].to(F64) - w[fits]).abs() <= ulp).all(), f"{name}: more than an ulp off the exact gradient"
