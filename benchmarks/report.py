@@ -333,7 +333,11 @@ _FAULTS_TEXT = (
     "divided by their number: each is a page the kernel hands the process afresh, zeroed. The second table "
     "of an op times each case again in a fresh process (`benchmarks/glibc_process.py`) under glibc's malloc "
     "defaults, as a user's script runs: inputs built, fused, eager and compiled warmed up and timed "
-    "interleaved in that one process, in fewer rounds.")
+    "interleaved in that one process, in fewer rounds. The others' blocks in that process shape glibc's "
+    "thresholds, so a script that calls one implementation alone can fault more (the latent layer: 600 "
+    "faults per call steady, fused, where this table showed 0, until its gradients became one block): "
+    "`benchmarks/page_faults.py` runs each implementation in processes of its own "
+    "(`benchmarks/results/cpu-page-faults.txt`).")
 
 
 def _counted_faults(results: dict) -> bool:
