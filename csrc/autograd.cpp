@@ -51,7 +51,7 @@ std::vector<Tensor> kl_grads_again(const variable_list& saved, const Tensor& d_k
   const Tensor no_state = at::zeros({2}, at::kLong), no_units = at::empty({0}, mu.options().dtype(ldtype));
   auto [g_mu, g_lv, g_pmu, g_plv] =
       op.call(std::nullopt, w, mu, logvar, pm, pl, no_state, no_units, "logvar", "analytic", 0, prior && grad_prior);
-  if (prior && grad_prior && g_pmu.numel() > 0) {
+  if (prior && grad_prior) {
     g_pmu = prior_grad(g_pmu, saved[8].sizes(), mu.scalar_type());
     g_plv = prior_grad(g_plv, saved[9].sizes(), mu.scalar_type());
   } else {

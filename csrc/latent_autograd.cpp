@@ -107,7 +107,7 @@ struct GaussianLatentFunction : public torch::autograd::Function<GaussianLatentF
                 grad_prior);
     if (needs(0)) out[0] = g_mu;
     if (needs(1)) out[1] = g_ls;
-    if (grad_prior && g_pmu.numel() > 0) {
+    if (grad_prior && row_w.has_value()) {  // the prior's gradients come from the KL alone
       const auto dtype = mu.scalar_type();
       if (needs(2)) out[2] = prior_grad(g_pmu, ctx->saved_data["prior_mu_shape"].toIntVector(), dtype);
       if (needs(3)) out[3] = prior_grad(g_pls, ctx->saved_data["prior_logscale_shape"].toIntVector(), dtype);

@@ -78,6 +78,17 @@ def test_empty_batch():
     assert mu.grad.shape == mu.shape
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=dtype_id)
+def test_empty_batch_gradients_reach_the_prior(dtype):
+    """An empty batch still gives every input an (empty) gradient, the prior's summed to its shape
+    (float16 on the CPU takes the backward that recomputes the gradients)."""
+    leaves = [torch.zeros(0, 4, dtype=dtype, requires_grad=True) for _ in range(3)]
+    leaves.append(torch.zeros(4, dtype=dtype, requires_grad=True))
+    grads = torch.autograd.grad(vae_ext.gaussian_kl(*leaves), leaves)
+    assert [g.shape for g in grads] == [t.shape for t in leaves]
+    assert all(g.dtype == dtype and not g.any() for g in grads)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_gradcheck(reduction):
     mu, lv = (t.requires_grad_(True) for t in _latents((3, 2, 5), F64, seed=4))

@@ -263,6 +263,17 @@ def test_empty_batch():
     assert math.isnan(vae_ext.gaussian_latent(mu, mu, reduction="mean")[1].item())
 
 
+@pytest.mark.parametrize("dtype", [F32, F16], ids=dtype_id)
+def test_empty_batch_gradients_reach_the_prior(dtype):
+    """An empty batch still gives every input an (empty) gradient, the prior's summed to its shape."""
+    leaves = [torch.zeros(0, 3, 2, dtype=dtype, requires_grad=True) for _ in range(3)]
+    leaves.append(torch.zeros(3, 1, dtype=dtype, requires_grad=True))
+    z, kl = vae_ext.gaussian_latent(*leaves)
+    grads = torch.autograd.grad(z.sum() + kl.sum(), leaves)
+    assert [g.shape for g in grads] == [t.shape for t in leaves]
+    assert all(g.dtype == dtype and not g.any() for g in grads)
+
+
 def test_nan_in_nan_out():
     mu, ls, pmu, pls = make((2, 3, 4), F32, "same")
     mu[1, 2, 3] = float("nan")
