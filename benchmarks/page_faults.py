@@ -2,8 +2,10 @@
 """Minor page faults per call of the fused ops and of torch.compile of the reference, under glibc's
 malloc defaults (never mallopt here), and the CPU allocations one call makes.
 
-    PYTHONPATH=$PWD python benchmarks/page_faults.py                       # every case, fresh + steady
-    PYTHONPATH=$PWD python benchmarks/page_faults.py --case kl_prior:256x4x32x32 --trace
+    python benchmarks/page_faults.py                       # every case, fresh + steady
+    python benchmarks/page_faults.py --case kl_prior:256x4x32x32 --trace
+
+(This checkout's vae_ext where it is built in place, as run.py; the installed one otherwise.)
 
 Each implementation of a case runs in fresh processes of its own (as a user's script starts), --repeat
 of them: it is built and called once, then --calls times, and the faults (``resource.getrusage``
@@ -30,6 +32,12 @@ CASES = ["kl_prior:256x4x32x32", "kl_prior:64x16x64x64", "l1:1024x784:32", "l1:2
          "gaussian:256x12288:128", "gaussian_pixel:256x12288:128", "bce:128x784:20", "bce:1024x784:32",
          "bce:256x12288:128", "bce_logits:256x12288:128", "bce:4096x4096:256", "reparam:4096x256",
          "reparam:16384x1024", "reparam:1024x64", "latent:8x4x8x8", "latent:64x16x16x16"]
+
+
+sys.path.insert(0, str(HERE))
+from checkout import prefer_built_checkout  # noqa: E402
+
+prefer_built_checkout()
 
 
 def _faults() -> int:

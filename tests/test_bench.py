@@ -644,12 +644,12 @@ def test_glibc_process_targets_and_tables():
     assert "fresh process per case" not in report.markdown_section(res)
 
 
-def test_page_faults_latent_case():
+def test_page_faults_latent_case(tmp_path):
     """benchmarks/page_faults.py counts the latent layer's faults per call, fused and two-call, each in a
     process of its own (the script's parent path, one tiny case)."""
     p = subprocess.run([sys.executable, str(BENCH_DIR / "page_faults.py"), "--case", "latent:2x3x4x4", "--impls",
                         "fused,two_call", "--repeat", "1", "--calls", "2", "--loop", "2"],
-                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 0, p.stderr + p.stdout
     line = p.stdout.strip().splitlines()[-1]
     assert line.startswith("latent:2x3x4x4"), line
