@@ -46,7 +46,6 @@ def _faults() -> int:
 
 def _build(case: str, impls):
     """(fns by impl, leaves) of a case: each fn is one forward + backward with .grad dropped first."""
-    sys.path.insert(0, str(HERE))
     import torch
 
     import measure

@@ -30,27 +30,16 @@ bool recomputes_kl(const Tensor& mu, double free_bits) {
 // for all. (g_mu, g_logvar, g_prior_mu, g_prior_logvar), the prior's summed to its shape.
 std::vector<Tensor> kl_grads_again(const variable_list& saved, const Tensor& d_kl, bool per_sample, bool mean,
                                    bool grad_prior) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("vae_ext::gaussian_latent_backward", "")
-                       .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
-                           const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
-                           const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
-                           c10::string_view, c10::string_view, int64_t, bool)>();
   const Tensor &mu = saved[6], &logvar = saved[7];
   const bool prior = saved[8].defined();
-  const int64_t rows = mu.size(0);
   const auto ldtype = loss_dtype(mu.scalar_type());
-  Tensor w = d_kl.to(ldtype);
-  if (per_sample)
-    w = w.reshape({rows});
-  else
-    w = (mean && rows > 0 ? w.div(static_cast<double>(rows)) : w).reshape({1}).expand({rows});
+  const Tensor w = kl_row_weights(d_kl, mu.size(0), per_sample, mean, ldtype);
   const std::optional<Tensor> pm = prior ? std::optional<Tensor>(saved[8]) : std::nullopt;
   const std::optional<Tensor> pl = prior ? std::optional<Tensor>(saved[9]) : std::nullopt;
   // no draw (z is not differentiated): the generator state is unread
   const Tensor no_state = at::zeros({2}, at::kLong), no_units = at::empty({0}, mu.options().dtype(ldtype));
   auto [g_mu, g_lv, g_pmu, g_plv] =
-      op.call(std::nullopt, w, mu, logvar, pm, pl, no_state, no_units, "logvar", "analytic", 0, prior && grad_prior);
+      call_latent_backward(std::nullopt, w, mu, logvar, pm, pl, no_state, no_units, "logvar", "analytic", 0, prior && grad_prior);
   if (prior && grad_prior) {
     g_pmu = prior_grad(g_pmu, saved[8].sizes(), mu.scalar_type());
     g_plv = prior_grad(g_plv, saved[9].sizes(), mu.scalar_type());

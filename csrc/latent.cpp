@@ -1,11 +1,10 @@
 #include "latent.h"
 
-#include "grad_block.h"
-
 #include <cmath>
 #include <vector>
 
 #include "checks.h"
+#include "grad_block.h"
 #include "layout.h"
 #include "ops.h"
 

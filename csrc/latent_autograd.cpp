@@ -71,12 +71,6 @@ struct GaussianLatentFunction : public torch::autograd::Function<GaussianLatentF
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("vae_ext::gaussian_latent_backward", "")
-                         .typed<LatentOutputs(const std::optional<Tensor>&, const std::optional<Tensor>&,
-                                              const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                                              const std::optional<Tensor>&, const Tensor&, const Tensor&,
-                                              c10::string_view, c10::string_view, int64_t, bool)>();
     const Tensor &grad_z = grads[0], &grad_kl = grads[1];
     variable_list out(10);
     if (!grad_z.defined() && !grad_kl.defined()) return out;
@@ -87,22 +81,15 @@ struct GaussianLatentFunction : public torch::autograd::Function<GaussianLatentF
     const std::string reduction = ctx->saved_data["reduction"].toStringRef();
     // d loss / d (each row's KL), rows k * N + n, in the loss dtype: the reduction's backward
     std::optional<Tensor> row_w;
-    if (grad_kl.defined()) {
-      const int64_t rows = std::max<int64_t>(k, 1) * mu.size(0);
-      const Tensor g = grad_kl.to(loss_dtype(mu.scalar_type()));
-      if (reduction == "none")
-        row_w = g.reshape({rows});
-      else if (reduction == "sum")
-        row_w = g.reshape({1}).expand({rows});
-      else
-        row_w = g.div(static_cast<double>(rows)).reshape({1}).expand({rows});
-    }
+    if (grad_kl.defined())
+      row_w = kl_row_weights(grad_kl, std::max<int64_t>(k, 1) * mu.size(0), reduction == "none", reduction == "mean",
+                             loss_dtype(mu.scalar_type()));
     const auto needs = [&](size_t i) { return ctx->needs_input_grad(i); };  // mu, logscale, then the prior
     const bool grad_prior = prior && (needs(2) || needs(3));
     const std::optional<Tensor> pm = prior ? std::optional<Tensor>(saved[2]) : std::nullopt;
     const std::optional<Tensor> pl = prior ? std::optional<Tensor>(saved[3]) : std::nullopt;
     auto [g_mu, g_ls, g_pmu, g_pls] =
-        op.call(grad_z.defined() ? std::optional<Tensor>(grad_z) : std::nullopt, row_w, mu, logscale, pm, pl,
+        call_latent_backward(grad_z.defined() ? std::optional<Tensor>(grad_z) : std::nullopt, row_w, mu, logscale, pm, pl,
                 saved[4], saved[5], ctx->saved_data["scale"].toStringRef(), ctx->saved_data["kl"].toStringRef(), k,
                 grad_prior);
     if (needs(0)) out[0] = g_mu;
