@@ -16,40 +16,29 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Whether elbo_loss recomputes the latent gradients in its backward instead of writing them in the
-// forward: float16 on the CPU, where the forward's buffers would be float32 (twice the bytes of the
-// inputs, written then read) and the backward must round them to float16 anyway. Free bits keep
-// the forward's buffers (the units under the floor are known there).
-bool recomputes_kl(const Tensor& mu, double free_bits) {
-  return mu.is_cpu() && mu.scalar_type() == at::kHalf && free_bits == 0.0;
-}
+// float16 on the CPU: the forward's buffers are float16, the gradients as handed on for an
+// incoming gradient of exactly 1 (loss.backward() on a sum or mean). For any other the backward
+// computes them again in float32 from the saved inputs (the forward's kernel computes in float32
+// from the float16 values it loads: the same numbers) and scales and rounds those once, as a loss
+// scale or a small weight needs (csrc/checks.cpp prepare_elbo).
+bool final_in_half(const Tensor& recon) { return recon.is_cpu() && recon.scalar_type() == at::kHalf; }
 
-// The latent gradients of elbo_loss's KL at the incoming gradient d_kl, recomputed from the saved
-// inputs (saved[6..9]: mu, logvar, the prior or undefined) by gaussian_latent_backward: its analytic
-// KL at scale "logvar" is this KL, each row's weight d_kl (per sample), or d_kl (/ N for the mean)
-// for all. (g_mu, g_logvar, g_prior_mu, g_prior_logvar), the prior's summed to its shape.
-std::vector<Tensor> kl_grads_again(const variable_list& saved, const Tensor& d_kl, bool per_sample, bool mean,
-                                   bool grad_prior) {
-  const Tensor &mu = saved[6], &logvar = saved[7];
-  const bool prior = saved[8].defined();
-  const auto ldtype = loss_dtype(mu.scalar_type());
-  const Tensor w = kl_row_weights(d_kl, mu.size(0), per_sample, mean, ldtype);
-  const std::optional<Tensor> pm = prior ? std::optional<Tensor>(saved[8]) : std::nullopt;
-  const std::optional<Tensor> pl = prior ? std::optional<Tensor>(saved[9]) : std::nullopt;
-  // no draw (z is not differentiated): the generator state is unread
-  const Tensor no_state = at::zeros({2}, at::kLong), no_units = at::empty({0}, mu.options().dtype(ldtype));
-  auto [g_mu, g_lv, g_pmu, g_plv] =
-      call_latent_backward(std::nullopt, w, mu, logvar, pm, pl, no_state, no_units, "logvar", "analytic", 0, prior && grad_prior);
-  if (prior && grad_prior) {
-    g_pmu = prior_grad(g_pmu, saved[8].sizes(), mu.scalar_type());
-    g_plv = prior_grad(g_plv, saved[9].sizes(), mu.scalar_type());
-  } else {
-    g_pmu = g_plv = Tensor();
-  }
-  return {g_mu, g_lv, g_pmu, g_plv};
+// An optional tensor in float32.
+std::optional<Tensor> in_float(const Tensor& t) {
+  return t.defined() ? std::optional<Tensor>(t.to(at::kFloat)) : std::nullopt;
 }
 
 struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
+  static auto& elbo_op() {
+    static auto op =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("vae_ext::elbo_loss", "")
+            .typed<ElboOutputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::string_view,
+                               c10::string_view, bool, bool, bool, bool, const c10::optional<Tensor>&,
+                               const c10::optional<Tensor>&, const c10::optional<Tensor>&, double, bool)>();
+    return op;
+  }
+
   // An absent optional tensor is no input of the node: needs_input_grad counts the present ones
   // (ctx->saved_data["edges"] maps the inputs to them).
   static variable_list forward(AutogradContext* ctx, const Tensor& recon, const Tensor& x, const Tensor& mu,
@@ -58,25 +47,21 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
                                const std::string& recon_mode, const std::string& reduction, bool grad_recon,
                                bool grad_latent, bool validate, bool total, double free_bits, bool unit_kl,
                                bool recorded) {
-    static auto op =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("vae_ext::elbo_loss", "")
-            .typed<ElboOutputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::string_view,
-                               c10::string_view, bool, bool, bool, bool, const c10::optional<Tensor>&,
-                               const c10::optional<Tensor>&, const c10::optional<Tensor>&, double, bool)>();
     at::AutoDispatchBelowADInplaceOrView below;
-    // float16 on the CPU: the latent gradients are recomputed in the backward from the inputs
-    // (gaussian_latent_backward, the analytic KL's kernel), scaled and rounded once; the forward
-    // writes no float32 buffer for them (docs/design.md, "Half precision").
-    const bool kl_again = grad_latent && recomputes_kl(mu, free_bits);
-    auto out = op.call(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent && !kl_again, validate,
-                       total, prior_mu, prior_logvar, recon_logvar, free_bits, unit_kl);
+    auto out = elbo_op().call(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent, validate, total,
+                              prior_mu, prior_logvar, recon_logvar, free_bits, unit_kl);
     auto& [rec, kl, units, g_recon, g_mu, g_logvar, g_prior_mu, g_prior_logvar, g_recon_logvar] = out;
-    const auto input = [&](const std::optional<Tensor>& t) { return kl_again && t.has_value() ? *t : Tensor(); };
-    ctx->save_for_backward({g_recon, g_mu, g_logvar, g_prior_mu, g_prior_logvar, g_recon_logvar, input(mu),
-                            input(logvar), input(prior_mu), input(prior_logvar)});
-    ctx->saved_data["kl_again"] = kl_again;
-    ctx->saved_data["mean"] = reduction == "mean";
+    // float16 on the CPU: the inputs too, for a backward that computes the buffers again
+    const bool half = final_in_half(recon);
+    const auto input = [&](const std::optional<Tensor>& t) { return half && t.has_value() ? *t : Tensor(); };
+    ctx->save_for_backward({g_recon, g_mu, g_logvar, g_prior_mu, g_prior_logvar, g_recon_logvar, input(recon), input(x),
+                            input(mu), input(logvar), input(prior_mu), input(prior_logvar), input(recon_logvar)});
+    if (half) {
+      ctx->saved_data["recon_mode"] = recon_mode;
+      ctx->saved_data["reduction"] = reduction;
+      ctx->saved_data["free_bits"] = free_bits;
+    }
+    ctx->saved_data["half"] = half;
     ctx->saved_data["dtype"] = static_cast<int64_t>(recon.scalar_type());
     ctx->saved_data["per_sample"] = reduction == "none";
     ctx->saved_data["grad_recon"] = grad_recon;
@@ -105,8 +90,27 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
     return {rec, kl, units, bufs[0], bufs[1], bufs[2], bufs[3], bufs[4], bufs[5]};
   }
 
+  // saved[0..5], the float16 buffers, replaced by the float32 ones of the same call on the inputs
+  // saved[6..12] in float32 (final_in_half).
+  static void buffers_in_float32(AutogradContext* ctx, variable_list& saved, bool grad_recon, bool grad_latent) {
+    const auto f = [](const Tensor& t) { return t.to(at::kFloat); };
+    const std::string mode = ctx->saved_data["recon_mode"].toStringRef(),
+                      reduction = ctx->saved_data["reduction"].toStringRef();
+    auto out =
+        elbo_op().call(f(saved[6]), f(saved[7]), f(saved[8]), f(saved[9]), mode, reduction, grad_recon, grad_latent,
+                       /*validate=*/false, ctx->saved_data["total"].toBool(), in_float(saved[10]), in_float(saved[11]),
+                       in_float(saved[12]), ctx->saved_data["free_bits"].toDouble(),
+                       /*unit_kl=*/false);
+    saved[0] = std::get<3>(out);
+    saved[1] = std::get<4>(out);
+    saved[2] = std::get<5>(out);
+    saved[3] = std::get<6>(out);
+    saved[4] = std::get<7>(out);
+    saved[5] = std::get<8>(out);
+  }
+
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
+    auto saved = ctx->get_saved_variables();
     const bool per_sample = ctx->saved_data["per_sample"].toBool();
     const auto edges = ctx->saved_data["edges"].toIntVector();
     const auto needs = [&](size_t i) { return edges[i] >= 0 && ctx->needs_input_grad(static_cast<size_t>(edges[i])); };
@@ -122,6 +126,8 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
     const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
     const auto ldtype = loss_dtype(dtype);  // float32 for half inputs
     Tensor g_recon, g_mu, g_logvar, g_prior_mu, g_prior_logvar, g_recon_logvar;
+    if (ctx->saved_data["half"].toBool() && !((!need_recon || all_ones(d_rec)) && (!need_latent || all_ones(d_kl))))
+      buffers_in_float32(ctx, saved, need_recon, need_latent);
     DeviceScales device;
     if (d_rec.defined()) {
       if (needs(0)) g_recon = scale_grad(saved[0], d_rec, per_sample, dtype, device);
@@ -135,13 +141,7 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
           g_recon_logvar = scale_grad(g, d_rec, per_sample, dtype, device);
       }
     }
-    if (d_kl.defined() && ctx->saved_data["kl_again"].toBool()) {
-      auto g = kl_grads_again(saved, d_kl, per_sample, ctx->saved_data["mean"].toBool(), needs(4) || needs(5));
-      if (needs(2)) g_mu = std::move(g[0]);
-      if (needs(3)) g_logvar = std::move(g[1]);
-      if (needs(4)) g_prior_mu = std::move(g[2]);
-      if (needs(5)) g_prior_logvar = std::move(g[3]);
-    } else if (d_kl.defined()) {
+    if (d_kl.defined()) {
       if (needs(2)) g_mu = scale_grad(saved[1], d_kl, per_sample, dtype, device);
       if (needs(3)) g_logvar = scale_grad(saved[2], d_kl, per_sample, dtype, device);
       // the prior's: where it was broadcast, scaled in the loss dtype, summed, then rounded; one of
@@ -253,17 +253,28 @@ ReparamOutputs reparameterize_autograd(const Tensor& mu, const Tensor& logvar, i
 // buffers. Its backward applies pixel_mean's 1/D to the recon gradient and beta to the latent ones
 // together with the incoming gradient: one scaling each, none at all when the product is 1.
 struct ElboBasicFunction : public torch::autograd::Function<ElboBasicFunction> {
-  static variable_list forward(AutogradContext* ctx, const Tensor& recon, const Tensor& x, const Tensor& mu,
-                               const Tensor& logvar, c10::string_view recon_mode, c10::string_view reduction,
-                               double beta, bool grad_recon, bool grad_latent, bool validate, bool recorded) {
+  static auto& basic_op() {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("vae_ext::elbo_loss_basic", "")
                          .typed<BasicOutputs(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                              c10::string_view, c10::string_view, double, bool, bool, bool)>();
+    return op;
+  }
+
+  static variable_list forward(AutogradContext* ctx, const Tensor& recon, const Tensor& x, const Tensor& mu,
+                               const Tensor& logvar, c10::string_view recon_mode, c10::string_view reduction,
+                               double beta, bool grad_recon, bool grad_latent, bool validate, bool recorded) {
     at::AutoDispatchBelowADInplaceOrView below;
     auto [loss, g_recon, g_mu, g_logvar] =
-        op.call(recon, x, mu, logvar, recon_mode, reduction, beta, grad_recon, grad_latent, validate);
-    ctx->save_for_backward({g_recon, g_mu, g_logvar});
+        basic_op().call(recon, x, mu, logvar, recon_mode, reduction, beta, grad_recon, grad_latent, validate);
+    // float16 on the CPU: the inputs too, for a backward that computes the buffers again
+    if (final_in_half(recon)) {
+      ctx->save_for_backward({g_recon, g_mu, g_logvar, recon, x, mu, logvar});
+      ctx->saved_data["recon_mode"] = std::string(recon_mode);
+      ctx->saved_data["reduction"] = std::string(reduction);
+    } else {
+      ctx->save_for_backward({g_recon, g_mu, g_logvar});
+    }
     // dtype, then one bit each: per sample, grad_recon, grad_latent
     ctx->saved_data["flags"] = static_cast<int64_t>(recon.scalar_type()) | (reduction == "none" ? 256 : 0) |
                                (grad_recon ? 512 : 0) | (grad_latent ? 1024 : 0);
@@ -280,6 +291,19 @@ struct ElboBasicFunction : public torch::autograd::Function<ElboBasicFunction> {
     return {loss, bufs[0], bufs[1], bufs[2]};
   }
 
+  // saved[0..2], the float16 buffers, replaced by the float32 ones of the same call on the inputs
+  // saved[3..6] in float32 (final_in_half).
+  static void buffers_in_float32(AutogradContext* ctx, variable_list& saved, bool grad_recon, bool grad_latent,
+                                 double beta) {
+    const auto f = [](const Tensor& t) { return t.to(at::kFloat); };
+    auto [loss, g_recon, g_mu, g_logvar] =
+        basic_op().call(f(saved[3]), f(saved[4]), f(saved[5]), f(saved[6]), ctx->saved_data["recon_mode"].toStringRef(),
+                        ctx->saved_data["reduction"].toStringRef(), beta, grad_recon, grad_latent, /*validate=*/false);
+    saved[0] = g_recon;
+    saved[1] = g_mu;
+    saved[2] = g_logvar;
+  }
+
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Tensor& d = grads[0];
     variable_list out(11);
@@ -292,14 +316,14 @@ struct ElboBasicFunction : public torch::autograd::Function<ElboBasicFunction> {
                 "vae_ext::elbo_loss_basic: backward needs the gradient buffers, but the op was called with "
                 "grad_recon/grad_latent=False; call it through vae_ext.elbo_loss");
     const auto dtype = static_cast<at::ScalarType>(flags & 255);
-    const auto saved = ctx->get_saved_variables();
+    auto saved = ctx->get_saved_variables();
+    const double div = ctx->saved_data["recon_div"].toDouble(), beta = ctx->saved_data["beta"].toDouble();
+    // float16 (saved[3..6]: the inputs): the buffers are the gradients for d = 1 / div = beta = 1
+    if (saved.size() > 3 && !(all_ones(d) && (!need_recon || div == 1.0) && (!need_latent || beta == 1.0)))
+      buffers_in_float32(ctx, saved, need_recon, need_latent, beta);
     DeviceScales device;
-    if (need_recon) {
-      const double div = ctx->saved_data["recon_div"].toDouble();
-      out[0] = scale_grad(saved[0], div == 1.0 ? d : d / div, per_sample, dtype, device);
-    }
+    if (need_recon) out[0] = scale_grad(saved[0], div == 1.0 ? d : d / div, per_sample, dtype, device);
     if (need_latent) {
-      const double beta = ctx->saved_data["beta"].toDouble();
       const Tensor dk = beta == 1.0 ? d : d * beta;
       if (ctx->needs_input_grad(2)) out[2] = scale_grad(saved[1], dk, per_sample, dtype, device);
       if (ctx->needs_input_grad(3)) out[3] = scale_grad(saved[2], dk, per_sample, dtype, device);

@@ -35,18 +35,33 @@ struct DeviceScales {
   }
 };
 
+// Not a tensor being traced (torch.compile, opcheck), which wants no mutation of a saved output
+// and has no values to read.
+inline bool is_plain(const Tensor& t) {
+  return !t.key_set().has(c10::DispatchKey::Python) && !t.key_set().has(c10::DispatchKey::Functionalize);
+}
+
+// Whether the incoming gradient d is undefined (none flows) or a plain CPU tensor every element of
+// which is exactly 1: float16's buffers are then the gradients themselves (autograd.cpp
+// final_in_half). Read on the host, so a device tensor answers false (no sync).
+inline bool all_ones(const Tensor& d) {
+  if (!d.defined()) return true;
+  if (!d.is_cpu() || !is_plain(d)) return false;
+  if (d.numel() == 1) return d.item<double>() == 1.0;
+  return at::eq(d, 1).all().item<bool>();
+}
+
 // g * d, rounded once to `out` (the dtype of the input g is the gradient of): d is a 0-d tensor
 // (sum, mean) or one value per sample (none), in the loss dtype (float32 for half inputs), and is
 // never rounded to a half dtype first (grad_output = 65536 or 1e-10 would become inf or 0). g is
-// the buffer the forward wrote: the input's dtype for the recon gradient, the loss dtype for the
-// latent ones (small, N x L: a local gradient beyond float16's range stays finite until scaled).
+// the buffer the forward wrote: the input's dtype on the CPU (the loss dtype on CUDA and for a
+// broadcast prior's), or a float16 input's computed again in float32 (autograd.cpp final_in_half).
 // When the graph is not kept (no retain_graph, the usual case) g is freed right after this
 // backward, so it is scaled in place and handed on: no second tensor the size of recon_x (on CPU a
 // fresh one costs its page faults, as much as the pass itself), and AccumulateGrad can take it as
 // .grad without a copy. With retain_graph=True (gradcheck, a second backward) it stays intact.
 // A CUDA scaling by a one-element d is queued in `device` (DeviceScales::launch does it).
-inline Tensor scale_grad(const Tensor& g, const Tensor& d, bool per_sample, at::ScalarType out,
-                         DeviceScales& device) {
+inline Tensor scale_grad(const Tensor& g, const Tensor& d, bool per_sample, at::ScalarType out, DeviceScales& device) {
   Tensor s = d;
   if (per_sample) {
     std::vector<int64_t> shape(static_cast<size_t>(g.dim()), 1);
@@ -58,13 +73,10 @@ inline Tensor scale_grad(const Tensor& g, const Tensor& d, bool per_sample, at::
     // CPU scalar, which TensorIterator reads in float32 for a half g without a copy of g.)
     s = s.reshape({1});
   }
-  // Tracing (torch.compile, opcheck) sees wrapped tensors and wants no mutation of a saved output.
-  const auto plain = [](const Tensor& t) {
-    return !t.key_set().has(c10::DispatchKey::Python) && !t.key_set().has(c10::DispatchKey::Functionalize);
-  };
   // the float32 gradients of half inputs: scaled and rounded in one pass (csrc/scale_round.h)
   if (g.scalar_type() != out) return scale_round(g, s, per_sample, out);
-  if (torch::autograd::get_current_graph_task_keep_graph() || !plain(g) || !plain(s)) return at::mul(g, s).to(out);
+  if (torch::autograd::get_current_graph_task_keep_graph() || !is_plain(g) || !is_plain(s))
+    return at::mul(g, s).to(out);
   // loss.backward() on a sum or mean sends exactly 1: nothing to scale (read only from a CPU
   // scalar, which costs no device sync).
   if (s.numel() == 1 && s.device().is_cpu() && s.item<double>() == 1.0) return g;

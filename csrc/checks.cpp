@@ -38,7 +38,7 @@ DType kernel_dtype(at::ScalarType st) {
 at::ScalarType loss_dtype(at::ScalarType t) { return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t; }
 
 at::ScalarType grad_buffer_dtype(at::ScalarType t, const at::Device& device) {
-  return t == at::kBFloat16 && device.is_cpu() ? t : loss_dtype(t);
+  return (t == at::kBFloat16 || t == at::kHalf) && device.is_cpu() ? t : loss_dtype(t);
 }
 
 static void check_float(const char* name, const Tensor& t) {
@@ -129,14 +129,14 @@ ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu,
   b.x = x.contiguous(fmt);
   b.mu = mu.contiguous();
   b.logvar = logvar.contiguous();
-  // The latent gradients of float16 inputs in float32 until the backward has scaled them
-  // (csrc/autograd.cpp): 0.5 (exp(logvar) - 1) leaves float16's range at logvar > 11.8, and beta = 0
-  // must still give 0. bfloat16 has float32's range: its buffers are bfloat16 on the CPU, half the
-  // bytes to write and read (docs/design.md, "Half precision"; grad_buffer_dtype).
+  // The half types' buffers are in their own dtype on the CPU: half the bytes of float32 to write
+  // and read. bfloat16's are scaled by the backward; float16's hold the gradient for an incoming
+  // gradient of 1 (what the backward hands on), and any other has the backward compute them again
+  // in float32: 0.5 (exp(logvar) - 1) leaves float16's range at logvar > 11.8 (beta = 0 must still
+  // give 0), and a recon gradient divided by N (mean) may underflow before a loss scale could
+  // rescue it (docs/design.md, "Half precision"; grad_buffer_dtype; csrc/autograd.cpp).
   const auto lopts = b.mu.options().dtype(grad_buffer_dtype(mu.scalar_type(), mu.device()));
   const auto latent_buf = [&](bool wanted) { return wanted ? at::empty(mu.sizes(), lopts) : at::empty({0}, lopts); };
-  // The recon gradients too: stored in float16 already divided by N (mean), they would underflow
-  // before a loss scale could rescue them.
   const auto ropts = b.recon.options().dtype(grad_buffer_dtype(recon.scalar_type(), recon.device()));
   // A per-element log-variance's gradient is recon_x's size and freed with it: one block for the
   // two, as for the latents' below (contiguous ones; csrc/grad_block.h).
@@ -153,8 +153,8 @@ ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu,
   // The latent gradients the caller gets as they are and frees together (.grad = None, zero_grad):
   // one block on the CPU (csrc/grad_block.h); a broadcast prior's are summed in the backward and
   // freed there, so they stay blocks of their own.
-  const bool prior_whole = prior && grad_latent && opt.prior_mu->sizes() == mu.sizes() &&
-                           opt.prior_logvar->sizes() == mu.sizes();
+  const bool prior_whole =
+      prior && grad_latent && opt.prior_mu->sizes() == mu.sizes() && opt.prior_logvar->sizes() == mu.sizes();
   if (grad_latent) {
     auto g = empty_together(mu.sizes(), lopts, prior_whole ? 4 : 2);
     b.g_mu = std::move(g[0]);

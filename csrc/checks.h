@@ -22,8 +22,8 @@ DType kernel_dtype(at::ScalarType st);
 at::ScalarType loss_dtype(at::ScalarType t);
 
 // The dtype of the gradient buffers elbo_loss's forward writes for inputs of dtype t on `device`:
-// bfloat16 on the CPU for bfloat16 inputs, loss_dtype(t) otherwise (docs/design.md, "Half
-// precision").
+// the input's own for the half types on the CPU, loss_dtype(t) otherwise (docs/design.md, "Half
+// precision"). A broadcast prior's, summed in the backward, are loss_dtype(t) everywhere.
 at::ScalarType grad_buffer_dtype(at::ScalarType t, const at::Device& device);
 
 // The elbo_loss inputs, checked (shapes, dtypes, devices, options: ValueError/TypeError naming the

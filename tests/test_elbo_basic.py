@@ -79,15 +79,18 @@ def test_direct_call_returns_the_buffers_unscaled_by_beta_and_pixel_mean():
 @pytest.mark.parametrize("layout", ("contiguous", "channels_last"))
 def test_half_gradients_are_the_buffers_scaled_then_rounded_once(dtype, reduction, layout):
     """The backward gives exactly round(buffer * (grad_output * scale)), the product in float32, as
-    ATen's mul then a cast would; the buffers are float32 for float16 and bfloat16 for bfloat16
-    (csrc/checks.cpp grad_buffer_dtype: float32's range)."""
+    ATen's mul then a cast would. The buffers are in the input's dtype (csrc/checks.cpp
+    grad_buffer_dtype); bfloat16's are the ones scaled, float16's are computed again in float32 for
+    a grad_output other than 1 (csrc/autograd.cpp final_in_half): the float32 op's on the inputs."""
     r, x, mu, lv = h.make_elbo_inputs("bce", (6, 2 * 3 * 5), 4, dtype, seed=8)
     r, x = (t.reshape(6, 2, 3, 5) for t in (r, x))
     if layout == "channels_last":
         r, x = (t.contiguous(memory_format=torch.channels_last) for t in (r, x))
     _, g_r, g_mu, g_lv = BASIC_OP(r, x, mu, lv, "bce", reduction, 0.75, True, True, False)
-    buffer_dtype = dtype if dtype == torch.bfloat16 else torch.float32
-    assert g_r.dtype == g_mu.dtype == g_lv.dtype == buffer_dtype
+    assert g_r.dtype == g_mu.dtype == g_lv.dtype == dtype
+    if dtype == torch.float16:
+        _, g_r, g_mu, g_lv = BASIC_OP(*(t.float() for t in (r, x, mu, lv)), "bce", reduction, 0.75, True, True,
+                                      False)
     up = h.upstream_for("none" if reduction == "none" else "sum", 6).to(torch.float32) * 300.0
     leaves = [t.detach().requires_grad_(True) for t in (r, mu, lv)]
     loss = vae_ext.elbo_loss(leaves[0], x, leaves[1], leaves[2], recon="bce", reduction=reduction, beta=0.75)
@@ -99,6 +102,24 @@ def test_half_gradients_are_the_buffers_scaled_then_rounded_once(dtype, reductio
     assert leaves[0].grad.stride() == r.stride()
     assert torch.equal(leaves[1].grad, (g_mu * d_kl).to(dtype))
     assert torch.equal(leaves[2].grad, (g_lv * d_kl).to(dtype))
+
+
+@pytest.mark.parametrize("reduction", ("sum", "mean", "none"))
+@pytest.mark.parametrize("op", ("basic", "full"))
+def test_float16_buffers_are_the_gradients_of_a_grad_output_of_one(reduction, op):
+    """float16 on the CPU: the forward writes the gradients as they are for grad_output 1 (the
+    float32 buffers rounded once), and loss.backward() hands them on; any other grad_output, or a
+    beta other than 1 in the common call, has them computed again (the test above)."""
+    r, x, mu, lv = h.make_elbo_inputs("bce", (6, 2 * 3 * 5), 4, torch.float16, seed=11)
+    _, g_r, g_mu, g_lv = BASIC_OP(*(t.float() for t in (r, x, mu, lv)), "bce", reduction, 1.0, True, True, False)
+    leaves = [t.detach().requires_grad_(True) for t in (r, mu, lv)]
+    extra = {} if op == "basic" else {"return_terms": True}  # return_terms takes the full op
+    loss = vae_ext.elbo_loss(leaves[0], x, leaves[1], leaves[2], recon="bce", reduction=reduction, **extra)
+    if op == "full":
+        loss = loss[0]
+    (loss.sum() if reduction == "none" else loss).backward()
+    for leaf, g in zip(leaves, (g_r, g_mu, g_lv)):
+        assert torch.equal(leaf.grad, g.to(torch.float16))
 
 
 @pytest.mark.parametrize("prior_shape", [(5, 3), (3,), (1, 3)], ids=["per_sample", "L", "1xL"])

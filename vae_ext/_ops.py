@@ -24,9 +24,9 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _grad_dtype(t: torch.Tensor) -> torch.dtype:
-    """elbo_loss's gradient buffers (csrc/checks.cpp grad_buffer_dtype): bfloat16 on the CPU for
-    bfloat16 inputs, the loss dtype otherwise."""
-    return t.dtype if t.dtype == torch.bfloat16 and t.device.type == "cpu" else _out_dtype(t.dtype)
+    """elbo_loss's gradient buffers (csrc/checks.cpp grad_buffer_dtype): the input's own for the
+    half types on the CPU, the loss dtype otherwise."""
+    return t.dtype if t.dtype in _HALF and t.device.type == "cpu" else _out_dtype(t.dtype)
 
 
 # --------------------------------------------------------------------------- elbo_loss
@@ -37,11 +37,13 @@ def _grad_dtype(t: torch.Tensor) -> torch.dtype:
 # rec and kl are the reduced reconstruction and KL terms (with free bits, the floored KL); unit_kl is
 # each latent unit's KL averaged over the batch (mu.shape[1:]; empty unless unit_kl or free bits);
 # g_* are d(term)/d(input), written in the same pass (empty when their flag is False; all in
-# _grad_dtype: float32 for float16 inputs, bfloat16 for bfloat16 ones on the CPU, except a broadcast
-# prior's, float32; the latent and prior ones per element, mu's shape; a 0-d recon_logvar's per
-# sample for "none", else 0-d, in float64: scaled, a sum past float32's range may be finite); the
-# backward only scales them by grad_output (and sums a broadcast prior's). Through autograd, when a
-# graph is recorded, they come back empty: the backward scales the saved buffers in place.
+# _grad_dtype, on the CPU the half types' own, except a broadcast prior's, float32; the latent and
+# prior ones per element, mu's shape; a 0-d recon_logvar's per sample for "none", else 0-d, in
+# float64: scaled, a sum past float32's range may be finite); the backward only scales them by
+# grad_output (and sums a broadcast prior's), except float16's on the CPU, which are the gradients
+# for a grad_output of 1 and for any other are computed again in float32 (csrc/autograd.cpp).
+# Through autograd, when a graph is recorded, they come back empty: the backward scales the saved
+# buffers in place.
 # total=True: the first output is the loss rec + kl (beta = 1) and the second is empty, which
 # saves an add, its autograd node and a tensor in eager mode.
 

@@ -65,12 +65,15 @@ struct ProbRange<VecF> {
 };
 #endif
 
-// The type of the gradient buffers (csrc/checks.cpp grad_buffer_dtype): bfloat16 for bfloat16
-// inputs (float32's range: each local gradient rounded once here, and once more by the backward's
-// scaling unless that is by 1); the accumulation type otherwise (float32 for float16, whose range a
-// local gradient may leave and whose subnormals a loss scale could not bring back).
+// The type of the gradient buffers (csrc/checks.cpp grad_buffer_dtype): the input's for the half
+// types. bfloat16 has float32's range: each local gradient is rounded once here, and once more by
+// the backward's scaling unless that is by 1. float16's is the gradient as the backward hands it on
+// for an incoming gradient of 1, rounded once; for any other the backward computes it again in
+// float32 (csrc/autograd.cpp), since a float16 local gradient may have left the range or lost the
+// digits a loss scale would bring back.
 template <typename scalar_t>
-using grad_t = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, c10::BFloat16, typename VecIO<scalar_t>::acc_t>;
+using grad_t = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, c10::Half>,
+                                  scalar_t, typename VecIO<scalar_t>::acc_t>;
 
 // One pass over a row segment of recon/x: returns the segment's loss sum and writes the scaled
 // gradient, in grad_t, when g is not null. Checks "bce"
@@ -82,8 +85,7 @@ using grad_t = std::conditional_t<std::is_same_v<scalar_t, c10::BFloat16>, c10::
 template <typename scalar_t, Recon mode, bool scalar_rlv = false>
 double recon_segment(const scalar_t* r, const scalar_t* x, grad_t<scalar_t>* g, int64_t len, double scale,
                      std::atomic<bool>* bad_prob, std::atomic<bool>* bad_target, const scalar_t* rlv = nullptr,
-                     grad_t<scalar_t>* g_rlv = nullptr,
-                     typename VecIO<scalar_t>::acc_t inv = 0) {
+                     grad_t<scalar_t>* g_rlv = nullptr, typename VecIO<scalar_t>::acc_t inv = 0) {
   using IO = VecIO<scalar_t>;
   using V = typename IO::V;
   using M = VecMath<V>;
@@ -221,8 +223,8 @@ void kl_typed(const ElboArgs& a) {
   // units [off, off + len) of the flat (n, l) latents; the prior's offset is the column's when shared
   const auto seg = [&](int64_t off, int64_t len, int64_t prior_off) {
     return kl_segment<scalar_t, has_prior, pgrad_t>(mu + off, lv + off, from(pmu, prior_off), from(plv, prior_off),
-                                           from(gmu, off), from(glv, off), from(gpmu, off), from(gplv, off),
-                                           from(kle, off), len, a.grad_scale);
+                                                    from(gmu, off), from(glv, off), from(gpmu, off), from(gplv, off),
+                                                    from(kle, off), len, a.grad_scale);
   };
   const auto row_seg = [&](int64_t row, int64_t b, int64_t e) {
     return seg(row * l + b, e - b, a.prior_shared ? b : row * l + b);

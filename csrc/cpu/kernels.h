@@ -32,7 +32,7 @@ struct ElboArgs {
   void* grad_recon_logvar;  // per element: (n, d) like grad_recon, * grad_scale; nullptr when grad_recon is
   const void* mu;           // (n, l) contiguous
   const void* logvar;
-  void* grad_mu;      // (n, l) in grad_t (elbo_kernel.h: bfloat16 or the accumulation type), or
+  void* grad_mu;      // (n, l) in grad_t (elbo_kernel.h: the half types' own or the accumulation type), or
   void* grad_logvar;  // nullptr (then grad_logvar is nullptr too)
   // The prior: nullptr (both) for N(0, I); else (n, l), or (l) shared by every sample (prior_shared).
   const void* prior_mu;
