@@ -147,7 +147,7 @@ ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu,
     b.g_recon = std::move(g[0]);
     b.g_recon_logvar = std::move(g[1]);
   } else {
-    b.g_recon = grad_recon ? at::empty_like(b.recon, ropts, fmt) : at::empty({0}, ropts);
+    b.g_recon = grad_recon ? advise_huge_pages(at::empty_like(b.recon, ropts, fmt)) : at::empty({0}, ropts);
   }
   const bool prior = opt.prior_mu.has_value();
   // The latent gradients the caller gets as they are and frees together (.grad = None, zero_grad):
@@ -184,8 +184,8 @@ ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu,
     // bfloat16 rounding of each term would be amplified by the cancellation of the sum
     const auto popts = b.mu.options().dtype(loss_dtype(mu.scalar_type()));
     const bool wanted = prior && grad_latent;
-    b.g_prior_mu = wanted ? at::empty(mu.sizes(), popts) : at::empty({0}, lopts);
-    b.g_prior_logvar = wanted ? at::empty(mu.sizes(), popts) : at::empty({0}, lopts);
+    b.g_prior_mu = wanted ? advise_huge_pages(at::empty(mu.sizes(), popts)) : at::empty({0}, lopts);
+    b.g_prior_logvar = wanted ? advise_huge_pages(at::empty(mu.sizes(), popts)) : at::empty({0}, lopts);
   }
   const bool kl_elems = opt.unit_kl || opt.free_bits > 0.0;
   const auto kopts = b.mu.options().dtype(loss_dtype(mu.scalar_type()));  // each element's KL: summed later
@@ -196,7 +196,7 @@ ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu,
     b.recon_logvar = b.rlv_scalar ? rlv : rlv.contiguous(fmt);
   }
   if (!recon_together && (!opt.lean || mode == Recon::Gaussian))
-    b.g_recon_logvar = rlv_grad ? at::empty_like(b.recon, ropts, fmt) : at::empty({0}, ropts);
+    b.g_recon_logvar = rlv_grad ? advise_huge_pages(at::empty_like(b.recon, ropts, fmt)) : at::empty({0}, ropts);
   return b;
 }
 

@@ -3,6 +3,8 @@
 #include <cmath>
 #include <vector>
 
+#include "grad_block.h"
+
 namespace vae_ext {
 
 PixelLayout pixel_layout(const Tensor& t) {
@@ -33,7 +35,7 @@ PixelLayout pixel_layout(const Tensor& t) {
 Tensor empty_in_layout(const PixelLayout& l, std::optional<at::ScalarType> dtype) {
   const Tensor& t = l.t;
   const auto opts = t.options().dtype(dtype.value_or(t.scalar_type()));
-  if (!l.channels_last) return at::empty(t.sizes(), opts);
+  if (!l.channels_last) return advise_huge_pages(at::empty(t.sizes(), opts));
   std::vector<int64_t> shape{t.size(0)}, perm(static_cast<size_t>(t.dim()));
   for (int64_t i = 2; i < t.dim(); ++i) shape.push_back(t.size(i));
   shape.push_back(t.size(1));
@@ -41,7 +43,7 @@ Tensor empty_in_layout(const PixelLayout& l, std::optional<at::ScalarType> dtype
   perm[0] = 0;
   perm[1] = t.dim() - 1;
   for (int64_t i = 2; i < t.dim(); ++i) perm[i] = i - 1;
-  return at::empty(shape, opts).permute(perm);
+  return advise_huge_pages(at::empty(shape, opts)).permute(perm);
 }
 
 static void check_float(const char* name, const Tensor& t) {
@@ -78,8 +80,8 @@ DmolInputs prepare_dmol(const Tensor& params, const Tensor& x, int64_t num_bits,
   const int64_t c = x.size(1);
   TORCH_CHECK_VALUE(c == 1 || c == 3, "x: expected 1 or 3 channels (x.shape[1]), got ", c);
   const int64_t nmix = check_params(params, c, "x.shape[1]");
-  TORCH_CHECK_VALUE(x.size(0) == params.size(0), "x: expected batch size ", params.size(0),
-                    " (params.shape[0]), got ", x.size(0));
+  TORCH_CHECK_VALUE(x.size(0) == params.size(0), "x: expected batch size ", params.size(0), " (params.shape[0]), got ",
+                    x.size(0));
   TORCH_CHECK_VALUE(x.sizes().slice(2) == params.sizes().slice(2), "x: expected the spatial shape of params ",
                     params.sizes().slice(2), " (params.shape[2:]), got ", x.sizes().slice(2));
   check_options(num_bits, log_scale_min);
@@ -109,7 +111,8 @@ DmolInputs prepare_dmol_sample(const Tensor& params, int64_t num_channels, doubl
 }
 
 void throw_dmol_x_out_of_range() {
-  TORCH_CHECK_VALUE(false, "x: expected values in [-1, 1] (data on the grid of num_bits-bit values scaled to "
+  TORCH_CHECK_VALUE(false,
+                    "x: expected values in [-1, 1] (data on the grid of num_bits-bit values scaled to "
                     "[-1, 1], as (x / (2^num_bits - 1)) * 2 - 1), got a value outside it");
 }
 

@@ -27,4 +27,13 @@ std::vector<Tensor> empty_together(at::IntArrayRef sizes, at::ArrayRef<at::Tenso
 // `count` contiguous tensors of `sizes` and `opts`, as above.
 std::vector<Tensor> empty_together(at::IntArrayRef sizes, const at::TensorOptions& opts, size_t count);
 
+// An op's output t, about to be written in full, returned as it is. On Linux, when t is a CPU
+// tensor of 32 MiB or more, the whole 2 MiB pages of its storage are first advised to the kernel as
+// transparent huge pages (madvise MADV_HUGEPAGE; VAE_EXT_HUGE_PAGES=0 turns it off). Why: glibc
+// mmaps a block that size afresh on every call and unmaps it when freed (above its largest mmap
+// threshold), so each 4 KiB page of it faults in again: 16,384 faults for 64 MiB, more time than
+// the kernel writing it; with huge pages (where the system grants them, as under the default
+// "madvise" setting) one fault maps 2 MiB. The advice goes with the mapping when glibc unmaps it.
+Tensor advise_huge_pages(Tensor t);
+
 }  // namespace vae_ext

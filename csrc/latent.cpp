@@ -84,8 +84,8 @@ static void check_float(const char* name, const Tensor& t) {
 }
 
 static void check_like(const char* name, const Tensor& t, const Tensor& mu) {
-  TORCH_CHECK_TYPE(t.scalar_type() == mu.scalar_type(), name, ": expected the same dtype as mu (",
-                   mu.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK_TYPE(t.scalar_type() == mu.scalar_type(), name, ": expected the same dtype as mu (", mu.scalar_type(),
+                   "), got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.device() == mu.device(), name, ": expected the same device as mu (", mu.device(), "), got ",
                     t.device());
 }
@@ -101,7 +101,8 @@ LatentInputs prepare_latent(const Tensor& mu, const Tensor& logscale, const c10:
   TORCH_CHECK_VALUE(prior_mu.has_value() == prior_logscale.has_value(),
                     prior_mu.has_value() ? "prior_logscale" : "prior_mu",
                     ": expected a tensor, as prior_mu and prior_logscale go together (both or neither)");
-  for (const auto& [name, p] : {std::make_pair("prior_mu", &prior_mu), std::make_pair("prior_logscale", &prior_logscale)}) {
+  for (const auto& [name, p] :
+       {std::make_pair("prior_mu", &prior_mu), std::make_pair("prior_logscale", &prior_logscale)}) {
     if (!p->has_value()) continue;
     check_like(name, **p, mu);
     TORCH_CHECK_VALUE((*p)->dim() <= mu.dim() && at::is_expandable_to((*p)->sizes(), mu.sizes()), name,
@@ -156,8 +157,7 @@ std::tuple<Tensor, Tensor> latent_kl_outputs(const Tensor& row_kl, const Tensor&
   // A float32 result whose double sum exceeds float's range is inf, as a float32 sum gives (a
   // double scalar would be checked on its conversion).
   const auto scalar = [&](double v) {
-    return at::scalar_tensor(out == at::kFloat ? static_cast<double>(static_cast<float>(v)) : v,
-                             opts.device(at::kCPU))
+    return at::scalar_tensor(out == at::kFloat ? static_cast<double>(static_cast<float>(v)) : v, opts.device(at::kCPU))
         .to(row_kl.device());
   };
   if (free_bits > 0.0) {
@@ -193,8 +193,8 @@ void check_latent_backward(const c10::optional<Tensor>& grad_z, const c10::optio
     check_like("grad_z", *grad_z, mu);
   }
   if (row_w.has_value()) {
-    TORCH_CHECK_VALUE(row_w->numel() == k * mu.size(0) && row_w->device() == mu.device(),
-                      "row_w: expected ", k * mu.size(0), " elements on ", mu.device(), ", got ", row_w->sizes());
+    TORCH_CHECK_VALUE(row_w->numel() == k * mu.size(0) && row_w->device() == mu.device(), "row_w: expected ",
+                      k * mu.size(0), " elements on ", mu.device(), ", got ", row_w->sizes());
     TORCH_CHECK_TYPE(row_w->scalar_type() == loss_dtype(mu.scalar_type()), "row_w: expected dtype ",
                      loss_dtype(mu.scalar_type()), ", got ", row_w->scalar_type());
   }
@@ -207,8 +207,7 @@ void check_latent_backward(const c10::optional<Tensor>& grad_z, const c10::optio
                     "unit_w: expected the free-bits weights the forward returned (", units, " elements)");
 }
 
-LatentForwardBuffers fill_latent_forward_args(LatentArgs& a, const Tensor& mu, int64_t num_samples,
-                                              double free_bits) {
+LatentForwardBuffers fill_latent_forward_args(LatentArgs& a, const Tensor& mu, int64_t num_samples, double free_bits) {
   LatentForwardBuffers b;
   b.z = reparam_empty(mu, latent_format(mu), num_samples);
   TORCH_INTERNAL_ASSERT(latent_strides(b.z, num_samples > 0, &a.z_st));
@@ -225,9 +224,10 @@ bool whole_prior(const Tensor& mu, const c10::optional<Tensor>& prior_mu, const 
          prior_logscale->sizes() == mu.sizes();
 }
 
-LatentBackwardBuffers fill_latent_backward_args(LatentArgs& a, bool prior, bool whole, const c10::optional<Tensor>& grad_z,
-                                                const c10::optional<Tensor>& row_w, const Tensor& mu,
-                                                const Tensor& unit_w, int64_t num_samples, bool grad_prior) {
+LatentBackwardBuffers fill_latent_backward_args(LatentArgs& a, bool prior, bool whole,
+                                                const c10::optional<Tensor>& grad_z, const c10::optional<Tensor>& row_w,
+                                                const Tensor& mu, const Tensor& unit_w, int64_t num_samples,
+                                                bool grad_prior) {
   LatentBackwardBuffers b;
   const auto fmt = latent_format(mu);
   const bool prior_grads = grad_prior && prior && row_w.has_value();
@@ -262,8 +262,8 @@ LatentBackwardBuffers fill_latent_backward_args(LatentArgs& a, bool prior, bool 
     b.g_pmu = std::move(g[2]);
     b.g_pls = std::move(g[3]);
   } else {
-    b.g_pmu = prior_grads ? at::empty(mu.sizes(), lopts) : at::empty({0}, lopts);
-    b.g_pls = prior_grads ? at::empty(mu.sizes(), lopts) : at::empty({0}, lopts);
+    b.g_pmu = prior_grads ? advise_huge_pages(at::empty(mu.sizes(), lopts)) : at::empty({0}, lopts);
+    b.g_pls = prior_grads ? advise_huge_pages(at::empty(mu.sizes(), lopts)) : at::empty({0}, lopts);
   }
   a.g_pmu = prior_grads && b.g_pmu.numel() ? b.g_pmu.data_ptr() : nullptr;
   a.g_pls = prior_grads && b.g_pls.numel() ? b.g_pls.data_ptr() : nullptr;

@@ -2,6 +2,8 @@
 
 #include <vector>
 
+#include "grad_block.h"
+
 namespace vae_ext {
 
 at::MemoryFormat kernel_format(const Tensor& t) {
@@ -20,14 +22,14 @@ std::pair<int64_t, int64_t> reparam_channels_spatial(const Tensor& mu, at::Memor
 
 Tensor reparam_empty(const Tensor& mu, at::MemoryFormat fmt, int64_t num_samples) {
   std::vector<int64_t> shape(mu.sizes().begin(), mu.sizes().end());
-  if (num_samples == 0) return at::empty(shape, mu.options().memory_format(fmt));
+  if (num_samples == 0) return advise_huge_pages(at::empty(shape, mu.options().memory_format(fmt)));
   if (fmt == at::MemoryFormat::Contiguous) {
     shape.insert(shape.begin(), num_samples);
-    return at::empty(shape, mu.options());
+    return advise_huge_pages(at::empty(shape, mu.options()));
   }
   // (K N, C, *S) in the format, viewed as (K, N, C, *S): each z[k] has mu's layout
   shape[0] *= num_samples;
-  const Tensor flat = at::empty(shape, mu.options().memory_format(fmt));
+  const Tensor flat = advise_huge_pages(at::empty(shape, mu.options().memory_format(fmt)));
   shape[0] = mu.size(0);
   shape.insert(shape.begin(), num_samples);
   return flat.view(shape);

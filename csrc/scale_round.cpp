@@ -9,6 +9,7 @@
 
 #include "cpu/scale_kernels.h"
 #include "cpu/table_choice.h"
+#include "grad_block.h"
 
 namespace vae_ext {
 
@@ -36,7 +37,7 @@ Tensor scale_round(const Tensor& g, const Tensor& s, bool per_sample, at::Scalar
   const bool half_out = out == at::kHalf || out == at::kBFloat16;
   if (half_out && g.scalar_type() == at::kFloat && s.scalar_type() == at::kFloat && kernel_ready(g) &&
       kernel_ready(s) && (per_sample ? s.numel() == (g.dim() > 0 ? g.size(0) : 1) : s.numel() == 1)) {
-    Tensor r = at::empty_like(g, g.options().dtype(out));  // g's layout
+    Tensor r = advise_huge_pages(at::empty_like(g, g.options().dtype(out)));  // g's layout
     cpu::ScaleRoundArgs a{};
     a.dtype = out == at::kHalf ? DType::Float16 : DType::BFloat16;
     a.g = g.const_data_ptr<float>();
@@ -48,7 +49,7 @@ Tensor scale_round(const Tensor& g, const Tensor& s, bool per_sample, at::Scalar
     cpu::scale_kernels().scale_round(a);
     return r;
   }
-  Tensor r = at::empty_like(g, g.options().dtype(out));
+  Tensor r = advise_huge_pages(at::empty_like(g, g.options().dtype(out)));
   at::mul_out(r, g, s);
   return r;
 }

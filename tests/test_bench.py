@@ -419,6 +419,8 @@ def test_doc_table_script_needs_no_torch(results):
 @pytest.mark.parametrize("section,json_name", [("", "cpu"), ("cpu-dmol", "cpu-dmol"), ("cpu-latent", "cpu-latent"),
                                                ("cpu-hvae", "cpu-hvae"), ("cpu-fresh-process", "cpu-fresh-process"),
                                                ("cpu-half", "cpu-half"),
+                                               ("cpu-huge-pages-off", "cpu-huge-pages-off"),
+                                               ("cpu-huge-pages-on", "cpu-huge-pages-on"),
                                                ("h100", "h100"), ("h100-graph", "h100-graph")])
 def test_docs_benchmarks_tables_are_current(section, json_name):
     """docs/benchmarks.md holds what make_tables.py renders from benchmarks/results/: a change to the

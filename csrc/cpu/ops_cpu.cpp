@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "../grad_block.h"
 #include "../ops.h"
 #include "elbo_sums.h"
 #include "kernels.h"
@@ -51,8 +52,8 @@ namespace {
 
 // The two outputs from the kernel's sums over the batch (sum and mean): (rec, kl), or with
 // total (rec + kl, empty). kl_reduced: sk is reduced already (free bits' floored term).
-std::tuple<Tensor, Tensor> reduce_terms(double sr, double sk, int64_t n, Reduction red, bool total,
-                                        at::ScalarType out, bool kl_reduced) {
+std::tuple<Tensor, Tensor> reduce_terms(double sr, double sk, int64_t n, Reduction red, bool total, at::ScalarType out,
+                                        bool kl_reduced) {
   if (red == Reduction::Mean) {
     sr /= static_cast<double>(n);  // 0 / 0 = NaN for an empty batch, as Tensor.mean()
     if (!kl_reduced) sk /= static_cast<double>(n);
@@ -168,7 +169,8 @@ std::tuple<Tensor, Tensor> reparameterize_backward_cpu(const Tensor& grad_z, con
   check_reparam_backward_inputs(grad_z, logvar, rng_state, num_samples);
   const auto fmt = kernel_format(logvar);  // the layout the forward computed in (csrc/autograd.cpp)
   const Tensor gc = reparam_in_layout(grad_z, logvar, fmt, num_samples), lc = logvar.contiguous(fmt);
-  Tensor g_mu = grad_mu ? at::empty_like(lc, fmt) : at::empty({0}, lc.options()), g_lv = at::empty_like(lc, fmt);
+  Tensor g_mu = grad_mu ? advise_huge_pages(at::empty_like(lc, fmt)) : at::empty({0}, lc.options());
+  Tensor g_lv = advise_huge_pages(at::empty_like(lc, fmt));
   const Tensor st = rng_state.cpu();
   if (logvar.numel() > 0) {
     cpu::ReparamBackwardArgs a{};
@@ -209,8 +211,8 @@ Tensor sum_to_shape_cpu(const Tensor& g, at::IntArrayRef shape) {
   std::vector<int64_t> to(static_cast<size_t>(dims), 1);  // shape with g's rank
   std::copy(shape.begin(), shape.end(), to.begin() + pad);
   // rows: g's samples, or one row (the sums over the batch) when the batch is summed
-  const Tensor s = (to[0] == 1 && g.size(0) != 1) ? sum_over_batch_cpu_impl(g).unsqueeze(0)
-                                                  : g.to(at::kDouble).contiguous();
+  const Tensor s =
+      (to[0] == 1 && g.size(0) != 1) ? sum_over_batch_cpu_impl(g).unsqueeze(0) : g.to(at::kDouble).contiguous();
   Tensor out = at::zeros(to, g.options().dtype(at::kDouble));
   std::vector<int64_t> sizes(s.sizes().begin() + 1, s.sizes().end()), ostride(sizes.size());
   int64_t inner = 1, out_inner = 1;
