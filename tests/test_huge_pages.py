@@ -65,7 +65,7 @@ def test_reparameterize_sample_and_gradient():
     assert advised(g_lv)
 
 
-def test_small_outputs_and_the_opt_out_stay_as_they_are():
+def test_small_outputs_and_the_opt_out_stay_as_they_are(tmp_path):
     """Below 32 MiB (blocks glibc may keep in its heap) and under VAE_EXT_HUGE_PAGES=0 nothing is
     advised: a fresh process, where no earlier advice can be met."""
     code = """
@@ -76,7 +76,10 @@ mu, lv = (torch.randn(BIG) for _ in range(2))
 print(advised(vae_ext.reparameterize(mu, lv)), advised(vae_ext.reparameterize(mu[:200], lv[:200])))
 """.format(tests=os.path.dirname(__file__))
     env = {k: v for k, v in os.environ.items() if k != "VAE_EXT_HUGE_PAGES"}
-    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    # the vae_ext this test imported (installed, or the checkout built in place), not the sources
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(vae_ext.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (pkg_root, env.get("PYTHONPATH")) if p)
+    # (run elsewhere than the checkout, whose unbuilt sources `python -c` would import first)
     out = [subprocess.run([sys.executable, "-c", code], env=dict(env, **extra), capture_output=True, text=True,
-                          check=True).stdout.split() for extra in ({}, {"VAE_EXT_HUGE_PAGES": "0"})]
+                          check=True, cwd=tmp_path).stdout.split() for extra in ({}, {"VAE_EXT_HUGE_PAGES": "0"})]
     assert out == [["True", "False"], ["False", "False"]]
