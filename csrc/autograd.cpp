@@ -61,7 +61,6 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
       ctx->saved_data["reduction"] = reduction;
       ctx->saved_data["free_bits"] = free_bits;
     }
-    ctx->saved_data["half"] = half;
     ctx->saved_data["dtype"] = static_cast<int64_t>(recon.scalar_type());
     ctx->saved_data["per_sample"] = reduction == "none";
     ctx->saved_data["grad_recon"] = grad_recon;
@@ -126,7 +125,8 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
     const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
     const auto ldtype = loss_dtype(dtype);  // float32 for half inputs
     Tensor g_recon, g_mu, g_logvar, g_prior_mu, g_prior_logvar, g_recon_logvar;
-    if (ctx->saved_data["half"].toBool() && !((!need_recon || all_ones(d_rec)) && (!need_latent || all_ones(d_kl))))
+    // float16 (saved[6..12]: the inputs, recon_x's defined): the buffers are the gradients for d = 1
+    if (saved[6].defined() && !((!need_recon || all_ones(d_rec)) && (!need_latent || all_ones(d_kl))))
       buffers_in_float32(ctx, saved, need_recon, need_latent);
     DeviceScales device;
     if (d_rec.defined()) {

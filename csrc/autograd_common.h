@@ -1,7 +1,7 @@
 // What the three C++ autograd files share (autograd.cpp: elbo_loss and reparameterize;
 // dmol_autograd.cpp; latent_autograd.cpp): the grad_output scaling of a gradient the forward wrote,
-// a broadcast prior's gradient, the latent backward's call and its KL row weights, the error of a
-// second derivative, and the error under torch.func.
+// a broadcast prior's gradient, whether an incoming gradient is all ones, the error of a second
+// derivative, and the error under torch.func.
 // Inline: each file's autograd node calls them from its backward.
 #pragma once
 
@@ -13,7 +13,6 @@
 #include <torch/csrc/autograd/graph_task.h>
 
 #include <memory>
-#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -126,30 +125,6 @@ inline torch::autograd::variable_list first_order_only(torch::autograd::variable
 inline Tensor prior_grad(const Tensor& g, at::IntArrayRef shape, at::ScalarType out) {
   if (g.sizes() == shape) return g.to(out);
   return sum_to_shape(g, shape).to(out);
-}
-
-// gaussian_latent_backward through the dispatcher: latent_autograd.cpp's backward, and elbo_loss's
-// float16 latent gradients on the CPU (autograd.cpp), which its analytic KL recomputes.
-inline std::tuple<Tensor, Tensor, Tensor, Tensor> call_latent_backward(
-    const std::optional<Tensor>& grad_z, const std::optional<Tensor>& row_w, const Tensor& mu, const Tensor& logscale,
-    const std::optional<Tensor>& prior_mu, const std::optional<Tensor>& prior_logscale, const Tensor& rng_state,
-    const Tensor& unit_w, c10::string_view scale, c10::string_view kl, int64_t num_samples, bool grad_prior) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("vae_ext::gaussian_latent_backward", "")
-                       .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
-                           const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
-                           const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
-                           c10::string_view, c10::string_view, int64_t, bool)>();
-  return op.call(grad_z, row_w, mu, logscale, prior_mu, prior_logscale, rng_state, unit_w, scale, kl, num_samples,
-                 grad_prior);
-}
-
-// d loss / d (each of `rows` KL rows) in the loss dtype `ldtype`, from the incoming gradient of a KL
-// reduced per sample (one value a row), summed, or averaged over the rows (`mean`).
-inline Tensor kl_row_weights(const Tensor& grad_kl, int64_t rows, bool per_sample, bool mean, at::ScalarType ldtype) {
-  const Tensor g = grad_kl.to(ldtype);
-  if (per_sample) return g.reshape({rows});
-  return (mean ? g.div(static_cast<double>(rows)) : g).reshape({1}).expand({rows});
 }
 
 // Under a torch.func transform (grad, vjp, jacrev, ...) functorch refuses a C++ autograd Function

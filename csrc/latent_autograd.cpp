@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "autograd_common.h"
@@ -16,6 +17,29 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 using LatentOutputs = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+
+// gaussian_latent_backward through the dispatcher.
+std::tuple<Tensor, Tensor, Tensor, Tensor> call_latent_backward(
+    const std::optional<Tensor>& grad_z, const std::optional<Tensor>& row_w, const Tensor& mu, const Tensor& logscale,
+    const std::optional<Tensor>& prior_mu, const std::optional<Tensor>& prior_logscale, const Tensor& rng_state,
+    const Tensor& unit_w, c10::string_view scale, c10::string_view kl, int64_t num_samples, bool grad_prior) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("vae_ext::gaussian_latent_backward", "")
+                       .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+                           const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
+                           const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&, const Tensor&,
+                           c10::string_view, c10::string_view, int64_t, bool)>();
+  return op.call(grad_z, row_w, mu, logscale, prior_mu, prior_logscale, rng_state, unit_w, scale, kl, num_samples,
+                 grad_prior);
+}
+
+// d loss / d (each of `rows` KL rows) in the loss dtype `ldtype`, from the incoming gradient of a KL
+// reduced per sample (one value a row), summed, or averaged over the rows (`mean`).
+Tensor kl_row_weights(const Tensor& grad_kl, int64_t rows, bool per_sample, bool mean, at::ScalarType ldtype) {
+  const Tensor g = grad_kl.to(ldtype);
+  if (per_sample) return g.reshape({rows});
+  return (mean ? g.div(static_cast<double>(rows)) : g).reshape({1}).expand({rows});
+}
 
 // The tensors the backward reads, as saved: each input itself, or a compact copy (in mu's layout)
 // of those that are views into a storage at least twice the bytes they are, which saving them would
@@ -88,10 +112,9 @@ struct GaussianLatentFunction : public torch::autograd::Function<GaussianLatentF
     const bool grad_prior = prior && (needs(2) || needs(3));
     const std::optional<Tensor> pm = prior ? std::optional<Tensor>(saved[2]) : std::nullopt;
     const std::optional<Tensor> pl = prior ? std::optional<Tensor>(saved[3]) : std::nullopt;
-    auto [g_mu, g_ls, g_pmu, g_pls] =
-        call_latent_backward(grad_z.defined() ? std::optional<Tensor>(grad_z) : std::nullopt, row_w, mu, logscale, pm, pl,
-                saved[4], saved[5], ctx->saved_data["scale"].toStringRef(), ctx->saved_data["kl"].toStringRef(), k,
-                grad_prior);
+    auto [g_mu, g_ls, g_pmu, g_pls] = call_latent_backward(
+        grad_z.defined() ? std::optional<Tensor>(grad_z) : std::nullopt, row_w, mu, logscale, pm, pl, saved[4],
+        saved[5], ctx->saved_data["scale"].toStringRef(), ctx->saved_data["kl"].toStringRef(), k, grad_prior);
     if (needs(0)) out[0] = g_mu;
     if (needs(1)) out[1] = g_ls;
     if (grad_prior && row_w.has_value()) {  // the prior's gradients come from the KL alone
