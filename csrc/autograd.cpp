@@ -353,6 +353,12 @@ TORCH_LIBRARY_IMPL(vae_ext, Autograd, m) {
   m.impl("reparameterize", &reparameterize_autograd);
   // The normals depend on (seed, offset) alone: `like` gives only the shape and device.
   m.impl("philox_normal", torch::CppFunction::makeFallthrough());
+  // Called by a backward node: without a kernel here each call went through PyTorch's boxed
+  // autograd fallback, boxing its arguments and unboxing them again. First order only: their
+  // outputs take no history (a create_graph backward runs differentiable ops instead, or an Error
+  // node, first_order_only).
+  m.impl("reparameterize_backward", torch::CppFunction::makeFallthrough());
+  m.impl("gaussian_latent_backward", torch::CppFunction::makeFallthrough());
 }
 
 }  // namespace vae_ext

@@ -853,6 +853,20 @@ def test_cpu_vector_normals_match_the_scalar_definition(capability, tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
 
 
+@pytest.mark.parametrize("op", ["reparameterize_backward", "gaussian_latent_backward"])
+def test_backward_ops_skip_the_boxed_autograd_fallback(op):
+    """The backward ops, called by backward nodes, pass the Autograd key through (no boxed fallback
+    per call, csrc/autograd.cpp); their outputs take no history: a caller in grad mode gets plain
+    tensors, not a graph that would differentiate them wrongly."""
+    name = f"vae_ext::{op}"
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "Autograd")
+    if op == "reparameterize_backward":
+        _, _, state = torch.ops.vae_ext.reparameterize(torch.zeros(4, 3), torch.zeros(4, 3), 0, False, None)
+        g = torch.randn(4, 3, requires_grad=True)
+        outs = torch.ops.vae_ext.reparameterize_backward(g, torch.zeros(4, 3, requires_grad=True), state, 0)
+        assert not any(o.requires_grad for o in outs)
+
+
 def test_backward_op_grad_mu_flag():
     """reparameterize_backward(grad_mu=False) skips d/dmu (the identity without samples) and gives the
     same d/dlogvar; the op passes opcheck both ways."""
