@@ -76,22 +76,32 @@ VAE_HD float u32_to_unit(uint32_t a) {  // [0, 1): top 24 bits, exactly represen
 // CPU): n0 = r cos(2 pi u2), n1 = r sin(2 pi u2) with r = sqrt(-2 ln u1). The angle is split as
 // 2 pi u2 = q pi/2 + a, q = round(4 u2), |a| <= pi/4, where Cephes' sinf/cosf polynomials are
 // accurate to about an ulp, then rotated by the quadrant q: no range reduction of a large angle.
+// box_muller_parts gives r, q and the polynomials' sin a and cos a; box_muller rotates them, and
+// a CPU capability with mask registers may rotate them its own way, to the same bits.
 template <class M>
-VAE_HD void box_muller(typename M::T u1, typename M::T u2, typename M::T* n0, typename M::T* n1) {
+VAE_HD void box_muller_parts(typename M::T u1, typename M::T u2, typename M::T* r, typename M::T* q,
+                             typename M::T* sin_a, typename M::T* cos_a) {
   using T = typename M::T;
-  const T r = M::sqrt(M::fill(-2.0) * M::log(u1));
+  *r = M::sqrt(M::fill(-2.0) * M::log(u1));
   const T q4 = u2 * M::fill(4.0);
-  const T q = M::round(q4);                            // 0..4; 4 is quadrant 0 again
-  const T a = (q4 - q) * M::fill(1.5707963267948966);  // [-pi/4, pi/4]
+  *q = M::round(q4);                                    // 0..4; 4 is quadrant 0 again
+  const T a = (q4 - *q) * M::fill(1.5707963267948966);  // [-pi/4, pi/4]
   const T a2 = a * a;
   T s = M::fill(-1.9515295891e-4);
   s = s * a2 + M::fill(8.3321608736e-3);
   s = s * a2 + M::fill(-1.6666654611e-1);
-  s = s * a2 * a + a;
+  *sin_a = s * a2 * a + a;
   T c = M::fill(2.443315711809948e-5);
   c = c * a2 + M::fill(-1.388731625493765e-3);
   c = c * a2 + M::fill(4.166664568298827e-2);
-  c = c * a2 * a2 - M::fill(0.5) * a2 + M::fill(1.0);
+  *cos_a = c * a2 * a2 - M::fill(0.5) * a2 + M::fill(1.0);
+}
+
+template <class M>
+VAE_HD void box_muller(typename M::T u1, typename M::T u2, typename M::T* n0, typename M::T* n1) {
+  using T = typename M::T;
+  T r, q, s, c;
+  box_muller_parts<M>(u1, u2, &r, &q, &s, &c);
   // (cos, sin) of q pi/2 + a: q=1 -> (-s, c), q=2 -> (-c, -s), q=3 -> (s, -c)
   const auto odd = (q == M::fill(1.0)) | (q == M::fill(3.0));
   const auto neg_cos = (q == M::fill(1.0)) | (q == M::fill(2.0));

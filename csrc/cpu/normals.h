@@ -53,6 +53,21 @@ struct NormalLanes {
     _mm512_storeu_ps(out, _mm512_unpacklo_ps(c, s));
     _mm512_storeu_ps(out + 16, _mm512_unpackhi_ps(c, s));
   }
+  // box_muller's rotation by the quadrant q (0..4, integral), the same arithmetic on the same
+  // lanes, with the quadrant's bits tested into mask registers: at::vec's comparisons make vectors
+  // of all-ones lanes that each select turns back into a mask.
+  static void box_muller(F u1, F u2, F* n0, F* n1) {
+    using V = Vectorized<float>;
+    V r, q, s, c;
+    box_muller_parts<VecMath<V>>(V(u1), V(u2), &r, &q, &s, &c);
+    const R qi = _mm512_cvtps_epi32(q), one = _mm512_set1_epi32(1), two = _mm512_set1_epi32(2);
+    const __mmask16 odd = _mm512_test_epi32_mask(qi, one);                               // q = 1, 3
+    const __mmask16 neg_sin = _mm512_test_epi32_mask(qi, two);                           // q = 2, 3
+    const __mmask16 neg_cos = _mm512_test_epi32_mask(_mm512_add_epi32(qi, one), two);  // q = 1, 2
+    const F cs = _mm512_mask_blend_ps(odd, c, s), sn = _mm512_mask_blend_ps(odd, s, c), zero = _mm512_setzero_ps();
+    *n0 = _mm512_mul_ps(r, _mm512_mask_sub_ps(cs, neg_cos, zero, cs));
+    *n1 = _mm512_mul_ps(r, _mm512_mask_sub_ps(sn, neg_sin, zero, sn));
+  }
 #else
   using R = __m256i;
   using F = __m256;
@@ -79,6 +94,13 @@ struct NormalLanes {
     _mm256_storeu_ps(out, _mm256_unpacklo_ps(c, s));
     _mm256_storeu_ps(out + 8, _mm256_unpackhi_ps(c, s));
   }
+  static void box_muller(F u1, F u2, F* n0, F* n1) {
+    using V = Vectorized<float>;
+    V a, b;
+    vae_ext::box_muller<VecMath<V>>(V(u1), V(u2), &a, &b);
+    *n0 = a;
+    *n1 = b;
+  }
 #endif
 };
 
@@ -91,7 +113,6 @@ constexpr int64_t kBatch = kSets * 4 * NormalLanes::kLanes;  // normals per batc
 inline void normal_batch(uint64_t seed, uint64_t offset, uint64_t g0, float* out) {
   using L = NormalLanes;
   using R = L::R;
-  using V = Vectorized<float>;
   const uint64_t lo = offset / 4;  // counter = (offset / 4, group), as philox_group
   const R m0 = L::splat32(kPhiloxM0), m1 = L::splat32(kPhiloxM1), order = L::lane_groups();
   R x0[kSets], x1[kSets], x2[kSets], x3[kSets];
@@ -119,8 +140,8 @@ inline void normal_batch(uint64_t seed, uint64_t offset, uint64_t g0, float* out
   }
   // A group's pair (w0, w1) feeds its elements 0 (cos) and 1 (sin), (w2, w3) elements 2 and 3.
   for (int64_t s = 0; s < kSets; ++s) {
-    V c, sn;
-    box_muller<VecMath<V>>(V(L::open_unit(L::pack(x0[s], x2[s]))), V(L::unit(L::pack(x1[s], x3[s]))), &c, &sn);
+    L::F c, sn;
+    L::box_muller(L::open_unit(L::pack(x0[s], x2[s])), L::unit(L::pack(x1[s], x3[s])), &c, &sn);
     L::store_interleaved(out + s * 4 * L::kLanes, c, sn);
   }
 }
