@@ -5,6 +5,9 @@ one thread) under callgrind: docs/design.md, "The fixed cost of a call".
         python benchmarks/call_cost.py [--calls 100] [--dtype float32] [--x mnist|binary]
     callgrind_annotate --inclusive=yes /tmp/cg.out.1   # the instructions of the timed calls; / calls
 
+``python`` must be the interpreter itself: valgrind does not follow a shim's ``exec`` (pyenv's
+``python`` is a shell script), and the output file then stays empty.
+
 Instrumentation is off through the imports and a warm-up of 50 calls, then on for ``--calls`` calls
 (valgrind's client requests, from a tiny C helper built with the system compiler and valgrind's
 headers). ``--x mnist`` is the benchmarks' target (80% zeros), ``binary`` 0/1 pixels (the kernel's

@@ -152,7 +152,7 @@ def test_bce_probabilities_exactly_0_and_1(device, dtype, reduction):
     h.assert_close(lvf.grad, lvr.grad, rtol=rtol, what="grad logvar")
 
 
-BINARY_PATTERNS = ("all_binary", "mixed_in_vectors", "binary_rows", "soft_zero_one_rows")
+BINARY_PATTERNS = ("all_binary", "mixed_in_vectors", "binary_rows", "soft_zero_one_rows", "soft_among_binary")
 
 
 @pytest.mark.parametrize("pattern", BINARY_PATTERNS)
@@ -160,7 +160,8 @@ BINARY_PATTERNS = ("all_binary", "mixed_in_vectors", "binary_rows", "soft_zero_o
 @pytest.mark.parametrize("device", h.DEVICES)
 def test_bce_binary_targets(device, dtype, pattern):
     """Targets exactly 0/1 (the MNIST case, which may take a one-log path) against soft targets, mixed
-    inside a vector, by row, and rows of 0/1 targets with one soft value at the very end."""
+    inside a vector, by row, rows of 0/1 targets with one soft value at the very end, and soft
+    targets scattered among 0/1 ones (an image's edges: most vectors then mix the two kinds)."""
     n, d = 7, 83
     g = torch.Generator().manual_seed(91)
     r = torch.rand(n, d, generator=g, dtype=h.F64) * 0.96 + 0.02
@@ -173,6 +174,8 @@ def test_bce_binary_targets(device, dtype, pattern):
         x.view(-1)[::37] = soft.view(-1)[::37]
     elif pattern == "binary_rows":
         x = torch.where(torch.arange(n).view(-1, 1) % 2 == 0, hard, soft)
+    elif pattern == "soft_among_binary":
+        x = torch.where(torch.rand(n, d, generator=g, dtype=h.F64) < 0.6, hard, soft)
     else:
         x = hard.clone()
         x[:, -1] = 0.5
