@@ -161,14 +161,15 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
     // The gradients are the buffers the forward wrote, scaled: no graph back to the inputs.
     return first_order_only({g_recon, Tensor(), g_mu, g_logvar, g_prior_mu, g_prior_logvar, g_recon_logvar, Tensor(),
                              Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
-                            "vae_ext.elbo_loss supports first derivatives only: its backward scales the gradients "
-                            "its forward wrote. For higher-order gradients (create_graph=True) use "
-                            "vae_ext.reference.elbo_loss.");
+                            "vae_ext.elbo_loss and vae_ext.gaussian_kl support first derivatives only: their "
+                            "backward scales the gradients their forward wrote. For higher-order gradients "
+                            "(create_graph=True) use vae_ext.reference.elbo_loss or vae_ext.reference.gaussian_kl.");
   }
 };
 
 ElboOutputs elbo_loss_autograd(VAE_EXT_ELBO_ARGS) {
-  check_functorch("vae_ext.elbo_loss (torch.ops.vae_ext.elbo_loss)", "vae_ext.reference.elbo_loss");
+  check_functorch("vae_ext.elbo_loss or vae_ext.gaussian_kl (torch.ops.vae_ext.elbo_loss)",
+                  "vae_ext.reference.elbo_loss or vae_ext.reference.gaussian_kl");
   const auto req = [](const std::optional<Tensor>& t) { return t.has_value() && t->requires_grad(); };
   // (forward runs with grad mode off: whether a graph is recorded is known only here)
   const bool recorded =

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <tuple>
 
 #include "grad_block.h"
@@ -205,7 +206,15 @@ void check_reparam_inputs(const Tensor& mu, const Tensor& logvar, int64_t num_sa
   check_like("logvar", logvar, "mu", mu);
   TORCH_CHECK_VALUE(logvar.sizes() == mu.sizes(), "logvar: expected the shape of mu ", mu.sizes(), ", got ",
                     logvar.sizes());
+  check_num_samples(num_samples, mu);
+}
+
+void check_num_samples(int64_t num_samples, const Tensor& mu) {
   TORCH_CHECK_VALUE(num_samples >= 0, "num_samples: expected None or an int >= 1, got ", num_samples);
+  // z holds num_samples x numel(mu) elements, and a tensor's size in bytes is an int64
+  const int64_t per_draw = std::max<int64_t>(mu.numel(), 1) * static_cast<int64_t>(mu.element_size());
+  TORCH_CHECK_VALUE(num_samples <= std::numeric_limits<int64_t>::max() / per_draw, "num_samples: ", num_samples,
+                    " draws of mu's ", mu.numel(), " elements are more than one tensor can hold");
 }
 
 void check_reparam_backward_inputs(const Tensor& grad_z, const Tensor& logvar, const Tensor& rng_state,

@@ -54,6 +54,8 @@ ElboBuffers prepare_elbo(const Tensor& recon, const Tensor& x, const Tensor& mu,
                          const ElboOptions& opt, Recon mode, Reduction red, bool grad_recon, bool grad_latent);
 
 void check_reparam_inputs(const Tensor& mu, const Tensor& logvar, int64_t num_samples);
+// num_samples: 0 (none) or the draws per element of mu, as many as one tensor can hold.
+void check_num_samples(int64_t num_samples, const Tensor& mu);
 void check_reparam_backward_inputs(const Tensor& grad_z, const Tensor& logvar, const Tensor& rng_state,
                                    int64_t num_samples);
 

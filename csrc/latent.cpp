@@ -40,6 +40,10 @@ at::MemoryFormat latent_format(const Tensor& mu) {
 
 bool latent_strides(const Tensor& t, bool samples, LatentStrides* st) {
   const int64_t lead = samples ? 1 : 0, dims = t.dim();
+  if (t.numel() == 0) {  // nothing is read or written; a size-0 dimension merges with no stride
+    *st = LatentStrides{};
+    return true;
+  }
   st->k = samples ? t.stride(0) : 0;
   st->n = t.stride(lead);
   // spatial dimensions lead+2.. merged: the innermost one of size > 1 gives the stride, each outer
@@ -109,7 +113,7 @@ LatentInputs prepare_latent(const Tensor& mu, const Tensor& logscale, const c10:
                       ": expected a shape that broadcasts to mu's ", mu.sizes(), " (mu's own, or one like ",
                       "mu.shape[1:] shared by every sample), got ", (*p)->sizes());
   }
-  TORCH_CHECK_VALUE(num_samples >= 0, "num_samples: expected None or an int >= 1, got ", num_samples);
+  check_num_samples(num_samples, mu);
   LatentInputs in;
   LatentArgs& a = in.a;
   a = LatentArgs{};

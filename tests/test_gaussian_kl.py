@@ -95,6 +95,19 @@ def test_gradcheck(reduction):
     assert torch.autograd.gradcheck(lambda m, v: vae_ext.gaussian_kl(m, v, reduction=reduction), (mu, lv))
 
 
+@pytest.mark.parametrize("prior", [False, True], ids=["standard", "prior"])
+def test_higher_order_gradients_name_gaussian_kl(prior):
+    """gaussian_kl runs the elbo_loss op: differentiating its gradients again raises an error that
+    names gaussian_kl and its reference, not elbo_loss alone."""
+    leaves = [torch.randn(5, 3, dtype=F64, requires_grad=True) for _ in range(4 if prior else 2)]
+    grads = torch.autograd.grad(vae_ext.gaussian_kl(*leaves), leaves, create_graph=True)
+    for a, b in zip(grads, torch.autograd.grad(reference.gaussian_kl(*leaves), leaves)):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(RuntimeError, match=r"gaussian_kl support first derivatives only.*"
+                                           r"vae_ext\.reference\.gaussian_kl"):
+        torch.autograd.grad(grads[0].sum(), leaves[0])
+
+
 def test_torch_compile_fullgraph():
     mu, lv = _latents((4, 3, 4, 4), torch.float32, seed=5)
     f = torch.compile(lambda m, v: vae_ext.gaussian_kl(m, v, reduction="mean"), backend="aot_eager", fullgraph=True)

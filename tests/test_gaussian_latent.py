@@ -263,6 +263,34 @@ def test_empty_batch():
     assert math.isnan(vae_ext.gaussian_latent(mu, mu, reduction="mean")[1].item())
 
 
+EMPTY_VIEWS = {
+    # a size-0 spatial dimension between two others: no stride merges them, even when contiguous
+    "zero_spatial": lambda: torch.zeros(2, 3, 2, 0, 2),
+    # an empty batch viewed channels-last, and with H and W swapped
+    "empty_nhwc": lambda: torch.zeros(0, 2, 3, 5).permute(0, 2, 3, 1),
+    "empty_transposed": lambda: torch.zeros(0, 2, 3, 5).transpose(2, 3),
+}
+
+
+@pytest.mark.parametrize("view", EMPTY_VIEWS)
+@pytest.mark.parametrize("k", [None, 3], ids=["k0", "k3"])
+@pytest.mark.parametrize("prior", [None, "channel"])
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_empty_latents_of_any_strides(view, k, prior, reduction):
+    """An empty latent whatever its strides (they once failed an internal assert): the reference's
+    shapes and values (a KL of 0 per sample), and a zero gradient of each input's shape."""
+    leaves = [EMPTY_VIEWS[view]().requires_grad_() for _ in range(2)]
+    if prior == "channel":  # (C, 1, ...): non-empty, broadcast over the empty batch or spatial dims
+        leaves += [torch.randn(leaves[0].shape[1], *[1] * (leaves[0].dim() - 2)).requires_grad_() for _ in range(2)]
+    z, kl = vae_ext.gaussian_latent(*leaves, num_samples=k, reduction=reduction)
+    zr, klr = reference.gaussian_latent(*leaves, num_samples=k, reduction=reduction)
+    assert z.shape == zr.shape and z.numel() == 0
+    assert kl.shape == klr.shape and torch.equal(kl, klr) and not kl.any()
+    grads = torch.autograd.grad(z.sum() + kl.sum(), leaves)
+    assert [g.shape for g in grads] == [t.shape for t in leaves]
+    assert not any(g.any() for g in grads)
+
+
 @pytest.mark.parametrize("dtype", [F32, F16], ids=dtype_id)
 def test_empty_batch_gradients_reach_the_prior(dtype):
     """An empty batch still gives every input an (empty) gradient, the prior's summed to its shape."""

@@ -48,6 +48,8 @@ BAD = [
     ("num_samples_0", lambda: gl(z43(), z43(), num_samples=0), ValueError, "num_samples"),
     ("num_samples_float", lambda: gl(z43(), z43(), num_samples=2.0), TypeError, "num_samples"),
     ("num_samples_bool", lambda: gl(z43(), z43(), num_samples=True), TypeError, "num_samples"),
+    ("num_samples_too_many", lambda: gl(z43(), z43(), num_samples=2 ** 62), ValueError, "num_samples"),
+    ("num_samples_beyond_int64", lambda: gl(z43(), z43(), num_samples=2 ** 70), ValueError, "num_samples"),
     ("generator_int", lambda: gl(z43(), z43(), generator=3), TypeError, "generator"),
     ("generator_device", lambda: gl(z43(device="meta"), z43(device="meta"), generator=torch.Generator()),
      ValueError, "generator"),
@@ -66,6 +68,7 @@ OP_BAD = [
     ("reduction", dict(reduction="avg"), ValueError, "reduction"),
     ("free_bits", dict(free_bits=-1.0), ValueError, "free_bits"),
     ("num_samples", dict(num_samples=-1), ValueError, "num_samples"),
+    ("num_samples_too_many", dict(num_samples=2 ** 62), ValueError, "num_samples"),
 ]
 
 

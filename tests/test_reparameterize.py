@@ -690,6 +690,12 @@ BAD = [
     ("num_samples_float", lambda: vae_ext.reparameterize(*_mu_lv(), num_samples=2.0), TypeError, "num_samples"),
     ("num_samples_str", lambda: vae_ext.reparameterize(*_mu_lv(), num_samples="2"), TypeError, "num_samples"),
     ("num_samples_bool", lambda: vae_ext.reparameterize(*_mu_lv(), num_samples=True), TypeError, "num_samples"),
+    # more draws than one tensor's int64 size in bytes holds, and more than int64 itself
+    ("num_samples_too_many", lambda: vae_ext.reparameterize(*_mu_lv(), num_samples=2 ** 62), ValueError,
+     "num_samples"),
+    ("num_samples_beyond_int64", lambda: vae_ext.reparameterize(*_mu_lv(), num_samples=2 ** 70), ValueError,
+     "num_samples"),
+    ("op_num_samples_too_many", lambda: REP_OP(*_mu_lv(), 2 ** 62, False, None), ValueError, "num_samples"),
     ("generator_int", lambda: vae_ext.reparameterize(*_mu_lv(), generator=123), TypeError, "generator"),
     ("generator_state_tensor", lambda: vae_ext.reparameterize(*_mu_lv(), generator=torch.get_rng_state()), TypeError,
      "generator"),

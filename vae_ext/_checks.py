@@ -9,6 +9,7 @@ import numbers
 import torch
 
 _FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_INT64_MAX = 2**63 - 1
 
 
 def _check_is_tensor(name: str, t) -> None:
@@ -113,6 +114,8 @@ def _check_num_samples(num_samples) -> int:
         raise TypeError(f"num_samples: expected None or an int >= 1, got {type(num_samples).__name__}")
     if num_samples < 1:
         raise ValueError(f"num_samples: expected None or an int >= 1, got {num_samples}")
+    if num_samples > _INT64_MAX:  # the op's int; the op itself bounds it by what z can hold
+        raise ValueError(f"num_samples: expected an int that fits in int64, got {num_samples}")
     return int(num_samples)
 
 
