@@ -75,8 +75,9 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
                                      : -1);
     ctx->saved_data["edges"] = edges;
     if (prior_mu.has_value()) {
-      ctx->saved_data["prior_mu_shape"] = prior_mu->sizes();
-      ctx->saved_data["prior_logvar_shape"] = prior_logvar->sizes();
+      // in SymInts: a traced batch size stays a symbol (read as an int, it would be specialized)
+      ctx->saved_data["prior_mu_shape"] = prior_mu->sym_sizes();
+      ctx->saved_data["prior_logvar_shape"] = prior_logvar->sym_sizes();
     }
     ctx->set_materialize_grads(false);  // no zero tensors for the outputs nobody differentiates
     // The backward scales the saved buffers in place, so while a graph can reach them (`recorded`:
@@ -147,7 +148,8 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
       // the prior's: where it was broadcast, scaled in the loss dtype, summed, then rounded; one of
       // mu's shape on the CPU scaled and rounded in one pass (CUDA: scaled, then rounded)
       const auto pdtype = [&](const Tensor& g, const char* shape) {
-        return g.is_cpu() && g.sizes() == at::IntArrayRef(ctx->saved_data[shape].toIntVector()) ? dtype : ldtype;
+        const auto saved_shape = ctx->saved_data[shape].toSymIntVector();
+        return g.is_cpu() && g.sym_sizes() == c10::SymIntArrayRef(saved_shape) ? dtype : ldtype;
       };
       if (needs(4)) g_prior_mu = scale_grad(saved[3], d_kl, per_sample, pdtype(saved[3], "prior_mu_shape"), device);
       if (needs(5))
@@ -155,9 +157,9 @@ struct ElboLossFunction : public torch::autograd::Function<ElboLossFunction> {
     }
     device.launch();
     if (g_prior_mu.defined())
-      g_prior_mu = prior_grad(g_prior_mu, ctx->saved_data["prior_mu_shape"].toIntVector(), dtype);
+      g_prior_mu = prior_grad(g_prior_mu, ctx->saved_data["prior_mu_shape"].toSymIntVector(), dtype);
     if (g_prior_logvar.defined())
-      g_prior_logvar = prior_grad(g_prior_logvar, ctx->saved_data["prior_logvar_shape"].toIntVector(), dtype);
+      g_prior_logvar = prior_grad(g_prior_logvar, ctx->saved_data["prior_logvar_shape"].toSymIntVector(), dtype);
     // The gradients are the buffers the forward wrote, scaled: no graph back to the inputs.
     return first_order_only({g_recon, Tensor(), g_mu, g_logvar, g_prior_mu, g_prior_logvar, g_recon_logvar, Tensor(),
                              Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},

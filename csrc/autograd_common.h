@@ -122,8 +122,9 @@ inline torch::autograd::variable_list first_order_only(torch::autograd::variable
 // A broadcast prior's gradient: g (per element, mu's shape, scaled, in the loss dtype) summed over
 // the dimensions the prior was broadcast along, in double and a fixed order (csrc/ops.h
 // sum_to_shape), then rounded once to `out`.
-inline Tensor prior_grad(const Tensor& g, at::IntArrayRef shape, at::ScalarType out) {
-  if (g.sizes() == shape) return g.to(out);
+// shape as the forward saved it, in SymInts (csrc/kl_terms.cpp sum_to_shape).
+inline Tensor prior_grad(const Tensor& g, c10::SymIntArrayRef shape, at::ScalarType out) {
+  if (g.sym_sizes() == shape) return g.to(out);
   return sum_to_shape(g, shape).to(out);
 }
 

@@ -22,14 +22,16 @@ Tensor sum_all(const Tensor& t) {
   return at::sum(t, at::kDouble);
 }
 
-Tensor sum_to_shape(const Tensor& g, at::IntArrayRef shape) {
-  if (own_sum(g)) return sum_to_shape_cpu(g, shape);
+// shape in SymInts: under torch.compile with a dynamic batch a prior's batch size is a symbol, which
+// reading it as an int would specialize (a recompilation for every batch size)
+Tensor sum_to_shape(const Tensor& g, c10::SymIntArrayRef shape) {
+  if (own_sum(g)) return sum_to_shape_cpu(g, C10_AS_INTARRAYREF_SLOW(shape));  // real tensors: ints
   const auto dims = static_cast<int64_t>(shape.size());
-  if (dims < g.dim() || (shape[0] == 1 && g.size(0) != 1)) {  // summed over the batch
-    const Tensor s = sum_over_batch(g);                        // g.shape[1:]
-    return dims == g.dim() ? s.sum_to_size(shape.slice(1)).reshape(shape) : s.sum_to_size(shape);
+  if (dims < g.dim() || (shape[0] == 1 && g.sym_size(0) != 1)) {  // summed over the batch
+    const Tensor s = sum_over_batch(g);                            // g.shape[1:]
+    return dims == g.dim() ? s.sum_to_size_symint(shape.slice(1)).reshape_symint(shape) : s.sum_to_size_symint(shape);
   }
-  return g.to(at::kDouble).sum_to_size(shape);
+  return g.to(at::kDouble).sum_to_size_symint(shape);
 }
 
 Tensor unit_kl_and_free_bits(const Tensor& kl_elems, at::IntArrayRef unit_shape, double free_bits, Reduction red,

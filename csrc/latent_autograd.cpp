@@ -34,11 +34,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> call_latent_backward(
 }
 
 // d loss / d (each of `rows` KL rows) in the loss dtype `ldtype`, from the incoming gradient of a KL
-// reduced per sample (one value a row), summed, or averaged over the rows (`mean`).
-Tensor kl_row_weights(const Tensor& grad_kl, int64_t rows, bool per_sample, bool mean, at::ScalarType ldtype) {
+// reduced per sample (one value a row), summed, or averaged over the rows (`mean`). rows in SymInts:
+// a traced backward's batch size stays a symbol (read as an int, torch.compile would specialize it).
+Tensor kl_row_weights(const Tensor& grad_kl, const c10::SymInt& rows, bool per_sample, bool mean,
+                      at::ScalarType ldtype) {
   const Tensor g = grad_kl.to(ldtype);
-  if (per_sample) return g.reshape({rows});
-  return (mean ? g.div(static_cast<double>(rows)) : g).reshape({1}).expand({rows});
+  if (per_sample) return g.reshape_symint({rows});
+  return (mean ? g.div(c10::Scalar(rows)) : g).reshape({1}).expand_symint({rows});
 }
 
 // The tensors the backward reads, as saved: each input itself, or a compact copy (in mu's layout)
@@ -86,8 +88,9 @@ struct GaussianLatentFunction : public torch::autograd::Function<GaussianLatentF
     ctx->saved_data["num_samples"] = num_samples;
     ctx->saved_data["prior"] = prior;
     if (prior) {
-      ctx->saved_data["prior_mu_shape"] = prior_mu->sizes();
-      ctx->saved_data["prior_logscale_shape"] = prior_logscale->sizes();
+      // in SymInts: a traced batch size stays a symbol (read as an int, it would be specialized)
+      ctx->saved_data["prior_mu_shape"] = prior_mu->sym_sizes();
+      ctx->saved_data["prior_logscale_shape"] = prior_logscale->sym_sizes();
     }
     ctx->mark_non_differentiable({state, unit_w});
     ctx->set_materialize_grads(false);
@@ -106,7 +109,7 @@ struct GaussianLatentFunction : public torch::autograd::Function<GaussianLatentF
     // d loss / d (each row's KL), rows k * N + n, in the loss dtype: the reduction's backward
     std::optional<Tensor> row_w;
     if (grad_kl.defined())
-      row_w = kl_row_weights(grad_kl, std::max<int64_t>(k, 1) * mu.size(0), reduction == "none", reduction == "mean",
+      row_w = kl_row_weights(grad_kl, std::max<int64_t>(k, 1) * mu.sym_size(0), reduction == "none", reduction == "mean",
                              loss_dtype(mu.scalar_type()));
     const auto needs = [&](size_t i) { return ctx->needs_input_grad(i); };  // mu, logscale, then the prior
     const bool grad_prior = prior && (needs(2) || needs(3));
@@ -119,8 +122,8 @@ struct GaussianLatentFunction : public torch::autograd::Function<GaussianLatentF
     if (needs(1)) out[1] = g_ls;
     if (grad_prior && row_w.has_value()) {  // the prior's gradients come from the KL alone
       const auto dtype = mu.scalar_type();
-      if (needs(2)) out[2] = prior_grad(g_pmu, ctx->saved_data["prior_mu_shape"].toIntVector(), dtype);
-      if (needs(3)) out[3] = prior_grad(g_pls, ctx->saved_data["prior_logscale_shape"].toIntVector(), dtype);
+      if (needs(2)) out[2] = prior_grad(g_pmu, ctx->saved_data["prior_mu_shape"].toSymIntVector(), dtype);
+      if (needs(3)) out[3] = prior_grad(g_pls, ctx->saved_data["prior_logscale_shape"].toSymIntVector(), dtype);
     }
     return first_order_only(out,
                             "vae_ext.gaussian_latent supports first derivatives only. For higher-order gradients "

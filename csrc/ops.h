@@ -70,7 +70,7 @@ Tensor sum_over_batch_cpu(const Tensor& g);
 Tensor sum_all(const Tensor& t);
 // g (N, ...) summed to `shape` (which broadcasts to g's), in double: on CPU over the batch by
 // sum_over_batch, then each output's elements in index order. A broadcast prior's gradient.
-Tensor sum_to_shape(const Tensor& g, at::IntArrayRef shape);
+Tensor sum_to_shape(const Tensor& g, c10::SymIntArrayRef shape);
 Tensor sum_to_shape_cpu(const Tensor& g, at::IntArrayRef shape);
 
 // From each latent element's KL (kl_elems, (n, l)): each unit's KL averaged over the batch, in
