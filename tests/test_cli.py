@@ -282,6 +282,9 @@ def _bad_mnist(tmp_path, kind):
      "from another configuration: it was trained with --latent 2, not 7"),
     (["train", "--resume", "{run}", "--data", "mnist:{28x28}"],
      "from another configuration: it was trained with --data digits"),
+    # the other model's checks would refuse the stored options first, naming one never given
+    (["train", "--resume", "{run}", "--model", "hvae"],
+     "from another configuration: it was trained with --model vae, not hvae"),
     (["sweep", "--latent", "2,zero"], "argument --latent"),
 ])
 def test_bad_input_is_one_line_and_nonzero(capsys, tmp_path, trained, argv, match):
@@ -298,6 +301,23 @@ def test_bad_input_is_one_line_and_nonzero(capsys, tmp_path, trained, argv, matc
     rc, _, err = run_cli(capsys, *[a.format(**paths) for a in argv])
     assert_one_line_error(rc, err, match, status=None)
     assert written() == before
+
+
+@pytest.mark.parametrize("where", ["weight", "adam_step"])
+def test_resume_from_a_non_finite_state_is_refused(capsys, tmp_path, trained, where):
+    """A run never saves a non-finite weight: a checkpoint holding one (or a NaN in Adam's state) is
+    refused as malformed before any data is read, not blamed on the learning rate a step later."""
+    ckpt = torch.load(trained / "checkpoint.pt", weights_only=False)
+    if where == "weight":
+        next(iter(ckpt["model_state"].values())).view(-1)[0] = float("nan")
+    else:
+        next(iter(ckpt["optimizer_state"]["state"].values()))["step"].fill_(float("nan"))
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save(ckpt, run / "checkpoint.pt")
+    rc, _, err = run_cli(capsys, "train", "--resume", run, "--epochs", "2")
+    assert_one_line_error(rc, err, "malformed checkpoint: '{}_state' holds a non-finite value".format(
+        "model" if where == "weight" else "optimizer"), status=None)
 
 
 def test_resume_into_a_folder_holding_another_run_is_refused(capsys, tmp_path, trained):

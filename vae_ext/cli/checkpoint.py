@@ -27,6 +27,7 @@ __all__ = [
     "resume_config",
     "model_from_checkpoint",
     "load_model_state",
+    "check_finite_state",
     "check_image_shape",
     "check_labels",
 ]
@@ -207,16 +208,40 @@ def resume_config(ckpt: dict, overrides: dict) -> TrainConfig:
     Options that define the model or its data (:data:`FIXED_ON_RESUME`) must equal the stored ones.
     """
     saved = config_of(ckpt)
+    if "model" in overrides and overrides["model"] != saved.model:
+        # before the merge: the stored options of one model are refused by the other's checks, whose
+        # message would name an option the user never gave
+        _other_configuration(ckpt, "model", saved.model, overrides["model"])
     merged = TrainConfig(**{**asdict(saved), **overrides})
     for name in FIXED_ON_RESUME:
         if name in overrides and getattr(merged, name) != getattr(saved, name):
-            opt = "--" + name.replace("_", "-")
-            raise CheckpointError(
-                f"{ckpt['path']} is from another configuration: it was trained with {opt} "
-                f"{fmt_option(getattr(saved, name))}, not {fmt_option(getattr(merged, name))} "
-                f"(start a new run in another --out)"
-            )
+            _other_configuration(ckpt, name, getattr(saved, name), getattr(merged, name))
     return merged
+
+
+def _other_configuration(ckpt: dict, name: str, saved, given):
+    raise CheckpointError(
+        f"{ckpt['path']} is from another configuration: it was trained with --{name.replace('_', '-')} "
+        f"{fmt_option(saved)}, not {fmt_option(given)} (start a new run in another --out)"
+    )
+
+
+def check_finite_state(ckpt: dict) -> None:
+    """Resuming needs finite weights and optimizer state: from a NaN the first step's loss is NaN,
+    which training would blame on the learning rate. (A run never saves one, docs/cli.md; eval reads
+    such a checkpoint and reports null scores.)"""
+    def tensors(obj, where):
+        if isinstance(obj, torch.Tensor):
+            yield where, obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from tensors(v, f"{where}.{k}" if where else str(k))
+
+    for field in ("model_state", "optimizer_state"):
+        for name, t in tensors(ckpt[field], ""):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise CheckpointError(f"{ckpt['path']}: malformed checkpoint: {field!r} holds a non-finite value "
+                                      f"({name}); a run never saves one, so it cannot be resumed")
 
 
 def fmt_option(v) -> str:

@@ -25,6 +25,7 @@ from ..models import VAE
 from ..models.dmol import bits_per_dim
 from .checkpoint import (
     CHECKPOINT_NAME,
+    check_finite_state,
     check_image_shape,
     check_labels,
     checkpoint_stamp,
@@ -266,8 +267,10 @@ def _train_locked(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, ou
             raise _replaced(checkpoint)
 
     _on_main(ctx, lambda: claim_folder(early=True))
-    if checkpoint is not None and ctx.distributed:
-        _same_checkpoint_on_every_rank(ctx, checkpoint)
+    if checkpoint is not None:
+        check_finite_state(checkpoint)  # before the data is read
+        if ctx.distributed:
+            _same_checkpoint_on_every_rank(ctx, checkpoint)
     data = load_data(cfg.data, train_split=cfg.train_split, binarize_mode=cfg.binarize, labels=cfg.conditional,
                      num_bits=cfg.num_bits if cfg.recon == "dmol" else None)
     num_classes = data.num_classes
