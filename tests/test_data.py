@@ -154,7 +154,7 @@ def test_parse_split(value, expected):
     assert got == expected and type(got) is type(expected)
 
 
-@pytest.mark.parametrize("value", ["0", "-3", "1.5", "abc", "", 0, 0.0, 1.0 + 1e-9, True])
+@pytest.mark.parametrize("value", ["0", "-3", "1.5", "abc", "", 0, 0.0, 1.0 + 1e-9, True, "1.0", 1.0])
 def test_parse_split_rejects(value):
     with pytest.raises(ConfigError, match="--train-split"):
         parse_split(value)

@@ -352,6 +352,9 @@ def parse_split(value) -> int | float | None:
     if isinstance(value, float):
         if 0.0 < value < 1.0:
             return value
+        if value == 1.0:  # a whole number of images elsewhere ("1e4"), but here surely meant as 100 %
+            raise ConfigError("--train-split: expected a fraction below 1 (the rest is the test set), got 1.0; "
+                              "for a single training image write 1")
         if not (value.is_integer() and value >= 1.0):
             raise bad
         value = int(value)
