@@ -168,6 +168,19 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert p.read_text() == "new\n"
 
 
+def test_a_failed_write_names_the_file(tmp_path):
+    """A full disk fails write or fsync with no file name: the error names the file being written."""
+    import errno
+
+    def full(f):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with pytest.raises(OSError) as info:
+        atomic_write(tmp_path / "checkpoint.pt", full)
+    assert info.value.errno == errno.ENOSPC and "checkpoint.pt" in str(info.value), str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
 # --------------------------------------------------------------------------- eval, sweep
 
 
@@ -278,6 +291,7 @@ def _bad_mnist(tmp_path, kind):
     (["eval", "{run}", "--data", "mnist:{28x28}"], "images are 1x28x28 but the model in"),
     (["eval", "{run}", "--k", "0"], "argument --k"),
     (["train", "--out", "{run}"], "already holds a run"),
+    (["train", "--out", "{tmp}/garbage.pt"], "garbage.pt: is a file; expected the run's folder"),
     (["train", "--resume", "{run}", "--latent", "7"],
      "from another configuration: it was trained with --latent 2, not 7"),
     (["train", "--resume", "{run}", "--data", "mnist:{28x28}"],

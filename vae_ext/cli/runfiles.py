@@ -26,6 +26,10 @@ def atomic_write(path, write, mode: str = "wb") -> None:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # a failed write or fsync (a full disk) names no file: this one's
+            e.filename = str(path)
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -218,6 +218,8 @@ def _train(cfg: TrainConfig, checkpoint, ctx: DistributedContext, log, lock: Run
     if cfg.out is None:
         cfg = replace(cfg, out=ctx.broadcast_object(os.path.join("runs", time.strftime("vae-%Y%m%d-%H%M%S"))))
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file; expected the run's folder (made if missing)")
     if lock is not None and lock.folder.resolve() != out.resolve():
         raise ValueError(f"lock: expected the RunLock of cfg.out ({out}), got one of {lock.folder}")
     own = lock is None
