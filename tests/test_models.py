@@ -74,6 +74,18 @@ def test_shapes_of_every_method(arch, shape, kw):
     assert vae_ext.VAE.from_config(m.config).config == m.config
 
 
+@pytest.mark.parametrize("arch", ["mlp", "conv", "hvae"])
+def test_an_empty_batch_gives_empty_results(arch):
+    """Size checks read the image shape, not x[0], which an empty batch does not have."""
+    kw = dict(width=4) if arch == "hvae" else dict(hidden_sizes=(8,), latent_size=2)
+    m = vae_ext.VAE(arch=arch, input_shape=(1, 8, 8), **kw)
+    x = torch.rand(0, 1, 8, 8).mul(255).round().div(255)
+    assert m.elbo(x).shape == (0,) and m.log_likelihood(x, 3).shape == (0,)
+    assert m.reconstruct(x).shape == (0, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"x: expected a batch of 1x8x8 images"):
+        m.elbo(torch.rand(0, 1, 8, 9))
+
+
 def test_wrong_input_size_names_the_shapes():
     m = MLPVAE(input_shape=(1, 8, 8), hidden_sizes=(8,), latent_size=2)
     with pytest.raises(ValueError, match=r"8x8 images.*\[3, 1, 28, 28\]"):

@@ -163,7 +163,7 @@ class VAE(ClassConditional, nn.Module):
     # ------------------------------------------------------------------ the model
 
     def _as_images(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() < 1 or x[0].numel() != self.in_features:
+        if x.dim() < 1 or math.prod(x.shape[1:]) != self.in_features:  # x[0] fails an empty batch
             shape = "x".join(map(str, self.input_shape))
             raise ValueError(f"x: expected a batch of {shape} images ({self.in_features} values each), "
                              f"got shape {list(x.shape)}")
