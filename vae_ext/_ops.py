@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from . import _shape_checks as checks
 from ._build import _C  # loads the library: registers torch.ops.vae_ext.*
 from ._compile_cache import tag_compile_cache
 
@@ -63,6 +64,7 @@ def _flat_format(recon: torch.Tensor) -> torch.memory_format:
 @torch.library.register_fake("vae_ext::elbo_loss")
 def _elbo_loss_fake(recon, x, mu, logvar, recon_mode, reduction, grad_recon, grad_latent, validate, total=False,
                     prior_mu=None, prior_logvar=None, recon_logvar=None, free_bits=0.0, unit_kl=False):
+    checks.check_elbo(recon, x, mu, logvar, prior_mu, prior_logvar, recon_logvar)
     out_dtype = _out_dtype(recon.dtype)
     shape = (recon.shape[0],) if reduction == "none" else ()
     rec = recon.new_empty(shape, dtype=out_dtype)
@@ -127,6 +129,7 @@ def _samples_empty(mu, num_samples):
 
 @torch.library.register_fake("vae_ext::reparameterize")
 def _reparameterize_fake(mu, logvar, num_samples, return_eps, generator=None):
+    checks.check_reparameterize(mu, logvar)
     z = _samples_empty(mu, num_samples)
     eps = _samples_empty(mu, num_samples) if return_eps else mu.new_empty(0)
     state = mu.new_empty(2, dtype=torch.int64)
@@ -166,12 +169,14 @@ def _pixel_layout_empty(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 @torch.library.register_fake("vae_ext::dmol_nll")
 def _dmol_nll_fake(params, x, num_bits, reduction, log_scale_min, grad, validate):
+    checks.check_dmol(params, x)
     loss = params.new_empty((params.shape[0],) if reduction == "none" else (), dtype=_out_dtype(params.dtype))
     return loss, (_pixel_layout_empty(params, _out_dtype(params.dtype)) if grad else params.new_empty(0))
 
 
 @torch.library.register_fake("vae_ext::dmol_sample")
 def _dmol_sample_fake(params, num_channels, log_scale_min, generator=None):
+    checks.check_dmol_sample(params, num_channels)
     return params.new_empty((params.shape[0], num_channels, *params.shape[2:]))
 
 
@@ -203,6 +208,7 @@ def _latent_empty(mu, num_samples, fmt):
 @torch.library.register_fake("vae_ext::gaussian_latent")
 def _gaussian_latent_fake(mu, logscale, prior_mu, prior_logscale, scale, kl, reduction, free_bits, num_samples,
                           generator=None):
+    checks.check_latent(mu, logscale, prior_mu, prior_logscale)
     out = _out_dtype(mu.dtype)
     z = _latent_empty(mu, num_samples, _latent_format(mu))
     rows = (num_samples, mu.shape[0]) if num_samples else (mu.shape[0],)

@@ -2,9 +2,10 @@
 happen before dispatch.
 
 The tensors' dtypes and shapes are checked once, in C++ (csrc/checks.cpp), before any kernel runs:
-a ``TypeError`` (dtype) or ``ValueError`` (shape, device) that names the argument. Python keeps
+a ``TypeError`` (dtype) or ``ValueError`` (shape, device) that names the argument; on the meta
+device the fake kernels repeat the shape checks (vae_ext/_shape_checks.py). Python keeps
 what must come first: autocast's dtype promotion, the Python type of every argument, devices (a
-tensor on the meta device would send the call to the fake kernel, which checks nothing), the
+tensor on the meta device would send the call to the fake kernel, which checks no device), the
 reshape of an ``x`` of another shape, refusing an ``x`` that requires grad, the option strings,
 ``beta`` (which never reaches the kernel) and ``num_samples`` / ``generator``.
 """
