@@ -86,6 +86,22 @@ def test_an_empty_batch_gives_empty_results(arch):
         m.elbo(torch.rand(0, 1, 8, 9))
 
 
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda: MLPVAE(latent_size=2.5), TypeError, r"latent_size: expected integer sizes, got 2\.5"),  # not 2
+    (lambda: MLPVAE(hidden_sizes=(1.7,)), TypeError, "hidden_sizes: expected integer sizes"),
+    (lambda: MLPVAE(input_shape=(1, 2.5)), TypeError, "input_shape: expected integer sizes"),
+    (lambda: MLPVAE(latent_size="4"), TypeError, "latent_size: expected integer sizes"),
+    (lambda: MLPVAE(latent_size=None), TypeError, "latent_size"),
+    (lambda: MLPVAE(hidden_sizes=400), TypeError, "hidden_sizes: expected a sequence of ints"),
+    (lambda: vae_ext.VAE(arch=["mlp"]), TypeError, "arch: expected a str"),
+    (lambda: vae_ext.VAE(arch="hvae", width=2.5), TypeError, "width: expected integer sizes"),
+    (lambda: vae_ext.VAE(arch="hvae", layers=0), ValueError, "layers: expected positive sizes"),
+])
+def test_bad_constructor_arguments_are_named(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()
+
+
 def test_wrong_input_size_names_the_shapes():
     m = MLPVAE(input_shape=(1, 8, 8), hidden_sizes=(8,), latent_size=2)
     with pytest.raises(ValueError, match=r"8x8 images.*\[3, 1, 28, 28\]"):

@@ -3,6 +3,7 @@ encoder's and the decoder's layers (sampling, the loss, the ELBO and the likelih
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -53,6 +54,14 @@ def _mlp(sizes, last_activation: bool) -> nn.Sequential:
 
 
 def _positive_ints(name: str, values) -> tuple:
+    """Sizes, each an int >= 1: a float (2.5) is refused, not truncated, and so is a str ("4")."""
+    try:
+        values = tuple(values)
+    except TypeError:
+        raise TypeError(f"{name}: expected a sequence of ints, got {type(values).__name__}") from None
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name}: expected integer sizes, got {v!r} ({type(v).__name__})")
     values = tuple(int(v) for v in values)
     if any(v < 1 for v in values):
         raise ValueError(f"{name}: expected positive sizes, got {values}")
@@ -83,6 +92,9 @@ class VAE(ClassConditional, nn.Module):
         if cls is VAE:
             arch = "mlp" if arch is None else arch
             families = {**ARCHS, **MODELS}
+            if not isinstance(arch, str):
+                raise TypeError(f"arch: expected a str (one of {', '.join(map(repr, families))}), got "
+                                f"{type(arch).__name__}")
             if arch not in families:
                 raise ValueError(f"arch: expected one of {', '.join(map(repr, families))}, got {arch!r}")
             cls = families[arch]
@@ -95,8 +107,9 @@ class VAE(ClassConditional, nn.Module):
         if arch is not None and arch != self.arch:
             raise ValueError(f"arch: {type(self).__name__} is arch {self.arch!r}, got {arch!r}")
         _check_choice("recon", recon, RECON_MODES)
-        self.input_shape = (input_shape,) if isinstance(input_shape, int) else tuple(int(s) for s in input_shape)
-        if not self.input_shape or any(s < 1 for s in self.input_shape):
+        one = isinstance(input_shape, numbers.Integral) and not isinstance(input_shape, bool)
+        self.input_shape = _positive_ints("input_shape", (input_shape,) if one else input_shape)
+        if not self.input_shape:
             raise ValueError(f"input_shape: expected positive sizes, got {input_shape!r}")
         (self.latent_size,) = _positive_ints("latent_size", (latent_size,))
         self.in_features = math.prod(self.input_shape)

@@ -69,7 +69,8 @@ class HVAE(VAE):
         super().__init__(input_shape, latent_size, recon, fused, arch, 0, 0.0, mixtures, num_bits)
         if len(self.input_shape) != 3:
             raise ValueError(f"input_shape: HVAE expects (C, H, W), got {self.input_shape}")
-        (self.width, self.layers) = _positive_ints("width, layers", (width, layers))
+        (self.width,) = _positive_ints("width", (width,))
+        (self.layers,) = _positive_ints("layers", (layers,))
         c, h, w = self.input_shape
         self.resolutions = resolutions_for(h, w)
         self.size = self.resolutions[0]
