@@ -102,6 +102,15 @@ def test_bad_constructor_arguments_are_named(make, exc, match):
         make()
 
 
+def test_integer_images_and_label_counts_are_named():
+    m = MLPVAE(input_shape=(1, 8, 8), hidden_sizes=(8,), latent_size=2, num_classes=3)
+    with pytest.raises(TypeError, match=r"x: expected floating-point images .* got torch\.uint8; .*x\.float\(\) / 255"):
+        m.elbo(torch.zeros(2, 1, 8, 8, dtype=torch.uint8), torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match=r"y: expected 2 labels \(one per sample, n=2\), got 3"):
+        m.sample(2, y=torch.tensor([0, 1, 2]))
+    assert m.sample(3, y=torch.tensor([0, 1, 2])).shape == (3, 1, 8, 8)
+
+
 def test_wrong_input_size_names_the_shapes():
     m = MLPVAE(input_shape=(1, 8, 8), hidden_sizes=(8,), latent_size=2)
     with pytest.raises(ValueError, match=r"8x8 images.*\[3, 1, 28, 28\]"):

@@ -176,6 +176,9 @@ class VAE(ClassConditional, nn.Module):
     # ------------------------------------------------------------------ the model
 
     def _as_images(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_floating_point():  # raw uint8 pixels, say: PyTorch's own error names no argument
+            raise TypeError(f"x: expected floating-point images (the model's {next(self.parameters()).dtype}), got "
+                            f"{x.dtype}; for 8-bit pixels, x.float() / 255")
         if x.dim() < 1 or math.prod(x.shape[1:]) != self.in_features:  # x[0] fails an empty batch
             shape = "x".join(map(str, self.input_shape))
             raise ValueError(f"x: expected a batch of {shape} images ({self.in_features} values each), "
@@ -333,6 +336,8 @@ class VAE(ClassConditional, nn.Module):
         ``"dmol"``, a draw x ~ p(x|z) (:func:`vae_ext.dmol_sample`, from ``generator`` too) rounded to
         the ``num_bits`` grid in [-1, 1], as the data is."""
         p = next(self.parameters())
+        if y is not None and isinstance(y, torch.Tensor) and y.dim() == 1 and y.shape[0] != n:
+            raise ValueError(f"y: expected {n} labels (one per sample, n={n}), got {y.shape[0]}")
         z = torch.randn(n, self.latent_size, generator=generator, device=p.device, dtype=p.dtype)
         prior_mu, prior_logvar = self.prior(y)
         if prior_mu is not None:
