@@ -222,7 +222,10 @@ MALFORMED = {
     "optimizer_state-garbage": (_set("optimizer_state", {"state": 5}), "'optimizer_state'"),
     "optimizer_state-wrong-count": (_set("optimizer_state", {"state": {}, "param_groups": [{"params": [0]}]}),
                                     "'optimizer_state'"),
-    "latent-1e9": (lambda ck: ck["model_config"].__setitem__("latent_size", 1e9), "would need about"),
+    "latent-1e9": (lambda ck: ck["model_config"].__setitem__("latent_size", 10**9), "would need about"),
+    # a float size is refused, not truncated to an int (vae_ext/models/base.py _positive_ints)
+    "latent-float": (lambda ck: ck["model_config"].__setitem__("latent_size", 2.5),
+                     "latent_size: expected integer sizes, got 2.5"),
 }
 
 
