@@ -15,29 +15,25 @@ from helpers import assert_close
 BATCHES = (4, 5, 8)  # >= 2: dynamo specializes sizes 0 and 1
 
 
-def _randn(*shape):
-    return torch.randn(*shape)
-
-
 # name -> (fn of the leaves returning one tensor, leaves for a batch size)
 CASES = {
     "gaussian_kl_prior_of_mu_shape": (lambda m, lv, pm, pl: vae_ext.gaussian_kl(m, lv, pm, pl, reduction="none"),
-                                      lambda b: [_randn(b, 3) for _ in range(4)]),
+                                      lambda b: [torch.randn(b, 3) for _ in range(4)]),
     "gaussian_kl_shared_prior": (lambda m, lv, pm, pl: vae_ext.gaussian_kl(m, lv, pm, pl, reduction="mean"),
-                                 lambda b: [_randn(b, 3), _randn(b, 3), _randn(3), _randn(3)]),
+                                 lambda b: [torch.randn(b, 3), torch.randn(b, 3), torch.randn(3), torch.randn(3)]),
     "elbo_loss_prior_of_mu_shape": (
         lambda r, m, lv, pm, pl: vae_ext.elbo_loss(torch.sigmoid(r), torch.sigmoid(r).detach(), m, lv, prior_mu=pm,
                                                    prior_logvar=pl, reduction="none"),
-        lambda b: [_randn(b, 7)] + [_randn(b, 3) for _ in range(4)]),
+        lambda b: [torch.randn(b, 7)] + [torch.randn(b, 3) for _ in range(4)]),
     "gaussian_latent_prior_of_mu_shape": (
         lambda m, ls, pm, pl: sum(t.sum() for t in vae_ext.gaussian_latent(m, ls, pm, pl)),
-        lambda b: [_randn(b, 2, 3, 3) for _ in range(4)]),
+        lambda b: [torch.randn(b, 2, 3, 3) for _ in range(4)]),
     "gaussian_latent_channel_prior_k2": (
         lambda m, ls, pm, pl: vae_ext.gaussian_latent(m, ls, pm, pl, num_samples=2, reduction="mean")[1],
-        lambda b: [_randn(b, 2, 3, 3), _randn(b, 2, 3, 3), _randn(2, 1, 1), _randn(2, 1, 1)]),
-    "reparameterize": (lambda m, lv: vae_ext.reparameterize(m, lv), lambda b: [_randn(b, 3), _randn(b, 3)]),
+        lambda b: [torch.randn(b, 2, 3, 3), torch.randn(b, 2, 3, 3), torch.randn(2, 1, 1), torch.randn(2, 1, 1)]),
+    "reparameterize": (lambda m, lv: vae_ext.reparameterize(m, lv), lambda b: [torch.randn(b, 3), torch.randn(b, 3)]),
     "dmol_nll": (lambda p, x: vae_ext.dmol_nll(p, x.detach().clamp(-1, 1), reduction="none"),
-                 lambda b: [_randn(b, 10 * 2, 3, 3), _randn(b, 3, 3, 3)]),
+                 lambda b: [torch.randn(b, 10 * 2, 3, 3), torch.randn(b, 3, 3, 3)]),
 }
 
 
@@ -79,11 +75,11 @@ class _Layer(torch.nn.Module):
 
 
 def test_export_with_a_dynamic_batch():
-    q, p = _randn(4, 4, 3, 3), _randn(4, 4, 3, 3)
+    q, p = torch.randn(4, 4, 3, 3), torch.randn(4, 4, 3, 3)
     batch = torch.export.Dim("batch", min=2)
     ep = torch.export.export(_Layer(), (q, p), dynamic_shapes=({0: batch}, {0: batch}))
     for b in (3, 6):
-        q, p = _randn(b, 4, 3, 3), _randn(b, 4, 3, 3)
+        q, p = torch.randn(b, 4, 3, 3), torch.randn(b, 4, 3, 3)
         torch.manual_seed(7)
         want = _Layer()(q, p)
         torch.manual_seed(7)

@@ -352,10 +352,7 @@ def parse_split(value) -> int | float | None:
     if isinstance(value, float):
         if 0.0 < value < 1.0:
             return value
-        if value == 1.0:  # a whole number of images elsewhere ("1e4"), but here surely meant as 100 %
-            raise ConfigError("--train-split: expected a fraction below 1 (the rest is the test set), got 1.0; "
-                              "for a single training image write 1")
-        if not (value.is_integer() and value >= 1.0):
+        if not (value.is_integer() and value > 1.0):  # a count ("1e4"); 1.0 surely meant 100 %, not 1 image
             raise bad
         value = int(value)
     if value < 1:
